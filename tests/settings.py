@@ -1,0 +1,79 @@
+"""Django settings for the test suite.
+
+The database is chosen by ``ENCOUNTERS_TEST_DB`` (``sqlite`` — the default — or ``postgres``).
+PostgreSQL connection parameters come from the standard libpq variables (``PGHOST``, ``PGPORT``,
+``PGUSER``, ``PGPASSWORD``, ``PGDATABASE``), which ``scripts/run_tests.sh`` sets for the throwaway
+cluster it starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import django
+
+SECRET_KEY = "django-encounters-tests"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.admin",
+    "django_encounters",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+ROOT_URLCONF = "tests.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+DB_VENDOR = os.environ.get("ENCOUNTERS_TEST_DB", "sqlite")
+
+if DB_VENDOR == "postgres":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("PGDATABASE", "encounters"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "PASSWORD": os.environ.get("PGPASSWORD", ""),
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+            "TEST": {"NAME": os.environ.get("ENCOUNTERS_TEST_DB_NAME", "test_encounters")},
+        }
+    }
+elif DB_VENDOR == "sqlite":
+    _options: dict[str, object] = {}
+    if django.VERSION >= (5, 1):
+        # Writers wait for each other instead of failing with "database is locked".
+        _options["transaction_mode"] = "IMMEDIATE"
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("ENCOUNTERS_SQLITE_PATH", ":memory:"),
+            "OPTIONS": _options,
+            "TEST": {"NAME": os.environ.get("ENCOUNTERS_SQLITE_TEST_PATH") or None},
+        }
+    }
+else:  # pragma: no cover - configuration error
+    raise RuntimeError(f"ENCOUNTERS_TEST_DB must be 'sqlite' or 'postgres', not {DB_VENDOR!r}")
