@@ -1,0 +1,63 @@
+# Every target sets up what it needs from a fresh clone: a virtualenv in $(VENV) with the package
+# installed in editable mode plus the extras the target needs. The install is redone only when
+# pyproject.toml changes (stamp files inside the venv).
+#
+#   make test                 whole suite on SQLite, then on a throwaway PostgreSQL cluster
+#   make test-sqlite          SQLite only
+#   make test-postgres        PostgreSQL only
+#   make test PYTEST_ARGS='-x -k history'
+#   make demo | bench | soak | lint | clean
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+STAMP_TEST := $(VENV)/.stamp-test
+STAMP_LINT := $(VENV)/.stamp-lint
+
+.DEFAULT_GOAL := test
+.PHONY: venv test test-sqlite test-postgres demo bench soak lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+venv: $(STAMP_TEST)
+
+$(STAMP_TEST): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(STAMP_LINT): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[lint]'
+	touch $@
+
+# run_tests.sh runs both backends and fails if either failed; PY tells it which interpreter to use.
+test: $(STAMP_TEST)
+	PY=$(abspath $(PY)) bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+test-sqlite: $(STAMP_TEST)
+	PY=$(abspath $(PY)) BACKENDS=sqlite bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+test-postgres: $(STAMP_TEST)
+	PY=$(abspath $(PY)) BACKENDS=postgres bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+# The example project on a fresh SQLite database (see example/demo.py).
+demo: $(STAMP_TEST)
+	$(PY) example/demo.py
+
+bench: $(STAMP_TEST)
+	$(PY) -m benchmarks.run
+
+soak: $(STAMP_TEST)
+	PY=$(abspath $(PY)) bash scripts/soak.sh
+
+lint: $(STAMP_LINT)
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+	$(PY) -m mypy src
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		example/demo.sqlite3
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

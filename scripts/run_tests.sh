@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Runs the whole pytest suite on SQLite, then on PostgreSQL (a throwaway cluster started here and
+# removed on exit, whatever happens), and prints a per-backend summary.
+#
+#     bash scripts/run_tests.sh [pytest args...]
+#
+# Both backends always run, even when the first one fails; the exit status is non-zero if either
+# failed. pytest's exit code 5 ("no tests collected") counts as a failure.
+#
+# Environment:
+#   PY        Python to run pytest with (default: .venv/bin/python if it exists, else python3)
+#   BACKENDS  which backends to run, in order (default: "sqlite postgres")
+#   PG_*      see scripts/pg_cluster.sh
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+# shellcheck source=scripts/pg_cluster.sh
+source "$ROOT/scripts/pg_cluster.sh"
+
+if [[ -z "${PY:-}" ]]; then
+    if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
+fi
+BACKENDS=${BACKENDS:-sqlite postgres}
+
+# Scratch space for the JUnit reports we count tests from (separate from the cluster's directory).
+REPORT_DIR=$(mktemp -d "${TMPDIR:-/tmp}/encounters-tests.XXXXXXXX")
+
+cleanup() {
+    pg_cluster_stop
+    rm -rf -- "$REPORT_DIR"
+}
+trap cleanup EXIT
+# Signals become a normal exit, so the EXIT trap above stops the cluster.
+trap 'echo "run_tests: interrupted" >&2; exit 130' INT
+trap 'echo "run_tests: terminated" >&2; exit 143' TERM HUP
+
+declare -A STATUS=() DETAIL=() COUNTS=()
+TOTAL_PASSED=0 TOTAL_FAILED=0 TOTAL_SKIPPED=0
+
+# Prints "passed failed skipped" from a JUnit XML report, or nothing if there is none.
+junit_counts() {
+    [[ -s "$1" ]] || return 0
+    python3 - "$1" <<'EOF' 2>/dev/null || true
+import sys
+import xml.etree.ElementTree as ET
+
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+tests = failed = skipped = 0
+for s in suites:
+    tests += int(s.get("tests", 0))
+    failed += int(s.get("failures", 0)) + int(s.get("errors", 0))
+    skipped += int(s.get("skipped", 0))
+print(tests - failed - skipped, failed, skipped)
+EOF
+}
+
+# run_pytest BACKEND [pytest args...]: runs the suite with ENCOUNTERS_TEST_DB=BACKEND and records
+# the outcome; never fails itself, so the next backend still runs under `set -e`.
+run_pytest() {
+    local backend=$1
+    shift
+    local report="$REPORT_DIR/$backend.xml" rc=0
+    echo
+    echo "================ pytest on $backend ================"
+    ENCOUNTERS_TEST_DB=$backend "$PY" -m pytest --junitxml="$report" "$@" || rc=$?
+    case $rc in
+        0) STATUS[$backend]=PASSED ;;
+        5) STATUS[$backend]=FAILED DETAIL[$backend]="no tests collected (pytest exit 5)" ;;
+        *) STATUS[$backend]=FAILED DETAIL[$backend]="pytest exit $rc" ;;
+    esac
+    local counts passed failed skipped
+    counts=$(junit_counts "$report")
+    if [[ -n "$counts" ]]; then
+        read -r passed failed skipped <<<"$counts"
+        COUNTS[$backend]="$passed passed, $failed failed, $skipped skipped"
+        TOTAL_PASSED=$((TOTAL_PASSED + passed))
+        TOTAL_FAILED=$((TOTAL_FAILED + failed))
+        TOTAL_SKIPPED=$((TOTAL_SKIPPED + skipped))
+    fi
+}
+
+for backend in $BACKENDS; do
+    case $backend in
+        sqlite)
+            run_pytest sqlite "$@"
+            ;;
+        postgres)
+            echo
+            echo "================ starting a throwaway PostgreSQL cluster ================"
+            if pg_cluster_start; then
+                run_pytest postgres "$@"
+            else
+                STATUS[postgres]=FAILED DETAIL[postgres]="could not start a PostgreSQL cluster"
+            fi
+            pg_cluster_stop
+            ;;
+        *)
+            echo "run_tests: unknown backend '$backend' (expected sqlite or postgres)" >&2
+            STATUS[$backend]=FAILED DETAIL[$backend]="unknown backend"
+            ;;
+    esac
+done
+
+echo
+echo "================ summary ================"
+overall=0
+for backend in $BACKENDS; do
+    line=$(printf '%-9s %s' "$backend:" "${STATUS[$backend]}")
+    [[ -n "${COUNTS[$backend]:-}" ]] && line+=" (${COUNTS[$backend]})"
+    [[ -n "${DETAIL[$backend]:-}" ]] && line+=" - ${DETAIL[$backend]}"
+    echo "$line"
+    [[ "${STATUS[$backend]}" == PASSED ]] || overall=1
+done
+if [[ $overall -eq 0 ]]; then echo "result:   PASSED"; else echo "result:   FAILED"; fi
+echo "total: $TOTAL_PASSED passed, $TOTAL_FAILED failed, $TOTAL_SKIPPED skipped"
+exit $overall
