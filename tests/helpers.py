@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -68,3 +71,74 @@ def reload(instance: Any) -> Any:
 
 def vendor() -> str:
     return connection.vendor
+
+
+# ---------------------------------------------------------------------------------------------
+# A second connection holding an encounter's row lock (PostgreSQL concurrency tests).
+# ---------------------------------------------------------------------------------------------
+
+HOLD_SECONDS = 1.0
+
+
+class RowLockHolder(threading.Thread):
+    """In its own thread (so with its own database connection): lock the encounter row with
+    ``select_for_update()``, run ``action(locked_encounter)`` inside the same transaction, set
+    ``locked``, then hold the lock until ``release`` is set (at most 15 s) and commit.
+
+    Errors are kept in ``error`` for the main thread; the thread's connection is closed at the
+    end.
+    """
+
+    def __init__(self, encounter_pk: Any, action: Callable[[Any], Any] | None = None) -> None:
+        super().__init__(daemon=True)
+        self.encounter_pk = encounter_pk
+        self.action = action
+        self.locked = threading.Event()
+        self.release = threading.Event()
+        self.committed_at: float | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from django.db import transaction
+
+        from django_encounters.models import Encounter
+
+        try:
+            with transaction.atomic():
+                locked = Encounter.objects.select_for_update().get(pk=self.encounter_pk)
+                if self.action is not None:
+                    self.action(locked)
+                self.locked.set()
+                self.release.wait(15)
+            self.committed_at = time.monotonic()
+        except BaseException as exc:  # reported to the main thread
+            self.error = exc
+        finally:
+            self.locked.set()
+            connection.close()
+
+
+def run_in_threads(count: int, work: Callable[[int], Any], timeout: float = 60) -> list[Any]:
+    """Run ``work(i)`` for i in range(count), each in its own thread (own connection), all
+    released at once by a barrier. Returns each thread's result or the exception it raised."""
+    barrier = threading.Barrier(count, timeout=timeout)
+    results: list[Any] = [None] * count
+
+    def target(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = work(i)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            results[i] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = [t for t in threads if t.is_alive()]
+    assert not alive, f"{len(alive)} thread(s) still running after {timeout}s"
+    return results
