@@ -11,11 +11,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-find_python() {  # find_python 3.12 -> path of an interpreter of that version, or nothing
+find_python() {  # find_python 3.12 -> path of a working interpreter of that version, or nothing
     local version=$1 candidate
-    for candidate in "python$version" "$HOME"/.pyenv/versions/"$version".*/bin/python "/usr/bin/python$version"; do
-        if command -v "$candidate" >/dev/null 2>&1; then command -v "$candidate"; return 0; fi
-        [[ -x "$candidate" ]] && { echo "$candidate"; return 0; }
+    # pyenv's own builds first: its shims exist for every version but fail for inactive ones.
+    for candidate in "$HOME"/.pyenv/versions/"$version".*/bin/python "/usr/bin/python$version" \
+                     "$(command -v "python$version" 2>/dev/null || true)"; do
+        [[ -n "$candidate" && -x "$candidate" ]] || continue
+        if "$candidate" -c 'import venv' >/dev/null 2>&1; then echo "$candidate"; return 0; fi
     done
     return 0
 }
