@@ -136,6 +136,7 @@ def transition(
     _check_user(transitioned_by, "transitioned_by")
     if not isinstance(reason, str):
         raise TypeError(f"reason must be a str, not {type(reason).__name__}")
+    _check_text(reason, "reason")
     if context is not None:
         if not isinstance(context, dict):
             raise TypeError(f"context must be a dict, not {type(context).__name__}")
@@ -324,10 +325,34 @@ def _check_user(user: Any, name: str) -> None:
 
 
 def _check_json(value: Any, name: str) -> None:
+    """Refuse what the JSON column or the row hash could not take: the hash serialises with
+    sorted keys (mixed key types fail), strict JSON has no NaN/Infinity, and text must be
+    valid UTF-8 without NUL (PostgreSQL refuses both; SQLite would store them)."""
     try:
-        json.dumps(value)
+        json.dumps(value, sort_keys=True, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} is not JSON-serialisable: {exc}") from exc
+    if _contains_nul(value):
+        raise ValueError(f"{name} contains a NUL character (\\x00), which cannot be stored")
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_contains_nul(v) for v in value)
+    return False
+
+
+def _check_text(value: str, name: str) -> None:
+    if "\x00" in value:
+        raise ValueError(f"{name} contains a NUL character (\\x00), which cannot be stored")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text: {exc}") from exc
 
 
 def _is_sequence_clash(exc: IntegrityError) -> bool:

@@ -175,7 +175,7 @@ def get_validator_instance(validator_path: str, config: dict | None = None) -> S
         raise ValidatorConfigurationError(validator_path, f"params must be a dict, not {config!r}")
     try:
         return validator_class(**config) if config else validator_class()
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # a constructor bug must not escape as an untyped error
         raise ValidatorConfigurationError(
             validator_path, f"cannot be instantiated with params {config!r}: {exc}"
         ) from exc
