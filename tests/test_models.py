@@ -455,15 +455,21 @@ def test_transition_effective_at_custom(encounter):
 def test_transition_ordering(encounter):
     now = timezone.now()
     first = EncounterTransition.objects.create(
-        encounter=encounter, from_state="scheduled", to_state="checked_in",
+        encounter=encounter,
+        from_state="scheduled",
+        to_state="checked_in",
         transitioned_at=now - timedelta(minutes=3),
     )
     third = EncounterTransition.objects.create(
-        encounter=encounter, from_state="in_progress", to_state="completed",
+        encounter=encounter,
+        from_state="in_progress",
+        to_state="completed",
         transitioned_at=now - timedelta(minutes=1),
     )
     second = EncounterTransition.objects.create(
-        encounter=encounter, from_state="checked_in", to_state="in_progress",
+        encounter=encounter,
+        from_state="checked_in",
+        to_state="in_progress",
         transitioned_at=now - timedelta(minutes=2),
     )
 
@@ -477,7 +483,9 @@ def test_transition_reason_optional(encounter):
         encounter=encounter, from_state="scheduled", to_state="checked_in"
     )
     with_reason = EncounterTransition.objects.create(
-        encounter=encounter, from_state="checked_in", to_state="cancelled",
+        encounter=encounter,
+        from_state="checked_in",
+        to_state="cancelled",
         reason="Patient left before being seen",
     )
 
@@ -596,10 +604,20 @@ def test_package_exports():
     for name in django_encounters.__all__:
         assert getattr(django_encounters, name) is not None, name
     for name in (
-        "EncounterDefinition", "Encounter", "EncounterTransition",
-        "StateValidator", "RequiredFieldsValidator", "NoBackwardsTransitionValidator",
-        "FinalStateValidator", "create_encounter", "transition", "get_encounter_history",
-        "get_state_at", "EncounterError", "InvalidTransitionError", "ValidationError",
+        "EncounterDefinition",
+        "Encounter",
+        "EncounterTransition",
+        "StateValidator",
+        "RequiredFieldsValidator",
+        "NoBackwardsTransitionValidator",
+        "FinalStateValidator",
+        "create_encounter",
+        "transition",
+        "get_encounter_history",
+        "get_state_at",
+        "EncounterError",
+        "InvalidTransitionError",
+        "ValidationError",
         "EncounterNotFoundError",
     ):
         assert name in django_encounters.__all__, name

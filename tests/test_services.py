@@ -8,7 +8,8 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection, transaction as db_transaction
+from django.db import connection
+from django.db import transaction as db_transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -84,9 +85,7 @@ def test_create_encounter_with_subject(visit_definition, patient, device):
 
 
 def test_create_encounter_with_users(visit_definition, patient, user, other_user):
-    encounter = create_encounter(
-        visit_definition, patient, created_by=user, assigned_to=other_user
-    )
+    encounter = create_encounter(visit_definition, patient, created_by=user, assigned_to=other_user)
 
     fresh = reload(encounter)
     assert fresh.created_by == user
@@ -177,7 +176,10 @@ def test_transition_with_reason(encounter):
 
     assert row.reason == "Patient called to cancel"
     assert EncounterTransition.objects.get(pk=row.pk).reason == "Patient called to cancel"
-    assert transition(create_encounter(encounter.definition, encounter.subject), "cancelled").reason == ""
+    assert (
+        transition(create_encounter(encounter.definition, encounter.subject), "cancelled").reason
+        == ""
+    )
 
 
 def test_transition_with_user(encounter, user, other_user):
@@ -592,8 +594,14 @@ def test_validators_run_in_order_and_stop_at_first_refusal(make_definition, pati
     definition = make_definition(
         validators=[
             "tests.encounter_validators.RecordingValidator",
-            {"path": "tests.encounter_validators.RefuseStateValidator", "params": {"state": "checked_in"}},
-            {"path": "tests.encounter_validators.RecordingValidator", "params": {"label": "second"}},
+            {
+                "path": "tests.encounter_validators.RefuseStateValidator",
+                "params": {"state": "checked_in"},
+            },
+            {
+                "path": "tests.encounter_validators.RecordingValidator",
+                "params": {"label": "second"},
+            },
         ]
     )
     encounter = create_encounter(definition, patient)
@@ -633,7 +641,9 @@ def test_encounter_for_uuid_keyed_subject(visit_definition, device, user):
     assert fresh.subject_id == str(device.pk)
     assert (fresh.state, fresh.version) == ("completed", 3)
     assert [r.to_state for r in get_encounter_history(fresh)] == [
-        "checked_in", "in_progress", "completed",
+        "checked_in",
+        "in_progress",
+        "completed",
     ]
 
 
@@ -669,7 +679,9 @@ def signal_log():
     post_transition.disconnect(dispatch_uid="test-post")
 
 
-def test_signals_pre_inside_post_on_commit(encounter, signal_log, django_capture_on_commit_callbacks):
+def test_signals_pre_inside_post_on_commit(
+    encounter, signal_log, django_capture_on_commit_callbacks
+):
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         row = transition(encounter, "checked_in")
 

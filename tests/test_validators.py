@@ -133,7 +133,9 @@ def test_get_validator_instance_simple():
     assert type(validator) is FinalStateValidator
     assert isinstance(validator, StateValidator)
     # A fresh instance each time.
-    assert get_validator_instance("django_encounters.validators.FinalStateValidator") is not validator
+    assert (
+        get_validator_instance("django_encounters.validators.FinalStateValidator") is not validator
+    )
 
 
 def test_get_validator_instance_with_config():
