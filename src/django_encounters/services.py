@@ -12,10 +12,11 @@ from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, models, transaction as db_transaction
+from django.db import IntegrityError, models, router
+from django.db import transaction as db_transaction
 from django.utils import timezone
 
-from . import conf
+from . import conf, persistence
 from .exceptions import (
     ConcurrentTransitionError,
     EncounterError,
@@ -152,8 +153,11 @@ def transition(
         _require_aware(effective_at, "effective_at")
     latest_allowed = now + conf.future_tolerance()
 
-    with db_transaction.atomic():
-        locked = _lock(encounter.pk)
+    using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
+    with db_transaction.atomic(using=using):
+        locked = persistence.lock_encounter(encounter.pk, using)
+        if locked is None:
+            raise EncounterNotFoundError(encounter.pk)
         if expected_version is not None and locked.version != expected_version:
             raise ConcurrentTransitionError(locked.pk, expected_version, locked.version)
 
@@ -183,7 +187,7 @@ def transition(
             from_state=from_state, to_state=to_state,
         )
         try:
-            record.save(force_insert=True)
+            persistence.insert_transition(record, using)
         except IntegrityError as exc:
             if _is_sequence_clash(exc):
                 raise ConcurrentTransitionError(
@@ -205,7 +209,7 @@ def transition(
         if ends_timeline and rules.is_final(to_state):
             changes["ended_at"] = effective_at
         changes["updated_at"] = now
-        Encounter.all_objects.filter(pk=locked.pk).update(**changes)
+        persistence.update_columns(Encounter, locked.pk, changes, using)
 
         # The caller's instance now shows the new projection; a later save() is harmless.
         for target in (encounter, locked):
@@ -218,7 +222,7 @@ def transition(
                 from_state=from_state, to_state=to_state,
             )
 
-        db_transaction.on_commit(_announce)
+        db_transaction.on_commit(_announce, using=using)
     return record
 
 
@@ -298,18 +302,6 @@ def duration_in_state(
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _lock(pk: Any) -> Encounter:
-    """Lock the encounter row (with its definition, in one query)."""
-    try:
-        return (
-            Encounter.all_objects.select_related("definition")
-            .select_for_update(of=("self",))
-            .get(pk=pk, deleted_at__isnull=True)
-        )
-    except Encounter.DoesNotExist:
-        raise EncounterNotFoundError(pk) from None
 
 
 def _check_user(user: Any, name: str) -> None:

@@ -1,0 +1,145 @@
+"""Prepared statements for the write path of ``transition()``.
+
+The three statements of an ordinary transition (lock+read, insert, projection update) are built
+once per database connection from the models' metadata — table and column names, the backend's
+quoting, locking clause and value adapters/converters — and then executed directly. This keeps
+the ORM's per-call query compilation (most of a transition's cost on SQLite) off the hot path
+while values still go through each field's own ``get_db_prep_save`` and ``from_db`` conversion,
+so every backend Django supports stores and reads exactly what the ORM would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connections
+from django.db.models import Model, signals
+
+from .models import Encounter, EncounterDefinition, EncounterTransition
+
+
+@dataclass
+class _Statements:
+    lock_sql: str
+    encounter_fields: list
+    definition_fields: list
+    converters: list  # per selected column: (converter functions, expression)
+    insert_sql: str
+    insert_fields: list
+
+
+def _converters(connection: Any, fields: list, alias: str) -> list:
+    result = []
+    for field in fields:
+        expression = field.get_col(alias)
+        result.append(
+            (
+                connection.ops.get_db_converters(expression)
+                + expression.get_db_converters(connection),
+                expression,
+            )
+        )
+    return result
+
+
+def _build(connection: Any) -> _Statements:
+    qn = connection.ops.quote_name
+    enc_meta, def_meta, row_meta = Encounter._meta, EncounterDefinition._meta, EncounterTransition._meta
+    encounter_fields = list(enc_meta.concrete_fields)
+    definition_fields = list(def_meta.concrete_fields)
+    columns = [f"{qn('e')}.{qn(f.column)}" for f in encounter_fields] + [
+        f"{qn('d')}.{qn(f.column)}" for f in definition_fields
+    ]
+    lock_sql = (
+        f"SELECT {', '.join(columns)} FROM {qn(enc_meta.db_table)} {qn('e')} "
+        f"INNER JOIN {qn(def_meta.db_table)} {qn('d')} "
+        f"ON {qn('d')}.{qn(def_meta.pk.column)} = {qn('e')}.{qn(enc_meta.get_field('definition').column)} "
+        f"WHERE {qn('e')}.{qn(enc_meta.pk.column)} = %s "
+        f"AND {qn('e')}.{qn(enc_meta.get_field('deleted_at').column)} IS NULL"
+    )
+    features = connection.features
+    if features.has_select_for_update:
+        # Lock only the encounter row: concurrent transitions of other encounters of the same
+        # definition must not queue behind each other.
+        lock_sql += f" FOR UPDATE OF {qn('e')}" if features.has_select_for_update_of else " FOR UPDATE"
+    insert_fields = list(row_meta.concrete_fields)
+    insert_sql = (
+        f"INSERT INTO {qn(row_meta.db_table)} ({', '.join(qn(f.column) for f in insert_fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(insert_fields))})"
+    )
+    return _Statements(
+        lock_sql=lock_sql,
+        encounter_fields=encounter_fields,
+        definition_fields=definition_fields,
+        converters=_converters(connection, encounter_fields, enc_meta.db_table)
+        + _converters(connection, definition_fields, def_meta.db_table),
+        insert_sql=insert_sql,
+        insert_fields=insert_fields,
+    )
+
+
+def _statements(connection: Any) -> _Statements:
+    statements = getattr(connection, "_django_encounters_statements", None)
+    if statements is None:
+        statements = _build(connection)
+        connection._django_encounters_statements = statements
+    return statements
+
+
+def lock_encounter(pk: Any, using: str) -> Encounter | None:
+    """``SELECT … FOR UPDATE`` of a live encounter joined with its definition, in one
+    statement. Returns the encounter (its ``definition`` cached on it), or None."""
+    connection = connections[using]
+    st = _statements(connection)
+    pk_param = Encounter._meta.pk.get_db_prep_value(pk, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(st.lock_sql, [pk_param])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = list(row)
+    for index, (convs, expression) in enumerate(st.converters):
+        if convs:
+            value = values[index]
+            for converter in convs:
+                value = converter(value, expression, connection)
+            values[index] = value
+    split = len(st.encounter_fields)
+    encounter = Encounter.from_db(using, [f.attname for f in st.encounter_fields], values[:split])
+    definition = EncounterDefinition.from_db(
+        using, [f.attname for f in st.definition_fields], values[split:]
+    )
+    Encounter._meta.get_field("definition").set_cached_value(encounter, definition)
+    return encounter
+
+
+def insert_transition(record: EncounterTransition, using: str) -> None:
+    """INSERT one new transition row; ``pre_save``/``post_save`` are sent as ``save()`` would."""
+    connection = connections[using]
+    st = _statements(connection)
+    signals.pre_save.send(sender=EncounterTransition, instance=record, raw=False, using=using,
+                          update_fields=None)
+    params = [f.get_db_prep_save(f.pre_save(record, True), connection) for f in st.insert_fields]
+    with connection.cursor() as cursor:
+        cursor.execute(st.insert_sql, params)
+    record._state.adding = False
+    record._state.db = using
+    signals.post_save.send(sender=EncounterTransition, instance=record, created=True,
+                           update_fields=None, raw=False, using=using)
+
+
+def update_columns(model: type[Model], pk: Any, changes: dict[str, Any], using: str) -> None:
+    """``UPDATE … SET <only these columns> WHERE pk = …``."""
+    connection = connections[using]
+    qn = connection.ops.quote_name
+    meta = model._meta
+    assignments, params = [], []
+    for name, value in changes.items():
+        field = meta.get_field(name)
+        assignments.append(f"{qn(field.column)} = %s")
+        params.append(field.get_db_prep_save(value, connection))
+    params.append(meta.pk.get_db_prep_value(pk, connection))
+    sql = f"UPDATE {qn(meta.db_table)} SET {', '.join(assignments)} WHERE {qn(meta.pk.column)} = %s"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
