@@ -8,10 +8,46 @@ separate so that ``class X(UUIDModel, BaseModel)`` has a clean MRO. (PyPI's
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from typing import Any
 
 from django.db import models
+from django.db.models.deletion import ProtectedError
 from django.utils import timezone
+
+from .exceptions import EncounterError
+
+
+class HardDeleteRefusedError(EncounterError, ProtectedError):
+    """A hard delete refused because other rows still point at the ones being deleted through
+    ``PROTECT`` foreign keys (e.g. an encounter's append-only transitions). Nothing was deleted.
+
+    Both an ``EncounterError`` and Django's ``ProtectedError`` (``protected_objects`` is kept).
+    """
+
+    def __init__(self, model: type[models.Model], error: ProtectedError) -> None:
+        counts = Counter(type(obj)._meta.verbose_name for obj in error.protected_objects)
+        referrers = ", ".join(f"{n} {name}(s)" for name, n in sorted(counts.items()))
+        message = (
+            f"{model._meta.verbose_name_plural} cannot be hard-deleted: still referenced through "
+            f"protected foreign keys by {referrers}. "
+        )
+        if "encounter transition" in counts:
+            message += "Transitions are the append-only audit trail and are never deleted; "
+        message += "soft-delete with delete() instead."
+        ProtectedError.__init__(self, message, error.protected_objects)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _hard_delete(model: type[models.Model], delete: Any) -> tuple[int, dict[str, int]]:
+    try:
+        return delete()
+    except HardDeleteRefusedError:
+        raise
+    except ProtectedError as exc:
+        raise HardDeleteRefusedError(model, exc) from exc
 
 
 class UUIDModel(models.Model):
@@ -33,7 +69,9 @@ class SoftDeleteQuerySet(models.QuerySet):
     delete.alters_data = True  # type: ignore[attr-defined]
 
     def hard_delete(self) -> tuple[int, dict[str, int]]:
-        return super().delete()
+        """Delete the rows for real; ``HardDeleteRefusedError`` (nothing deleted) while rows
+        still point at them through ``PROTECT`` foreign keys."""
+        return _hard_delete(self.model, super().delete)
 
     hard_delete.alters_data = True  # type: ignore[attr-defined]
 
@@ -79,8 +117,11 @@ class BaseModel(models.Model):
         return 1, {self._meta.label: 1}
 
     def hard_delete(self, using: Any = None, keep_parents: bool = False) -> tuple[int, dict[str, int]]:
-        """Really delete the row."""
-        return super().delete(using=using, keep_parents=keep_parents)
+        """Really delete the row; ``HardDeleteRefusedError`` (nothing deleted) while rows still
+        point at it through ``PROTECT`` foreign keys."""
+        return _hard_delete(
+            type(self), lambda: super(BaseModel, self).delete(using=using, keep_parents=keep_parents)
+        )
 
     def restore(self) -> None:
         """Undo a soft delete."""
