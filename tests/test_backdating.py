@@ -183,7 +183,9 @@ def test_backdate_refused_when_it_breaks_the_following_row(with_later_onleave):
         (dt_timezone(timedelta(hours=-5)), "2017-01-31T21:15:00-05:00"),
     ],
 )
-def test_backdate_refusal_prints_successor_time_in_request_timezone(with_later_onleave, tz, printed):
+def test_backdate_refusal_prints_successor_time_in_request_timezone(
+    with_later_onleave, tz, printed
+):
     requested = t(1, 20).astimezone(tz)
 
     with pytest.raises(InvalidTransitionError) as excinfo:

@@ -43,9 +43,7 @@ def assert_refused(naming: list[str], **overrides) -> DjangoValidationError:
 
 
 def test_valid_definition_cleans_and_saves():
-    definition = EncounterDefinition(
-        **visit_definition_kwargs(validators=list(VISIT_VALIDATORS))
-    )
+    definition = EncounterDefinition(**visit_definition_kwargs(validators=list(VISIT_VALIDATORS)))
     definition.clean()  # no error
     definition.full_clean()
     definition.save()
@@ -165,7 +163,11 @@ def test_warning_unreachable_state(make_definition):
     definition = make_definition(
         states=["scheduled", "checked_in", "completed", "orphan"],
         final_states=["completed"],
-        transitions={"scheduled": ["checked_in"], "checked_in": ["completed"], "orphan": ["completed"]},
+        transitions={
+            "scheduled": ["checked_in"],
+            "checked_in": ["completed"],
+            "orphan": ["completed"],
+        },
     )
 
     warnings = definition.get_warnings()
@@ -180,7 +182,11 @@ def test_warning_exit_from_final_state(make_definition):
     definition = make_definition(
         states=["scheduled", "completed", "reopened"],
         final_states=["completed"],
-        transitions={"scheduled": ["completed"], "completed": ["reopened"], "reopened": ["completed"]},
+        transitions={
+            "scheduled": ["completed"],
+            "completed": ["reopened"],
+            "reopened": ["completed"],
+        },
     )
 
     warnings = definition.get_warnings()

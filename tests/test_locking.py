@@ -1,0 +1,286 @@
+"""Concurrency: optimistic (``expected_version``, the unique ``(encounter, sequence)``) and
+pessimistic (the row lock) guards, and stale instances. Tests with real concurrent
+connections need PostgreSQL (SQLite ignores ``select_for_update``) and are skipped on SQLite."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from django.db import IntegrityError, connection
+
+from django_encounters.exceptions import (
+    ConcurrentTransitionError,
+    EncounterError,
+    InvalidTransitionError,
+)
+from django_encounters.models import Encounter, EncounterTransition
+from django_encounters.services import (
+    create_encounter,
+    get_encounter_history,
+    get_state_at,
+    transition,
+)
+from tests.helpers import HOLD_SECONDS, RowLockHolder, reload, run_in_threads, snapshot
+
+pytestmark = pytest.mark.django_db
+
+
+# ---------------------------------------------------------------------------------------------
+# expected_version
+# ---------------------------------------------------------------------------------------------
+
+
+def test_expected_version_current_passes(encounter):
+    transition(encounter, "checked_in", expected_version=0)
+    row = transition(encounter, "in_progress", expected_version=1)
+
+    assert row.sequence == 2
+    assert reload(encounter).version == 2
+
+
+def test_expected_version_stale_refused(encounter):
+    transition(encounter, "checked_in")
+    before = snapshot(encounter)
+
+    with pytest.raises(ConcurrentTransitionError) as excinfo:
+        transition(encounter, "in_progress", expected_version=0)
+
+    error = excinfo.value
+    assert isinstance(error, EncounterError)
+    assert error.encounter_id == encounter.pk
+    assert (error.expected_version, error.actual_version) == (0, 1)
+    assert str(encounter.pk) in str(error)
+    assert snapshot(encounter) == before
+
+
+def test_expected_version_ahead_refused(encounter):
+    with pytest.raises(ConcurrentTransitionError) as excinfo:
+        transition(encounter, "checked_in", expected_version=5)
+
+    assert (excinfo.value.expected_version, excinfo.value.actual_version) == (5, 0)
+    assert snapshot(encounter).row_count == 0
+
+
+def test_expected_version_compared_before_anything_else(validated_encounter):
+    transition(validated_encounter, "checked_in")
+    before = snapshot(validated_encounter)
+
+    # Invalid edge, unknown state, validator refusal, far future: the stale version wins.
+    for to_state, kwargs in [
+        ("completed", {}),  # checked_in -> completed is not an allowed edge
+        ("teleported", {}),
+        ("in_progress", {}),  # RequiredFieldsValidator would refuse (no started_at)
+    ]:
+        with pytest.raises(ConcurrentTransitionError):
+            transition(validated_encounter, to_state, expected_version=0, **kwargs)
+    assert snapshot(validated_encounter) == before
+
+    # With the right version the real reasons come through.
+    with pytest.raises(InvalidTransitionError):
+        transition(validated_encounter, "completed", expected_version=1)
+
+
+def test_expected_version_with_stale_instance(encounter):
+    """A UI that loaded the encounter at version 0 acts after someone else moved it."""
+    page = Encounter.objects.get(pk=encounter.pk)
+    transition(encounter, "cancelled")
+
+    with pytest.raises(ConcurrentTransitionError):
+        transition(page, "checked_in", expected_version=page.version)
+    assert reload(encounter).state == "cancelled"
+
+
+# ---------------------------------------------------------------------------------------------
+# The unique (encounter, sequence) guard
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sequence_clash_becomes_concurrent_transition_error(encounter):
+    # Another writer's row, inserted below the service: the projection is now behind.
+    EncounterTransition.objects.create(
+        encounter=encounter,
+        from_state="scheduled",
+        to_state="checked_in",
+        sequence=encounter.version + 1,
+    )
+    before = snapshot(encounter)
+    assert (before.version, before.row_count) == (0, 1)
+
+    with pytest.raises(ConcurrentTransitionError) as excinfo:
+        transition(encounter, "checked_in")
+
+    assert not isinstance(excinfo.value, IntegrityError)
+    assert isinstance(excinfo.value.__cause__, IntegrityError)
+    assert excinfo.value.encounter_id == encounter.pk
+    # Nothing written: the other writer's row is the only one, the projection unchanged.
+    assert snapshot(encounter) == before
+    # The connection is still usable (the failed insert was rolled back to a savepoint).
+    assert EncounterTransition.objects.filter(encounter=encounter).count() == 1
+
+
+def test_sequence_is_unique_per_encounter_not_globally(encounter, visit_definition, device):
+    other = create_encounter(visit_definition, device)
+
+    first = transition(encounter, "checked_in")
+    second = transition(other, "checked_in")
+
+    assert first.sequence == second.sequence == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Stale instances
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stale_instance_save_does_not_overwrite_projection(encounter):
+    mover = Encounter.objects.get(pk=encounter.pk)
+    stale = Encounter.objects.get(pk=encounter.pk)
+
+    transition(mover, "checked_in")
+    transition(mover, "in_progress")
+    assert (stale.state, stale.version) == ("scheduled", 0)
+    stale.notes = "edited on an old page"
+    stale.save()
+
+    fresh = reload(encounter)
+    assert (fresh.state, fresh.version) == ("in_progress", 2)
+    assert fresh.timeline_end_at == mover.timeline_end_at
+    assert fresh.head_hash == mover.head_hash
+    assert fresh.origin_state == "scheduled"
+    assert fresh.notes == "edited on an old page"
+    assert get_state_at(fresh, fresh.timeline_end_at) == "in_progress"
+
+
+def test_stale_instance_can_still_transition_from_current_state(encounter):
+    stale = Encounter.objects.get(pk=encounter.pk)
+    transition(encounter, "checked_in")
+
+    # The decision is made on the locked, fresh row, not on the caller's stale copy.
+    row = transition(stale, "in_progress")
+
+    assert (row.from_state, row.sequence) == ("checked_in", 2)
+    assert (stale.state, stale.version) == ("in_progress", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real concurrent connections (PostgreSQL)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_writers_are_serialized(encounter):
+    """Two writers race for scheduled -> cancelled: one wins, the other then sees 'cancelled'
+    (final, no exits) and is refused; one row."""
+
+    def work(_: int):
+        return transition(Encounter.objects.get(pk=encounter.pk), "cancelled")
+
+    results = run_in_threads(2, work)
+
+    rows = [r for r in results if isinstance(r, EncounterTransition)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(rows) == 1, results
+    assert len(errors) == 1 and isinstance(errors[0], InvalidTransitionError), results
+    assert errors[0].from_state == "cancelled"
+    fresh = reload(encounter)
+    assert (fresh.state, fresh.version) == ("cancelled", 1)
+    assert EncounterTransition.objects.filter(encounter=encounter).count() == 1
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_expected_version_only_one_wins(counter_definition, patient):
+    encounter = create_encounter(counter_definition, patient)
+
+    def work(_: int):
+        return transition(Encounter.objects.get(pk=encounter.pk), "open", expected_version=0)
+
+    results = run_in_threads(4, work)
+
+    winners = [r for r in results if isinstance(r, EncounterTransition)]
+    losers = [r for r in results if isinstance(r, ConcurrentTransitionError)]
+    assert len(winners) == 1 and len(losers) == 3, results
+    assert all((e.expected_version, e.actual_version) == (0, 1) for e in losers)
+    assert reload(encounter).version == 1
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_many_writers_append_gap_free_stream(counter_definition, patient):
+    encounter = create_encounter(counter_definition, patient)
+    threads, per_thread = 6, 5
+
+    def work(i: int):
+        for n in range(per_thread):
+            transition(Encounter.objects.get(pk=encounter.pk), "open", reason=f"writer {i} #{n}")
+        return True
+
+    results = run_in_threads(threads, work)
+
+    assert results == [True] * threads, results
+    history = get_encounter_history(encounter)
+    assert [r.sequence for r in history] == list(range(1, threads * per_thread + 1))
+    assert len({r.reason for r in history}) == threads * per_thread
+    fresh = reload(encounter)
+    assert fresh.version == threads * per_thread
+    assert fresh.head_hash == history[-1].hash
+    assert fresh.state == "open"
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_readers_do_not_wait_for_the_row_lock(encounter):
+    transition(encounter, "checked_in")
+    holder = RowLockHolder(encounter.pk, action=lambda e: transition(e, "in_progress"))
+    holder.start()
+    try:
+        assert holder.locked.wait(15) and holder.error is None, holder.error
+        started = time.monotonic()
+        # Plain reads see the last committed state, without blocking.
+        assert get_state_at(encounter, encounter.timeline_end_at) == "checked_in"
+        assert [r.sequence for r in get_encounter_history(encounter)] == [1]
+        assert Encounter.objects.get(pk=encounter.pk).state == "checked_in"
+        elapsed = time.monotonic() - started
+    finally:
+        holder.release.set()
+        holder.join(20)
+    assert elapsed < HOLD_SECONDS
+    assert holder.error is None, holder.error
+    assert reload(encounter).state == "in_progress"
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_backdated_transition_also_waits_for_the_lock(employment):
+    """A backdated write reads the stream under the same lock: it sees the holder's row."""
+    t0 = datetime(2017, 1, 1, tzinfo=timezone.utc)
+    transition(employment, "working", effective_at=t0)
+    holder = RowLockHolder(
+        employment.pk,
+        action=lambda e: transition(e, "onleave", effective_at=t0 + timedelta(days=30)),
+    )
+    holder.start()
+    try:
+        assert holder.locked.wait(15) and holder.error is None, holder.error
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '20s'")
+        threading.Timer(HOLD_SECONDS, holder.release.set).start()
+        started = time.monotonic()
+        # 'finished' on day 10 would be followed by the holder's 'onleave' on day 30: refused,
+        # which it can only know if it waited for the holder's commit.
+        with pytest.raises(InvalidTransitionError) as excinfo:
+            transition(employment, "finished", effective_at=t0 + timedelta(days=10))
+        waited = time.monotonic() - started
+    finally:
+        holder.release.set()
+        holder.join(20)
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+    assert holder.error is None, holder.error
+    assert waited >= HOLD_SECONDS * 0.8
+    assert "would be followed by 'onleave' (sequence 2" in excinfo.value.reason
+    assert reload(employment).version == 2
