@@ -25,7 +25,18 @@
 #   PG_MAX_CONNECTIONS   max_connections (default: 100)
 #   PG_START_TIMEOUT     seconds to wait for the server to accept connections (default: 60)
 #
+#   PG_CLUSTER_OWNER_PID the process whose death means "stop the cluster" (default: $$, the
+#                        script that sourced this file); see the watchdog below
+#
 # After pg_cluster_start: PG_CLUSTER_DIR (the temp dir), PG_CLUSTER_DATA, PG_CLUSTER_LOG.
+#
+# Besides the caller's trap, pg_cluster_start leaves a small watchdog process (in its own session,
+# so a Ctrl-C or a kill of the caller's process group does not reach it) that stops the cluster
+# and deletes its directory once the owner process is gone. That covers what no trap can: the
+# caller being killed with SIGKILL, or a caller that forgot to call pg_cluster_stop.
+
+# This file's absolute path, so the watchdog (a separate process) can source it too.
+_PG_CLUSTER_SH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 
 # Prints the directory holding initdb and pg_ctl, or fails.
 pg_cluster_find_bin() {
@@ -131,9 +142,10 @@ EOF
         # -w: return only once the server accepts connections (or has failed to start).
         if _pg_cluster_as_owner "$bin/pg_ctl" -D "$PG_CLUSTER_DATA" -l "$PG_CLUSTER_LOG" \
             -o "-p $port" -w -t "${PG_START_TIMEOUT:-60}" start >/dev/null; then
-            if "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" -t 10 2>/dev/null \
+            if "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -t 10 2>/dev/null \
                 || [[ ! -x "$bin/pg_isready" ]]; then
                 export PGHOST=127.0.0.1 PGPORT="$port" PGUSER=postgres PGDATABASE=postgres
+                _pg_cluster_start_watchdog
                 echo "pg_cluster: PostgreSQL $("$bin/pg_ctl" --version | awk '{print $3}')" \
                     "ready on 127.0.0.1:$port (dir $PG_CLUSTER_DIR)"
                 return 0
@@ -147,6 +159,25 @@ EOF
     done
     echo "pg_cluster: could not start PostgreSQL; full log: $PG_CLUSTER_LOG" >&2
     return 1
+}
+
+# Starts the watchdog described at the top: it polls every 2 s and, when the owner process has
+# exited while the cluster directory still exists, runs pg_cluster_stop on it. It exits by itself
+# as soon as the directory is gone (pg_cluster_stop also ends it at once, by its pid).
+_pg_cluster_start_watchdog() {
+    local owner="${PG_CLUSTER_OWNER_PID:-$$}" launcher=()
+    command -v setsid >/dev/null && launcher=(setsid)
+    # shellcheck disable=SC2016  # the inner script expands its own positional parameters
+    "${launcher[@]}" bash -c '
+        owner=$1 PG_CLUSTER_DIR=$2
+        trap "" INT HUP
+        while kill -0 "$owner" 2>/dev/null && [[ -d "$PG_CLUSTER_DIR" ]]; do sleep 2; done
+        if [[ -d "$PG_CLUSTER_DIR" ]]; then
+            source "$3" && pg_cluster_stop
+        fi
+    ' pg-cluster-watchdog "$owner" "$PG_CLUSTER_DIR" "$_PG_CLUSTER_SH" \
+        </dev/null >/dev/null 2>&1 &
+    PG_CLUSTER_WATCHDOG_PID=$!
 }
 
 # Stops the cluster started by pg_cluster_start and deletes its directory. Idempotent, never fails,
@@ -168,12 +199,15 @@ pg_cluster_stop() {
             if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
                 kill -QUIT "$pid" 2>/dev/null || true
                 sleep 2
-                kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+                if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
             fi
         fi
     fi
     rm -rf -- "$dir"
-    unset PG_CLUSTER_DIR PG_CLUSTER_DATA PG_CLUSTER_LOG
+    if [[ -n "${PG_CLUSTER_WATCHDOG_PID:-}" ]]; then
+        kill "$PG_CLUSTER_WATCHDOG_PID" 2>/dev/null || true
+    fi
+    unset PG_CLUSTER_DIR PG_CLUSTER_DATA PG_CLUSTER_LOG PG_CLUSTER_WATCHDOG_PID
     unset PGHOST PGPORT PGUSER PGDATABASE
     return 0
 }

@@ -26,6 +26,7 @@ BACKENDS=${BACKENDS:-sqlite postgres}
 # Scratch space for the JUnit reports we count tests from (separate from the cluster's directory).
 REPORT_DIR=$(mktemp -d "${TMPDIR:-/tmp}/encounters-tests.XXXXXXXX")
 
+# shellcheck disable=SC2317  # called from the trap
 cleanup() {
     pg_cluster_stop
     rm -rf -- "$REPORT_DIR"
