@@ -17,6 +17,7 @@ from django.db import connections
 from django.db.models import Model, signals
 
 from .models import Encounter, EncounterDefinition, EncounterTransition
+from .projections.timeline import TIMELINE_ORDER
 
 
 @dataclass
@@ -41,6 +42,18 @@ def _converters(connection: Any, fields: list, alias: str) -> list:
             )
         )
     return result
+
+
+def _convert(row: Any, converters: list, connection: Any) -> list:
+    """Apply each column's backend and field converters, as the ORM's compiler does."""
+    values = list(row)
+    for index, (convs, expression) in enumerate(converters):
+        if convs:
+            value = values[index]
+            for converter in convs:
+                value = converter(value, expression, connection)
+            values[index] = value
+    return values
 
 
 def _build(connection: Any) -> _Statements:
@@ -98,13 +111,7 @@ def lock_encounter(pk: Any, using: str) -> Encounter | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    values = list(row)
-    for index, (convs, expression) in enumerate(st.converters):
-        if convs:
-            value = values[index]
-            for converter in convs:
-                value = converter(value, expression, connection)
-            values[index] = value
+    values = _convert(row, st.converters, connection)
     split = len(st.encounter_fields)
     encounter = Encounter.from_db(using, [f.attname for f in st.encounter_fields], values[:split])
     definition = EncounterDefinition.from_db(
@@ -143,3 +150,74 @@ def update_columns(model: type[Model], pk: Any, changes: dict[str, Any], using: 
     sql = f"UPDATE {qn(meta.db_table)} SET {', '.join(assignments)} WHERE {qn(meta.pk.column)} = %s"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+
+
+# -- read path -----------------------------------------------------------------------------------
+
+
+def _column(model: type[Model], name: str, qn: Any) -> str:
+    return qn(model._meta.get_field(name).column)
+
+
+def _state_at_sql(connection: Any, with_known_at: bool) -> str:
+    key = "_django_encounters_state_at_sql" + ("_known" if with_known_at else "")
+    sql = getattr(connection, key, None)
+    if sql is None:
+        qn = connection.ops.quote_name
+        col = lambda name: _column(EncounterTransition, name, qn)  # noqa: E731
+        order = ", ".join(f"{col(name)} DESC" for name in TIMELINE_ORDER)
+        sql = (
+            f"SELECT {col('to_state')} FROM {qn(EncounterTransition._meta.db_table)} "
+            f"WHERE {col('encounter')} = %s AND {col('effective_at')} <= %s"
+            + (f" AND {col('transitioned_at')} <= %s" if with_known_at else "")
+            + f" ORDER BY {order} LIMIT 1"
+        )
+        setattr(connection, key, sql)
+    return sql
+
+
+def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) -> str | None:
+    """``to_state`` of the last row of the timeline with ``effective_at <= timestamp`` (and
+    ``transitioned_at <= known_at``), ordered by the engine's ``TIMELINE_ORDER``; one indexed
+    query. None when there is no such row."""
+    connection = connections[using]
+    meta = EncounterTransition._meta
+    params = [
+        meta.get_field("encounter").get_db_prep_value(encounter_pk, connection),
+        meta.get_field("effective_at").get_db_prep_value(timestamp, connection),
+    ]
+    if known_at is not None:
+        params.append(meta.get_field("transitioned_at").get_db_prep_value(known_at, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(_state_at_sql(connection, known_at is not None), params)
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def history(encounter: Encounter, using: str) -> list[EncounterTransition]:
+    """The encounter's rows in recording order, as model instances; one query."""
+    connection = connections[using]
+    statements = getattr(connection, "_django_encounters_history", None)
+    if statements is None:
+        qn = connection.ops.quote_name
+        meta = EncounterTransition._meta
+        fields = list(meta.concrete_fields)
+        sql = (
+            f"SELECT {', '.join(qn(f.column) for f in fields)} FROM {qn(meta.db_table)} "
+            f"WHERE {_column(EncounterTransition, 'encounter', qn)} = %s "
+            f"ORDER BY {_column(EncounterTransition, 'sequence', qn)}"
+        )
+        statements = (sql, [f.attname for f in fields], _converters(connection, fields, meta.db_table))
+        connection._django_encounters_history = statements
+    sql, attnames, converters = statements
+    param = EncounterTransition._meta.get_field("encounter").get_db_prep_value(encounter.pk, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [param])
+        rows = cursor.fetchall()
+    relation = EncounterTransition._meta.get_field("encounter")
+    result = []
+    for row in rows:
+        instance = EncounterTransition.from_db(using, attnames, _convert(row, converters, connection))
+        relation.set_cached_value(instance, encounter)
+        result.append(instance)
+    return result

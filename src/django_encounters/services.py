@@ -26,7 +26,6 @@ from .exceptions import (
 )
 from .models import Encounter, EncounterDefinition, EncounterTransition, _require_aware
 from .projections import mapper
-from .projections.timeline import TIMELINE_ORDER_DESC, EncounterTimeline
 from .projections.timeline import time_in_states as _time_in_states
 from .signals import post_transition, pre_transition
 from .validators import StateValidator, get_validator_instance, parse_validator_entry
@@ -255,8 +254,10 @@ def run_validators(
 
 
 def get_encounter_history(encounter: Encounter) -> list[EncounterTransition]:
-    """The encounter's rows in recording order (``sequence``)."""
-    return list(encounter.transitions.order_by("sequence"))
+    """The encounter's rows in recording order (``sequence``); one query."""
+    if not isinstance(encounter, Encounter):
+        raise TypeError(f"encounter must be an Encounter, not {type(encounter).__name__}")
+    return persistence.history(encounter, _db_for_read(encounter))
 
 
 def get_state_at(
@@ -271,12 +272,12 @@ def get_state_at(
     Raises:
         ValueError: naive datetimes.
     """
+    if not isinstance(encounter, Encounter):
+        raise TypeError(f"encounter must be an Encounter, not {type(encounter).__name__}")
     _require_aware(timestamp, "timestamp")
-    rows = encounter.transitions.filter(effective_at__lte=timestamp)
     if known_at is not None:
         _require_aware(known_at, "known_at")
-        rows = rows.filter(transitioned_at__lte=known_at)
-    last = rows.order_by(*TIMELINE_ORDER_DESC).values_list("to_state", flat=True).first()
+    last = persistence.last_state_at(encounter.pk, timestamp, known_at, _db_for_read(encounter))
     return last if last is not None else encounter.origin_state
 
 
@@ -302,6 +303,10 @@ def duration_in_state(
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _db_for_read(encounter: Encounter) -> str:
+    return encounter._state.db or router.db_for_read(EncounterTransition, instance=encounter)
 
 
 def _check_user(user: Any, name: str) -> None:
