@@ -248,7 +248,8 @@ def test_readers_do_not_wait_for_the_row_lock(encounter):
     finally:
         holder.release.set()
         holder.join(20)
-    assert elapsed < HOLD_SECONDS
+    # The holder keeps its lock until released (up to 15 s): a blocked read would show here.
+    assert elapsed < 5
     assert holder.error is None, holder.error
     assert reload(encounter).state == "in_progress"
 
