@@ -145,12 +145,8 @@ def transition(
         isinstance(expected_version, bool) or not isinstance(expected_version, int)
     ):
         raise TypeError(f"expected_version must be an int, not {expected_version!r}")
-    now = timezone.now()
-    if effective_at is None:
-        effective_at = now
-    else:
+    if effective_at is not None:
         _require_aware(effective_at, "effective_at")
-    latest_allowed = now + conf.future_tolerance()
 
     using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
     with db_transaction.atomic(using=using):
@@ -159,6 +155,13 @@ def transition(
             raise EncounterNotFoundError(encounter.pk)
         if expected_version is not None and locked.version != expected_version:
             raise ConcurrentTransitionError(locked.pk, expected_version, locked.version)
+        # Read the clock only once the row is locked: a writer that waited for the lock must
+        # not be stamped (transitioned_at) or, by default, dated (effective_at) before the row
+        # it waited for, or an ordinary call would land in the past as a backdated row.
+        now = timezone.now()
+        if effective_at is None:
+            effective_at = now
+        latest_allowed = now + conf.future_tolerance()
 
         rules = locked.definition.rules()
         timeline = mapper.timeline_from_projection(locked)
