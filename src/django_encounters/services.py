@@ -160,7 +160,10 @@ def transition(
         # it waited for, or an ordinary call would land in the past as a backdated row.
         now = timezone.now()
         if effective_at is None:
-            effective_at = now
+            # "Now" means after everything already on the timeline, even when another
+            # application server's clock ran slightly ahead.
+            end_at = locked.timeline_end_at
+            effective_at = now if end_at is None or now >= end_at else end_at
         latest_allowed = now + conf.future_tolerance()
 
         rules = locked.definition.rules()
