@@ -110,7 +110,9 @@ class RowLockHolder(threading.Thread):
                     self.action(locked)
                 self.locked.set()
                 self.release.wait(15)
-            self.committed_at = time.monotonic()
+                # Stamped just before COMMIT: the lock is released during COMMIT, so a waiter
+                # may finish before a stamp taken after it.
+                self.committed_at = time.monotonic()
         except BaseException as exc:  # reported to the main thread
             self.error = exc
         finally:
