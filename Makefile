@@ -46,8 +46,13 @@ test-postgres: $(STAMP_TEST)
 demo: $(STAMP_TEST)
 	$(PY) example/demo.py
 
+# Benchmarks on SQLite (WAL file) and a throwaway PostgreSQL cluster; BENCH_ARGS='--quick' for a
+# smoke run, '--update-readme' to rewrite the table in benchmarks/README.md.
+BENCH_ARGS ?=
 bench: $(STAMP_TEST)
-	$(PY) -m benchmarks.run
+	PY=$(abspath $(PY)) BENCH_VIA_MAKE=1 bash -c 'source scripts/pg_cluster.sh \
+		&& trap pg_cluster_stop EXIT && trap "exit 130" INT && trap "exit 143" TERM \
+		&& pg_cluster_start && "$$PY" -m benchmarks.run $(BENCH_ARGS)'
 
 soak: $(STAMP_TEST)
 	PY=$(abspath $(PY)) bash scripts/soak.sh

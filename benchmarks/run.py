@@ -1,0 +1,814 @@
+"""Benchmarks: django-encounters against a raw-SQL floor, on SQLite (WAL, a temp file) and on
+PostgreSQL.
+
+    python -m benchmarks.run                 # both backends (PostgreSQL if PGHOST is set)
+    python -m benchmarks.run --quick         # small sizes, a smoke run (about a minute)
+    python -m benchmarks.run --backend sqlite
+    make bench                               # venv + throwaway PostgreSQL cluster + this
+
+Every figure is a ratio measured in the same run: ``ratio = floor time / our time`` (1.0 = as
+fast as raw SQL; higher is better). The floor uses the DB-API alone (the driver connection
+Django opened, a plain cursor, no ORM) on the same schema, indexes and triggers:
+
+* ``transition()``: one transaction of lock/select (encounter joined with its definition,
+  ``FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) + INSERT of the row + UPDATE of
+  the projection. The floor computes no hash and runs no state-machine logic: that is ours;
+* ``get_state_at()``: the single indexed ``ORDER BY effective_at DESC, sequence DESC LIMIT 1``;
+* ``get_encounter_history()``: the single indexed ``SELECT … ORDER BY sequence`` (``fetchall``);
+* rebuild of N transitions over N/5 encounters (every projection drifted first, so every one
+  is rewritten): one ``UPDATE … FROM`` setting the last state per encounter. Ours replays every
+  stream through the engine *and verifies it* (gap-free, from_state, edges, hash chain). Peak
+  memory (RSS of a fresh process running the rebuild) at 100k and 1M rows;
+* ``Encounter.objects.as_of(t)`` over all encounters (``values_list('pk', 'state_at')``): the
+  hand-written correlated-subquery SQL, ``fetchall``.
+
+Sizes (flags or environment): ``--transitions`` (BENCH_TRANSITIONS, default 2000), ``--reads``
+(BENCH_READS, 5000), ``--encounters`` (BENCH_ENCOUNTERS, 200000: the as-of set and the big
+rebuild), ``--rows-per-encounter`` (BENCH_ROWS_PER_ENCOUNTER, 5), ``--small-encounters``
+(BENCH_SMALL_ENCOUNTERS, 20000: the first memory point). ``--quick`` divides them.
+
+Output: a table on stdout; ``--json PATH`` writes the raw results; ``--update-readme`` rewrites
+the results section of ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+UTC = dt_timezone.utc
+OTHER = {"a": "b", "b": "a"}
+PINGPONG = {
+    "name": "Bench ping-pong",
+    "code": "BENCH",
+    "states": ["a", "b"],
+    "initial_state": "a",
+    "final_states": [],
+    "transitions": {"a": ["b"], "b": ["a"]},
+}
+#: Targets of issue 4 (ratio floor/ours must be at least this).
+TARGETS = {"transition": 0.5, "get_state_at": 0.3, "rebuild": 0.4, "as_of": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------
+# Django in this process.
+# ---------------------------------------------------------------------------------------------
+
+
+def database_for(backend: str, sqlite_path: str | None = None, pg_name: str | None = None) -> dict:
+    if backend == "sqlite":
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": sqlite_path,
+            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 60},
+        }
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": pg_name or os.environ.get("PGDATABASE", "postgres"),
+        "USER": os.environ.get("PGUSER", "postgres"),
+        "PASSWORD": os.environ.get("PGPASSWORD", ""),
+        "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+        "PORT": os.environ.get("PGPORT", "5432"),
+    }
+
+
+def configure(database: dict) -> None:
+    from benchmarks.soak import configure as soak_configure
+
+    soak_configure(database)
+    from django.db import connection
+
+    connection.ensure_connection()
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=WAL")
+
+
+def raw_connection() -> Any:
+    from django.db import connection
+
+    connection.ensure_connection()
+    return connection.connection
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_kib() -> int:
+    """Current resident set size (KiB)."""
+    current = _status_kib("VmRSS")
+    return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0); ``ru_maxrss`` cannot be used here: it
+    survives ``execve`` and would report the parent's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_kib() -> int:
+    peak = _status_kib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------------------------
+
+
+class Schema:
+    """Table and column names from the models (so the floor uses exactly our schema)."""
+
+    def __init__(self) -> None:
+        from django.db import connection
+
+        from django_encounters.models import Encounter, EncounterDefinition, EncounterTransition
+
+        qn = connection.ops.quote_name
+        self.vendor = connection.vendor
+        self.qn = qn
+        self.enc = qn(Encounter._meta.db_table)
+        self.tr = qn(EncounterTransition._meta.db_table)
+        self.defn = qn(EncounterDefinition._meta.db_table)
+        self.e = {f.name: qn(f.column) for f in Encounter._meta.concrete_fields}
+        self.t = {f.name: qn(f.column) for f in EncounterTransition._meta.concrete_fields}
+        self.d = {f.name: qn(f.column) for f in EncounterDefinition._meta.concrete_fields}
+        self.enc_fields = [f.name for f in Encounter._meta.concrete_fields]
+        self.tr_fields = [f.name for f in EncounterTransition._meta.concrete_fields]
+        self.ph = "%s" if self.vendor == "postgresql" else "?"
+
+    # Python value -> what the raw driver takes (what Django would send).
+    def db(self, value: Any) -> Any:
+        if self.vendor == "postgresql":
+            return value
+        if isinstance(value, uuid.UUID):
+            return value.hex
+        if isinstance(value, datetime):
+            return str(value.astimezone(UTC).replace(tzinfo=None))
+        return value
+
+
+def make_definition() -> Any:
+    from django_encounters.models import EncounterDefinition
+
+    definition, _ = EncounterDefinition.objects.get_or_create(code=PINGPONG["code"], defaults=PINGPONG)
+    return definition
+
+
+def subject() -> Any:
+    from django.contrib.auth.models import User
+
+    user, _ = User.objects.get_or_create(username="bench-subject")
+    return user
+
+
+def generate(schema: Schema, definition: Any, start: int, count: int, rows_per: int,
+             chunk: int = 10_000) -> None:
+    """Insert ``count`` encounters with ``rows_per`` valid, hash-chained ping-pong rows each,
+    and correct projections, with raw bulk SQL (COPY on PostgreSQL)."""
+    from django.contrib.auth.models import User
+    from django.contrib.contenttypes.models import ContentType
+    from django.db import connection
+
+    from django_encounters.projections.timeline import row_hash
+
+    ct = ContentType.objects.get_for_model(User).pk
+    rng = random.Random(start)
+    base = datetime(2024, 1, 1, tzinfo=UTC)
+    enc_cols = ", ".join(schema.e[n] for n in schema.enc_fields)
+    tr_cols = ", ".join(schema.t[n] for n in schema.tr_fields)
+    raw = raw_connection()
+    for offset in range(start, start + count, chunk):
+        encounters, rows = [], []
+        for i in range(offset, min(offset + chunk, start + count)):
+            eid = uuid.UUID(int=rng.getrandbits(128), version=4)
+            created = base + timedelta(seconds=i, microseconds=1 + i % 997)
+            state, previous, eff = "a", "", created
+            for seq in range(1, rows_per + 1):
+                to = OTHER[state]
+                eff = created + timedelta(minutes=seq, microseconds=seq)
+                digest = row_hash(
+                    encounter_id=eid, sequence=seq, from_state=state, to_state=to,
+                    effective_at=eff, transitioned_at=eff, transitioned_by=None, reason="",
+                    metadata={}, previous_hash=previous,
+                )
+                values = {
+                    "id": uuid.UUID(int=rng.getrandbits(128), version=4), "encounter": eid,
+                    "sequence": seq, "from_state": state, "to_state": to,
+                    "transitioned_by": None, "transitioned_at": eff, "effective_at": eff,
+                    "reason": "", "metadata": "{}", "hash": digest,
+                }
+                rows.append([schema.db(values[n]) for n in schema.tr_fields])
+                state, previous = to, digest
+            values = {
+                "id": eid, "definition": definition.pk, "subject_content_type": ct,
+                "subject_id": str(i), "state": state, "origin_state": "a",
+                "version": rows_per, "timeline_end_at": eff if rows_per else None,
+                "head_hash": previous, "scheduled_at": None, "started_at": None,
+                "ended_at": None, "created_by": None, "assigned_to": None, "notes": "",
+                "metadata": "{}", "created_at": created, "updated_at": created,
+                "deleted_at": None,
+            }
+            encounters.append([schema.db(values[n]) for n in schema.enc_fields])
+        if schema.vendor == "postgresql":
+            with raw.cursor() as cur:
+                with cur.copy(f"COPY {schema.enc} ({enc_cols}) FROM STDIN") as copy:
+                    for row in encounters:
+                        copy.write_row(row)
+                with cur.copy(f"COPY {schema.tr} ({tr_cols}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+        else:
+            cur = raw.cursor()
+            cur.execute("BEGIN")
+            cur.executemany(
+                f"INSERT INTO {schema.enc} ({enc_cols}) VALUES ({', '.join('?' * len(schema.enc_fields))})",
+                encounters,
+            )
+            cur.executemany(
+                f"INSERT INTO {schema.tr} ({tr_cols}) VALUES ({', '.join('?' * len(schema.tr_fields))})",
+                rows,
+            )
+            cur.execute("COMMIT")
+    if schema.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"ANALYZE {schema.enc}")
+            cursor.execute(f"ANALYZE {schema.tr}")
+    else:
+        raw.execute("ANALYZE")
+
+
+def drift_all(schema: Schema) -> None:
+    """Make every projection wrong (origin state, version 0, no hash), so a rebuild rewrites
+    all of them and the floor does too."""
+    e = schema.e
+    raw = raw_connection()
+    cur = raw.cursor()
+    if schema.vendor == "sqlite":
+        cur.execute("BEGIN")
+    cur.execute(
+        f"UPDATE {schema.enc} SET {e['state']} = {e['origin_state']}, {e['version']} = 0, "
+        f"{e['head_hash']} = ''"
+    )
+    if schema.vendor == "sqlite":
+        cur.execute("COMMIT")
+    cur.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing helpers.
+# ---------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    gc.collect()
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def alternate(floor: Callable[[int], None], ours: Callable[[int], None], total: int,
+              rounds: int = 5) -> tuple[float, float]:
+    """Run both in alternating rounds (noise on a shared machine hits both alike); returns the
+    summed seconds of each."""
+    per = max(1, total // rounds)
+    floor_s = ours_s = 0.0
+    for r in range(rounds):
+        if r % 2 == 0:
+            floor_s += timed(lambda: floor(per))
+            ours_s += timed(lambda: ours(per))
+        else:
+            ours_s += timed(lambda: ours(per))
+            floor_s += timed(lambda: floor(per))
+    return floor_s, ours_s
+
+
+def figure(name: str, floor_s: float, ours_s: float, n: int, unit: str = "op", **extra: Any) -> dict:
+    return {
+        "name": name,
+        "floor_s": floor_s,
+        "ours_s": ours_s,
+        "n": n,
+        "unit": unit,
+        "floor_per_op_us": floor_s / n * 1e6,
+        "ours_per_op_us": ours_s / n * 1e6,
+        "ratio": floor_s / ours_s if ours_s else float("inf"),
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks.
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_transition(schema: Schema, definition: Any, total: int, pool: int = 100) -> dict:
+    from django_encounters.services import create_encounter, transition
+
+    who = subject()
+    ours_pool = [create_encounter(definition, who) for _ in range(pool)]
+    floor_ids = [create_encounter(definition, who).pk for _ in range(pool)]
+    e, t, d, ph = schema.e, schema.t, schema.d, schema.ph
+    columns = ", ".join(
+        [f"e.{e[n]}" for n in schema.enc_fields] + [f"d.{col}" for col in schema.d.values()]
+    )
+    lock = (
+        f"SELECT {columns} FROM {schema.enc} e INNER JOIN {schema.defn} d ON e.{e['definition']} = "
+        f"d.{d['id']} WHERE e.{e['id']} = {ph} AND e.{e['deleted_at']} IS NULL"
+        + (" FOR UPDATE OF e" if schema.vendor == "postgresql" else "")
+    )
+    state_index = schema.enc_fields.index("state")
+    version_index = schema.enc_fields.index("version")
+    cols = ", ".join(t[n] for n in schema.tr_fields)
+    insert = f"INSERT INTO {schema.tr} ({cols}) VALUES ({', '.join([ph] * len(schema.tr_fields))})"
+    update = (
+        f"UPDATE {schema.enc} SET {e['state']} = {ph}, {e['version']} = {ph}, "
+        f"{e['timeline_end_at']} = {ph}, {e['head_hash']} = {ph}, {e['updated_at']} = {ph} "
+        f"WHERE {e['id']} = {ph}"
+    )
+    begin = "BEGIN" if schema.vendor == "postgresql" else "BEGIN IMMEDIATE"
+    raw = raw_connection()
+    digest = "0" * 64
+    counter = {"floor": 0, "ours": 0}
+
+    def floor(n: int) -> None:
+        cur = raw.cursor()
+        for _ in range(n):
+            pk = floor_ids[counter["floor"] % pool]
+            counter["floor"] += 1
+            now = datetime.now(UTC)
+            key = schema.db(pk)
+            cur.execute(begin)
+            cur.execute(lock, [key])
+            row = cur.fetchone()
+            state, version = row[state_index], row[version_index]
+            to = OTHER[state]
+            values = {
+                "id": uuid.uuid4(), "encounter": pk, "sequence": version + 1,
+                "from_state": state, "to_state": to, "transitioned_by": None,
+                "transitioned_at": now, "effective_at": now, "reason": "", "metadata": "{}",
+                "hash": digest,
+            }
+            cur.execute(insert, [schema.db(values[n]) for n in schema.tr_fields])
+            stamp = schema.db(now)
+            cur.execute(update, [to, version + 1, stamp, digest, stamp, key])
+            cur.execute("COMMIT")
+        cur.close()
+
+    def ours(n: int) -> None:
+        for _ in range(n):
+            enc = ours_pool[counter["ours"] % pool]
+            counter["ours"] += 1
+            transition(enc, OTHER[enc.state])
+
+    floor(pool)  # warm up both (statement caches, first-touch of pages)
+    ours(pool)
+    floor_s, ours_s = alternate(floor, ours, total)
+    return figure("transition()", floor_s, ours_s, total, target=TARGETS["transition"])
+
+
+def _reading_encounter(definition: Any, rows: int = 20) -> Any:
+    from django_encounters.services import create_encounter, transition
+
+    enc = create_encounter(definition, subject())
+    start = datetime.now(UTC) - timedelta(days=rows + 1)
+    for i in range(rows):
+        transition(enc, OTHER[enc.state], effective_at=start + timedelta(days=i))
+    return enc, start
+
+
+def bench_get_state_at(schema: Schema, definition: Any, total: int) -> dict:
+    from django_encounters.services import get_state_at
+
+    enc, start = _reading_encounter(definition)
+    t, ph = schema.t, schema.ph
+    sql = (
+        f"SELECT {t['to_state']} FROM {schema.tr} WHERE {t['encounter']} = {ph} AND "
+        f"{t['effective_at']} <= {ph} ORDER BY {t['effective_at']} DESC, {t['sequence']} DESC "
+        f"LIMIT 1"
+    )
+    rng = random.Random(1)
+    times = [start + timedelta(hours=rng.uniform(-24, 24 * 22)) for _ in range(1000)]
+    key = schema.db(enc.pk)
+    raw = raw_connection()
+    counter = {"floor": 0, "ours": 0}
+
+    def floor(n: int) -> None:
+        cur = raw.cursor()
+        for _ in range(n):
+            at = times[counter["floor"] % len(times)]
+            counter["floor"] += 1
+            cur.execute(sql, [key, schema.db(at)])
+            row = cur.fetchone()
+            _ = row[0] if row else "a"
+        cur.close()
+
+    def ours(n: int) -> None:
+        for _ in range(n):
+            at = times[counter["ours"] % len(times)]
+            counter["ours"] += 1
+            get_state_at(enc, at)
+
+    floor(200)
+    ours(200)
+    floor_s, ours_s = alternate(floor, ours, total)
+    return figure("get_state_at()", floor_s, ours_s, total, target=TARGETS["get_state_at"])
+
+
+def bench_history(schema: Schema, definition: Any, total: int) -> dict:
+    from django_encounters.services import get_encounter_history
+
+    enc, _ = _reading_encounter(definition)
+    t, ph = schema.t, schema.ph
+    cols = ", ".join(t[n] for n in schema.tr_fields)
+    sql = f"SELECT {cols} FROM {schema.tr} WHERE {t['encounter']} = {ph} ORDER BY {t['sequence']}"
+    key = schema.db(enc.pk)
+    raw = raw_connection()
+
+    def floor(n: int) -> None:
+        cur = raw.cursor()
+        for _ in range(n):
+            cur.execute(sql, [key])
+            cur.fetchall()
+        cur.close()
+
+    def ours(n: int) -> None:
+        for _ in range(n):
+            get_encounter_history(enc)
+
+    floor(100)
+    ours(100)
+    floor_s, ours_s = alternate(floor, ours, total)
+    return figure("get_encounter_history() (20 rows)", floor_s, ours_s, total)
+
+
+def bench_as_of(schema: Schema, encounters: int, repeats: int = 3) -> dict:
+    from django_encounters.models import Encounter
+
+    e, t, ph = schema.e, schema.t, schema.ph
+    at = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=encounters // 2, minutes=3)
+    sql = (
+        f"SELECT e.{e['id']}, COALESCE((SELECT t.{t['to_state']} FROM {schema.tr} t "
+        f"WHERE t.{t['encounter']} = e.{e['id']} AND t.{t['effective_at']} <= {ph} "
+        f"ORDER BY t.{t['effective_at']} DESC, t.{t['sequence']} DESC LIMIT 1), "
+        f"e.{e['origin_state']}) FROM {schema.enc} e WHERE e.{e['deleted_at']} IS NULL"
+    )
+    raw = raw_connection()
+    counts = {}
+
+    def floor(_: int) -> None:
+        cur = raw.cursor()
+        cur.execute(sql, [schema.db(at)])
+        counts["floor"] = len(cur.fetchall())
+        cur.close()
+
+    def ours(_: int) -> None:
+        counts["ours"] = len(list(Encounter.objects.as_of(at).values_list("pk", "state_at")))
+
+    floor(1)
+    ours(1)
+    floor_times, ours_times = [], []
+    for _ in range(repeats):
+        floor_times.append(timed(lambda: floor(1)))
+        ours_times.append(timed(lambda: ours(1)))
+    assert counts["floor"] == counts["ours"], counts
+    return figure(f"as_of(t) over {counts['ours']:,} encounters", min(floor_times),
+                  min(ours_times), 1, unit="query", target=TARGETS["as_of"], rows=counts["ours"])
+
+
+def rebuild_floor(schema: Schema) -> float:
+    """One UPDATE … FROM setting each encounter's state to its last timeline row's to_state."""
+    e, t = schema.e, schema.t
+    if schema.vendor == "postgresql":
+        sql = (
+            f"UPDATE {schema.enc} AS e SET {e['state']} = last.{t['to_state']} FROM ("
+            f"SELECT DISTINCT ON ({t['encounter']}) {t['encounter']}, {t['to_state']} "
+            f"FROM {schema.tr} ORDER BY {t['encounter']}, {t['effective_at']} DESC, "
+            f"{t['sequence']} DESC) AS last WHERE e.{e['id']} = last.{t['encounter']}"
+        )
+    else:
+        sql = (
+            f"UPDATE {schema.enc} AS e SET {e['state']} = last.{t['to_state']} FROM ("
+            f"SELECT {t['encounter']}, {t['to_state']}, ROW_NUMBER() OVER (PARTITION BY "
+            f"{t['encounter']} ORDER BY {t['effective_at']} DESC, {t['sequence']} DESC) AS rn "
+            f"FROM {schema.tr}) AS last WHERE last.rn = 1 AND e.{e['id']} = last.{t['encounter']}"
+        )
+    raw = raw_connection()
+    drift_all(schema)
+    gc.collect()
+    started = time.perf_counter()
+    cur = raw.cursor()
+    cur.execute("BEGIN" if schema.vendor == "postgresql" else "BEGIN IMMEDIATE")
+    cur.execute(sql)
+    cur.execute("COMMIT")
+    cur.close()
+    return time.perf_counter() - started
+
+
+def rebuild_in_child(database: dict) -> dict:
+    """Run the real rebuild in a fresh process (so its peak RSS is the rebuild's own)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--rebuild-child", json.dumps(database)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"rebuild child failed: {proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rebuild_child(database: dict) -> dict:
+    configure(database)
+    from django_encounters.projections.rebuild import rebuild_projections
+
+    schema = Schema()
+    drift_all(schema)
+    gc.collect()
+    baseline = rss_kib()
+    reset_peak_rss()
+    started = time.perf_counter()
+    result = rebuild_projections()
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "rows": result.rows_replayed,
+        "encounters": result.encounters_scanned,
+        "fixed": result.projections_fixed,
+        "anomalies": result.anomaly_count,
+        "rss_baseline_kib": baseline,
+        "rss_peak_kib": peak_rss_kib(),
+    }
+
+
+def bench_rebuild(schema: Schema, database: dict, rows_label: str) -> dict:
+    ours = rebuild_in_child(database)
+    if ours["anomalies"]:
+        raise RuntimeError(f"rebuild reported {ours['anomalies']} anomalies on generated data")
+    floor_s = rebuild_floor(schema)
+    return figure(
+        f"rebuild, {ours['rows']:,} rows / {ours['encounters']:,} encounters (verified)",
+        floor_s, ours["seconds"], ours["rows"], unit="row", target=TARGETS["rebuild"],
+        rss_peak_mib=ours["rss_peak_kib"] / 1024,
+        rss_growth_mib=(ours["rss_peak_kib"] - ours["rss_baseline_kib"]) / 1024,
+        fixed=ours["fixed"], label=rows_label,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# One backend, in this process.
+# ---------------------------------------------------------------------------------------------
+
+
+def run_backend(backend: str, sizes: dict) -> dict:
+    tmp = None
+    pg_name = None
+    if backend == "sqlite":
+        tmp = tempfile.TemporaryDirectory(prefix="encounters-bench-")
+        database = database_for("sqlite", os.path.join(tmp.name, "bench.sqlite3"))
+    else:
+        pg_name = f"encounters_bench_{os.getpid()}"
+        _pg_admin(f'CREATE DATABASE "{pg_name}"')
+        database = database_for("postgresql", pg_name=pg_name)
+    try:
+        configure(database)
+        from django.core.management import call_command
+        from django.db import connection
+
+        call_command("migrate", verbosity=0, interactive=False)
+        schema = Schema()
+        definition = make_definition()
+        results: dict[str, Any] = {
+            "backend": backend,
+            "server": _server_version(connection),
+            "figures": [],
+        }
+        log = lambda msg: print(f"[{backend}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+        rows_per = sizes["rows_per_encounter"]
+        small, big = sizes["small_encounters"], sizes["encounters"]
+        try:
+            import django_encounters.projections.rebuild  # noqa: F401
+        except ImportError:  # the rebuild is issue 3's; before it lands, measure the rest
+            has_rebuild = False
+            log("no django_encounters.projections.rebuild: rebuild benchmarks skipped")
+        else:
+            has_rebuild = True
+        log(f"generating {small:,} encounters x {rows_per} rows")
+        t0 = time.perf_counter()
+        generate(schema, definition, 0, small, rows_per)
+        log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 1)")
+        if has_rebuild:
+            results["figures"].append(bench_rebuild(schema, database, "small"))
+        log(f"generating {big - small:,} more encounters")
+        t0 = time.perf_counter()
+        generate(schema, definition, small, big - small, rows_per)
+        log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 2)")
+        if has_rebuild:
+            results["figures"].append(bench_rebuild(schema, database, "big"))
+        log("as_of(t)")
+        as_of = bench_as_of(schema, big)
+        # The per-call benchmarks run last, on the big tables (realistic index depth); the
+        # floor's rows carry no valid hash, so they must not be there for the rebuilds above.
+        log(f"transition() x {sizes['transitions']}")
+        results["figures"].append(bench_transition(schema, definition, sizes["transitions"]))
+        log(f"get_state_at() x {sizes['reads']}")
+        results["figures"].append(bench_get_state_at(schema, definition, sizes["reads"]))
+        log(f"get_encounter_history() x {sizes['reads'] // 2}")
+        results["figures"].append(bench_history(schema, definition, sizes["reads"] // 2))
+        results["figures"].append(as_of)
+        connection.close()
+        return results
+    finally:
+        if pg_name:
+            from django.db import connection
+
+            connection.close()
+            _pg_admin(f'DROP DATABASE IF EXISTS "{pg_name}"')
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _pg_admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(
+        host=os.environ.get("PGHOST", "127.0.0.1"), port=os.environ.get("PGPORT", "5432"),
+        user=os.environ.get("PGUSER", "postgres"), password=os.environ.get("PGPASSWORD", ""),
+        dbname=os.environ.get("PGDATABASE", "postgres"), autocommit=True,
+    ) as conn:
+        conn.execute(sql)
+
+
+def _server_version(connection: Any) -> str:
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        return f"SQLite {sqlite3.sqlite_version} (WAL, file)"
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        return f"PostgreSQL {cursor.fetchone()[0]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting.
+# ---------------------------------------------------------------------------------------------
+
+
+def table(all_results: list[dict]) -> str:
+    lines = [
+        "| backend | benchmark | floor (raw SQL) | django-encounters | ratio | target | met |",
+        "|---|---|---:|---:|---:|---:|:---:|",
+    ]
+    for result in all_results:
+        for f in result["figures"]:
+            if f["unit"] == "row":
+                floor = f"{f['floor_s']:.2f} s"
+                ours = f"{f['ours_s']:.2f} s ({f['n'] / f['ours_s']:,.0f} rows/s)"
+            elif f["unit"] == "query":
+                floor, ours = f"{f['floor_s'] * 1000:.0f} ms", f"{f['ours_s'] * 1000:.0f} ms"
+            else:
+                floor = f"{f['floor_per_op_us']:.0f} µs/op"
+                ours = f"{f['ours_per_op_us']:.0f} µs/op"
+            target = f.get("target")
+            met = "" if target is None else ("yes" if f["ratio"] >= target else "**no**")
+            lines.append(
+                f"| {result['backend']} | {f['name']} | {floor} | {ours} | {f['ratio']:.2f}× | "
+                f"{'' if target is None else f'≥ {target}×'} | {met} |"
+            )
+    memory = [
+        (r["backend"], f) for r in all_results for f in r["figures"] if f["unit"] == "row"
+    ]
+    if memory:
+        lines += ["", "| backend | rebuild over | peak RSS | growth over the process baseline |",
+                  "|---|---:|---:|---:|"]
+        for backend, f in memory:
+            lines.append(f"| {backend} | {f['n']:,} rows | {f['rss_peak_mib']:.0f} MiB | "
+                         f"{f['rss_growth_mib']:.0f} MiB |")
+    return "\n".join(lines)
+
+
+README_BEGIN = "<!-- bench-results:begin -->"
+README_END = "<!-- bench-results:end -->"
+
+
+def update_readme(text: str) -> None:
+    path = ROOT / "benchmarks" / "README.md"
+    content = path.read_text()
+    start, end = content.index(README_BEGIN), content.index(README_END)
+    path.write_text(content[: start + len(README_BEGIN)] + "\n" + text + "\n" + content[end:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--rebuild-child"]:
+        print(json.dumps(rebuild_child(json.loads(argv[1]))), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("all", "sqlite", "postgres"), default="all")
+    parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
+                        help="small sizes (smoke run)")
+    parser.add_argument("--transitions", type=int, default=_env_int("BENCH_TRANSITIONS", 2000))
+    parser.add_argument("--reads", type=int, default=_env_int("BENCH_READS", 5000))
+    parser.add_argument("--encounters", type=int, default=_env_int("BENCH_ENCOUNTERS", 200_000))
+    parser.add_argument("--small-encounters", type=int,
+                        default=_env_int("BENCH_SMALL_ENCOUNTERS", 20_000))
+    parser.add_argument("--rows-per-encounter", type=int,
+                        default=_env_int("BENCH_ROWS_PER_ENCOUNTER", 5))
+    parser.add_argument("--json", metavar="PATH", help="write the raw results here")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="rewrite the results section of benchmarks/README.md")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = {
+        "transitions": args.transitions,
+        "reads": args.reads,
+        "encounters": args.encounters,
+        "small_encounters": args.small_encounters,
+        "rows_per_encounter": args.rows_per_encounter,
+    }
+    if args.quick:
+        sizes.update(transitions=min(sizes["transitions"], 400), reads=min(sizes["reads"], 1000),
+                     encounters=min(sizes["encounters"], 20_000),
+                     small_encounters=min(sizes["small_encounters"], 2_000))
+
+    if args.child:  # one backend in this process; results as JSON on stdout
+        print(json.dumps(run_backend(args.backend, sizes), default=str), flush=True)
+        return 0
+
+    backends = ["sqlite", "postgres"] if args.backend == "all" else [args.backend]
+    if "postgres" in backends and not os.environ.get("PGHOST"):
+        if args.backend == "postgres":
+            print("bench: PGHOST is not set (use `make bench`, which starts a cluster)", file=sys.stderr)
+            return 2
+        print("bench: PGHOST not set, skipping PostgreSQL (`make bench` starts a cluster)",
+              file=sys.stderr)
+        backends.remove("postgres")
+    all_results = []
+    for backend in backends:  # each backend in its own process: Django is configured once
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        env.pop("DJANGO_SETTINGS_MODULE", None)
+        cmd = [sys.executable, "-m", "benchmarks.run", "--child", "--backend", backend]
+        for key, value in sizes.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            print(f"bench: {backend} failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        all_results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        f"Measured {stamp} on {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, {', '.join(r['server'] for r in all_results)}; sizes "
+        f"{json.dumps(sizes)}; command: `{'make bench' if os.environ.get('BENCH_VIA_MAKE') else 'python -m benchmarks.run ' + ' '.join(argv)}`."
+    )
+    text = header + "\n\n" + table(all_results)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sizes": sizes, "results": all_results}, indent=1,
+                                              default=str))
+    if args.update_readme:
+        update_readme(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
