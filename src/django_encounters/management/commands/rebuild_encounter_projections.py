@@ -1,0 +1,160 @@
+"""``manage.py rebuild_encounter_projections``: recompute every encounter's projection from its
+transition log, in batches, writing only what differs; or ``--check`` it without writing.
+
+Exit status: 0 when the run completed and every stream is sound (drift it fixed included);
+1 when any stream has anomalies (reported, never repaired), or with ``--check`` when any
+projection drifted; 2 for invalid options (unknown definition code, malformed id).
+See ``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import DEFAULT_DB_ALIAS
+
+from django_encounters.exceptions import EncounterError
+from django_encounters.projections.rebuild import (
+    DEFAULT_BATCH_SIZE,
+    RebuildResult,
+    rebuild_projections,
+)
+
+#: Drifts listed at verbosity 1 (all kept ones at verbosity 2).
+SHOWN_AT_VERBOSITY_1 = 20
+
+
+def positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+class Progress:
+    """A one-line progress display on a terminal (stderr), redrawn at most 5 times a second."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.drawn = 0.0
+        self.width = 0
+
+    def __call__(self, result: RebuildResult, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.drawn < 0.2:
+            return
+        self.drawn = now
+        total = result.encounters_total
+        done = f"{result.encounters_scanned:,}" + (f"/{total:,}" if total is not None else "")
+        percent = (
+            f" {100 * result.encounters_scanned / total:5.1f}%" if total else ""
+        )
+        fixed = "drifted" if result.check else "fixed"
+        line = (
+            f"{done} encounters{percent}  {result.rows_replayed:,} rows  "
+            f"{result.projections_drifted if result.check else result.projections_fixed:,} "
+            f"{fixed}  {result.anomaly_count:,} anomalies  {result.rows_per_second:,.0f} rows/s"
+        )
+        padding = " " * max(0, self.width - len(line))
+        self.width = len(line)
+        self.stream.write("\r" + line + padding, ending="")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r", ending="")
+            self.stream.flush()
+
+
+class Command(BaseCommand):
+    help = (
+        "Recompute encounter projections (state, version, timeline end, head hash) from the "
+        "transition log, verifying every stream. Writes only the encounters that differ."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--check",
+            action="store_true",
+            help="write nothing; report drifted projections and anomalies, exit 1 if any",
+        )
+        parser.add_argument("--definition", metavar="CODE", help="only encounters of this definition")
+        parser.add_argument(
+            "--encounter",
+            metavar="ID",
+            action="append",
+            dest="encounters",
+            help="only this encounter (repeat for several)",
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=DEFAULT_BATCH_SIZE,
+            metavar="N",
+            help=f"encounters per batch and transaction (default {DEFAULT_BATCH_SIZE})",
+        )
+        parser.add_argument(
+            "--no-progress", action="store_true", help="no progress display even on a terminal"
+        )
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        verbosity = options["verbosity"]
+        progress = None
+        if not options["no_progress"] and verbosity >= 1 and self.stderr.isatty():
+            progress = Progress(self.stderr)
+        try:
+            result = rebuild_projections(
+                check=options["check"],
+                definition=options["definition"],
+                encounters=options["encounters"],
+                batch_size=options["batch_size"],
+                using=options["database"],
+                progress=progress,
+            )
+        except (ValueError, EncounterError) as exc:
+            raise CommandError(str(exc), returncode=2) from exc
+        finally:
+            if progress is not None:
+                progress.clear()
+        self.report(result, verbosity)
+        if not result.ok:
+            problems = []
+            if result.check and result.projections_drifted:
+                problems.append(f"{result.projections_drifted} projection(s) drifted")
+            if result.anomaly_count:
+                problems.append(
+                    f"{result.anomaly_count} anomalie(s) in {result.anomalous_encounters} "
+                    "stream(s) (not repairable by a rebuild; see docs/operations.md)"
+                )
+            raise CommandError("; ".join(problems), returncode=1)
+
+    def report(self, result: RebuildResult, verbosity: int) -> None:
+        if verbosity < 1:
+            return
+        label = "drift" if result.check else "fixed"
+        shown = result.drift if verbosity >= 2 else result.drift[:SHOWN_AT_VERBOSITY_1]
+        for drift in shown:
+            self.stdout.write(f"{label}: {drift}")
+        if result.projections_drifted > len(shown):
+            more = result.projections_drifted - len(shown)
+            self.stdout.write(f"{label}: ... and {more} more (-v 2 lists up to 1000)")
+        for anomaly in result.anomalies:
+            self.stdout.write(self.style.ERROR(f"anomaly: {anomaly}"))
+        if result.anomaly_count > len(result.anomalies):
+            self.stdout.write(
+                self.style.ERROR(
+                    f"anomaly: ... and {result.anomaly_count - len(result.anomalies)} more"
+                )
+            )
+        style = self.style.SUCCESS if result.ok else self.style.WARNING
+        self.stdout.write(style(result.summary()))

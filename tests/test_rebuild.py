@@ -1,0 +1,511 @@
+"""``rebuild_encounter_projections`` and ``rebuild_projections()`` (DESIGN §7): drift found and
+fixed, idempotence, selection options, stream verification, exit codes, batching, and a rebuild
+killed with SIGKILL half-way and re-run."""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from django_encounters.exceptions import EncounterError
+from django_encounters.models import Encounter, EncounterTransition
+from django_encounters.projections.mapper import load_timeline
+from django_encounters.projections.rebuild import (
+    PROJECTION,
+    RebuildResult,
+    rebuild_projections,
+)
+from django_encounters.services import create_encounter, transition
+from tests.helpers import IS_POSTGRES, work_queries
+
+ROOT = Path(__file__).resolve().parent.parent
+ENCOUNTER_TABLE = Encounter._meta.db_table
+
+pytestmark = pytest.mark.django_db
+
+
+def t(month: int, day: int, hour: int = 9) -> datetime:
+    return datetime(2017, month, day, hour, tzinfo=dt_timezone(timedelta(hours=10)))
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    """Run the command; (exit status, stdout, stderr) as the shell would see them."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command("rebuild_encounter_projections", *args, stdout=out, stderr=err)
+        code = 0
+    except CommandError as exc:
+        code = exc.returncode
+        err.write(f"CommandError: {exc}\n")
+    return code, out.getvalue(), err.getvalue()
+
+
+def raw_update(pk, **columns) -> None:
+    """Make drift behind the ORM's back: UPDATE the encounter row with raw SQL."""
+    qn = connection.ops.quote_name
+    fields = [Encounter._meta.get_field(name) for name in columns]
+    assignments = ", ".join(f"{qn(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(columns[f.name], connection) for f in fields]
+    params.append(Encounter._meta.pk.get_db_prep_value(pk, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {qn(ENCOUNTER_TABLE)} SET {assignments} WHERE {qn('id')} = %s", params
+        )
+
+
+def projection(pk) -> tuple:
+    return tuple(Encounter.all_objects.filter(pk=pk).values_list(*PROJECTION).get())
+
+
+def replayed(pk) -> tuple:
+    timeline = load_timeline(Encounter.all_objects.get(pk=pk))
+    return (timeline.state, timeline.version, timeline.end_at, timeline.head_hash)
+
+
+@pytest.fixture
+def clinic(visit_definition, employment_definition, patient, user):
+    """A few encounters of two definitions: fresh, moved on, finished, backdated."""
+    fresh = create_encounter(visit_definition, patient)
+    moving = create_encounter(visit_definition, patient)
+    transition(moving, "checked_in", transitioned_by=user, reason="arrived")
+    transition(moving, "in_progress")
+    done = create_encounter(visit_definition, patient)
+    for state in ("checked_in", "in_progress", "completed"):
+        transition(done, state)
+    job = create_encounter(employment_definition, patient)
+    transition(job, "working", effective_at=t(1, 2))
+    transition(job, "finished", effective_at=t(3, 1))
+    transition(job, "onleave", effective_at=t(2, 1))  # backdated
+    return {"fresh": fresh, "moving": moving, "done": done, "job": job}
+
+
+# ---------------------------------------------------------------------------------------------
+# Drift: reported by --check, fixed by a rebuild, and a second rebuild changes nothing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_consistent_store_needs_nothing(clinic):
+    code, out, _ = run("--check")
+    assert code == 0
+    assert "4 encounters scanned, 8 rows replayed, 0 projections drifted" in out
+
+    code, out, _ = run()
+    assert code == 0
+    assert "rebuild: 4 encounters scanned, 8 rows replayed, 0 projections fixed, 0 anomalies" in out
+
+
+def test_raw_sql_drift_is_reported_by_check_and_fixed_by_rebuild(clinic):
+    moving = clinic["moving"]
+    raw_update(moving.pk, state="cancelled")
+    before_check = projection(moving.pk)
+
+    code, out, err = run("--check")
+    assert code == 1
+    assert f"drift: encounter {moving.pk}: state 'cancelled' -> 'in_progress'" in out
+    assert "1 projections drifted (nothing written)" in out
+    assert "1 projection(s) drifted" in err
+    assert projection(moving.pk) == before_check  # --check wrote nothing
+
+    code, out, _ = run()
+    assert code == 0
+    assert f"fixed: encounter {moving.pk}: state 'cancelled' -> 'in_progress'" in out
+    assert "1 projections fixed, 0 anomalies" in out
+    assert projection(moving.pk) == replayed(moving.pk)
+    assert Encounter.objects.get(pk=moving.pk).state == "in_progress"
+
+    code, out, _ = run()  # idempotent
+    assert code == 0
+    assert "0 projections fixed" in out
+    assert run("--check")[0] == 0
+
+
+def test_every_projection_column_is_rebuilt(clinic):
+    done, job, fresh = clinic["done"], clinic["job"], clinic["fresh"]
+    expected = {pk: replayed(pk) for pk in (done.pk, job.pk, fresh.pk)}
+    raw_update(done.pk, version=1, head_hash="0" * 64)
+    raw_update(job.pk, timeline_end_at=t(2, 1), state="onleave")  # the last *recorded* row's
+    raw_update(fresh.pk, state="completed", version=7, timeline_end_at=t(1, 1), head_hash="x")
+
+    result = rebuild_projections()
+
+    assert result.projections_fixed == result.projections_drifted == 3
+    drifts = {d.encounter_id: d for d in result.drift}
+    assert drifts[done.pk].stored == {"version": 1, "head_hash": "0" * 64}
+    assert drifts[job.pk].replayed == {"state": "finished", "timeline_end_at": t(3, 1)}
+    for pk, values in expected.items():
+        assert projection(pk) == values
+    # A fresh encounter's projection is its origin.
+    assert projection(fresh.pk) == ("scheduled", 0, None, "")
+    # The backdated row does not end the timeline: replay is by business time.
+    assert Encounter.objects.get(pk=job.pk).state == "finished"
+
+
+def test_rebuild_leaves_ordinary_fields_alone_and_stamps_updated_at(clinic):
+    moving, done = clinic["moving"], clinic["done"]
+    started, ended = t(1, 1), t(1, 2)
+    Encounter.objects.filter(pk=moving.pk).update(started_at=started, ended_at=ended, notes="n")
+    raw_update(moving.pk, state="scheduled")
+    untouched = Encounter.objects.get(pk=done.pk).updated_at
+    before = timezone.now()
+
+    rebuild_projections()
+
+    fresh = Encounter.objects.get(pk=moving.pk)
+    assert (fresh.started_at, fresh.ended_at, fresh.notes) == (started, ended, "n")
+    assert fresh.updated_at >= before
+    assert Encounter.objects.get(pk=done.pk).updated_at == untouched
+
+
+def test_soft_deleted_encounters_are_rebuilt_too(clinic):
+    moving = clinic["moving"]
+    moving.delete()
+    raw_update(moving.pk, state="scheduled")
+
+    result = rebuild_projections()
+
+    assert result.encounters_scanned == 4
+    assert projection(moving.pk)[0] == "in_progress"
+    assert Encounter.all_objects.get(pk=moving.pk).is_deleted
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_definition_option_selects_encounters(clinic):
+    raw_update(clinic["moving"].pk, state="scheduled")
+    raw_update(clinic["job"].pk, state="hired")
+
+    code, out, _ = run("--definition", "EMPLOYMENT")
+
+    assert code == 0
+    assert "1 encounters scanned, 3 rows replayed, 1 projections fixed" in out
+    assert projection(clinic["job"].pk)[0] == "finished"
+    assert projection(clinic["moving"].pk)[0] == "scheduled"  # not selected
+
+
+def test_encounter_option_selects_encounters(clinic):
+    moving, done = clinic["moving"], clinic["done"]
+    raw_update(moving.pk, state="scheduled")
+    raw_update(done.pk, state="scheduled")
+
+    code, out, _ = run("--encounter", str(moving.pk), "--encounter", done.pk.hex, "--check")
+    assert code == 1
+    assert "2 encounters scanned, 5 rows replayed, 2 projections drifted" in out
+
+    code, out, _ = run("--encounter", str(moving.pk))
+    assert code == 0
+    assert "1 encounters scanned, 2 rows replayed, 1 projections fixed" in out
+    assert projection(done.pk)[0] == "scheduled"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--definition", "NOPE"], "no encounter definition has the code 'NOPE'"),
+        (["--encounter", "not-a-uuid"], "not an encounter id (a UUID): 'not-a-uuid'"),
+    ],
+)
+def test_bad_selection_exits_2(clinic, args, message):
+    code, _, err = run(*args)
+
+    assert code == 2
+    assert message in err
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "x"])
+def test_batch_size_must_be_positive(size):
+    with pytest.raises(CommandError, match="batch-size"):
+        call_command("rebuild_encounter_projections", "--batch-size", size, stdout=io.StringIO())
+    with pytest.raises(ValueError, match="batch_size"):
+        rebuild_projections(batch_size=0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 1000])
+def test_results_do_not_depend_on_batch_size(visit_definition, patient, batch_size):
+    encounters = [create_encounter(visit_definition, patient) for _ in range(7)]
+    for index, encounter in enumerate(encounters):
+        for state in ["checked_in", "in_progress", "completed"][: index % 4]:
+            transition(encounter, state)
+        raw_update(encounter.pk, state="cancelled")
+
+    result = rebuild_projections(batch_size=batch_size)
+
+    assert result.encounters_scanned == 7
+    assert result.rows_replayed == sum(i % 4 for i in range(7))
+    assert result.projections_fixed == 7
+    for encounter in encounters:
+        assert projection(encounter.pk) == replayed(encounter.pk)
+
+
+def test_streams_are_read_once_per_batch_not_per_encounter(visit_definition, patient):
+    for _ in range(10):
+        encounter = create_encounter(visit_definition, patient)
+        transition(encounter, "checked_in")
+
+    with CaptureQueriesContext(connection) as captured:
+        result = rebuild_projections(batch_size=4, check=True)
+
+    assert result.encounters_scanned == 10
+    row_reads = [
+        sql for sql in work_queries(captured)
+        if EncounterTransition._meta.db_table in sql and sql.lstrip().upper().startswith(
+            ("SELECT", "DECLARE")
+        )
+    ]
+    assert len(row_reads) == 3  # ceil(10 / 4) batches
+    locks = [sql for sql in work_queries(captured) if "FOR UPDATE" in sql.upper()]
+    if connection.features.has_select_for_update:
+        assert len(locks) == 3
+
+
+def test_progress_callback_sees_each_batch(visit_definition, patient):
+    for _ in range(5):
+        create_encounter(visit_definition, patient)
+    seen: list[tuple[int, int | None]] = []
+
+    rebuild_projections(
+        batch_size=2, progress=lambda r: seen.append((r.encounters_scanned, r.encounters_total))
+    )
+
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_progress_display_only_on_a_terminal(clinic):
+    from django_encounters.management.commands.rebuild_encounter_projections import Progress
+
+    code, out, err = run()  # StringIO is not a terminal: no progress line
+    assert code == 0 and "\r" not in out + err
+
+    class Terminal(io.StringIO):
+        def write(self, text, ending=None):  # OutputWrapper's signature
+            return super().write(text)
+
+    screen = Terminal()
+    progress = Progress(screen)
+    progress(RebuildResult(encounters_total=10, encounters_scanned=4, rows_replayed=12,
+                           projections_fixed=1, seconds=2.0), final=True)
+    progress.clear()
+    assert screen.getvalue().startswith("\r4/10 encounters  40.0%  12 rows  1 fixed")
+    assert "6 rows/s" in screen.getvalue()
+    assert screen.getvalue().endswith("\r")
+
+
+def test_result_object(clinic):
+    raw_update(clinic["done"].pk, state="scheduled")
+
+    result = rebuild_projections(check=True)
+
+    assert isinstance(result, RebuildResult)
+    assert (result.encounters_scanned, result.rows_replayed) == (4, 8)
+    assert (result.projections_drifted, result.projections_fixed, result.anomaly_count) == (1, 0, 0)
+    assert not result.ok  # a check with drift
+    assert result.seconds > 0
+    assert result.summary().startswith("check: 4 encounters scanned, 8 rows replayed")
+    with pytest.raises(EncounterError):
+        rebuild_projections(definition="MISSING")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream verification: anomalies are reported (exit 1), never repaired
+# ---------------------------------------------------------------------------------------------
+
+
+def _append_raw(encounter, **fields) -> EncounterTransition:
+    """A row appended through the low-level ``save()`` (no decision, no projection update)."""
+    row = EncounterTransition(encounter=encounter, **fields)
+    row.save()
+    return row
+
+
+def test_anomalies_are_reported_and_exit_1(clinic):
+    moving = clinic["moving"]
+    # A row whose from_state is not the timeline's state and whose edge is not allowed.
+    _append_raw(moving, from_state="scheduled", to_state="completed")
+    rows_before = list(EncounterTransition.objects.order_by("pk").values_list("pk", "hash"))
+
+    code, out, err = run()
+
+    assert code == 1
+    assert f"anomaly: encounter {moving.pk} sequence 3: from_state:" in out
+    assert f"anomaly: encounter {moving.pk} sequence 3: edge: 'scheduled' -> 'completed'" in out
+    assert "2 anomalie(s) in 1 stream(s)" in err
+    # The projection is still the replay of the log (the row is a fact) ...
+    assert projection(moving.pk)[:2] == ("completed", 3)
+    # ... and no row was touched.
+    assert list(EncounterTransition.objects.order_by("pk").values_list("pk", "hash")) == rows_before
+    # Still non-zero on the next run: anomalies cannot be fixed by a rebuild.
+    code, out, _ = run()
+    assert code == 1 and "0 projections fixed, 2 anomalies" in out
+    assert run("--check")[0] == 1
+
+
+def test_gap_in_the_stream_is_an_anomaly(clinic):
+    done = clinic["done"]
+    _append_raw(done, sequence=5, from_state="completed", to_state="completed")
+
+    result = rebuild_projections()
+
+    kinds = {(a.encounter_id, a.sequence, a.kind) for a in result.anomalies}
+    assert (done.pk, 5, "gap") in kinds
+    assert result.anomalous_encounters == 1
+    assert projection(done.pk)[1] == 5
+
+
+def test_anomaly_details_are_capped_but_counted(visit_definition, patient):
+    for _ in range(3):
+        encounter = create_encounter(visit_definition, patient)
+        _append_raw(encounter, from_state="in_progress", to_state="scheduled")
+
+    result = rebuild_projections(max_reported=2)
+
+    assert result.anomaly_count == 6  # from_state + edge, three times
+    assert len(result.anomalies) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Killed half-way (SIGKILL) and re-run: every projection ends correct
+# ---------------------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    import django
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    django.setup()
+    from django_encounters.projections import rebuild
+
+    make_writer = rebuild._writer
+    batches = 0
+
+    def pausing_writer(connection):
+        write = make_writer(connection)
+
+        def write_then_pause(fixes, now):
+            global batches
+            write(fixes, now)  # executed, not committed
+            batches += 1
+            if batches == 3:
+                print("PAUSED", flush=True)
+                time.sleep(600)  # killed here, inside the third batch's transaction
+
+        return write_then_pause
+
+    rebuild._writer = pausing_writer
+    from django.core.management import execute_from_command_line
+    execute_from_command_line(["manage.py", "rebuild_encounter_projections", *sys.argv[1:]])
+    """
+)
+
+
+def _child_env(db_file: Path | None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DJANGO_SETTINGS_MODULE="tests.settings")
+    if IS_POSTGRES:
+        env.update(ENCOUNTERS_TEST_DB="postgres", PGDATABASE=connection.settings_dict["NAME"])
+    else:
+        env.update(ENCOUNTERS_TEST_DB="sqlite", ENCOUNTERS_SQLITE_PATH=str(db_file))
+    return env
+
+
+def _stored_projections(db_file: Path | None) -> dict[str, tuple]:
+    if IS_POSTGRES:
+        return {
+            pk.hex: (state, version, head)
+            for pk, state, version, head in Encounter.all_objects.values_list(
+                "pk", "state", "version", "head_hash"
+            )
+        }
+    with sqlite3.connect(db_file) as db:
+        rows = db.execute(f"SELECT id, state, version, head_hash FROM {ENCOUNTER_TABLE}")
+        return {pk: (state, version, head) for pk, state, version, head in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_rebuild_killed_with_sigkill_then_rerun(visit_definition, patient, tmp_path):
+    batch_size = 4
+    encounters = [create_encounter(visit_definition, patient) for _ in range(6 * batch_size)]
+    for index, encounter in enumerate(encounters):
+        for state in ["checked_in", "in_progress", "completed"][: 1 + index % 3]:
+            transition(encounter, state)
+    expected = {e.pk.hex: projection(e.pk)[:2] + (projection(e.pk)[3],) for e in encounters}
+    with connection.cursor() as cursor:  # every projection drifts
+        cursor.execute(
+            f"UPDATE {ENCOUNTER_TABLE} SET state = 'scheduled', version = 0, head_hash = ''"
+        )
+
+    db_file = None
+    if not IS_POSTGRES:  # the test database is in memory: give the children a file copy
+        db_file = tmp_path / "rebuild.sqlite3"
+        target = sqlite3.connect(db_file)
+        connection.ensure_connection()
+        connection.connection.backup(target)
+        target.close()
+    env = _child_env(db_file)
+    args = ["--batch-size", str(batch_size), "--no-progress"]
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "PAUSED" not in line:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "the child never reached its third batch"
+            ready, _, _ = select.select([child.stdout], [], [], remaining)
+            if ready:
+                line = child.stdout.readline()
+                assert line or child.poll() is None, f"child exited: {child.stderr.read()}"
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()
+
+    # Two batches committed, the third rolled back with the killed process.
+    deadline = time.monotonic() + 30
+    while True:
+        stored = _stored_projections(db_file)
+        correct = sum(stored[pk] == values for pk, values in expected.items())
+        if correct == 2 * batch_size or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # PostgreSQL may take a moment to notice the dead client
+    assert correct == 2 * batch_size
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "django", "rebuild_encounter_projections", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{4 * batch_size} projections fixed, 0 anomalies" in rerun.stdout
+
+    assert _stored_projections(db_file) == expected
+    check = subprocess.run(
+        [sys.executable, "-m", "django", "rebuild_encounter_projections", "--check", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "0 projections drifted" in check.stdout
