@@ -84,7 +84,21 @@ class Rules:
 
 
 def _utc_iso(value: datetime) -> str:
+    if value.tzinfo is _UTC:  # already UTC (what the databases hand back): same string
+        return value.isoformat(timespec="microseconds")
     return value.astimezone(_UTC).isoformat(timespec="microseconds")
+
+
+# The hash payload is ``json.dumps([...], sort_keys=True, separators=(",", ":"),
+# ensure_ascii=False)``. ``row_hash`` builds the same text piecewise when every item is of the
+# usual type (one string escaper call per string instead of a JSON encoder per row: replay,
+# rebuild and audit hash every row they read); anything unusual takes the reference path.
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_json_string = json.encoder.encode_basestring  # the escaper JSONEncoder uses for these options
+
+
+def _payload_reference(items: list[Any]) -> str:
+    return json.dumps(items, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def row_hash(
@@ -101,23 +115,57 @@ def row_hash(
     previous_hash: str,
 ) -> str:
     """SHA-256 (hex) of a row's content chained to the previous row of its stream."""
-    payload = json.dumps(
-        [
-            str(encounter_id),
-            sequence,
-            from_state,
-            to_state,
-            _utc_iso(effective_at),
-            _utc_iso(transitioned_at),
-            "" if transitioned_by is None else str(transitioned_by),
-            reason or "",
-            metadata if metadata is not None else {},
-            previous_hash or "",
-        ],
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    by = "" if transitioned_by is None else str(transitioned_by)
+    reason = reason or ""
+    metadata = metadata if metadata is not None else {}
+    previous_hash = previous_hash or ""
+    if (
+        type(sequence) is int
+        and type(from_state) is str
+        and type(to_state) is str
+        and type(reason) is str
+        and type(previous_hash) is str
+    ):
+        payload = "".join(
+            (
+                "[",
+                _json_string(str(encounter_id)),
+                ",",
+                repr(sequence),
+                ",",
+                _json_string(from_state),
+                ",",
+                _json_string(to_state),
+                ",",
+                _json_string(_utc_iso(effective_at)),
+                ",",
+                _json_string(_utc_iso(transitioned_at)),
+                ",",
+                _json_string(by),
+                ",",
+                _json_string(reason),
+                ",",
+                "{}" if type(metadata) is dict and not metadata else _JSON.encode(metadata),
+                ",",
+                _json_string(previous_hash),
+                "]",
+            )
+        )
+    else:
+        payload = _payload_reference(
+            [
+                str(encounter_id),
+                sequence,
+                from_state,
+                to_state,
+                _utc_iso(effective_at),
+                _utc_iso(transitioned_at),
+                by,
+                reason,
+                metadata,
+                previous_hash,
+            ]
+        )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -435,6 +483,7 @@ def verify_stream(
     timeline = EncounterTimeline.open(encounter_id, origin_state, created_at)
     result = Replay(timeline)
     add = result.anomalies.append
+    hashed_id = str(encounter_id)  # once per stream, not per row
     for row in rows:
         sequence = row.sequence
         event = EncounterTimeline.Transitioned(
@@ -451,7 +500,7 @@ def verify_stream(
         )
         if check_hashes:
             expected = row_hash(
-                encounter_id=encounter_id,
+                encounter_id=hashed_id,
                 sequence=sequence,
                 from_state=row.from_state,
                 to_state=row.to_state,
