@@ -1,0 +1,426 @@
+"""Audit replay for compliance reviews (DESIGN §8).
+
+For a selection of encounters (definition, ids, subject, a business-time period) replay every
+stream with the timeline engine (``verify_stream``) and report, per encounter:
+
+* its timeline in business-time order — sequence, from → to, ``effective_at`` (when it
+  happened), ``transitioned_at`` (when it was recorded), who, why — with the rows that were
+  *backdated* (inserted before an existing row when recorded) and the rows *overtaken* by a
+  later-recorded backdated row;
+* the anomalies of its stream (gaps, ``from_state`` mismatches, disallowed edges, broken
+  re-chains, hash mismatches: tamper evidence), each naming the sequence;
+* its state as of a given time, optionally as it was known at a given time (bitemporal: only
+  rows recorded by then), answered by the same query as ``Encounter.objects.as_of``.
+
+``iter_audit()`` streams ``EncounterAudit`` objects in batches (memory per batch, whatever the
+number of encounters); ``audit_encounters()`` collects them into an ``AuditReport``. The
+``audit_encounters`` management command renders either as a table, CSV or JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, Any
+from uuid import UUID
+
+from django.contrib.auth import get_user_model
+from django.contrib.contenttypes.models import ContentType
+from django.db import DEFAULT_DB_ALIAS
+from django.db.models import Exists, Model, OuterRef, Q
+from django.utils import timezone
+
+from ..exceptions import EncounterError
+from .streams import RulesCache, iter_streams, parse_encounter_ids
+from .timeline import TIMELINE_ORDER, Anomaly, verify_stream
+
+DEFAULT_BATCH_SIZE = 500
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One row of an encounter's timeline, as an auditor reads it."""
+
+    sequence: int
+    from_state: str
+    to_state: str
+    effective_at: datetime
+    transitioned_at: datetime
+    transitioned_by: str | None  # the user's username, None when no user was recorded
+    reason: str
+    backdated: bool  # inserted before an existing row of the timeline when recorded
+    overtaken: bool  # a later-recorded row was inserted before it
+    overtaken_by: int | None = None  # the sequence of that row
+    transitioned_by_id: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape of DESIGN §11 (times as ISO-8601 strings with offset)."""
+        return {
+            "sequence": self.sequence,
+            "from_state": self.from_state,
+            "to_state": self.to_state,
+            "effective_at": isoformat(self.effective_at),
+            "transitioned_at": isoformat(self.transitioned_at),
+            "transitioned_by": self.transitioned_by,
+            "reason": self.reason,
+            "backdated": self.backdated,
+            "overtaken": self.overtaken,
+        }
+
+
+@dataclass(frozen=True)
+class EncounterAudit:
+    """The audit of one encounter."""
+
+    id: UUID
+    definition: str  # the definition's code
+    state_as_of: str
+    timeline: list[AuditRow]  # business-time order: (effective_at, sequence)
+    anomalies: list[Anomaly]
+    current_state: str = ""  # the stored projection, for reference
+    deleted: bool = False  # soft-deleted (its log is kept and audited all the same)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "definition": self.definition,
+            "state_as_of": self.state_as_of,
+            "timeline": [row.as_dict() for row in self.timeline],
+            "anomalies": [
+                {"sequence": a.sequence, "kind": a.kind, "detail": a.detail}
+                for a in self.anomalies
+            ],
+        }
+
+
+@dataclass
+class AuditReport:
+    as_of: datetime
+    known_at: datetime | None
+    encounters: list[EncounterAudit] = field(default_factory=list)
+
+    @property
+    def anomaly_count(self) -> int:
+        return sum(len(e.anomalies) for e in self.encounters)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "encounters": [e.as_dict() for e in self.encounters],
+            "anomaly_count": self.anomaly_count,
+        }
+
+
+def isoformat(value: datetime | None) -> str | None:
+    """ISO-8601 with offset, in the current time zone (``TIME_ZONE`` unless activated)."""
+    if value is None:
+        return None
+    return timezone.localtime(value).isoformat()
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and replay
+# ---------------------------------------------------------------------------------------------
+
+
+def _require_aware(value: datetime | None, name: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, not {type(value).__name__} {value!r}")
+    if timezone.is_naive(value):
+        raise ValueError(f"{name} must be timezone-aware, got naive datetime {value!r}")
+
+
+def iter_audit(
+    *,
+    definition: str | None = None,
+    encounters: Iterable[Any] | None = None,
+    subject: Model | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    as_of: datetime | None = None,
+    known_at: datetime | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    using: str = DEFAULT_DB_ALIAS,
+) -> Iterator[EncounterAudit]:
+    """Audit the selected encounters, in ``(created_at, id)`` order, one batch at a time.
+
+    Args:
+        definition: only encounters of the definition with this code.
+        encounters: only these encounter ids.
+        subject: only encounters about this model instance.
+        since, until: only encounters with at least one row *effective* in ``[since, until)``
+            (either bound may be omitted).
+        as_of: business time of ``state_as_of`` (default: now).
+        known_at: report ``state_as_of`` as it was known then (rows recorded by then only).
+        batch_size: encounters per batch.
+
+    Soft-deleted encounters are included: their history is part of the record.
+
+    Raises:
+        ValueError / TypeError: naive or non-datetime times, ``since >= until``, bad ids.
+        EncounterError: no definition has the code ``definition``.
+    """
+    from ..models import Encounter, EncounterTransition
+
+    for name, value in (("since", since), ("until", until), ("as_of", as_of),
+                        ("known_at", known_at)):
+        _require_aware(value, name)
+    if since is not None and until is not None and since >= until:
+        raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if as_of is None:
+        as_of = timezone.now()
+
+    rules = RulesCache(using)
+    selected = Encounter.all_objects.using(using)
+    if definition is not None:
+        definition_ids = rules.ids_for_code(definition)
+        if not definition_ids:
+            raise EncounterError(f"no encounter definition has the code {definition!r}")
+        selected = selected.filter(definition_id__in=definition_ids)
+    if encounters is not None:
+        selected = selected.filter(pk__in=parse_encounter_ids(encounters))
+    if subject is not None:
+        if subject.pk is None:
+            raise ValueError(f"subject {subject!r} is not saved (it has no primary key)")
+        selected = selected.filter(
+            subject_content_type=ContentType.objects.db_manager(using).get_for_model(subject),
+            subject_id=str(subject.pk),
+        )
+    if since is not None or until is not None:
+        period = EncounterTransition.objects.using(using).filter(encounter=OuterRef("pk"))
+        if since is not None:
+            period = period.filter(effective_at__gte=since)
+        if until is not None:
+            period = period.filter(effective_at__lt=until)
+        selected = selected.filter(Exists(period))
+
+    page = (
+        selected.as_of(as_of, known_at=known_at)
+        .order_by("created_at", "pk")
+        .values_list("pk", "created_at", "definition_id", "origin_state", "state",
+                     "deleted_at", "state_at")
+    )
+    users = _Usernames(using)
+    after: tuple[datetime, Any] | None = None
+    while True:
+        query = page
+        if after is not None:
+            created, pk = after
+            query = page.filter(Q(created_at__gt=created) | Q(created_at=created, pk__gt=pk))
+        batch = list(query[:batch_size])
+        if not batch:
+            return
+        after = (batch[-1][1], batch[-1][0])
+        streams = dict(
+            iter_streams(
+                EncounterTransition.objects.using(using).filter(
+                    encounter_id__in=[row[0] for row in batch]
+                )
+            )
+        )
+        users.load(row.transitioned_by for stream in streams.values() for row in stream)
+        for pk, created_at, definition_id, origin_state, state, deleted_at, state_at in batch:
+            stream = streams.get(pk, [])
+            replay = verify_stream(pk, origin_state, created_at, stream,
+                                   rules.rules(definition_id))
+            timeline = [
+                AuditRow(
+                    sequence=row.sequence,
+                    from_state=row.from_state,
+                    to_state=row.to_state,
+                    effective_at=row.effective_at,
+                    transitioned_at=row.transitioned_at,
+                    transitioned_by=users.name(row.transitioned_by),
+                    reason=row.reason,
+                    backdated=row.sequence in replay.backdated,
+                    overtaken=row.sequence in replay.overtaken,
+                    overtaken_by=replay.overtaken.get(row.sequence),
+                    transitioned_by_id=row.transitioned_by,
+                )
+                for row in sorted(stream, key=_timeline_key)
+            ]
+            yield EncounterAudit(
+                id=pk,
+                definition=rules.code(definition_id),
+                state_as_of=state_at,
+                timeline=timeline,
+                anomalies=list(replay.anomalies),
+                current_state=state,
+                deleted=deleted_at is not None,
+            )
+        if len(batch) < batch_size:
+            return
+
+
+def _timeline_key(row: Any) -> tuple:
+    return tuple(getattr(row, name) for name in TIMELINE_ORDER)
+
+
+def audit_encounters(**options: Any) -> AuditReport:
+    """``iter_audit(**options)`` collected into an :class:`AuditReport` (``as_of`` defaults to
+    now, fixed once for the whole report)."""
+    if options.get("as_of") is None:
+        options["as_of"] = timezone.now()
+    report = AuditReport(as_of=options["as_of"], known_at=options.get("known_at"))
+    report.encounters.extend(iter_audit(**options))
+    return report
+
+
+class _Usernames:
+    """user id -> username, looked up once per user."""
+
+    def __init__(self, using: str) -> None:
+        self.model = get_user_model()
+        self.using = using
+        self.names: dict[Any, str | None] = {None: None}
+
+    def load(self, ids: Iterable[Any]) -> None:
+        missing = {pk for pk in ids if pk not in self.names}
+        if not missing:
+            return
+        field = self.model.USERNAME_FIELD
+        found = dict(
+            self.model._default_manager.using(self.using)
+            .filter(pk__in=missing)
+            .values_list("pk", field)
+        )
+        for pk in missing:
+            self.names[pk] = str(found[pk]) if pk in found else f"#{pk}"
+
+    def name(self, pk: Any) -> str | None:
+        return self.names.get(pk, f"#{pk}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+CSV_HEADER = [
+    "encounter_id",
+    "definition",
+    "state_as_of",
+    "sequence",
+    "from_state",
+    "to_state",
+    "effective_at",
+    "transitioned_at",
+    "transitioned_by",
+    "reason",
+    "backdated",
+    "overtaken",
+    "anomalies",
+]
+
+
+def write_json(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
+    """Stream the DESIGN §11 JSON object; returns the anomaly count."""
+    count = 0
+    out.write('{"encounters": [')
+    for index, audit in enumerate(audits):
+        count += len(audit.anomalies)
+        out.write(",\n  " if index else "\n  ")
+        out.write(json.dumps(audit.as_dict(), ensure_ascii=False))
+    out.write(f'\n], "anomaly_count": {count}}}\n')
+    return count
+
+
+def write_csv(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
+    """One line per timeline row, with a header; returns the anomaly count."""
+    writer = csv.writer(out)
+    writer.writerow(CSV_HEADER)
+    count = 0
+    for audit in audits:
+        count += len(audit.anomalies)
+        by_sequence: dict[int, list[str]] = {}
+        for anomaly in audit.anomalies:
+            by_sequence.setdefault(anomaly.sequence, []).append(
+                f"{anomaly.kind}: {anomaly.detail}"
+            )
+        for row in audit.timeline:
+            writer.writerow(
+                [
+                    str(audit.id),
+                    audit.definition,
+                    audit.state_as_of,
+                    row.sequence,
+                    row.from_state,
+                    row.to_state,
+                    isoformat(row.effective_at),
+                    isoformat(row.transitioned_at),
+                    row.transitioned_by or "",
+                    row.reason,
+                    "true" if row.backdated else "false",
+                    "true" if row.overtaken else "false",
+                    "; ".join(by_sequence.get(row.sequence, [])),
+                ]
+            )
+    return count
+
+
+def write_table(
+    audits: Iterable[EncounterAudit],
+    out: IO[str],
+    *,
+    as_of: datetime,
+    known_at: datetime | None = None,
+) -> int:
+    """A readable report, one block per encounter; returns the anomaly count."""
+    when = f"as of {isoformat(as_of)}"
+    if known_at is not None:
+        when += f", as known at {isoformat(known_at)}"
+    encounters = rows = count = 0
+    for audit in audits:
+        encounters += 1
+        rows += len(audit.timeline)
+        count += len(audit.anomalies)
+        flags = " (soft-deleted)" if audit.deleted else ""
+        out.write(
+            f"Encounter {audit.id}  [{audit.definition}]{flags}\n"
+            f"  state {when}: {audit.state_as_of}\n"
+        )
+        if audit.timeline:
+            table = [["seq", "effective_at", "recorded_at", "from -> to", "by", "reason", "notes"]]
+            for row in audit.timeline:
+                notes = []
+                if row.backdated:
+                    notes.append("backdated")
+                if row.overtaken:
+                    notes.append(f"overtaken by {row.overtaken_by}")
+                table.append(
+                    [
+                        str(row.sequence),
+                        isoformat(row.effective_at) or "",
+                        isoformat(row.transitioned_at) or "",
+                        f"{row.from_state} -> {row.to_state}",
+                        row.transitioned_by or "-",
+                        _one_line(row.reason),
+                        ", ".join(notes),
+                    ]
+                )
+            widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+            for line in table:
+                cells = [cell.ljust(width) for cell, width in zip(line, widths)]
+                out.write("  " + "  ".join(cells).rstrip() + "\n")
+        else:
+            out.write("  (no transitions)\n")
+        if audit.anomalies:
+            out.write(f"  ANOMALIES ({len(audit.anomalies)}):\n")
+            for anomaly in audit.anomalies:
+                out.write(f"    sequence {anomaly.sequence}: {anomaly.kind}: {anomaly.detail}\n")
+        out.write("\n")
+    out.write(
+        f"{encounters} encounter(s), {rows} row(s), {count} anomal{'y' if count == 1 else 'ies'}"
+        f" (states {when})\n"
+    )
+    return count
+
+
+def _one_line(text: str, limit: int = 60) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
