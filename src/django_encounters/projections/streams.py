@@ -111,6 +111,8 @@ def _fast_converter(connection: Any, field: Any) -> Converter | None | bool:
         loads = json.loads
 
         def load_json(value: Any) -> Any:
+            if value == "{}":  # the usual metadata: skip the parser
+                return {}
             if value is None or not isinstance(value, (str, bytes, bytearray)):
                 return value
             try:

@@ -38,6 +38,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _plain(text: str) -> str:
+    return text  # not the red ERROR style Django gives stderr on a terminal
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 class Progress:
     """A one-line progress display on a terminal (stderr), redrawn at most 5 times a second."""
 
@@ -64,12 +72,12 @@ class Progress:
         )
         padding = " " * max(0, self.width - len(line))
         self.width = len(line)
-        self.stream.write("\r" + line + padding, ending="")
+        self.stream.write("\r" + line + padding, style_func=_plain, ending="")
         self.stream.flush()
 
     def clear(self) -> None:
         if self.width:
-            self.stream.write("\r" + " " * self.width + "\r", ending="")
+            self.stream.write("\r" + " " * self.width + "\r", style_func=_plain, ending="")
             self.stream.flush()
 
 
@@ -130,11 +138,15 @@ class Command(BaseCommand):
         if not result.ok:
             problems = []
             if result.check and result.projections_drifted:
-                problems.append(f"{result.projections_drifted} projection(s) drifted")
-            if result.anomaly_count:
                 problems.append(
-                    f"{result.anomaly_count} anomalie(s) in {result.anomalous_encounters} "
-                    "stream(s) (not repairable by a rebuild; see docs/operations.md)"
+                    _plural(result.projections_drifted, "projection", "projections") + " drifted"
+                )
+            if result.anomaly_count:
+                anomalies = _plural(result.anomaly_count, "anomaly", "anomalies")
+                streams = _plural(result.anomalous_encounters, "stream", "streams")
+                problems.append(
+                    f"{anomalies} in {streams} (a rebuild cannot repair them: the rows are "
+                    "facts; see docs/operations.md)"
                 )
             raise CommandError("; ".join(problems), returncode=1)
 
