@@ -20,9 +20,19 @@ TABLE = EncounterTransition._meta.db_table
 
 
 def _row_values(pk):
-    return EncounterTransition.objects.filter(pk=pk).values(
-        "sequence", "from_state", "to_state", "reason", "effective_at", "transitioned_at", "hash"
-    ).get()
+    return (
+        EncounterTransition.objects.filter(pk=pk)
+        .values(
+            "sequence",
+            "from_state",
+            "to_state",
+            "reason",
+            "effective_at",
+            "transitioned_at",
+            "hash",
+        )
+        .get()
+    )
 
 
 def _raw(sql, params=None):
@@ -133,7 +143,10 @@ def test_django_flush_still_empties_the_log(visit_definition, patient):
     assert Encounter.all_objects.count() == 0
     # ... and the log is protected again afterwards.
     definition = EncounterDefinition.objects.create(
-        name="After flush", code="AFTER", states=["a", "b"], initial_state="a",
+        name="After flush",
+        code="AFTER",
+        states=["a", "b"],
+        initial_state="a",
         transitions={"a": ["b"]},
     )
     again = create_encounter(definition, patient.__class__.objects.create(name="Grace"))

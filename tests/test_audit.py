@@ -60,11 +60,13 @@ def office(employment_definition, visit_definition, patient, device, user, other
     visit seen through, and a visit that never moved."""
     job = create_encounter(employment_definition, patient)
     transition(job, "working", transitioned_by=user, reason="first day", effective_at=t(1, 2))
-    transition(job, "finished", transitioned_by=other_user, reason="contract ended",
-               effective_at=t(3, 1))
+    transition(
+        job, "finished", transitioned_by=other_user, reason="contract ended", effective_at=t(3, 1)
+    )
     between = timezone.now()  # recorded after row 2, before row 3
-    transition(job, "onleave", transitioned_by=user, reason="late entry:\nsick leave",
-               effective_at=t(2, 1))
+    transition(
+        job, "onleave", transitioned_by=user, reason="late entry:\nsick leave", effective_at=t(2, 1)
+    )
     visit = create_encounter(visit_definition, device)
     for state in ("checked_in", "in_progress", "completed"):
         transition(visit, state, transitioned_by=other_user)
@@ -121,7 +123,9 @@ def test_every_selected_encounter_is_reported_in_creation_order(office):
 
     assert isinstance(report, AuditReport)
     assert [a.id for a in report.encounters] == [
-        office["job"].pk, office["visit"].pk, office["idle"].pk
+        office["job"].pk,
+        office["visit"].pk,
+        office["idle"].pk,
     ]
     idle = report.encounters[2]
     assert (idle.timeline, idle.anomalies, idle.state_as_of) == ([], [], "scheduled")
@@ -144,7 +148,8 @@ def test_selection_by_definition_encounter_and_subject(office, patient, device):
     assert ids(definition="EMPLOYMENT") == [office["job"].pk]
     assert ids(definition="VISIT") == [office["visit"].pk, office["idle"].pk]
     assert ids(encounters=[str(office["idle"].pk), office["job"].pk.hex]) == [
-        office["job"].pk, office["idle"].pk
+        office["job"].pk,
+        office["idle"].pk,
     ]
     assert ids(subject=patient) == [office["job"].pk, office["idle"].pk]
     assert ids(subject=device) == [office["visit"].pk]
@@ -203,11 +208,22 @@ def test_json_output_has_the_pinned_shape(office):
     job = data["encounters"][0]
     assert set(job) == {"id", "definition", "state_as_of", "timeline", "anomalies"}
     assert (job["id"], job["definition"], job["state_as_of"]) == (
-        str(office["job"].pk), "EMPLOYMENT", "onleave"
+        str(office["job"].pk),
+        "EMPLOYMENT",
+        "onleave",
     )
     assert [set(row) for row in job["timeline"]] == [
-        {"sequence", "from_state", "to_state", "effective_at", "transitioned_at",
-         "transitioned_by", "reason", "backdated", "overtaken"}
+        {
+            "sequence",
+            "from_state",
+            "to_state",
+            "effective_at",
+            "transitioned_at",
+            "transitioned_by",
+            "reason",
+            "backdated",
+            "overtaken",
+        }
     ] * 3
     backdated = job["timeline"][1]
     assert backdated == {
@@ -235,7 +251,8 @@ def test_csv_output_has_one_line_per_timeline_row(office):
     lines = list(csv.reader(io.StringIO(out)))
     assert lines[0] == CSV_HEADER
     assert len(lines) == 1 + 3 + 3  # header, the job's rows, the visit's rows
-    by_sequence = {(line[0], line[3]): dict(zip(CSV_HEADER, line)) for line in lines[1:]}
+    records = [dict(zip(CSV_HEADER, line, strict=True)) for line in lines[1:]]
+    by_sequence = {(r["encounter_id"], r["sequence"]): r for r in records}
     row = by_sequence[(str(office["job"].pk), "3")]
     assert row["reason"] == "late entry:\nsick leave"  # quoted, not split
     assert (row["backdated"], row["overtaken"], row["anomalies"]) == ("true", "false", "")
@@ -250,8 +267,17 @@ def test_table_output_is_readable(office):
     assert "state as of 2017-02-15T00:00:00+00:00: onleave" in out
     lines = out.splitlines()
     header = next(line for line in lines if line.strip().startswith("seq"))
-    assert header.split() == ["seq", "effective_at", "recorded_at", "from", "->", "to", "by",
-                              "reason", "notes"]
+    assert header.split() == [
+        "seq",
+        "effective_at",
+        "recorded_at",
+        "from",
+        "->",
+        "to",
+        "by",
+        "reason",
+        "notes",
+    ]
     rows = [line.split() for line in lines if line.startswith("  ") and line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "3", "2"]
     assert "backdated" in rows[1]
@@ -264,8 +290,16 @@ def test_table_output_is_readable(office):
 
 def test_known_at_option(office):
     between = office["between"].isoformat()
-    code, out, _ = run("--as-of", "2017-02-15T00:00:00Z", "--known-at", between,
-                       "--encounter", str(office["job"].pk), "--format", "json")
+    code, out, _ = run(
+        "--as-of",
+        "2017-02-15T00:00:00Z",
+        "--known-at",
+        between,
+        "--encounter",
+        str(office["job"].pk),
+        "--format",
+        "json",
+    )
 
     assert code == 0
     assert json.loads(out)["encounters"][0]["state_as_of"] == "working"
@@ -274,8 +308,9 @@ def test_known_at_option(office):
 def test_output_file(office, tmp_path):
     for fmt in ("table", "csv", "json"):
         target = tmp_path / f"audit.{fmt}"
-        code, out, err = run("--format", fmt, "--output", str(target), "--as-of",
-                             "2017-06-01T00:00:00Z")
+        code, out, err = run(
+            "--format", fmt, "--output", str(target), "--as-of", "2017-06-01T00:00:00Z"
+        )
         assert code == 0
         assert out == ""
         assert f"audit written to {target}" in err
@@ -290,8 +325,10 @@ def test_output_file(office, tmp_path):
         (["--since", "2017-02-15"], "--since: '2017-02-15' has no UTC offset"),
         (["--known-at", "yesterday"], "--known-at: not an ISO-8601 date-time: 'yesterday'"),
         (["--until", "2017-13-45T00:00:00Z"], "--until: not an ISO-8601 date-time"),
-        (["--since", "2017-02-02T00:00Z", "--until", "2017-02-01T00:00Z"],
-         "--since must be before --until"),
+        (
+            ["--since", "2017-02-02T00:00Z", "--until", "2017-02-01T00:00Z"],
+            "--since must be before --until",
+        ),
         (["--definition", "NOPE"], "no encounter definition has the code 'NOPE'"),
         (["--encounter", "12"], "not an encounter id (a UUID): '12'"),
         (["--subject", "testapp.Patient"], "expected app_label.ModelName:pk"),
@@ -308,8 +345,12 @@ def test_bad_options_exit_2_with_a_clear_message(office, args, message):
 
 
 def test_times_accept_z_and_offsets(office):
-    for value in ("2017-02-15T00:00:00Z", "2017-02-15T10:00:00+10:00", "2017-02-15T00:00Z",
-                  "2017-02-14T19:00:00.000000-05:00"):
+    for value in (
+        "2017-02-15T00:00:00Z",
+        "2017-02-15T10:00:00+10:00",
+        "2017-02-15T00:00Z",
+        "2017-02-14T19:00:00.000000-05:00",
+    ):
         code, out, _ = run("--as-of", value, "--definition", "EMPLOYMENT", "--format", "json")
         assert code == 0
         assert json.loads(out)["encounters"][0]["state_as_of"] == "onleave"
@@ -421,9 +462,15 @@ def test_rehashed_row_breaks_the_chain_at_the_next_row(office):
     visit = office["visit"]
     row, previous = _row(visit, 2), _row(visit, 1)
     forged = row_hash(
-        encounter_id=visit.pk, sequence=2, from_state=row.from_state, to_state=row.to_state,
-        effective_at=row.effective_at, transitioned_at=row.transitioned_at,
-        transitioned_by=None, reason="nobody did this", metadata=row.metadata,
+        encounter_id=visit.pk,
+        sequence=2,
+        from_state=row.from_state,
+        to_state=row.to_state,
+        effective_at=row.effective_at,
+        transitioned_at=row.transitioned_at,
+        transitioned_by=None,
+        reason="nobody did this",
+        metadata=row.metadata,
         previous_hash=previous.hash,
     )
     _tamper(visit, 2, transitioned_by=None, reason="nobody did this", hash=forged)
@@ -499,13 +546,17 @@ def _reference_hash(**kw) -> str:
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=8,
 )
 _aware = st.datetimes(
-    min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1),
-    timezones=st.sampled_from([dt_timezone.utc, PLUS10, dt_timezone(timedelta(hours=-5, minutes=-30))]),
+    min_value=datetime(1900, 1, 1),
+    max_value=datetime(2200, 1, 1),
+    timezones=st.sampled_from(
+        [dt_timezone.utc, PLUS10, dt_timezone(timedelta(hours=-5, minutes=-30))]
+    ),
 )
 
 

@@ -266,10 +266,10 @@ def test_streams_are_read_once_per_batch_not_per_encounter(visit_definition, pat
 
     assert result.encounters_scanned == 10
     row_reads = [
-        sql for sql in work_queries(captured)
-        if EncounterTransition._meta.db_table in sql and sql.lstrip().upper().startswith(
-            ("SELECT", "DECLARE")
-        )
+        sql
+        for sql in work_queries(captured)
+        if EncounterTransition._meta.db_table in sql
+        and sql.lstrip().upper().startswith(("SELECT", "DECLARE"))
     ]
     assert len(row_reads) == 3  # ceil(10 / 4) batches
     locks = [sql for sql in work_queries(captured) if "FOR UPDATE" in sql.upper()]
@@ -301,8 +301,16 @@ def test_progress_display_only_on_a_terminal(clinic):
 
     screen = Terminal()
     progress = Progress(screen)
-    progress(RebuildResult(encounters_total=10, encounters_scanned=4, rows_replayed=12,
-                           projections_fixed=1, seconds=2.0), final=True)
+    progress(
+        RebuildResult(
+            encounters_total=10,
+            encounters_scanned=4,
+            rows_replayed=12,
+            projections_fixed=1,
+            seconds=2.0,
+        ),
+        final=True,
+    )
     progress.clear()
     assert screen.getvalue().startswith("\r4/10 encounters  40.0%  12 rows  1 fixed")
     assert "6 rows/s" in screen.getvalue()
@@ -464,7 +472,11 @@ def test_rebuild_killed_with_sigkill_then_rerun(visit_definition, patient, tmp_p
 
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -497,7 +509,11 @@ def test_rebuild_killed_with_sigkill_then_rerun(visit_definition, patient, tmp_p
 
     rerun = subprocess.run(
         [sys.executable, "-m", "django", "rebuild_encounter_projections", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert rerun.returncode == 0, rerun.stderr
     assert f"{4 * batch_size} projections fixed, 0 anomalies" in rerun.stdout
@@ -505,7 +521,11 @@ def test_rebuild_killed_with_sigkill_then_rerun(visit_definition, patient, tmp_p
     assert _stored_projections(db_file) == expected
     check = subprocess.run(
         [sys.executable, "-m", "django", "rebuild_encounter_projections", "--check", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "0 projections drifted" in check.stdout

@@ -59,8 +59,9 @@ def career(employment_definition, patient):
 
 
 @pytest.fixture
-def population(career, visit_definition, employment_definition, counter_definition, patient,
-               device):
+def population(
+    career, visit_definition, employment_definition, counter_definition, patient, device
+):
     """Encounters with every shape of history, and the recording times between their rows."""
     recorded = {"start": timezone.now()}
     fresh = create_encounter(visit_definition, patient)
@@ -172,8 +173,9 @@ def test_state_at_can_be_filtered_and_ordered_on(population):
 
     assert set(census.filter(state_at="onleave").values_list("pk", flat=True)) == {career.pk}
     assert set(census.filter(state_at="scheduled").values_list("pk", flat=True)) == {fresh.pk}
-    assert set(census.filter(state_at__in=["cancelled", "checked_in"]).values_list(
-        "pk", flat=True)) == {visit.pk, late.pk}
+    assert set(
+        census.filter(state_at__in=["cancelled", "checked_in"]).values_list("pk", flat=True)
+    ) == {visit.pk, late.pk}
     assert census.filter(state_at="cancelled").count() == 1  # 'gone' is soft-deleted
     assert Encounter.all_objects.as_of(d(6)).filter(state_at="cancelled").count() == 2
     ordered = list(census.order_by("state_at", "pk").values_list("state_at", flat=True))
@@ -216,7 +218,9 @@ def test_duration_in_state(career):
 
 def test_until_clips_the_intervals(career):
     assert time_in_states(career, until=d(6)) == {
-        "hired": Decimal(24), "working": Decimal(72), "onleave": Decimal(24)
+        "hired": Decimal(24),
+        "working": Decimal(72),
+        "onleave": Decimal(24),
     }
     assert time_in_states(career, until=d(1, 12)) == {"hired": Decimal(12)}
     assert time_in_states(career, until=d(1)) == {}
@@ -273,7 +277,9 @@ def test_backdated_rows_count_by_business_time(employment_definition, patient):
     transition(encounter, "onleave", effective_at=d(6))  # backdated
 
     assert time_in_states(encounter, until=d(11)) == {
-        "hired": Decimal(24), "working": Decimal(96), "onleave": Decimal(96),
+        "hired": Decimal(24),
+        "working": Decimal(96),
+        "onleave": Decimal(96),
         "finished": Decimal(24),
     }
 

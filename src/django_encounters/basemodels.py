@@ -116,11 +116,14 @@ class BaseModel(models.Model):
         self.save(update_fields=["deleted_at", "updated_at"])
         return 1, {self._meta.label: 1}
 
-    def hard_delete(self, using: Any = None, keep_parents: bool = False) -> tuple[int, dict[str, int]]:
+    def hard_delete(
+        self, using: Any = None, keep_parents: bool = False
+    ) -> tuple[int, dict[str, int]]:
         """Really delete the row; ``HardDeleteRefusedError`` (nothing deleted) while rows still
         point at it through ``PROTECT`` foreign keys."""
         return _hard_delete(
-            type(self), lambda: super(BaseModel, self).delete(using=using, keep_parents=keep_parents)
+            type(self),
+            lambda: super(BaseModel, self).delete(using=using, keep_parents=keep_parents),
         )
 
     def restore(self) -> None:

@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - SQL literals
 """Append-only transition log, enforced by the database (DESIGN §2.1).
 
 Triggers refuse every UPDATE and DELETE of ``django_encounters_encountertransition`` rows, from

@@ -90,8 +90,7 @@ class EncounterAudit:
             "state_as_of": self.state_as_of,
             "timeline": [row.as_dict() for row in self.timeline],
             "anomalies": [
-                {"sequence": a.sequence, "kind": a.kind, "detail": a.detail}
-                for a in self.anomalies
+                {"sequence": a.sequence, "kind": a.kind, "detail": a.detail} for a in self.anomalies
             ],
         }
 
@@ -166,8 +165,12 @@ def iter_audit(
     """
     from ..models import Encounter, EncounterTransition
 
-    for name, value in (("since", since), ("until", until), ("as_of", as_of),
-                        ("known_at", known_at)):
+    for name, value in (
+        ("since", since),
+        ("until", until),
+        ("as_of", as_of),
+        ("known_at", known_at),
+    ):
         _require_aware(value, name)
     if since is not None and until is not None and since >= until:
         raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
@@ -203,8 +206,9 @@ def iter_audit(
     page = (
         selected.as_of(as_of, known_at=known_at)
         .order_by("created_at", "pk")
-        .values_list("pk", "created_at", "definition_id", "origin_state", "state",
-                     "deleted_at", "state_at")
+        .values_list(
+            "pk", "created_at", "definition_id", "origin_state", "state", "deleted_at", "state_at"
+        )
     )
     users = _Usernames(using)
     after: tuple[datetime, Any] | None = None
@@ -227,8 +231,7 @@ def iter_audit(
         users.load(row.transitioned_by for stream in streams.values() for row in stream)
         for pk, created_at, definition_id, origin_state, state, deleted_at, state_at in batch:
             stream = streams.get(pk, [])
-            replay = verify_stream(pk, origin_state, created_at, stream,
-                                   rules.rules(definition_id))
+            replay = verify_stream(pk, origin_state, created_at, stream, rules.rules(definition_id))
             timeline = [
                 AuditRow(
                     sequence=row.sequence,
@@ -339,9 +342,7 @@ def write_csv(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
         count += len(audit.anomalies)
         by_sequence: dict[int, list[str]] = {}
         for anomaly in audit.anomalies:
-            by_sequence.setdefault(anomaly.sequence, []).append(
-                f"{anomaly.kind}: {anomaly.detail}"
-            )
+            by_sequence.setdefault(anomaly.sequence, []).append(f"{anomaly.kind}: {anomaly.detail}")
         for row in audit.timeline:
             writer.writerow(
                 [
@@ -405,7 +406,7 @@ def write_table(
                 )
             widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
             for line in table:
-                cells = [cell.ljust(width) for cell, width in zip(line, widths)]
+                cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=True)]
                 out.write("  " + "  ".join(cells).rstrip() + "\n")
         else:
             out.write("  (no transitions)\n")

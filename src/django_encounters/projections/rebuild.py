@@ -210,7 +210,8 @@ def _replay_batch(
         if tuple(stored) != replayed:
             result.projections_drifted += 1
             if len(result.drift) < max_reported:
-                differing = [i for i, (a, b) in enumerate(zip(stored, replayed)) if a != b]
+                pairs = enumerate(zip(stored, replayed, strict=True))
+                differing = [i for i, (a, b) in pairs if a != b]
                 result.drift.append(
                     Drift(
                         pk,
@@ -245,14 +246,14 @@ def _writer(connection: Any) -> Callable[[list[tuple], datetime], None]:
 
     meta = Encounter._meta
     qn = connection.ops.quote_name
-    fields = [meta.pk] + [meta.get_field(name) for name in PROJECTION]
-    updated_at = meta.get_field("updated_at")
+    fields: list[Any] = [meta.pk] + [meta.get_field(name) for name in PROJECTION]
+    updated_at: Any = meta.get_field("updated_at")
     table = qn(meta.db_table)
 
     def prepare(fixes: list[tuple], now: datetime) -> list[list[Any]]:
         stamp = updated_at.get_db_prep_save(now, connection)
         return [
-            [f.get_db_prep_save(value, connection) for f, value in zip(fields, fix)] + [stamp]
+            [f.get_db_prep_save(v, connection) for f, v in zip(fields, fix, strict=True)] + [stamp]
             for fix in fixes
         ]
 
@@ -270,7 +271,7 @@ def _writer(connection: Any) -> Callable[[list[tuple], datetime], None]:
         def write(fixes: list[tuple], now: datetime) -> None:
             # The replayed values are already what psycopg adapts natively (UUID, str, int,
             # aware datetime, None): no per-value field preparation.
-            columns = [list(column) for column in zip(*fixes)]
+            columns = [list(column) for column in zip(*fixes, strict=True)]
             stamp = updated_at.get_db_prep_save(now, connection)
             with connection.cursor() as cursor:
                 cursor.execute(sql, [stamp, *columns])

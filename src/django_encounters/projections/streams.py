@@ -187,7 +187,7 @@ def _utc_timestamptz_loader() -> Any:
     except ImportError:  # pragma: no cover - psycopg2
         return None
     oid = psycopg.postgres.types["timestamptz"].oid
-    base = psycopg.adapters.get_loader(oid, Format.TEXT)
+    base: Any = psycopg.adapters.get_loader(oid, Format.TEXT)
     if base is None:  # pragma: no cover
         return None
 

@@ -39,8 +39,9 @@ def parse_time(text: str, option: str) -> datetime:
     except ValueError:
         pass
     if value is None:
-        raise CommandError(f"{option}: not an ISO-8601 date-time: {text!r} ({TIME_HELP})",
-                           returncode=2)
+        raise CommandError(
+            f"{option}: not an ISO-8601 date-time: {text!r} ({TIME_HELP})", returncode=2
+        )
     if value.tzinfo is None:
         raise CommandError(
             f"{option}: {text!r} has no UTC offset; naive times are ambiguous ({TIME_HELP})",
@@ -89,27 +90,49 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         select = parser.add_argument_group("selection")
-        select.add_argument("--definition", metavar="CODE", help="only encounters of this definition")
-        select.add_argument("--encounter", metavar="ID", action="append", dest="encounters",
-                            help="only this encounter (repeat for several)")
-        select.add_argument("--subject", metavar="APP.MODEL:PK",
-                            help="only encounters about this object, e.g. clinic.Patient:42")
-        select.add_argument("--since", metavar="TIME",
-                            help="only encounters with a row effective at or after TIME")
-        select.add_argument("--until", metavar="TIME",
-                            help="only encounters with a row effective before TIME")
+        select.add_argument(
+            "--definition", metavar="CODE", help="only encounters of this definition"
+        )
+        select.add_argument(
+            "--encounter",
+            metavar="ID",
+            action="append",
+            dest="encounters",
+            help="only this encounter (repeat for several)",
+        )
+        select.add_argument(
+            "--subject",
+            metavar="APP.MODEL:PK",
+            help="only encounters about this object, e.g. clinic.Patient:42",
+        )
+        select.add_argument(
+            "--since", metavar="TIME", help="only encounters with a row effective at or after TIME"
+        )
+        select.add_argument(
+            "--until", metavar="TIME", help="only encounters with a row effective before TIME"
+        )
         when = parser.add_argument_group("state")
-        when.add_argument("--as-of", metavar="TIME",
-                          help="report each encounter's state at TIME (default: now)")
-        when.add_argument("--known-at", metavar="TIME",
-                          help="... as it was known at TIME (only rows recorded by then)")
+        when.add_argument(
+            "--as-of", metavar="TIME", help="report each encounter's state at TIME (default: now)"
+        )
+        when.add_argument(
+            "--known-at",
+            metavar="TIME",
+            help="... as it was known at TIME (only rows recorded by then)",
+        )
         output = parser.add_argument_group("output")
         output.add_argument("--format", choices=["table", "csv", "json"], default="table")
         output.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
-        parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                            metavar="N", help=f"encounters per batch (default {DEFAULT_BATCH_SIZE})")
-        parser.add_argument("--database", default=DEFAULT_DB_ALIAS,
-                            help="database alias (default: 'default')")
+        parser.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=DEFAULT_BATCH_SIZE,
+            metavar="N",
+            help=f"encounters per batch (default {DEFAULT_BATCH_SIZE})",
+        )
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         times = {
@@ -149,8 +172,9 @@ class Command(BaseCommand):
             elif fmt == "csv":
                 count = write_csv(audits, out)
             else:
-                count = write_table(audits, out, as_of=times["as_of"],
-                                    known_at=times.get("known_at"))
+                count = write_table(
+                    audits, out, as_of=times["as_of"], known_at=times.get("known_at")
+                )
         except (ValueError, TypeError, EncounterError) as exc:
             raise CommandError(str(exc), returncode=2) from exc
         finally:
@@ -163,4 +187,3 @@ class Command(BaseCommand):
                 f"{count} anomal{'y' if count == 1 else 'ies'} found in the audited streams",
                 returncode=1,
             )
-

@@ -61,9 +61,7 @@ class Progress:
         self.drawn = now
         total = result.encounters_total
         done = f"{result.encounters_scanned:,}" + (f"/{total:,}" if total is not None else "")
-        percent = (
-            f" {100 * result.encounters_scanned / total:5.1f}%" if total else ""
-        )
+        percent = f" {100 * result.encounters_scanned / total:5.1f}%" if total else ""
         fixed = "drifted" if result.check else "fixed"
         line = (
             f"{done} encounters{percent}  {result.rows_replayed:,} rows  "
@@ -93,7 +91,9 @@ class Command(BaseCommand):
             action="store_true",
             help="write nothing; report drifted projections and anomalies, exit 1 if any",
         )
-        parser.add_argument("--definition", metavar="CODE", help="only encounters of this definition")
+        parser.add_argument(
+            "--definition", metavar="CODE", help="only encounters of this definition"
+        )
         parser.add_argument(
             "--encounter",
             metavar="ID",
