@@ -338,10 +338,12 @@ def test_output_file(office, tmp_path):
     ],
 )
 def test_bad_options_exit_2_with_a_clear_message(office, args, message):
-    code, _, err = run(*args)
+    for fmt in ("table", "json"):
+        code, out, err = run(*args, "--format", fmt)
 
-    assert code == 2
-    assert message in err
+        assert code == 2
+        assert message in err
+        assert out == ""  # refused before anything is written
 
 
 def test_times_accept_z_and_offsets(office):

@@ -210,6 +210,16 @@ def iter_audit(
             "pk", "created_at", "definition_id", "origin_state", "state", "deleted_at", "state_at"
         )
     )
+    # Arguments are checked above, before the first encounter is asked for; the batches are
+    # read lazily below.
+    return _audit_batches(page, rules, batch_size, using)
+
+
+def _audit_batches(
+    page: Any, rules: RulesCache, batch_size: int, using: str
+) -> Iterator[EncounterAudit]:
+    from ..models import EncounterTransition
+
     users = _Usernames(using)
     after: tuple[datetime, Any] | None = None
     while True:
@@ -322,14 +332,15 @@ CSV_HEADER = [
 
 
 def write_json(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
-    """Stream the DESIGN §11 JSON object; returns the anomaly count."""
+    """Stream the DESIGN §11 JSON object (indented, one encounter at a time); returns the
+    anomaly count."""
     count = 0
-    out.write('{"encounters": [')
+    out.write('{\n  "encounters": [')
     for index, audit in enumerate(audits):
         count += len(audit.anomalies)
-        out.write(",\n  " if index else "\n  ")
-        out.write(json.dumps(audit.as_dict(), ensure_ascii=False))
-    out.write(f'\n], "anomaly_count": {count}}}\n')
+        text = json.dumps(audit.as_dict(), ensure_ascii=False, indent=2)
+        out.write(("," if index else "") + "\n    " + text.replace("\n", "\n    "))
+    out.write(f'\n  ],\n  "anomaly_count": {count}\n}}\n')
     return count
 
 

@@ -147,14 +147,17 @@ class Command(BaseCommand):
         if "since" in times and "until" in times and times["since"] >= times["until"]:
             raise CommandError("--since must be before --until", returncode=2)
         subject = parse_subject(options["subject"]) if options["subject"] else None
-        audits = iter_audit(
-            definition=options["definition"],
-            encounters=options["encounters"],
-            subject=subject,
-            batch_size=options["batch_size"],
-            using=options["database"],
-            **times,
-        )
+        try:  # arguments are checked here, before anything is written
+            audits = iter_audit(
+                definition=options["definition"],
+                encounters=options["encounters"],
+                subject=subject,
+                batch_size=options["batch_size"],
+                using=options["database"],
+                **times,
+            )
+        except (ValueError, TypeError, EncounterError) as exc:
+            raise CommandError(str(exc), returncode=2) from exc
         fmt = options["format"]
         path = options["output"]
         if path:
@@ -175,8 +178,6 @@ class Command(BaseCommand):
                 count = write_table(
                     audits, out, as_of=times["as_of"], known_at=times.get("known_at")
                 )
-        except (ValueError, TypeError, EncounterError) as exc:
-            raise CommandError(str(exc), returncode=2) from exc
         finally:
             if path:
                 out.close()
