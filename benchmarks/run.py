@@ -40,16 +40,16 @@ import os
 import platform
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 UTC = dt_timezone.utc
@@ -177,7 +177,9 @@ class Schema:
 def make_definition() -> Any:
     from django_encounters.models import EncounterDefinition
 
-    definition, _ = EncounterDefinition.objects.get_or_create(code=PINGPONG["code"], defaults=PINGPONG)
+    definition, _ = EncounterDefinition.objects.get_or_create(
+        code=PINGPONG["code"], defaults=PINGPONG
+    )
     return definition
 
 
@@ -188,8 +190,9 @@ def subject() -> Any:
     return user
 
 
-def generate(schema: Schema, definition: Any, start: int, count: int, rows_per: int,
-             chunk: int = 10_000) -> None:
+def generate(
+    schema: Schema, definition: Any, start: int, count: int, rows_per: int, chunk: int = 10_000
+) -> None:
     """Insert ``count`` encounters with ``rows_per`` valid, hash-chained ping-pong rows each,
     and correct projections, with raw bulk SQL (COPY on PostgreSQL)."""
     from django.contrib.auth.models import User
@@ -214,25 +217,51 @@ def generate(schema: Schema, definition: Any, start: int, count: int, rows_per: 
                 to = OTHER[state]
                 eff = created + timedelta(minutes=seq, microseconds=seq)
                 digest = row_hash(
-                    encounter_id=eid, sequence=seq, from_state=state, to_state=to,
-                    effective_at=eff, transitioned_at=eff, transitioned_by=None, reason="",
-                    metadata={}, previous_hash=previous,
+                    encounter_id=eid,
+                    sequence=seq,
+                    from_state=state,
+                    to_state=to,
+                    effective_at=eff,
+                    transitioned_at=eff,
+                    transitioned_by=None,
+                    reason="",
+                    metadata={},
+                    previous_hash=previous,
                 )
                 values = {
-                    "id": uuid.UUID(int=rng.getrandbits(128), version=4), "encounter": eid,
-                    "sequence": seq, "from_state": state, "to_state": to,
-                    "transitioned_by": None, "transitioned_at": eff, "effective_at": eff,
-                    "reason": "", "metadata": "{}", "hash": digest,
+                    "id": uuid.UUID(int=rng.getrandbits(128), version=4),
+                    "encounter": eid,
+                    "sequence": seq,
+                    "from_state": state,
+                    "to_state": to,
+                    "transitioned_by": None,
+                    "transitioned_at": eff,
+                    "effective_at": eff,
+                    "reason": "",
+                    "metadata": "{}",
+                    "hash": digest,
                 }
                 rows.append([schema.db(values[n]) for n in schema.tr_fields])
                 state, previous = to, digest
             values = {
-                "id": eid, "definition": definition.pk, "subject_content_type": ct,
-                "subject_id": str(i), "state": state, "origin_state": "a",
-                "version": rows_per, "timeline_end_at": eff if rows_per else None,
-                "head_hash": previous, "scheduled_at": None, "started_at": None,
-                "ended_at": None, "created_by": None, "assigned_to": None, "notes": "",
-                "metadata": "{}", "created_at": created, "updated_at": created,
+                "id": eid,
+                "definition": definition.pk,
+                "subject_content_type": ct,
+                "subject_id": str(i),
+                "state": state,
+                "origin_state": "a",
+                "version": rows_per,
+                "timeline_end_at": eff if rows_per else None,
+                "head_hash": previous,
+                "scheduled_at": None,
+                "started_at": None,
+                "ended_at": None,
+                "created_by": None,
+                "assigned_to": None,
+                "notes": "",
+                "metadata": "{}",
+                "created_at": created,
+                "updated_at": created,
                 "deleted_at": None,
             }
             encounters.append([schema.db(values[n]) for n in schema.enc_fields])
@@ -247,14 +276,12 @@ def generate(schema: Schema, definition: Any, start: int, count: int, rows_per: 
         else:
             cur = raw.cursor()
             cur.execute("BEGIN")
+            enc_marks = ", ".join("?" * len(schema.enc_fields))
+            tr_marks = ", ".join("?" * len(schema.tr_fields))
             cur.executemany(
-                f"INSERT INTO {schema.enc} ({enc_cols}) VALUES ({', '.join('?' * len(schema.enc_fields))})",
-                encounters,
+                f"INSERT INTO {schema.enc} ({enc_cols}) VALUES ({enc_marks})", encounters
             )
-            cur.executemany(
-                f"INSERT INTO {schema.tr} ({tr_cols}) VALUES ({', '.join('?' * len(schema.tr_fields))})",
-                rows,
-            )
+            cur.executemany(f"INSERT INTO {schema.tr} ({tr_cols}) VALUES ({tr_marks})", rows)
             cur.execute("COMMIT")
     if schema.vendor == "postgresql":
         with connection.cursor() as cursor:
@@ -293,8 +320,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
-def alternate(floor: Callable[[int], None], ours: Callable[[int], None], total: int,
-              rounds: int = 5) -> tuple[float, float]:
+def alternate(
+    floor: Callable[[int], None], ours: Callable[[int], None], total: int, rounds: int = 5
+) -> tuple[float, float]:
     """Run both in alternating rounds (noise on a shared machine hits both alike); returns the
     summed seconds of each."""
     per = max(1, total // rounds)
@@ -309,7 +337,9 @@ def alternate(floor: Callable[[int], None], ours: Callable[[int], None], total: 
     return floor_s, ours_s
 
 
-def figure(name: str, floor_s: float, ours_s: float, n: int, unit: str = "op", **extra: Any) -> dict:
+def figure(
+    name: str, floor_s: float, ours_s: float, n: int, unit: str = "op", **extra: Any
+) -> dict:
     return {
         "name": name,
         "floor_s": floor_s,
@@ -370,9 +400,16 @@ def bench_transition(schema: Schema, definition: Any, total: int, pool: int = 10
             state, version = row[state_index], row[version_index]
             to = OTHER[state]
             values = {
-                "id": uuid.uuid4(), "encounter": pk, "sequence": version + 1,
-                "from_state": state, "to_state": to, "transitioned_by": None,
-                "transitioned_at": now, "effective_at": now, "reason": "", "metadata": "{}",
+                "id": uuid.uuid4(),
+                "encounter": pk,
+                "sequence": version + 1,
+                "from_state": state,
+                "to_state": to,
+                "transitioned_by": None,
+                "transitioned_at": now,
+                "effective_at": now,
+                "reason": "",
+                "metadata": "{}",
                 "hash": digest,
             }
             cur.execute(insert, [schema.db(values[n]) for n in schema.tr_fields])
@@ -498,8 +535,15 @@ def bench_as_of(schema: Schema, encounters: int, repeats: int = 3) -> dict:
         floor_times.append(timed(lambda: floor(1)))
         ours_times.append(timed(lambda: ours(1)))
     assert counts["floor"] == counts["ours"], counts
-    return figure(f"as_of(t) over {counts['ours']:,} encounters", min(floor_times),
-                  min(ours_times), 1, unit="query", target=TARGETS["as_of"], rows=counts["ours"])
+    return figure(
+        f"as_of(t) over {counts['ours']:,} encounters",
+        min(floor_times),
+        min(ours_times),
+        1,
+        unit="query",
+        target=TARGETS["as_of"],
+        rows=counts["ours"],
+    )
 
 
 def rebuild_floor(schema: Schema) -> float:
@@ -538,7 +582,11 @@ def rebuild_in_child(database: dict) -> dict:
     env.pop("DJANGO_SETTINGS_MODULE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--rebuild-child", json.dumps(database)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"rebuild child failed: {proc.stderr[-4000:]}")
@@ -575,10 +623,15 @@ def bench_rebuild(schema: Schema, database: dict, rows_label: str) -> dict:
     floor_s = rebuild_floor(schema)
     return figure(
         f"rebuild, {ours['rows']:,} rows / {ours['encounters']:,} encounters (verified)",
-        floor_s, ours["seconds"], ours["rows"], unit="row", target=TARGETS["rebuild"],
+        floor_s,
+        ours["seconds"],
+        ours["rows"],
+        unit="row",
+        target=TARGETS["rebuild"],
         rss_peak_mib=ours["rss_peak_kib"] / 1024,
         rss_growth_mib=(ours["rss_peak_kib"] - ours["rss_baseline_kib"]) / 1024,
-        fixed=ours["fixed"], label=rows_label,
+        fixed=ours["fixed"],
+        label=rows_label,
     )
 
 
@@ -660,9 +713,12 @@ def _pg_admin(sql: str) -> None:
     import psycopg
 
     with psycopg.connect(
-        host=os.environ.get("PGHOST", "127.0.0.1"), port=os.environ.get("PGPORT", "5432"),
-        user=os.environ.get("PGUSER", "postgres"), password=os.environ.get("PGPASSWORD", ""),
-        dbname=os.environ.get("PGDATABASE", "postgres"), autocommit=True,
+        host=os.environ.get("PGHOST", "127.0.0.1"),
+        port=os.environ.get("PGPORT", "5432"),
+        user=os.environ.get("PGUSER", "postgres"),
+        password=os.environ.get("PGPASSWORD", ""),
+        dbname=os.environ.get("PGDATABASE", "postgres"),
+        autocommit=True,
     ) as conn:
         conn.execute(sql)
 
@@ -703,15 +759,18 @@ def table(all_results: list[dict]) -> str:
                 f"| {result['backend']} | {f['name']} | {floor} | {ours} | {f['ratio']:.2f}× | "
                 f"{'' if target is None else f'≥ {target}×'} | {met} |"
             )
-    memory = [
-        (r["backend"], f) for r in all_results for f in r["figures"] if f["unit"] == "row"
-    ]
+    memory = [(r["backend"], f) for r in all_results for f in r["figures"] if f["unit"] == "row"]
     if memory:
-        lines += ["", "| backend | rebuild over | peak RSS | growth over the process baseline |",
-                  "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| backend | rebuild over | peak RSS | growth over the process baseline |",
+            "|---|---:|---:|---:|",
+        ]
         for backend, f in memory:
-            lines.append(f"| {backend} | {f['n']:,} rows | {f['rss_peak_mib']:.0f} MiB | "
-                         f"{f['rss_growth_mib']:.0f} MiB |")
+            lines.append(
+                f"| {backend} | {f['n']:,} rows | {f['rss_peak_mib']:.0f} MiB | "
+                f"{f['rss_growth_mib']:.0f} MiB |"
+            )
     return "\n".join(lines)
 
 
@@ -740,20 +799,31 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--rebuild-child"]:
         print(json.dumps(rebuild_child(json.loads(argv[1]))), flush=True)
         return 0
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--backend", choices=("all", "sqlite", "postgres"), default="all")
-    parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
-                        help="small sizes (smoke run)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        default=bool(os.environ.get("BENCH_QUICK")),
+        help="small sizes (smoke run)",
+    )
     parser.add_argument("--transitions", type=int, default=_env_int("BENCH_TRANSITIONS", 2000))
     parser.add_argument("--reads", type=int, default=_env_int("BENCH_READS", 5000))
     parser.add_argument("--encounters", type=int, default=_env_int("BENCH_ENCOUNTERS", 200_000))
-    parser.add_argument("--small-encounters", type=int,
-                        default=_env_int("BENCH_SMALL_ENCOUNTERS", 20_000))
-    parser.add_argument("--rows-per-encounter", type=int,
-                        default=_env_int("BENCH_ROWS_PER_ENCOUNTER", 5))
+    parser.add_argument(
+        "--small-encounters", type=int, default=_env_int("BENCH_SMALL_ENCOUNTERS", 20_000)
+    )
+    parser.add_argument(
+        "--rows-per-encounter", type=int, default=_env_int("BENCH_ROWS_PER_ENCOUNTER", 5)
+    )
     parser.add_argument("--json", metavar="PATH", help="write the raw results here")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="rewrite the results section of benchmarks/README.md")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="rewrite the results section of benchmarks/README.md",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = {
@@ -764,9 +834,12 @@ def main(argv: list[str] | None = None) -> int:
         "rows_per_encounter": args.rows_per_encounter,
     }
     if args.quick:
-        sizes.update(transitions=min(sizes["transitions"], 400), reads=min(sizes["reads"], 1000),
-                     encounters=min(sizes["encounters"], 20_000),
-                     small_encounters=min(sizes["small_encounters"], 2_000))
+        sizes.update(
+            transitions=min(sizes["transitions"], 400),
+            reads=min(sizes["reads"], 1000),
+            encounters=min(sizes["encounters"], 20_000),
+            small_encounters=min(sizes["small_encounters"], 2_000),
+        )
 
     if args.child:  # one backend in this process; results as JSON on stdout
         print(json.dumps(run_backend(args.backend, sizes), default=str), flush=True)
@@ -775,10 +848,15 @@ def main(argv: list[str] | None = None) -> int:
     backends = ["sqlite", "postgres"] if args.backend == "all" else [args.backend]
     if "postgres" in backends and not os.environ.get("PGHOST"):
         if args.backend == "postgres":
-            print("bench: PGHOST is not set (use `make bench`, which starts a cluster)", file=sys.stderr)
+            print(
+                "bench: PGHOST is not set (use `make bench`, which starts a cluster)",
+                file=sys.stderr,
+            )
             return 2
-        print("bench: PGHOST not set, skipping PostgreSQL (`make bench` starts a cluster)",
-              file=sys.stderr)
+        print(
+            "bench: PGHOST not set, skipping PostgreSQL (`make bench` starts a cluster)",
+            file=sys.stderr,
+        )
         backends.remove("postgres")
     all_results = []
     for backend in backends:  # each backend in its own process: Django is configured once
@@ -795,16 +873,21 @@ def main(argv: list[str] | None = None) -> int:
         all_results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if os.environ.get("BENCH_VIA_MAKE"):
+        command = "make bench"
+    else:
+        command = " ".join(["python -m benchmarks.run", *argv])
     header = (
         f"Measured {stamp} on {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, {', '.join(r['server'] for r in all_results)}; sizes "
-        f"{json.dumps(sizes)}; command: `{'make bench' if os.environ.get('BENCH_VIA_MAKE') else 'python -m benchmarks.run ' + ' '.join(argv)}`."
+        f"{json.dumps(sizes)}; command: `{command}`."
     )
     text = header + "\n\n" + table(all_results)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"sizes": sizes, "results": all_results}, indent=1,
-                                              default=str))
+        Path(args.json).write_text(
+            json.dumps({"sizes": sizes, "results": all_results}, indent=1, default=str)
+        )
     if args.update_readme:
         update_readme(text)
     return 0

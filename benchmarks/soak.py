@@ -150,7 +150,9 @@ def create_data(workers: int, shared: int = 3, own: int = 20) -> Plan:
     from django_encounters.models import EncounterDefinition
     from django_encounters.services import create_encounter
 
-    pingpong, _ = EncounterDefinition.objects.get_or_create(code=PINGPONG["code"], defaults=PINGPONG)
+    pingpong, _ = EncounterDefinition.objects.get_or_create(
+        code=PINGPONG["code"], defaults=PINGPONG
+    )
     counter, _ = EncounterDefinition.objects.get_or_create(code=COUNTER["code"], defaults=COUNTER)
     subject = User.objects.create_user(username=f"soak-{time.time_ns()}", password=None)
 
@@ -212,7 +214,9 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
                 effective_at = None
                 if backdate and enc.timeline_end_at is not None:
                     effective_at = enc.timeline_end_at - timedelta(seconds=rng.uniform(0.001, 5))
-                record = transition(enc, "open", effective_at=effective_at, reason=f"w{spec['index']}")
+                record = transition(
+                    enc, "open", effective_at=effective_at, reason=f"w{spec['index']}"
+                )
             elif kind == "pingpong-ev":
                 record = transition(enc, OTHER[enc.state], expected_version=enc.version)
             else:
@@ -297,7 +301,9 @@ class Report:
             "committed": self.committed,
             "rows": self.rows,
             "encounters": self.encounters,
-            "transitions_per_second": round(self.committed / self.elapsed, 1) if self.elapsed else 0,
+            "transitions_per_second": round(self.committed / self.elapsed, 1)
+            if self.elapsed
+            else 0,
             "ok": self.ok,
             "failures": self.failures,
             "unexpected": self.unexpected[:20],
@@ -395,7 +401,9 @@ def run(
         failures.update(result["failures"])
         report.unexpected.extend(f"worker {result['index']}: {u}" for u in result["unexpected"])
         if result["unexpected_count"] > len(result["unexpected"]):
-            report.unexpected.append(f"worker {result['index']}: … {result['unexpected_count']} in all")
+            report.unexpected.append(
+                f"worker {result['index']}: … {result['unexpected_count']} in all"
+            )
     report.committed = len(committed)
     report.ok, report.failures = dict(ok), dict(failures)
 
@@ -446,7 +454,9 @@ def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Re
     claimed = Counter(committed)
     duplicates = [pair for pair, n in claimed.items() if n > 1]
     if duplicates:
-        problems.append(f"{len(duplicates)} (encounter, sequence) pairs claimed twice: {duplicates[:5]}")
+        problems.append(
+            f"{len(duplicates)} (encounter, sequence) pairs claimed twice: {duplicates[:5]}"
+        )
 
     rows_by_encounter: dict[str, list[tuple]] = defaultdict(list)
     rows = EncounterTransition.objects.filter(encounter_id__in=encounter_ids).order_by(
@@ -459,7 +469,9 @@ def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Re
     lost = set(claimed) - stored
     extra = stored - set(claimed)
     if lost:
-        problems.append(f"{len(lost)} committed transitions are not in the table: {sorted(lost)[:5]}")
+        problems.append(
+            f"{len(lost)} committed transitions are not in the table: {sorted(lost)[:5]}"
+        )
     if extra:
         problems.append(f"{len(extra)} rows nobody reported committing: {sorted(extra)[:5]}")
 
@@ -483,7 +495,12 @@ def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Re
         end_at = max((v[3] for v in stream), default=None)
         head = stream[-1][8] if stream else ""
         actual = (enc.state, enc.version, enc.timeline_end_at, enc.head_hash)
-        if actual != (replay.state, replay.version, replay.timeline.end_at, replay.timeline.head_hash):
+        if actual != (
+            replay.state,
+            replay.version,
+            replay.timeline.end_at,
+            replay.timeline.head_hash,
+        ):
             problems.append(f"encounter {pk}: projection {actual} != replay")
         if actual != (expected_state, len(stream), end_at, head):
             problems.append(
@@ -531,15 +548,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=int(os.environ.get("SOAK_WORKERS", 8)))
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", 60)))
-    parser.add_argument("--shared", type=int, default=int(os.environ.get("SOAK_SHARED", 3)),
-                        help="shared ping-pong encounters (every worker hits them)")
-    parser.add_argument("--own", type=int, default=int(os.environ.get("SOAK_OWN", 20)),
-                        help="separate ping-pong encounters per worker")
+    parser.add_argument(
+        "--shared",
+        type=int,
+        default=int(os.environ.get("SOAK_SHARED", 3)),
+        help="shared ping-pong encounters (every worker hits them)",
+    )
+    parser.add_argument(
+        "--own",
+        type=int,
+        default=int(os.environ.get("SOAK_OWN", 20)),
+        help="separate ping-pong encounters per worker",
+    )
     parser.add_argument("--seed", type=int, default=int(os.environ.get("SOAK_SEED", 0)))
-    parser.add_argument("--rounds", type=int, default=int(os.environ.get("SOAK_ROUNDS", 1)),
-                        help="repeat the race this many times (fresh encounters each round)")
-    parser.add_argument("--sqlite", metavar="PATH", help="use a SQLite file instead of PostgreSQL "
-                        "('-' for a temporary one)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=int(os.environ.get("SOAK_ROUNDS", 1)),
+        help="repeat the race this many times (fresh encounters each round)",
+    )
+    parser.add_argument(
+        "--sqlite",
+        metavar="PATH",
+        help="use a SQLite file instead of PostgreSQL ('-' for a temporary one)",
+    )
     args = parser.parse_args(argv)
     tmp = None
     if args.sqlite == "-":

@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmarks import soak
 from django.db import connection
 
-from benchmarks import soak
 from tests.helpers import IS_POSTGRES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,9 +72,19 @@ def test_eight_processes_race_on_a_sqlite_file(tmp_path):
     env.pop("DJANGO_SETTINGS_MODULE", None)
     proc = subprocess.run(
         [
-            sys.executable, "-m", "benchmarks.soak",
-            "--sqlite", str(tmp_path / "race.sqlite3"),
-            "--workers", "8", "--seconds", str(min(SECONDS, 3)), "--own", "5", "--seed", "2",
+            sys.executable,
+            "-m",
+            "benchmarks.soak",
+            "--sqlite",
+            str(tmp_path / "race.sqlite3"),
+            "--workers",
+            "8",
+            "--seconds",
+            str(min(SECONDS, 3)),
+            "--own",
+            "5",
+            "--seed",
+            "2",
         ],
         cwd=ROOT,
         env=env,

@@ -24,10 +24,10 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from benchmarks import soak
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
-from benchmarks import soak
 from django_encounters.exceptions import (
     ConcurrentTransitionError,
     ValidationError,
@@ -190,7 +190,9 @@ def test_failure_at_commit_after_insert_and_update_leaves_nothing(visit_definiti
         transition.transitioned_by_id = 987654321  # no such user
 
     with receiver(pre_transition, dangling_user):
-        post_transition.connect(lambda **kw: announced.append(kw), weak=False, dispatch_uid="tf-post")
+        post_transition.connect(
+            lambda **kw: announced.append(kw), weak=False, dispatch_uid="tf-post"
+        )
         try:
             with pytest.raises(IntegrityError):
                 transition(enc, "checked_in")

@@ -2,9 +2,9 @@
 
 Random definitions (2–5 states, random edges including self-loops, random final states) and
 random sequences of ``transition()`` calls — mostly along an allowed edge from the state at the
-chosen time, sometimes to any state or one the definition does not have — "now" appends and backdated ones at random minutes
-(ties included), some with a current or a stale ``expected_version``, some to states the
-definition does not have. A NAIVE REFERENCE written here, independent of the engine:
+chosen time, sometimes to any state or one the definition does not have; "now" appends and
+backdated ones at random minutes (ties included); some with a current or a stale
+``expected_version``. A NAIVE REFERENCE written here, independent of the engine:
 
 * a state at time ``t`` (as known at ``r``) is the ``to_state`` of the last row by
   ``(effective_at, sequence)`` among rows with ``effective_at <= t`` (and ``transitioned_at <=
@@ -40,7 +40,12 @@ from hypothesis import strategies as st
 from django_encounters.exceptions import ConcurrentTransitionError, InvalidTransitionError
 from django_encounters.models import Encounter, EncounterDefinition
 from django_encounters.projections.timeline import EncounterTimeline, Rules
-from django_encounters.services import create_encounter, get_encounter_history, get_state_at, transition
+from django_encounters.services import (
+    create_encounter,
+    get_encounter_history,
+    get_state_at,
+    transition,
+)
 
 POOL = ("a", "b", "c", "d", "e")
 MICRO = timedelta(microseconds=1)
@@ -119,10 +124,14 @@ class Row:
     transitioned_at: datetime
 
 
-def fold(origin: str, rows: list[Row], at: datetime | None = None, known_at: datetime | None = None) -> str:
+def fold(
+    origin: str, rows: list[Row], at: datetime | None = None, known_at: datetime | None = None
+) -> str:
     seen = [
-        r for r in rows
-        if (at is None or r.effective_at <= at) and (known_at is None or r.transitioned_at <= known_at)
+        r
+        for r in rows
+        if (at is None or r.effective_at <= at)
+        and (known_at is None or r.transitioned_at <= known_at)
     ]
     if not seen:
         return origin
@@ -130,8 +139,12 @@ def fold(origin: str, rows: list[Row], at: datetime | None = None, known_at: dat
 
 
 def predict(
-    origin: str, rows: list[Row], states: list[str], transitions: dict[str, list[str]],
-    to_state: str, at: datetime | None,
+    origin: str,
+    rows: list[Row],
+    states: list[str],
+    transitions: dict[str, list[str]],
+    to_state: str,
+    at: datetime | None,
 ) -> tuple[bool, str]:
     """(accepted, from_state) for a transition to ``to_state`` at ``at`` (None: at the end)."""
     from_state = fold(origin, rows, at)
@@ -155,12 +168,18 @@ class _Rollback(Exception):
 _codes = itertools.count(1)
 
 
-def run_example(definition: tuple, ops: list[Op], probe_minutes: list[int], patient_model: Any) -> None:
+def run_example(
+    definition: tuple, ops: list[Op], probe_minutes: list[int], patient_model: Any
+) -> None:
     states, transitions, finals = definition
     code = f"PROP{next(_codes)}"
     d = EncounterDefinition.objects.create(
-        name=code, code=code, states=states, initial_state=states[0],
-        final_states=finals, transitions=transitions,
+        name=code,
+        code=code,
+        states=states,
+        initial_state=states[0],
+        final_states=finals,
+        transitions=transitions,
     )
     subject = patient_model.objects.create(name=code)
     enc = create_encounter(d, subject)
@@ -192,9 +211,13 @@ def run_example(definition: tuple, ops: list[Op], probe_minutes: list[int], pati
         if at is not None and any(r.effective_at > at for r in rows):
             event("a backdate accepted into the middle of the timeline")
         assert (record.sequence, record.from_state, record.to_state) == (
-            version + 1, from_state, to_state
+            version + 1,
+            from_state,
+            to_state,
         )
-        rows.append(Row(record.sequence, record.to_state, record.effective_at, record.transitioned_at))
+        rows.append(
+            Row(record.sequence, record.to_state, record.effective_at, record.transitioned_at)
+        )
 
     event(f"rows written: {len(rows) // 4 * 4}+")
     event(f"refused: {len(ops) - len(rows) > 0}")
@@ -213,7 +236,9 @@ def run_example(definition: tuple, ops: list[Op], probe_minutes: list[int], pati
     times.update(base + timedelta(minutes=m) for m in probe_minutes)
     for r in rows:
         times.update((r.effective_at, r.effective_at - MICRO))
-    known = [None] + sorted({k for r in rows for k in (r.transitioned_at, r.transitioned_at - MICRO)})
+    known = [None] + sorted(
+        {k for r in rows for k in (r.transitioned_at, r.transitioned_at - MICRO)}
+    )
     for t in sorted(times):
         for known_at in known:
             expected = fold(origin, rows, t, known_at)
@@ -234,7 +259,10 @@ def run_example(definition: tuple, ops: list[Op], probe_minutes: list[int], pati
         assert result.anomaly_count == 0, [str(a) for a in result.anomalies]
         rebuilt = Encounter.objects.get(pk=enc.pk)
         assert (rebuilt.state, rebuilt.version, rebuilt.timeline_end_at, rebuilt.head_hash) == (
-            fresh.state, fresh.version, fresh.timeline_end_at, fresh.head_hash
+            fresh.state,
+            fresh.version,
+            fresh.timeline_end_at,
+            fresh.head_hash,
         )
         assert rebuild(encounters=[enc.pk], check=True).projections_drifted == 0
 
@@ -297,7 +325,10 @@ def test_timeline_engine_agrees_with_the_naive_fold(definition, ops):
     # A replay of the same events from scratch (the read/rebuild path) gives the same timeline.
     replayed = EncounterTimeline.replay(encounter_id, origin, created, events)
     assert (replayed.state, replayed.version, replayed.end_at, replayed.head_hash) == (
-        timeline.state, timeline.version, timeline.end_at, timeline.head_hash
+        timeline.state,
+        timeline.version,
+        timeline.end_at,
+        timeline.head_hash,
     )
     for minute in range(-5, 45, 3):
         t = base + timedelta(minutes=minute)
