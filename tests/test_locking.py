@@ -15,6 +15,7 @@ from django_encounters.exceptions import (
     ConcurrentTransitionError,
     EncounterError,
     InvalidTransitionError,
+    ProjectionDriftError,
 )
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.services import (
@@ -23,6 +24,7 @@ from django_encounters.services import (
     get_state_at,
     transition,
 )
+from django_encounters.signals import pre_transition
 from tests.helpers import HOLD_SECONDS, RowLockHolder, reload, run_in_threads, snapshot
 
 pytestmark = pytest.mark.django_db
@@ -98,8 +100,8 @@ def test_expected_version_with_stale_instance(encounter):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sequence_clash_becomes_concurrent_transition_error(encounter):
-    # Another writer's row, inserted below the service: the projection is now behind.
+def test_rows_appended_below_the_service_give_concurrent_transition_error(encounter):
+    # Another writer's row, inserted below the service: the projection is now behind the log.
     EncounterTransition.objects.create(
         encounter=encounter,
         from_state="scheduled",
@@ -109,16 +111,58 @@ def test_sequence_clash_becomes_concurrent_transition_error(encounter):
     before = snapshot(encounter)
     assert (before.version, before.row_count) == (0, 1)
 
-    with pytest.raises(ConcurrentTransitionError) as excinfo:
+    with pytest.raises(ConcurrentTransitionError, match="sequence 1") as excinfo:
         transition(encounter, "checked_in")
+
+    assert isinstance(excinfo.value.__cause__, IntegrityError)
+    assert excinfo.value.encounter_id == encounter.pk
+    assert snapshot(encounter) == before  # nothing written
+    assert EncounterTransition.objects.filter(encounter=encounter).count() == 1
+
+
+def test_sequence_clash_becomes_concurrent_transition_error(encounter):
+    """A writer that appends the same sequence after transition() checked the log (possible on
+    SQLite without IMMEDIATE transactions, or for a writer bypassing the lock): the unique
+    constraint clash is translated, never a raw IntegrityError."""
+    before = snapshot(encounter)
+
+    def racing_writer(sender, encounter, transition, **kwargs):
+        EncounterTransition.objects.create(
+            encounter=encounter,
+            from_state="scheduled",
+            to_state="cancelled",
+            sequence=transition.sequence,
+        )
+
+    pre_transition.connect(racing_writer)
+    try:
+        with pytest.raises(ConcurrentTransitionError, match="sequence 1") as excinfo:
+            transition(encounter, "checked_in")
+    finally:
+        pre_transition.disconnect(racing_writer)
 
     assert not isinstance(excinfo.value, IntegrityError)
     assert isinstance(excinfo.value.__cause__, IntegrityError)
     assert excinfo.value.encounter_id == encounter.pk
-    # Nothing written: the other writer's row is the only one, the projection unchanged.
+    # Nothing written, not even the racing row (same transaction); the connection still works.
     assert snapshot(encounter) == before
-    # The connection is still usable (the failed insert was rolled back to a savepoint).
-    assert EncounterTransition.objects.filter(encounter=encounter).count() == 1
+    assert EncounterTransition.objects.filter(encounter=encounter).count() == 0
+    transition(encounter, "checked_in")
+    assert reload(encounter).version == 1
+
+
+def test_projection_ahead_of_the_log_is_refused(encounter):
+    """A projection whose version was raised behind the library's back would make transition()
+    append a gap: refused with ProjectionDriftError, nothing written."""
+    Encounter.objects.filter(pk=encounter.pk).update(version=5)
+    before = snapshot(encounter)
+
+    with pytest.raises(ProjectionDriftError) as excinfo:
+        transition(encounter, "checked_in")
+
+    assert (excinfo.value.projected_version, excinfo.value.stream_version) == (5, 0)
+    assert "rebuild_encounter_projections" in str(excinfo.value)
+    assert snapshot(encounter) == before
 
 
 def test_sequence_is_unique_per_encounter_not_globally(encounter, visit_definition, device):

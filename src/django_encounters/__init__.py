@@ -38,6 +38,8 @@ _EXPORTS = {
     "ConcurrentTransitionError": "exceptions",
     "ValidatorConfigurationError": "exceptions",
     "InvalidStateError": "exceptions",
+    "HardDeleteRefusedError": "exceptions",
+    "ProjectionDriftError": "exceptions",
     # Signals
     "pre_transition": "signals",
     "post_transition": "signals",

@@ -8,37 +8,15 @@ separate so that ``class X(UUIDModel, BaseModel)`` has a clean MRO. (PyPI's
 from __future__ import annotations
 
 import uuid
-from collections import Counter
 from typing import Any
 
 from django.db import models
 from django.db.models.deletion import ProtectedError
 from django.utils import timezone
 
-from .exceptions import EncounterError
+from .exceptions import HardDeleteRefusedError
 
-
-class HardDeleteRefusedError(EncounterError, ProtectedError):
-    """A hard delete refused because other rows still point at the ones being deleted through
-    ``PROTECT`` foreign keys (e.g. an encounter's append-only transitions). Nothing was deleted.
-
-    Both an ``EncounterError`` and Django's ``ProtectedError`` (``protected_objects`` is kept).
-    """
-
-    def __init__(self, model: type[models.Model], error: ProtectedError) -> None:
-        counts = Counter(type(obj)._meta.verbose_name for obj in error.protected_objects)
-        referrers = ", ".join(f"{n} {name}(s)" for name, n in sorted(counts.items()))
-        message = (
-            f"{model._meta.verbose_name_plural} cannot be hard-deleted: still referenced through "
-            f"protected foreign keys by {referrers}. "
-        )
-        if "encounter transition" in counts:
-            message += "Transitions are the append-only audit trail and are never deleted; "
-        message += "soft-delete with delete() instead."
-        ProtectedError.__init__(self, message, error.protected_objects)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+__all__ = ["UUIDModel", "BaseModel", "HardDeleteRefusedError"]
 
 
 def _hard_delete(model: type[models.Model], delete: Any) -> tuple[int, dict[str, int]]:

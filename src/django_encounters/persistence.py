@@ -58,7 +58,11 @@ def _convert(row: Any, converters: list, connection: Any) -> list:
 
 def _build(connection: Any) -> _Statements:
     qn = connection.ops.quote_name
-    enc_meta, def_meta, row_meta = Encounter._meta, EncounterDefinition._meta, EncounterTransition._meta
+    enc_meta, def_meta, row_meta = (
+        Encounter._meta,
+        EncounterDefinition._meta,
+        EncounterTransition._meta,
+    )
     encounter_fields = list(enc_meta.concrete_fields)
     definition_fields = list(def_meta.concrete_fields)
     columns = [f"{qn('e')}.{qn(f.column)}" for f in encounter_fields] + [
@@ -75,7 +79,9 @@ def _build(connection: Any) -> _Statements:
     if features.has_select_for_update:
         # Lock only the encounter row: concurrent transitions of other encounters of the same
         # definition must not queue behind each other.
-        lock_sql += f" FOR UPDATE OF {qn('e')}" if features.has_select_for_update_of else " FOR UPDATE"
+        lock_sql += (
+            f" FOR UPDATE OF {qn('e')}" if features.has_select_for_update_of else " FOR UPDATE"
+        )
     insert_fields = list(row_meta.concrete_fields)
     insert_sql = (
         f"INSERT INTO {qn(row_meta.db_table)} ({', '.join(qn(f.column) for f in insert_fields)}) "
@@ -125,19 +131,38 @@ def insert_transition(record: EncounterTransition, using: str) -> None:
     """INSERT one new transition row; ``pre_save``/``post_save`` are sent as ``save()`` would."""
     connection = connections[using]
     st = _statements(connection)
-    signals.pre_save.send(sender=EncounterTransition, instance=record, raw=False, using=using,
-                          update_fields=None)
+    signals.pre_save.send(
+        sender=EncounterTransition, instance=record, raw=False, using=using, update_fields=None
+    )
     params = [f.get_db_prep_save(f.pre_save(record, True), connection) for f in st.insert_fields]
     with connection.cursor() as cursor:
         cursor.execute(st.insert_sql, params)
     record._state.adding = False
     record._state.db = using
-    signals.post_save.send(sender=EncounterTransition, instance=record, created=True,
-                           update_fields=None, raw=False, using=using)
+    signals.post_save.send(
+        sender=EncounterTransition,
+        instance=record,
+        created=True,
+        update_fields=None,
+        raw=False,
+        using=using,
+    )
 
 
-def update_columns(model: type[Model], pk: Any, changes: dict[str, Any], using: str) -> None:
-    """``UPDATE … SET <only these columns> WHERE pk = …``."""
+def update_columns(
+    model: type[Model],
+    pk: Any,
+    changes: dict[str, Any],
+    using: str,
+    *,
+    after_row: tuple[Any, int] | None = None,
+) -> int:
+    """``UPDATE … SET <only these columns> WHERE pk = …``; returns the number of rows updated.
+
+    ``after_row=(encounter_pk, sequence)`` adds ``AND EXISTS`` that transition row: the
+    projection update of a new row ``n`` only happens when row ``n - 1`` is in the log. It runs
+    after the INSERT, so (unlike anything read with the row lock) it sees every committed row.
+    """
     connection = connections[using]
     qn = connection.ops.quote_name
     meta = model._meta
@@ -148,8 +173,18 @@ def update_columns(model: type[Model], pk: Any, changes: dict[str, Any], using: 
         params.append(field.get_db_prep_save(value, connection))
     params.append(meta.pk.get_db_prep_value(pk, connection))
     sql = f"UPDATE {qn(meta.db_table)} SET {', '.join(assignments)} WHERE {qn(meta.pk.column)} = %s"
+    if after_row is not None:
+        row_meta = EncounterTransition._meta
+        encounter_field = row_meta.get_field("encounter")
+        sql += (
+            f" AND EXISTS (SELECT 1 FROM {qn(row_meta.db_table)} "
+            f"WHERE {qn(encounter_field.column)} = %s "
+            f"AND {qn(row_meta.get_field('sequence').column)} = %s)"
+        )
+        params += [encounter_field.get_db_prep_value(after_row[0], connection), after_row[1]]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+        return cursor.rowcount
 
 
 # -- read path -----------------------------------------------------------------------------------
@@ -207,17 +242,25 @@ def history(encounter: Encounter, using: str) -> list[EncounterTransition]:
             f"WHERE {_column(EncounterTransition, 'encounter', qn)} = %s "
             f"ORDER BY {_column(EncounterTransition, 'sequence', qn)}"
         )
-        statements = (sql, [f.attname for f in fields], _converters(connection, fields, meta.db_table))
+        statements = (
+            sql,
+            [f.attname for f in fields],
+            _converters(connection, fields, meta.db_table),
+        )
         connection._django_encounters_history = statements
     sql, attnames, converters = statements
-    param = EncounterTransition._meta.get_field("encounter").get_db_prep_value(encounter.pk, connection)
+    param = EncounterTransition._meta.get_field("encounter").get_db_prep_value(
+        encounter.pk, connection
+    )
     with connection.cursor() as cursor:
         cursor.execute(sql, [param])
         rows = cursor.fetchall()
     relation = EncounterTransition._meta.get_field("encounter")
     result = []
     for row in rows:
-        instance = EncounterTransition.from_db(using, attnames, _convert(row, converters, connection))
+        instance = EncounterTransition.from_db(
+            using, attnames, _convert(row, converters, connection)
+        )
         relation.set_cached_value(instance, encounter)
         result.append(instance)
     return result

@@ -22,6 +22,7 @@ from .exceptions import (
     EncounterError,
     EncounterNotFoundError,
     InvalidTransitionError,
+    ProjectionDriftError,
     ValidationError,
 )
 from .models import Encounter, EncounterDefinition, EncounterTransition, _require_aware
@@ -63,7 +64,9 @@ def create_encounter(
         TypeError / ValueError: for a definition, subject or datetime of the wrong kind.
     """
     if not isinstance(definition, EncounterDefinition):
-        raise TypeError(f"definition must be an EncounterDefinition, not {type(definition).__name__}")
+        raise TypeError(
+            f"definition must be an EncounterDefinition, not {type(definition).__name__}"
+        )
     if definition.deleted_at is not None:
         raise ValueError(f"definition '{definition.code}' is soft-deleted")
     if not isinstance(subject, models.Model):
@@ -188,8 +191,11 @@ def transition(
 
         record = mapper.row_from_event(event, encounter=locked, transitioned_by=transitioned_by)
         pre_transition.send(
-            sender=Encounter, encounter=locked, transition=record,
-            from_state=from_state, to_state=to_state,
+            sender=Encounter,
+            encounter=locked,
+            transition=record,
+            from_state=from_state,
+            to_state=to_state,
         )
         try:
             persistence.insert_transition(record, using)
@@ -214,7 +220,12 @@ def transition(
         if ends_timeline and rules.is_final(to_state):
             changes["ended_at"] = effective_at
         changes["updated_at"] = now
-        persistence.update_columns(Encounter, locked.pk, changes, using)
+        # The projection doubles as the snapshot the decision used; if its version ran ahead of
+        # the log (written behind the library's back), the new row would leave a gap: refuse.
+        guard = (locked.pk, record.sequence - 1) if record.sequence > 1 else None
+        if not persistence.update_columns(Encounter, locked.pk, changes, using, after_row=guard):
+            stream_version = EncounterTransition.objects.filter(encounter_id=locked.pk).count()
+            raise ProjectionDriftError(locked.pk, locked.version, stream_version - 1)
 
         # The caller's instance now shows the new projection; a later save() is harmless.
         for target in (encounter, locked):
@@ -223,8 +234,11 @@ def transition(
 
         def _announce() -> None:
             post_transition.send(
-                sender=Encounter, encounter=encounter, transition=record,
-                from_state=from_state, to_state=to_state,
+                sender=Encounter,
+                encounter=encounter,
+                transition=record,
+                from_state=from_state,
+                to_state=to_state,
             )
 
         db_transaction.on_commit(_announce, using=using)
@@ -254,9 +268,7 @@ def run_validators(
             raise
         except Exception as exc:  # a validator bug must not escape as an untyped error
             name = type(validator).__name__
-            raise ValidationError(
-                name, f"validator raised {type(exc).__name__}: {exc}"
-            ) from exc
+            raise ValidationError(name, f"validator raised {type(exc).__name__}: {exc}") from exc
 
 
 def get_encounter_history(encounter: Encounter) -> list[EncounterTransition]:
@@ -300,9 +312,7 @@ def time_in_states(encounter: Encounter, until: datetime | None = None) -> dict[
     )
 
 
-def duration_in_state(
-    encounter: Encounter, state: str, until: datetime | None = None
-) -> Decimal:
+def duration_in_state(encounter: Encounter, state: str, until: datetime | None = None) -> Decimal:
     """Hours (``Decimal``) spent in ``state``; several visits add up; ``Decimal('0')`` if never
     entered."""
     return time_in_states(encounter, until).get(state, Decimal("0"))
