@@ -15,7 +15,9 @@ class EncounterDefinitionAdmin(admin.ModelAdmin):
     list_display = ("name", "code", "initial_state", "created_at")
     search_fields = ("name", "code")
 
-    def change_view(self, request: Any, object_id: str, form_url: str = "", extra_context: Any = None) -> Any:
+    def change_view(
+        self, request: Any, object_id: str, form_url: str = "", extra_context: Any = None
+    ) -> Any:
         definition = self.get_object(request, object_id)
         if definition is not None and request.method == "GET":
             for warning in definition.get_warnings():
@@ -25,8 +27,15 @@ class EncounterDefinitionAdmin(admin.ModelAdmin):
 
 class TransitionInline(admin.TabularInline):
     model = EncounterTransition
-    fields = ("sequence", "from_state", "to_state", "effective_at", "transitioned_at",
-              "transitioned_by", "reason")
+    fields = (
+        "sequence",
+        "from_state",
+        "to_state",
+        "effective_at",
+        "transitioned_at",
+        "transitioned_by",
+        "reason",
+    )
     readonly_fields = fields
     ordering = ("sequence",)
     extra = 0
@@ -49,8 +58,15 @@ class EncounterAdmin(admin.ModelAdmin):
 
 @admin.register(EncounterTransition)
 class EncounterTransitionAdmin(admin.ModelAdmin):
-    list_display = ("encounter", "sequence", "from_state", "to_state", "effective_at",
-                    "transitioned_at", "transitioned_by")
+    list_display = (
+        "encounter",
+        "sequence",
+        "from_state",
+        "to_state",
+        "effective_at",
+        "transitioned_at",
+        "transitioned_by",
+    )
     list_filter = ("to_state",)
 
     def has_add_permission(self, request: Any) -> bool:

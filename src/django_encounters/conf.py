@@ -28,8 +28,7 @@ def future_tolerance() -> timedelta:
         result = timedelta(seconds=value)
     else:
         raise ImproperlyConfigured(
-            "ENCOUNTERS_FUTURE_TOLERANCE must be a timedelta or a number of seconds, "
-            f"not {value!r}"
+            f"ENCOUNTERS_FUTURE_TOLERANCE must be a timedelta or a number of seconds, not {value!r}"
         )
     if result < timedelta(0):
         raise ImproperlyConfigured(f"ENCOUNTERS_FUTURE_TOLERANCE must not be negative: {value!r}")

@@ -272,8 +272,8 @@ class Encounter(UUIDModel, BaseModel):
     notes = models.TextField(blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True)
 
-    objects = EncounterManager()
-    all_objects = AllEncountersManager()
+    objects = EncounterManager()  # type: ignore[misc]
+    all_objects = AllEncountersManager()  # type: ignore[misc]
 
     class Meta:
         app_label = "django_encounters"

@@ -14,10 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import connections
-from django.db.models import Model, signals
+from django.db.models import Field, Model, signals
 
 from .models import Encounter, EncounterDefinition, EncounterTransition
 from .projections.timeline import TIMELINE_ORDER
+
+
+def _field(model: type[Model], name: str) -> Any:
+    """A concrete field by name (``_meta.get_field`` may also return reverse relations)."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field)
+    return field
 
 
 @dataclass
@@ -71,9 +78,10 @@ def _build(connection: Any) -> _Statements:
     lock_sql = (
         f"SELECT {', '.join(columns)} FROM {qn(enc_meta.db_table)} {qn('e')} "
         f"INNER JOIN {qn(def_meta.db_table)} {qn('d')} "
-        f"ON {qn('d')}.{qn(def_meta.pk.column)} = {qn('e')}.{qn(enc_meta.get_field('definition').column)} "
+        f"ON {qn('d')}.{qn(def_meta.pk.column)} = "
+        f"{qn('e')}.{qn(_field(Encounter, 'definition').column)} "
         f"WHERE {qn('e')}.{qn(enc_meta.pk.column)} = %s "
-        f"AND {qn('e')}.{qn(enc_meta.get_field('deleted_at').column)} IS NULL"
+        f"AND {qn('e')}.{qn(_field(Encounter, 'deleted_at').column)} IS NULL"
     )
     features = connection.features
     if features.has_select_for_update:
@@ -123,7 +131,7 @@ def lock_encounter(pk: Any, using: str) -> Encounter | None:
     definition = EncounterDefinition.from_db(
         using, [f.attname for f in st.definition_fields], values[split:]
     )
-    Encounter._meta.get_field("definition").set_cached_value(encounter, definition)
+    _field(Encounter, "definition").set_cached_value(encounter, definition)
     return encounter
 
 
@@ -168,18 +176,18 @@ def update_columns(
     meta = model._meta
     assignments, params = [], []
     for name, value in changes.items():
-        field = meta.get_field(name)
+        field = _field(model, name)
         assignments.append(f"{qn(field.column)} = %s")
         params.append(field.get_db_prep_save(value, connection))
     params.append(meta.pk.get_db_prep_value(pk, connection))
     sql = f"UPDATE {qn(meta.db_table)} SET {', '.join(assignments)} WHERE {qn(meta.pk.column)} = %s"
     if after_row is not None:
         row_meta = EncounterTransition._meta
-        encounter_field = row_meta.get_field("encounter")
+        encounter_field = _field(EncounterTransition, "encounter")
         sql += (
             f" AND EXISTS (SELECT 1 FROM {qn(row_meta.db_table)} "
             f"WHERE {qn(encounter_field.column)} = %s "
-            f"AND {qn(row_meta.get_field('sequence').column)} = %s)"
+            f"AND {qn(_field(EncounterTransition, 'sequence').column)} = %s)"
         )
         params += [encounter_field.get_db_prep_value(after_row[0], connection), after_row[1]]
     with connection.cursor() as cursor:
@@ -191,7 +199,7 @@ def update_columns(
 
 
 def _column(model: type[Model], name: str, qn: Any) -> str:
-    return qn(model._meta.get_field(name).column)
+    return qn(_field(model, name).column)
 
 
 def _state_at_sql(connection: Any, with_known_at: bool) -> str:
@@ -216,13 +224,14 @@ def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) 
     ``transitioned_at <= known_at``), ordered by the engine's ``TIMELINE_ORDER``; one indexed
     query. None when there is no such row."""
     connection = connections[using]
-    meta = EncounterTransition._meta
     params = [
-        meta.get_field("encounter").get_db_prep_value(encounter_pk, connection),
-        meta.get_field("effective_at").get_db_prep_value(timestamp, connection),
+        _field(EncounterTransition, "encounter").get_db_prep_value(encounter_pk, connection),
+        _field(EncounterTransition, "effective_at").get_db_prep_value(timestamp, connection),
     ]
     if known_at is not None:
-        params.append(meta.get_field("transitioned_at").get_db_prep_value(known_at, connection))
+        params.append(
+            _field(EncounterTransition, "transitioned_at").get_db_prep_value(known_at, connection)
+        )
     with connection.cursor() as cursor:
         cursor.execute(_state_at_sql(connection, known_at is not None), params)
         row = cursor.fetchone()
@@ -238,7 +247,7 @@ def history(encounter: Encounter, using: str) -> list[EncounterTransition]:
         meta = EncounterTransition._meta
         fields = list(meta.concrete_fields)
         sql = (
-            f"SELECT {', '.join(qn(f.column) for f in fields)} FROM {qn(meta.db_table)} "
+            f"SELECT {', '.join(qn(str(f.column)) for f in fields)} FROM {qn(meta.db_table)} "
             f"WHERE {_column(EncounterTransition, 'encounter', qn)} = %s "
             f"ORDER BY {_column(EncounterTransition, 'sequence', qn)}"
         )
@@ -247,15 +256,13 @@ def history(encounter: Encounter, using: str) -> list[EncounterTransition]:
             [f.attname for f in fields],
             _converters(connection, fields, meta.db_table),
         )
-        connection._django_encounters_history = statements
+        connection._django_encounters_history = statements  # type: ignore[attr-defined]
     sql, attnames, converters = statements
-    param = EncounterTransition._meta.get_field("encounter").get_db_prep_value(
-        encounter.pk, connection
-    )
+    param = _field(EncounterTransition, "encounter").get_db_prep_value(encounter.pk, connection)
     with connection.cursor() as cursor:
         cursor.execute(sql, [param])
         rows = cursor.fetchall()
-    relation = EncounterTransition._meta.get_field("encounter")
+    relation = _field(EncounterTransition, "encounter")
     result = []
     for row in rows:
         instance = EncounterTransition.from_db(

@@ -139,7 +139,8 @@ def get_validator_class(validator_path: Any) -> type[StateValidator]:
         module = importlib.import_module(module_path)
     except Exception as exc:  # ImportError, or an error raised while importing the module
         raise ValidatorConfigurationError(
-            validator_path, f"module '{module_path}' cannot be imported ({type(exc).__name__}: {exc})"
+            validator_path,
+            f"module '{module_path}' cannot be imported ({type(exc).__name__}: {exc})",
         ) from exc
     try:
         validator_class = getattr(module, class_name)
@@ -154,7 +155,8 @@ def get_validator_class(validator_path: Any) -> type[StateValidator]:
         )
     if inspect.isabstract(validator_class):
         raise ValidatorConfigurationError(
-            validator_path, f"{validator_class.__name__} is abstract (it does not implement validate())"
+            validator_path,
+            f"{validator_class.__name__} is abstract (it does not implement validate())",
         )
     return validator_class
 

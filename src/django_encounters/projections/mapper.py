@@ -32,7 +32,7 @@ def event_from_values(encounter_id: Any, values: tuple) -> EncounterTimeline.Tra
     sequence, from_state, to_state, effective_at, transitioned_at, by, reason, metadata, digest = (
         values
     )
-    return EncounterTimeline.Transitioned(
+    return EncounterTimeline.Transitioned(  # type: ignore[call-arg]
         originator_id=encounter_id,
         originator_version=sequence,
         timestamp=transitioned_at,

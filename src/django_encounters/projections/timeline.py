@@ -400,7 +400,9 @@ class EncounterTimeline(Aggregate):
     # -- evolve ---------------------------------------------------------------------------
 
     def _record(self, event: EncounterTimeline.Transitioned) -> None:
-        entry = Entry(event.effective_at, event.originator_version, event.from_state, event.to_state)
+        entry = Entry(
+            event.effective_at, event.originator_version, event.from_state, event.to_state
+        )
         if self.appends_at_end(entry.effective_at):
             if self.entries is not None:
                 self.entries.append(entry)
@@ -409,7 +411,9 @@ class EncounterTimeline(Aggregate):
         else:
             if self.entries is None:
                 raise StreamNeeded(self.id)
-            self.entries.insert(bisect_right(self.entries, entry.effective_at, key=_effective), entry)
+            self.entries.insert(
+                bisect_right(self.entries, entry.effective_at, key=_effective), entry
+            )
         self.head_hash = event.hash
 
 
@@ -486,7 +490,7 @@ def verify_stream(
     hashed_id = str(encounter_id)  # once per stream, not per row
     for row in rows:
         sequence = row.sequence
-        event = EncounterTimeline.Transitioned(
+        event = EncounterTimeline.Transitioned(  # type: ignore[call-arg]
             originator_id=encounter_id,
             originator_version=sequence,
             timestamp=row.transitioned_at,
@@ -512,34 +516,64 @@ def verify_stream(
                 previous_hash=timeline.head_hash,
             )
             if expected != row.hash:
-                add(Anomaly(encounter_id, sequence, "hash",
-                            "content or chain does not match the stored hash"))
+                add(
+                    Anomaly(
+                        encounter_id,
+                        sequence,
+                        "hash",
+                        "content or chain does not match the stored hash",
+                    )
+                )
         state_then, successor = timeline.locate(row.effective_at)
         if not timeline.appends_at_end(row.effective_at):
             result.backdated.add(sequence)
         if state_then != row.from_state:
-            add(Anomaly(encounter_id, sequence, "from_state",
-                        f"recorded from_state '{row.from_state}' but the timeline was in "
-                        f"'{state_then}' at {row.effective_at.isoformat()}"))
+            add(
+                Anomaly(
+                    encounter_id,
+                    sequence,
+                    "from_state",
+                    f"recorded from_state '{row.from_state}' but the timeline was in "
+                    f"'{state_then}' at {row.effective_at.isoformat()}",
+                )
+            )
         if rules is not None:
             if not rules.is_allowed(row.from_state, row.to_state):
-                add(Anomaly(encounter_id, sequence, "edge",
-                            f"'{row.from_state}' -> '{row.to_state}' is not allowed by "
-                            f"definition '{rules.code}'"))
+                add(
+                    Anomaly(
+                        encounter_id,
+                        sequence,
+                        "edge",
+                        f"'{row.from_state}' -> '{row.to_state}' is not allowed by "
+                        f"definition '{rules.code}'",
+                    )
+                )
             if successor is not None and not rules.is_allowed(row.to_state, successor.to_state):
-                add(Anomaly(encounter_id, sequence, "rechain",
-                            f"followed by '{successor.to_state}' (sequence {successor.sequence}); "
-                            f"'{row.to_state}' -> '{successor.to_state}' is not allowed"))
+                add(
+                    Anomaly(
+                        encounter_id,
+                        sequence,
+                        "rechain",
+                        f"followed by '{successor.to_state}' (sequence {successor.sequence}); "
+                        f"'{row.to_state}' -> '{successor.to_state}' is not allowed",
+                    )
+                )
         try:
             event.mutate(timeline)
         except OriginatorVersionError:
-            add(Anomaly(encounter_id, sequence, "gap",
-                        f"expected sequence {timeline.version + 1}, found {sequence}"))
+            add(
+                Anomaly(
+                    encounter_id,
+                    sequence,
+                    "gap",
+                    f"expected sequence {timeline.version + 1}, found {sequence}",
+                )
+            )
             # Keep folding so the rest of the stream is still checked and projected.
             timeline.version = sequence - 1
             event.mutate(timeline)
     entries = timeline.entries or []
-    for before, entry in zip(entries, entries[1:]):
+    for before, entry in zip(entries, entries[1:], strict=False):
         if before.sequence > entry.sequence:
             result.overtaken[entry.sequence] = before.sequence
     return result

@@ -15,7 +15,10 @@ from django_encounters.models import EncounterDefinition
 
 
 class Command(BaseCommand):
-    help = "Validate encounter definitions and list structural warnings (unreachable states, exits from final states, dead ends)."
+    help = (
+        "Validate encounter definitions and list structural warnings "
+        "(unreachable states, exits from final states, dead ends)."
+    )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--definition", metavar="CODE", help="only this definition")
@@ -43,6 +46,8 @@ class Command(BaseCommand):
             self.stdout.write(f"{definition.code} ({definition.name}): {status}")
             for problem in problems:
                 self.stdout.write(f"  {problem}")
-        self.stdout.write(f"{definitions.count()} definition(s), {errors} invalid, {warnings} warning(s)")
+        self.stdout.write(
+            f"{definitions.count()} definition(s), {errors} invalid, {warnings} warning(s)"
+        )
         if errors or (options["strict"] and warnings):
             raise SystemExit(1)
