@@ -6,6 +6,7 @@
 #   make test-sqlite          SQLite only
 #   make test-postgres        PostgreSQL only
 #   make test PYTEST_ARGS='-x -k history'
+#   make test-matrix          the suite under Django 4.2 and 6.x as well
 #   make demo | bench | soak | lint | clean
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ STAMP_TEST := $(VENV)/.stamp-test
 STAMP_LINT := $(VENV)/.stamp-lint
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-sqlite test-postgres demo bench soak lint clean
+.PHONY: venv test test-sqlite test-postgres test-matrix demo bench soak lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,12 @@ test-sqlite: $(STAMP_TEST)
 test-postgres: $(STAMP_TEST)
 	PY=$(abspath $(PY)) BACKENDS=postgres bash scripts/run_tests.sh $(PYTEST_ARGS)
 
+# Django 4.2 (Python 3.10) and 6.x (Python 3.12) in their own virtualenvs, both databases;
+# a combination whose interpreter is missing is skipped (scripts/test_matrix.sh).
+test-matrix:
+	MATRIX="django42-py310:3.10:Django>=4.2,<5.0 django6-py312:3.12:Django>=6.0,<7.0" \
+		bash scripts/test_matrix.sh $(PYTEST_ARGS)
+
 # The example project on a fresh SQLite database (see example/demo.py).
 demo: $(STAMP_TEST)
 	$(PY) example/demo.py
@@ -63,6 +70,6 @@ lint: $(STAMP_LINT)
 	$(PY) -m mypy src
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+	rm -rf $(VENV) .venv-matrix build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
 		example/demo.sqlite3
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

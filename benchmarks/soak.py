@@ -54,6 +54,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import django
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PINGPONG = {
@@ -87,7 +89,11 @@ def database_from_env(sqlite_path: str | None = None) -> dict[str, Any]:
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": sqlite_path,
             # Writers take the lock at BEGIN and wait for each other (Django >= 5.1).
-            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 60},
+            "OPTIONS": (
+                {"transaction_mode": "IMMEDIATE", "timeout": 60}
+                if django.VERSION >= (5, 1)
+                else {"timeout": 60}
+            ),
         }
     return {
         "ENGINE": "django.db.backends.postgresql",
