@@ -249,9 +249,10 @@ def test_savepoint_rolled_back_inside_a_larger_transaction(encounter):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_post_commit_receiver_raising_cannot_undo_the_transition(visit_definition, patient):
+def test_post_commit_receiver_raising_cannot_undo_the_transition(visit_definition, patient, caplog):
     """``post_transition`` runs after COMMIT: a receiver that fails cannot take the committed
-    row back (whatever it raises, the stream and projection agree)."""
+    row back, and must not make the caller think the transition failed (a retry would append
+    it twice): transition() returns normally and the failure is logged."""
     enc = create_encounter(visit_definition, patient)
 
     def explode(**kwargs):
@@ -259,13 +260,19 @@ def test_post_commit_receiver_raising_cannot_undo_the_transition(visit_definitio
 
     post_transition.connect(explode, weak=False, dispatch_uid="tf-post")
     try:
-        try:
-            transition(enc, "checked_in")
-        except Boom:
-            pass  # Django's on_commit propagates a callback's exception to the caller
+        with caplog.at_level("ERROR", logger="django_encounters"):
+            row = transition(enc, "checked_in")
     finally:
         post_transition.disconnect(dispatch_uid="tf-post")
 
+    assert row.sequence == 1
+    assert any(
+        "post_transition receiver" in r.getMessage()
+        and "committed" in r.getMessage()
+        and r.exc_info
+        and r.exc_info[0] is Boom
+        for r in caplog.records
+    ), caplog.records
     fresh = reload(enc)
     assert (fresh.state, fresh.version) == ("checked_in", 1)
     assert [r.sequence for r in get_encounter_history(fresh)] == [1]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -30,6 +31,8 @@ from .projections import mapper
 from .projections.timeline import time_in_states as _time_in_states
 from .signals import post_transition, pre_transition
 from .validators import StateValidator, get_validator_instance, parse_validator_entry
+
+logger = logging.getLogger("django_encounters")
 
 __all__ = [
     "create_encounter",
@@ -233,13 +236,27 @@ def transition(
                 setattr(target, name, value)
 
         def _announce() -> None:
-            post_transition.send(
+            # The row is committed: a failing receiver must not make the caller believe the
+            # transition failed (a retry would append it twice). Log it instead.
+            responses = post_transition.send_robust(
                 sender=Encounter,
                 encounter=encounter,
                 transition=record,
                 from_state=from_state,
                 to_state=to_state,
             )
+            for receiver, response in responses:
+                if isinstance(response, Exception):
+                    logger.error(
+                        "post_transition receiver %r failed for encounter %s (sequence %s, "
+                        "%r -> %r); the transition is committed",
+                        receiver,
+                        record.encounter_id,
+                        record.sequence,
+                        from_state,
+                        to_state,
+                        exc_info=(type(response), response, response.__traceback__),
+                    )
 
         db_transaction.on_commit(_announce, using=using)
     return record
