@@ -577,3 +577,29 @@ _aware = st.datetimes(
 )
 def test_row_hash_matches_the_reference_payload(**kw):
     assert row_hash(**kw) == _reference_hash(**kw)
+
+
+def test_transition_refuses_to_backdate_into_a_stream_with_a_gap(visit_definition, patient):
+    """A deleted row (triggers disabled) leaves a gap: a backdated transition, which must
+    replay the stream, refuses with a typed error naming the encounter; nothing written."""
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "checked_in", effective_at=timezone.now() - timedelta(hours=3))
+    transition(encounter, "cancelled", effective_at=timezone.now() - timedelta(hours=1))
+    with triggers_disabled() as cursor:
+        cursor.execute(
+            f"DELETE FROM {TABLE} WHERE {connection.ops.quote_name('sequence')} = 1 "
+            f"AND {connection.ops.quote_name('encounter_id')} = %s",
+            [
+                EncounterTransition._meta.get_field("encounter").get_db_prep_value(
+                    encounter.pk, connection
+                )
+            ],
+        )
+    before = list(EncounterTransition.objects.filter(encounter=encounter).values_list("sequence"))
+
+    with pytest.raises(EncounterError, match="sequence gap") as excinfo:
+        transition(encounter, "cancelled", effective_at=timezone.now() - timedelta(hours=2))
+
+    assert str(encounter.pk) in str(excinfo.value)
+    after = list(EncounterTransition.objects.filter(encounter=encounter).values_list("sequence"))
+    assert before == after == [(2,)]

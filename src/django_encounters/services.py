@@ -16,6 +16,7 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, models, router
 from django.db import transaction as db_transaction
 from django.utils import timezone
+from eventsourcing.domain import OriginatorVersionError
 
 from . import conf, persistence
 from .exceptions import (
@@ -176,7 +177,14 @@ def transition(
         timeline = mapper.timeline_from_projection(locked)
         if not timeline.appends_at_end(effective_at):
             # Backdated: the decision needs the rows of the timeline.
-            timeline = mapper.load_timeline(locked)
+            try:
+                timeline = mapper.load_timeline(locked)
+            except OriginatorVersionError as exc:
+                raise EncounterError(
+                    f"Encounter {locked.pk}: its transition log has a sequence gap ({exc}); "
+                    "refusing to decide on a damaged stream. Run `manage.py audit_encounters "
+                    f"--encounter {locked.pk}`"
+                ) from exc
         event = timeline.decide(
             rules,
             to_state,
