@@ -144,3 +144,29 @@ def run_in_threads(count: int, work: Callable[[int], Any], timeout: float = 60) 
     alive = [t for t in threads if t.is_alive()]
     assert not alive, f"{len(alive)} thread(s) still running after {timeout}s"
     return results
+
+
+def insert_row_raw(encounter, **fields):
+    """Insert a transition row with plain SQL, below the library: no numbering check and no
+    projection update (what a careless import script or another client would do). The row is
+    hashed correctly against the previous row so only what the test means to break is broken."""
+    from django_encounters.models import EncounterTransition
+
+    meta = EncounterTransition._meta
+    qn = connection.ops.quote_name
+    row = EncounterTransition(encounter=encounter, **fields)
+    if not row.hash:
+        previous = (
+            EncounterTransition.objects.filter(encounter=encounter, sequence=row.sequence - 1)
+            .values_list("hash", flat=True)
+            .first()
+        )
+        row.hash = row.compute_hash(previous or "")
+    columns = list(meta.concrete_fields)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(columns))})",
+            [f.get_db_prep_save(getattr(row, f.attname), connection) for f in columns],
+        )
+    return row

@@ -29,7 +29,7 @@ from django_encounters.projections.audit import (
     iter_audit,
 )
 from django_encounters.projections.rebuild import rebuild_projections
-from django_encounters.projections.timeline import row_hash
+from django_encounters.projections.timeline import canonical_json, row_hash
 from django_encounters.services import create_encounter, get_state_at, transition
 from tests.helpers import IS_POSTGRES
 
@@ -520,7 +520,8 @@ def test_clean_store_exits_0(office):
 
 
 def _reference_hash(**kw) -> str:
-    """The original formula: sha256 of json.dumps of the list, sort_keys, compact, UTF-8."""
+    """The formula: sha256 of json.dumps of the list, sort_keys, compact, UTF-8, with the
+    metadata in its canonical JSON form (as the databases give it back)."""
     import hashlib
 
     def iso(value):
@@ -536,7 +537,7 @@ def _reference_hash(**kw) -> str:
             iso(kw["transitioned_at"]),
             "" if kw["transitioned_by"] is None else str(kw["transitioned_by"]),
             kw["reason"] or "",
-            kw["metadata"] if kw["metadata"] is not None else {},
+            canonical_json(kw["metadata"]) if kw["metadata"] is not None else {},
             kw["previous_hash"] or "",
         ],
         sort_keys=True,

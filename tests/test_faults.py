@@ -154,7 +154,7 @@ def test_insert_clashing_on_sequence_becomes_concurrent_error_and_leaves_nothing
     with receiver(pre_transition, intrude), pytest.raises(ConcurrentTransitionError) as info:
         transition(encounter, "checked_in")
 
-    assert "sequence 1 was appended by another writer" in str(info.value)
+    assert "sequence 1 is already in the log" in str(info.value)
     assert isinstance(info.value.__cause__, IntegrityError)
     assert_intact(encounter, before)
     assert_next_transition_works(encounter)
@@ -166,11 +166,16 @@ def test_insert_failing_in_the_database_leaves_nothing(encounter, is_postgres):
         pytest.skip("SQLite does not enforce varchar lengths; covered by the FK case below")
     before = snapshot(encounter)
 
-    def overflow(transition, **kwargs):
-        transition.reason = "ok"
-        transition.to_state = "x" * 500  # varchar(50)
+    table = EncounterTransition._meta.db_table
 
-    with receiver(pre_transition, overflow), pytest.raises(DatabaseError):
+    def overflow(execute, sql, params, many, context):
+        # The decided row is immutable to receivers (its hash covers it); corrupt the INSERT on
+        # its way to the database instead: a value the varchar(50) column cannot hold.
+        if sql.lstrip().upper().startswith("INSERT") and table in sql:
+            params = [("x" * 500 if p == "checked_in" else p) for p in params]
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(overflow), pytest.raises(DatabaseError):
         transition(encounter, "checked_in")
 
     assert_intact(encounter, before)
@@ -186,8 +191,10 @@ def test_failure_at_commit_after_insert_and_update_leaves_nothing(visit_definiti
     before = snapshot(enc)
     announced = []
 
-    def dangling_user(transition, **kwargs):
-        transition.transitioned_by_id = 987654321  # no such user
+    def dangling_user(encounter, **kwargs):
+        # The row itself cannot be altered after the decision (its hash covers it): make the
+        # transaction carry a dangling FK in the same transaction instead.
+        Encounter.objects.filter(pk=encounter.pk).update(created_by_id=987654321)  # no such user
 
     with receiver(pre_transition, dangling_user):
         post_transition.connect(

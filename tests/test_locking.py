@@ -25,7 +25,14 @@ from django_encounters.services import (
     transition,
 )
 from django_encounters.signals import pre_transition
-from tests.helpers import HOLD_SECONDS, RowLockHolder, reload, run_in_threads, snapshot
+from tests.helpers import (
+    HOLD_SECONDS,
+    RowLockHolder,
+    insert_row_raw,
+    reload,
+    run_in_threads,
+    snapshot,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -100,24 +107,43 @@ def test_expected_version_with_stale_instance(encounter):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_rows_appended_below_the_service_give_concurrent_transition_error(encounter):
-    # Another writer's row, inserted below the service: the projection is now behind the log.
+def test_low_level_append_moves_the_projection_and_transition_continues(encounter):
+    """EncounterTransition.objects.create() (the original low-level API) numbers and chains the
+    row and replays the stream into the projection, so transition() continues from it."""
     EncounterTransition.objects.create(
-        encounter=encounter,
-        from_state="scheduled",
-        to_state="checked_in",
-        sequence=encounter.version + 1,
+        encounter=encounter, from_state="scheduled", to_state="checked_in"
     )
+    fresh = reload(encounter)
+    assert (fresh.state, fresh.version) == ("checked_in", 1)
+    assert fresh.head_hash == EncounterTransition.objects.get(encounter=encounter).hash
+
+    row = transition(encounter, "in_progress")  # the caller's instance is stale: no matter
+
+    assert (row.sequence, row.from_state) == (2, "checked_in")
+    assert reload(encounter).version == 2
+
+
+def test_low_level_append_refuses_a_sequence_gap(encounter):
+    before = snapshot(encounter)
+    with pytest.raises(EncounterError, match="would leave a gap"):
+        EncounterTransition.objects.create(
+            encounter=encounter, from_state="scheduled", to_state="checked_in", sequence=3
+        )
+    assert snapshot(encounter) == before
+
+
+def test_rows_inserted_below_the_library_give_concurrent_transition_error(encounter):
+    """A row inserted with raw SQL (no projection update): the next transition() clashes on
+    the sequence and says so, naming the way out."""
+    insert_row_raw(encounter, sequence=1, from_state="scheduled", to_state="checked_in")
     before = snapshot(encounter)
     assert (before.version, before.row_count) == (0, 1)
 
-    with pytest.raises(ConcurrentTransitionError, match="sequence 1") as excinfo:
+    with pytest.raises(ConcurrentTransitionError, match="rebuild_encounter_projections") as exc:
         transition(encounter, "checked_in")
 
-    assert isinstance(excinfo.value.__cause__, IntegrityError)
-    assert excinfo.value.encounter_id == encounter.pk
+    assert isinstance(exc.value.__cause__, IntegrityError)
     assert snapshot(encounter) == before  # nothing written
-    assert EncounterTransition.objects.filter(encounter=encounter).count() == 1
 
 
 def test_sequence_clash_becomes_concurrent_transition_error(encounter):

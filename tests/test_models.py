@@ -365,10 +365,10 @@ def test_transition_creation(encounter, user):
     assert fresh.reason == "" and fresh.metadata == {}
     assert fresh.sequence == 1  # numbered automatically
     assert fresh.hash  # chained automatically
-    # A low-level insert does not move the projection: only transition() does.
+    # A low-level insert checks no state machine, but the projection follows the log.
     projection = reload(encounter)
-    assert projection.state == "scheduled"
-    assert projection.version == 0
+    assert projection.state == "checked_in"
+    assert projection.version == 1
 
     second = EncounterTransition.objects.create(
         encounter=encounter, from_state="checked_in", to_state="in_progress"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections import deque
 from datetime import datetime
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.conf import settings
 from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import models
+from django.db import models, router, transaction
 from django.db.models import F, OuterRef, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -28,6 +29,10 @@ def _require_aware(value: datetime, name: str) -> None:
         raise TypeError(f"{name} must be a datetime, not {type(value).__name__} {value!r}")
     if timezone.is_naive(value):
         raise ValueError(f"{name} must be timezone-aware, got naive datetime {value!r}")
+    try:
+        value.astimezone(dt_timezone.utc)
+    except OverflowError as exc:
+        raise ValueError(f"{name} {value!r} cannot be expressed in UTC: {exc}") from exc
 
 
 class EncounterDefinition(UUIDModel, BaseModel):
@@ -306,11 +311,22 @@ class Encounter(UUIDModel, BaseModel):
             # overwrite a state that moved on. Only transition() and the rebuild write them.
             protected = set(self.PROJECTION_FIELDS) | {"origin_state"}
             update_fields = kwargs.get("update_fields")
+            loaded = getattr(self, "_loaded_definition_id", self.definition_id)
+            if self.definition_id != loaded and (
+                EncounterTransition.objects.filter(encounter_id=self.pk).exists()
+            ):
+                raise EncounterError(
+                    f"Encounter {self.pk} has transitions recorded under definition "
+                    f"{loaded}; it cannot be moved to definition {self.definition_id} "
+                    "(its log would be replayed against the wrong rules)"
+                )
             if update_fields is None:
+                # Soft delete is changed only by delete()/restore() (they name deleted_at):
+                # a stale instance's plain save() must not undelete the encounter.
                 update_fields = [
                     f.name
                     for f in self._meta.concrete_fields
-                    if not f.primary_key and f.name not in protected
+                    if not f.primary_key and f.name not in protected and f.name != "deleted_at"
                 ]
             else:
                 update_fields = [
@@ -322,6 +338,15 @@ class Encounter(UUIDModel, BaseModel):
                     return
             kwargs["update_fields"] = update_fields
         super().save(*args, **kwargs)
+        self._loaded_definition_id = self.definition_id
+
+    @classmethod
+    def from_db(cls, db: Any, field_names: Any, values: Any, **kwargs: Any) -> Any:
+        instance = super().from_db(db, field_names, values, **kwargs)
+        # Remembered so that save() can refuse moving an encounter with history to another
+        # definition without a query.
+        instance._loaded_definition_id = instance.__dict__.get("definition_id")
+        return instance
 
     def refresh_projection(self) -> None:
         """Reload the projection columns from the database."""
@@ -420,31 +445,53 @@ class EncounterTransition(UUIDModel):
         # Append-only - cannot update existing. (_state.adding, not pk: a UUID pk is set early.)
         if not self._state.adding:
             raise EncounterError("Transitions are immutable")
-        if self.sequence is None or not self.hash:
-            # Low-level insert (services.transition() passes both): number and chain the row.
-            # The encounter's projection is NOT updated; a rebuild or audit will notice.
-            previous = (
-                EncounterTransition.objects.filter(encounter_id=self.encounter_id)
-                .order_by("-sequence")
-                .values_list("sequence", "hash")
-                .first()
+        # A low-level insert (services.transition() does not come through here): number and
+        # chain the row, then move the encounter's projection by replaying its stream — the log
+        # is the truth, so the projection follows whatever the log now says. No state-machine
+        # checks: that is transition()'s job; the audit reports what this lets through.
+        from .projections import mapper
+
+        using = kwargs.get("using") or router.db_for_write(EncounterTransition, instance=self)
+        with transaction.atomic(using=using):
+            # The same row lock transition() takes: one writer at a time per encounter.
+            list(
+                Encounter.all_objects.using(using)
+                .select_for_update()
+                .filter(pk=self.encounter_id)
+                .values_list("pk", flat=True)
             )
+            rows = EncounterTransition.objects.using(using).filter(encounter_id=self.encounter_id)
+            previous = rows.order_by("-sequence").values_list("sequence", "hash").first()
+            last = previous[0] if previous else 0
             if self.sequence is None:
-                self.sequence = previous[0] + 1 if previous else 1
-            previous_hash = ""
-            if previous and previous[0] == self.sequence - 1:
-                previous_hash = previous[1]
-            elif self.sequence > 1:
-                previous_hash = (
-                    EncounterTransition.objects.filter(
-                        encounter_id=self.encounter_id, sequence=self.sequence - 1
-                    )
-                    .values_list("hash", flat=True)
-                    .first()
-                    or ""
+                self.sequence = last + 1
+            if self.sequence > last + 1:
+                raise EncounterError(
+                    f"Encounter {self.encounter_id}: sequence {self.sequence} would leave a gap "
+                    f"(the log is at version {last})"
                 )
-            self.hash = self.compute_hash(previous_hash)
-        super().save(*args, **kwargs)
+            if not self.hash:
+                previous_hash = ""
+                if previous and previous[0] == self.sequence - 1:
+                    previous_hash = previous[1]
+                elif self.sequence > 1:
+                    previous_hash = (
+                        rows.filter(sequence=self.sequence - 1)
+                        .values_list("hash", flat=True)
+                        .first()
+                        or ""
+                    )
+                self.hash = self.compute_hash(previous_hash)
+            super().save(*args, **kwargs)
+            encounter = Encounter.all_objects.using(using).get(pk=self.encounter_id)
+            timeline = mapper.load_timeline(encounter, using=using)
+            Encounter.all_objects.using(using).filter(pk=encounter.pk).update(
+                state=timeline.state,
+                version=timeline.version,
+                timeline_end_at=timeline.end_at,
+                head_hash=timeline.head_hash,
+                updated_at=timezone.now(),
+            )
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise EncounterError(

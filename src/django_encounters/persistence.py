@@ -16,6 +16,7 @@ from typing import Any
 from django.db import connections
 from django.db.models import Field, Model, signals
 
+from .exceptions import EncounterError
 from .models import Encounter, EncounterDefinition, EncounterTransition
 from .projections.timeline import TIMELINE_ORDER
 
@@ -135,13 +136,22 @@ def lock_encounter(pk: Any, using: str) -> Encounter | None:
     return encounter
 
 
-def insert_transition(record: EncounterTransition, using: str) -> None:
-    """INSERT one new transition row; ``pre_save``/``post_save`` are sent as ``save()`` would."""
+def insert_transition(record: EncounterTransition, using: str, *, previous_hash: str) -> None:
+    """INSERT one new transition row; ``pre_save``/``post_save`` are sent as ``save()`` would.
+
+    The row was decided and hashed before the signals ran: a receiver that changed its content
+    is refused (``EncounterError``) rather than store a row its hash does not cover.
+    """
     connection = connections[using]
     st = _statements(connection)
     signals.pre_save.send(
         sender=EncounterTransition, instance=record, raw=False, using=using, update_fields=None
     )
+    if record.compute_hash(previous_hash) != record.hash:
+        raise EncounterError(
+            f"Transition {record.sequence} of encounter {record.encounter_id} was changed by a "
+            "signal receiver after it was decided; rows cannot be altered before insert"
+        )
     params = [f.get_db_prep_save(f.pre_save(record, True), connection) for f in st.insert_fields]
     with connection.cursor() as cursor:
         cursor.execute(st.insert_sql, params)

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, models, router
+from django.db import IntegrityError, OperationalError, models, router
 from django.db import transaction as db_transaction
 from django.utils import timezone
 from eventsourcing.domain import OriginatorVersionError
@@ -29,6 +29,7 @@ from .exceptions import (
 )
 from .models import Encounter, EncounterDefinition, EncounterTransition, _require_aware
 from .projections import mapper
+from .projections.timeline import EncounterTimeline
 from .projections.timeline import time_in_states as _time_in_states
 from .signals import post_transition, pre_transition
 from .validators import StateValidator, get_validator_instance, parse_validator_entry
@@ -154,8 +155,48 @@ def transition(
         raise TypeError(f"expected_version must be an int, not {expected_version!r}")
     if effective_at is not None:
         _require_aware(effective_at, "effective_at")
+    # What is stored and hashed: a JSON copy of the context (keys as JSON writes them), taken
+    # now, so validators or receivers that mutate the caller's dict cannot change the row
+    # after its hash was computed.
+    stored_context = json.loads(json.dumps(context)) if context else {}
 
     using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
+    try:
+        return _transition(
+            encounter,
+            to_state,
+            transitioned_by,
+            reason,
+            context,
+            stored_context,
+            effective_at,
+            skip_validation,
+            expected_version,
+            using,
+        )
+    except OperationalError as exc:
+        # SQLite without transaction_mode="IMMEDIATE" (Django < 5.1): a writer that cannot
+        # upgrade its read lock gets "database is locked" — another writer got there first.
+        if "database is locked" in str(exc):
+            raise ConcurrentTransitionError(
+                encounter.pk, detail=f"another writer holds the database ({exc})"
+            ) from exc
+        raise
+
+
+def _transition(
+    encounter: Encounter,
+    to_state: str,
+    transitioned_by: Any,
+    reason: str,
+    context: dict | None,
+    stored_context: dict,
+    effective_at: datetime | None,
+    skip_validation: bool,
+    expected_version: int | None,
+    using: str,
+) -> EncounterTransition:
+    """The transaction of :func:`transition`, arguments already checked."""
     with db_transaction.atomic(using=using):
         locked = persistence.lock_encounter(encounter.pk, using)
         if locked is None:
@@ -177,14 +218,7 @@ def transition(
         timeline = mapper.timeline_from_projection(locked)
         if not timeline.appends_at_end(effective_at):
             # Backdated: the decision needs the rows of the timeline.
-            try:
-                timeline = mapper.load_timeline(locked)
-            except OriginatorVersionError as exc:
-                raise EncounterError(
-                    f"Encounter {locked.pk}: its transition log has a sequence gap ({exc}); "
-                    "refusing to decide on a damaged stream. Run `manage.py audit_encounters "
-                    f"--encounter {locked.pk}`"
-                ) from exc
+            timeline = _load_timeline(locked, using)
         event = timeline.decide(
             rules,
             to_state,
@@ -192,7 +226,7 @@ def transition(
             transitioned_at=now,
             transitioned_by=getattr(transitioned_by, "pk", None),
             reason=reason,
-            metadata=context or {},
+            metadata=stored_context,
             latest_allowed=latest_allowed,
         )
         from_state = event.from_state
@@ -209,12 +243,15 @@ def transition(
             to_state=to_state,
         )
         try:
-            persistence.insert_transition(record, using)
+            persistence.insert_transition(record, using, previous_hash=locked.head_hash)
         except IntegrityError as exc:
             if _is_sequence_clash(exc):
                 raise ConcurrentTransitionError(
                     locked.pk,
-                    detail=f"sequence {record.sequence} was appended by another writer",
+                    detail=f"sequence {record.sequence} is already in the log: another writer "
+                    "appended it (retry), or rows were inserted below the library and the "
+                    "projection is behind (run `manage.py rebuild_encounter_projections "
+                    f"--encounter {locked.pk}`)",
                 ) from exc
             raise
 
@@ -235,12 +272,23 @@ def transition(
         # the log (written behind the library's back), the new row would leave a gap: refuse.
         guard = (locked.pk, record.sequence - 1) if record.sequence > 1 else None
         if not persistence.update_columns(Encounter, locked.pk, changes, using, after_row=guard):
-            stream_version = EncounterTransition.objects.filter(encounter_id=locked.pk).count()
+            stream_version = (
+                EncounterTransition.objects.using(using).filter(encounter_id=locked.pk).count()
+            )
             raise ProjectionDriftError(locked.pk, locked.version, stream_version - 1)
 
-        # The caller's instance now shows the new projection; a later save() is harmless.
+        # The caller's instance now shows the whole new projection (not only what changed
+        # against the locked row: the caller's copy may be older); a later save() is harmless.
+        current = {
+            "state": timeline.state,
+            "version": timeline.version,
+            "timeline_end_at": timeline.end_at,
+            "head_hash": timeline.head_hash,
+            "ended_at": changes.get("ended_at", locked.ended_at),
+            "updated_at": now,
+        }
         for target in (encounter, locked):
-            for name, value in changes.items():
+            for name, value in current.items():
                 setattr(target, name, value)
 
         def _announce() -> None:
@@ -331,7 +379,7 @@ def time_in_states(encounter: Encounter, until: datetime | None = None) -> dict[
         until = timezone.now()
     else:
         _require_aware(until, "until")
-    timeline = mapper.load_timeline(encounter)
+    timeline = _load_timeline(encounter, _db_for_read(encounter))
     return _time_in_states(
         encounter.origin_state, encounter.created_at, timeline.entries or [], until
     )
@@ -344,6 +392,19 @@ def duration_in_state(encounter: Encounter, state: str, until: datetime | None =
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _load_timeline(encounter: Encounter, using: str) -> EncounterTimeline:
+    """Replay the encounter's whole stream; a stream with a sequence gap is refused with a
+    typed error naming the encounter (the library's version check finds the gap)."""
+    try:
+        return mapper.load_timeline(encounter, using=using)
+    except OriginatorVersionError as exc:
+        raise EncounterError(
+            f"Encounter {encounter.pk}: its transition log has a sequence gap ({exc}); refusing "
+            f"to replay a damaged stream. Run `manage.py audit_encounters --encounter "
+            f"{encounter.pk}`"
+        ) from exc
 
 
 def _db_for_read(encounter: Encounter) -> str:
@@ -368,7 +429,7 @@ def _check_json(value: Any, name: str) -> None:
     valid UTF-8 without NUL (PostgreSQL refuses both; SQLite would store them)."""
     try:
         json.dumps(value, sort_keys=True, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{name} is not JSON-serialisable: {exc}") from exc
     if _contains_nul(value):
         raise ValueError(f"{name} contains a NUL character (\\x00), which cannot be stored")

@@ -59,13 +59,14 @@ def timeline_from_projection(encounter: Encounter) -> EncounterTimeline:
     )
 
 
-def load_timeline(encounter: Encounter) -> EncounterTimeline:
+def load_timeline(encounter: Encounter, using: str | None = None) -> EncounterTimeline:
     """Replay the encounter's whole stream (one query). Raises the library's
     ``OriginatorVersionError`` if the stream has a gap."""
     from ..models import EncounterTransition
 
     rows = (
-        EncounterTransition.objects.filter(encounter_id=encounter.pk)
+        EncounterTransition.objects.using(using or encounter._state.db or "default")
+        .filter(encounter_id=encounter.pk)
         .order_by("sequence")
         .values_list(*EVENT_COLUMNS)
     )

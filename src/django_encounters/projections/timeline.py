@@ -97,6 +97,44 @@ _JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=Fal
 _json_string = json.encoder.encode_basestring  # the escaper JSONEncoder uses for these options
 
 
+def _json_key(key: Any) -> str:
+    """The object key JSON stores for ``key`` (what json.dumps writes for it)."""
+    if isinstance(key, str):
+        return key
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, float):
+        return float.__repr__(key)
+    return int.__repr__(key) if isinstance(key, int) else str(key)
+
+
+def canonical_json(value: Any) -> Any:
+    """``value`` as the databases hand a JSON column back, so a row hashes the same before the
+    INSERT and after any round trip: object keys become strings; numbers take one form — an
+    integral number is an ``int`` (PostgreSQL's ``jsonb`` returns ``1e16`` as
+    ``10000000000000000`` and ``-0.0`` as ``0``), any other float stays as it is (its shortest
+    repr survives both databases)."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if value == 0:
+            return 0
+        if value.is_integer():
+            return int(Decimal(repr(value)))
+        return value
+    if isinstance(value, dict):
+        return {_json_key(k): canonical_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical_json(v) for v in value]
+    return value  # anything else: json.dumps decides (and refuses what it cannot encode)
+
+
 def _payload_reference(items: list[Any]) -> str:
     return json.dumps(items, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -145,7 +183,9 @@ def row_hash(
                 ",",
                 _json_string(reason),
                 ",",
-                "{}" if type(metadata) is dict and not metadata else _JSON.encode(metadata),
+                "{}"
+                if type(metadata) is dict and not metadata
+                else _JSON.encode(canonical_json(metadata)),
                 ",",
                 _json_string(previous_hash),
                 "]",
@@ -162,7 +202,7 @@ def row_hash(
                 _utc_iso(transitioned_at),
                 by,
                 reason,
-                metadata,
+                canonical_json(metadata),
                 previous_hash,
             ]
         )
