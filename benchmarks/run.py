@@ -18,7 +18,8 @@ Django opened, a plain cursor, no ORM) on the same schema, indexes and triggers:
 * rebuild of N transitions over N/5 encounters (every projection drifted first, so every one
   is rewritten): one ``UPDATE … FROM`` setting the last state per encounter. Ours replays every
   stream through the engine *and verifies it* (gap-free, from_state, edges, hash chain). Peak
-  memory (RSS of a fresh process running the rebuild) at 100k and 1M rows;
+  memory (RSS of a fresh process running the rebuild) at 100k and 1M rows; the big rebuild
+  again with ``jobs=2`` (two worker processes, ``--jobs 2``);
 * ``Encounter.objects.as_of(t)`` over all encounters (``values_list('pk', 'state_at')``): the
   hand-written correlated-subquery SQL, ``fetchall``.
 
@@ -575,13 +576,21 @@ def rebuild_floor(schema: Schema) -> float:
     return time.perf_counter() - started
 
 
-def rebuild_in_child(database: dict) -> dict:
-    """Run the real rebuild in a fresh process (so its peak RSS is the rebuild's own)."""
+def rebuild_in_child(database: dict, jobs: int = 1) -> dict:
+    """Run the real rebuild in a fresh process (so its peak RSS is the rebuild's own); with
+    ``jobs > 1`` that process spawns the workers (the RSS is then the parent's alone)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.pop("DJANGO_SETTINGS_MODULE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--rebuild-child", json.dumps(database)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--rebuild-child",
+            json.dumps(database),
+            str(jobs),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -593,7 +602,7 @@ def rebuild_in_child(database: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def rebuild_child(database: dict) -> dict:
+def rebuild_child(database: dict, jobs: int = 1) -> dict:
     configure(database)
     from django_encounters.projections.rebuild import rebuild_projections
 
@@ -603,7 +612,7 @@ def rebuild_child(database: dict) -> dict:
     baseline = rss_kib()
     reset_peak_rss()
     started = time.perf_counter()
-    result = rebuild_projections()
+    result = rebuild_projections(jobs=jobs)
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
@@ -616,13 +625,16 @@ def rebuild_child(database: dict) -> dict:
     }
 
 
-def bench_rebuild(schema: Schema, database: dict, rows_label: str) -> dict:
-    ours = rebuild_in_child(database)
+def bench_rebuild(schema: Schema, database: dict, rows_label: str, jobs: int = 1) -> dict:
+    ours = rebuild_in_child(database, jobs)
     if ours["anomalies"]:
         raise RuntimeError(f"rebuild reported {ours['anomalies']} anomalies on generated data")
+    if ours["fixed"] != ours["encounters"]:
+        raise RuntimeError(f"rebuild fixed {ours['fixed']} of {ours['encounters']} encounters")
     floor_s = rebuild_floor(schema)
+    name = "rebuild" if jobs == 1 else f"rebuild --jobs {jobs}"
     return figure(
-        f"rebuild, {ours['rows']:,} rows / {ours['encounters']:,} encounters (verified)",
+        f"{name}, {ours['rows']:,} rows / {ours['encounters']:,} encounters (verified)",
         floor_s,
         ours["seconds"],
         ours["rows"],
@@ -632,6 +644,7 @@ def bench_rebuild(schema: Schema, database: dict, rows_label: str) -> dict:
         rss_growth_mib=(ours["rss_peak_kib"] - ours["rss_baseline_kib"]) / 1024,
         fixed=ours["fixed"],
         label=rows_label,
+        jobs=jobs,
     )
 
 
@@ -686,6 +699,8 @@ def run_backend(backend: str, sizes: dict) -> dict:
         log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 2)")
         if has_rebuild:
             results["figures"].append(bench_rebuild(schema, database, "big"))
+            log("rebuild --jobs 2 (same data)")
+            results["figures"].append(bench_rebuild(schema, database, "big", jobs=2))
         log("as_of(t)")
         as_of = bench_as_of(schema, big)
         # The per-call benchmarks run last, on the big tables (realistic index depth); the
@@ -759,7 +774,12 @@ def table(all_results: list[dict]) -> str:
                 f"| {result['backend']} | {f['name']} | {floor} | {ours} | {f['ratio']:.2f}× | "
                 f"{'' if target is None else f'≥ {target}×'} | {met} |"
             )
-    memory = [(r["backend"], f) for r in all_results for f in r["figures"] if f["unit"] == "row"]
+    memory = [
+        (r["backend"], f)
+        for r in all_results
+        for f in r["figures"]
+        if f["unit"] == "row" and f.get("jobs", 1) == 1  # with jobs, the workers' RSS is not seen
+    ]
     if memory:
         lines += [
             "",
@@ -797,7 +817,8 @@ def _env_int(name: str, default: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--rebuild-child"]:
-        print(json.dumps(rebuild_child(json.loads(argv[1]))), flush=True)
+        jobs = int(argv[2]) if len(argv) > 2 else 1
+        print(json.dumps(rebuild_child(json.loads(argv[1]), jobs)), flush=True)
         return 0
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]

@@ -30,10 +30,11 @@ from django_encounters.projections.mapper import load_timeline
 from django_encounters.projections.rebuild import (
     PROJECTION,
     RebuildResult,
+    _split,
     rebuild_projections,
 )
 from django_encounters.services import create_encounter, transition
-from tests.helpers import IS_POSTGRES, work_queries
+from tests.helpers import IS_POSTGRES, insert_row_raw, work_queries
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCOUNTER_TABLE = Encounter._meta.db_table
@@ -338,7 +339,8 @@ def test_result_object(clinic):
 
 
 def _append_raw(encounter, **fields) -> EncounterTransition:
-    """A row appended through the low-level ``save()`` (no decision, no projection update)."""
+    """A row appended through the low-level ``save()`` (no decision: the state machine is not
+    consulted; the projection follows the log)."""
     row = EncounterTransition(encounter=encounter, **fields)
     row.save()
     return row
@@ -368,7 +370,7 @@ def test_anomalies_are_reported_and_exit_1(clinic):
 
 def test_gap_in_the_stream_is_an_anomaly(clinic):
     done = clinic["done"]
-    _append_raw(done, sequence=5, from_state="completed", to_state="completed")
+    insert_row_raw(done, sequence=5, from_state="completed", to_state="completed")
 
     result = rebuild_projections()
 
@@ -529,3 +531,226 @@ def test_rebuild_killed_with_sigkill_then_rerun(visit_definition, patient, tmp_p
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "0 projections drifted" in check.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# --jobs N: primary-key ranges over worker processes, results identical to one process
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jobs", [0, -1, True, 1.5])
+def test_jobs_must_be_a_positive_integer(jobs):
+    with pytest.raises(ValueError, match="jobs"):
+        rebuild_projections(jobs=jobs)
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2", "two"])
+def test_jobs_option_must_be_a_positive_integer(jobs):
+    with pytest.raises(CommandError, match="jobs"):
+        call_command("rebuild_encounter_projections", "--jobs", jobs, stdout=io.StringIO())
+
+
+@pytest.mark.skipif(IS_POSTGRES, reason="the in-memory SQLite test database")
+def test_jobs_refused_on_an_in_memory_sqlite_database(clinic):
+    with pytest.raises(ValueError, match="in-memory SQLite"):
+        rebuild_projections(jobs=2)
+    code, _, err = run("--jobs", "2")
+    assert code == 2 and "in-memory SQLite database cannot be shared" in err
+
+
+@pytest.mark.postgres_only
+def test_jobs_refused_inside_a_transaction(clinic):
+    with pytest.raises(ValueError, match="inside a transaction"):
+        rebuild_projections(jobs=2)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "batch_size", "sizes"),
+    [(3, 2, [10, 10, 10]), (2, 4, [16, 14]), (4, 10, [10, 10, 10]), (8, 1000, [30])],
+)
+def test_jobs_split_whole_batches_evenly(visit_definition, patient, jobs, batch_size, sizes):
+    for _ in range(30):
+        create_encounter(visit_definition, patient)
+    selected = Encounter.all_objects.all()
+
+    ranges = _split(selected, 30, jobs, batch_size)
+
+    counts = []
+    for after, upto in ranges:
+        part = selected if after is None else selected.filter(pk__gt=after)
+        counts.append((part if upto is None else part.filter(pk__lte=upto)).count())
+    assert counts == sizes
+    assert ranges[0][0] is None and ranges[-1][1] is None
+
+
+def _shared_database(tmp_path: Path) -> Path | None:
+    """A database the child processes can open: the PostgreSQL test database itself (``None``),
+    or on SQLite a file copy of the in-memory test database."""
+    if IS_POSTGRES:
+        return None
+    db_file = tmp_path / "shared.sqlite3"
+    target = sqlite3.connect(db_file)
+    connection.ensure_connection()
+    connection.connection.backup(target)
+    target.close()
+    return db_file
+
+
+def _mixed_store(visit_definition, employment_definition, patient, count: int = 30) -> list:
+    """``count`` encounters of two definitions; every third one's projection drifted, two
+    streams (one early, one late in pk order) with anomalies."""
+    encounters = []
+    for index in range(count):
+        if index % 5 == 4:
+            encounter = create_encounter(employment_definition, patient)
+            transition(encounter, "working", effective_at=t(1, 2))
+            transition(encounter, "finished", effective_at=t(3, 1))
+            transition(encounter, "onleave", effective_at=t(2, 1))  # backdated
+        else:
+            encounter = create_encounter(visit_definition, patient)
+            for state in ["checked_in", "in_progress", "completed"][: index % 4]:
+                transition(encounter, state)
+        encounters.append(encounter)
+    ordered = sorted(encounters, key=lambda e: e.pk)
+    for encounter in ordered[::3]:
+        raw_update(encounter.pk, state="cancelled", version=7)
+    for encounter in (ordered[1], ordered[-2]):
+        _append_raw(encounter, from_state="in_progress", to_state="scheduled")
+    return ordered
+
+
+def _command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "django", "rebuild_encounter_projections", "--no-progress", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _without_seconds(output: str) -> list[str]:
+    """The output's lines, the summary's timing cut off."""
+    return [line.rsplit(", ", 1)[0] if " seconds" in line else line for line in output.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_jobs_give_the_same_results_as_one_process(
+    visit_definition, employment_definition, patient, tmp_path
+):
+    _mixed_store(visit_definition, employment_definition, patient)
+    env = _child_env(_shared_database(tmp_path))
+    args = ["-v", "2", "--batch-size", "2"]
+
+    one = _command(env, "--check", *args, "--jobs", "1")
+    assert one.returncode == 1, one.stderr
+    drifted = [line for line in one.stdout.splitlines() if line.startswith("drift: ")]
+    anomalies = [line for line in one.stdout.splitlines() if line.startswith("anomaly: ")]
+    assert len(drifted) >= 10 and len(anomalies) >= 2
+    assert f"{len(drifted)} projections drifted" in one.stdout
+    for jobs in ("2", "3"):
+        many = _command(env, "--check", *args, "--jobs", jobs)
+        # The same drift and the same anomalies, listed in the same order; nothing written.
+        assert _without_seconds(many.stdout) == _without_seconds(one.stdout), many.stderr
+        assert many.returncode == 1 and many.stderr.endswith(one.stderr.split(": ", 1)[1])
+
+    fix = _command(env, *args, "--jobs", "2")
+    assert fix.returncode == 1, fix.stderr  # the anomalies remain: rows are facts
+    fixed = [line for line in fix.stdout.splitlines() if line.startswith("fixed: ")]
+    assert [line[7:] for line in fixed] == [line[7:] for line in drifted]
+    assert [line for line in fix.stdout.splitlines() if line.startswith("anomaly: ")] == anomalies
+    assert f"{len(drifted)} projections fixed, {len(anomalies)} anomalies" in fix.stdout
+
+    after = _command(env, "--check", *args, "--jobs", "1")
+    assert "0 projections drifted" in after.stdout
+    assert f"{len(anomalies)} anomalies" in after.stdout
+    assert _command(env, *args, "--jobs", "2").stdout.count("fixed: ") == 0
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_jobs_api_merges_results_and_progress(visit_definition, employment_definition, patient):
+    ordered = _mixed_store(visit_definition, employment_definition, patient)
+
+    one = rebuild_projections(check=True, batch_size=3)
+    calls: list[tuple[int, int | None]] = []
+    many = rebuild_projections(
+        check=True,
+        batch_size=3,
+        jobs=3,
+        progress=lambda r: calls.append((r.encounters_scanned, r.encounters_total)),
+    )
+
+    for name in (
+        "encounters_scanned",
+        "rows_replayed",
+        "projections_drifted",
+        "projections_fixed",
+        "anomaly_count",
+        "anomalous_encounters",
+        "drift",
+        "anomalies",
+    ):
+        assert getattr(many, name) == getattr(one, name), name
+    assert many.projections_drifted >= 10 and many.projections_fixed == 0
+    assert calls and calls[-1] == (30, 30)
+    assert [scanned for scanned, _ in calls] == sorted(scanned for scanned, _ in calls)
+    assert projection(ordered[0].pk)[:2] == ("cancelled", 7)  # --check wrote nothing
+
+    fixed = rebuild_projections(batch_size=3, jobs=2, max_reported=3)
+    assert fixed.projections_fixed == one.projections_drifted and fixed.drift == one.drift[:3]
+    assert fixed.anomalies == one.anomalies[:3] and fixed.anomaly_count == one.anomaly_count
+    assert rebuild_projections(check=True, batch_size=3, jobs=2).projections_drifted == 0
+
+
+FAILING_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import django
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    django.setup()
+    from django_encounters.projections import rebuild
+
+    # Module level: a spawned worker re-runs this file (as __mp_main__), so the patch is theirs.
+    replay_batch = rebuild._replay_batch
+
+    def failing_replay_batch(batch, *args):
+        if any(row[0].hex == os.environ["FAIL_ON"] for row in batch):
+            raise RuntimeError("boom in the worker of " + os.environ["FAIL_ON"])
+        return replay_batch(batch, *args)
+
+    rebuild._replay_batch = failing_replay_batch
+
+    if __name__ == "__main__":
+        from django.core.management import execute_from_command_line
+        execute_from_command_line(["manage.py", "rebuild_encounter_projections", *sys.argv[1:]])
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_worker_fails_the_run(visit_definition, employment_definition, patient, tmp_path):
+    ordered = _mixed_store(visit_definition, employment_definition, patient)
+    script = tmp_path / "failing_rebuild.py"
+    script.write_text(FAILING_WORKER)
+    env = _child_env(_shared_database(tmp_path))
+    env["FAIL_ON"] = ordered[-1].pk.hex  # in the last worker's range
+
+    proc = subprocess.run(
+        [sys.executable, str(script), "--no-progress", "--batch-size", "2", "--jobs", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (
+        f"rebuild worker 2 of 2 failed: RuntimeError: boom in the worker of {ordered[-1].pk.hex}"
+        in proc.stderr
+    )
+    assert "encounters scanned" not in proc.stdout  # no summary of a run that did not finish

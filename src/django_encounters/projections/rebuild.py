@@ -16,6 +16,10 @@ How it runs:
   rows; killed at any point, a batch either committed or rolled back, and a re-run finishes the
   job (the rebuild is idempotent: a second run finds nothing to fix).
 
+With ``jobs=N`` (``--jobs N``) the selected encounters are split into N primary-key ranges of
+equal size, each rebuilt as above by its own worker process (``spawn``, own connection); the
+results are merged into one, the same as a single process's.
+
 ``ended_at``, ``started_at`` and ``scheduled_at`` are ordinary fields and are left alone;
 ``updated_at`` of a fixed encounter is set to the time of the fix.
 """
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
@@ -117,6 +121,7 @@ def rebuild_projections(
     using: str = DEFAULT_DB_ALIAS,
     progress: Callable[[RebuildResult], None] | None = None,
     max_reported: int = DEFAULT_MAX_REPORTED,
+    jobs: int = 1,
 ) -> RebuildResult:
     """Recompute every projection from the log, or with ``check=True`` only report drift.
 
@@ -126,22 +131,58 @@ def rebuild_projections(
         encounters: only these encounter ids (UUIDs or strings).
         batch_size: encounters per batch (and per transaction).
         using: database alias.
-        progress: called with the running result after each batch.
+        progress: called with the running result after each batch (with ``jobs > 1``: the
+            sum over the workers, after any worker's batch).
         max_reported: how many drifts and anomalies to keep in detail.
+        jobs: worker processes. ``1`` (the default) runs here, in this process and on this
+            connection. ``N > 1`` splits the selected encounters into N primary-key ranges of
+            (nearly) equal size and runs each range in its own process (``spawn``), with its own
+            connection, exactly as a single process would (batches, one transaction each,
+            locks, replay, writes); the ranges start on batch boundaries (never more workers
+            than batches), so the merged result is identical to ``jobs=1``'s.
 
     Soft-deleted encounters are included: their logs are kept, so are their projections.
 
     Raises:
-        ValueError: bad ``batch_size`` or an encounter id that is not a UUID.
+        ValueError: bad ``batch_size`` or ``jobs``, an encounter id that is not a UUID, or
+            ``jobs > 1`` on an in-memory SQLite database or inside a transaction.
         EncounterError: no definition has the code ``definition``.
+        RebuildWorkerError: with ``jobs > 1``, a worker process failed (the others are
+            stopped; every batch either committed or rolled back, a re-run finishes the job).
     """
-    from ..models import Encounter, EncounterTransition
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-    started = time.perf_counter()
-    result = RebuildResult(check=check)
-    rules = RulesCache(using)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, not {jobs!r}")
+    if encounters is not None:
+        encounters = list(encounters)  # parsed (and checked) by select()
+    if jobs > 1:
+        return _rebuild_in_workers(
+            check=check,
+            definition=definition,
+            encounters=encounters,
+            batch_size=batch_size,
+            using=using,
+            progress=progress,
+            max_reported=max_reported,
+            jobs=jobs,
+        )
+    return rebuild_range(
+        check=check,
+        definition=definition,
+        encounters=encounters,
+        batch_size=batch_size,
+        using=using,
+        progress=progress,
+        max_reported=max_reported,
+    )
+
+
+def select(
+    using: str, rules: RulesCache, definition: str | None, encounters: list[Any] | None
+) -> tuple[Any, Any]:
+    """The selected encounters and their transitions (querysets on ``using``)."""
+    from ..models import Encounter, EncounterTransition
 
     selected = Encounter.all_objects.using(using)
     transitions = EncounterTransition.objects.using(using)
@@ -155,12 +196,37 @@ def rebuild_projections(
         ids = parse_encounter_ids(encounters)
         selected = selected.filter(pk__in=ids)
         transitions = transitions.filter(encounter_id__in=ids)
-    if progress is not None:
-        result.encounters_total = selected.count()
+    return selected, transitions
+
+
+def rebuild_range(
+    *,
+    check: bool,
+    definition: str | None,
+    encounters: list[Any] | None,
+    batch_size: int,
+    using: str,
+    progress: Callable[[RebuildResult], None] | None,
+    max_reported: int,
+    after: Any = None,
+    upto: Any = None,
+    count_total: bool = True,
+) -> RebuildResult:
+    """The rebuild in this process, of the selected encounters with ``after < pk <= upto``
+    (``None``: unbounded). A worker of ``jobs > 1`` runs this for its range."""
+    started = time.perf_counter()
+    result = RebuildResult(check=check)
+    rules = RulesCache(using)
+    selected, transitions = select(using, rules, definition, encounters)
+    if upto is not None:
+        selected = selected.filter(pk__lte=upto)
+    if progress is not None and count_total:
+        counted = selected if after is None else selected.filter(pk__gt=after)
+        result.encounters_total = counted.count()
 
     writer = _writer(connections[using])
     page = selected.order_by("pk").values_list(*_ENCOUNTER_COLUMNS)
-    last: Any = None
+    last: Any = after
     while True:
         with transaction.atomic(using=using):
             query = page if last is None else page.filter(pk__gt=last)
@@ -233,6 +299,238 @@ def _replay_batch(
                 fold(encounter, _NO_ROWS)
     result.encounters_scanned += len(batch)
     return fixes
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs > 1: primary-key ranges over worker processes, results merged.
+# ---------------------------------------------------------------------------------------------
+
+
+class RebuildWorkerError(RuntimeError):
+    """A worker process of a ``jobs > 1`` rebuild failed; the message carries its error."""
+
+
+#: Counters a worker reports after each batch (for the aggregate progress display).
+_COUNTERS = (
+    "encounters_scanned",
+    "rows_replayed",
+    "projections_drifted",
+    "projections_fixed",
+    "anomaly_count",
+    "anomalous_encounters",
+)
+
+
+def _split(selected: Any, total: int, jobs: int, batch_size: int) -> list[tuple[Any, Any]]:
+    """Up to ``jobs`` contiguous ``(after, upto]`` primary-key ranges with (nearly) the same
+    number of selected encounters each, their boundaries on ``batch_size`` multiples of the pk
+    order: each worker's batches are then exactly the batches a single process would take (so
+    the results, their order included, are the same), and there are never more workers than
+    batches. The first range is open below, the last open above (encounters created meanwhile
+    with a larger pk are the last worker's, as they would be a single process's)."""
+    batches = -(-total // batch_size)
+    workers = max(1, min(jobs, batches))
+    pks = selected.order_by("pk").values_list("pk", flat=True)
+    bounds: list[Any] = []
+    for k in range(1, workers):
+        offset = batches * k // workers * batch_size  # strictly increasing in k
+        found = list(pks[offset - 1 : offset])
+        if found and (not bounds or found[0] > bounds[-1]):
+            bounds.append(found[0])
+    lows: list[Any] = [None, *bounds]
+    highs: list[Any] = [*bounds, None]
+    return list(zip(lows, highs, strict=True))
+
+
+def _worker_setup(using: str) -> dict[str, Any]:
+    """What a spawned worker needs to set Django up like this process: the settings module (or,
+    for ``settings.configure()``, the explicitly configured settings) and the *current*
+    connection settings of ``using`` (under a test runner: the test database's name)."""
+    import pickle
+
+    from django.conf import settings
+
+    connection: Any = connections[using]
+    if connection.vendor == "sqlite" and connection.is_in_memory_db():
+        raise ValueError(
+            "jobs > 1 needs a database the worker processes can open: an in-memory SQLite "
+            "database cannot be shared between processes (use jobs=1, or a database file)"
+        )
+    if connection.in_atomic_block:
+        raise ValueError(
+            "jobs > 1 cannot run inside a transaction: the workers use their own connections "
+            "and would not see (or would wait for) this one's uncommitted work"
+        )
+    module = getattr(settings, "SETTINGS_MODULE", None)
+    configured: dict[str, Any] = {}
+    if not module:
+        for name, value in vars(cast(Any, settings)._wrapped).items():
+            if name.isupper():
+                try:
+                    pickle.dumps(value)
+                except Exception:  # noqa: BLE001 - a setting a worker cannot be given
+                    continue
+                configured[name] = value
+    return {
+        "module": module,
+        "settings": configured,
+        "alias": using,
+        "database": dict(connection.settings_dict),
+    }
+
+
+def _setup_django_in_worker(setup: dict[str, Any]) -> None:
+    import os
+
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        if setup["module"]:
+            os.environ["DJANGO_SETTINGS_MODULE"] = setup["module"]
+        else:
+            settings.configure(**setup["settings"])
+    django.setup()
+    alias = setup["alias"]
+    connections.settings[alias] = setup["database"]
+    for connection in connections.all(initialized_only=True):
+        if connection.alias == alias:  # opened while setting up: reopen with the new settings
+            connection.close()
+            del connections[alias]
+
+
+def _worker_main(index: int, setup: dict[str, Any], task: dict[str, Any], messages: Any) -> None:
+    """Entry point of a worker process: the single-process rebuild of its range."""
+    import traceback
+
+    try:
+        _setup_django_in_worker(setup)
+
+        def report(result: RebuildResult) -> None:
+            messages.put(("progress", index, [getattr(result, n) for n in _COUNTERS]))
+
+        wants_progress = task.pop("report")
+        result = rebuild_range(**task, progress=report if wants_progress else None)
+        messages.put(("done", index, result))
+    except BaseException as exc:
+        traceback.print_exc()
+        messages.put(("error", index, "".join(traceback.format_exception_only(exc)).strip()))
+        raise SystemExit(1) from None
+    finally:
+        connections.close_all()
+
+
+def _rebuild_in_workers(
+    *,
+    check: bool,
+    definition: str | None,
+    encounters: list[Any] | None,
+    batch_size: int,
+    using: str,
+    progress: Callable[[RebuildResult], None] | None,
+    max_reported: int,
+    jobs: int,
+) -> RebuildResult:
+    import multiprocessing
+    import queue
+
+    started = time.perf_counter()
+    setup = _worker_setup(using)
+    rules = RulesCache(using)
+    selected, _ = select(using, rules, definition, encounters)  # bad options fail here
+    total = selected.count()
+    ranges = _split(selected, total, jobs, batch_size)
+    merged = RebuildResult(check=check, encounters_total=total if progress is not None else None)
+
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    workers = []
+    for index, (after, upto) in enumerate(ranges):
+        task = {
+            "check": check,
+            "definition": definition,
+            "encounters": encounters,
+            "batch_size": batch_size,
+            "using": using,
+            "max_reported": max_reported,
+            "after": after,
+            "upto": upto,
+            "count_total": False,
+            "report": progress is not None,
+        }
+        worker = context.Process(
+            target=_worker_main,
+            args=(index, setup, task, messages),
+            name=f"rebuild-worker-{index + 1}",
+            daemon=True,
+        )
+        workers.append(worker)
+    counters: dict[int, list[int]] = {}
+    results: dict[int, RebuildResult] = {}
+    failure: str | None = None
+
+    def receive(message: tuple) -> None:
+        nonlocal failure
+        kind, index, payload = message
+        if kind == "progress":
+            counters[index] = payload
+            if progress is not None:
+                for position, name in enumerate(_COUNTERS):
+                    setattr(merged, name, sum(c[position] for c in counters.values()))
+                merged.seconds = time.perf_counter() - started
+                progress(merged)
+        elif kind == "done":
+            results[index] = payload
+        elif failure is None:
+            failure = f"rebuild worker {index + 1} of {len(workers)} failed: {payload}"
+
+    try:
+        for worker in workers:
+            worker.start()
+        while len(results) < len(workers) and failure is None:
+            try:
+                receive(messages.get(timeout=0.5))
+                continue
+            except queue.Empty:
+                pass
+            dead = [i for i, w in enumerate(workers) if w.exitcode is not None and i not in results]
+            if dead:
+                # Whatever a dead worker sent before exiting is in the pipe by now.
+                try:
+                    while True:
+                        receive(messages.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+                for i in dead:
+                    if i not in results and failure is None:
+                        failure = (
+                            f"rebuild worker {i + 1} of {len(workers)} failed: it exited with "
+                            f"status {workers[i].exitcode} without a result"
+                        )
+    finally:
+        for worker in workers:
+            if worker.is_alive() and (failure is not None or len(results) < len(workers)):
+                worker.terminate()  # its open batch rolls back with its connection
+        for worker in workers:
+            if worker.pid is not None:
+                worker.join()
+        messages.close()
+    if failure is not None:
+        raise RebuildWorkerError(
+            failure + " (the other workers were stopped; every batch either committed or "
+            "rolled back: a re-run finishes the job)"
+        )
+
+    for name in _COUNTERS:  # progress may have left running sums here
+        setattr(merged, name, 0)
+    for index in range(len(workers)):  # in pk order: the same order as a single process
+        part = results[index]
+        for name in _COUNTERS:
+            setattr(merged, name, getattr(merged, name) + getattr(part, name))
+        merged.drift.extend(part.drift[: max_reported - len(merged.drift)])
+        merged.anomalies.extend(part.anomalies[: max_reported - len(merged.anomalies)])
+    merged.seconds = time.perf_counter() - started
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------
