@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from pathlib import Path
 
+import django
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -558,6 +559,18 @@ def test_jobs_refused_on_an_in_memory_sqlite_database(clinic):
     assert code == 2 and "in-memory SQLite database cannot be shared" in err
 
 
+@pytest.mark.skipif(IS_POSTGRES, reason="SQLite's deferred transactions")
+def test_jobs_refused_on_sqlite_without_immediate_transactions(clinic, monkeypatch):
+    """Workers on deferred SQLite transactions would fail with "database is locked" instead of
+    waiting for each other: refused up front, nothing written."""
+    from django.db import connection
+
+    monkeypatch.setattr(connection, "is_in_memory_db", lambda: False)
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", {})
+    with pytest.raises(ValueError, match="transaction_mode"):
+        rebuild_projections(jobs=2)
+
+
 @pytest.mark.postgres_only
 def test_jobs_refused_inside_a_transaction(clinic):
     with pytest.raises(ValueError, match="inside a transaction"):
@@ -636,6 +649,10 @@ def _without_seconds(output: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not IS_POSTGRES and django.VERSION < (5, 1),
+    reason="jobs > 1 on SQLite needs Django >= 5.1's transaction_mode=IMMEDIATE",
+)
 @pytest.mark.django_db(transaction=True)
 def test_jobs_give_the_same_results_as_one_process(
     visit_definition, employment_definition, patient, tmp_path
@@ -731,6 +748,10 @@ FAILING_WORKER = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not IS_POSTGRES and django.VERSION < (5, 1),
+    reason="jobs > 1 on SQLite needs Django >= 5.1's transaction_mode=IMMEDIATE",
+)
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_worker_fails_the_run(visit_definition, employment_definition, patient, tmp_path):
     ordered = _mixed_store(visit_definition, employment_definition, patient)

@@ -145,7 +145,8 @@ def rebuild_projections(
 
     Raises:
         ValueError: bad ``batch_size`` or ``jobs``, an encounter id that is not a UUID, or
-            ``jobs > 1`` on an in-memory SQLite database or inside a transaction.
+            ``jobs > 1`` on an in-memory SQLite database, on SQLite without
+            ``transaction_mode="IMMEDIATE"``, or inside a transaction.
         EncounterError: no definition has the code ``definition``.
         RebuildWorkerError: with ``jobs > 1``, a worker process failed (the others are
             stopped; every batch either committed or rolled back, a re-run finishes the job).
@@ -355,6 +356,17 @@ def _worker_setup(using: str) -> dict[str, Any]:
         raise ValueError(
             "jobs > 1 needs a database the worker processes can open: an in-memory SQLite "
             "database cannot be shared between processes (use jobs=1, or a database file)"
+        )
+    if (
+        connection.vendor == "sqlite"
+        and str(connection.settings_dict.get("OPTIONS", {}).get("transaction_mode", "")).upper()
+        != "IMMEDIATE"
+    ):
+        # Deferred SQLite transactions cannot upgrade their read lock while another process
+        # writes: workers would fail with "database is locked" instead of waiting.
+        raise ValueError(
+            "jobs > 1 on SQLite needs OPTIONS={'transaction_mode': 'IMMEDIATE'} (Django >= 5.1) "
+            "so that the workers wait for each other's write transactions (use jobs=1)"
         )
     if connection.in_atomic_block:
         raise ValueError(
