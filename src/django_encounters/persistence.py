@@ -30,12 +30,19 @@ def _field(model: type[Model], name: str) -> Any:
 
 @dataclass
 class _Statements:
+    """Every statement of the hot paths, built once per connection by :func:`_build`."""
+
     lock_sql: str
-    encounter_fields: list
-    definition_fields: list
-    converters: list  # per selected column: (converter functions, expression)
+    encounter_attnames: list[str]
+    definition_attnames: list[str]
+    lock_converters: list  # per selected column: (converter functions, expression)
     insert_sql: str
     insert_fields: list
+    state_at_sql: str
+    state_at_known_sql: str
+    history_sql: str
+    history_attnames: list[str]
+    history_converters: list
 
 
 def _converters(connection: Any, fields: list, alias: str) -> list:
@@ -96,14 +103,33 @@ def _build(connection: Any) -> _Statements:
         f"INSERT INTO {qn(row_meta.db_table)} ({', '.join(qn(f.column) for f in insert_fields)}) "
         f"VALUES ({', '.join(['%s'] * len(insert_fields))})"
     )
+
+    def col(name: str) -> str:
+        return qn(_field(EncounterTransition, name).column)
+
+    # "The last row of the timeline up to t": ordered by the engine's TIMELINE_ORDER.
+    state_at_sql = (
+        f"SELECT {col('to_state')} FROM {qn(row_meta.db_table)} "
+        f"WHERE {col('encounter')} = %s AND {col('effective_at')} <= %s"
+    )
+    order = f" ORDER BY {', '.join(f'{col(name)} DESC' for name in TIMELINE_ORDER)} LIMIT 1"
+    history_sql = (
+        f"SELECT {', '.join(qn(f.column) for f in insert_fields)} FROM {qn(row_meta.db_table)} "
+        f"WHERE {col('encounter')} = %s ORDER BY {col('sequence')}"
+    )
     return _Statements(
         lock_sql=lock_sql,
-        encounter_fields=encounter_fields,
-        definition_fields=definition_fields,
-        converters=_converters(connection, encounter_fields, enc_meta.db_table)
+        encounter_attnames=[f.attname for f in encounter_fields],
+        definition_attnames=[f.attname for f in definition_fields],
+        lock_converters=_converters(connection, encounter_fields, enc_meta.db_table)
         + _converters(connection, definition_fields, def_meta.db_table),
         insert_sql=insert_sql,
         insert_fields=insert_fields,
+        state_at_sql=state_at_sql + order,
+        state_at_known_sql=state_at_sql + f" AND {col('transitioned_at')} <= %s" + order,
+        history_sql=history_sql,
+        history_attnames=[f.attname for f in insert_fields],
+        history_converters=_converters(connection, insert_fields, row_meta.db_table),
     )
 
 
@@ -126,12 +152,10 @@ def lock_encounter(pk: Any, using: str) -> Encounter | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    values = _convert(row, st.converters, connection)
-    split = len(st.encounter_fields)
-    encounter = Encounter.from_db(using, [f.attname for f in st.encounter_fields], values[:split])
-    definition = EncounterDefinition.from_db(
-        using, [f.attname for f in st.definition_fields], values[split:]
-    )
+    values = _convert(row, st.lock_converters, connection)
+    split = len(st.encounter_attnames)
+    encounter = Encounter.from_db(using, st.encounter_attnames, values[:split])
+    definition = EncounterDefinition.from_db(using, st.definition_attnames, values[split:])
     _field(Encounter, "definition").set_cached_value(encounter, definition)
     return encounter
 
@@ -208,42 +232,24 @@ def update_columns(
 # -- read path -----------------------------------------------------------------------------------
 
 
-def _column(model: type[Model], name: str, qn: Any) -> str:
-    return qn(_field(model, name).column)
-
-
-def _state_at_sql(connection: Any, with_known_at: bool) -> str:
-    key = "_django_encounters_state_at_sql" + ("_known" if with_known_at else "")
-    sql = getattr(connection, key, None)
-    if sql is None:
-        qn = connection.ops.quote_name
-        col = lambda name: _column(EncounterTransition, name, qn)  # noqa: E731
-        order = ", ".join(f"{col(name)} DESC" for name in TIMELINE_ORDER)
-        sql = (
-            f"SELECT {col('to_state')} FROM {qn(EncounterTransition._meta.db_table)} "
-            f"WHERE {col('encounter')} = %s AND {col('effective_at')} <= %s"
-            + (f" AND {col('transitioned_at')} <= %s" if with_known_at else "")
-            + f" ORDER BY {order} LIMIT 1"
-        )
-        setattr(connection, key, sql)
-    return sql
-
-
 def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) -> str | None:
     """``to_state`` of the last row of the timeline with ``effective_at <= timestamp`` (and
     ``transitioned_at <= known_at``), ordered by the engine's ``TIMELINE_ORDER``; one indexed
     query. None when there is no such row."""
     connection = connections[using]
+    st = _statements(connection)
     params = [
         _field(EncounterTransition, "encounter").get_db_prep_value(encounter_pk, connection),
         _field(EncounterTransition, "effective_at").get_db_prep_value(timestamp, connection),
     ]
+    sql = st.state_at_sql
     if known_at is not None:
         params.append(
             _field(EncounterTransition, "transitioned_at").get_db_prep_value(known_at, connection)
         )
+        sql = st.state_at_known_sql
     with connection.cursor() as cursor:
-        cursor.execute(_state_at_sql(connection, known_at is not None), params)
+        cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else row[0]
 
@@ -251,32 +257,15 @@ def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) 
 def history(encounter: Encounter, using: str) -> list[EncounterTransition]:
     """The encounter's rows in recording order, as model instances; one query."""
     connection = connections[using]
-    statements = getattr(connection, "_django_encounters_history", None)
-    if statements is None:
-        qn = connection.ops.quote_name
-        meta = EncounterTransition._meta
-        fields = list(meta.concrete_fields)
-        sql = (
-            f"SELECT {', '.join(qn(str(f.column)) for f in fields)} FROM {qn(meta.db_table)} "
-            f"WHERE {_column(EncounterTransition, 'encounter', qn)} = %s "
-            f"ORDER BY {_column(EncounterTransition, 'sequence', qn)}"
-        )
-        statements = (
-            sql,
-            [f.attname for f in fields],
-            _converters(connection, fields, meta.db_table),
-        )
-        connection._django_encounters_history = statements  # type: ignore[attr-defined]
-    sql, attnames, converters = statements
-    param = _field(EncounterTransition, "encounter").get_db_prep_value(encounter.pk, connection)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [param])
-        rows = cursor.fetchall()
+    st = _statements(connection)
     relation = _field(EncounterTransition, "encounter")
+    with connection.cursor() as cursor:
+        cursor.execute(st.history_sql, [relation.get_db_prep_value(encounter.pk, connection)])
+        rows = cursor.fetchall()
     result = []
     for row in rows:
         instance = EncounterTransition.from_db(
-            using, attnames, _convert(row, converters, connection)
+            using, st.history_attnames, _convert(row, st.history_converters, connection)
         )
         relation.set_cached_value(instance, encounter)
         result.append(instance)
