@@ -145,20 +145,20 @@ def transition(
     if not isinstance(reason, str):
         raise TypeError(f"reason must be a str, not {type(reason).__name__}")
     _check_text(reason, "reason")
+    # What is stored and hashed: a JSON copy of the context (keys as JSON writes them), taken
+    # now, so validators or receivers that mutate the caller's dict cannot change the row
+    # after its hash was computed.
+    stored_context: dict = {}
     if context is not None:
         if not isinstance(context, dict):
             raise TypeError(f"context must be a dict, not {type(context).__name__}")
-        _check_json(context, "context")
+        stored_context = _check_json(context, "context")
     if expected_version is not None and (
         isinstance(expected_version, bool) or not isinstance(expected_version, int)
     ):
         raise TypeError(f"expected_version must be an int, not {expected_version!r}")
     if effective_at is not None:
         _require_aware(effective_at, "effective_at")
-    # What is stored and hashed: a JSON copy of the context (keys as JSON writes them), taken
-    # now, so validators or receivers that mutate the caller's dict cannot change the row
-    # after its hash was computed.
-    stored_context = json.loads(json.dumps(context)) if context else {}
 
     using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
     try:
@@ -423,16 +423,20 @@ def _check_user(user: Any, name: str) -> None:
         raise ValueError(f"{name} {user!r} is not saved (it has no primary key)")
 
 
-def _check_json(value: Any, name: str) -> None:
+def _check_json(value: Any, name: str) -> Any:
     """Refuse what the JSON column or the row hash could not take: the hash serialises with
     sorted keys (mixed key types fail), strict JSON has no NaN/Infinity, and text must be
-    valid UTF-8 without NUL (PostgreSQL refuses both; SQLite would store them)."""
+    valid UTF-8 without NUL (PostgreSQL refuses both; SQLite would store them).
+
+    Returns the value's JSON copy (keys as JSON writes them): what is stored and hashed."""
     try:
-        json.dumps(value, sort_keys=True, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        text = json.dumps(value, sort_keys=True, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{name} is not JSON-serialisable: {exc}") from exc
     if _contains_nul(value):
         raise ValueError(f"{name} contains a NUL character (\\x00), which cannot be stored")
+    return json.loads(text)
 
 
 def _contains_nul(value: Any) -> bool:
