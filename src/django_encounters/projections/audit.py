@@ -33,8 +33,7 @@ from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Exists, Model, OuterRef, Q
 from django.utils import timezone
 
-from ..exceptions import EncounterError
-from .streams import RulesCache, iter_streams, parse_encounter_ids
+from .streams import RulesCache, iter_streams, select
 from .timeline import TIMELINE_ORDER, Anomaly, verify_stream
 
 DEFAULT_BATCH_SIZE = 500
@@ -163,7 +162,7 @@ def iter_audit(
         ValueError / TypeError: naive or non-datetime times, ``since >= until``, bad ids.
         EncounterError: no definition has the code ``definition``.
     """
-    from ..models import Encounter, EncounterTransition
+    from ..models import EncounterTransition
 
     for name, value in (
         ("since", since),
@@ -180,14 +179,7 @@ def iter_audit(
         as_of = timezone.now()
 
     rules = RulesCache(using)
-    selected = Encounter.all_objects.using(using)
-    if definition is not None:
-        definition_ids = rules.ids_for_code(definition)
-        if not definition_ids:
-            raise EncounterError(f"no encounter definition has the code {definition!r}")
-        selected = selected.filter(definition_id__in=definition_ids)
-    if encounters is not None:
-        selected = selected.filter(pk__in=parse_encounter_ids(encounters))
+    selected, _ = select(using, rules, definition, encounters)
     if subject is not None:
         if subject.pk is None:
             raise ValueError(f"subject {subject!r} is not saved (it has no primary key)")

@@ -36,8 +36,7 @@ from uuid import UUID
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
-from ..exceptions import EncounterError
-from .streams import RulesCache, iter_streams, parse_encounter_ids
+from .streams import RulesCache, iter_streams, select
 from .timeline import Anomaly, StreamRow, verify_stream
 
 DEFAULT_BATCH_SIZE = 1000
@@ -177,27 +176,6 @@ def rebuild_projections(
         progress=progress,
         max_reported=max_reported,
     )
-
-
-def select(
-    using: str, rules: RulesCache, definition: str | None, encounters: list[Any] | None
-) -> tuple[Any, Any]:
-    """The selected encounters and their transitions (querysets on ``using``)."""
-    from ..models import Encounter, EncounterTransition
-
-    selected = Encounter.all_objects.using(using)
-    transitions = EncounterTransition.objects.using(using)
-    if definition is not None:
-        definition_ids = rules.ids_for_code(definition)
-        if not definition_ids:
-            raise EncounterError(f"no encounter definition has the code {definition!r}")
-        selected = selected.filter(definition_id__in=definition_ids)
-        transitions = transitions.filter(encounter__definition_id__in=definition_ids)
-    if encounters is not None:
-        ids = parse_encounter_ids(encounters)
-        selected = selected.filter(pk__in=ids)
-        transitions = transitions.filter(encounter_id__in=ids)
-    return selected, transitions
 
 
 def rebuild_range(

@@ -265,3 +265,31 @@ def iter_streams(transitions: QuerySet) -> Iterator[tuple[UUID, list[StreamRow]]
             yield (convert_key(current) if convert_key else current), bucket
     finally:
         cursor.close()
+
+
+def select(
+    using: str, rules: RulesCache, definition: str | None, encounters: Iterable[Any] | None
+) -> tuple[Any, Any]:
+    """The encounters selected by definition code and/or ids, and their transitions
+    (querysets on ``using``), as rebuild and audit select them.
+
+    Raises:
+        EncounterError: no definition has the code ``definition``.
+        ValueError: an encounter id that is not a UUID.
+    """
+    from ..exceptions import EncounterError
+    from ..models import Encounter, EncounterTransition
+
+    selected = Encounter.all_objects.using(using)
+    transitions = EncounterTransition.objects.using(using)
+    if definition is not None:
+        definition_ids = rules.ids_for_code(definition)
+        if not definition_ids:
+            raise EncounterError(f"no encounter definition has the code {definition!r}")
+        selected = selected.filter(definition_id__in=definition_ids)
+        transitions = transitions.filter(encounter__definition_id__in=definition_ids)
+    if encounters is not None:
+        ids = parse_encounter_ids(encounters)
+        selected = selected.filter(pk__in=ids)
+        transitions = transitions.filter(encounter_id__in=ids)
+    return selected, transitions
