@@ -170,3 +170,20 @@ def insert_row_raw(encounter, **fields):
             [f.get_db_prep_save(getattr(row, f.attname), connection) for f in columns],
         )
     return row
+
+
+def run_command(name: str, *args: str) -> tuple[int, str, str]:
+    """Run a management command; (exit status, stdout, stderr) as the shell would see them."""
+    import io
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command(name, *args, stdout=out, stderr=err)
+        code = 0
+    except CommandError as exc:
+        code = exc.returncode
+        err.write(f"CommandError: {exc}\n")
+    return code, out.getvalue(), err.getvalue()

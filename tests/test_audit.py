@@ -13,8 +13,6 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 
 import pytest
-from django.core.management import call_command
-from django.core.management.base import CommandError
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
@@ -31,7 +29,7 @@ from django_encounters.projections.audit import (
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.projections.timeline import canonical_json, row_hash
 from django_encounters.services import create_encounter, get_state_at, transition
-from tests.helpers import IS_POSTGRES
+from tests.helpers import IS_POSTGRES, run_command
 
 TABLE = EncounterTransition._meta.db_table
 PLUS10 = dt_timezone(timedelta(hours=10))
@@ -44,14 +42,7 @@ def t(month: int, day: int, hour: int = 9) -> datetime:
 
 
 def run(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        call_command("audit_encounters", *args, stdout=out, stderr=err)
-        code = 0
-    except CommandError as exc:
-        code = exc.returncode
-        err.write(f"CommandError: {exc}\n")
-    return code, out.getvalue(), err.getvalue()
+    return run_command("audit_encounters", *args)
 
 
 @pytest.fixture

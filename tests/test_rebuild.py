@@ -35,7 +35,7 @@ from django_encounters.projections.rebuild import (
     rebuild_projections,
 )
 from django_encounters.services import create_encounter, transition
-from tests.helpers import IS_POSTGRES, insert_row_raw, work_queries
+from tests.helpers import IS_POSTGRES, insert_row_raw, run_command, work_queries
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCOUNTER_TABLE = Encounter._meta.db_table
@@ -48,15 +48,7 @@ def t(month: int, day: int, hour: int = 9) -> datetime:
 
 
 def run(*args: str) -> tuple[int, str, str]:
-    """Run the command; (exit status, stdout, stderr) as the shell would see them."""
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        call_command("rebuild_encounter_projections", *args, stdout=out, stderr=err)
-        code = 0
-    except CommandError as exc:
-        code = exc.returncode
-        err.write(f"CommandError: {exc}\n")
-    return code, out.getvalue(), err.getvalue()
+    return run_command("rebuild_encounter_projections", *args)
 
 
 def raw_update(pk, **columns) -> None:
