@@ -63,7 +63,7 @@ PINGPONG = {
     "final_states": [],
     "transitions": {"a": ["b"], "b": ["a"]},
 }
-#: Targets of issue 4 (ratio floor/ours must be at least this).
+#: Targets (ratio floor/ours must be at least this).
 TARGETS = {"transition": 0.5, "get_state_at": 0.3, "rebuild": 0.4, "as_of": 0.5}
 
 
@@ -200,7 +200,7 @@ def generate(
     from django.contrib.contenttypes.models import ContentType
     from django.db import connection
 
-    from django_encounters.projections.timeline import row_hash
+    from django_encounters.engine import StreamRow, row_hash
 
     ct = ContentType.objects.get_for_model(User).pk
     rng = random.Random(start)
@@ -217,18 +217,8 @@ def generate(
             for seq in range(1, rows_per + 1):
                 to = OTHER[state]
                 eff = created + timedelta(minutes=seq, microseconds=seq)
-                digest = row_hash(
-                    encounter_id=eid,
-                    sequence=seq,
-                    from_state=state,
-                    to_state=to,
-                    effective_at=eff,
-                    transitioned_at=eff,
-                    transitioned_by=None,
-                    reason="",
-                    metadata={},
-                    previous_hash=previous,
-                )
+                content = StreamRow(seq, state, to, eff, eff, None, "", {}, "")
+                digest = row_hash(eid, content, previous)
                 values = {
                     "id": uuid.UUID(int=rng.getrandbits(128), version=4),
                     "encounter": eid,
@@ -680,27 +670,18 @@ def run_backend(backend: str, sizes: dict) -> dict:
 
         rows_per = sizes["rows_per_encounter"]
         small, big = sizes["small_encounters"], sizes["encounters"]
-        try:
-            import django_encounters.projections.rebuild  # noqa: F401
-        except ImportError:  # the rebuild is issue 3's; before it lands, measure the rest
-            has_rebuild = False
-            log("no django_encounters.projections.rebuild: rebuild benchmarks skipped")
-        else:
-            has_rebuild = True
         log(f"generating {small:,} encounters x {rows_per} rows")
         t0 = time.perf_counter()
         generate(schema, definition, 0, small, rows_per)
         log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 1)")
-        if has_rebuild:
-            results["figures"].append(bench_rebuild(schema, database, "small"))
+        results["figures"].append(bench_rebuild(schema, database, "small"))
         log(f"generating {big - small:,} more encounters")
         t0 = time.perf_counter()
         generate(schema, definition, small, big - small, rows_per)
         log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 2)")
-        if has_rebuild:
-            results["figures"].append(bench_rebuild(schema, database, "big"))
-            log("rebuild --jobs 2 (same data)")
-            results["figures"].append(bench_rebuild(schema, database, "big", jobs=2))
+        results["figures"].append(bench_rebuild(schema, database, "big"))
+        log("rebuild --jobs 2 (same data)")
+        results["figures"].append(bench_rebuild(schema, database, "big", jobs=2))
         log("as_of(t)")
         as_of = bench_as_of(schema, big)
         # The per-call benchmarks run last, on the big tables (realistic index depth); the

@@ -452,9 +452,9 @@ def naive_fold(origin: str, rows: list[tuple[int, str, Any]]) -> str:
 
 def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Report) -> None:
     """Compare the database with what the workers committed; append problems to ``report``."""
+    from django_encounters.engine import StreamRow, verify_stream
     from django_encounters.models import Encounter, EncounterTransition
-    from django_encounters.projections.mapper import EVENT_COLUMNS
-    from django_encounters.projections.timeline import StreamRow, verify_stream
+    from django_encounters.store.schema import ROW_COLUMNS
 
     problems = report.problems
     claimed = Counter(committed)
@@ -468,7 +468,7 @@ def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Re
     rows = EncounterTransition.objects.filter(encounter_id__in=encounter_ids).order_by(
         "encounter_id", "sequence"
     )
-    for values in rows.values_list("encounter_id", *EVENT_COLUMNS).iterator(chunk_size=5000):
+    for values in rows.values_list("encounter_id", *ROW_COLUMNS).iterator(chunk_size=5000):
         rows_by_encounter[str(values[0])].append(values[1:])
     stored = {(pk, v[0]) for pk, vs in rows_by_encounter.items() for v in vs}
     report.rows = len(stored)

@@ -1,4 +1,4 @@
-"""Business time (DESIGN §3): backdating, the re-chain check, the future tolerance, naive
+"""Business time: backdating, the re-chain check, the future tolerance, naive
 datetimes, ties, the origin state and bitemporal ``known_at`` queries."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def on_shift(employment_definition, patient):
 
 @pytest.fixture
 def with_later_onleave(on_shift):
-    """The timeline of DESIGN §11's example: sequence 3 is 'onleave' effective
+    """A timeline where sequence 3 is 'onleave' effective
     2017-02-01T12:15:00+10:00, so 'finished' may not be backdated before it."""
     transition(on_shift, "onleave", effective_at=t(1, 5))
     transition(on_shift, "working", effective_at=t(1, 10))

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 4, deliverable 3).
+"""The bad-input catalogue.
 
 One table-driven test: every hostile input must raise a *typed* error whose message says what is
 wrong, and must leave the database exactly as it was — no transition row written, no projection
@@ -6,7 +6,7 @@ column (state, version, timeline end, head hash, ended_at, updated_at) changed, 
 definition created. The checks compare a fingerprint of every row the store owns, read fresh from
 the database, before and after the call.
 
-Decisions recorded here (DESIGN is silent on them):
+Decisions recorded here:
 
 * a huge ``reason`` is fine (``TextField``): accepted and stored intact (``test_huge_reason_…``);
 * state names longer than 50 characters are refused when the *definition* is saved (Django

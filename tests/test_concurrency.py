@@ -1,4 +1,4 @@
-"""Concurrency (issue 4, deliverable 1): 8 worker processes, each with its own database
+"""Concurrency: 8 worker processes, each with its own database
 connection, race ``transition()`` on shared and separate encounters, with and without
 ``expected_version``; afterwards nothing is lost or duplicated, every stream is gap-free and
 verifies, every projection equals its replay, and the only failures are the allowed, typed ones.

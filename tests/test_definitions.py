@@ -1,5 +1,5 @@
 """Definitions are validated on save (``clean()``, also run by ``save()``) and report legal
-structural smells through ``get_warnings()`` (DESIGN §9, §11)."""
+structural smells through ``get_warnings()``."""
 
 from __future__ import annotations
 

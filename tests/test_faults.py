@@ -1,4 +1,4 @@
-"""Fault injection (issue 4, deliverable 4): whatever breaks in the middle of ``transition()``,
+"""Fault injection: whatever breaks in the middle of ``transition()``,
 nothing is half-written — no row without its projection update, no projection update without
 its row — and the next transition works.
 
@@ -8,7 +8,7 @@ long), a deferred foreign key failing at COMMIT (after the insert and the update
 ``atomic()`` rolled back after a successful ``transition()``, a post-commit receiver raising,
 and (PostgreSQL) a worker process SIGKILLed while holding the row lock with its row inserted.
 
-Decision (DESIGN is silent): the caller's in-memory instance is not transactional. When an
+Decision: the caller's in-memory instance is not transactional. When an
 *outer* transaction rolls back after a successful ``transition()``, the instance keeps showing
 the state it was given; the database is the truth, ``refresh_projection()`` reloads it, and a
 ``transition()`` from that stale instance still decides on the fresh locked row.

@@ -1,4 +1,4 @@
-"""Property tests (issue 4, deliverable 2), with hypothesis, on both databases.
+"""Property tests, with hypothesis, on both databases.
 
 Random definitions (2–5 states, random edges including self-loops, random final states) and
 random sequences of ``transition()`` calls — mostly along an allowed edge from the state at the
@@ -25,7 +25,6 @@ raising ``_Rollback`` at its end (a failing assertion rolls it back the same way
 
 from __future__ import annotations
 
-import importlib
 import itertools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,9 +36,10 @@ from django.utils import timezone
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from django_encounters.engine import EncounterTimeline, Rules
 from django_encounters.exceptions import ConcurrentTransitionError, InvalidTransitionError
 from django_encounters.models import Encounter, EncounterDefinition
-from django_encounters.projections.timeline import EncounterTimeline, Rules
+from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import (
     create_encounter,
     get_encounter_history,
@@ -56,15 +56,6 @@ PROPERTY_SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-def _rebuild() -> Any:
-    """The rebuild API, once the projections package has it (issue 3)."""
-    try:
-        module = importlib.import_module("django_encounters.projections.rebuild")
-    except ImportError:  # pragma: no cover - before issue 3 lands
-        return None
-    return getattr(module, "rebuild_projections", None)
 
 
 # --- strategies ------------------------------------------------------------------------------
@@ -252,19 +243,17 @@ def run_example(
             assert census == {enc.pk: fold(origin, rows, t, known_at), bystander.pk: origin}
 
     # The in-memory engine replaying the stored stream agrees too.
-    rebuild = _rebuild()
-    if rebuild is not None:
-        Encounter.all_objects.filter(pk=enc.pk).update(state=origin, version=0, head_hash="")
-        result = rebuild(encounters=[enc.pk, bystander.pk])
-        assert result.anomaly_count == 0, [str(a) for a in result.anomalies]
-        rebuilt = Encounter.objects.get(pk=enc.pk)
-        assert (rebuilt.state, rebuilt.version, rebuilt.timeline_end_at, rebuilt.head_hash) == (
-            fresh.state,
-            fresh.version,
-            fresh.timeline_end_at,
-            fresh.head_hash,
-        )
-        assert rebuild(encounters=[enc.pk], check=True).projections_drifted == 0
+    Encounter.all_objects.filter(pk=enc.pk).update(state=origin, version=0, head_hash="")
+    result = rebuild_projections(encounters=[enc.pk, bystander.pk])
+    assert result.anomaly_count == 0, [str(a) for a in result.anomalies]
+    rebuilt = Encounter.objects.get(pk=enc.pk)
+    assert (rebuilt.state, rebuilt.version, rebuilt.timeline_end_at, rebuilt.head_hash) == (
+        fresh.state,
+        fresh.version,
+        fresh.timeline_end_at,
+        fresh.head_hash,
+    )
+    assert rebuild_projections(encounters=[enc.pk], check=True).projections_drifted == 0
 
 
 @pytest.mark.django_db
@@ -301,7 +290,7 @@ def test_timeline_engine_agrees_with_the_naive_fold(definition, ops):
     encounter_id = uuid.uuid4()
     timeline = EncounterTimeline.open(encounter_id, origin, created)
     rows: list[Row] = []
-    events = []
+    decided_rows = []
     clock = base + timedelta(days=10)
     for op in ops:
         clock += timedelta(seconds=1)
@@ -317,13 +306,13 @@ def test_timeline_engine_agrees_with_the_naive_fold(definition, ops):
             assert exc.from_state == from_state
             continue
         assert accepted and decided.from_state == from_state
-        events.append(decided)
-        rows.append(Row(decided.originator_version, to_state, at, clock))
+        decided_rows.append(decided)
+        rows.append(Row(decided.sequence, to_state, at, clock))
         assert timeline.state == fold(origin, rows)
         assert timeline.version == len(rows)
 
-    # A replay of the same events from scratch (the read/rebuild path) gives the same timeline.
-    replayed = EncounterTimeline.replay(encounter_id, origin, created, events)
+    # A replay of the same rows from scratch (the read/rebuild path) gives the same timeline.
+    replayed = EncounterTimeline.replay(encounter_id, origin, created, decided_rows)
     assert (replayed.state, replayed.version, replayed.end_at, replayed.head_hash) == (
         timeline.state,
         timeline.version,

@@ -1,4 +1,5 @@
-"""Statement budgets of the hot paths (DESIGN §5, §6; issue 4 target 6).
+"""Statement budgets of the hot paths: three statements for an ordinary ``transition()``, one
+for each read.
 
 Counted with ``CaptureQueriesContext``; transaction control (BEGIN/COMMIT/SAVEPOINT/RELEASE) is
 not work and is filtered out by ``tests.helpers.work_queries``. The ``transaction=True`` variants

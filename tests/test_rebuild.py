@@ -1,4 +1,4 @@
-"""``rebuild_encounter_projections`` and ``rebuild_projections()`` (DESIGN §7): drift found and
+"""``rebuild_encounter_projections`` and ``rebuild_projections()``: drift found and
 fixed, idempotence, selection options, stream verification, exit codes, batching, and a rebuild
 killed with SIGKILL half-way and re-run."""
 
@@ -25,9 +25,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from django_encounters import store
 from django_encounters.exceptions import EncounterError
 from django_encounters.models import Encounter, EncounterTransition
-from django_encounters.projections.mapper import load_timeline
 from django_encounters.projections.rebuild import (
     PROJECTION,
     RebuildResult,
@@ -69,7 +69,7 @@ def projection(pk) -> tuple:
 
 
 def replayed(pk) -> tuple:
-    timeline = load_timeline(Encounter.all_objects.get(pk=pk))
+    timeline = store.load_timeline(Encounter.all_objects.get(pk=pk), "default")
     return (timeline.state, timeline.version, timeline.end_at, timeline.head_hash)
 
 
@@ -394,25 +394,20 @@ CHILD = textwrap.dedent(
     import django
     os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
     django.setup()
-    from django_encounters.projections import rebuild
+    from django_encounters import store
 
-    make_writer = rebuild._writer
+    write = store.write_projections
     batches = 0
 
-    def pausing_writer(connection):
-        write = make_writer(connection)
+    def write_then_pause(using, fixes, now):
+        global batches
+        write(using, fixes, now)  # executed, not committed
+        batches += 1
+        if batches == 3:
+            print("PAUSED", flush=True)
+            time.sleep(600)  # killed here, inside the third batch's transaction
 
-        def write_then_pause(fixes, now):
-            global batches
-            write(fixes, now)  # executed, not committed
-            batches += 1
-            if batches == 3:
-                print("PAUSED", flush=True)
-                time.sleep(600)  # killed here, inside the third batch's transaction
-
-        return write_then_pause
-
-    rebuild._writer = pausing_writer
+    store.write_projections = write_then_pause
     from django.core.management import execute_from_command_line
     execute_from_command_line(["manage.py", "rebuild_encounter_projections", *sys.argv[1:]])
     """

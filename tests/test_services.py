@@ -1,5 +1,5 @@
 """Service tests: create_encounter (8), transition (16), get_encounter_history (4) and
-get_state_at (4) from the specification, plus the write path's contract (DESIGN §5, §11)."""
+get_state_at (4) from the specification, plus the write path's contract."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Temporal queries (DESIGN §6, §11): ``Encounter.objects.as_of(t, known_at=None)`` agrees with
+"""Temporal queries: ``Encounter.objects.as_of(t, known_at=None)`` agrees with
 ``get_state_at`` on every encounter, in one SQL statement, and can be filtered and ordered on;
 ``duration_in_state`` / ``time_in_states`` cut Decimal hours from the business-time timeline."""
 

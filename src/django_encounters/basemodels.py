@@ -1,4 +1,4 @@
-"""Abstract base models shipped with the package (DESIGN §9).
+"""Abstract base models shipped with the package.
 
 ``UUIDModel`` gives a UUID primary key; ``BaseModel`` gives timestamps and soft delete. They are
 separate so that ``class X(UUIDModel, BaseModel)`` has a clean MRO. (PyPI's
@@ -52,12 +52,6 @@ class SoftDeleteQuerySet(models.QuerySet):
         return _hard_delete(self.model, super().delete)
 
     hard_delete.alters_data = True  # type: ignore[attr-defined]
-
-    def alive(self) -> SoftDeleteQuerySet:
-        return self.filter(deleted_at__isnull=True)
-
-    def deleted(self) -> SoftDeleteQuerySet:
-        return self.filter(deleted_at__isnull=False)
 
 
 class SoftDeleteManager(models.Manager.from_queryset(SoftDeleteQuerySet)):  # type: ignore[misc]

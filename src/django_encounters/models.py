@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
 from datetime import datetime
-from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.conf import settings
@@ -16,23 +14,14 @@ from django.db.models import F, OuterRef, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from . import store
+from .arguments import require_aware
 from .basemodels import BaseModel, SoftDeleteManager, SoftDeleteQuerySet, UUIDModel
+from .engine import TIMELINE_ORDER, TIMELINE_ORDER_DESC, EncounterTimeline, Rules, row_hash
 from .exceptions import EncounterError, InvalidStateError, ValidatorConfigurationError
-from .projections.timeline import TIMELINE_ORDER, TIMELINE_ORDER_DESC, Rules, row_hash
 from .validators import get_validator_instance, parse_validator_entry
 
 STATE_MAX_LENGTH = 50
-
-
-def _require_aware(value: datetime, name: str) -> None:
-    if not isinstance(value, datetime):
-        raise TypeError(f"{name} must be a datetime, not {type(value).__name__} {value!r}")
-    if timezone.is_naive(value):
-        raise ValueError(f"{name} must be timezone-aware, got naive datetime {value!r}")
-    try:
-        value.astimezone(dt_timezone.utc)
-    except OverflowError as exc:
-        raise ValueError(f"{name} {value!r} cannot be expressed in UTC: {exc}") from exc
 
 
 class EncounterDefinition(UUIDModel, BaseModel):
@@ -62,27 +51,32 @@ class EncounterDefinition(UUIDModel, BaseModel):
         verbose_name_plural = "encounter definitions"
         ordering = ["name"]
 
+    def rules(self) -> Rules:
+        """The state machine as plain data: every question below is answered by it."""
+        return Rules.from_config(
+            self.code, self.states, self.transitions, self.final_states, self.initial_state
+        )
+
     def is_valid_state(self, state: str) -> bool:
         """Check if a state is defined for this encounter type."""
-        return state in self.states
+        return self.rules().is_state(state)
 
     def is_final_state(self, state: str) -> bool:
         """Check if a state is a final/terminal state."""
-        return state in self.final_states
+        return self.rules().is_final(state)
 
     def is_valid_transition(self, from_state: str, to_state: str) -> bool:
         """Check if a transition between two states is allowed."""
-        if from_state not in self.transitions:
-            return False
-        return to_state in self.transitions.get(from_state, [])
+        return self.rules().is_allowed(from_state, to_state)
 
     def get_allowed_transitions(self, from_state: str) -> list:
         """Get list of states that can be transitioned to from ``from_state``."""
-        return list(self.transitions.get(from_state, []))
+        return self.rules().allowed(from_state)
 
-    def rules(self) -> Rules:
-        """The state machine as plain data for the timeline engine."""
-        return Rules.from_config(self.code, self.states, self.transitions, self.final_states)
+    def get_warnings(self) -> list[str]:
+        """Structural smells that are legal, each naming the states concerned: states
+        unreachable from the initial state, exits from final states, non-final dead ends."""
+        return self.rules().warnings()
 
     # -- validation -------------------------------------------------------------------------
 
@@ -90,67 +84,14 @@ class EncounterDefinition(UUIDModel, BaseModel):
         """Check the state machine and validators; raise ``ValidationError`` naming every
         offending entry. Also run by :meth:`save`."""
         errors: dict[str, list[str]] = {}
-
-        def err(field: str, message: str) -> None:
-            errors.setdefault(field, []).append(message)
-
-        states = self.states
-        if not isinstance(states, list) or not states:
-            err("states", f"states must be a non-empty list of state names, not {states!r}")
-            states = []
-        else:
-            bad = [s for s in states if not isinstance(s, str) or not s.strip()]
-            if bad:
-                err("states", f"state names must be non-empty strings: {bad!r}")
-            long = [s for s in states if isinstance(s, str) and len(s) > STATE_MAX_LENGTH]
-            if long:
-                err("states", f"state names longer than {STATE_MAX_LENGTH} characters: {long!r}")
-            duplicates = sorted({s for s in states if isinstance(s, str) and states.count(s) > 1})
-            if duplicates:
-                err("states", f"duplicate states: {duplicates}")
-        known = {s for s in states if isinstance(s, str)}
-
+        known = _check_states(self.states, errors)
         if self.initial_state not in known:
-            err("initial_state", f"initial state {self.initial_state!r} is not in states {states}")
-
-        finals = self.final_states
-        if not isinstance(finals, list):
-            err("final_states", f"final_states must be a list, not {finals!r}")
-        else:
-            unknown = [s for s in finals if s not in known]
-            if unknown:
-                err("final_states", f"final states not in states: {unknown!r}")
-
-        transitions = self.transitions
-        if not isinstance(transitions, dict):
-            err(
-                "transitions",
-                f"transitions must be a dict of state -> [states], not {transitions!r}",
+            errors.setdefault("initial_state", []).append(
+                f"initial state {self.initial_state!r} is not in states {self.states}"
             )
-        else:
-            unknown_keys = [k for k in transitions if k not in known]
-            if unknown_keys:
-                err("transitions", f"transition sources not in states: {unknown_keys!r}")
-            for source, targets in transitions.items():
-                if not isinstance(targets, list):
-                    err("transitions", f"targets of {source!r} must be a list, not {targets!r}")
-                    continue
-                unknown_targets = [t for t in targets if t not in known]
-                if unknown_targets:
-                    err("transitions", f"targets of {source!r} not in states: {unknown_targets!r}")
-
-        validators = self.validators
-        if validators in (None, ""):
-            validators = []
-        if not isinstance(validators, list):
-            err("validators", f"validators must be a list, not {validators!r}")
-        else:
-            for index, entry in enumerate(validators):
-                try:
-                    get_validator_instance(*parse_validator_entry(entry))
-                except ValidatorConfigurationError as exc:
-                    err("validators", f"entry {index}: {exc}")
-
+        _check_final_states(self.final_states, known, errors)
+        _check_transitions(self.transitions, known, errors)
+        _check_validators(self.validators, errors)
         if errors:
             raise DjangoValidationError(errors)
 
@@ -158,40 +99,70 @@ class EncounterDefinition(UUIDModel, BaseModel):
         self.clean()
         super().save(*args, **kwargs)
 
-    def get_warnings(self) -> list[str]:
-        """Structural smells that are legal: each warning names the states concerned.
-
-        * states unreachable from the initial state;
-        * exits from final states;
-        * non-final dead ends (no way out, not final).
-        """
-        states = [s for s in (self.states or []) if isinstance(s, str)]
-        transitions = self.transitions if isinstance(self.transitions, dict) else {}
-        finals = set(self.final_states or [])
-        warnings: list[str] = []
-
-        reachable = {self.initial_state}
-        queue = deque([self.initial_state])
-        while queue:
-            for target in transitions.get(queue.popleft(), []) or []:
-                if target not in reachable:
-                    reachable.add(target)
-                    queue.append(target)
-        unreachable = [s for s in states if s not in reachable]
-        if unreachable:
-            warnings.append(
-                f"states unreachable from initial state '{self.initial_state}': {unreachable}"
-            )
-        for state in states:
-            if state in finals and transitions.get(state):
-                warnings.append(f"final state '{state}' has exits: {list(transitions[state])}")
-        dead_ends = [s for s in states if s not in finals and not transitions.get(s)]
-        if dead_ends:
-            warnings.append(f"non-final states with no way out (dead ends): {dead_ends}")
-        return warnings
-
     def __str__(self) -> str:
         return self.name
+
+
+def _check_states(states: Any, errors: dict[str, list[str]]) -> set[str]:
+    """Record what is wrong with ``states``; return the well-formed state names."""
+    found = errors.setdefault("states", [])
+    if not isinstance(states, list) or not states:
+        found.append(f"states must be a non-empty list of state names, not {states!r}")
+        states = []
+    else:
+        bad = [s for s in states if not isinstance(s, str) or not s.strip()]
+        if bad:
+            found.append(f"state names must be non-empty strings: {bad!r}")
+        long = [s for s in states if isinstance(s, str) and len(s) > STATE_MAX_LENGTH]
+        if long:
+            found.append(f"state names longer than {STATE_MAX_LENGTH} characters: {long!r}")
+        duplicates = sorted({s for s in states if isinstance(s, str) and states.count(s) > 1})
+        if duplicates:
+            found.append(f"duplicate states: {duplicates}")
+    if not found:
+        del errors["states"]
+    return {s for s in states if isinstance(s, str)}
+
+
+def _check_final_states(finals: Any, known: set[str], errors: dict[str, list[str]]) -> None:
+    if not isinstance(finals, list):
+        errors.setdefault("final_states", []).append(f"final_states must be a list, not {finals!r}")
+        return
+    unknown = [s for s in finals if s not in known]
+    if unknown:
+        errors.setdefault("final_states", []).append(f"final states not in states: {unknown!r}")
+
+
+def _check_transitions(transitions: Any, known: set[str], errors: dict[str, list[str]]) -> None:
+    found: list[str] = []
+    if not isinstance(transitions, dict):
+        found.append(f"transitions must be a dict of state -> [states], not {transitions!r}")
+    else:
+        unknown_keys = [k for k in transitions if k not in known]
+        if unknown_keys:
+            found.append(f"transition sources not in states: {unknown_keys!r}")
+        for source, targets in transitions.items():
+            if not isinstance(targets, list):
+                found.append(f"targets of {source!r} must be a list, not {targets!r}")
+                continue
+            unknown_targets = [t for t in targets if t not in known]
+            if unknown_targets:
+                found.append(f"targets of {source!r} not in states: {unknown_targets!r}")
+    if found:
+        errors.setdefault("transitions", []).extend(found)
+
+
+def _check_validators(validators: Any, errors: dict[str, list[str]]) -> None:
+    if validators in (None, ""):
+        return
+    if not isinstance(validators, list):
+        errors.setdefault("validators", []).append(f"validators must be a list, not {validators!r}")
+        return
+    for index, entry in enumerate(validators):
+        try:
+            get_validator_instance(*parse_validator_entry(entry))
+        except ValidatorConfigurationError as exc:
+            errors.setdefault("validators", []).append(f"entry {index}: {exc}")
 
 
 class EncounterQuerySet(SoftDeleteQuerySet):
@@ -201,12 +172,12 @@ class EncounterQuerySet(SoftDeleteQuerySet):
 
             Encounter.objects.as_of(quarter_end).filter(state_at="in_progress")
         """
-        _require_aware(timestamp, "timestamp")
+        require_aware(timestamp, "timestamp")
         rows = EncounterTransition.objects.filter(
             encounter=OuterRef("pk"), effective_at__lte=timestamp
         )
+        require_aware(known_at, "known_at", optional=True)
         if known_at is not None:
-            _require_aware(known_at, "known_at")
             rows = rows.filter(transitioned_at__lte=known_at)
         last = rows.order_by(*TIMELINE_ORDER_DESC).values("to_state")[:1]
         return self.annotate(
@@ -232,7 +203,7 @@ class Encounter(UUIDModel, BaseModel):
     """
 
     #: Columns derived purely from the log.
-    PROJECTION_FIELDS = ("state", "version", "timeline_end_at", "head_hash")
+    PROJECTION_FIELDS = store.PROJECTION_FIELDS
 
     definition = models.ForeignKey(
         EncounterDefinition, on_delete=models.PROTECT, related_name="encounters"
@@ -352,6 +323,24 @@ class Encounter(UUIDModel, BaseModel):
         """Reload the projection columns from the database."""
         self.refresh_from_db(fields=list(self.PROJECTION_FIELDS))
 
+    def set_projection(self, values: dict[str, Any]) -> None:
+        """Show projection values just written (by ``transition()``) on this instance."""
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def timeline_snapshot(self) -> EncounterTimeline:
+        """The timeline aggregate restored from this row's projection, which doubles as its
+        snapshot (no query): enough to decide a transition at or after the timeline's end."""
+        return EncounterTimeline.from_snapshot(
+            self.pk,
+            origin_state=self.origin_state,
+            state=self.state,
+            version=self.version,
+            end_at=self.timeline_end_at,
+            head_hash=self.head_hash,
+            created_at=self.created_at,
+        )
+
     @property
     def is_final(self) -> bool:
         """Check if encounter is in a final state."""
@@ -445,53 +434,13 @@ class EncounterTransition(UUIDModel):
         # Append-only - cannot update existing. (_state.adding, not pk: a UUID pk is set early.)
         if not self._state.adding:
             raise EncounterError("Transitions are immutable")
-        # A low-level insert (services.transition() does not come through here): number and
-        # chain the row, then move the encounter's projection by replaying its stream — the log
-        # is the truth, so the projection follows whatever the log now says. No state-machine
-        # checks: that is transition()'s job; the audit reports what this lets through.
-        from .projections import mapper
-
+        # The low-level append (transition() does not come through here): the row is numbered,
+        # chained and inserted by the store, and the projection follows the log. No
+        # state-machine checks: that is transition()'s job; the audit reports what this lets
+        # through.
         using = kwargs.get("using") or router.db_for_write(EncounterTransition, instance=self)
-        with transaction.atomic(using=using):
-            # The same row lock transition() takes: one writer at a time per encounter.
-            list(
-                Encounter.all_objects.using(using)
-                .select_for_update()
-                .filter(pk=self.encounter_id)
-                .values_list("pk", flat=True)
-            )
-            rows = EncounterTransition.objects.using(using).filter(encounter_id=self.encounter_id)
-            previous = rows.order_by("-sequence").values_list("sequence", "hash").first()
-            last = previous[0] if previous else 0
-            if self.sequence is None:
-                self.sequence = last + 1
-            if self.sequence > last + 1:
-                raise EncounterError(
-                    f"Encounter {self.encounter_id}: sequence {self.sequence} would leave a gap "
-                    f"(the log is at version {last})"
-                )
-            if not self.hash:
-                previous_hash = ""
-                if previous and previous[0] == self.sequence - 1:
-                    previous_hash = previous[1]
-                elif self.sequence > 1:
-                    previous_hash = (
-                        rows.filter(sequence=self.sequence - 1)
-                        .values_list("hash", flat=True)
-                        .first()
-                        or ""
-                    )
-                self.hash = self.compute_hash(previous_hash)
-            super().save(*args, **kwargs)
-            encounter = Encounter.all_objects.using(using).get(pk=self.encounter_id)
-            timeline = mapper.load_timeline(encounter, using=using)
-            Encounter.all_objects.using(using).filter(pk=encounter.pk).update(
-                state=timeline.state,
-                version=timeline.version,
-                timeline_end_at=timeline.end_at,
-                head_hash=timeline.head_hash,
-                updated_at=timezone.now(),
-            )
+        with store.writer_errors(self.encounter_id), transaction.atomic(using=using):
+            store.append_record(self, using)
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise EncounterError(
@@ -501,18 +450,7 @@ class EncounterTransition(UUIDModel):
 
     def compute_hash(self, previous_hash: str) -> str:
         """This row's hash given the previous row's hash."""
-        return row_hash(
-            encounter_id=self.encounter_id,
-            sequence=self.sequence,
-            from_state=self.from_state,
-            to_state=self.to_state,
-            effective_at=self.effective_at,
-            transitioned_at=self.transitioned_at,
-            transitioned_by=self.transitioned_by_id,
-            reason=self.reason,
-            metadata=self.metadata,
-            previous_hash=previous_hash,
-        )
+        return row_hash(self.encounter_id, store.row_of_record(self), previous_hash)
 
     def __str__(self) -> str:
         return f"{self.from_state} → {self.to_state}"

@@ -204,12 +204,3 @@ def parse_validator_entry(entry: Any) -> tuple[str, dict | None]:
     raise ValidatorConfigurationError(
         entry, "an entry must be a dotted path or a dict {'path': ..., 'params': {...}}"
     )
-
-
-def load_validators(entries: Any) -> list[StateValidator]:
-    """Instantiate every validator a definition names, in order."""
-    if entries in (None, ""):
-        return []
-    if not isinstance(entries, list):
-        raise ValidatorConfigurationError(entries, "validators must be a list")
-    return [get_validator_instance(*parse_validator_entry(entry)) for entry in entries]

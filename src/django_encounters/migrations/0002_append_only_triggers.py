@@ -1,5 +1,5 @@
 # ruff: noqa: E501 - SQL literals
-"""Append-only transition log, enforced by the database (DESIGN §2.1).
+"""Append-only transition log, enforced by the database.
 
 Triggers refuse every UPDATE and DELETE of ``django_encounters_encountertransition`` rows, from
 any client: the ORM, raw SQL, ``psql`` or the ``sqlite3`` shell. Both raise an integrity error

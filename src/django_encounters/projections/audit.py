@@ -1,4 +1,4 @@
-"""Audit replay for compliance reviews (DESIGN §8).
+"""Audit replay for compliance reviews.
 
 For a selection of encounters (definition, ids, subject, a business-time period) replay every
 stream with the timeline engine (``verify_stream``) and report, per encounter:
@@ -13,18 +13,16 @@ stream with the timeline engine (``verify_stream``) and report, per encounter:
   rows recorded by then), answered by the same query as ``Encounter.objects.as_of``.
 
 ``iter_audit()`` streams ``EncounterAudit`` objects in batches (memory per batch, whatever the
-number of encounters); ``audit_encounters()`` collects them into an ``AuditReport``. The
-``audit_encounters`` management command renders either as a table, CSV or JSON.
+number of encounters); ``audit_encounters()`` collects them into an ``AuditReport``;
+:mod:`.rendering` writes either as a table, CSV or JSON.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import IO, Any
+from typing import Any
 from uuid import UUID
 
 from django.contrib.auth import get_user_model
@@ -33,8 +31,11 @@ from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Exists, Model, OuterRef, Q
 from django.utils import timezone
 
-from .streams import RulesCache, iter_streams, select
-from .timeline import TIMELINE_ORDER, Anomaly, verify_stream
+from .. import store
+from ..arguments import require_aware
+from ..engine import TIMELINE_ORDER, Anomaly, verify_stream
+from ..models import EncounterTransition
+from .selection import RulesCache, select
 
 DEFAULT_BATCH_SIZE = 500
 
@@ -56,7 +57,7 @@ class AuditRow:
     transitioned_by_id: Any = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON shape of DESIGN §11 (times as ISO-8601 strings with offset)."""
+        """The row in the audit's JSON (times as ISO-8601 strings with offset)."""
         return {
             "sequence": self.sequence,
             "from_state": self.from_state,
@@ -123,15 +124,6 @@ def isoformat(value: datetime | None) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _require_aware(value: datetime | None, name: str) -> None:
-    if value is None:
-        return
-    if not isinstance(value, datetime):
-        raise TypeError(f"{name} must be a datetime, not {type(value).__name__} {value!r}")
-    if timezone.is_naive(value):
-        raise ValueError(f"{name} must be timezone-aware, got naive datetime {value!r}")
-
-
 def iter_audit(
     *,
     definition: str | None = None,
@@ -162,15 +154,13 @@ def iter_audit(
         ValueError / TypeError: naive or non-datetime times, ``since >= until``, bad ids.
         EncounterError: no definition has the code ``definition``.
     """
-    from ..models import EncounterTransition
-
     for name, value in (
         ("since", since),
         ("until", until),
         ("as_of", as_of),
         ("known_at", known_at),
     ):
-        _require_aware(value, name)
+        require_aware(value, name, optional=True)
     if since is not None and until is not None and since >= until:
         raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -210,8 +200,6 @@ def iter_audit(
 def _audit_batches(
     page: Any, rules: RulesCache, batch_size: int, using: str
 ) -> Iterator[EncounterAudit]:
-    from ..models import EncounterTransition
-
     users = _Usernames(using)
     after: tuple[datetime, Any] | None = None
     while True:
@@ -224,7 +212,7 @@ def _audit_batches(
             return
         after = (batch[-1][1], batch[-1][0])
         streams = dict(
-            iter_streams(
+            store.iter_streams(
                 EncounterTransition.objects.using(using).filter(
                     encounter_id__in=[row[0] for row in batch]
                 )
@@ -300,131 +288,3 @@ class _Usernames:
 
     def name(self, pk: Any) -> str | None:
         return self.names.get(pk, f"#{pk}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------
-
-CSV_HEADER = [
-    "encounter_id",
-    "definition",
-    "state_as_of",
-    "sequence",
-    "from_state",
-    "to_state",
-    "effective_at",
-    "transitioned_at",
-    "transitioned_by",
-    "reason",
-    "backdated",
-    "overtaken",
-    "anomalies",
-]
-
-
-def write_json(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
-    """Stream the DESIGN §11 JSON object (indented, one encounter at a time); returns the
-    anomaly count."""
-    count = 0
-    out.write('{\n  "encounters": [')
-    for index, audit in enumerate(audits):
-        count += len(audit.anomalies)
-        text = json.dumps(audit.as_dict(), ensure_ascii=False, indent=2)
-        out.write(("," if index else "") + "\n    " + text.replace("\n", "\n    "))
-    out.write(f'\n  ],\n  "anomaly_count": {count}\n}}\n')
-    return count
-
-
-def write_csv(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
-    """One line per timeline row, with a header; returns the anomaly count."""
-    writer = csv.writer(out)
-    writer.writerow(CSV_HEADER)
-    count = 0
-    for audit in audits:
-        count += len(audit.anomalies)
-        by_sequence: dict[int, list[str]] = {}
-        for anomaly in audit.anomalies:
-            by_sequence.setdefault(anomaly.sequence, []).append(f"{anomaly.kind}: {anomaly.detail}")
-        for row in audit.timeline:
-            writer.writerow(
-                [
-                    str(audit.id),
-                    audit.definition,
-                    audit.state_as_of,
-                    row.sequence,
-                    row.from_state,
-                    row.to_state,
-                    isoformat(row.effective_at),
-                    isoformat(row.transitioned_at),
-                    row.transitioned_by or "",
-                    row.reason,
-                    "true" if row.backdated else "false",
-                    "true" if row.overtaken else "false",
-                    "; ".join(by_sequence.get(row.sequence, [])),
-                ]
-            )
-    return count
-
-
-def write_table(
-    audits: Iterable[EncounterAudit],
-    out: IO[str],
-    *,
-    as_of: datetime,
-    known_at: datetime | None = None,
-) -> int:
-    """A readable report, one block per encounter; returns the anomaly count."""
-    when = f"as of {isoformat(as_of)}"
-    if known_at is not None:
-        when += f", as known at {isoformat(known_at)}"
-    encounters = rows = count = 0
-    for audit in audits:
-        encounters += 1
-        rows += len(audit.timeline)
-        count += len(audit.anomalies)
-        flags = " (soft-deleted)" if audit.deleted else ""
-        out.write(
-            f"Encounter {audit.id}  [{audit.definition}]{flags}\n"
-            f"  state {when}: {audit.state_as_of}\n"
-        )
-        if audit.timeline:
-            table = [["seq", "effective_at", "recorded_at", "from -> to", "by", "reason", "notes"]]
-            for row in audit.timeline:
-                notes = []
-                if row.backdated:
-                    notes.append("backdated")
-                if row.overtaken:
-                    notes.append(f"overtaken by {row.overtaken_by}")
-                table.append(
-                    [
-                        str(row.sequence),
-                        isoformat(row.effective_at) or "",
-                        isoformat(row.transitioned_at) or "",
-                        f"{row.from_state} -> {row.to_state}",
-                        row.transitioned_by or "-",
-                        _one_line(row.reason),
-                        ", ".join(notes),
-                    ]
-                )
-            widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-            for line in table:
-                cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=True)]
-                out.write("  " + "  ".join(cells).rstrip() + "\n")
-        else:
-            out.write("  (no transitions)\n")
-        if audit.anomalies:
-            out.write(f"  ANOMALIES ({len(audit.anomalies)}):\n")
-            for anomaly in audit.anomalies:
-                out.write(f"    sequence {anomaly.sequence}: {anomaly.kind}: {anomaly.detail}\n")
-        out.write("\n")
-    out.write(
-        f"{encounters} encounter(s), {rows} row(s), {count} anomal{'y' if count == 1 else 'ies'}"
-        f" (states {when})\n"
-    )
-    return count
-
-
-def _one_line(text: str, limit: int = 60) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,4 +1,4 @@
-"""Rebuild (or check) every encounter's projection from its transition log (DESIGN §7).
+"""Rebuild (or check) every encounter's projection from its transition log.
 
 The projection columns — ``state``, ``version``, ``timeline_end_at``, ``head_hash`` — are
 recomputed by folding each stream with the timeline engine (``verify_stream``), which also
@@ -30,21 +30,26 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
-from .streams import RulesCache, iter_streams, select
-from .timeline import Anomaly, StreamRow, verify_stream
+from .. import store
+from ..engine import Anomaly, StreamRow, verify_stream
+from .selection import RulesCache, select
+from .workers import RebuildWorkerError, describe_setup, run_in_workers
+
+__all__ = ["Drift", "RebuildResult", "RebuildWorkerError", "rebuild_projections", "rebuild_range"]
 
 DEFAULT_BATCH_SIZE = 1000
 #: How many drifted encounters and anomalies a result keeps in detail (all are counted).
 DEFAULT_MAX_REPORTED = 1000
 
 #: Projection columns, in the order of the tuples compared and written below.
-PROJECTION = ("state", "version", "timeline_end_at", "head_hash")
+PROJECTION = store.PROJECTION_FIELDS
 _ENCOUNTER_COLUMNS = ("pk", "definition_id", "origin_state", "created_at", *PROJECTION)
 _NO_ROWS: list[StreamRow] = []
 
@@ -203,7 +208,6 @@ def rebuild_range(
         counted = selected if after is None else selected.filter(pk__gt=after)
         result.encounters_total = counted.count()
 
-    writer = _writer(connections[using])
     page = selected.order_by("pk").values_list(*_ENCOUNTER_COLUMNS)
     last: Any = after
     while True:
@@ -215,7 +219,7 @@ def rebuild_range(
             last = batch[-1][0]
             fixes = _replay_batch(batch, transitions, rules, result, max_reported)
             if fixes and not check:
-                writer(fixes, timezone.now())
+                store.write_projections(using, fixes, timezone.now())
                 result.projections_fixed += len(fixes)
         if progress is not None:
             result.seconds = time.perf_counter() - started
@@ -228,7 +232,7 @@ def rebuild_range(
 
 def _replay_batch(
     batch: list[tuple],
-    transitions: Any,
+    transitions: QuerySet,
     rules: RulesCache,
     result: RebuildResult,
     max_reported: int,
@@ -243,8 +247,7 @@ def _replay_batch(
     def fold(encounter: tuple, stream: list[StreamRow]) -> None:
         pk, definition_id, origin_state, created_at, *stored = encounter
         replay = verify_stream(pk, origin_state, created_at, stream, rules.rules(definition_id))
-        timeline = replay.timeline
-        replayed = (timeline.state, timeline.version, timeline.end_at, timeline.head_hash)
+        replayed = store.projection_values(replay.timeline)
         result.rows_replayed += len(stream)
         if replay.anomalies:
             result.anomalous_encounters += 1
@@ -266,7 +269,7 @@ def _replay_batch(
                 )
             fixes.append((pk, *replayed))
 
-    for encounter_id, stream in iter_streams(rows):
+    for encounter_id, stream in store.iter_streams(rows):
         encounter = by_id.get(encounter_id)
         if encounter is None:  # in the pk range but not selected
             continue
@@ -284,11 +287,6 @@ def _replay_batch(
 # jobs > 1: primary-key ranges over worker processes, results merged.
 # ---------------------------------------------------------------------------------------------
 
-
-class RebuildWorkerError(RuntimeError):
-    """A worker process of a ``jobs > 1`` rebuild failed; the message carries its error."""
-
-
 #: Counters a worker reports after each batch (for the aggregate progress display).
 _COUNTERS = (
     "encounters_scanned",
@@ -298,6 +296,10 @@ _COUNTERS = (
     "anomaly_count",
     "anomalous_encounters",
 )
+
+
+def _counters(result: RebuildResult) -> list[int]:
+    return [getattr(result, name) for name in _COUNTERS]
 
 
 def _split(selected: Any, total: int, jobs: int, batch_size: int) -> list[tuple[Any, Any]]:
@@ -321,95 +323,6 @@ def _split(selected: Any, total: int, jobs: int, batch_size: int) -> list[tuple[
     return list(zip(lows, highs, strict=True))
 
 
-def _worker_setup(using: str) -> dict[str, Any]:
-    """What a spawned worker needs to set Django up like this process: the settings module (or,
-    for ``settings.configure()``, the explicitly configured settings) and the *current*
-    connection settings of ``using`` (under a test runner: the test database's name)."""
-    import pickle
-
-    from django.conf import settings
-
-    connection: Any = connections[using]
-    if connection.vendor == "sqlite" and connection.is_in_memory_db():
-        raise ValueError(
-            "jobs > 1 needs a database the worker processes can open: an in-memory SQLite "
-            "database cannot be shared between processes (use jobs=1, or a database file)"
-        )
-    if (
-        connection.vendor == "sqlite"
-        and str(connection.settings_dict.get("OPTIONS", {}).get("transaction_mode", "")).upper()
-        != "IMMEDIATE"
-    ):
-        # Deferred SQLite transactions cannot upgrade their read lock while another process
-        # writes: workers would fail with "database is locked" instead of waiting.
-        raise ValueError(
-            "jobs > 1 on SQLite needs OPTIONS={'transaction_mode': 'IMMEDIATE'} (Django >= 5.1) "
-            "so that the workers wait for each other's write transactions (use jobs=1)"
-        )
-    if connection.in_atomic_block:
-        raise ValueError(
-            "jobs > 1 cannot run inside a transaction: the workers use their own connections "
-            "and would not see (or would wait for) this one's uncommitted work"
-        )
-    module = getattr(settings, "SETTINGS_MODULE", None)
-    configured: dict[str, Any] = {}
-    if not module:
-        for name, value in vars(cast(Any, settings)._wrapped).items():
-            if name.isupper():
-                try:
-                    pickle.dumps(value)
-                except Exception:  # noqa: BLE001 - a setting a worker cannot be given
-                    continue
-                configured[name] = value
-    return {
-        "module": module,
-        "settings": configured,
-        "alias": using,
-        "database": dict(connection.settings_dict),
-    }
-
-
-def _setup_django_in_worker(setup: dict[str, Any]) -> None:
-    import os
-
-    import django
-    from django.conf import settings
-
-    if not settings.configured:
-        if setup["module"]:
-            os.environ["DJANGO_SETTINGS_MODULE"] = setup["module"]
-        else:
-            settings.configure(**setup["settings"])
-    django.setup()
-    alias = setup["alias"]
-    connections.settings[alias] = setup["database"]
-    for connection in connections.all(initialized_only=True):
-        if connection.alias == alias:  # opened while setting up: reopen with the new settings
-            connection.close()
-            del connections[alias]
-
-
-def _worker_main(index: int, setup: dict[str, Any], task: dict[str, Any], messages: Any) -> None:
-    """Entry point of a worker process: the single-process rebuild of its range."""
-    import traceback
-
-    try:
-        _setup_django_in_worker(setup)
-
-        def report(result: RebuildResult) -> None:
-            messages.put(("progress", index, [getattr(result, n) for n in _COUNTERS]))
-
-        wants_progress = task.pop("report")
-        result = rebuild_range(**task, progress=report if wants_progress else None)
-        messages.put(("done", index, result))
-    except BaseException as exc:
-        traceback.print_exc()
-        messages.put(("error", index, "".join(traceback.format_exception_only(exc)).strip()))
-        raise SystemExit(1) from None
-    finally:
-        connections.close_all()
-
-
 def _rebuild_in_workers(
     *,
     check: bool,
@@ -421,22 +334,13 @@ def _rebuild_in_workers(
     max_reported: int,
     jobs: int,
 ) -> RebuildResult:
-    import multiprocessing
-    import queue
-
     started = time.perf_counter()
-    setup = _worker_setup(using)
-    rules = RulesCache(using)
-    selected, _ = select(using, rules, definition, encounters)  # bad options fail here
+    setup = describe_setup(using)
+    selected, _ = select(using, RulesCache(using), definition, encounters)  # bad options fail here
     total = selected.count()
-    ranges = _split(selected, total, jobs, batch_size)
     merged = RebuildResult(check=check, encounters_total=total if progress is not None else None)
-
-    context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
-    workers = []
-    for index, (after, upto) in enumerate(ranges):
-        task = {
+    tasks = [
+        {
             "check": check,
             "definition": definition,
             "encounters": encounters,
@@ -446,135 +350,30 @@ def _rebuild_in_workers(
             "after": after,
             "upto": upto,
             "count_total": False,
-            "report": progress is not None,
         }
-        worker = context.Process(
-            target=_worker_main,
-            args=(index, setup, task, messages),
-            name=f"rebuild-worker-{index + 1}",
-            daemon=True,
-        )
-        workers.append(worker)
-    counters: dict[int, list[int]] = {}
-    results: dict[int, RebuildResult] = {}
-    failure: str | None = None
+        for after, upto in _split(selected, total, jobs, batch_size)
+    ]
+    running: dict[int, list[int]] = {}
 
-    def receive(message: tuple) -> None:
-        nonlocal failure
-        kind, index, payload = message
-        if kind == "progress":
-            counters[index] = payload
-            if progress is not None:
-                for position, name in enumerate(_COUNTERS):
-                    setattr(merged, name, sum(c[position] for c in counters.values()))
-                merged.seconds = time.perf_counter() - started
-                progress(merged)
-        elif kind == "done":
-            results[index] = payload
-        elif failure is None:
-            failure = f"rebuild worker {index + 1} of {len(workers)} failed: {payload}"
+    def on_progress(index: int, counters: list[int]) -> None:
+        assert progress is not None
+        running[index] = counters
+        for position, name in enumerate(_COUNTERS):
+            setattr(merged, name, sum(c[position] for c in running.values()))
+        merged.seconds = time.perf_counter() - started
+        progress(merged)
 
-    try:
-        for worker in workers:
-            worker.start()
-        while len(results) < len(workers) and failure is None:
-            try:
-                receive(messages.get(timeout=0.5))
-                continue
-            except queue.Empty:
-                pass
-            dead = [i for i, w in enumerate(workers) if w.exitcode is not None and i not in results]
-            if dead:
-                # Whatever a dead worker sent before exiting is in the pipe by now.
-                try:
-                    while True:
-                        receive(messages.get(timeout=0.5))
-                except queue.Empty:
-                    pass
-                for i in dead:
-                    if i not in results and failure is None:
-                        failure = (
-                            f"rebuild worker {i + 1} of {len(workers)} failed: it exited with "
-                            f"status {workers[i].exitcode} without a result"
-                        )
-    finally:
-        for worker in workers:
-            if worker.is_alive() and (failure is not None or len(results) < len(workers)):
-                worker.terminate()  # its open batch rolls back with its connection
-        for worker in workers:
-            if worker.pid is not None:
-                worker.join()
-        messages.close()
-    if failure is not None:
-        raise RebuildWorkerError(
-            failure + " (the other workers were stopped; every batch either committed or "
-            "rolled back: a re-run finishes the job)"
-        )
-
+    parts = run_in_workers(
+        f"{__name__}:rebuild_range",
+        tasks,
+        setup,
+        snapshot=f"{__name__}:_counters" if progress is not None else None,
+        on_progress=on_progress if progress is not None else None,
+    )
     for name in _COUNTERS:  # progress may have left running sums here
-        setattr(merged, name, 0)
-    for index in range(len(workers)):  # in pk order: the same order as a single process
-        part = results[index]
-        for name in _COUNTERS:
-            setattr(merged, name, getattr(merged, name) + getattr(part, name))
+        setattr(merged, name, sum(getattr(part, name) for part in parts))
+    for part in parts:  # in pk order: the same order as a single process
         merged.drift.extend(part.drift[: max_reported - len(merged.drift)])
         merged.anomalies.extend(part.anomalies[: max_reported - len(merged.anomalies)])
     merged.seconds = time.perf_counter() - started
     return merged
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing fixed projections: one UPDATE … FROM unnest(arrays) per batch on PostgreSQL,
-# executemany of a per-row UPDATE elsewhere.
-# ---------------------------------------------------------------------------------------------
-
-
-def _writer(connection: Any) -> Callable[[list[tuple], datetime], None]:
-    from ..models import Encounter
-
-    meta = Encounter._meta
-    qn = connection.ops.quote_name
-    fields: list[Any] = [meta.pk] + [meta.get_field(name) for name in PROJECTION]
-    updated_at: Any = meta.get_field("updated_at")
-    table = qn(meta.db_table)
-
-    def prepare(fixes: list[tuple], now: datetime) -> list[list[Any]]:
-        stamp = updated_at.get_db_prep_save(now, connection)
-        return [
-            [f.get_db_prep_save(v, connection) for f, v in zip(fields, fix, strict=True)] + [stamp]
-            for fix in fixes
-        ]
-
-    if connection.vendor == "postgresql":
-        # One statement per batch, whatever its size: the new values travel as five arrays.
-        names = [qn(f.column) for f in fields]
-        arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
-        assignments = ", ".join(f"{name} = v.{name}" for name in names[1:])
-        sql = (
-            f"UPDATE {table} AS e SET {assignments}, {qn(updated_at.column)} = %s "
-            f"FROM unnest({arrays}) AS v({', '.join(names)}) "
-            f"WHERE e.{names[0]} = v.{names[0]}"
-        )
-
-        def write(fixes: list[tuple], now: datetime) -> None:
-            # The replayed values are already what psycopg adapts natively (UUID, str, int,
-            # aware datetime, None): no per-value field preparation.
-            columns = [list(column) for column in zip(*fixes, strict=True)]
-            stamp = updated_at.get_db_prep_save(now, connection)
-            with connection.cursor() as cursor:
-                cursor.execute(sql, [stamp, *columns])
-
-        return write
-
-    sql = (
-        f"UPDATE {table} SET "
-        + ", ".join(f"{qn(f.column)} = %s" for f in [*fields[1:], updated_at])
-        + f" WHERE {qn(meta.pk.column)} = %s"
-    )
-
-    def write_each(fixes: list[tuple], now: datetime) -> None:
-        params = [row[1:] + row[:1] for row in prepare(fixes, now)]
-        with connection.cursor() as cursor:
-            cursor.executemany(sql, params)
-
-    return write_each

@@ -10,76 +10,16 @@ See ``docs/operations.md``.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS
-from django.utils.dateparse import parse_datetime
+from django.utils import timezone
 
 from django_encounters.exceptions import EncounterError
-from django_encounters.projections.audit import (
-    DEFAULT_BATCH_SIZE,
-    iter_audit,
-    write_csv,
-    write_json,
-    write_table,
-)
+from django_encounters.projections.audit import DEFAULT_BATCH_SIZE, iter_audit
+from django_encounters.projections.rendering import write_csv, write_json, write_table
 
-from .rebuild_encounter_projections import positive_int
-
-TIME_HELP = "ISO-8601 with a UTC offset, e.g. 2024-03-31T23:59:59+10:00 or 2024-03-31T13:59:59Z"
-
-
-def parse_time(text: str, option: str) -> datetime:
-    value = None
-    try:
-        value = parse_datetime(text.strip())
-    except ValueError:
-        pass
-    if value is None:
-        raise CommandError(
-            f"{option}: not an ISO-8601 date-time: {text!r} ({TIME_HELP})", returncode=2
-        )
-    if value.tzinfo is None:
-        raise CommandError(
-            f"{option}: {text!r} has no UTC offset; naive times are ambiguous ({TIME_HELP})",
-            returncode=2,
-        )
-    return value
-
-
-def parse_subject(text: str) -> Any:
-    """``app_label.ModelName:pk`` -> the model instance."""
-    label, sep, pk = text.partition(":")
-    if not sep or "." not in label or not pk:
-        raise CommandError(
-            f"--subject: expected app_label.ModelName:pk (e.g. clinic.Patient:42), got {text!r}",
-            returncode=2,
-        )
-    try:
-        model = apps.get_model(label)
-    except (LookupError, ValueError) as exc:
-        raise CommandError(f"--subject: {exc}", returncode=2) from exc
-    try:
-        return model._default_manager.get(pk=pk)
-    except (model.DoesNotExist, ValueError, TypeError) as exc:
-        raise CommandError(f"--subject: no {label} with pk {pk!r}", returncode=2) from exc
-    except Exception as exc:  # e.g. a malformed UUID pk: ValidationError
-        raise CommandError(f"--subject: {label} pk {pk!r}: {exc}", returncode=2) from exc
-
-
-class _Unended:
-    """Writes to a command's ``OutputWrapper`` verbatim (it would end every write with a
-    newline)."""
-
-    def __init__(self, wrapper: Any) -> None:
-        self.wrapper = wrapper
-
-    def write(self, text: str) -> int:
-        self.wrapper.write(text, ending="")
-        return len(text)
+from ..helpers import Unended, add_selection_arguments, parse_subject, parse_time
 
 
 class Command(BaseCommand):
@@ -89,16 +29,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: Any) -> None:
-        select = parser.add_argument_group("selection")
-        select.add_argument(
-            "--definition", metavar="CODE", help="only encounters of this definition"
-        )
-        select.add_argument(
-            "--encounter",
-            metavar="ID",
-            action="append",
-            dest="encounters",
-            help="only this encounter (repeat for several)",
+        select = add_selection_arguments(
+            parser, batch_size=DEFAULT_BATCH_SIZE, batch_help="encounters per batch"
         )
         select.add_argument(
             "--subject",
@@ -123,16 +55,6 @@ class Command(BaseCommand):
         output = parser.add_argument_group("output")
         output.add_argument("--format", choices=["table", "csv", "json"], default="table")
         output.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
-        parser.add_argument(
-            "--batch-size",
-            type=positive_int,
-            default=DEFAULT_BATCH_SIZE,
-            metavar="N",
-            help=f"encounters per batch (default {DEFAULT_BATCH_SIZE})",
-        )
-        parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
-        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         times = {
@@ -141,8 +63,6 @@ class Command(BaseCommand):
             if options[name] is not None
         }
         if times.get("as_of") is None:
-            from django.utils import timezone
-
             times["as_of"] = timezone.now()
         if "since" in times and "until" in times and times["since"] >= times["until"]:
             raise CommandError("--since must be before --until", returncode=2)
@@ -168,7 +88,7 @@ class Command(BaseCommand):
             except OSError as exc:
                 raise CommandError(f"--output: cannot write {path}: {exc}", returncode=2) from exc
         else:
-            out = _Unended(self.stdout)
+            out = Unended(self.stdout)
         try:
             if fmt == "json":
                 count = write_json(audits, out)

@@ -13,6 +13,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from django_encounters.models import EncounterDefinition
 
+from ..helpers import plural
+
 
 class Command(BaseCommand):
     help = (
@@ -29,7 +31,9 @@ class Command(BaseCommand):
         if options["definition"]:
             definitions = definitions.filter(code=options["definition"])
             if not definitions.exists():
-                raise CommandError(f"no definition with code {options['definition']!r}")
+                raise CommandError(
+                    f"no definition with code {options['definition']!r}", returncode=2
+                )
         errors = warnings = 0
         for definition in definitions:
             problems: list[str] = []
@@ -50,4 +54,7 @@ class Command(BaseCommand):
             f"{definitions.count()} definition(s), {errors} invalid, {warnings} warning(s)"
         )
         if errors or (options["strict"] and warnings):
-            raise SystemExit(1)
+            found = [plural(errors, "invalid definition", "invalid definitions")] if errors else []
+            if options["strict"] and warnings:
+                found.append(plural(warnings, "warning", "warnings") + " (--strict)")
+            raise CommandError(", ".join(found), returncode=1)

@@ -10,11 +10,9 @@ See ``docs/operations.md``.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS
 
 from django_encounters.exceptions import EncounterError
 from django_encounters.projections.rebuild import (
@@ -24,61 +22,10 @@ from django_encounters.projections.rebuild import (
     rebuild_projections,
 )
 
+from ..helpers import Progress, add_selection_arguments, plural, positive_int
+
 #: Drifts listed at verbosity 1 (all kept ones at verbosity 2).
 SHOWN_AT_VERBOSITY_1 = 20
-
-
-def positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _plain(text: str) -> str:
-    return text  # not the red ERROR style Django gives stderr on a terminal
-
-
-def _plural(count: int, one: str, many: str) -> str:
-    return f"{count} {one if count == 1 else many}"
-
-
-class Progress:
-    """A one-line progress display on a terminal (stderr), redrawn at most 5 times a second."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.drawn = 0.0
-        self.width = 0
-
-    def __call__(self, result: RebuildResult, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self.drawn < 0.2:
-            return
-        self.drawn = now
-        total = result.encounters_total
-        done = f"{result.encounters_scanned:,}" + (f"/{total:,}" if total is not None else "")
-        percent = f" {100 * result.encounters_scanned / total:5.1f}%" if total else ""
-        fixed = "drifted" if result.check else "fixed"
-        line = (
-            f"{done} encounters{percent}  {result.rows_replayed:,} rows  "
-            f"{result.projections_drifted if result.check else result.projections_fixed:,} "
-            f"{fixed}  {result.anomaly_count:,} anomalies  {result.rows_per_second:,.0f} rows/s"
-        )
-        padding = " " * max(0, self.width - len(line))
-        self.width = len(line)
-        self.stream.write("\r" + line + padding, style_func=_plain, ending="")
-        self.stream.flush()
-
-    def clear(self) -> None:
-        if self.width:
-            self.stream.write("\r" + " " * self.width + "\r", style_func=_plain, ending="")
-            self.stream.flush()
 
 
 class Command(BaseCommand):
@@ -93,22 +40,10 @@ class Command(BaseCommand):
             action="store_true",
             help="write nothing; report drifted projections and anomalies, exit 1 if any",
         )
-        parser.add_argument(
-            "--definition", metavar="CODE", help="only encounters of this definition"
-        )
-        parser.add_argument(
-            "--encounter",
-            metavar="ID",
-            action="append",
-            dest="encounters",
-            help="only this encounter (repeat for several)",
-        )
-        parser.add_argument(
-            "--batch-size",
-            type=positive_int,
-            default=DEFAULT_BATCH_SIZE,
-            metavar="N",
-            help=f"encounters per batch and transaction (default {DEFAULT_BATCH_SIZE})",
+        add_selection_arguments(
+            parser,
+            batch_size=DEFAULT_BATCH_SIZE,
+            batch_help="encounters per batch and transaction",
         )
         parser.add_argument(
             "--jobs",
@@ -127,9 +62,6 @@ class Command(BaseCommand):
         parser.add_argument(
             "--no-progress", action="store_true", help="no progress display even on a terminal"
         )
-        parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
-        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         verbosity = options["verbosity"]
@@ -146,10 +78,10 @@ class Command(BaseCommand):
                 progress=progress,
                 jobs=options["jobs"],
             )
+        except RebuildWorkerError as exc:  # before EncounterError: it is one
+            raise CommandError(str(exc), returncode=1) from exc
         except (ValueError, EncounterError) as exc:
             raise CommandError(str(exc), returncode=2) from exc
-        except RebuildWorkerError as exc:
-            raise CommandError(str(exc), returncode=1) from exc
         finally:
             if progress is not None:
                 progress.clear()
@@ -158,11 +90,11 @@ class Command(BaseCommand):
             problems = []
             if result.check and result.projections_drifted:
                 problems.append(
-                    _plural(result.projections_drifted, "projection", "projections") + " drifted"
+                    plural(result.projections_drifted, "projection", "projections") + " drifted"
                 )
             if result.anomaly_count:
-                anomalies = _plural(result.anomaly_count, "anomaly", "anomalies")
-                streams = _plural(result.anomalous_encounters, "stream", "streams")
+                anomalies = plural(result.anomaly_count, "anomaly", "anomalies")
+                streams = plural(result.anomalous_encounters, "stream", "streams")
                 problems.append(
                     f"{anomalies} in {streams} (a rebuild cannot repair them: the rows are "
                     "facts; see docs/operations.md)"

@@ -1,6 +1,6 @@
-"""Regression tests for the defects a code review found (each was a failing repro first): hash
-stability across JSON round trips, context mutation after hashing, the caller's instance after
-a stale transition, stale save() undeleting or re-pointing an encounter, untyped errors."""
+"""Edge cases of the write path: row hashes that survive JSON round trips, a context mutated
+after it was hashed, the caller's stale instance, a stale save() that would undelete or
+re-point an encounter, and typed errors for damaged streams and unusual inputs."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class MutatingValidator(StateValidator):
 
 
 def test_validator_mutating_context_does_not_break_hash(make_definition: Any, patient: Any) -> None:
-    definition = make_definition(validators=["tests.test_review_regressions.MutatingValidator"])
+    definition = make_definition(validators=["tests.test_write_path_edge_cases.MutatingValidator"])
     encounter = create_encounter(definition, patient)
     transition(encounter, "checked_in", context={"note": "x"})
     assert _hash_anomalies(encounter) == []
@@ -78,7 +78,7 @@ def test_stale_caller_instance_gets_current_state(patient: Any) -> None:
     transition(other, "held")
     transition(stale, "held")  # held -> held: 'state' is not in `changes`
     assert stale.version == 2
-    assert stale.state == "held"  # DESIGN §5.6 / README: caller's instance shows the new state
+    assert stale.state == "held"  # the caller's instance shows the new state
 
 
 # --- F3: stale save() overwrites what transition() wrote / un-deletes --------------------------

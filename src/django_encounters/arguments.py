@@ -1,0 +1,96 @@
+"""Checks of the arguments of the public API, run before anything is read or written: a wrong
+type raises ``TypeError``, a wrong value (a naive datetime, unsavable text) ``ValueError``."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from datetime import timezone as dt_timezone
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import models
+from django.utils import timezone
+
+
+def require_aware(value: Any, name: str, *, optional: bool = False) -> None:
+    """``value`` must be a timezone-aware datetime that can be expressed in UTC (None is
+    accepted with ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, not {type(value).__name__} {value!r}")
+    if timezone.is_naive(value):
+        raise ValueError(f"{name} must be timezone-aware, got naive datetime {value!r}")
+    try:
+        value.astimezone(dt_timezone.utc)
+    except OverflowError as exc:
+        raise ValueError(f"{name} {value!r} cannot be expressed in UTC: {exc}") from exc
+
+
+def require_instance(value: Any, model: type, name: str) -> None:
+    if not isinstance(value, model):
+        raise TypeError(f"{name} must be an {model.__name__}, not {type(value).__name__}")
+
+
+def require_saved_model(value: Any, name: str) -> None:
+    if not isinstance(value, models.Model):
+        raise TypeError(f"{name} must be a saved model instance, not {type(value).__name__}")
+    if value.pk is None:
+        raise ValueError(f"{name} {value!r} is not saved (it has no primary key)")
+
+
+def require_user(user: Any, name: str) -> None:
+    """None, or a saved instance of the user model."""
+    if user is None:
+        return
+    user_model = get_user_model()
+    if not isinstance(user, user_model):
+        raise TypeError(
+            f"{name} must be a {user_model.__name__} instance or None, not {type(user).__name__}"
+        )
+    if user.pk is None:
+        raise ValueError(f"{name} {user!r} is not saved (it has no primary key)")
+
+
+def require_text(value: Any, name: str) -> None:
+    """A ``str`` the databases can store: no NUL, valid Unicode."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if "\x00" in value:
+        raise ValueError(f"{name} contains a NUL character (\\x00), which cannot be stored")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text: {exc}") from exc
+
+
+def require_version(value: Any, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"{name} must be an int, not {value!r}")
+
+
+def json_copy(value: Any, name: str) -> Any:
+    """Refuse what the JSON column or the row hash could not take: the hash serialises with
+    sorted keys (mixed key types fail), strict JSON has no NaN/Infinity, and text must be
+    valid UTF-8 without NUL (PostgreSQL refuses both; SQLite would store them).
+
+    Returns the value's JSON copy (keys as JSON writes them): what is stored and hashed."""
+    try:
+        text = json.dumps(value, sort_keys=True, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{name} is not JSON-serialisable: {exc}") from exc
+    if _contains_nul(value):
+        raise ValueError(f"{name} contains a NUL character (\\x00), which cannot be stored")
+    return json.loads(text)
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_contains_nul(v) for v in value)
+    return False

@@ -1,0 +1,53 @@
+"""The domain of django-encounters, with no Django import: the timeline aggregate (decide and
+replay), its rules, the verifying replay, row hashing, time in state and the errors they raise.
+Usable and testable without a database or settings."""
+
+from .errors import (
+    ConcurrentTransitionError,
+    EncounterError,
+    EncounterNotFoundError,
+    InvalidStateError,
+    InvalidTransitionError,
+    ProjectionDriftError,
+    StreamGapError,
+    StreamNeeded,
+    ValidationError,
+)
+from .hashing import canonical_json, row_hash
+from .intervals import intervals, time_in_states
+from .rules import Rules
+from .timeline import (
+    ROW_FIELDS,
+    TIMELINE_ORDER,
+    TIMELINE_ORDER_DESC,
+    EncounterTimeline,
+    Entry,
+    StreamRow,
+)
+from .verify import Anomaly, Replay, verify_stream
+
+__all__ = [
+    "ROW_FIELDS",
+    "TIMELINE_ORDER",
+    "TIMELINE_ORDER_DESC",
+    "Anomaly",
+    "ConcurrentTransitionError",
+    "EncounterError",
+    "EncounterNotFoundError",
+    "EncounterTimeline",
+    "Entry",
+    "InvalidStateError",
+    "InvalidTransitionError",
+    "ProjectionDriftError",
+    "Replay",
+    "Rules",
+    "StreamGapError",
+    "StreamNeeded",
+    "StreamRow",
+    "ValidationError",
+    "canonical_json",
+    "intervals",
+    "row_hash",
+    "time_in_states",
+    "verify_stream",
+]

@@ -1,0 +1,130 @@
+"""The errors of django-encounters that need nothing from Django.
+
+Every error the package raises on purpose is an ``EncounterError``; each keeps its context as
+attributes and builds its message from them. ``django_encounters.exceptions`` re-exports these
+beside the two errors that also subclass a Django exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EncounterError(Exception):
+    """Base exception for encounter errors."""
+
+
+class InvalidTransitionError(EncounterError):
+    """Raised when a state transition is not allowed.
+
+    ``from_state``/``to_state`` are the requested edge; ``reason`` says why it was refused;
+    ``encounter_id`` (when known) names the encounter.
+    """
+
+    def __init__(
+        self, from_state: str, to_state: str, reason: str = "", *, encounter_id: Any = None
+    ) -> None:
+        self.from_state = from_state
+        self.to_state = to_state
+        self.reason = reason
+        self.encounter_id = encounter_id
+        message = f"Cannot transition from '{from_state}' to '{to_state}'"
+        if reason:
+            message += f": {reason}"
+        if encounter_id is not None:
+            message += f" [encounter {encounter_id}]"
+        super().__init__(message)
+
+
+class ValidationError(EncounterError):
+    """Raised when a transition fails validation by a ``StateValidator``."""
+
+    def __init__(self, validator: str, message: str) -> None:
+        self.validator = validator
+        self.message = message
+        super().__init__(f"Validation failed ({validator}): {message}")
+
+
+class EncounterNotFoundError(EncounterError):
+    """Raised when an encounter does not exist or has been soft-deleted."""
+
+    def __init__(self, encounter_id: Any) -> None:
+        self.encounter_id = encounter_id
+        super().__init__(f"Encounter {encounter_id} not found")
+
+
+class ConcurrentTransitionError(EncounterError):
+    """Raised when the encounter's stream moved on under the caller.
+
+    Either ``expected_version`` did not match the stream version, or another writer appended
+    the same sequence number first (the unique constraint on ``(encounter, sequence)``).
+    """
+
+    def __init__(
+        self,
+        encounter_id: Any,
+        expected_version: int | None = None,
+        actual_version: int | None = None,
+        detail: str = "",
+    ) -> None:
+        self.encounter_id = encounter_id
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+        self.detail = detail
+        message = f"Encounter {encounter_id} was changed concurrently"
+        if expected_version is not None:
+            message += f": expected version {expected_version}, found {actual_version}"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+
+
+class InvalidStateError(EncounterError):
+    """Raised when an encounter is created in a state its definition does not declare."""
+
+    def __init__(self, state: Any, definition_code: str, states: list[str]) -> None:
+        self.state = state
+        self.definition_code = definition_code
+        self.states = states
+        super().__init__(
+            f"{state!r} is not a state of definition '{definition_code}' (states: {states})"
+        )
+
+
+class ProjectionDriftError(EncounterError):
+    """The encounter's stored projection says its stream is at a version the log does not have
+    (someone wrote the projection columns behind the library's back). ``transition()`` refuses
+    rather than append a row with a gap; run ``manage.py rebuild_encounter_projections``."""
+
+    def __init__(self, encounter_id: Any, projected_version: int, stream_version: int) -> None:
+        self.encounter_id = encounter_id
+        self.projected_version = projected_version
+        self.stream_version = stream_version
+        super().__init__(
+            f"Encounter {encounter_id}: the projection says version {projected_version} but the "
+            f"transition log has {stream_version} row(s); run `manage.py "
+            f"rebuild_encounter_projections --encounter {encounter_id}`"
+        )
+
+
+class StreamGapError(EncounterError):
+    """An encounter's stream has a sequence gap, so it cannot be replayed to decide anything
+    (the audit reports the gap; the rows are never repaired)."""
+
+    def __init__(self, encounter_id: Any, detail: str) -> None:
+        self.encounter_id = encounter_id
+        self.detail = detail
+        super().__init__(
+            f"Encounter {encounter_id}: its transition log has a sequence gap ({detail}); "
+            f"refusing to replay a damaged stream. Run `manage.py audit_encounters --encounter "
+            f"{encounter_id}`"
+        )
+
+
+class StreamNeeded(EncounterError):
+    """A timeline restored from a snapshot (the projection row) was asked a question that needs
+    its rows: load the stream and ask again. Internal to the write path."""
+
+    def __init__(self, encounter_id: Any) -> None:
+        self.encounter_id = encounter_id
+        super().__init__(f"Encounter {encounter_id}: this decision needs the stream's rows")

@@ -1,0 +1,146 @@
+"""What the package's management commands share: argument parsing, the selection options,
+output helpers and the progress display. Every command exits through ``CommandError`` with
+its documented status (1: a problem found, 2: invalid options)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import datetime
+from typing import Any
+
+from django.apps import apps
+from django.core.management.base import CommandError
+from django.db import DEFAULT_DB_ALIAS
+from django.utils.dateparse import parse_datetime
+
+from ..projections.rebuild import RebuildResult
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def plain(text: str) -> str:
+    return text  # not the red ERROR style Django gives stderr on a terminal
+
+
+def plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+class Progress:
+    """A one-line progress display on a terminal (stderr), redrawn at most 5 times a second."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.drawn = 0.0
+        self.width = 0
+
+    def __call__(self, result: RebuildResult, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.drawn < 0.2:
+            return
+        self.drawn = now
+        total = result.encounters_total
+        done = f"{result.encounters_scanned:,}" + (f"/{total:,}" if total is not None else "")
+        percent = f" {100 * result.encounters_scanned / total:5.1f}%" if total else ""
+        fixed = "drifted" if result.check else "fixed"
+        line = (
+            f"{done} encounters{percent}  {result.rows_replayed:,} rows  "
+            f"{result.projections_drifted if result.check else result.projections_fixed:,} "
+            f"{fixed}  {result.anomaly_count:,} anomalies  {result.rows_per_second:,.0f} rows/s"
+        )
+        padding = " " * max(0, self.width - len(line))
+        self.width = len(line)
+        self.stream.write("\r" + line + padding, style_func=plain, ending="")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r", style_func=plain, ending="")
+            self.stream.flush()
+
+
+TIME_HELP = "ISO-8601 with a UTC offset, e.g. 2024-03-31T23:59:59+10:00 or 2024-03-31T13:59:59Z"
+
+
+def parse_time(text: str, option: str) -> datetime:
+    value = None
+    try:
+        value = parse_datetime(text.strip())
+    except ValueError:
+        pass
+    if value is None:
+        raise CommandError(
+            f"{option}: not an ISO-8601 date-time: {text!r} ({TIME_HELP})", returncode=2
+        )
+    if value.tzinfo is None:
+        raise CommandError(
+            f"{option}: {text!r} has no UTC offset; naive times are ambiguous ({TIME_HELP})",
+            returncode=2,
+        )
+    return value
+
+
+def parse_subject(text: str) -> Any:
+    """``app_label.ModelName:pk`` -> the model instance."""
+    label, sep, pk = text.partition(":")
+    if not sep or "." not in label or not pk:
+        raise CommandError(
+            f"--subject: expected app_label.ModelName:pk (e.g. clinic.Patient:42), got {text!r}",
+            returncode=2,
+        )
+    try:
+        model = apps.get_model(label)
+    except (LookupError, ValueError) as exc:
+        raise CommandError(f"--subject: {exc}", returncode=2) from exc
+    try:
+        return model._default_manager.get(pk=pk)
+    except (model.DoesNotExist, ValueError, TypeError) as exc:
+        raise CommandError(f"--subject: no {label} with pk {pk!r}", returncode=2) from exc
+    except Exception as exc:  # e.g. a malformed UUID pk: ValidationError
+        raise CommandError(f"--subject: {label} pk {pk!r}: {exc}", returncode=2) from exc
+
+
+class Unended:
+    """Writes to a command's ``OutputWrapper`` verbatim (it would end every write with a
+    newline)."""
+
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = wrapper
+
+    def write(self, text: str) -> int:
+        self.wrapper.write(text, ending="")
+        return len(text)
+
+
+def add_selection_arguments(parser: Any, *, batch_size: int, batch_help: str) -> Any:
+    """``--definition``, ``--encounter`` (repeatable), ``--batch-size`` and ``--database``;
+    returns the argument group of the first two, for a command's further selection options."""
+    select = parser.add_argument_group("selection")
+    select.add_argument("--definition", metavar="CODE", help="only encounters of this definition")
+    select.add_argument(
+        "--encounter",
+        metavar="ID",
+        action="append",
+        dest="encounters",
+        help="only this encounter (repeat for several)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        metavar="N",
+        help=f"{batch_help} (default {batch_size})",
+    )
+    parser.add_argument(
+        "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
+    )
+    return select

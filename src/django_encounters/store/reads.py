@@ -1,0 +1,123 @@
+"""The read statements: the state at a time, history, one stream, and many streams at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+from django.db import connections
+from django.db.models import QuerySet
+
+from ..engine import EncounterTimeline, StreamRow
+from .converters import convert_row, speed_up_cursor
+from .schema import ROW_COLUMNS, field, transition_model
+from .statements import statements
+
+#: Rows fetched from the database per round trip while streaming many encounters.
+ROW_CHUNK_SIZE = 2000
+
+
+def _encounter_param(pk: Any, connection: Any) -> Any:
+    return field(transition_model(), "encounter").get_db_prep_value(pk, connection)
+
+
+def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) -> str | None:
+    """``to_state`` of the last row of the timeline with ``effective_at <= timestamp`` (and
+    ``transitioned_at <= known_at``), in the engine's ``TIMELINE_ORDER``; one indexed query.
+    None when there is no such row."""
+    connection = connections[using]
+    st = statements(connection)
+    model = transition_model()
+    params = [
+        _encounter_param(encounter_pk, connection),
+        field(model, "effective_at").get_db_prep_value(timestamp, connection),
+    ]
+    sql = st.state_at_sql
+    if known_at is not None:
+        params.append(field(model, "transitioned_at").get_db_prep_value(known_at, connection))
+        sql = st.state_at_known_sql
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def history(encounter: Any, using: str) -> list[Any]:
+    """The encounter's rows in recording order, as model instances; one query."""
+    connection = connections[using]
+    st = statements(connection)
+    model = transition_model()
+    relation = field(model, "encounter")
+    with connection.cursor() as cursor:
+        cursor.execute(st.history_sql, [_encounter_param(encounter.pk, connection)])
+        rows = cursor.fetchall()
+    result = []
+    for row in rows:
+        instance = model.from_db(
+            using, st.history_attnames, convert_row(row, st.history_converters)
+        )
+        relation.set_cached_value(instance, encounter)
+        result.append(instance)
+    return result
+
+
+def load_stream(encounter_pk: Any, using: str) -> list[StreamRow]:
+    """The encounter's rows in sequence order, as the engine's rows; one query."""
+    connection = connections[using]
+    st = statements(connection)
+    with connection.cursor() as cursor:
+        cursor.execute(st.stream_sql, [_encounter_param(encounter_pk, connection)])
+        return [st.stream_row(row) for row in cursor.fetchall()]
+
+
+def load_timeline(encounter: Any, using: str) -> EncounterTimeline:
+    """Replay the encounter's whole stream (one query). ``StreamGapError`` if it has a gap."""
+    return EncounterTimeline.replay(
+        encounter.pk, encounter.origin_state, encounter.created_at, load_stream(encounter.pk, using)
+    )
+
+
+def count_rows(encounter_pk: Any, using: str) -> int:
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            statements(connection).count_rows_sql, [_encounter_param(encounter_pk, connection)]
+        )
+        return int(cursor.fetchone()[0])
+
+
+def iter_streams(transitions: QuerySet) -> Iterator[tuple[UUID, list[StreamRow]]]:
+    """``(encounter_id, rows in sequence order)`` for every encounter with rows in
+    ``transitions`` (an ``EncounterTransition`` queryset), streamed in encounter-id order with
+    one query: memory per encounter, not per run."""
+    query = transitions.order_by("encounter_id", "sequence").values_list(
+        "encounter_id", *ROW_COLUMNS
+    )
+    connection = connections[query.db]
+    st = statements(connection)
+    build, convert_key = st.keyed_stream_row, st.encounter_key
+    sql, params = query.query.sql_with_params()
+    # A server-side cursor where the database has one, unless the settings rule them out
+    # (transaction-pooling PgBouncer), exactly as QuerySet.iterator() decides.
+    if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
+        cursor = connection.cursor()
+    else:
+        cursor = connection.chunked_cursor()
+    try:
+        speed_up_cursor(connection, cursor)
+        cursor.execute(sql, params)
+        current: Any = None
+        bucket: list[StreamRow] = []
+        while chunk := cursor.fetchmany(ROW_CHUNK_SIZE):
+            for values in chunk:
+                key = values[0]
+                if key != current:
+                    if bucket:
+                        yield (convert_key(current) if convert_key else current), bucket
+                    current, bucket = key, []
+                bucket.append(build(values))
+        if bucket:
+            yield (convert_key(current) if convert_key else current), bucket
+    finally:
+        cursor.close()

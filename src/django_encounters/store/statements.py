@@ -1,0 +1,195 @@
+"""Every hand-written SQL statement of the package, built once per database connection from the
+models' metadata (table and column names, the backend's quoting and locking clause) and kept in
+a cache beside — not on — Django's connection object.
+
+Executing these directly keeps the ORM's per-call query compilation (most of a transition's
+cost on SQLite) off the hot paths, while values still go through each field's own
+``get_db_prep_save`` and the ORM's converters, so every backend Django supports stores and reads
+exactly what the ORM would.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine import TIMELINE_ORDER, StreamRow
+from .converters import Converter, column_converter, column_converters, row_builder
+from .schema import (
+    PROJECTION_FIELDS,
+    ROW_COLUMNS,
+    definition_model,
+    encounter_model,
+    transition_model,
+)
+from .schema import field as model_field
+
+
+@dataclass
+class Statements:
+    """The statements and column conversions of one connection."""
+
+    connection: Any
+    lock_sql: str  # one live encounter joined with its definition, locked
+    lock_any_sql: str  # the same, soft-deleted encounters included
+    encounter_attnames: list[str]
+    definition_attnames: list[str]
+    lock_converters: list[Converter | None]
+    insert_sql: str
+    insert_fields: list[Any]
+    state_at_sql: str
+    state_at_known_sql: str
+    history_sql: str  # every column of an encounter's rows, in sequence order
+    history_attnames: list[str]
+    history_converters: list[Converter | None]
+    stream_sql: str  # ROW_COLUMNS of an encounter's rows, in sequence order
+    stream_row: Any  # (ROW_COLUMNS values) -> StreamRow
+    keyed_stream_row: Any  # (encounter id, *ROW_COLUMNS values) -> StreamRow
+    encounter_key: Converter | None  # conversion of a selected encounter id
+    count_rows_sql: str
+    projections_sql: str  # the rebuild's batch write of projections (see store.writes)
+    _updates: dict[tuple[str, ...], str] = field(default_factory=dict)
+
+    def quote(self, name: str) -> str:
+        return str(self.connection.ops.quote_name(name))
+
+    def update_sql(self, columns: Sequence[str], *, guarded: bool) -> str:
+        """``UPDATE encounter SET <columns> WHERE pk = %s`` (built once per column set); with
+        ``guarded``, ``AND EXISTS`` the row ``(encounter, sequence = %s)`` in the log."""
+        key = (*columns, "+guard" if guarded else "")
+        sql = self._updates.get(key)
+        if sql is None:
+            sql = self._updates[key] = _update_sql(self, columns, guarded)
+        return sql
+
+
+_CACHE: weakref.WeakKeyDictionary[Any, Statements] = weakref.WeakKeyDictionary()
+
+
+def statements(connection: Any) -> Statements:
+    """The statements of ``connection`` (a Django ``DatabaseWrapper``), built on first use."""
+    found = _CACHE.get(connection)
+    if found is None:
+        found = _CACHE[connection] = _build(connection)
+    return found
+
+
+def _build(connection: Any) -> Statements:
+    qn = connection.ops.quote_name
+    encounter, definition, transition = encounter_model(), definition_model(), transition_model()
+    enc_meta, def_meta, row_meta = encounter._meta, definition._meta, transition._meta
+    encounter_fields = list(enc_meta.concrete_fields)
+    definition_fields = list(def_meta.concrete_fields)
+    columns = [f"{qn('e')}.{qn(f.column)}" for f in encounter_fields] + [
+        f"{qn('d')}.{qn(f.column)}" for f in definition_fields
+    ]
+    lock_any_sql = (
+        f"SELECT {', '.join(columns)} FROM {qn(enc_meta.db_table)} {qn('e')} "
+        f"INNER JOIN {qn(def_meta.db_table)} {qn('d')} "
+        f"ON {qn('d')}.{qn(def_meta.pk.column)} = "
+        f"{qn('e')}.{qn(model_field(encounter, 'definition').column)} "
+        f"WHERE {qn('e')}.{qn(enc_meta.pk.column)} = %s"
+    )
+    lock_sql = lock_any_sql + (
+        f" AND {qn('e')}.{qn(model_field(encounter, 'deleted_at').column)} IS NULL"
+    )
+    features = connection.features
+    locking = ""
+    if features.has_select_for_update:
+        # Lock only the encounter row: concurrent transitions of other encounters of the same
+        # definition must not queue behind each other.
+        locking = (
+            f" FOR UPDATE OF {qn('e')}" if features.has_select_for_update_of else " FOR UPDATE"
+        )
+
+    def col(name: str) -> str:
+        return str(qn(model_field(transition, name).column))
+
+    table = qn(row_meta.db_table)
+    insert_fields = list(row_meta.concrete_fields)
+    stream_fields = [row_meta.get_field(name) for name in ROW_COLUMNS]
+    # "The last row of the timeline up to t": ordered by the engine's TIMELINE_ORDER.
+    state_at_sql = (
+        f"SELECT {col('to_state')} FROM {table} "
+        f"WHERE {col('encounter')} = %s AND {col('effective_at')} <= %s"
+    )
+    order = f" ORDER BY {', '.join(f'{col(name)} DESC' for name in TIMELINE_ORDER)} LIMIT 1"
+    of_encounter = f"FROM {table} WHERE {col('encounter')} = %s"
+    stream_converters = column_converters(connection, stream_fields)
+    return Statements(
+        connection=connection,
+        lock_sql=lock_sql + locking,
+        lock_any_sql=lock_any_sql + locking,
+        encounter_attnames=[f.attname for f in encounter_fields],
+        definition_attnames=[f.attname for f in definition_fields],
+        lock_converters=column_converters(connection, encounter_fields + definition_fields),
+        insert_sql=(
+            f"INSERT INTO {table} ({', '.join(qn(f.column) for f in insert_fields)}) "
+            f"VALUES ({', '.join(['%s'] * len(insert_fields))})"
+        ),
+        insert_fields=insert_fields,
+        state_at_sql=state_at_sql + order,
+        state_at_known_sql=state_at_sql + f" AND {col('transitioned_at')} <= %s" + order,
+        history_sql=(
+            f"SELECT {', '.join(qn(f.column) for f in insert_fields)} {of_encounter} "
+            f"ORDER BY {col('sequence')}"
+        ),
+        history_attnames=[f.attname for f in insert_fields],
+        history_converters=column_converters(connection, insert_fields),
+        stream_sql=(
+            f"SELECT {', '.join(qn(f.column) for f in stream_fields)} {of_encounter} "
+            f"ORDER BY {col('sequence')}"
+        ),
+        stream_row=row_builder(StreamRow, stream_converters),
+        keyed_stream_row=row_builder(StreamRow, stream_converters, skip=1),
+        encounter_key=column_converter(connection, model_field(transition, "encounter")),
+        count_rows_sql=f"SELECT COUNT(*) {of_encounter}",
+        projections_sql=_projections_sql(connection),
+    )
+
+
+def _update_sql(st: Statements, columns: Sequence[str], guarded: bool) -> str:
+    encounter, transition = encounter_model(), transition_model()
+    qn = st.quote
+    assignments = ", ".join(f"{qn(model_field(encounter, name).column)} = %s" for name in columns)
+    meta = encounter._meta
+    sql = f"UPDATE {qn(meta.db_table)} SET {assignments} WHERE {qn(meta.pk.column)} = %s"
+    if guarded:
+        sql += (
+            f" AND EXISTS (SELECT 1 FROM {qn(transition._meta.db_table)} "
+            f"WHERE {qn(model_field(transition, 'encounter').column)} = %s "
+            f"AND {qn(model_field(transition, 'sequence').column)} = %s)"
+        )
+    return sql
+
+
+def projection_write_fields() -> list[Any]:
+    """The fields a rebuild writes per encounter: pk, the projection, ``updated_at``."""
+    encounter = encounter_model()
+    return [
+        encounter._meta.pk,
+        *(model_field(encounter, name) for name in PROJECTION_FIELDS),
+        model_field(encounter, "updated_at"),
+    ]
+
+
+def _projections_sql(connection: Any) -> str:
+    """PostgreSQL: one ``UPDATE … FROM unnest(arrays)`` per batch, whatever its size, the new
+    values travelling as one array per column and ``updated_at`` as one parameter. Elsewhere:
+    ``UPDATE … SET projection, updated_at WHERE pk = %s``, run with ``executemany``."""
+    qn = connection.ops.quote_name
+    pk, *projection, updated_at = projection_write_fields()
+    table = qn(pk.model._meta.db_table)
+    if connection.vendor == "postgresql":
+        names = [qn(f.column) for f in (pk, *projection)]
+        arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in (pk, *projection))
+        assignments = ", ".join(f"{name} = v.{name}" for name in names[1:])
+        return (
+            f"UPDATE {table} AS e SET {assignments}, {qn(updated_at.column)} = %s "
+            f"FROM unnest({arrays}) AS v({', '.join(names)}) "
+            f"WHERE e.{names[0]} = v.{names[0]}"
+        )
+    assignments = ", ".join(f"{qn(f.column)} = %s" for f in (*projection, updated_at))
+    return f"UPDATE {table} SET {assignments} WHERE {qn(pk.column)} = %s"

@@ -1,0 +1,195 @@
+"""The write statements: lock, insert, projection update, and the rebuild's batch write; the
+translation of database errors into the package's typed errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError, OperationalError, connections
+from django.db.models import signals
+from django.utils import timezone
+
+from ..engine import (
+    ConcurrentTransitionError,
+    EncounterError,
+    EncounterNotFoundError,
+    EncounterTimeline,
+    ProjectionDriftError,
+    row_hash,
+)
+from .converters import convert_row
+from .mapping import row_of_record
+from .reads import count_rows, load_timeline
+from .schema import encounter_model, field, projection_of, transition_model
+from .statements import projection_write_fields, statements
+
+SEQUENCE_CONSTRAINT = "encounters_transition_unique_sequence"
+
+
+def lock_encounter(pk: Any, using: str, *, include_deleted: bool = False) -> Any:
+    """``SELECT … FOR UPDATE`` of a live encounter (any encounter with ``include_deleted``)
+    joined with its definition, in one statement. Returns the encounter (its ``definition``
+    cached on it), or None."""
+    connection = connections[using]
+    st = statements(connection)
+    encounter = encounter_model()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            st.lock_any_sql if include_deleted else st.lock_sql,
+            [encounter._meta.pk.get_db_prep_value(pk, connection)],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = convert_row(row, st.lock_converters)
+    split = len(st.encounter_attnames)
+    locked = encounter.from_db(using, st.encounter_attnames, values[:split])
+    definition = field(encounter, "definition").related_model.from_db(
+        using, st.definition_attnames, values[split:]
+    )
+    field(encounter, "definition").set_cached_value(locked, definition)
+    return locked
+
+
+def insert_row(record: Any, using: str, *, previous_hash: str | None = None) -> None:
+    """INSERT one new transition row; ``pre_save``/``post_save`` are sent as ``save()`` would.
+
+    With ``previous_hash``, the row was decided and hashed before the signals ran: a receiver
+    that changed its content is refused (``EncounterError``) rather than store a row its hash
+    does not cover. A clash on ``(encounter, sequence)`` raises ``ConcurrentTransitionError``.
+    """
+    connection = connections[using]
+    st = statements(connection)
+    model = type(record)
+    signals.pre_save.send(sender=model, instance=record, raw=False, using=using, update_fields=None)
+    if previous_hash is not None and (
+        row_hash(record.encounter_id, row_of_record(record), previous_hash) != record.hash
+    ):
+        raise EncounterError(
+            f"Transition {record.sequence} of encounter {record.encounter_id} was changed by a "
+            "signal receiver after it was decided; rows cannot be altered before insert"
+        )
+    params = [f.get_db_prep_save(f.pre_save(record, True), connection) for f in st.insert_fields]
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(st.insert_sql, params)
+    except IntegrityError as exc:
+        if _is_sequence_clash(exc):
+            raise ConcurrentTransitionError(
+                record.encounter_id,
+                detail=f"sequence {record.sequence} is already in the log: another writer "
+                "appended it (retry), or rows were inserted below the library and the "
+                "projection is behind (run `manage.py rebuild_encounter_projections "
+                f"--encounter {record.encounter_id}`)",
+            ) from exc
+        raise
+    record._state.adding = False
+    record._state.db = using
+    signals.post_save.send(
+        sender=model, instance=record, created=True, update_fields=None, raw=False, using=using
+    )
+
+
+def update_projection(
+    locked: Any, values: dict[str, Any], using: str, *, after_sequence: int
+) -> None:
+    """Write the columns of ``values`` that differ from the locked instance's, in one UPDATE.
+
+    The projection doubles as the snapshot the decision used: the update happens only when row
+    ``after_sequence`` (the new row's predecessor) is in the log. It runs after the INSERT, so
+    (unlike anything read with the row lock) it sees every committed row; if the stored version
+    ran ahead of the log (written behind the library's back) the new row would leave a gap, and
+    ``ProjectionDriftError`` is raised instead.
+    """
+    connection = connections[using]
+    encounter = type(locked)
+    changes = {name: value for name, value in values.items() if getattr(locked, name) != value}
+    if not changes:
+        return
+    guarded = after_sequence > 0
+    params = [field(encounter, name).get_db_prep_save(v, connection) for name, v in changes.items()]
+    params.append(encounter._meta.pk.get_db_prep_value(locked.pk, connection))
+    if guarded:
+        relation = field(transition_model(), "encounter")
+        params += [relation.get_db_prep_value(locked.pk, connection), after_sequence]
+    with connection.cursor() as cursor:
+        cursor.execute(statements(connection).update_sql(tuple(changes), guarded=guarded), params)
+        updated = cursor.rowcount
+    if not updated:
+        raise ProjectionDriftError(locked.pk, locked.version, count_rows(locked.pk, using) - 1)
+
+
+def append_record(record: Any, using: str) -> None:
+    """The low-level append behind ``EncounterTransition.save()``, inside the caller's
+    transaction: lock the encounter (soft-deleted ones too), number the row (``sequence``
+    defaults to the next one; a gap is refused) and chain it (``hash`` defaults to the hash
+    over the previous row's), insert it, and move the projection to the replay of the stream.
+    No state-machine checks: the audit reports what this lets through."""
+    locked = lock_encounter(record.encounter_id, using, include_deleted=True)
+    if locked is None:
+        raise EncounterNotFoundError(record.encounter_id)
+    timeline = load_timeline(locked, using)
+    if record.sequence is None:
+        record.sequence = timeline.version + 1
+    if record.sequence > timeline.version + 1:
+        raise EncounterError(
+            f"Encounter {locked.pk}: sequence {record.sequence} would leave a gap (the log is at "
+            f"version {timeline.version})"
+        )
+    previous_hash = None
+    if not record.hash:
+        previous_hash = timeline.head_hash
+        record.hash = row_hash(locked.pk, row_of_record(record), previous_hash)
+    insert_row(record, using, previous_hash=previous_hash)  # an older sequence clashes here
+    EncounterTimeline.event(locked.pk, row_of_record(record)).mutate(timeline)
+    projection = projection_of(timeline)
+    projection["updated_at"] = timezone.now()
+    update_projection(locked, projection, using, after_sequence=record.sequence - 1)
+
+
+def write_projections(using: str, fixes: list[tuple], now: datetime) -> None:
+    """Write replayed projections — ``(pk, *PROJECTION_FIELDS values)`` each — and stamp
+    ``updated_at``: one statement per batch on PostgreSQL, ``executemany`` elsewhere."""
+    connection = connections[using]
+    sql = statements(connection).projections_sql
+    fields = projection_write_fields()
+    stamp = fields[-1].get_db_prep_save(now, connection)
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # The replayed values are already what psycopg adapts natively (UUID, str, int,
+            # aware datetime, None): no per-value field preparation.
+            cursor.execute(sql, [stamp, *(list(column) for column in zip(*fixes, strict=True))])
+            return
+        rows = []
+        for fix in fixes:
+            prepared = [
+                f.get_db_prep_save(v, connection) for f, v in zip(fields, fix, strict=False)
+            ]
+            rows.append([*prepared[1:], stamp, prepared[0]])
+        cursor.executemany(sql, rows)
+
+
+@contextmanager
+def writer_errors(encounter_pk: Any) -> Iterator[None]:
+    """SQLite without ``transaction_mode="IMMEDIATE"`` (Django < 5.1): a writer that cannot
+    upgrade its read lock gets "database is locked" — another writer got there first. That is
+    a ``ConcurrentTransitionError``, not a raw ``OperationalError``."""
+    try:
+        yield
+    except OperationalError as exc:
+        if "database is locked" in str(exc):
+            raise ConcurrentTransitionError(
+                encounter_pk, detail=f"another writer holds the database ({exc})"
+            ) from exc
+        raise
+
+
+def _is_sequence_clash(exc: IntegrityError) -> bool:
+    constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
+    if constraint:
+        return bool(constraint == SEQUENCE_CONSTRAINT)
+    text = str(exc).lower()
+    return "unique" in text and "sequence" in text
