@@ -7,6 +7,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 
+from .engine import READABLE_FIELDS
 from .models import Encounter, EncounterDefinition, EncounterTransition
 
 
@@ -27,15 +28,7 @@ class EncounterDefinitionAdmin(admin.ModelAdmin):
 
 class TransitionInline(admin.TabularInline):
     model = EncounterTransition
-    fields = (
-        "sequence",
-        "from_state",
-        "to_state",
-        "effective_at",
-        "transitioned_at",
-        "transitioned_by",
-        "reason",
-    )
+    fields = READABLE_FIELDS
     readonly_fields = fields
     ordering = ("sequence",)
     extra = 0
@@ -58,15 +51,7 @@ class EncounterAdmin(admin.ModelAdmin):
 
 @admin.register(EncounterTransition)
 class EncounterTransitionAdmin(admin.ModelAdmin):
-    list_display = (
-        "encounter",
-        "sequence",
-        "from_state",
-        "to_state",
-        "effective_at",
-        "transitioned_at",
-        "transitioned_by",
-    )
+    list_display = ("encounter", *READABLE_FIELDS[: READABLE_FIELDS.index("reason")])
     list_filter = ("to_state",)
 
     def has_add_permission(self, request: Any) -> bool:

@@ -13,29 +13,11 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models.deletion import ProtectedError
 
-from .engine.errors import (
-    ConcurrentTransitionError,
-    EncounterError,
-    EncounterNotFoundError,
-    InvalidStateError,
-    InvalidTransitionError,
-    ProjectionDriftError,
-    StreamGapError,
-    ValidationError,
-)
+from .engine import errors as _engine_errors
+from .engine.errors import *  # noqa: F403 - the domain's errors, re-exported
+from .engine.errors import EncounterError
 
-__all__ = [
-    "ConcurrentTransitionError",
-    "EncounterError",
-    "EncounterNotFoundError",
-    "HardDeleteRefusedError",
-    "InvalidStateError",
-    "InvalidTransitionError",
-    "ProjectionDriftError",
-    "StreamGapError",
-    "ValidationError",
-    "ValidatorConfigurationError",
-]
+__all__ = [*_engine_errors.__all__, "HardDeleteRefusedError", "ValidatorConfigurationError"]
 
 
 class ValidatorConfigurationError(EncounterError, ImproperlyConfigured):

@@ -15,18 +15,13 @@ from .errors import (
 )
 from .hashing import canonical_json, row_hash
 from .intervals import intervals, time_in_states
+from .rows import READABLE_FIELDS, ROW_FIELDS, StreamRow
 from .rules import Rules
-from .timeline import (
-    ROW_FIELDS,
-    TIMELINE_ORDER,
-    TIMELINE_ORDER_DESC,
-    EncounterTimeline,
-    Entry,
-    StreamRow,
-)
+from .timeline import TIMELINE_ORDER, TIMELINE_ORDER_DESC, EncounterTimeline, Entry
 from .verify import Anomaly, Replay, verify_stream
 
 __all__ = [
+    "READABLE_FIELDS",
     "ROW_FIELDS",
     "TIMELINE_ORDER",
     "TIMELINE_ORDER_DESC",

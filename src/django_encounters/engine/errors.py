@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "ConcurrentTransitionError",
+    "EncounterError",
+    "EncounterNotFoundError",
+    "InvalidStateError",
+    "InvalidTransitionError",
+    "ProjectionDriftError",
+    "StreamGapError",
+    "StreamNeeded",
+    "ValidationError",
+]
+
 
 class EncounterError(Exception):
     """Base exception for encounter errors."""

@@ -16,22 +16,11 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any
+
+from .rows import StreamRow
 
 _UTC = timezone.utc
-
-
-class HashedRow(Protocol):
-    """What a row must carry to be hashed (a ``StreamRow`` does)."""
-
-    sequence: int
-    from_state: str
-    to_state: str
-    effective_at: datetime
-    transitioned_at: datetime
-    transitioned_by: Any
-    reason: str
-    metadata: Any
 
 
 def _utc_iso(value: datetime) -> str:
@@ -85,7 +74,7 @@ _JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=Fal
 _json_string = json.encoder.encode_basestring  # the escaper JSONEncoder uses for these options
 
 
-def row_hash(encounter_id: Any, row: HashedRow, previous_hash: str) -> str:
+def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
     """The hash of ``row`` (of the encounter ``encounter_id``) chained to ``previous_hash``."""
     sequence, from_state, to_state, reason = row.sequence, row.from_state, row.to_state, row.reason
     by = "" if row.transitioned_by is None else str(row.transitioned_by)

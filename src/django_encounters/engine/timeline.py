@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -28,32 +28,13 @@ from eventsourcing.utils import get_topic
 
 from .errors import InvalidTransitionError, StreamGapError, StreamNeeded
 from .hashing import row_hash
+from .rows import StreamRow
 from .rules import Rules
 
 #: Business-time order of a timeline; queries that pick "the last row at t" order by this too.
 TIMELINE_ORDER = ("effective_at", "sequence")
 #: Newest-first, for "the last row of the timeline up to t" (``ORDER BY … DESC LIMIT 1``).
 TIMELINE_ORDER_DESC = tuple(f"-{name}" for name in TIMELINE_ORDER)
-
-
-@dataclass(slots=True)
-class StreamRow:
-    """The content of one row of the log, as the engine knows it (``transitioned_by`` is the
-    user's primary key). The store maps these fields to the table's columns."""
-
-    sequence: int
-    from_state: str
-    to_state: str
-    effective_at: datetime
-    transitioned_at: datetime
-    transitioned_by: Any
-    reason: str
-    metadata: Any
-    hash: str
-
-
-#: The row's fields, in the order the store reads and writes them.
-ROW_FIELDS = tuple(f.name for f in fields(StreamRow))
 
 
 @dataclass(frozen=True, slots=True)

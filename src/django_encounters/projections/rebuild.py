@@ -159,28 +159,17 @@ def rebuild_projections(
         raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, not {jobs!r}")
-    if encounters is not None:
-        encounters = list(encounters)  # parsed (and checked) by select()
+    options: dict[str, Any] = {
+        "check": check,
+        "definition": definition,
+        "encounters": None if encounters is None else list(encounters),  # checked by select()
+        "batch_size": batch_size,
+        "using": using,
+        "max_reported": max_reported,
+    }
     if jobs > 1:
-        return _rebuild_in_workers(
-            check=check,
-            definition=definition,
-            encounters=encounters,
-            batch_size=batch_size,
-            using=using,
-            progress=progress,
-            max_reported=max_reported,
-            jobs=jobs,
-        )
-    return rebuild_range(
-        check=check,
-        definition=definition,
-        encounters=encounters,
-        batch_size=batch_size,
-        using=using,
-        progress=progress,
-        max_reported=max_reported,
-    )
+        return _rebuild_in_workers(options, progress=progress, jobs=jobs)
+    return rebuild_range(**options, progress=progress)
 
 
 def rebuild_range(
@@ -324,34 +313,24 @@ def _split(selected: Any, total: int, jobs: int, batch_size: int) -> list[tuple[
 
 
 def _rebuild_in_workers(
+    options: dict[str, Any],
     *,
-    check: bool,
-    definition: str | None,
-    encounters: list[Any] | None,
-    batch_size: int,
-    using: str,
     progress: Callable[[RebuildResult], None] | None,
-    max_reported: int,
     jobs: int,
 ) -> RebuildResult:
+    """``rebuild_range(**options)`` over up to ``jobs`` worker processes, results merged."""
     started = time.perf_counter()
+    using, max_reported = options["using"], options["max_reported"]
     setup = describe_setup(using)
-    selected, _ = select(using, RulesCache(using), definition, encounters)  # bad options fail here
+    # Bad options fail here, before any worker starts.
+    selected, _ = select(using, RulesCache(using), options["definition"], options["encounters"])
     total = selected.count()
-    merged = RebuildResult(check=check, encounters_total=total if progress is not None else None)
+    merged = RebuildResult(
+        check=options["check"], encounters_total=total if progress is not None else None
+    )
     tasks = [
-        {
-            "check": check,
-            "definition": definition,
-            "encounters": encounters,
-            "batch_size": batch_size,
-            "using": using,
-            "max_reported": max_reported,
-            "after": after,
-            "upto": upto,
-            "count_total": False,
-        }
-        for after, upto in _split(selected, total, jobs, batch_size)
+        {**options, "after": after, "upto": upto, "count_total": False}
+        for after, upto in _split(selected, total, jobs, options["batch_size"])
     ]
     running: dict[int, list[int]] = {}
 

@@ -10,19 +10,14 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import IO
 
+from ..engine import READABLE_FIELDS
 from .audit import EncounterAudit, isoformat
 
 CSV_HEADER = [
     "encounter_id",
     "definition",
     "state_as_of",
-    "sequence",
-    "from_state",
-    "to_state",
-    "effective_at",
-    "transitioned_at",
-    "transitioned_by",
-    "reason",
+    *READABLE_FIELDS,
     "backdated",
     "overtaken",
     "anomalies",

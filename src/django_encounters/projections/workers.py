@@ -113,6 +113,7 @@ def _worker_main(
         measure = _resolve(snapshot) if snapshot is not None else None
 
         def report(partial: Any) -> None:
+            assert measure is not None
             messages.put(("progress", index, measure(partial)))
 
         result = function(**task, progress=report if measure is not None else None)

@@ -1,0 +1,199 @@
+"""The package's layering holds: the engine imports no Django, nothing imports in a circle,
+every error raised on purpose is an ``EncounterError``, SQL is built once per connection and
+kept off Django's connection object, and the README's map names every module."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.db import connections
+
+import django_encounters
+from django_encounters.exceptions import EncounterError
+from django_encounters.store.statements import statements
+
+PACKAGE = Path(django_encounters.__file__).resolve().parent
+ROOT = PACKAGE.parent.parent
+NAME = "django_encounters"
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the package, by dotted name (a package by its ``__init__``)."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules ``module`` imports — at module level and inside functions alike
+    (``if TYPE_CHECKING:`` blocks aside), the parent packages each import runs included unless
+    they are ``module``'s own ancestors (Python has run those already)."""
+    is_package = path.name == "__init__.py"
+    here = module if is_package else module.rpartition(".")[0]
+    targets: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            targets.add(source)
+            targets.update(f"{source}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    edges = set()
+    for target in targets:
+        parts = target.split(".")
+        for end in range(2, len(parts) + 1):  # the root package's __init__ imports lazily
+            name = ".".join(parts[:end])
+            if name in known and name != module and not module.startswith(name + "."):
+                edges.add(name)
+    return edges
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def strongconnect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                strongconnect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            strongconnect(node)
+    return found
+
+
+def test_no_import_cycle_inside_the_package():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    assert _cycles(graph) == []
+    # The floors: the store never reaches up into the models, services or projections.
+    for name, targets in graph.items():
+        if name.startswith(f"{NAME}.store") or name.startswith(f"{NAME}.engine"):
+            above = sorted(
+                t
+                for t in targets
+                if not t.startswith(f"{NAME}.engine") and not t.startswith(f"{NAME}.store")
+            )
+            assert above == [], f"{name} imports {above}"
+
+
+def test_the_cycle_detector_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_engine_imports_no_django_module():
+    """In a fresh interpreter, as ``python -X importtime -c "import django_encounters.engine"``
+    would show: no ``django`` module is loaded."""
+    script = (
+        "import sys, django_encounters.engine\n"
+        "print('\\n'.join(m for m in sys.modules if m == 'django' or m.startswith('django.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert done.stdout.strip() == ""
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
+    assert "django_encounters.engine.timeline" in imported  # the report is the one expected
+    assert [m for m in imported if m == "django" or m.startswith("django.")] == []
+
+
+def _package_classes() -> list[type]:
+    classes = []
+    for info in pkgutil.walk_packages([str(PACKAGE)], prefix=f"{NAME}."):
+        if ".migrations." in info.name:
+            continue
+        module = importlib.import_module(info.name)
+        classes.extend(
+            value
+            for value in vars(module).values()
+            if inspect.isclass(value) and value.__module__ == module.__name__
+        )
+    return classes
+
+
+def test_every_error_of_the_package_is_an_encounter_error():
+    errors = [c for c in _package_classes() if issubclass(c, BaseException)]
+    assert len(errors) >= 12
+    assert [c.__qualname__ for c in errors if not issubclass(c, EncounterError)] == []
+
+
+@pytest.mark.django_db
+def test_statements_are_built_once_per_connection_and_kept_off_it():
+    connection = connections["default"]
+    connection.ensure_connection()
+    first = statements(connection)
+    assert statements(connection) is first
+    key = ("state", "version")
+    assert first.update_sql(key, guarded=True) is first.update_sql(key, guarded=True)
+    assert [name for name in vars(connection) if "encounter" in name.lower()] == []
+
+
+def test_the_readme_map_names_every_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### How the code is laid out", 1)[1]
+    missing = []
+    for path in _modules().values():
+        relative = path.relative_to(PACKAGE).as_posix()
+        if path.name == "__init__.py" or relative.startswith("migrations/"):
+            continue
+        shown = relative.rsplit("/", 1)[0] + "/" if "commands/" in relative else relative
+        if f"`{shown}`" not in section:
+            missing.append(relative)
+    assert missing == []
