@@ -70,6 +70,29 @@ def require_version(value: Any, name: str) -> None:
         raise TypeError(f"{name} must be an int, not {value!r}")
 
 
+def transition_arguments(
+    to_state: Any,
+    transitioned_by: Any,
+    reason: Any,
+    context: Any,
+    effective_at: Any,
+    expected_version: Any,
+) -> dict:
+    """Check the arguments of ``transition()``; returns the JSON copy of ``context`` that is
+    stored and hashed (taken now, so that validators or receivers mutating the caller's dict
+    cannot change the row after its hash was computed)."""
+    if not isinstance(to_state, str):
+        raise TypeError(f"to_state must be a str, not {type(to_state).__name__} {to_state!r}")
+    require_user(transitioned_by, "transitioned_by")
+    require_text(reason, "reason")
+    if context is not None and not isinstance(context, dict):
+        raise TypeError(f"context must be a dict, not {type(context).__name__}")
+    stored_context = {} if context is None else json_copy(context, "context")
+    require_version(expected_version, "expected_version")
+    require_aware(effective_at, "effective_at", optional=True)
+    return stored_context
+
+
 def json_copy(value: Any, name: str) -> Any:
     """Refuse what the JSON column or the row hash could not take: the hash serialises with
     sorted keys (mixed key types fail), strict JSON has no NaN/Infinity, and text must be

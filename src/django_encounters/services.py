@@ -131,32 +131,20 @@ def transition(
         ValidatorConfigurationError: a validator entry cannot be loaded.
     """
     arguments.require_instance(encounter, Encounter, "encounter")
-    if not isinstance(to_state, str):
-        raise TypeError(f"to_state must be a str, not {type(to_state).__name__} {to_state!r}")
-    arguments.require_user(transitioned_by, "transitioned_by")
-    arguments.require_text(reason, "reason")
-    if context is not None and not isinstance(context, dict):
-        raise TypeError(f"context must be a dict, not {type(context).__name__}")
-    stored_context = {} if context is None else arguments.json_copy(context, "context")
-    arguments.require_version(expected_version, "expected_version")
-    arguments.require_aware(effective_at, "effective_at", optional=True)
-
+    stored_context = arguments.transition_arguments(
+        to_state, transitioned_by, reason, context, effective_at, expected_version
+    )
     using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
     with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
         # 1. Lock the encounter row, its definition joined.
-        locked = store.lock_encounter(encounter.pk, using)
-        if locked is None:
-            raise EncounterNotFoundError(encounter.pk)
-        if expected_version is not None and locked.version != expected_version:
-            raise ConcurrentTransitionError(locked.pk, expected_version, locked.version)
+        locked = _lock(encounter.pk, using, expected_version)
         # The clock is read only once the row is locked: a writer that waited for the lock
         # must not be stamped or dated before the row it waited for.
         now = timezone.now()
         if effective_at is None:
             # "Now" means after everything already on the timeline, even when another
             # application server's clock ran slightly ahead.
-            end_at = locked.timeline_end_at
-            effective_at = now if end_at is None or now >= end_at else end_at
+            effective_at = max(now, locked.timeline_end_at or now)
 
         # 2. Load what the decision needs: the projection row is the snapshot; only a
         #    backdated transition needs the rows.
@@ -190,13 +178,10 @@ def transition(
         # 4. Insert the row (a sequence clash is a ConcurrentTransitionError).
         store.insert_row(record, using, previous_hash=locked.head_hash)
 
-        # 5. Update the projection columns that changed.
+        # 5. Update the projection columns that changed (and ended_at when the timeline ends
+        #    in a final state).
         projection = store.projection_of(timeline)
-        if (
-            timeline.end_at == effective_at
-            and timeline.state == to_state
-            and rules.is_final(to_state)
-        ):
+        if timeline.end_at == effective_at and rules.is_final(timeline.state):
             projection["ended_at"] = effective_at
         projection["updated_at"] = now
         store.update_projection(locked, projection, using, after_sequence=row.sequence - 1)
@@ -212,6 +197,17 @@ def transition(
             lambda: _announce(encounter, record, row.from_state, to_state), using=using
         )
     return record
+
+
+def _lock(pk: Any, using: str, expected_version: int | None) -> Encounter:
+    """The locked, freshly read encounter, its definition joined; refused when it does not
+    exist (or is soft-deleted) or is not at ``expected_version``."""
+    locked = store.lock_encounter(pk, using)
+    if locked is None:
+        raise EncounterNotFoundError(pk)
+    if expected_version is not None and locked.version != expected_version:
+        raise ConcurrentTransitionError(locked.pk, expected_version, locked.version)
+    return locked
 
 
 def _announce(

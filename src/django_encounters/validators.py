@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from . import conf
-from .exceptions import ValidatorConfigurationError
+from .exceptions import ValidationError, ValidatorConfigurationError
 
 #: The package's own validators are always admitted by ENCOUNTERS_VALIDATOR_MODULES.
 BUILTIN_MODULE = __name__
@@ -64,8 +64,6 @@ class RequiredFieldsValidator(StateValidator):
         self.state_requirements = state_requirements
 
     def validate(self, encounter, from_state, to_state, context=None):  # type: ignore[no-untyped-def]
-        from .exceptions import ValidationError
-
         for field_name in self.state_requirements.get(to_state, []):
             if getattr(encounter, field_name, None) is None:
                 raise ValidationError(
@@ -84,8 +82,6 @@ class NoBackwardsTransitionValidator(StateValidator):
         self.state_order = list(state_order)
 
     def validate(self, encounter, from_state, to_state, context=None):  # type: ignore[no-untyped-def]
-        from .exceptions import ValidationError
-
         if from_state in self.state_order and to_state in self.state_order:
             if self.state_order.index(to_state) < self.state_order.index(from_state):
                 raise ValidationError(
@@ -98,8 +94,6 @@ class FinalStateValidator(StateValidator):
     """Refuses transitions out of final states."""
 
     def validate(self, encounter, from_state, to_state, context=None):  # type: ignore[no-untyped-def]
-        from .exceptions import ValidationError
-
         if encounter.definition.is_final_state(from_state):
             raise ValidationError(
                 self.__class__.__name__,
