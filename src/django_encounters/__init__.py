@@ -16,6 +16,7 @@ _EXPORTS = {
     "EncounterDefinition": "models",
     "Encounter": "models",
     "EncounterTransition": "models",
+    "EncounterDefinitionVersion": "models",
     # Validators
     "StateValidator": "validators",
     "RequiredFieldsValidator": "validators",
@@ -25,6 +26,7 @@ _EXPORTS = {
     # Services
     "create_encounter": "services",
     "transition": "services",
+    "upgrade_encounter": "services",
     "run_validators": "services",
     "get_encounter_history": "services",
     "get_state_at": "services",

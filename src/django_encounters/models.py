@@ -17,45 +17,55 @@ from django.utils import timezone
 from . import store
 from .arguments import require_aware
 from .basemodels import BaseModel, SoftDeleteManager, SoftDeleteQuerySet, UUIDModel
-from .engine import TIMELINE_ORDER, TIMELINE_ORDER_DESC, EncounterTimeline, Rules, row_hash
+from .engine import (
+    TIMELINE_ORDER,
+    TIMELINE_ORDER_DESC,
+    EncounterTimeline,
+    Genesis,
+    Rules,
+    genesis_hash,
+    row_hash,
+    stored_precision,
+)
 from .exceptions import EncounterError, InvalidStateError, ValidatorConfigurationError
 from .validators import get_validator_instance, parse_validator_entry
 
 STATE_MAX_LENGTH = 50
+#: Room for a hash's format prefix ("v1:") and digest, and for longer formats later.
+HASH_MAX_LENGTH = 100
 
 
-class EncounterDefinition(UUIDModel, BaseModel):
-    """Defines an encounter type: its states, transitions and validators (data, not code)."""
+#: The fields that make a definition's state machine (versioned together).
+MACHINE_FIELDS = ("states", "initial_state", "final_states", "transitions", "validators")
 
-    name = models.CharField(max_length=100, unique=True)
-    code = models.CharField(max_length=50, unique=True)
-    description = models.TextField(blank=True, default="")
 
-    # State machine configuration
+class StateMachine(models.Model):
+    """The state machine of a definition, as stored JSON, and every question asked of it
+    (answered by the engine's :class:`~django_encounters.engine.Rules`)."""
+
     states = models.JSONField(default=list, help_text="List of allowed state names")
     initial_state = models.CharField(max_length=STATE_MAX_LENGTH)
     final_states = models.JSONField(default=list, help_text="List of terminal state names")
     transitions = models.JSONField(
         default=dict, help_text="Dict mapping state to list of allowed next states"
     )
-
-    # Validators
     validators = models.JSONField(default=list, help_text="List of validator class paths")
 
-    # Metadata
-    metadata = models.JSONField(default=dict, blank=True)
-
     class Meta:
-        app_label = "django_encounters"
-        verbose_name = "encounter definition"
-        verbose_name_plural = "encounter definitions"
-        ordering = ["name"]
+        abstract = True
+
+    def _identity(self) -> tuple[str, int]:
+        raise NotImplementedError
 
     def rules(self) -> Rules:
         """The state machine as plain data: every question below is answered by it."""
+        code, version = self._identity()
         return Rules.from_config(
-            self.code, self.states, self.transitions, self.final_states, self.initial_state
+            code, self.states, self.transitions, self.final_states, self.initial_state, version
         )
+
+    def machine(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in MACHINE_FIELDS}
 
     def is_valid_state(self, state: str) -> bool:
         """Check if a state is defined for this encounter type."""
@@ -78,6 +88,32 @@ class EncounterDefinition(UUIDModel, BaseModel):
         unreachable from the initial state, exits from final states, non-final dead ends."""
         return self.rules().warnings()
 
+
+class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
+    """Defines an encounter type: its states, transitions and validators (data, not code).
+
+    The machine is versioned: every saved change to it creates a new immutable
+    :class:`EncounterDefinitionVersion` (``version`` is the latest). Encounters are pinned to
+    the version they were created under and keep its rules until ``upgrade_encounter()``.
+    """
+
+    name = models.CharField(max_length=100, unique=True)
+    code = models.CharField(max_length=50, unique=True)
+    description = models.TextField(blank=True, default="")
+    version = models.PositiveIntegerField(default=0, editable=False)
+
+    # Metadata
+    metadata = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        app_label = "django_encounters"
+        verbose_name = "encounter definition"
+        verbose_name_plural = "encounter definitions"
+        ordering = ["name"]
+
+    def _identity(self) -> tuple[str, int]:
+        return self.code, self.version
+
     # -- validation -------------------------------------------------------------------------
 
     def clean(self) -> None:
@@ -96,11 +132,102 @@ class EncounterDefinition(UUIDModel, BaseModel):
             raise DjangoValidationError(errors)
 
     def save(self, *args: Any, **kwargs: Any) -> None:
+        """Validate, save, and record the machine as a new version when it changed."""
         self.clean()
-        super().save(*args, **kwargs)
+        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        with transaction.atomic(using=using):
+            latest = None
+            if not self._state.adding:
+                latest = (
+                    EncounterDefinitionVersion.objects.using(using)
+                    .filter(definition_id=self.pk)
+                    .order_by("-number")
+                    .first()
+                )
+            changed = latest is None or latest.machine() != self.machine()
+            if changed:
+                self.version = (latest.number if latest is not None else 0) + 1
+                update_fields = kwargs.get("update_fields")
+                if update_fields is not None:
+                    kwargs["update_fields"] = {*update_fields, "version"}
+            super().save(*args, **kwargs)
+            if changed:
+                EncounterDefinitionVersion.objects.using(using).create(
+                    definition=self, number=self.version, **self.machine()
+                )
+
+    def latest_version(self) -> EncounterDefinitionVersion:
+        return self.versions.get(number=self.version)
 
     def __str__(self) -> str:
         return self.name
+
+
+class AppendOnlyQuerySet(models.QuerySet):
+    """Rows that are facts: querysets refuse to update or delete them."""
+
+    def _refuse(self, what: str) -> EncounterError:
+        return EncounterError(
+            f"{self.model._meta.verbose_name_plural} are append-only: {what}() is not allowed"
+        )
+
+    def update(self, **kwargs: Any) -> int:
+        raise self._refuse("update")
+
+    def delete(self) -> tuple[int, dict[str, int]]:  # type: ignore[override]
+        raise self._refuse("delete")
+
+    def bulk_update(self, objs: Any, fields: Any, batch_size: Any = None) -> int:
+        raise self._refuse("bulk_update")
+
+    def update_or_create(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("update_or_create")
+
+    def bulk_create(self, *args: Any, **kwargs: Any) -> Any:
+        raise EncounterError(
+            f"{self.model._meta.verbose_name_plural} cannot be bulk-created: bulk_create() "
+            "skips their numbering, hashing and checks; create them one at a time"
+        )
+
+
+class EncounterDefinitionVersion(UUIDModel, StateMachine):
+    """One immutable version of a definition's machine (``number`` 1, 2, …)."""
+
+    definition = models.ForeignKey(
+        EncounterDefinition, on_delete=models.PROTECT, related_name="versions"
+    )
+    number = models.PositiveIntegerField()
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        app_label = "django_encounters"
+        verbose_name = "encounter definition version"
+        verbose_name_plural = "encounter definition versions"
+        ordering = ["definition", "number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["definition", "number"], name="encounters_definition_unique_version"
+            )
+        ]
+
+    def _identity(self) -> tuple[str, int]:
+        return self.definition.code, self.number
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise EncounterError(
+                f"Definition version {self.number} of {self.definition_id} is immutable; save "
+                "the definition to create a new version"
+            )
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise EncounterError(f"Definition version {self.number} is immutable and kept")
+
+    def __str__(self) -> str:
+        return f"{self.definition} v{self.number}"
 
 
 def _check_states(states: Any, errors: dict[str, list[str]]) -> set[str]:
@@ -184,6 +311,34 @@ class EncounterQuerySet(SoftDeleteQuerySet):
             state_at=Coalesce(Subquery(last, output_field=models.CharField()), F("origin_state"))
         )
 
+    def update(self, **kwargs: Any) -> int:
+        """As Django's, but the projection and the creation facts are refused: only the log
+        moves them."""
+        _refuse_log_derived(kwargs)
+        return super().update(**kwargs)
+
+    def bulk_update(self, objs: Any, fields: Any, batch_size: Any = None) -> int:
+        _refuse_log_derived(fields)
+        return super().bulk_update(objs, fields, batch_size=batch_size)
+
+    def bulk_create(self, *args: Any, **kwargs: Any) -> Any:
+        raise EncounterError(
+            "Encounter.objects.bulk_create() would skip the genesis hash and the definition "
+            "version pin; create encounters with create_encounter() (or Encounter.objects."
+            "create()), one at a time"
+        )
+
+
+def _refuse_log_derived(fields: Any) -> None:
+    names = {str(name).removesuffix("_id") for name in fields}
+    touched = sorted(names & set(Encounter.LOG_DERIVED_FIELDS))
+    if touched:
+        raise EncounterError(
+            f"Encounter columns {touched} are derived from the transition log and its genesis; "
+            "they cannot be updated (run `manage.py rebuild_encounter_projections` to recompute "
+            "the projection)"
+        )
+
 
 class EncounterManager(SoftDeleteManager.from_queryset(EncounterQuerySet)):  # type: ignore[misc]
     """Hides soft-deleted encounters; ``as_of`` for bulk temporal queries."""
@@ -196,14 +351,18 @@ class AllEncountersManager(models.Manager.from_queryset(EncounterQuerySet)):  # 
 class Encounter(UUIDModel, BaseModel):
     """An encounter of one subject moving through one definition.
 
-    ``state``, ``version``, ``timeline_end_at`` and ``head_hash`` are a projection of the
-    transition log: only :func:`django_encounters.services.transition` and the rebuild write
-    them, and ``save()`` of an existing row never does. ``origin_state`` is the state the
-    encounter was created in.
+    The projection columns (``state``, ``version``, ``timeline_end_at``, ``head_hash``,
+    ``definition_version``, ``last_transitioned_at``) are derived from the transition log: only
+    ``transition()``, ``upgrade_encounter()`` and the rebuild write them, and ``save()`` of an
+    existing row never does. The creation facts (definition and ``origin_version``, subject,
+    ``origin_state``, ``created_at``) are hashed into ``genesis_hash``, which row 1 chains to.
     """
 
     #: Columns derived purely from the log.
     PROJECTION_FIELDS = store.PROJECTION_FIELDS
+    #: Creation facts covered by the genesis hash (besides the definition and subject).
+    GENESIS_FIELDS = ("origin_state", "origin_version", "created_at", "genesis_hash")
+    LOG_DERIVED_FIELDS = (*PROJECTION_FIELDS, *GENESIS_FIELDS)
 
     definition = models.ForeignKey(
         EncounterDefinition, on_delete=models.PROTECT, related_name="encounters"
@@ -216,12 +375,16 @@ class Encounter(UUIDModel, BaseModel):
     subject_id = models.CharField(max_length=255)
     subject = GenericForeignKey("subject_content_type", "subject_id")
 
-    # Current state (projection) and the state it was created in.
-    state = models.CharField(max_length=STATE_MAX_LENGTH)
+    # The creation facts, and the projection of the log.
     origin_state = models.CharField(max_length=STATE_MAX_LENGTH, editable=False)
+    origin_version = models.PositiveIntegerField(default=0, editable=False)
+    genesis_hash = models.CharField(max_length=HASH_MAX_LENGTH, default="", editable=False)
+    state = models.CharField(max_length=STATE_MAX_LENGTH)
     version = models.PositiveIntegerField(default=0, editable=False)
     timeline_end_at = models.DateTimeField(null=True, blank=True, editable=False)
-    head_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
+    head_hash = models.CharField(max_length=HASH_MAX_LENGTH, blank=True, default="", editable=False)
+    definition_version = models.PositiveIntegerField(default=0, editable=False)
+    last_transitioned_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     # Timing
     scheduled_at = models.DateTimeField(null=True, blank=True)
@@ -266,58 +429,104 @@ class Encounter(UUIDModel, BaseModel):
         if self.subject_id is not None:
             self.subject_id = str(self.subject_id)
         if self._state.adding:
-            definition = self.definition
-            # Set initial state if not set
-            if not self.state:
-                self.state = definition.initial_state
-            if self.state not in (definition.states or []):
-                raise InvalidStateError(self.state, definition.code, list(definition.states or []))
-            # A new encounter's projection is its origin: no rows yet.
-            self.origin_state = self.state
-            self.version = 0
-            self.timeline_end_at = None
-            self.head_hash = ""
+            self._pin(self.state or None)
         else:
-            # Never write projection columns of an existing row: a stale instance must not
-            # overwrite a state that moved on. Only transition() and the rebuild write them.
-            protected = set(self.PROJECTION_FIELDS) | {"origin_state"}
-            update_fields = kwargs.get("update_fields")
-            loaded = getattr(self, "_loaded_definition_id", self.definition_id)
-            if self.definition_id != loaded and (
-                EncounterTransition.objects.filter(encounter_id=self.pk).exists()
-            ):
+            kwargs["update_fields"] = self._update_fields(kwargs.get("update_fields"))
+            if not kwargs["update_fields"]:
+                return
+        super().save(*args, **kwargs)
+        self._loaded_facts = self._facts()
+
+    def _facts(self) -> tuple[Any, Any, Any]:
+        return (self.definition_id, self.subject_content_type_id, self.subject_id)
+
+    def _pin(self, state: str | None) -> None:
+        """Set the creation facts of a new encounter (or one without rows moved to another
+        definition or subject): pinned to its definition's latest version, in ``state`` (the
+        initial state by default), created at the stored precision, its genesis hashed, and
+        its projection the origin."""
+        machine = self.definition.latest_version()
+        state = machine.initial_state if state is None else state
+        if not machine.is_valid_state(state):
+            raise InvalidStateError(state, self.definition.code, list(machine.states or []))
+        self._machine = machine
+        self.created_at = stored_precision(self.created_at)
+        self.origin_state = self.state = state
+        self.origin_version = self.definition_version = machine.number
+        self.genesis_hash = self.head_hash = genesis_hash(self.genesis())
+        self.version = 0
+        self.timeline_end_at = self.last_transitioned_at = None
+
+    def _update_fields(self, update_fields: Any) -> list[str]:
+        """What ``save()`` of an existing encounter may write: never the projection or the
+        creation facts (a stale instance must not overwrite a state that moved on), never
+        ``deleted_at`` unless named (a stale instance must not undelete). The definition or
+        subject may change only while the log is empty, and the encounter is then pinned
+        anew."""
+        protected = set(self.LOG_DERIVED_FIELDS)
+        loaded = getattr(self, "_loaded_facts", self._facts())
+        if self._facts() != loaded:
+            if EncounterTransition.objects.filter(encounter_id=self.pk).exists():
                 raise EncounterError(
                     f"Encounter {self.pk} has transitions recorded under definition "
-                    f"{loaded}; it cannot be moved to definition {self.definition_id} "
-                    "(its log would be replayed against the wrong rules)"
+                    f"{loaded[0]} for subject {loaded[1]}:{loaded[2]}; its definition and "
+                    "subject cannot change (its log would be replayed against the wrong rules "
+                    "and its genesis no longer hold)"
                 )
-            if update_fields is None:
-                # Soft delete is changed only by delete()/restore() (they name deleted_at):
-                # a stale instance's plain save() must not undelete the encounter.
-                update_fields = [
-                    f.name
-                    for f in self._meta.concrete_fields
-                    if not f.primary_key and f.name not in protected and f.name != "deleted_at"
-                ]
-            else:
-                update_fields = [
-                    name
-                    for name in update_fields
-                    if name not in protected and name.removesuffix("_id") not in protected
-                ]
-                if not update_fields:
-                    return
-            kwargs["update_fields"] = update_fields
-        super().save(*args, **kwargs)
-        self._loaded_definition_id = self.definition_id
+            self._pin(None if self.definition_id != loaded[0] else self.origin_state)
+            protected = set()  # moved as a whole, while nothing depends on it
+        if update_fields is None:
+            return [
+                f.name
+                for f in self._meta.concrete_fields
+                if not f.primary_key and f.name not in protected and f.name != "deleted_at"
+            ]
+        return [
+            name
+            for name in update_fields
+            if name not in protected and name.removesuffix("_id") not in protected
+        ]
 
     @classmethod
     def from_db(cls, db: Any, field_names: Any, values: Any, **kwargs: Any) -> Any:
         instance = super().from_db(db, field_names, values, **kwargs)
         # Remembered so that save() can refuse moving an encounter with history to another
-        # definition without a query.
-        instance._loaded_definition_id = instance.__dict__.get("definition_id")
+        # definition or subject without a query.
+        data = instance.__dict__
+        instance._loaded_facts = (
+            data.get("definition_id"),
+            data.get("subject_content_type_id"),
+            data.get("subject_id"),
+        )
         return instance
+
+    def genesis(self) -> Genesis:
+        """The creation facts the genesis hash covers."""
+        subject_type = ContentType.objects.db_manager(self._state.db or "default").get_for_id(
+            self.subject_content_type_id
+        )
+        return Genesis(
+            encounter_id=self.pk,
+            definition_id=self.definition_id,
+            definition_version=self.origin_version,
+            subject_type=f"{subject_type.app_label}.{subject_type.model}",
+            subject_id=str(self.subject_id),
+            origin_state=self.origin_state,
+            created_at=self.created_at,
+        )
+
+    @property
+    def machine(self) -> EncounterDefinitionVersion:
+        """The definition version this encounter is pinned to (its rules and validators)."""
+        cached = getattr(self, "_machine", None)
+        if cached is None or (cached.definition_id, cached.number) != (
+            self.definition_id,
+            self.definition_version,
+        ):
+            cached = self._machine = EncounterDefinitionVersion.objects.get(
+                definition_id=self.definition_id, number=self.definition_version
+            )
+        return cached
 
     def refresh_projection(self) -> None:
         """Reload the projection columns from the database."""
@@ -333,48 +542,23 @@ class Encounter(UUIDModel, BaseModel):
         snapshot (no query): enough to decide a transition at or after the timeline's end."""
         return EncounterTimeline.from_snapshot(
             self.pk,
-            origin_state=self.origin_state,
-            state=self.state,
-            version=self.version,
-            end_at=self.timeline_end_at,
-            head_hash=self.head_hash,
             created_at=self.created_at,
+            version=self.version,
+            **store.snapshot_state(self),
         )
 
     @property
     def is_final(self) -> bool:
-        """Check if encounter is in a final state."""
-        return self.definition.is_final_state(self.state)
+        """Check if encounter is in a final state (of its pinned definition version)."""
+        return self.machine.is_final_state(self.state)
 
     @property
     def allowed_transitions(self) -> list:
         """Get list of states that can be transitioned to."""
-        return self.definition.get_allowed_transitions(self.state)
+        return self.machine.get_allowed_transitions(self.state)
 
     def __str__(self) -> str:
         return f"{self.definition.name} - {self.state}"
-
-
-class AppendOnlyQuerySet(models.QuerySet):
-    """Transitions are facts: querysets refuse to update or delete them."""
-
-    def _refuse(self, what: str) -> EncounterError:
-        return EncounterError(
-            f"EncounterTransition rows are append-only: {what}() is not allowed "
-            "(record a new transition instead)"
-        )
-
-    def update(self, **kwargs: Any) -> int:
-        raise self._refuse("update")
-
-    def delete(self) -> tuple[int, dict[str, int]]:  # type: ignore[override]
-        raise self._refuse("delete")
-
-    def bulk_update(self, objs: Any, fields: Any, batch_size: Any = None) -> int:
-        raise self._refuse("bulk_update")
-
-    def update_or_create(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("update_or_create")
 
 
 class EncounterTransition(UUIDModel):
@@ -410,7 +594,9 @@ class EncounterTransition(UUIDModel):
     reason = models.TextField(blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True)
 
-    hash = models.CharField(max_length=64, editable=False, default="")
+    # The definition version it was decided under (the encounter's pin at the time).
+    definition_version = models.PositiveIntegerField(default=0, editable=False)
+    hash = models.CharField(max_length=HASH_MAX_LENGTH, editable=False, default="")
 
     objects = AppendOnlyQuerySet.as_manager()
 

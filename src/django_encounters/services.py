@@ -34,6 +34,7 @@ logger = logging.getLogger("django_encounters")
 __all__ = [
     "create_encounter",
     "transition",
+    "upgrade_encounter",
     "run_validators",
     "get_encounter_history",
     "get_state_at",
@@ -136,20 +137,21 @@ def transition(
     )
     using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
     with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
-        # 1. Lock the encounter row, its definition joined.
+        # 1. Lock the encounter row, its definition and pinned version joined, and prove the
+        #    projection against the log.
         locked = _lock(encounter.pk, using, expected_version)
-        # The clock is read only once the row is locked: a writer that waited for the lock
-        # must not be stamped or dated before the row it waited for.
-        now = timezone.now()
+        timeline = locked.timeline_snapshot()
+        # The clock is read only once the row is locked (a writer that waited for the lock
+        # must not be stamped or dated before the row it waited for), and system time never
+        # decreases along the stream (another server's clock may run ahead).
+        now = timeline.system_time(timezone.now())
         if effective_at is None:
-            # "Now" means after everything already on the timeline, even when another
-            # application server's clock ran slightly ahead.
+            # "Now" means after everything already on the timeline.
             effective_at = max(now, locked.timeline_end_at or now)
 
         # 2. Load what the decision needs: the projection row is the snapshot; only a
         #    backdated transition needs the rows.
-        rules = locked.definition.rules()
-        timeline = locked.timeline_snapshot()
+        rules = locked.machine.rules()
         if not timeline.appends_at_end(effective_at):
             timeline = store.load_timeline(locked, using)
 
@@ -175,28 +177,77 @@ def transition(
             to_state=to_state,
         )
 
-        # 4. Insert the row (a sequence clash is a ConcurrentTransitionError).
-        store.insert_row(record, using, previous_hash=locked.head_hash)
-
-        # 5. Update the projection columns that changed (and ended_at when the timeline ends
-        #    in a final state).
-        projection = store.projection_of(timeline)
-        if timeline.end_at == effective_at and rules.is_final(timeline.state):
-            projection["ended_at"] = effective_at
-        projection["updated_at"] = now
-        store.update_projection(locked, projection, using, after_sequence=row.sequence - 1)
-
-        # 6. The caller's instance shows the whole new projection (its copy may be older than
-        #    the locked row); a later save() is harmless.
-        projection.setdefault("ended_at", locked.ended_at)
-        for target in (encounter, locked):
-            target.set_projection(projection)
+        # 4.-6. Insert the row, update the projection, show it on the caller's instance.
+        _record(encounter, locked, timeline, record, rules, using)
 
         # 7. post_transition once committed.
         db_transaction.on_commit(
             lambda: _announce(encounter, record, row.from_state, to_state), using=using
         )
     return record
+
+
+def upgrade_encounter(
+    encounter: Encounter, transitioned_by: Any = None, reason: str = ""
+) -> EncounterTransition:
+    """Move an encounter on purpose to its definition's latest version: a row in its log that
+    keeps the state and records who, when and why. From then on its transitions are decided
+    (and its later rows judged) by the new version's rules and validators.
+
+    Raises:
+        EncounterNotFoundError: the encounter does not exist or is soft-deleted.
+        InvalidStateError: its current state does not exist in the latest version (nothing is
+            written; move it to a state both versions have first).
+        EncounterError: it is already at the latest version.
+    """
+    arguments.require_instance(encounter, Encounter, "encounter")
+    arguments.require_user(transitioned_by, "transitioned_by")
+    arguments.require_text(reason, "reason")
+    using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
+    with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
+        locked = _lock(encounter.pk, using, None)
+        definition = locked.definition
+        if locked.definition_version >= definition.version:
+            raise EncounterError(
+                f"Encounter {locked.pk} is already at the latest version "
+                f"(v{definition.version}) of definition '{definition.code}'"
+            )
+        latest = definition.latest_version()
+        rules = latest.rules()
+        timeline = locked.timeline_snapshot()
+        row = timeline.upgrade(
+            rules,
+            transitioned_at=timezone.now(),
+            transitioned_by=getattr(transitioned_by, "pk", None),
+            reason=reason,
+        )
+        record = store.record_from_row(row, encounter=locked, transitioned_by=transitioned_by)
+        locked._machine = latest
+        _record(encounter, locked, timeline, record, rules, using)
+    return record
+
+
+def _record(
+    encounter: Encounter,
+    locked: Encounter,
+    timeline: Any,
+    record: EncounterTransition,
+    rules: Any,
+    using: str,
+) -> None:
+    """Insert the decided row (a sequence clash is a ``ConcurrentTransitionError``), update the
+    projection columns that changed (and ``ended_at`` when the timeline ends in a final state),
+    and show the whole new projection on the caller's instance (its copy may be older than the
+    locked row), so that a later ``save()`` is harmless."""
+    store.insert_row(record, using, previous_hash=locked.head_hash)
+    projection = store.projection_of(timeline)
+    if timeline.end_at == record.effective_at and rules.is_final(timeline.state):
+        projection["ended_at"] = record.effective_at
+    projection["updated_at"] = record.transitioned_at
+    store.update_projection(locked, projection, using, after_sequence=record.sequence - 1)
+    projection.setdefault("ended_at", locked.ended_at)
+    for target in (encounter, locked):
+        target.set_projection(projection)
 
 
 def _lock(pk: Any, using: str, expected_version: int | None) -> Encounter:
@@ -250,7 +301,7 @@ def run_validators(
             exception is chained as ``__cause__``).
         ValidatorConfigurationError: an entry cannot be loaded.
     """
-    for entry in encounter.definition.validators or []:
+    for entry in encounter.machine.validators or []:
         validator: StateValidator = get_validator_instance(*parse_validator_entry(entry))
         try:
             validator.validate(encounter, from_state, to_state, context)

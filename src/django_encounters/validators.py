@@ -94,7 +94,7 @@ class FinalStateValidator(StateValidator):
     """Refuses transitions out of final states."""
 
     def validate(self, encounter, from_state, to_state, context=None):  # type: ignore[no-untyped-def]
-        if encounter.definition.is_final_state(from_state):
+        if encounter.machine.is_final_state(from_state):
             raise ValidationError(
                 self.__class__.__name__,
                 f"Cannot transition from final state '{from_state}'",

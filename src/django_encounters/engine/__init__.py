@@ -13,14 +13,27 @@ from .errors import (
     StreamNeeded,
     ValidationError,
 )
-from .hashing import canonical_json, row_hash
+from .hashing import HASH_FORMAT, canonical_json, genesis_hash, hash_format, row_hash
 from .intervals import intervals, time_in_states
-from .rows import READABLE_FIELDS, ROW_FIELDS, StreamRow
+from .rows import READABLE_FIELDS, ROW_FIELDS, Genesis, StreamRow, stored_precision
 from .rules import Rules
-from .timeline import TIMELINE_ORDER, TIMELINE_ORDER_DESC, EncounterTimeline, Entry
-from .verify import Anomaly, Replay, verify_stream
+from .timeline import (
+    TIMELINE_ORDER,
+    TIMELINE_ORDER_DESC,
+    EncounterTimeline,
+    Entry,
+    known_prefix,
+)
+from .verify import ANOMALY_KINDS, Anomaly, Replay, verify_stream
 
 __all__ = [
+    "ANOMALY_KINDS",
+    "HASH_FORMAT",
+    "Genesis",
+    "genesis_hash",
+    "hash_format",
+    "known_prefix",
+    "stored_precision",
     "READABLE_FIELDS",
     "ROW_FIELDS",
     "TIMELINE_ORDER",

@@ -104,18 +104,32 @@ class InvalidStateError(EncounterError):
 
 
 class ProjectionDriftError(EncounterError):
-    """The encounter's stored projection says its stream is at a version the log does not have
-    (someone wrote the projection columns behind the library's back). ``transition()`` refuses
-    rather than append a row with a gap; run ``manage.py rebuild_encounter_projections``."""
+    """The encounter's stored projection disagrees with its transition log (someone wrote the
+    projection columns, or deleted rows, behind the library's back). ``transition()`` refuses
+    rather than decide from it or write it into the log; nothing was written. ``detail`` names
+    what disagrees; run ``manage.py rebuild_encounter_projections`` (and the audit)."""
 
-    def __init__(self, encounter_id: Any, projected_version: int, stream_version: int) -> None:
+    def __init__(
+        self,
+        encounter_id: Any,
+        projected_version: int | None = None,
+        stream_version: int | None = None,
+        *,
+        detail: str = "",
+    ) -> None:
         self.encounter_id = encounter_id
         self.projected_version = projected_version
         self.stream_version = stream_version
+        self.detail = detail
+        what = detail or (
+            f"the projection says version {projected_version} but the transition log has "
+            f"{stream_version} row(s)"
+        )
         super().__init__(
-            f"Encounter {encounter_id}: the projection says version {projected_version} but the "
-            f"transition log has {stream_version} row(s); run `manage.py "
-            f"rebuild_encounter_projections --encounter {encounter_id}`"
+            f"Encounter {encounter_id}: its projection disagrees with its transition log "
+            f"({what}); nothing was written. Run `manage.py rebuild_encounter_projections "
+            f"--encounter {encounter_id}` (and `manage.py audit_encounters --encounter "
+            f"{encounter_id}` to see what happened)"
         )
 
 

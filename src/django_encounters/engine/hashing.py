@@ -1,13 +1,17 @@
-"""Tamper evidence: each row's hash covers its content and the previous row's hash.
+"""Tamper evidence: each row's hash covers its content and the previous row's hash; row 1's
+previous hash is the encounter's *genesis hash*, over the facts it was created with.
 
-The hash of a row is the SHA-256 (hex) of the JSON array
+Every stored hash names its format: ``"v1:" + SHA-256 hex``. Format ``v1`` hashes the JSON
+text (``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``) of
 
-    [encounter id, sequence, from_state, to_state, effective_at, transitioned_at,
-     transitioned_by, reason, metadata, previous hash]
+    row:     ["v1", encounter id, sequence, from_state, to_state, effective_at,
+              transitioned_at, transitioned_by, reason, metadata, definition_version,
+              previous hash]
+    genesis: ["v1-genesis", encounter id, definition id, definition version, subject type,
+              subject id, origin state, created_at]
 
-written with ``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``;
-times as UTC ISO-8601 with microseconds, ``transitioned_by`` as text ("" for nobody), the
-metadata in its canonical JSON form (:func:`canonical_json`).
+with ids as text, times as UTC ISO-8601 with microseconds, ``transitioned_by`` as text (""
+for nobody) and the metadata in its canonical JSON form (:func:`canonical_json`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from .rows import StreamRow
+from .rows import Genesis, StreamRow
+
+#: The format new hashes are written in; a stored hash starts with ``FORMAT + ":"``.
+HASH_FORMAT = "v1"
+_PREFIX = HASH_FORMAT + ":"
 
 _UTC = timezone.utc
 
@@ -74,9 +82,40 @@ _JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=Fal
 _json_string = json.encoder.encode_basestring  # the escaper JSONEncoder uses for these options
 
 
+def hash_format(stored: str) -> str | None:
+    """The format a stored hash names (``"v1"``), or None when it names none."""
+    found, colon, _ = (stored or "").partition(":")
+    return found if colon else None
+
+
+def _digest(payload: str) -> str:
+    return _PREFIX + hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def genesis_hash(genesis: Genesis) -> str:
+    """The hash over an encounter's creation facts: the head of a stream with no rows."""
+    return _digest(
+        json.dumps(
+            [
+                HASH_FORMAT + "-genesis",
+                str(genesis.encounter_id),
+                str(genesis.definition_id),
+                genesis.definition_version,
+                genesis.subject_type,
+                str(genesis.subject_id),
+                genesis.origin_state,
+                _utc_iso(genesis.created_at),
+            ],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+    )
+
+
 def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
     """The hash of ``row`` (of the encounter ``encounter_id``) chained to ``previous_hash``."""
     sequence, from_state, to_state, reason = row.sequence, row.from_state, row.to_state, row.reason
+    version = row.definition_version
     by = "" if row.transitioned_by is None else str(row.transitioned_by)
     reason = reason or ""
     metadata = row.metadata if row.metadata is not None else {}
@@ -87,10 +126,11 @@ def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
         and type(to_state) is str
         and type(reason) is str
         and type(previous_hash) is str
+        and type(version) is int
     ):
         payload = "".join(
             (
-                "[",
+                '["v1",',
                 _json_string(str(encounter_id)),
                 ",",
                 repr(sequence),
@@ -111,6 +151,8 @@ def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
                 if type(metadata) is dict and not metadata
                 else _JSON.encode(canonical_json(metadata)),
                 ",",
+                repr(version),
+                ",",
                 _json_string(previous_hash),
                 "]",
             )
@@ -118,6 +160,7 @@ def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
     else:
         payload = json.dumps(
             [
+                HASH_FORMAT,
                 str(encounter_id),
                 sequence,
                 from_state,
@@ -127,10 +170,11 @@ def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
                 by,
                 reason,
                 canonical_json(metadata),
+                version,
                 previous_hash,
             ],
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
         )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return _digest(payload)

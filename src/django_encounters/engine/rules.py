@@ -22,6 +22,7 @@ class Rules:
     transitions: Mapping[str, tuple[str, ...]]
     final_states: frozenset[str] = frozenset()
     initial_state: str = ""
+    version: int = 1
 
     @classmethod
     def from_config(
@@ -31,6 +32,7 @@ class Rules:
         transitions: Mapping[str, Iterable[str]] | Any,
         final_states: Iterable[str] | Any = (),
         initial_state: str = "",
+        version: int = 1,
     ) -> Rules:
         """Rules from a definition's stored JSON. Malformed parts (a definition written behind
         ``save()``'s checks) are read as empty rather than crash a question asked of them."""
@@ -45,7 +47,13 @@ class Rules:
             },
             final_states=frozenset(_strings(final_states)),
             initial_state=initial_state,
+            version=version,
         )
+
+    @property
+    def name(self) -> str:
+        """How messages name this machine: ``'CODE' v2``."""
+        return f"'{self.code}' v{self.version}"
 
     def is_state(self, state: Any) -> bool:
         return state in self.states

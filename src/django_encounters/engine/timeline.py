@@ -7,7 +7,12 @@ Vocabulary:
   proves the stream gap-free on every replay;
 * the *timeline* is the same rows ordered by business time, ``(effective_at, sequence)``;
 * the *origin state* is the state the encounter was created in; it holds before the first row;
-* the current state is the ``to_state`` of the last row of the timeline.
+* the current state is the ``to_state`` of the last row of the timeline;
+* the encounter is pinned to the definition version it was created under; each row records the
+  version it was decided under, and an *upgrade* row (the state kept, a newer version) moves the
+  pin on purpose;
+* system time (``transitioned_at``) never decreases along a stream, so "the rows known at
+  ``r``" is always a prefix of the stream.
 
 Version 0 is the encounter's creation (the ``Opened`` event, not a row); each ``Transitioned``
 event carries one row (:class:`StreamRow`), its ``originator_version`` being the row's
@@ -19,36 +24,52 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, OriginatorVersionError, Snapshot
 from eventsourcing.utils import get_topic
 
-from .errors import InvalidTransitionError, StreamGapError, StreamNeeded
+from .errors import InvalidStateError, InvalidTransitionError, StreamGapError, StreamNeeded
 from .hashing import row_hash
-from .rows import StreamRow
+from .rows import Genesis, StreamRow, stored_precision
 from .rules import Rules
 
 #: Business-time order of a timeline; queries that pick "the last row at t" order by this too.
 TIMELINE_ORDER = ("effective_at", "sequence")
 #: Newest-first, for "the last row of the timeline up to t" (``ORDER BY … DESC LIMIT 1``).
 TIMELINE_ORDER_DESC = tuple(f"-{name}" for name in TIMELINE_ORDER)
+#: The smallest step of stored system time (see ``stored_precision``).
+SYSTEM_TIME_STEP = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One row as the timeline sees it."""
+    """One row as the timeline sees it (``upgrade``: the row moved the definition version and
+    kept the state)."""
 
     effective_at: datetime
     sequence: int
     from_state: str
     to_state: str
+    upgrade: bool = False
 
 
 def _effective(entry: Entry) -> datetime:
     return entry.effective_at
+
+
+def known_prefix(rows: Iterable[StreamRow], known_at: datetime | None) -> Iterable[StreamRow]:
+    """The rows recorded by ``known_at`` (all with None). System time never decreases along a
+    stream, so they are a prefix of it: the first row recorded later ends it."""
+    if known_at is None:
+        yield from rows
+        return
+    for row in rows:
+        if row.transitioned_at > known_at:
+            return
+        yield row
 
 
 class EncounterTimeline(Aggregate):
@@ -58,6 +79,8 @@ class EncounterTimeline(Aggregate):
 
     class Opened(Aggregate.Created):
         origin_state: str
+        definition_version: int
+        genesis_hash: str
 
     class Transitioned(Aggregate.Event):
         row: StreamRow
@@ -65,21 +88,29 @@ class EncounterTimeline(Aggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate._record(self.row)
 
-    def __init__(self, origin_state: str) -> None:
+    def __init__(self, origin_state: str, definition_version: int, genesis_hash: str) -> None:
         self.origin_state = origin_state
         self.state = origin_state
         self.end_at: datetime | None = None
-        self.head_hash = ""
+        self.head_hash = genesis_hash
+        self.definition_version = definition_version
+        self.recorded_until: datetime | None = None  # the last row's transitioned_at
         # The timeline in business-time order; None when built from a snapshot (tail only).
         self.entries: list[Entry] | None = []
 
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def open(cls, encounter_id: UUID, origin_state: str, created_at: datetime) -> EncounterTimeline:
-        """A fresh timeline (version 0) for an encounter created in ``origin_state``."""
+    def open(cls, genesis: Genesis, genesis_hash: str) -> EncounterTimeline:
+        """A fresh timeline (version 0) for an encounter created with ``genesis``, its chain
+        starting at ``genesis_hash``."""
         timeline = cls._create(
-            cls.Opened, id=encounter_id, origin_state=origin_state, timestamp=created_at
+            cls.Opened,
+            id=genesis.encounter_id,
+            origin_state=genesis.origin_state,
+            definition_version=genesis.definition_version,
+            genesis_hash=genesis_hash,
+            timestamp=genesis.created_at,
         )
         timeline.collect_events()  # the Opened event is not a row: nothing to persist
         return timeline
@@ -89,15 +120,15 @@ class EncounterTimeline(Aggregate):
         cls,
         encounter_id: UUID,
         *,
-        origin_state: str,
-        state: str,
-        version: int,
-        end_at: datetime | None,
-        head_hash: str,
         created_at: datetime,
+        version: int,
+        entries_known: bool = False,
+        **state: Any,
     ) -> EncounterTimeline:
         """Rebuild the aggregate from the encounter's projection row, which doubles as its
-        snapshot: enough to decide a transition effective at or after ``end_at``."""
+        snapshot (``state``: ``origin_state``, ``state``, ``end_at``, ``head_hash``,
+        ``definition_version``, ``recorded_until``): enough to decide a transition effective
+        at or after ``end_at``."""
         snapshot = Snapshot(
             originator_id=encounter_id,
             originator_version=version,
@@ -106,10 +137,7 @@ class EncounterTimeline(Aggregate):
             state={
                 "_created_on": created_at,
                 "_modified_on": created_at,
-                "origin_state": origin_state,
-                "state": state,
-                "end_at": end_at,
-                "head_hash": head_hash,
+                **state,
                 "entries": None if version else [],
             },
         )
@@ -128,18 +156,20 @@ class EncounterTimeline(Aggregate):
     @classmethod
     def replay(
         cls,
-        encounter_id: UUID,
-        origin_state: str,
-        created_at: datetime,
+        genesis: Genesis,
+        genesis_hash: str,
         rows: Iterable[StreamRow],
+        *,
+        known_at: datetime | None = None,
     ) -> EncounterTimeline:
-        """Fold a stream (in sequence order). Raises ``StreamGapError`` on a gap."""
-        timeline = cls.open(encounter_id, origin_state, created_at)
+        """Fold a stream (in sequence order), or with ``known_at`` the rows recorded by then.
+        Raises ``StreamGapError`` on a gap."""
+        timeline = cls.open(genesis, genesis_hash)
         try:
-            for row in rows:  # a plain fold: no per-event Protocol isinstance check
-                cls.event(encounter_id, row).mutate(timeline)
+            for row in known_prefix(rows, known_at):  # a plain fold: no Protocol isinstance
+                cls.event(genesis.encounter_id, row).mutate(timeline)
         except OriginatorVersionError as exc:
-            raise StreamGapError(encounter_id, str(exc)) from exc
+            raise StreamGapError(genesis.encounter_id, str(exc)) from exc
         return timeline
 
     # -- queries --------------------------------------------------------------------------
@@ -162,6 +192,15 @@ class EncounterTimeline(Aggregate):
     def state_at(self, effective_at: datetime) -> str:
         return self.locate(effective_at)[0]
 
+    def system_time(self, clock: datetime) -> datetime:
+        """The ``transitioned_at`` of the next row: the clock at the stored precision, but
+        always after the last row's (another application server's clock may run behind this
+        one, and two rows recorded within one millisecond must still be told apart by "as
+        known at")."""
+        now = stored_precision(clock)
+        last = self.recorded_until
+        return now if last is None or now > last else last + SYSTEM_TIME_STEP
+
     # -- decide ---------------------------------------------------------------------------
 
     def check(
@@ -172,7 +211,8 @@ class EncounterTimeline(Aggregate):
         *,
         latest_allowed: datetime | None = None,
     ) -> str:
-        """Decide whether ``to_state`` effective at ``effective_at`` may be recorded.
+        """Decide whether ``to_state`` effective at ``effective_at`` may be recorded under
+        ``rules`` (the encounter's pinned definition version).
 
         Returns the ``from_state`` (the timeline's state at ``effective_at``) or raises
         ``InvalidTransitionError`` naming the requested edge and the reason.
@@ -191,7 +231,7 @@ class EncounterTimeline(Aggregate):
             raise refuse(f"'{to_state}' is not a state of definition '{rules.code}'")
         if not rules.is_allowed(from_state, to_state):
             raise refuse(f"Allowed transitions: {rules.allowed(from_state)}")
-        if successor is not None and not rules.is_allowed(to_state, successor.to_state):
+        if successor is not None and not follows(rules, to_state, successor):
             when = successor.effective_at.astimezone(effective_at.tzinfo).isoformat()
             raise refuse(
                 f"would be followed by '{successor.to_state}' (sequence {successor.sequence}, "
@@ -212,28 +252,70 @@ class EncounterTimeline(Aggregate):
         latest_allowed: datetime | None = None,
     ) -> StreamRow:
         """Check the transition and, if allowed, record it: returns the new row (to insert),
-        hashed and already applied to this aggregate."""
+        hashed and already applied to this aggregate. Times are kept at the stored precision;
+        ``transitioned_at`` is :meth:`system_time` of it."""
+        effective_at = stored_precision(effective_at)
         from_state = self.check(rules, to_state, effective_at, latest_allowed=latest_allowed)
+        return self._append(
+            from_state, to_state, effective_at, transitioned_at, transitioned_by, reason, metadata
+        )
+
+    def upgrade(
+        self,
+        rules: Rules,
+        *,
+        transitioned_at: datetime,
+        transitioned_by: Any = None,
+        reason: str = "",
+    ) -> StreamRow:
+        """Move the encounter to the definition version of ``rules`` on purpose: a row that
+        keeps the state (effective at the end of the timeline, or now) and records the new
+        version. Refused with ``InvalidStateError`` when the state does not exist there."""
+        if not rules.is_state(self.state):
+            raise InvalidStateError(
+                self.state, f"{rules.code} v{rules.version}", list(rules.states)
+            )
+        now = self.system_time(transitioned_at)
+        effective_at = now if self.end_at is None or now >= self.end_at else self.end_at
+        return self._append(
+            self.state, self.state, effective_at, now, transitioned_by, reason, {}, rules.version
+        )
+
+    def _append(
+        self,
+        from_state: str,
+        to_state: str,
+        effective_at: datetime,
+        transitioned_at: datetime,
+        transitioned_by: Any,
+        reason: str,
+        metadata: Any,
+        definition_version: int | None = None,
+    ) -> StreamRow:
         row = StreamRow(
             sequence=self.version + 1,
             from_state=from_state,
             to_state=to_state,
             effective_at=effective_at,
-            transitioned_at=transitioned_at,
+            transitioned_at=self.system_time(transitioned_at),
             transitioned_by=transitioned_by,
             reason=reason,
             metadata={} if metadata is None else metadata,
+            definition_version=(
+                self.definition_version if definition_version is None else definition_version
+            ),
             hash="",
         )
         row.hash = row_hash(self.id, row, self.head_hash)
-        self.trigger_event(self.Transitioned, timestamp=transitioned_at, row=row)
+        self.trigger_event(self.Transitioned, timestamp=row.transitioned_at, row=row)
         self.collect_events()  # the row is the event's persisted form
         return row
 
     # -- evolve ---------------------------------------------------------------------------
 
     def _record(self, row: StreamRow) -> None:
-        entry = Entry(row.effective_at, row.sequence, row.from_state, row.to_state)
+        upgrade = row.definition_version != self.definition_version
+        entry = Entry(row.effective_at, row.sequence, row.from_state, row.to_state, upgrade)
         if self.appends_at_end(entry.effective_at):
             if self.entries is not None:
                 self.entries.append(entry)
@@ -246,3 +328,13 @@ class EncounterTimeline(Aggregate):
                 bisect_right(self.entries, entry.effective_at, key=_effective), entry
             )
         self.head_hash = row.hash
+        self.definition_version = row.definition_version
+        self.recorded_until = row.transitioned_at
+
+
+def follows(rules: Rules, state: str, successor: Entry) -> bool:
+    """Whether ``successor`` may follow ``state`` on the timeline: by an allowed edge, or, for an
+    upgrade row (which keeps the state), when it keeps this very state."""
+    if successor.upgrade:
+        return successor.to_state == state
+    return rules.is_allowed(state, successor.to_state)

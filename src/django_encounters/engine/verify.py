@@ -3,27 +3,38 @@ in a stream reported as anomalies instead of raised. Rows are facts: nothing is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
 from eventsourcing.domain import OriginatorVersionError
 
-from .hashing import row_hash
+from .hashing import HASH_FORMAT, genesis_hash, hash_format, row_hash
+from .rows import Genesis, StreamRow
 from .rules import Rules
-from .timeline import EncounterTimeline, Entry, StreamRow
+from .timeline import EncounterTimeline, Entry, follows, known_prefix
+
+#: What each anomaly kind means (the audit and the docs list these).
+ANOMALY_KINDS = {
+    "genesis": "the encounter's creation facts no longer hash to its stored genesis hash",
+    "gap": "a sequence number is missing",
+    "hash": "a row's content or chain does not match its stored hash (or names no known format)",
+    "from_state": "the recorded from_state is not the timeline's state at the row's effective_at",
+    "edge": "the row's edge is not allowed by the definition version it was decided under",
+    "rechain": "the row is followed in business time by a state it may not go to",
+    "version": "the row names a definition version that does not exist or is older than before",
+    "upgrade": "a row that moves the definition version does not keep a state of the new version",
+    "clock": "the row was recorded (transitioned_at) before the row preceding it",
+    "truncated": "the log is shorter than the projection says: rows were deleted",
+    "head": "the projection's head hash is not the hash of the row it names",
+}
 
 
 @dataclass(frozen=True)
 class Anomaly:
-    """Something wrong in a stream, found by replay.
-
-    ``kind`` is one of ``gap`` (a sequence number skipped), ``from_state`` (the recorded
-    ``from_state`` is not the timeline's state at the row's ``effective_at``), ``edge`` (the
-    definition does not allow the row's edge), ``rechain`` (the row is followed in business
-    time by a state its ``to_state`` may not go to) or ``hash`` (content or chain changed).
-    """
+    """Something wrong in a stream, found by replay (``kind``: one of ``ANOMALY_KINDS``;
+    ``sequence`` 0 for the encounter itself)."""
 
     encounter_id: UUID | str
     sequence: int
@@ -42,6 +53,7 @@ class Replay:
     anomalies: list[Anomaly] = field(default_factory=list)
     backdated: set[int] = field(default_factory=set)  # inserted before an existing row
     overtaken: dict[int, int] = field(default_factory=dict)  # sequence -> overtaking sequence
+    hashes: dict[int, str] = field(default_factory=dict)  # sequence -> stored hash (0: genesis)
 
     @property
     def state(self) -> str:
@@ -51,44 +63,103 @@ class Replay:
     def version(self) -> int:
         return self.timeline.version
 
+    def check_head(self, version: int, head_hash: str) -> list[Anomaly]:
+        """Compare a stored projection's head (``version``, ``head_hash``) with this replay: a
+        projection ahead of the log means rows were deleted (``truncated``); a head hash that is
+        not the hash of the row it names is ``head``. Both are evidence, never "fixed"."""
+        encounter_id = self.timeline.id
+        if version > self.version:
+            return [
+                Anomaly(
+                    encounter_id,
+                    version,
+                    "truncated",
+                    f"the projection is at version {version} but the log ends at "
+                    f"{self.version}: rows {self.version + 1}..{version} are missing",
+                )
+            ]
+        if self.hashes.get(version) != head_hash:
+            return [
+                Anomaly(
+                    encounter_id,
+                    version,
+                    "head",
+                    f"the projection's head hash {head_hash[:15]!r}… is not the hash of "
+                    f"{'the genesis' if version == 0 else f'row {version}'}",
+                )
+            ]
+        return []
+
+
+RulesOf = Callable[[int], "Rules | None"]
+
 
 def verify_stream(
-    encounter_id: UUID,
-    origin_state: str,
-    created_at: datetime,
+    genesis: Genesis,
+    stored_genesis_hash: str,
     rows: Iterable[StreamRow],
-    rules: Rules | None = None,
+    rules: RulesOf | None = None,
     *,
     check_hashes: bool = True,
+    known_at: datetime | None = None,
 ) -> Replay:
-    """Replay a stream in sequence order, checking every row: the hash chain, its
-    ``from_state`` against the timeline as it stood when the row was recorded, its edge and the
-    re-chain to the row that follows it (with ``rules``), and a gap-free sequence (the
-    library's version check). The projection (``timeline.state``/``version``/…) is computed
-    from the rows whatever the anomalies."""
-    timeline = EncounterTimeline.open(encounter_id, origin_state, created_at)
-    result = Replay(timeline)
-    hashed_id = str(encounter_id)  # once per stream, not per row
-    for row in rows:
+    """Replay a stream in sequence order (with ``known_at``: the rows recorded by then),
+    checking the genesis and every row: the hash chain, the system time, its ``from_state``
+    against the timeline as it stood when the row was recorded, and with ``rules`` (definition
+    version -> Rules, None when unknown) its edge or upgrade and the re-chain to the row that
+    follows it; a gap-free sequence is the library's version check. The projection
+    (``timeline.state``/``version``/…) is computed from the rows whatever the anomalies."""
+    timeline = EncounterTimeline.open(genesis, stored_genesis_hash)
+    result = Replay(timeline, hashes={0: stored_genesis_hash})
+    hashed_id = str(genesis.encounter_id)  # once per stream, not per row
+    if check_hashes and genesis_hash(genesis) != stored_genesis_hash:
+        result.anomalies.append(
+            Anomaly(
+                genesis.encounter_id,
+                0,
+                "genesis",
+                "the creation facts (definition and version, subject, origin state, created_at) "
+                "do not hash to the stored genesis hash",
+            )
+        )
+    for row in known_prefix(rows, known_at):
         found = []
-        if check_hashes and row_hash(hashed_id, row, timeline.head_hash) != row.hash:
-            found.append(("hash", "content or chain does not match the stored hash"))
+        if check_hashes:
+            found.extend(_hash(hashed_id, row, timeline.head_hash))
+        if timeline.recorded_until is not None and row.transitioned_at < timeline.recorded_until:
+            found.append(
+                (
+                    "clock",
+                    f"recorded at {row.transitioned_at.isoformat()}, before the previous row "
+                    f"({timeline.recorded_until.isoformat()})",
+                )
+            )
         if not timeline.appends_at_end(row.effective_at):
             result.backdated.add(row.sequence)
         found.extend(_placement(timeline, row, rules))
-        found.extend(_append(timeline, EncounterTimeline.event(encounter_id, row)))
+        found.extend(_append(timeline, EncounterTimeline.event(genesis.encounter_id, row)))
+        result.hashes[row.sequence] = row.hash
         result.anomalies.extend(
-            Anomaly(encounter_id, row.sequence, kind, detail) for kind, detail in found
+            Anomaly(genesis.encounter_id, row.sequence, kind, detail) for kind, detail in found
         )
     result.overtaken = _overtaken(timeline.entries or [])
     return result
 
 
+def _hash(hashed_id: str, row: StreamRow, previous_hash: str) -> list[tuple[str, str]]:
+    named = hash_format(row.hash)
+    if named != HASH_FORMAT:
+        return [("hash", f"the stored hash names no known format ({named!r})")]
+    if row_hash(hashed_id, row, previous_hash) != row.hash:
+        return [("hash", "content or chain does not match the stored hash")]
+    return []
+
+
 def _placement(
-    timeline: EncounterTimeline, row: StreamRow, rules: Rules | None
+    timeline: EncounterTimeline, row: StreamRow, rules_of: RulesOf | None
 ) -> list[tuple[str, str]]:
-    """What is wrong with where ``row`` lands on the timeline: its ``from_state``, its edge and
-    the edge to the row that follows it."""
+    """What is wrong with where ``row`` lands on the timeline: its ``from_state``, its edge (or
+    upgrade) and the edge to the row that follows it."""
     found = []
     state_then, successor = timeline.locate(row.effective_at)
     if state_then != row.from_state:
@@ -99,17 +170,30 @@ def _placement(
                 f"'{state_then}' at {row.effective_at.isoformat()}",
             )
         )
-    if rules is None:
+    if rules_of is None:
         return found
-    if not rules.is_allowed(row.from_state, row.to_state):
+    version, pinned = row.definition_version, timeline.definition_version
+    rules = rules_of(version)
+    if rules is None or version < pinned:
+        why = "does not exist" if rules is None else f"is older than the pinned v{pinned}"
+        return [*found, ("version", f"decided under definition version {version}, which {why}")]
+    if version != pinned:
+        if row.from_state != row.to_state or not rules.is_state(row.to_state):
+            found.append(
+                (
+                    "upgrade",
+                    f"moves to {rules.name} but does not keep a state of it "
+                    f"('{row.from_state}' -> '{row.to_state}')",
+                )
+            )
+    elif not rules.is_allowed(row.from_state, row.to_state):
         found.append(
             (
                 "edge",
-                f"'{row.from_state}' -> '{row.to_state}' is not allowed by definition "
-                f"'{rules.code}'",
+                f"'{row.from_state}' -> '{row.to_state}' is not allowed by definition {rules.name}",
             )
         )
-    if successor is not None and not rules.is_allowed(row.to_state, successor.to_state):
+    if successor is not None and not follows(rules, row.to_state, successor):
         found.append(
             (
                 "rechain",

@@ -6,11 +6,12 @@ stream with the timeline engine (``verify_stream``) and report, per encounter:
 * its timeline in business-time order — sequence, from → to, ``effective_at`` (when it
   happened), ``transitioned_at`` (when it was recorded), who, why — with the rows that were
   *backdated* (inserted before an existing row when recorded) and the rows *overtaken* by a
-  later-recorded backdated row;
-* the anomalies of its stream (gaps, ``from_state`` mismatches, disallowed edges, broken
-  re-chains, hash mismatches: tamper evidence), each naming the sequence;
+  later-recorded backdated row; with ``known_at``, only the rows recorded by then;
+* the anomalies of its stream (``engine.ANOMALY_KINDS``: the genesis, gaps, hash chain,
+  ``from_state``, edges, re-chains, system time, and the projection's head compared with the
+  log's), each naming the sequence;
 * its state as of a given time, optionally as it was known at a given time (bitemporal: only
-  rows recorded by then), answered by the same query as ``Encounter.objects.as_of``.
+  rows recorded by then), replayed by the engine from the rows it lists.
 
 ``iter_audit()`` streams ``EncounterAudit`` objects in batches (memory per batch, whatever the
 number of encounters); ``audit_encounters()`` collects them into an ``AuditReport``;
@@ -33,9 +34,11 @@ from django.utils import timezone
 
 from .. import store
 from ..arguments import require_aware
-from ..engine import TIMELINE_ORDER, Anomaly, verify_stream
+from ..engine import TIMELINE_ORDER, Anomaly, known_prefix, verify_stream
 from ..models import EncounterTransition
-from .selection import RulesCache, select
+from .selection import GENESIS_COLUMNS, RulesCache, genesis_of, select
+
+_CREATED = GENESIS_COLUMNS.index("created_at")
 
 DEFAULT_BATCH_SIZE = 500
 
@@ -185,20 +188,21 @@ def iter_audit(
             period = period.filter(effective_at__lt=until)
         selected = selected.filter(Exists(period))
 
-    page = (
-        selected.as_of(as_of, known_at=known_at)
-        .order_by("created_at", "pk")
-        .values_list(
-            "pk", "created_at", "definition_id", "origin_state", "state", "deleted_at", "state_at"
-        )
+    page = selected.order_by("created_at", "pk").values_list(
+        *GENESIS_COLUMNS, "version", "head_hash", "state", "deleted_at"
     )
     # Arguments are checked above, before the first encounter is asked for; the batches are
     # read lazily below.
-    return _audit_batches(page, rules, batch_size, using)
+    return _audit_batches(page, rules, batch_size, using, as_of, known_at)
 
 
 def _audit_batches(
-    page: Any, rules: RulesCache, batch_size: int, using: str
+    page: Any,
+    rules: RulesCache,
+    batch_size: int,
+    using: str,
+    as_of: datetime,
+    known_at: datetime | None,
 ) -> Iterator[EncounterAudit]:
     users = _Usernames(using)
     after: tuple[datetime, Any] | None = None
@@ -210,7 +214,7 @@ def _audit_batches(
         batch = list(query[:batch_size])
         if not batch:
             return
-        after = (batch[-1][1], batch[-1][0])
+        after = (batch[-1][_CREATED], batch[-1][0])
         streams = dict(
             store.iter_streams(
                 EncounterTransition.objects.using(using).filter(
@@ -219,9 +223,16 @@ def _audit_batches(
             )
         )
         users.load(row.transitioned_by for stream in streams.values() for row in stream)
-        for pk, created_at, definition_id, origin_state, state, deleted_at, state_at in batch:
-            stream = streams.get(pk, [])
-            replay = verify_stream(pk, origin_state, created_at, stream, rules.rules(definition_id))
+        for values in batch:
+            genesis, stored_genesis = genesis_of(values[: len(GENESIS_COLUMNS)], using)
+            version, head_hash, state, deleted_at = values[len(GENESIS_COLUMNS) :]
+            stream = list(known_prefix(streams.get(genesis.encounter_id, []), known_at))
+            replay = verify_stream(
+                genesis, stored_genesis, stream, rules.rules_of(genesis.definition_id)
+            )
+            anomalies = list(replay.anomalies)
+            if known_at is None:  # the projection is today's: compare it with the whole log
+                anomalies += replay.check_head(version, head_hash)
             timeline = [
                 AuditRow(
                     sequence=row.sequence,
@@ -239,11 +250,11 @@ def _audit_batches(
                 for row in sorted(stream, key=_timeline_key)
             ]
             yield EncounterAudit(
-                id=pk,
-                definition=rules.code(definition_id),
-                state_as_of=state_at,
+                id=genesis.encounter_id,
+                definition=rules.code(genesis.definition_id),
+                state_as_of=replay.timeline.state_at(as_of),
                 timeline=timeline,
-                anomalies=list(replay.anomalies),
+                anomalies=anomalies,
                 current_state=state,
                 deleted=deleted_at is not None,
             )

@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from .. import store
 from ..engine import Anomaly, StreamRow, verify_stream
-from .selection import RulesCache, select
+from .selection import GENESIS_COLUMNS, RulesCache, genesis_of, select
 from .workers import RebuildWorkerError, describe_setup, run_in_workers
 
 __all__ = ["Drift", "RebuildResult", "RebuildWorkerError", "rebuild_projections", "rebuild_range"]
@@ -50,7 +50,8 @@ DEFAULT_MAX_REPORTED = 1000
 
 #: Projection columns, in the order of the tuples compared and written below.
 PROJECTION = store.PROJECTION_FIELDS
-_ENCOUNTER_COLUMNS = ("pk", "definition_id", "origin_state", "created_at", *PROJECTION)
+_ENCOUNTER_COLUMNS = (*GENESIS_COLUMNS, *PROJECTION)
+_VERSION, _HEAD = (len(GENESIS_COLUMNS) + PROJECTION.index(n) for n in ("version", "head_hash"))
 _NO_ROWS: list[StreamRow] = []
 
 
@@ -206,7 +207,7 @@ def rebuild_range(
             if not batch:
                 break
             last = batch[-1][0]
-            fixes = _replay_batch(batch, transitions, rules, result, max_reported)
+            fixes = _replay_batch(batch, transitions, rules, result, max_reported, using)
             if fixes and not check:
                 store.write_projections(using, fixes, timezone.now())
                 result.projections_fixed += len(fixes)
@@ -225,26 +226,34 @@ def _replay_batch(
     rules: RulesCache,
     result: RebuildResult,
     max_reported: int,
+    using: str,
 ) -> list[tuple]:
     """Fold the streams of one locked batch; returns ``(pk, *replayed projection)`` for every
-    encounter whose stored projection differs."""
+    encounter whose stored projection differs and can be derived from the log. A projection
+    whose head is evidence of a deleted tail or a replaced head (``truncated``, ``head``) is
+    reported and left as it is: a rebuild never lowers a version or replaces a head hash."""
     by_id = {row[0]: row for row in batch}
     rows = transitions.filter(encounter_id__gte=batch[0][0], encounter_id__lte=batch[-1][0])
     fixes: list[tuple] = []
     seen: set[Any] = set()
 
     def fold(encounter: tuple, stream: list[StreamRow]) -> None:
-        pk, definition_id, origin_state, created_at, *stored = encounter
-        replay = verify_stream(pk, origin_state, created_at, stream, rules.rules(definition_id))
+        genesis, stored_genesis = genesis_of(encounter[: len(GENESIS_COLUMNS)], using)
+        pk, stored = genesis.encounter_id, encounter[len(GENESIS_COLUMNS) :]
+        replay = verify_stream(
+            genesis, stored_genesis, stream, rules.rules_of(genesis.definition_id)
+        )
+        evidence = replay.check_head(encounter[_VERSION], encounter[_HEAD])
+        anomalies = [*replay.anomalies, *evidence]
         replayed = store.projection_values(replay.timeline)
         result.rows_replayed += len(stream)
-        if replay.anomalies:
+        if anomalies:
             result.anomalous_encounters += 1
-            result.anomaly_count += len(replay.anomalies)
+            result.anomaly_count += len(anomalies)
             room = max_reported - len(result.anomalies)
             if room > 0:
-                result.anomalies.extend(replay.anomalies[:room])
-        if tuple(stored) != replayed:
+                result.anomalies.extend(anomalies[:room])
+        if tuple(stored) != replayed and not evidence:
             result.projections_drifted += 1
             if len(result.drift) < max_reported:
                 pairs = enumerate(zip(stored, replayed, strict=True))

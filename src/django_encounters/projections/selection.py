@@ -3,15 +3,21 @@ against."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
+from django.contrib.contenttypes.models import ContentType
 from django.db.models import QuerySet
 
-from ..engine import Rules
+from ..engine import Genesis, Rules
 from ..exceptions import EncounterError
-from ..models import Encounter, EncounterDefinition, EncounterTransition
+from ..models import (
+    Encounter,
+    EncounterDefinition,
+    EncounterDefinitionVersion,
+    EncounterTransition,
+)
 
 
 def parse_encounter_ids(values: Iterable[Any]) -> list[UUID]:
@@ -30,36 +36,88 @@ def parse_encounter_ids(values: Iterable[Any]) -> list[UUID]:
 
 
 class RulesCache:
-    """``definition_id -> Rules`` (and code), loaded once — soft-deleted definitions included —
-    and filled in lazily for definitions created while a long run is going."""
+    """The rules of every definition version (``definition_id -> version -> Rules``) and every
+    definition's code, loaded once — soft-deleted definitions included — and filled in lazily
+    for definitions and versions created while a long run is going."""
 
     def __init__(self, using: str) -> None:
-        self._model = EncounterDefinition
         self._using = using
-        self._rules: dict[Any, Rules] = {}
-        self._codes: dict[Any, str] = {}
-        for definition in EncounterDefinition.all_objects.using(using):
-            self._add(definition)
+        self._codes: dict[Any, str] = dict(
+            EncounterDefinition.all_objects.using(using).values_list("pk", "code")
+        )
+        self._versions: dict[Any, dict[int, Rules]] = {}
+        self._load(EncounterDefinitionVersion.objects.using(using))
 
-    def _add(self, definition: Any) -> None:
-        self._rules[definition.pk] = definition.rules()
-        self._codes[definition.pk] = definition.code
+    def _load(self, versions: Any) -> None:
+        for machine in versions:
+            code = self.code(machine.definition_id)
+            self._versions.setdefault(machine.definition_id, {})[machine.number] = (
+                Rules.from_config(
+                    code,
+                    machine.states,
+                    machine.transitions,
+                    machine.final_states,
+                    machine.initial_state,
+                    machine.number,
+                )
+            )
 
-    def _load(self, definition_id: Any) -> None:
-        self._add(self._model.all_objects.using(self._using).get(pk=definition_id))
+    def rules_of(self, definition_id: Any) -> Callable[[int], Rules | None]:
+        """``version -> Rules`` (None for a version that does not exist) of a definition."""
 
-    def rules(self, definition_id: Any) -> Rules:
-        if definition_id not in self._rules:
-            self._load(definition_id)
-        return self._rules[definition_id]
+        def lookup(number: int) -> Rules | None:
+            known = self._versions.get(definition_id, {})
+            if number not in known:  # created since this cache was filled: look once more
+                self._load(
+                    EncounterDefinitionVersion.objects.using(self._using).filter(
+                        definition_id=definition_id, number=number
+                    )
+                )
+                known = self._versions.get(definition_id, {})
+            return known.get(number)
+
+        return lookup
 
     def code(self, definition_id: Any) -> str:
         if definition_id not in self._codes:
-            self._load(definition_id)
+            self._codes[definition_id] = (
+                EncounterDefinition.all_objects.using(self._using)
+                .values_list("code", flat=True)
+                .get(pk=definition_id)
+            )
         return self._codes[definition_id]
 
     def ids_for_code(self, code: str) -> list[Any]:
         return [pk for pk, known in self._codes.items() if known == code]
+
+
+#: The encounter columns :func:`genesis_of` reads, in its order.
+GENESIS_COLUMNS = (
+    "pk",
+    "definition_id",
+    "origin_version",
+    "subject_content_type_id",
+    "subject_id",
+    "origin_state",
+    "created_at",
+    "genesis_hash",
+)
+
+
+def genesis_of(values: Sequence[Any], using: str) -> tuple[Genesis, str]:
+    """``(Genesis, stored genesis hash)`` from ``GENESIS_COLUMNS`` values."""
+    pk, definition_id, version, content_type_id, subject_id, origin, created_at, stored = values
+    subject_type = ContentType.objects.db_manager(using).get_for_id(content_type_id)
+    genesis = Genesis(
+        encounter_id=pk,
+        definition_id=definition_id,
+        definition_version=version,
+        subject_type=f"{subject_type.app_label}.{subject_type.model}",
+        subject_id=str(subject_id),
+        origin_state=origin,
+        created_at=created_at,
+    )
+    return genesis, stored
 
 
 def select(

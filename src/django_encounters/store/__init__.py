@@ -4,7 +4,7 @@ converters and the translation of database errors. Statements are built once per
 
 from .mapping import record_from_row, row_of_record
 from .reads import count_rows, history, iter_streams, last_state_at, load_stream, load_timeline
-from .schema import PROJECTION_FIELDS, projection_of, projection_values
+from .schema import PROJECTION_FIELDS, projection_of, projection_values, snapshot_state
 from .writes import (
     append_record,
     insert_row,
@@ -29,6 +29,7 @@ __all__ = [
     "projection_values",
     "record_from_row",
     "row_of_record",
+    "snapshot_state",
     "update_projection",
     "write_projections",
     "writer_errors",

@@ -71,10 +71,14 @@ def load_stream(encounter_pk: Any, using: str) -> list[StreamRow]:
         return [st.stream_row(row) for row in cursor.fetchall()]
 
 
-def load_timeline(encounter: Any, using: str) -> EncounterTimeline:
-    """Replay the encounter's whole stream (one query). ``StreamGapError`` if it has a gap."""
+def load_timeline(encounter: Any, using: str, *, known_at: Any = None) -> EncounterTimeline:
+    """Replay the encounter's whole stream, or the rows recorded by ``known_at`` (one query).
+    ``StreamGapError`` if it has a gap."""
     return EncounterTimeline.replay(
-        encounter.pk, encounter.origin_state, encounter.created_at, load_stream(encounter.pk, using)
+        encounter.genesis(),
+        encounter.genesis_hash,
+        load_stream(encounter.pk, using),
+        known_at=known_at,
     )
 
 

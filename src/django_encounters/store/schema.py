@@ -21,6 +21,8 @@ PROJECTION = {
     "version": "version",
     "timeline_end_at": "end_at",
     "head_hash": "head_hash",
+    "definition_version": "definition_version",
+    "last_transitioned_at": "recorded_until",
 }
 PROJECTION_FIELDS = tuple(PROJECTION)
 
@@ -28,6 +30,10 @@ PROJECTION_FIELDS = tuple(PROJECTION)
 ROW_COLUMNS = tuple(
     "transitioned_by_id" if name == "transitioned_by" else name for name in ROW_FIELDS
 )
+
+
+def version_model() -> Any:
+    return apps.get_model(APP_LABEL, "EncounterDefinitionVersion")
 
 
 def encounter_model() -> Any:
@@ -52,6 +58,17 @@ def field(model: type[Model], name: str) -> Any:
 def projection_of(timeline: EncounterTimeline) -> dict[str, Any]:
     """The projection columns' values for a replayed (or decided) timeline."""
     return {column: getattr(timeline, attribute) for column, attribute in PROJECTION.items()}
+
+
+def snapshot_state(encounter: Any) -> dict[str, Any]:
+    """The timeline attributes an encounter row's projection restores (its snapshot)."""
+    state = {
+        attribute: getattr(encounter, column)
+        for column, attribute in PROJECTION.items()
+        if column != "version"
+    }
+    state["origin_state"] = encounter.origin_state
+    return state
 
 
 def projection_values(timeline: EncounterTimeline) -> tuple[Any, ...]:

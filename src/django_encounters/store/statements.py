@@ -23,6 +23,7 @@ from .schema import (
     definition_model,
     encounter_model,
     transition_model,
+    version_model,
 )
 from .schema import field as model_field
 
@@ -34,8 +35,8 @@ class Statements:
     connection: Any
     lock_sql: str  # one live encounter joined with its definition, locked
     lock_any_sql: str  # the same, soft-deleted encounters included
-    encounter_attnames: list[str]
-    definition_attnames: list[str]
+    lock_fields: list[Any]  # encounter, definition, version, log head (see _lock_sql)
+    lock_offsets: list[int]
     lock_converters: list[Converter | None]
     insert_sql: str
     insert_fields: list[Any]
@@ -76,22 +77,65 @@ def statements(connection: Any) -> Statements:
     return found
 
 
+#: What the lock statement reads of the log, after the encounter, definition and version
+#: columns: the row at ``sequence = version`` (its hash, system time and definition version)
+#: and the last row of the timeline (its ``to_state`` and ``effective_at``).
+LOG_HEAD = ("hash", "transitioned_at", "definition_version", "to_state", "effective_at")
+
+
+def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
+    """``SELECT`` the encounter, its definition and its pinned definition version, and what the
+    write path needs to prove the projection against the log, in one statement. Returns the
+    SQL (without the live filter and the locking clause), the selected fields and the offsets
+    where the definition, the version and the log head start."""
+    qn = connection.ops.quote_name
+    encounter, definition, version = encounter_model(), definition_model(), version_model()
+    transition = transition_model()
+    groups = [
+        ("e", list(encounter._meta.concrete_fields)),
+        ("d", list(definition._meta.concrete_fields)),
+        ("v", list(version._meta.concrete_fields)),
+        ("r", [model_field(transition, name) for name in LOG_HEAD[:3]]),
+    ]
+    columns = [f"{qn(alias)}.{qn(f.column)}" for alias, fields in groups for f in fields]
+    fields = [f for _, fields in groups for f in fields]
+    offsets = [len(groups[0][1])]
+    for _, group in groups[1:]:
+        offsets.append(offsets[-1] + len(group))
+
+    def col(alias: str, model: Any, name: str) -> str:
+        return f"{qn(alias)}.{qn(model_field(model, name).column)}"
+
+    table = qn(transition._meta.db_table)
+    last = " DESC, ".join(col("t", transition, name) for name in TIMELINE_ORDER) + " DESC"
+    encounter_pk = f"{qn('e')}.{qn(encounter._meta.pk.column)}"
+    for name in LOG_HEAD[3:]:
+        columns.append(
+            f"(SELECT {col('t', transition, name)} FROM {table} {qn('t')} "
+            f"WHERE {col('t', transition, 'encounter')} = {encounter_pk} "
+            f"ORDER BY {last} LIMIT 1)"
+        )
+        fields.append(model_field(transition, name))
+    sql = (
+        f"SELECT {', '.join(columns)} FROM {qn(encounter._meta.db_table)} {qn('e')} "
+        f"INNER JOIN {qn(definition._meta.db_table)} {qn('d')} "
+        f"ON {qn('d')}.{qn(definition._meta.pk.column)} = {col('e', encounter, 'definition')} "
+        f"LEFT JOIN {qn(version._meta.db_table)} {qn('v')} "
+        f"ON {col('v', version, 'definition')} = {col('e', encounter, 'definition')} "
+        f"AND {col('v', version, 'number')} = {col('e', encounter, 'definition_version')} "
+        f"LEFT JOIN {table} {qn('r')} "
+        f"ON {col('r', transition, 'encounter')} = {qn('e')}.{qn(encounter._meta.pk.column)} "
+        f"AND {col('r', transition, 'sequence')} = {col('e', encounter, 'version')} "
+        f"WHERE {qn('e')}.{qn(encounter._meta.pk.column)} = %s"
+    )
+    return sql, fields, offsets
+
+
 def _build(connection: Any) -> Statements:
     qn = connection.ops.quote_name
-    encounter, definition, transition = encounter_model(), definition_model(), transition_model()
-    enc_meta, def_meta, row_meta = encounter._meta, definition._meta, transition._meta
-    encounter_fields = list(enc_meta.concrete_fields)
-    definition_fields = list(def_meta.concrete_fields)
-    columns = [f"{qn('e')}.{qn(f.column)}" for f in encounter_fields] + [
-        f"{qn('d')}.{qn(f.column)}" for f in definition_fields
-    ]
-    lock_any_sql = (
-        f"SELECT {', '.join(columns)} FROM {qn(enc_meta.db_table)} {qn('e')} "
-        f"INNER JOIN {qn(def_meta.db_table)} {qn('d')} "
-        f"ON {qn('d')}.{qn(def_meta.pk.column)} = "
-        f"{qn('e')}.{qn(model_field(encounter, 'definition').column)} "
-        f"WHERE {qn('e')}.{qn(enc_meta.pk.column)} = %s"
-    )
+    encounter, transition = encounter_model(), transition_model()
+    row_meta = transition._meta
+    lock_any_sql, lock_fields, lock_offsets = _lock_sql(connection)
     lock_sql = lock_any_sql + (
         f" AND {qn('e')}.{qn(model_field(encounter, 'deleted_at').column)} IS NULL"
     )
@@ -122,9 +166,9 @@ def _build(connection: Any) -> Statements:
         connection=connection,
         lock_sql=lock_sql + locking,
         lock_any_sql=lock_any_sql + locking,
-        encounter_attnames=[f.attname for f in encounter_fields],
-        definition_attnames=[f.attname for f in definition_fields],
-        lock_converters=column_converters(connection, encounter_fields + definition_fields),
+        lock_fields=lock_fields,
+        lock_offsets=lock_offsets,
+        lock_converters=column_converters(connection, lock_fields),
         insert_sql=(
             f"INSERT INTO {table} ({', '.join(qn(f.column) for f in insert_fields)}) "
             f"VALUES ({', '.join(['%s'] * len(insert_fields))})"

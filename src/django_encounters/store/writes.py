@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,20 +20,36 @@ from ..engine import (
     EncounterTimeline,
     ProjectionDriftError,
     row_hash,
+    stored_precision,
 )
 from .converters import convert_row
 from .mapping import row_of_record
 from .reads import count_rows, load_timeline
-from .schema import encounter_model, field, projection_of, transition_model
+from .schema import encounter_model, field, projection_of, transition_model, version_model
 from .statements import projection_write_fields, statements
 
 SEQUENCE_CONSTRAINT = "encounters_transition_unique_sequence"
 
 
-def lock_encounter(pk: Any, using: str, *, include_deleted: bool = False) -> Any:
+@dataclass(frozen=True)
+class LogHead:
+    """What the log says where the locked projection points: the row at ``sequence =
+    version`` (None without one) and the last row of the timeline (None without rows)."""
+
+    hash: str | None
+    transitioned_at: datetime | None
+    definition_version: int | None
+    last_state: str | None
+    last_effective_at: datetime | None
+
+
+def lock_encounter(
+    pk: Any, using: str, *, include_deleted: bool = False, prove: bool = True
+) -> Any:
     """``SELECT … FOR UPDATE`` of a live encounter (any encounter with ``include_deleted``)
-    joined with its definition, in one statement. Returns the encounter (its ``definition``
-    cached on it), or None."""
+    joined with its definition and pinned definition version, in one statement; with
+    ``prove``, the projection is proven against the log (:func:`prove_projection`). Returns
+    the encounter (its ``definition`` and ``machine`` cached on it), or None."""
     connection = connections[using]
     st = statements(connection)
     encounter = encounter_model()
@@ -45,13 +62,59 @@ def lock_encounter(pk: Any, using: str, *, include_deleted: bool = False) -> Any
     if row is None:
         return None
     values = convert_row(row, st.lock_converters)
-    split = len(st.encounter_attnames)
-    locked = encounter.from_db(using, st.encounter_attnames, values[:split])
-    definition = field(encounter, "definition").related_model.from_db(
-        using, st.definition_attnames, values[split:]
-    )
+    fields = st.lock_fields
+    bounds = [0, *st.lock_offsets, len(values)]
+    parts = [
+        ([f.attname for f in fields[a:b]], values[a:b])
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
+    locked = encounter.from_db(using, *parts[0])
+    definition = field(encounter, "definition").related_model.from_db(using, *parts[1])
     field(encounter, "definition").set_cached_value(locked, definition)
+    if parts[2][1][0] is not None:  # the pinned version exists
+        machine = version_model().from_db(using, *parts[2])
+        field(version_model(), "definition").set_cached_value(machine, definition)
+        locked._machine = machine
+    if prove:
+        prove_projection(locked, LogHead(*parts[3][1], *parts[4][1]))
     return locked
+
+
+def prove_projection(locked: Any, head: LogHead) -> None:
+    """Refuse (``ProjectionDriftError``, nothing written) a projection that disagrees with the
+    log: the row at ``sequence = version`` must exist and carry the stored head hash, system
+    time and definition version; the stored state and timeline end must be the last timeline
+    row's (with no rows: the origin, the genesis hash as head). A projection edited behind the
+    library's back is never decided from, or written into the log."""
+
+    def differs(name: str, expected: Any) -> str | None:
+        stored = getattr(locked, name)
+        return None if stored == expected else f"{name} {stored!r}, the log says {expected!r}"
+
+    if locked.version == 0:
+        checks = [
+            None if head.last_state is None else "rows exist though the version is 0",
+            differs("head_hash", locked.genesis_hash),
+            differs("state", locked.origin_state),
+            differs("timeline_end_at", None),
+            differs("definition_version", locked.origin_version),
+            differs("last_transitioned_at", None),
+        ]
+    elif head.hash is None:
+        checks = [f"no row {locked.version} in the log (deleted, or the version was raised)"]
+    else:
+        checks = [
+            differs("head_hash", head.hash),
+            differs("state", head.last_state),
+            differs("timeline_end_at", head.last_effective_at),
+            differs("definition_version", head.definition_version),
+            differs("last_transitioned_at", head.transitioned_at),
+        ]
+    if getattr(locked, "_machine", None) is None:
+        checks.append(f"its pinned definition version {locked.definition_version} does not exist")
+    found = [check for check in checks if check]
+    if found:
+        raise ProjectionDriftError(locked.pk, locked.version, detail="; ".join(found))
 
 
 def insert_row(record: Any, using: str, *, previous_hash: str | None = None) -> None:
@@ -119,7 +182,12 @@ def update_projection(
         cursor.execute(statements(connection).update_sql(tuple(changes), guarded=guarded), params)
         updated = cursor.rowcount
     if not updated:
-        raise ProjectionDriftError(locked.pk, locked.version, count_rows(locked.pk, using) - 1)
+        raise ProjectionDriftError(
+            locked.pk,
+            locked.version,
+            count_rows(locked.pk, using) - 1,
+            detail=f"row {after_sequence} is missing from the log",
+        )
 
 
 def append_record(record: Any, using: str) -> None:
@@ -128,10 +196,20 @@ def append_record(record: Any, using: str) -> None:
     defaults to the next one; a gap is refused) and chain it (``hash`` defaults to the hash
     over the previous row's), insert it, and move the projection to the replay of the stream.
     No state-machine checks: the audit reports what this lets through."""
-    locked = lock_encounter(record.encounter_id, using, include_deleted=True)
+    locked = lock_encounter(record.encounter_id, using, include_deleted=True, prove=False)
     if locked is None:
         raise EncounterNotFoundError(record.encounter_id)
     timeline = load_timeline(locked, using)
+    record.effective_at = stored_precision(record.effective_at)
+    record.transitioned_at = stored_precision(record.transitioned_at)
+    if timeline.recorded_until is not None and record.transitioned_at < timeline.recorded_until:
+        raise EncounterError(
+            f"Encounter {locked.pk}: transitioned_at {record.transitioned_at.isoformat()} is "
+            f"before the previous row's ({timeline.recorded_until.isoformat()}); system time "
+            "never decreases along a stream"
+        )
+    if not record.definition_version:
+        record.definition_version = timeline.definition_version
     if record.sequence is None:
         record.sequence = timeline.version + 1
     if record.sequence > timeline.version + 1:
