@@ -640,3 +640,44 @@ class EncounterTransition(UUIDModel):
 
     def __str__(self) -> str:
         return f"{self.from_state} → {self.to_state}"
+
+
+class AnomalyAcknowledgement(UUIDModel):
+    """A reviewer's record that an anomaly of an encounter's stream was examined: who, when,
+    why. Append-only. An acknowledged anomaly is still reported, marked, but no longer fails the
+    audit's or the rebuild check's exit status, so monitoring signals only what is new.
+
+    ``encounter_id`` is the bare id (not a foreign key): an anomaly may be that the encounter
+    itself is gone (``missing`` against a checkpoint)."""
+
+    encounter_id = models.UUIDField(db_index=True)
+    sequence = models.PositiveIntegerField()
+    kind = models.CharField(max_length=20)
+    reason = models.TextField()
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="anomalies_acknowledged",
+    )
+    acknowledged_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        app_label = "django_encounters"
+        verbose_name = "anomaly acknowledgement"
+        verbose_name_plural = "anomaly acknowledgements"
+        ordering = ["acknowledged_at"]
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise EncounterError("Anomaly acknowledgements are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise EncounterError("Anomaly acknowledgements are append-only and kept")
+
+    def __str__(self) -> str:
+        return f"{self.kind} at sequence {self.sequence} of encounter {self.encounter_id}"
