@@ -187,3 +187,63 @@ def run_command(name: str, *args: str) -> tuple[int, str, str]:
         code = exc.returncode
         err.write(f"CommandError: {exc}\n")
     return code, out.getvalue(), err.getvalue()
+
+
+def write_machine_raw(definition: Any, **fields: Any) -> None:
+    """Write machine fields (``states``, ``transitions``, ``validators``, …) of ``definition``
+    with plain SQL, around ``clean()`` and the versioning (as a migration, a fixture load or a
+    raw UPDATE could): both the definition row and its latest version row, so the encounters
+    pinned to that version are decided and validated by what was written. (Issue 8: rules and
+    validators come from the pinned, immutable version, whose queryset refuses update().)"""
+    from django_encounters.models import EncounterDefinition, EncounterDefinitionVersion
+
+    qn = connection.ops.quote_name
+    number = (
+        EncounterDefinition.all_objects.filter(pk=definition.pk)
+        .values_list("version", flat=True)
+        .get()
+    )
+    targets = [
+        (EncounterDefinition, [("id", definition.pk)]),
+        (EncounterDefinitionVersion, [("definition", definition.pk), ("number", number)]),
+    ]
+    with connection.cursor() as cursor:
+        for model, keys in targets:
+            meta = model._meta
+            columns = [meta.get_field(name) for name in fields]
+            where = [meta.get_field(name) for name, _ in keys]
+            cursor.execute(
+                f"UPDATE {qn(meta.db_table)} "
+                f"SET {', '.join(f'{qn(f.column)} = %s' for f in columns)} "
+                f"WHERE {' AND '.join(f'{qn(f.column)} = %s' for f in where)}",
+                [f.get_db_prep_save(fields[f.name], connection) for f in columns]
+                + [f.get_db_prep_value(value, connection) for f, (_, value) in zip(where, keys)],
+            )
+            assert cursor.rowcount == 1, (model, keys)
+    for name, value in fields.items():  # the caller's instance shows what was written
+        setattr(definition, name, value)
+
+
+def recording_moment() -> datetime:
+    """A system time between the rows recorded so far and the rows recorded from now on.
+
+    Issue 8 stores ``transitioned_at`` at millisecond precision and makes it strictly
+    increasing per encounter (``max(clock, previous + 1 ms)``), so a bare ``timezone.now()``
+    taken between two transitions may be earlier than the row before it, or not earlier than
+    the row after it. This returns the latest of now and every stored ``transitioned_at``,
+    then waits until the clock has passed that millisecond, so every later row is recorded
+    after it."""
+    from datetime import timedelta
+
+    from django.db.models import Max
+    from django.utils import timezone
+
+    from django_encounters.engine import stored_precision
+    from django_encounters.models import EncounterTransition
+
+    latest = EncounterTransition.objects.aggregate(latest=Max("transitioned_at"))["latest"]
+    moment = timezone.now() if latest is None else max(timezone.now(), latest)
+    assert moment - timezone.now() < timedelta(seconds=1), f"a row is recorded at {latest}"
+    while stored_precision(timezone.now()) <= moment:
+        time.sleep(0.0005)
+    return moment

@@ -57,7 +57,11 @@ def _installed_triggers():
 EXPECTED_TRIGGERS = (
     ["encounters_transition_append_only"]
     if IS_POSTGRES
-    else ["encounters_transition_no_delete", "encounters_transition_no_update"]
+    else [
+        "encounters_transition_no_delete",
+        "encounters_transition_no_replace",
+        "encounters_transition_no_update",
+    ]
 )
 
 

@@ -48,6 +48,8 @@ class DjangoEncountersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from . import checks  # noqa: F401 - registers the system checks
+
         connection_created.connect(
             _install_sqlite_flush_guard, dispatch_uid="django_encounters.sqlite_flush_guard"
         )

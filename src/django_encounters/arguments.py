@@ -34,10 +34,12 @@ def require_instance(value: Any, model: type, name: str) -> None:
 
 
 def require_saved_model(value: Any, name: str) -> None:
+    """A model instance that is in the database (a UUID primary key is set before the first
+    save, so ``_state.adding`` decides, not the pk)."""
     if not isinstance(value, models.Model):
         raise TypeError(f"{name} must be a saved model instance, not {type(value).__name__}")
-    if value.pk is None:
-        raise ValueError(f"{name} {value!r} is not saved (it has no primary key)")
+    if value.pk is None or value._state.adding:
+        raise ValueError(f"{name} {value!r} is not saved (save it first)")
 
 
 def require_user(user: Any, name: str) -> None:
@@ -49,7 +51,7 @@ def require_user(user: Any, name: str) -> None:
         raise TypeError(
             f"{name} must be a {user_model.__name__} instance or None, not {type(user).__name__}"
         )
-    if user.pk is None:
+    if user.pk is None or user._state.adding:
         raise ValueError(f"{name} {user!r} is not saved (it has no primary key)")
 
 
@@ -70,6 +72,11 @@ def require_version(value: Any, name: str) -> None:
         raise TypeError(f"{name} must be an int, not {value!r}")
 
 
+def require_bool(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+
+
 def transition_arguments(
     to_state: Any,
     transitioned_by: Any,
@@ -77,6 +84,7 @@ def transition_arguments(
     context: Any,
     effective_at: Any,
     expected_version: Any,
+    skip_validation: Any,
 ) -> dict:
     """Check the arguments of ``transition()``; returns the JSON copy of ``context`` that is
     stored and hashed (taken now, so that validators or receivers mutating the caller's dict
@@ -90,6 +98,7 @@ def transition_arguments(
     stored_context = {} if context is None else json_copy(context, "context")
     require_version(expected_version, "expected_version")
     require_aware(effective_at, "effective_at", optional=True)
+    require_bool(skip_validation, "skip_validation")
     return stored_context
 
 

@@ -3,7 +3,7 @@
 
 ``ENCOUNTERS_FUTURE_TOLERANCE``
     How far in the future an ``effective_at`` may lie (clock skew between app servers).
-    A ``timedelta`` or a number of seconds. Default: 5 minutes.
+    A ``timedelta`` or a number of seconds, from 0 to one day. Default: 5 minutes.
 ``ENCOUNTERS_VALIDATOR_MODULES``
     Optional list of dotted module prefixes that validator paths must live under
     (``"myapp.validators"`` admits ``myapp.validators`` and ``myapp.validators.x``).
@@ -12,26 +12,34 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
+
+from .exceptions import EncounterConfigurationError
 
 DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
+#: The largest future tolerance accepted: it is for clock skew, not for scheduling.
+MAX_FUTURE_TOLERANCE = timedelta(days=1)
 
 
 def future_tolerance() -> timedelta:
     value = getattr(settings, "ENCOUNTERS_FUTURE_TOLERANCE", DEFAULT_FUTURE_TOLERANCE)
     if isinstance(value, timedelta):
         result = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = timedelta(seconds=value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        result = timedelta(seconds=min(max(value, -1), MAX_FUTURE_TOLERANCE.total_seconds() + 1))
     else:
-        raise ImproperlyConfigured(
-            f"ENCOUNTERS_FUTURE_TOLERANCE must be a timedelta or a number of seconds, not {value!r}"
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_FUTURE_TOLERANCE must be a timedelta or a finite number of seconds, "
+            f"not {value!r}"
         )
-    if result < timedelta(0):
-        raise ImproperlyConfigured(f"ENCOUNTERS_FUTURE_TOLERANCE must not be negative: {value!r}")
+    if not timedelta(0) <= result <= MAX_FUTURE_TOLERANCE:
+        raise EncounterConfigurationError(
+            f"ENCOUNTERS_FUTURE_TOLERANCE must lie between 0 and {MAX_FUTURE_TOLERANCE} (it "
+            f"allows for clock skew between app servers), not {value!r}"
+        )
     return result
 
 
@@ -40,7 +48,7 @@ def validator_modules() -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise ImproperlyConfigured(
+        raise EncounterConfigurationError(
             f"ENCOUNTERS_VALIDATOR_MODULES must be a list of module prefixes, not {value!r}"
         )
     return list(value)

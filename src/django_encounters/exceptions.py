@@ -17,10 +17,20 @@ from .engine import errors as _engine_errors
 from .engine.errors import *  # noqa: F403 - the domain's errors, re-exported
 from .engine.errors import EncounterError
 
-__all__ = [*_engine_errors.__all__, "HardDeleteRefusedError", "ValidatorConfigurationError"]
+__all__ = [
+    *_engine_errors.__all__,
+    "EncounterConfigurationError",
+    "HardDeleteRefusedError",
+    "ValidatorConfigurationError",
+]
 
 
-class ValidatorConfigurationError(EncounterError, ImproperlyConfigured):
+class EncounterConfigurationError(EncounterError, ImproperlyConfigured):
+    """A setting of django-encounters has a value it cannot use (also an
+    ``ImproperlyConfigured``)."""
+
+
+class ValidatorConfigurationError(EncounterConfigurationError):
     """Raised when a validator entry cannot be used: unimportable, not allowed by
     ``ENCOUNTERS_VALIDATOR_MODULES``, not a ``StateValidator`` subclass, or bad params."""
 

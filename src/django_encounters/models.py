@@ -120,6 +120,8 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
         """Check the state machine and validators; raise ``ValidationError`` naming every
         offending entry. Also run by :meth:`save`."""
         errors: dict[str, list[str]] = {}
+        for name in ("name", "code"):
+            _check_label(self, name, errors)
         known = _check_states(self.states, errors)
         if self.initial_state not in known:
             errors.setdefault("initial_state", []).append(
@@ -230,6 +232,21 @@ class EncounterDefinitionVersion(UUIDModel, StateMachine):
         return f"{self.definition} v{self.number}"
 
 
+def _check_label(definition: EncounterDefinition, name: str, errors: dict[str, list[str]]) -> None:
+    """``name`` and ``code``: non-empty printable text that fits its column."""
+    value = getattr(definition, name)
+    limit = getattr(definition._meta.get_field(name), "max_length", None)
+    if not isinstance(value, str) or not value.strip():
+        message = f"{name} must be non-empty text, not {value!r}"
+    elif not value.isprintable():
+        message = f"{name} must be printable text (no NUL, control characters or line breaks)"
+    elif limit is not None and len(value) > limit:
+        message = f"{name} is {len(value)} characters long; at most {limit} fit"
+    else:
+        return
+    errors.setdefault(name, []).append(message)
+
+
 def _check_states(states: Any, errors: dict[str, list[str]]) -> set[str]:
     """Record what is wrong with ``states``; return the well-formed state names."""
     found = errors.setdefault("states", [])
@@ -240,6 +257,12 @@ def _check_states(states: Any, errors: dict[str, list[str]]) -> set[str]:
         bad = [s for s in states if not isinstance(s, str) or not s.strip()]
         if bad:
             found.append(f"state names must be non-empty strings: {bad!r}")
+        unprintable = [s for s in states if isinstance(s, str) and s and not s.isprintable()]
+        if unprintable:
+            found.append(
+                "state names must be printable text (no NUL, control characters or line "
+                f"breaks): {unprintable!r}"
+            )
         long = [s for s in states if isinstance(s, str) and len(s) > STATE_MAX_LENGTH]
         if long:
             found.append(f"state names longer than {STATE_MAX_LENGTH} characters: {long!r}")
@@ -280,8 +303,6 @@ def _check_transitions(transitions: Any, known: set[str], errors: dict[str, list
 
 
 def _check_validators(validators: Any, errors: dict[str, list[str]]) -> None:
-    if validators in (None, ""):
-        return
     if not isinstance(validators, list):
         errors.setdefault("validators", []).append(f"validators must be a list, not {validators!r}")
         return

@@ -75,6 +75,7 @@ def create_encounter(
     arguments.require_user(created_by, "created_by")
     arguments.require_user(assigned_to, "assigned_to")
     arguments.require_aware(scheduled_at, "scheduled_at", optional=True)
+    arguments.require_text(notes, "notes")
     if metadata is not None:
         arguments.json_copy(metadata, "metadata")
     return Encounter.objects.create(
@@ -133,7 +134,7 @@ def transition(
     """
     arguments.require_instance(encounter, Encounter, "encounter")
     stored_context = arguments.transition_arguments(
-        to_state, transitioned_by, reason, context, effective_at, expected_version
+        to_state, transitioned_by, reason, context, effective_at, expected_version, skip_validation
     )
     using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
     with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
@@ -340,6 +341,7 @@ def get_state_at(
 def time_in_states(encounter: Encounter, until: datetime | None = None) -> dict[str, Decimal]:
     """Hours (``Decimal``) spent in each state over the business-time timeline, up to
     ``until`` (default now). States never entered are absent."""
+    arguments.require_instance(encounter, Encounter, "encounter")
     arguments.require_aware(until, "until", optional=True)
     timeline = store.load_timeline(encounter, _db_for_read(encounter))
     return _time_in_states(
