@@ -191,10 +191,14 @@ def run_command(name: str, *args: str) -> tuple[int, str, str]:
 
 def write_machine_raw(definition: Any, **fields: Any) -> None:
     """Write machine fields (``states``, ``transitions``, ``validators``, …) of ``definition``
-    with plain SQL, around ``clean()`` and the versioning (as a migration, a fixture load or a
-    raw UPDATE could): both the definition row and its latest version row, so the encounters
-    pinned to that version are decided and validated by what was written. (Issue 8: rules and
-    validators come from the pinned, immutable version, whose queryset refuses update().)"""
+    with plain SQL, around ``clean()`` and the versioning, as a migration or someone with
+    database rights could: both the definition row and its latest version row, so that the
+    encounters pinned to that version are decided and validated by what was written.
+
+    Issue 8: rules and validators come from the encounter's pinned, immutable definition
+    version (its queryset refuses ``update()`` and database triggers refuse an UPDATE), so a
+    raw UPDATE of the definition alone no longer changes them; the version table's triggers
+    are set aside for this one statement (rolled back with the test anyway)."""
     from django_encounters.models import EncounterDefinition, EncounterDefinitionVersion
 
     qn = connection.ops.quote_name
@@ -207,21 +211,62 @@ def write_machine_raw(definition: Any, **fields: Any) -> None:
         (EncounterDefinition, [("id", definition.pk)]),
         (EncounterDefinitionVersion, [("definition", definition.pk), ("number", number)]),
     ]
-    with connection.cursor() as cursor:
-        for model, keys in targets:
-            meta = model._meta
-            columns = [meta.get_field(name) for name in fields]
-            where = [meta.get_field(name) for name, _ in keys]
+    for model, keys in targets:
+        meta = model._meta
+        columns = [meta.get_field(name) for name in fields]
+        where = [meta.get_field(name) for name, _ in keys]
+        with _triggers_set_aside(meta.db_table) as cursor:
             cursor.execute(
                 f"UPDATE {qn(meta.db_table)} "
                 f"SET {', '.join(f'{qn(f.column)} = %s' for f in columns)} "
                 f"WHERE {' AND '.join(f'{qn(f.column)} = %s' for f in where)}",
                 [f.get_db_prep_save(fields[f.name], connection) for f in columns]
-                + [f.get_db_prep_value(value, connection) for f, (_, value) in zip(where, keys)],
+                + [
+                    f.get_db_prep_value(value, connection)
+                    for f, (_, value) in zip(where, keys, strict=True)
+                ],
             )
             assert cursor.rowcount == 1, (model, keys)
     for name, value in fields.items():  # the caller's instance shows what was written
         setattr(definition, name, value)
+
+
+class _triggers_set_aside:
+    """A cursor with the user triggers of ``db_table`` out of the way (PostgreSQL: disabled;
+    SQLite: dropped, then re-created as they were)."""
+
+    def __init__(self, db_table: str) -> None:
+        self.table = db_table
+        self.saved: list[str] = []
+
+    def __enter__(self) -> Any:
+        self.cursor = connection.cursor()
+        table = connection.ops.quote_name(self.table)
+        if connection.vendor == "postgresql":
+            # ALTER TABLE wants no pending (deferred) trigger events on the table.
+            self.cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            self.cursor.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+        else:
+            self.cursor.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
+                [self.table],
+            )
+            for name, sql in self.cursor.fetchall():
+                self.saved.append(sql)
+                self.cursor.execute(f"DROP TRIGGER {connection.ops.quote_name(name)}")
+        return self.cursor
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if connection.vendor == "postgresql":
+                table = connection.ops.quote_name(self.table)
+                self.cursor.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
+                self.cursor.execute("SET CONSTRAINTS ALL DEFERRED")  # Django's foreign keys
+            else:
+                for sql in self.saved:
+                    self.cursor.execute(sql)
+        finally:
+            self.cursor.close()
 
 
 def recording_moment() -> datetime:

@@ -25,7 +25,7 @@ from django_encounters.projections.audit import AuditReport, audit_encounters, i
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.projections.rendering import CSV_HEADER
 from django_encounters.services import create_encounter, get_state_at, transition
-from tests.helpers import IS_POSTGRES, run_command
+from tests.helpers import IS_POSTGRES, recording_moment, run_command
 
 TABLE = EncounterTransition._meta.db_table
 PLUS10 = dt_timezone(timedelta(hours=10))
@@ -50,7 +50,9 @@ def office(employment_definition, visit_definition, patient, device, user, other
     transition(
         job, "finished", transitioned_by=other_user, reason="contract ended", effective_at=t(3, 1)
     )
-    between = timezone.now()  # recorded after row 2, before row 3
+    # Recorded after row 2, before row 3 (issue 8: system time is stored at millisecond
+    # precision and strictly increases per stream, so not a bare timezone.now()).
+    between = recording_moment()
     transition(
         job, "onleave", transitioned_by=user, reason="late entry:\nsick leave", effective_at=t(2, 1)
     )
@@ -377,7 +379,12 @@ def triggers_disabled():
                 [TABLE],
             )
             saved = cursor.fetchall()
-            assert len(saved) == 2
+            # Issue 8 added a third trigger refusing INSERT OR REPLACE / REPLACE INTO.
+            assert sorted(name for name, _ in saved) == [
+                "encounters_transition_no_delete",
+                "encounters_transition_no_replace",
+                "encounters_transition_no_update",
+            ]
             for name, _ in saved:
                 cursor.execute(f"DROP TRIGGER {name}")
             try:
@@ -459,6 +466,7 @@ def test_rehashed_row_breaks_the_chain_at_the_next_row(office):
         transitioned_by=None,
         reason="nobody did this",
         metadata=row.metadata,
+        definition_version=row.definition_version,  # issue 8: hashed too
         hash="",
     )
     forged = row_hash(visit.pk, forged_row, previous.hash)
@@ -508,7 +516,9 @@ def test_clean_store_exits_0(office):
 
 def _reference_hash(**kw) -> str:
     """The formula: sha256 of json.dumps of the list, sort_keys, compact, UTF-8, with the
-    metadata in its canonical JSON form (as the databases give it back)."""
+    metadata in its canonical JSON form (as the databases give it back). Issue 8 (format v1):
+    the list starts with the format name and covers the definition version; the stored hash
+    is the format name, a colon and the hex digest."""
     import hashlib
 
     def iso(value):
@@ -516,6 +526,7 @@ def _reference_hash(**kw) -> str:
 
     payload = json.dumps(
         [
+            "v1",
             str(kw["encounter_id"]),
             kw["sequence"],
             kw["from_state"],
@@ -525,13 +536,14 @@ def _reference_hash(**kw) -> str:
             "" if kw["transitioned_by"] is None else str(kw["transitioned_by"]),
             kw["reason"] or "",
             canonical_json(kw["metadata"]) if kw["metadata"] is not None else {},
+            kw["definition_version"],
             kw["previous_hash"] or "",
         ],
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return "v1:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 _json = st.recursive(
@@ -561,7 +573,10 @@ _aware = st.datetimes(
     transitioned_by=st.none() | st.integers(min_value=1) | st.text(max_size=10),
     reason=st.none() | st.text(max_size=50),
     metadata=st.none() | st.dictionaries(st.text(max_size=8), _json, max_size=4) | _json,
-    previous_hash=st.none() | st.text(alphabet="0123456789abcdef", min_size=0, max_size=64),
+    definition_version=st.integers(min_value=0, max_value=2**31 - 1),
+    previous_hash=st.none()
+    | st.text(alphabet="0123456789abcdef", min_size=0, max_size=64)
+    | st.text(alphabet="0123456789abcdef", min_size=64, max_size=64).map("v1:".__add__),
 )
 def test_row_hash_matches_the_reference_payload(**kw):
     content = {k: v for k, v in kw.items() if k not in ("encounter_id", "previous_hash")}

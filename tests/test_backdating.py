@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.utils import timezone
 
+from django_encounters.engine import stored_precision
 from django_encounters.exceptions import InvalidTransitionError
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.services import (
@@ -18,7 +19,7 @@ from django_encounters.services import (
     get_state_at,
     transition,
 )
-from tests.helpers import reload, snapshot
+from tests.helpers import recording_moment, reload, snapshot
 
 pytestmark = pytest.mark.django_db
 
@@ -254,7 +255,7 @@ def test_future_effective_at_within_default_tolerance_accepted(encounter):
 
     row = transition(encounter, "checked_in", effective_at=when)
 
-    assert row.effective_at == when
+    assert row.effective_at == stored_precision(when)  # issue 8: milliseconds
     assert reload(encounter).state == "checked_in"
 
 
@@ -313,7 +314,9 @@ def test_naive_timestamps_refused_by_get_state_at(encounter):
 
 
 def test_known_at_replays_only_rows_recorded_by_then(employment):
-    nothing_recorded = timezone.now()
+    # Issue 8: system time is stored at millisecond precision, so a bare timezone.now() may
+    # share its millisecond with the next row; this moment precedes every later row.
+    nothing_recorded = recording_moment()
     first = transition(employment, "working", effective_at=t(1, 2))
     second = transition(employment, "finished", effective_at=t(3, 1))
     correction = transition(employment, "onleave", effective_at=t(2, 1))  # backdated later

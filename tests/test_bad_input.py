@@ -54,6 +54,7 @@ from django_encounters.services import (
 from django_encounters.validators import StateValidator
 from tests.conftest import visit_definition_kwargs
 from tests.encounter_validators import CALLS
+from tests.helpers import write_machine_raw
 from tests.testapp.models import Patient
 
 pytestmark = pytest.mark.django_db
@@ -102,8 +103,9 @@ class Env:
 
     def with_validators(self, entries: list) -> Encounter:
         """Give the visit definition these validator entries, bypassing ``clean()`` (as a
-        migration, a fixture load or a raw UPDATE could)."""
-        EncounterDefinition.objects.filter(pk=self.definition.pk).update(validators=entries)
+        migration, a fixture load or a raw UPDATE could). Issue 8: validators are read from
+        the encounter's pinned definition version, so the raw write covers that row too."""
+        write_machine_raw(self.definition, validators=entries)
         return self.enc
 
 
@@ -181,8 +183,10 @@ def _allow_list(prefixes: list[str], entry: str) -> Callable[[Env], Act]:
 def _ghost_target(e: Env) -> Act:
     """A definition whose transitions name a state missing from ``states`` (saved around
     ``clean()``): the engine must still refuse it."""
-    EncounterDefinition.objects.filter(pk=e.definition.pk).update(
-        transitions={"scheduled": ["checked_in"], "checked_in": ["in_progress", "ghost"]}
+    # Issue 8: decisions use the pinned definition version, so it is written too.
+    write_machine_raw(
+        e.definition,
+        transitions={"scheduled": ["checked_in"], "checked_in": ["in_progress", "ghost"]},
     )
     return lambda: transition(e.enc, "ghost")
 

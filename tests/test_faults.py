@@ -32,11 +32,11 @@ from django_encounters.exceptions import (
     ConcurrentTransitionError,
     ValidationError,
 )
-from django_encounters.models import Encounter, EncounterDefinition, EncounterTransition
+from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.services import create_encounter, get_encounter_history, transition
 from django_encounters.signals import post_transition, pre_transition
 from django_encounters.validators import StateValidator
-from tests.helpers import reload, snapshot
+from tests.helpers import reload, snapshot, write_machine_raw
 
 pytestmark = pytest.mark.django_db
 
@@ -93,7 +93,9 @@ def assert_next_transition_works(enc, to_state: str = "checked_in") -> None:
     ],
 )
 def test_validator_raising_mid_transaction_leaves_nothing(encounter, path, error):
-    EncounterDefinition.objects.filter(pk=encounter.definition_id).update(validators=[path])
+    # Issue 8: validators come from the encounter's pinned definition version, so the raw
+    # write (a definition changed around its versioning) covers that version row too.
+    write_machine_raw(encounter.definition, validators=[path])
     before = snapshot(encounter)
 
     with pytest.raises(error):
@@ -101,7 +103,7 @@ def test_validator_raising_mid_transaction_leaves_nothing(encounter, path, error
 
     assert_intact(encounter, before)
     assert reload(encounter).notes == ""  # the validator's own write was rolled back too
-    EncounterDefinition.objects.filter(pk=encounter.definition_id).update(validators=[])
+    write_machine_raw(encounter.definition, validators=[])
     assert_next_transition_works(encounter)
 
 

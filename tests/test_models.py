@@ -13,6 +13,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from django.utils import timezone
 
+from django_encounters.engine import stored_precision
 from django_encounters.exceptions import EncounterError
 from django_encounters.models import Encounter, EncounterDefinition, EncounterTransition
 from django_encounters.services import transition
@@ -424,7 +425,8 @@ def test_transition_transitioned_at_auto(encounter):
 
     stored = EncounterTransition.objects.get(pk=row.pk).transitioned_at
     assert stored is not None
-    assert before <= stored <= after
+    # Issue 8: system time is stored at millisecond precision.
+    assert stored_precision(before) <= stored <= after
     # default=timezone.now, not auto_now_add: an explicit value is kept (imports, tests).
     assert EncounterTransition._meta.get_field("transitioned_at").auto_now_add is False
 
@@ -437,7 +439,8 @@ def test_transition_effective_at_default(encounter):
     after = timezone.now()
 
     stored = EncounterTransition.objects.get(pk=row.pk).effective_at
-    assert before <= stored <= after
+    # Issue 8: effective_at is stored at millisecond precision.
+    assert stored_precision(before) <= stored <= after
 
 
 def test_transition_effective_at_custom(encounter):
@@ -447,12 +450,16 @@ def test_transition_effective_at_custom(encounter):
     )
 
     fresh = EncounterTransition.objects.get(pk=row.pk)
-    assert fresh.effective_at == when
+    assert fresh.effective_at == stored_precision(when)  # issue 8: milliseconds
     # Recorded now, effective two days ago.
     assert fresh.transitioned_at > when + timedelta(days=1)
 
 
-def test_transition_ordering(encounter):
+def test_transition_ordering(encounter, visit_definition, patient):
+    # Issue 8: transitioned_at never decreases along one encounter's stream (the low-level
+    # create refuses an earlier value), so the rows inserted out of transitioned_at order
+    # belong to two encounters; within one encounter the newest row still comes first.
+    other = Encounter.objects.create(definition=visit_definition, subject=patient)
     now = timezone.now()
     first = EncounterTransition.objects.create(
         encounter=encounter,
@@ -462,20 +469,21 @@ def test_transition_ordering(encounter):
     )
     third = EncounterTransition.objects.create(
         encounter=encounter,
-        from_state="in_progress",
-        to_state="completed",
+        from_state="checked_in",
+        to_state="in_progress",
         transitioned_at=now - timedelta(minutes=1),
     )
     second = EncounterTransition.objects.create(
-        encounter=encounter,
-        from_state="checked_in",
-        to_state="in_progress",
+        encounter=other,
+        from_state="scheduled",
+        to_state="checked_in",
         transitioned_at=now - timedelta(minutes=2),
     )
 
     assert EncounterTransition._meta.ordering == ["-transitioned_at"]
-    assert list(EncounterTransition.objects.filter(encounter=encounter)) == [third, second, first]
-    assert list(encounter.transitions.all()) == [third, second, first]
+    both = EncounterTransition.objects.filter(encounter__in=[encounter, other])
+    assert list(both) == [third, second, first]
+    assert list(encounter.transitions.all()) == [third, first]
 
 
 def test_transition_reason_optional(encounter):
@@ -567,7 +575,9 @@ def test_fresh_encounter_projection_columns(visit_definition, device):
     assert fresh.version == 0
     assert fresh.origin_state == "scheduled"
     assert fresh.timeline_end_at is None
-    assert not fresh.head_hash
+    # Issue 8: a stream with no rows has its genesis hash as its head (no longer "").
+    assert fresh.head_hash == fresh.genesis_hash
+    assert fresh.genesis_hash.startswith("v1:")
 
 
 def test_encounter_save_cannot_write_projection(encounter):
@@ -591,7 +601,8 @@ def test_transition_hash_chain_and_head_hash(encounter):
     second = transition(encounter, "in_progress")
 
     assert first.hash and second.hash and first.hash != second.hash
-    assert len(second.hash) == 64
+    # Issue 8: every hash names its format: "v1:" + 64 hex digits.
+    assert second.hash.startswith("v1:") and len(second.hash) == 67
     fresh = reload(encounter)
     assert fresh.head_hash == second.hash
     assert encounter.head_hash == second.hash

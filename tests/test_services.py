@@ -13,6 +13,7 @@ from django.db import transaction as db_transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from django_encounters.engine import stored_precision
 from django_encounters.exceptions import (
     EncounterError,
     EncounterNotFoundError,
@@ -199,7 +200,7 @@ def test_transition_with_effective_at(encounter):
     row = transition(encounter, "checked_in", effective_at=when)
 
     fresh = EncounterTransition.objects.get(pk=row.pk)
-    assert fresh.effective_at == when
+    assert fresh.effective_at == stored_precision(when)  # issue 8: milliseconds
     assert fresh.transitioned_at > when + timedelta(hours=1)  # recorded now
     assert get_state_at(encounter, when - timedelta(seconds=1)) == "scheduled"
     assert get_state_at(encounter, when) == "checked_in"
@@ -338,7 +339,7 @@ def test_transition_to_final_sets_ended_at(encounter, past):
     transition(other, "checked_in", effective_at=past(3))
     transition(other, "in_progress", effective_at=past(2))
     transition(other, "completed", effective_at=past(1))
-    assert reload(other).ended_at == past(1)
+    assert reload(other).ended_at == stored_precision(past(1))  # issue 8: milliseconds
 
 
 def test_transition_multiple_sequential(encounter, user):
@@ -473,7 +474,11 @@ def test_state_at_before_first(encounter, past):
     transition(encounter, "checked_in", effective_at=past(2))
 
     assert get_state_at(encounter, past(3)) == "scheduled"
-    assert get_state_at(encounter, past(2) - timedelta(microseconds=1)) == "scheduled"
+    # Issue 8: the row is effective at past(2) cut to milliseconds; just before that instant
+    # the encounter was still in its origin state.
+    assert get_state_at(encounter, stored_precision(past(2)) - timedelta(microseconds=1)) == (
+        "scheduled"
+    )
 
 
 def test_state_at_after_transition(encounter, past):
@@ -530,7 +535,7 @@ def test_transition_projection_columns(encounter, past):
     fresh = reload(encounter)
     assert fresh.version == 2
     assert fresh.origin_state == "scheduled"
-    assert fresh.timeline_end_at == second.effective_at == past(1)
+    assert fresh.timeline_end_at == second.effective_at == stored_precision(past(1))  # issue 8
     assert fresh.head_hash == second.hash != first.hash
 
 

@@ -21,6 +21,7 @@ from django_encounters.services import (
     time_in_states,
     transition,
 )
+from tests.helpers import recording_moment
 
 pytestmark = pytest.mark.django_db
 
@@ -62,15 +63,19 @@ def career(employment_definition, patient):
 def population(
     career, visit_definition, employment_definition, counter_definition, patient, device
 ):
-    """Encounters with every shape of history, and the recording times between their rows."""
-    recorded = {"start": timezone.now()}
+    """Encounters with every shape of history, and the recording times between their rows.
+
+    Issue 8: system time is stored at millisecond precision and strictly increases per
+    encounter, so each recording time is a ``recording_moment()`` (after every row recorded
+    before it, before every row recorded after it), not a bare ``timezone.now()``."""
+    recorded = {"start": recording_moment()}
     fresh = create_encounter(visit_definition, patient)
     visit = create_encounter(visit_definition, device)
     transition(visit, "checked_in", effective_at=d(3))
-    recorded["after_checked_in"] = timezone.now()
+    recorded["after_checked_in"] = recording_moment()
     transition(visit, "in_progress", effective_at=d(3))  # a tie on effective_at: sequence wins
     transition(visit, "cancelled", effective_at=d(6))
-    recorded["after_cancelled"] = timezone.now()
+    recorded["after_cancelled"] = recording_moment()
     on_shift = Encounter.objects.create(  # created in another state than the initial one
         definition=employment_definition, subject=patient, state="working"
     )
@@ -79,9 +84,9 @@ def population(
         transition(looping, "open", effective_at=d(day))
     late = create_encounter(visit_definition, patient)
     transition(late, "checked_in", effective_at=d(5))
-    recorded["before_backdate"] = timezone.now()
+    recorded["before_backdate"] = recording_moment()
     transition(late, "cancelled", effective_at=d(9))
-    recorded["end"] = timezone.now()
+    recorded["end"] = recording_moment()
     gone = create_encounter(visit_definition, device)
     transition(gone, "cancelled", effective_at=d(4))
     gone.delete()

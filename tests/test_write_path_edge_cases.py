@@ -100,7 +100,8 @@ def test_save_cannot_change_definition_of_encounter_with_history(
 ) -> None:
     transition(employment, "working", effective_at=past(2))
     employment.definition = make_definition()  # the visit machine; 'working' is not a state
-    with pytest.raises(EncounterError, match="cannot be moved to definition"):
+    # Issue 8 reworded the refusal (the subject is pinned by the genesis hash as well).
+    with pytest.raises(EncounterError, match="its definition and subject cannot change"):
         employment.save()
     assert Encounter.objects.get(pk=employment.pk).definition.code != employment.definition.code
 

@@ -1,0 +1,735 @@
+"""The log proves itself against someone with write access: each attack of the integrity
+review, tried with raw SQL, the ORM's bulk methods, a lagging clock and backups, and what
+catches it. Every test runs on SQLite and PostgreSQL unless marked."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import Any
+from unittest import mock
+from uuid import UUID
+
+import pytest
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.management import call_command
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext, override_settings
+from django.utils import timezone
+
+from django_encounters import store
+from django_encounters.checks import check_use_tz, check_validator_modules
+from django_encounters.engine import (
+    Genesis,
+    StreamRow,
+    genesis_hash,
+    hash_format,
+    row_hash,
+    stored_precision,
+)
+from django_encounters.exceptions import (
+    EncounterConfigurationError,
+    EncounterError,
+    InvalidStateError,
+    InvalidTransitionError,
+    ProjectionDriftError,
+)
+from django_encounters.models import (
+    Encounter,
+    EncounterDefinition,
+    EncounterDefinitionVersion,
+    EncounterTransition,
+)
+from django_encounters.projections.audit import audit_encounters
+from django_encounters.projections.rebuild import rebuild_projections
+from django_encounters.services import (
+    create_encounter,
+    get_state_at,
+    time_in_states,
+    transition,
+    upgrade_encounter,
+)
+from tests.helpers import IS_POSTGRES, insert_row_raw, run_command, snapshot, work_queries
+
+pytestmark = pytest.mark.django_db
+
+ENCOUNTERS = Encounter._meta.db_table
+TRANSITIONS = EncounterTransition._meta.db_table
+VERSIONS = EncounterDefinitionVersion._meta.db_table
+
+
+def raw_update(model: Any, pk: Any, **columns: Any) -> None:
+    """UPDATE one row behind the ORM's back (what psql or a script with write access does)."""
+    qn = connection.ops.quote_name
+    fields = [model._meta.get_field(name) for name in columns]
+    assignments = ", ".join(f"{qn(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(columns[f.name], connection) for f in fields]
+    params.append(model._meta.pk.get_db_prep_value(pk, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {qn(model._meta.db_table)} SET {assignments} "
+            f"WHERE {qn(model._meta.pk.column)} = %s",
+            params,
+        )
+
+
+@contextmanager
+def triggers_off(table: str = TRANSITIONS):
+    """What an attacker with DDL rights does first (rolled back with the test)."""
+    with connection.cursor() as cursor:
+        if IS_POSTGRES:
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            cursor.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+            try:
+                yield cursor
+            finally:
+                cursor.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
+        else:
+            cursor.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
+                [table],
+            )
+            saved = cursor.fetchall()
+            assert saved
+            for name, _ in saved:
+                cursor.execute(f"DROP TRIGGER {name}")
+            try:
+                yield cursor
+            finally:
+                for _, sql in saved:
+                    cursor.execute(sql)
+
+
+def anomalies(encounter: Any) -> list[tuple[int, str]]:
+    report = audit_encounters(encounters=[encounter.pk])
+    return [(a.sequence, a.kind) for audit in report.encounters for a in audit.anomalies]
+
+
+def reload(encounter: Any) -> Encounter:
+    return Encounter.all_objects.get(pk=encounter.pk)
+
+
+@pytest.fixture
+def visit(encounter: Any) -> Any:
+    """A visit with two rows: scheduled -> checked_in -> in_progress."""
+    transition(encounter, "checked_in")
+    transition(encounter, "in_progress", skip_validation=True)
+    return encounter
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The write path never trusts an edited projection
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_edited_state_is_never_written_into_the_log(visit):
+    """The review's attack: with the log at scheduled -> checked_in -> in_progress, the state is
+    set to 'scheduled' by SQL; transition(e, 'cancelled') used to append 'scheduled ->
+    cancelled', an edge the log never allowed. Now it is refused and nothing is written."""
+    raw_update(Encounter, visit.pk, state="scheduled")
+    before = snapshot(visit)
+
+    with pytest.raises(ProjectionDriftError) as refused:
+        transition(visit, "cancelled")
+
+    assert refused.value.encounter_id == visit.pk
+    assert "state 'scheduled', the log says 'in_progress'" in str(refused.value)
+    assert "rebuild_encounter_projections --encounter" in str(refused.value)
+    assert snapshot(visit) == before
+
+
+def test_an_edited_head_hash_is_refused_instead_of_chained_to(visit):
+    raw_update(Encounter, visit.pk, head_hash="v1:" + "0" * 64)
+    before = snapshot(visit)
+    with pytest.raises(ProjectionDriftError, match="head_hash"):
+        transition(visit, "completed", skip_validation=True)
+    assert snapshot(visit) == before
+
+
+def test_a_fresh_encounter_with_an_edited_projection_is_refused(encounter):
+    raw_update(Encounter, encounter.pk, state="checked_in")
+    with pytest.raises(ProjectionDriftError, match="the log says 'scheduled'"):
+        transition(encounter, "in_progress", skip_validation=True)
+    assert EncounterTransition.objects.filter(encounter=encounter).count() == 0
+
+
+def test_a_deleted_last_row_is_refused_by_the_write_path(visit):
+    with triggers_off() as cursor:
+        cursor.execute(
+            f"DELETE FROM {TRANSITIONS} WHERE encounter_id = %s AND sequence = 2",
+            [
+                store.schema.field(EncounterTransition, "encounter").get_db_prep_value(
+                    visit.pk, connection
+                )
+            ],
+        )
+    with pytest.raises(ProjectionDriftError, match="no row 2 in the log"):
+        transition(visit, "completed", skip_validation=True)
+
+
+PROJECTION_TAMPERS = {
+    "state": lambda e: "cancelled",
+    "version": lambda e: e.version + 1,
+    "timeline_end_at": lambda e: e.timeline_end_at + timedelta(seconds=1),
+    "head_hash": lambda e: e.genesis_hash,
+    "definition_version": lambda e: e.definition_version + 1,
+    "last_transitioned_at": lambda e: e.last_transitioned_at - timedelta(milliseconds=1),
+}
+
+
+@pytest.mark.parametrize("column", sorted(PROJECTION_TAMPERS))
+@pytest.mark.parametrize("rows", [1, 3])
+def test_every_projection_column_is_proven_before_deciding(make_definition, patient, column, rows):
+    """Each projection column tampered in turn (with a stream of 1 and of 3 rows, one of them
+    backdated so the timeline's end is not the last recorded row): refused, nothing written."""
+    definition = make_definition(
+        final_states=[],
+        transitions={
+            "scheduled": ["checked_in", "in_progress"],
+            "checked_in": ["in_progress", "scheduled"],
+            "in_progress": ["checked_in"],
+        },
+    )
+    encounter = create_encounter(definition, patient)
+    transition(encounter, "checked_in", effective_at=timezone.now() - timedelta(hours=2))
+    if rows == 3:
+        transition(encounter, "in_progress")
+        transition(encounter, "scheduled", effective_at=timezone.now() - timedelta(hours=1))
+    stored = reload(encounter)
+    raw_update(Encounter, encounter.pk, **{column: PROJECTION_TAMPERS[column](stored)})
+    before = snapshot(encounter)
+
+    with pytest.raises(ProjectionDriftError):
+        transition(encounter, "in_progress" if rows == 1 else "checked_in")
+
+    assert snapshot(encounter) == before
+
+
+def test_the_proof_costs_no_extra_statement(visit):
+    with CaptureQueriesContext(connection) as captured:
+        transition(visit, "completed", skip_validation=True)
+    assert len(work_queries(captured)) == 3
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        lambda: Encounter.objects.filter().update(state="cancelled"),
+        lambda: Encounter.all_objects.filter().update(version=9),
+        lambda: Encounter.objects.update(head_hash="x", notes="n"),
+        lambda: Encounter.objects.update(origin_state="x"),
+        lambda: Encounter.objects.update(created_at=timezone.now()),
+        lambda: Encounter.objects.bulk_update(list(Encounter.objects.all()), ["state"]),
+        lambda: Encounter.objects.bulk_update(list(Encounter.objects.all()), ["genesis_hash"]),
+    ],
+    ids=[
+        "state",
+        "version",
+        "head with notes",
+        "origin",
+        "created_at",
+        "bulk state",
+        "bulk genesis",
+    ],
+)
+def test_queryset_updates_of_derived_columns_are_refused(visit, attack):
+    before = snapshot(visit)
+    with pytest.raises(EncounterError, match="derived from the transition log"):
+        attack()
+    assert snapshot(visit) == before
+    assert Encounter.objects.filter(pk=visit.pk).update(notes="still allowed") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Genesis in the chain
+# ---------------------------------------------------------------------------------------------
+
+
+def test_genesis_heads_a_fresh_stream_and_row_one_chains_to_it(encounter, patient):
+    fresh = reload(encounter)
+    assert fresh.head_hash == fresh.genesis_hash == genesis_hash(fresh.genesis())
+    genesis = fresh.genesis()
+    assert genesis.subject_type == "testapp.patient"
+    assert genesis.subject_id == str(patient.pk)
+    assert genesis.definition_version == 1
+
+    row = transition(encounter, "checked_in")
+    assert row.hash == row_hash(encounter.pk, store.row_of_record(row), fresh.genesis_hash)
+
+
+@pytest.mark.parametrize(
+    "fact",
+    ["origin_state", "created_at", "subject_id", "origin_version", "definition"],
+)
+@pytest.mark.parametrize("with_rows", [False, True], ids=["no rows", "rows"])
+def test_changed_creation_facts_are_a_genesis_anomaly(encounter, make_definition, fact, with_rows):
+    if with_rows:
+        transition(encounter, "checked_in")
+    changes = {
+        "origin_state": {"origin_state": "checked_in"},
+        "created_at": {"created_at": reload(encounter).created_at - timedelta(days=3)},
+        "subject_id": {"subject_id": "999"},
+        "origin_version": {"origin_version": 2},
+        "definition": {"definition": make_definition().pk},
+    }[fact]
+    raw_update(Encounter, encounter.pk, **changes)
+
+    assert (0, "genesis") in anomalies(encounter)
+    assert run_command("audit_encounters", "--encounter", str(encounter.pk))[0] == 1
+    result = rebuild_projections(check=True, encounters=[encounter.pk])
+    assert "genesis" in {a.kind for a in result.anomalies}
+    assert not result.ok
+
+
+def test_a_recomputed_genesis_breaks_row_one(encounter):
+    """An attacker who changes a fact and also stores the matching genesis hash is caught by
+    row 1, whose hash covers the original genesis."""
+    transition(encounter, "checked_in")
+    raw_update(Encounter, encounter.pk, origin_state="checked_in")
+    forged = genesis_hash(reload(encounter).genesis())
+    raw_update(Encounter, encounter.pk, genesis_hash=forged)
+    found = anomalies(encounter)
+    assert (1, "hash") in found and (0, "genesis") not in found
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The audit and the rebuild compare the head
+# ---------------------------------------------------------------------------------------------
+
+
+def _delete_rows(encounter: Any, *sequences: int) -> None:
+    key = store.schema.field(EncounterTransition, "encounter").get_db_prep_value(
+        encounter.pk, connection
+    )
+    with triggers_off() as cursor:
+        for sequence in sequences:
+            cursor.execute(
+                f"DELETE FROM {TRANSITIONS} WHERE encounter_id = %s AND sequence = %s",
+                [key, sequence],
+            )
+
+
+def test_a_deleted_last_row_is_reported_and_never_erased_by_a_rebuild(visit):
+    transition(visit, "completed", skip_validation=True)
+    _delete_rows(visit, 3)
+    before = snapshot(visit)
+
+    assert anomalies(visit) == [(3, "truncated")]
+    code, out, _ = run_command("rebuild_encounter_projections", "--check")
+    assert code == 1 and "truncated" in out
+    code, out, _ = run_command("rebuild_encounter_projections")
+    assert code == 1
+    assert snapshot(visit) == before  # the version still says 3: the evidence is kept
+    assert reload(visit).version == 3
+
+
+def test_a_head_that_is_no_rows_hash_is_reported(visit):
+    rows = list(EncounterTransition.objects.filter(encounter=visit).order_by("sequence"))
+    raw_update(Encounter, visit.pk, head_hash=rows[0].hash)  # version still 2
+    assert anomalies(visit) == [(2, "head")]
+    result = rebuild_projections()
+    assert [a.kind for a in result.anomalies] == ["head"]
+    assert reload(visit).head_hash == rows[0].hash  # left as it was
+
+
+def test_a_projection_behind_the_log_is_drift_and_fixed(visit):
+    """Rows appended below the library (the projection behind, its head still the hash of the
+    row it names) are derivable: a rebuild moves the projection forward."""
+    insert_row_raw(
+        visit,
+        sequence=3,
+        from_state="in_progress",
+        to_state="completed",
+        transitioned_at=reload(visit).last_transitioned_at + timedelta(seconds=1),
+        definition_version=1,
+    )
+    check = rebuild_projections(check=True)
+    assert (check.projections_drifted, check.anomaly_count) == (1, 0)
+    assert rebuild_projections().projections_fixed == 1
+    assert (reload(visit).version, reload(visit).state) == (3, "completed")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. System time is monotonic per stream
+# ---------------------------------------------------------------------------------------------
+
+
+def test_system_time_increases_even_within_one_millisecond(encounter):
+    frozen = timezone.now()
+    with mock.patch("django_encounters.services.timezone.now", return_value=frozen):
+        rows = [
+            transition(encounter, s, skip_validation=True) for s in ("checked_in", "in_progress")
+        ]
+    assert rows[0].transitioned_at == stored_precision(frozen)
+    assert rows[1].transitioned_at == rows[0].transitioned_at + timedelta(milliseconds=1)
+
+
+def test_a_lagging_clock_cannot_record_before_the_previous_row(encounter):
+    first = transition(encounter, "checked_in")
+    behind = first.transitioned_at - timedelta(minutes=10)
+    with mock.patch("django_encounters.services.timezone.now", return_value=behind):
+        second = transition(encounter, "in_progress", skip_validation=True)
+    assert second.transitioned_at > first.transitioned_at
+    assert second.effective_at >= first.effective_at  # "now" never lands before the timeline
+    assert anomalies(encounter) == []
+
+
+def test_the_low_level_create_refuses_an_earlier_system_time(visit):
+    last = reload(visit).last_transitioned_at
+    before = snapshot(visit)
+    with pytest.raises(EncounterError, match="never decreases"):
+        EncounterTransition.objects.create(
+            encounter=visit,
+            from_state="in_progress",
+            to_state="completed",
+            transitioned_at=last - timedelta(seconds=1),
+        )
+    assert snapshot(visit) == before
+
+
+def test_a_decreasing_system_time_is_an_audit_anomaly(visit):
+    insert_row_raw(
+        visit,
+        sequence=3,
+        from_state="in_progress",
+        to_state="completed",
+        transitioned_at=reload(visit).last_transitioned_at - timedelta(hours=1),
+        definition_version=1,
+    )
+    assert (3, "clock") in anomalies(visit)
+
+
+def test_known_at_is_a_prefix_of_the_stream(employment):
+    rows = [
+        transition(employment, "working", effective_at=timezone.now() - timedelta(hours=5)),
+        transition(employment, "finished"),
+        transition(employment, "onleave", effective_at=timezone.now() - timedelta(hours=3)),
+    ]
+    known = rows[1].transitioned_at
+    report = audit_encounters(encounters=[employment.pk], known_at=known)
+    (audit,) = report.encounters
+    assert [r.sequence for r in audit.timeline] == [1, 2]
+    assert audit.state_as_of == "finished"
+    code, out, _ = run_command(
+        "audit_encounters",
+        "--encounter",
+        str(employment.pk),
+        "--known-at",
+        known.isoformat(),
+        "--format",
+        "json",
+    )
+    assert code == 0
+    assert [r["sequence"] for r in json.loads(out)["encounters"][0]["timeline"]] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Versioned definitions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_editing_a_definition_never_turns_history_into_anomalies(encounter, visit_definition):
+    transition(encounter, "checked_in")
+    transition(encounter, "cancelled")
+    visit_definition.transitions = {
+        "scheduled": ["checked_in"],  # 'cancelled' removed from both sources
+        "checked_in": ["in_progress"],
+        "in_progress": ["completed", "cancelled"],
+    }
+    visit_definition.save()
+
+    assert visit_definition.version == 2
+    assert list(visit_definition.versions.values_list("number", flat=True)) == [1, 2]
+    assert anomalies(encounter) == []
+    assert rebuild_projections(check=True).ok
+
+
+def test_encounters_keep_their_rules_until_upgraded(visit_definition, patient, user):
+    old = create_encounter(visit_definition, patient)
+    visit_definition.transitions = {**visit_definition.transitions, "scheduled": ["checked_in"]}
+    visit_definition.save()
+    new = create_encounter(visit_definition, patient)
+    assert (reload(old).definition_version, reload(new).definition_version) == (1, 2)
+
+    with pytest.raises(InvalidTransitionError):
+        transition(new, "cancelled")  # the new rules
+    upgraded = upgrade_encounter(old, transitioned_by=user, reason="new intake rules")
+    assert (upgraded.from_state, upgraded.to_state, upgraded.definition_version) == (
+        "scheduled",
+        "scheduled",
+        2,
+    )
+    assert (upgraded.transitioned_by, upgraded.reason) == (user, "new intake rules")
+    assert reload(old).definition_version == 2
+    with pytest.raises(InvalidTransitionError):
+        transition(old, "cancelled")
+    transition(old, "checked_in")
+    assert anomalies(old) == []
+
+
+def test_an_old_encounter_still_moves_by_its_pinned_rules(visit_definition, patient):
+    old = create_encounter(visit_definition, patient)
+    visit_definition.transitions = {**visit_definition.transitions, "scheduled": ["checked_in"]}
+    visit_definition.save()
+    transition(old, "cancelled")  # allowed by version 1
+    assert anomalies(old) == []
+
+
+def test_upgrade_is_refused_when_the_state_is_gone(visit_definition, patient):
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "checked_in")
+    visit_definition.states = [s for s in visit_definition.states if s != "checked_in"]
+    visit_definition.transitions = {"scheduled": ["in_progress"], "in_progress": ["completed"]}
+    visit_definition.final_states = ["completed"]
+    visit_definition.save()
+    before = snapshot(encounter)
+
+    with pytest.raises(InvalidStateError, match="checked_in"):
+        upgrade_encounter(encounter, reason="try")
+    assert snapshot(encounter) == before
+    with pytest.raises(EncounterError, match="already at the latest version"):
+        upgrade_encounter(create_encounter(visit_definition, encounter.subject))
+
+
+def test_definition_versions_are_immutable(visit_definition):
+    version = visit_definition.versions.get()
+    with pytest.raises(EncounterError):
+        EncounterDefinitionVersion.objects.filter(pk=version.pk).update(states=["x"])
+    with pytest.raises(EncounterError):
+        version.save()
+    with pytest.raises(IntegrityError, match="append-only"), transaction.atomic():
+        raw_update(EncounterDefinitionVersion, version.pk, states=["x"])
+
+
+def test_saving_an_unchanged_machine_adds_no_version(visit_definition):
+    visit_definition.description = "edited"
+    visit_definition.save()
+    assert visit_definition.version == 1
+    assert visit_definition.versions.count() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The hash format is named; a known answer pins it
+# ---------------------------------------------------------------------------------------------
+
+KNOWN_ID = UUID("12345678-1234-5678-1234-567812345678")
+KNOWN_GENESIS = Genesis(
+    KNOWN_ID,
+    UUID("87654321-4321-8765-4321-876543218765"),
+    1,
+    "clinic.patient",
+    "42",
+    "scheduled",
+    datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=dt_timezone.utc),
+)
+KNOWN_ROW = StreamRow(
+    1,
+    "scheduled",
+    "checked_in",
+    datetime(2026, 1, 2, 4, 0, 0, 123000, tzinfo=dt_timezone.utc),
+    datetime(2026, 1, 2, 4, 0, 1, 456000, tzinfo=dt_timezone.utc),
+    7,
+    "arrived",
+    {"room": 3, "note": "ü"},
+    1,
+    "",
+)
+
+
+def test_known_answer_hashes():
+    genesis_payload = (
+        '["v1-genesis","12345678-1234-5678-1234-567812345678",'
+        '"87654321-4321-8765-4321-876543218765",1,"clinic.patient","42","scheduled",'
+        '"2026-01-02T03:04:05.006000+00:00"]'
+    )
+    expected_genesis = "v1:" + hashlib.sha256(genesis_payload.encode()).hexdigest()
+    assert genesis_hash(KNOWN_GENESIS) == expected_genesis
+    assert expected_genesis == (
+        "v1:3c35ccd22f454c4a1de6e7fe72a63ba52fb72a8c24b130eec9f32655c91a1e8d"
+    )
+    row_payload = (
+        '["v1","12345678-1234-5678-1234-567812345678",1,"scheduled","checked_in",'
+        '"2026-01-02T04:00:00.123000+00:00","2026-01-02T04:00:01.456000+00:00","7","arrived",'
+        '{"note":"ü","room":3},1,"' + expected_genesis + '"]'
+    )
+    expected_row = "v1:" + hashlib.sha256(row_payload.encode()).hexdigest()
+    assert row_hash(KNOWN_ID, KNOWN_ROW, expected_genesis) == expected_row
+    assert expected_row == "v1:d425f065a393cef5daf5b4464a58509b116fc2bdca4370450c16dea314efa35e"
+    assert hash_format(expected_row) == "v1"
+    assert hash_format("d425f065") is None
+
+
+def test_a_hash_in_an_unknown_format_is_reported(visit):
+    row = EncounterTransition.objects.get(encounter=visit, sequence=2)
+    with triggers_off():
+        raw_update(EncounterTransition, row.pk, hash="v9:" + row.hash[3:])
+    found = audit_encounters(encounters=[visit.pk]).encounters[0].anomalies
+    assert [(a.sequence, a.kind) for a in found][:1] == [(2, "hash")]
+    assert "no known format ('v9')" in found[0].detail
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. bulk_create is refused rather than skip the genesis
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bulk_create_of_encounters_is_refused(visit_definition, patient):
+    with pytest.raises(EncounterError, match="create_encounter"):
+        Encounter.objects.bulk_create([Encounter(definition=visit_definition, subject=patient)])
+    assert Encounter.objects.count() == 0
+
+
+def test_bulk_create_of_transitions_is_refused(encounter):
+    with pytest.raises(EncounterError, match="bulk-created"):
+        EncounterTransition.objects.bulk_create(
+            [
+                EncounterTransition(
+                    encounter=encounter, from_state="scheduled", to_state="checked_in"
+                )
+            ]
+        )
+    assert EncounterTransition.objects.count() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Side doors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_insert_or_replace_cannot_rewrite_a_row(visit):
+    row = EncounterTransition.objects.get(encounter=visit, sequence=1)
+    qn = connection.ops.quote_name
+    columns = [f for f in EncounterTransition._meta.concrete_fields]
+    values = [f.get_db_prep_save(getattr(row, f.attname), connection) for f in columns]
+    values[[f.name for f in columns].index("reason")] = "rewritten"
+    names = ", ".join(qn(f.column) for f in columns)
+    marks = ", ".join(["%s"] * len(columns))
+    if IS_POSTGRES:
+        sql = (
+            f"INSERT INTO {TRANSITIONS} ({names}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE "
+            "SET reason = EXCLUDED.reason"
+        )
+    else:
+        sql = f"INSERT OR REPLACE INTO {TRANSITIONS} ({names}) VALUES ({marks})"
+    with pytest.raises(IntegrityError, match="append-only"), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(sql, values)
+    assert EncounterTransition.objects.get(pk=row.pk).reason == row.reason
+
+
+@pytest.mark.skipif(IS_POSTGRES, reason="SQLite's REPLACE INTO")
+def test_replace_into_is_refused_on_sqlite(visit):
+    with pytest.raises(IntegrityError, match="append-only"), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"REPLACE INTO {TRANSITIONS} SELECT * FROM {TRANSITIONS} WHERE sequence = 1"
+            )
+    assert EncounterTransition.objects.filter(encounter=visit).count() == 2
+
+
+def test_system_checks():
+    with override_settings(ENCOUNTERS_VALIDATOR_MODULES=None):
+        (warning,) = check_validator_modules(None)
+        assert warning.id == "django_encounters.W001"
+    with override_settings(ENCOUNTERS_VALIDATOR_MODULES=["myapp.validators"]):
+        assert check_validator_modules(None) == []
+    with override_settings(USE_TZ=False):
+        (error,) = check_use_tz(None)
+        assert error.id == "django_encounters.E001"
+    assert check_use_tz(None) == []
+    out = io.StringIO()
+    with override_settings(ENCOUNTERS_VALIDATOR_MODULES=None):
+        call_command("check", "--deploy", "--tag", "security", stdout=out, stderr=out)
+    assert "django_encounters.W001" in out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Inputs the checks used to miss: typed errors, nothing written
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"states": ["scheduled", "check\x00ed_in"]},
+        {"states": ["scheduled", "checked\nin"]},
+        {"states": ["scheduled", "tab\there"]},
+        {"name": "N" * 101},
+        {"code": "C" * 51},
+        {"code": ""},
+        {"validators": None},
+    ],
+    ids=["NUL", "newline", "tab", "long name", "long code", "empty code", "validators None"],
+)
+def test_definitions_with_unstorable_fields_are_refused(overrides):
+    kwargs = {
+        "name": "Visit",
+        "code": "V",
+        "states": ["scheduled", "done"],
+        "initial_state": "scheduled",
+        "transitions": {"scheduled": ["done"]},
+        **overrides,
+    }
+    with pytest.raises(DjangoValidationError):
+        EncounterDefinition.objects.create(**kwargs)
+    assert EncounterDefinition.objects.count() == 0
+    assert EncounterDefinitionVersion.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("notes", "error"),
+    [(None, TypeError), (5, TypeError), ("a\x00b", ValueError)],
+    ids=["None", "int", "NUL"],
+)
+def test_bad_notes_are_refused(visit_definition, patient, notes, error):
+    with pytest.raises(error, match="notes"):
+        create_encounter(visit_definition, patient, notes=notes)
+    assert Encounter.all_objects.count() == 0
+
+
+def test_an_unsaved_subject_with_a_preset_pk_is_refused(visit_definition):
+    from tests.testapp.models import Device
+
+    unsaved = Device(serial="never saved")
+    assert unsaved.pk is not None  # a UUID primary key is set before the first save
+    with pytest.raises(ValueError, match="not saved"):
+        create_encounter(visit_definition, unsaved)
+    assert Encounter.all_objects.count() == 0
+
+
+def test_skip_validation_must_be_a_bool(encounter):
+    before = snapshot(encounter)
+    with pytest.raises(TypeError, match="skip_validation"):
+        transition(encounter, "checked_in", skip_validation="yes")
+    assert snapshot(encounter) == before
+
+
+@pytest.mark.parametrize("value", [timedelta.max, float("inf"), 10**12, timedelta(days=30)])
+def test_overflowing_future_tolerances_are_refused(encounter, settings, value):
+    settings.ENCOUNTERS_FUTURE_TOLERANCE = value
+    before = snapshot(encounter)
+    with pytest.raises(EncounterConfigurationError, match="ENCOUNTERS_FUTURE_TOLERANCE"):
+        transition(encounter, "checked_in")
+    assert snapshot(encounter) == before
+
+
+def test_time_in_states_needs_an_encounter():
+    with pytest.raises(TypeError, match="encounter must be an Encounter"):
+        time_in_states("abc")
+
+
+def test_state_names_with_control_characters_never_reach_the_database(encounter):
+    before = snapshot(encounter)
+    with pytest.raises(InvalidTransitionError):
+        transition(encounter, "checked_in\x00")
+    assert snapshot(encounter) == before
+
+
+def test_get_state_at_still_one_query(visit):
+    with CaptureQueriesContext(connection) as captured:
+        get_state_at(visit, timezone.now())
+    assert len(work_queries(captured)) == 1
