@@ -1,5 +1,6 @@
-"""Admin: definitions are editable (with their structural warnings shown); encounters' projection
-columns and the transition log are read-only."""
+"""Admin: definitions are editable (with their structural warnings and every version of their
+machine shown); encounters' projection columns, the transition log, definition versions and
+anomaly acknowledgements are read-only."""
 
 from __future__ import annotations
 
@@ -8,13 +9,43 @@ from typing import Any
 from django.contrib import admin, messages
 
 from .engine import READABLE_FIELDS
-from .models import Encounter, EncounterDefinition, EncounterTransition
+from .models import (
+    MACHINE_FIELDS,
+    AnomalyAcknowledgement,
+    Encounter,
+    EncounterDefinition,
+    EncounterDefinitionVersion,
+    EncounterTransition,
+)
+
+
+class ReadOnlyMixin:
+    """Facts: shown, never added, changed or deleted from the admin."""
+
+    def has_add_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+
+class VersionInline(ReadOnlyMixin, admin.TabularInline):
+    model = EncounterDefinitionVersion
+    fields = ("number", *MACHINE_FIELDS, "created_at")
+    readonly_fields = fields
+    ordering = ("-number",)
+    extra = 0
 
 
 @admin.register(EncounterDefinition)
 class EncounterDefinitionAdmin(admin.ModelAdmin):
-    list_display = ("name", "code", "initial_state", "created_at")
+    list_display = ("name", "code", "version", "initial_state", "created_at")
     search_fields = ("name", "code")
+    readonly_fields = ("version",)
+    inlines = [VersionInline]
 
     def change_view(
         self, request: Any, object_id: str, form_url: str = "", extra_context: Any = None
@@ -26,39 +57,35 @@ class EncounterDefinitionAdmin(admin.ModelAdmin):
         return super().change_view(request, object_id, form_url, extra_context)
 
 
-class TransitionInline(admin.TabularInline):
+class TransitionInline(ReadOnlyMixin, admin.TabularInline):
     model = EncounterTransition
-    fields = READABLE_FIELDS
-    readonly_fields = fields
+    fields = readonly_fields = tuple(READABLE_FIELDS) + ("definition_version",)
     ordering = ("sequence",)
     extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Encounter)
 class EncounterAdmin(admin.ModelAdmin):
     list_display = ("id", "definition", "state", "version", "scheduled_at", "created_at")
     list_filter = ("definition", "state")
-    readonly_fields = ("state", "origin_state", "version", "timeline_end_at", "head_hash")
+    readonly_fields = Encounter.LOG_DERIVED_FIELDS
     inlines = [TransitionInline]
 
 
 @admin.register(EncounterTransition)
-class EncounterTransitionAdmin(admin.ModelAdmin):
+class EncounterTransitionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = ("encounter", *READABLE_FIELDS[: READABLE_FIELDS.index("reason")])
     list_filter = ("to_state",)
 
-    def has_add_permission(self, request: Any) -> bool:
-        return False
 
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
+@admin.register(EncounterDefinitionVersion)
+class EncounterDefinitionVersionAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ("definition", "number", "initial_state", "created_at")
+    list_filter = ("definition",)
 
-    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
+
+@admin.register(AnomalyAcknowledgement)
+class AnomalyAcknowledgementAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ("encounter_id", "sequence", "kind", "acknowledged_by", "acknowledged_at")
+    list_filter = ("kind",)
+    search_fields = ("encounter_id", "reason")
