@@ -488,18 +488,15 @@ def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Re
         sequences = [v[0] for v in stream]
         if sequences != list(range(1, len(stream) + 1)):
             problems.append(f"encounter {pk}: stream is not 1..n: {sequences[:10]}…")
+        versions = {v.number: v.rules() for v in enc.definition.versions.all()}
         replay = verify_stream(
-            enc.pk,
-            enc.origin_state,
-            enc.created_at,
-            (StreamRow(*v) for v in stream),
-            enc.definition.rules(),
+            enc.genesis(), enc.genesis_hash, (StreamRow(*v) for v in stream), versions.get
         )
         if replay.anomalies:
             problems.append(f"encounter {pk}: anomalies {[str(a) for a in replay.anomalies[:3]]}")
         expected_state = naive_fold(enc.origin_state, [(v[0], v[2], v[3]) for v in stream])
         end_at = max((v[3] for v in stream), default=None)
-        head = stream[-1][8] if stream else ""
+        head = stream[-1][-1] if stream else enc.genesis_hash
         actual = (enc.state, enc.version, enc.timeline_end_at, enc.head_hash)
         if actual != (
             replay.state,

@@ -292,3 +292,54 @@ def recording_moment() -> datetime:
     while stored_precision(timezone.now()) <= moment:
         time.sleep(0.0005)
     return moment
+
+
+def insert_chained_row_raw(encounter, **fields):
+    """:func:`insert_row_raw` of a row as the library would have stored it (issue 8): times at
+    the stored precision, decided under the encounter's pinned definition version, and hashed
+    against the previous row's hash (row 1: the encounter's genesis hash). Only the missing
+    projection update is wrong."""
+    from django_encounters.engine import stored_precision
+    from django_encounters.models import Encounter, EncounterTransition
+
+    fresh = Encounter.all_objects.get(pk=encounter.pk)
+    row = EncounterTransition(encounter=fresh, **fields)
+    row.effective_at = stored_precision(row.effective_at)
+    row.transitioned_at = stored_precision(row.transitioned_at)
+    if not row.definition_version:
+        row.definition_version = fresh.definition_version
+    if not row.hash:
+        previous = (
+            EncounterTransition.objects.filter(encounter=fresh, sequence=row.sequence - 1)
+            .values_list("hash", flat=True)
+            .first()
+        )
+        row.hash = row.compute_hash(previous if row.sequence > 1 else fresh.genesis_hash)
+    return insert_row_raw(
+        encounter,
+        **{
+            **fields,
+            "effective_at": row.effective_at,
+            "transitioned_at": row.transitioned_at,
+            "definition_version": row.definition_version,
+            "hash": row.hash,
+        },
+    )
+
+
+def raw_update_encounter(pk, **columns) -> None:
+    """UPDATE one encounter row with raw SQL, behind the ORM (which refuses the projection and
+    genesis columns since issue 8): what psql or a script with write access does."""
+    from django_encounters.models import Encounter
+
+    qn = connection.ops.quote_name
+    fields = [Encounter._meta.get_field(name) for name in columns]
+    assignments = ", ".join(f"{qn(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(columns[f.name], connection) for f in fields]
+    params.append(Encounter._meta.pk.get_db_prep_value(pk, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {qn(Encounter._meta.db_table)} SET {assignments} "
+            f"WHERE {qn(Encounter._meta.pk.column)} = %s",
+            params,
+        )

@@ -192,8 +192,10 @@ def test_json_output_has_the_pinned_shape(office):
 
     assert code == 0
     data = json.loads(out)
-    assert set(data) == {"encounters", "anomaly_count"}
+    # Issue 8: anomalies can be acknowledged; the report counts those apart.
+    assert set(data) == {"encounters", "anomaly_count", "acknowledged_count"}
     assert data["anomaly_count"] == 0
+    assert data["acknowledged_count"] == 0
     job = data["encounters"][0]
     assert set(job) == {"id", "definition", "state_as_of", "timeline", "anomalies"}
     assert (job["id"], job["definition"], job["state_as_of"]) == (

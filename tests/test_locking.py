@@ -18,6 +18,7 @@ from django_encounters.exceptions import (
     ProjectionDriftError,
 )
 from django_encounters.models import Encounter, EncounterTransition
+from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import (
     create_encounter,
     get_encounter_history,
@@ -28,7 +29,8 @@ from django_encounters.signals import pre_transition
 from tests.helpers import (
     HOLD_SECONDS,
     RowLockHolder,
-    insert_row_raw,
+    insert_chained_row_raw,
+    raw_update_encounter,
     reload,
     run_in_threads,
     snapshot,
@@ -133,17 +135,25 @@ def test_low_level_append_refuses_a_sequence_gap(encounter):
 
 
 def test_rows_inserted_below_the_library_give_concurrent_transition_error(encounter):
-    """A row inserted with raw SQL (no projection update): the next transition() clashes on
-    the sequence and says so, naming the way out."""
-    insert_row_raw(encounter, sequence=1, from_state="scheduled", to_state="checked_in")
+    """A row inserted with raw SQL (no projection update): the next transition() refuses and
+    says so, naming the way out. Since issue 8 the lock statement proves the projection against
+    the log, so a projection at version 0 while rows exist is a ProjectionDriftError (an
+    EncounterError, like ConcurrentTransitionError was), raised before any INSERT is tried."""
+    insert_chained_row_raw(encounter, sequence=1, from_state="scheduled", to_state="checked_in")
     before = snapshot(encounter)
     assert (before.version, before.row_count) == (0, 1)
 
-    with pytest.raises(ConcurrentTransitionError, match="rebuild_encounter_projections") as exc:
+    with pytest.raises(ProjectionDriftError, match="rebuild_encounter_projections") as exc:
         transition(encounter, "checked_in")
 
-    assert isinstance(exc.value.__cause__, IntegrityError)
+    assert exc.value.encounter_id == encounter.pk
+    assert "rows exist though the version is 0" in str(exc.value)
     assert snapshot(encounter) == before  # nothing written
+
+    # The way out it names: a rebuild derives the projection from the log; then it continues.
+    assert rebuild_projections(encounters=[encounter.pk]).projections_fixed == 1
+    row = transition(encounter, "in_progress")
+    assert (row.sequence, row.from_state) == (2, "checked_in")
 
 
 def test_sequence_clash_becomes_concurrent_transition_error(encounter):
@@ -179,14 +189,21 @@ def test_sequence_clash_becomes_concurrent_transition_error(encounter):
 
 def test_projection_ahead_of_the_log_is_refused(encounter):
     """A projection whose version was raised behind the library's back would make transition()
-    append a gap: refused with ProjectionDriftError, nothing written."""
-    Encounter.objects.filter(pk=encounter.pk).update(version=5)
+    append a gap: refused with ProjectionDriftError, nothing written. Since issue 8 the ORM
+    refuses to update the version (raw SQL does it), and the lock statement finds no row at the
+    stored version."""
+    with pytest.raises(EncounterError, match="derived from the transition log"):
+        Encounter.objects.filter(pk=encounter.pk).update(version=5)
+    raw_update_encounter(encounter.pk, version=5)
     before = snapshot(encounter)
+    assert before.version == 5
 
     with pytest.raises(ProjectionDriftError) as excinfo:
         transition(encounter, "checked_in")
 
-    assert (excinfo.value.projected_version, excinfo.value.stream_version) == (5, 0)
+    assert excinfo.value.projected_version == 5
+    assert excinfo.value.encounter_id == encounter.pk
+    assert "no row 5 in the log" in str(excinfo.value)
     assert "rebuild_encounter_projections" in str(excinfo.value)
     assert snapshot(encounter) == before
 

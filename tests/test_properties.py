@@ -14,9 +14,13 @@ backdated ones at random minutes (ties included); some with a current or a stale
   ``to_state``.
 
 Every call's outcome (accepted/refused, the recorded ``from_state`` and ``sequence``) must match
-the reference; after each sequence the projection (state, version, timeline end, head hash),
+the reference; after each sequence the projection (state, version, timeline end, head hash —
+the genesis hash with no rows),
 ``get_state_at`` at every interesting time, ``known_at`` queries, ``Encounter.objects.as_of``
 and a rebuild must all equal the reference fold.
+
+Times the tests pass in are at the stored (millisecond) precision since issue 8, so the
+reference compares exactly what the library stores.
 
 Isolation: pytest-django gives one database transaction per test function, not per hypothesis
 example, so each example runs inside its own ``transaction.atomic()`` and is rolled back by
@@ -36,7 +40,14 @@ from django.utils import timezone
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from django_encounters.engine import EncounterTimeline, Rules
+from django_encounters.engine import (
+    EncounterTimeline,
+    Genesis,
+    Rules,
+    genesis_hash,
+    stored_precision,
+    verify_stream,
+)
 from django_encounters.exceptions import ConcurrentTransitionError, InvalidTransitionError
 from django_encounters.models import Encounter, EncounterDefinition
 from django_encounters.projections.rebuild import rebuild_projections
@@ -46,6 +57,7 @@ from django_encounters.services import (
     get_state_at,
     transition,
 )
+from tests.helpers import raw_update_encounter
 
 POOL = ("a", "b", "c", "d", "e")
 MICRO = timedelta(microseconds=1)
@@ -176,7 +188,7 @@ def run_example(
     enc = create_encounter(d, subject)
     bystander = create_encounter(d, subject)  # never moves: as_of must keep its origin
     origin = states[0]
-    base = timezone.now() - timedelta(days=2)
+    base = stored_precision(timezone.now() - timedelta(days=2))
     rows: list[Row] = []
 
     for op in ops:
@@ -219,7 +231,7 @@ def run_example(
     assert fresh.state == fold(origin, rows), (fresh.state, rows)
     assert fresh.version == len(rows)
     assert fresh.timeline_end_at == max((r.effective_at for r in rows), default=None)
-    assert fresh.head_hash == (history[-1].hash if history else "")
+    assert fresh.head_hash == (history[-1].hash if history else fresh.genesis_hash)
     assert (enc.state, enc.version) == (fresh.state, fresh.version)  # the caller's instance
 
     # get_state_at / known_at / as_of at every interesting time.
@@ -242,17 +254,24 @@ def run_example(
             )
             assert census == {enc.pk: fold(origin, rows, t, known_at), bystander.pk: origin}
 
-    # The in-memory engine replaying the stored stream agrees too.
-    Encounter.all_objects.filter(pk=enc.pk).update(state=origin, version=0, head_hash="")
+    # The in-memory engine replaying the stored stream agrees too. The projection is put back
+    # to the origin with raw SQL (issue 8: the ORM refuses projection columns, and the head must
+    # be the genesis hash for version 0 to be derivable drift rather than a `head` anomaly).
+    raw_update_encounter(
+        enc.pk,
+        state=origin,
+        version=0,
+        head_hash=fresh.genesis_hash,
+        timeline_end_at=None,
+        definition_version=fresh.origin_version,
+        last_transitioned_at=None,
+    )
     result = rebuild_projections(encounters=[enc.pk, bystander.pk])
     assert result.anomaly_count == 0, [str(a) for a in result.anomalies]
+    assert result.projections_fixed == (1 if rows else 0)
+    columns = Encounter.PROJECTION_FIELDS
     rebuilt = Encounter.objects.get(pk=enc.pk)
-    assert (rebuilt.state, rebuilt.version, rebuilt.timeline_end_at, rebuilt.head_hash) == (
-        fresh.state,
-        fresh.version,
-        fresh.timeline_end_at,
-        fresh.head_hash,
-    )
+    assert [getattr(rebuilt, c) for c in columns] == [getattr(fresh, c) for c in columns]
     assert rebuild_projections(encounters=[enc.pk], check=True).projections_drifted == 0
 
 
@@ -283,12 +302,24 @@ def test_timeline_engine_agrees_with_the_naive_fold(definition, ops):
     import uuid
 
     states, transitions, finals = definition
-    rules = Rules.from_config("P", states, transitions, finals)
     origin = states[0]
+    rules = Rules.from_config("P", states, transitions, finals, origin, version=1)
     base = datetime(2020, 1, 1, tzinfo=timezone.get_fixed_timezone(0))
     created = base - timedelta(days=1)
     encounter_id = uuid.uuid4()
-    timeline = EncounterTimeline.open(encounter_id, origin, created)
+    # Issue 8: a timeline opens on its genesis (the creation facts) and chains row 1 to its hash.
+    genesis = Genesis(
+        encounter_id=encounter_id,
+        definition_id=uuid.uuid4(),
+        definition_version=1,
+        subject_type="testapp.patient",
+        subject_id="1",
+        origin_state=origin,
+        created_at=created,
+    )
+    head = genesis_hash(genesis)
+    timeline = EncounterTimeline.open(genesis, head)
+    assert (timeline.state, timeline.version, timeline.head_hash) == (origin, 0, head)
     rows: list[Row] = []
     decided_rows = []
     clock = base + timedelta(days=10)
@@ -306,19 +337,28 @@ def test_timeline_engine_agrees_with_the_naive_fold(definition, ops):
             assert exc.from_state == from_state
             continue
         assert accepted and decided.from_state == from_state
+        # Whole seconds: already at the stored precision, and the clock always moves on.
+        assert (decided.effective_at, decided.transitioned_at) == (at, clock)
         decided_rows.append(decided)
         rows.append(Row(decided.sequence, to_state, at, clock))
         assert timeline.state == fold(origin, rows)
         assert timeline.version == len(rows)
 
     # A replay of the same rows from scratch (the read/rebuild path) gives the same timeline.
-    replayed = EncounterTimeline.replay(encounter_id, origin, created, decided_rows)
-    assert (replayed.state, replayed.version, replayed.end_at, replayed.head_hash) == (
-        timeline.state,
-        timeline.version,
-        timeline.end_at,
-        timeline.head_hash,
-    )
-    for minute in range(-5, 45, 3):
-        t = base + timedelta(minutes=minute)
+    replayed = EncounterTimeline.replay(genesis, head, decided_rows)
+    attributes = ("state", "version", "end_at", "head_hash", "definition_version", "recorded_until")
+    assert [getattr(replayed, a) for a in attributes] == [getattr(timeline, a) for a in attributes]
+    # ... and the verifying replay (rebuild, audit) finds nothing wrong with decided rows.
+    verified = verify_stream(genesis, head, decided_rows, {1: rules}.get)
+    assert verified.anomalies == [], [str(a) for a in verified.anomalies]
+    assert verified.state == timeline.state
+    probes = [base + timedelta(minutes=minute) for minute in range(-5, 45, 3)]
+    for t in probes:
         assert timeline.state_at(t) == replayed.state_at(t) == fold(origin, rows, t)
+    # "As known at r" (issue 8: the engine's known_at) agrees with the reference too.
+    probes += [r.effective_at for r in rows]
+    for r in rows:
+        for known_at in (r.transitioned_at - MICRO, r.transitioned_at):
+            known = EncounterTimeline.replay(genesis, head, decided_rows, known_at=known_at)
+            for t in probes:
+                assert known.state_at(t) == fold(origin, rows, t, known_at), (t, known_at)

@@ -69,8 +69,9 @@ def projection(pk) -> tuple:
 
 
 def replayed(pk) -> tuple:
+    """The projection the log derives, in ``PROJECTION`` order (all six columns since issue 8)."""
     timeline = store.load_timeline(Encounter.all_objects.get(pk=pk), "default")
-    return (timeline.state, timeline.version, timeline.end_at, timeline.head_hash)
+    return store.projection_values(timeline)
 
 
 @pytest.fixture
@@ -131,24 +132,101 @@ def test_raw_sql_drift_is_reported_by_check_and_fixed_by_rebuild(clinic):
 
 
 def test_every_projection_column_is_rebuilt(clinic):
+    """Every projection column the log derives is recomputed. Issue 8 changed which tampering
+    is *drift*: a version behind the log whose head is that row's hash moves forward, but a
+    version ahead of the log or a head hash that is no row's hash is evidence, reported and
+    left alone (see test_head_evidence_is_reported_and_left_untouched)."""
     done, job, fresh = clinic["done"], clinic["job"], clinic["fresh"]
     expected = {pk: replayed(pk) for pk in (done.pk, job.pk, fresh.pk)}
-    raw_update(done.pk, version=1, head_hash="0" * 64)
+    first = EncounterTransition.objects.get(encounter=done, sequence=1)
+    # done: the projection one row behind its log (a consistent, older head).
+    raw_update(done.pk, version=1, head_hash=first.hash, last_transitioned_at=first.transitioned_at)
     raw_update(job.pk, timeline_end_at=t(2, 1), state="onleave")  # the last *recorded* row's
-    raw_update(fresh.pk, state="completed", version=7, timeline_end_at=t(1, 1), head_hash="x")
+    raw_update(
+        fresh.pk,
+        state="completed",
+        timeline_end_at=t(1, 1),
+        definition_version=7,
+        last_transitioned_at=t(1, 1),
+    )
 
     result = rebuild_projections()
 
     assert result.projections_fixed == result.projections_drifted == 3
+    assert result.anomaly_count == 0
     drifts = {d.encounter_id: d for d in result.drift}
-    assert drifts[done.pk].stored == {"version": 1, "head_hash": "0" * 64}
+    assert drifts[done.pk].stored == {
+        "version": 1,
+        "head_hash": first.hash,
+        "last_transitioned_at": first.transitioned_at,
+    }
+    last = EncounterTransition.objects.get(encounter=done, sequence=3)
+    assert drifts[done.pk].replayed == {
+        "version": 3,
+        "head_hash": last.hash,
+        "last_transitioned_at": last.transitioned_at,
+    }
     assert drifts[job.pk].replayed == {"state": "finished", "timeline_end_at": t(3, 1)}
+    assert drifts[fresh.pk].stored == {
+        "state": "completed",
+        "timeline_end_at": t(1, 1),
+        "definition_version": 7,
+        "last_transitioned_at": t(1, 1),
+    }
     for pk, values in expected.items():
         assert projection(pk) == values
-    # A fresh encounter's projection is its origin.
-    assert projection(fresh.pk) == ("scheduled", 0, None, "")
+    # A fresh encounter's projection is its origin, its head its genesis hash (issue 8).
+    origin = Encounter.objects.get(pk=fresh.pk)
+    assert projection(fresh.pk) == (
+        "scheduled",
+        0,
+        None,
+        origin.genesis_hash,
+        origin.origin_version,
+        None,
+    )
     # The backdated row does not end the timeline: replay is by business time.
     assert Encounter.objects.get(pk=job.pk).state == "finished"
+    assert rebuild_projections(check=True).ok
+
+
+def test_head_evidence_is_reported_and_left_untouched(clinic):
+    """Issue 8: what a rebuild used to "fix" by rewriting the head is evidence now. A stored
+    version ahead of the log (rows deleted) is a ``truncated`` anomaly, a head hash that is not
+    the hash of the row it names a ``head`` anomaly; such a projection is left exactly as it is
+    (a rebuild never lowers a version or replaces a head hash) and the command exits 1, while
+    derivable drift of other encounters is still fixed."""
+    done, fresh, moving = clinic["done"], clinic["fresh"], clinic["moving"]
+    raw_update(done.pk, version=1, head_hash="0" * 64)
+    raw_update(fresh.pk, state="completed", version=7, timeline_end_at=t(1, 1), head_hash="x")
+    raw_update(moving.pk, state="cancelled")
+    evidence = {pk: projection(pk) for pk in (done.pk, fresh.pk)}
+    expected_kinds = {(done.pk, 1, "head"), (fresh.pk, 7, "truncated")}
+
+    code, out, err = run("--check")
+    assert code == 1
+    assert f"anomaly: encounter {done.pk} sequence 1: head: " in out
+    assert f"anomaly: encounter {fresh.pk} sequence 7: truncated: " in out
+    assert f"drift: encounter {moving.pk}: state 'cancelled' -> 'in_progress'" in out
+    assert "1 projections drifted (nothing written), 2 anomalies" in out
+    assert "1 projection drifted" in err and "2 anomalies in 2 streams" in err
+
+    code, out, err = run()
+    assert code == 1
+    assert f"fixed: encounter {moving.pk}: state 'cancelled' -> 'in_progress'" in out
+    assert f"fixed: encounter {done.pk}" not in out
+    assert f"fixed: encounter {fresh.pk}" not in out
+    assert "1 projections fixed, 2 anomalies" in out
+    assert "2 anomalies in 2 streams" in err
+    for pk, stored in evidence.items():
+        assert projection(pk) == stored  # never "fixed"
+    assert projection(moving.pk) == replayed(moving.pk)
+
+    result = rebuild_projections()  # a re-run still reports them and still leaves them
+    assert {(a.encounter_id, a.sequence, a.kind) for a in result.anomalies} == expected_kinds
+    assert (result.projections_fixed, result.anomalous_encounters) == (0, 2)
+    for pk, stored in evidence.items():
+        assert projection(pk) == stored
 
 
 def test_rebuild_leaves_ordinary_fields_alone_and_stamps_updated_at(clinic):
@@ -445,9 +523,12 @@ def test_rebuild_killed_with_sigkill_then_rerun(visit_definition, patient, tmp_p
         for state in ["checked_in", "in_progress", "completed"][: 1 + index % 3]:
             transition(encounter, state)
     expected = {e.pk.hex: projection(e.pk)[:2] + (projection(e.pk)[3],) for e in encounters}
-    with connection.cursor() as cursor:  # every projection drifts
+    with connection.cursor() as cursor:  # every projection drifts back to its origin
+        # (Issue 8: with the genesis hash as head, version 0 is a head *behind* the log, which
+        # a rebuild derives; an empty head would be a `head` anomaly, left untouched.)
         cursor.execute(
-            f"UPDATE {ENCOUNTER_TABLE} SET state = 'scheduled', version = 0, head_hash = ''"
+            f"UPDATE {ENCOUNTER_TABLE} SET state = 'scheduled', version = 0, "
+            "head_hash = genesis_hash, timeline_end_at = NULL, last_transitioned_at = NULL"
         )
 
     db_file = None
@@ -613,7 +694,16 @@ def _mixed_store(visit_definition, employment_definition, patient, count: int = 
         encounters.append(encounter)
     ordered = sorted(encounters, key=lambda e: e.pk)
     for encounter in ordered[::3]:
-        raw_update(encounter.pk, state="cancelled", version=7)
+        # Derivable drift: back to version 0 with the genesis head, in another state. (Issue 8:
+        # a raised version would be a `truncated` anomaly, not drift.)
+        raw_update(
+            encounter.pk,
+            state="cancelled",
+            version=0,
+            head_hash=encounter.genesis_hash,
+            timeline_end_at=None,
+            last_transitioned_at=None,
+        )
     for encounter in (ordered[1], ordered[-2]):
         _append_raw(encounter, from_state="in_progress", to_state="scheduled")
     return ordered
@@ -701,7 +791,7 @@ def test_jobs_api_merges_results_and_progress(visit_definition, employment_defin
     assert many.projections_drifted >= 10 and many.projections_fixed == 0
     assert calls and calls[-1] == (30, 30)
     assert [scanned for scanned, _ in calls] == sorted(scanned for scanned, _ in calls)
-    assert projection(ordered[0].pk)[:2] == ("cancelled", 7)  # --check wrote nothing
+    assert projection(ordered[0].pk)[:2] == ("cancelled", 0)  # --check wrote nothing
 
     fixed = rebuild_projections(batch_size=3, jobs=2, max_reported=3)
     assert fixed.projections_fixed == one.projections_drifted and fixed.drift == one.drift[:3]

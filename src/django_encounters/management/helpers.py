@@ -1,13 +1,20 @@
 """What the package's management commands share: argument parsing, the selection options,
-output helpers and the progress display. Every command exits through ``CommandError`` with
-its documented status (1: a problem found, 2: invalid options)."""
+output helpers (a report file written whole or not at all; a reader that closes the pipe
+early) and the progress display. Every command exits through ``CommandError`` with its
+documented status (1: a problem found, 2: invalid options), or with 141 when its standard
+output was closed early."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 
 from django.apps import apps
 from django.core.management.base import CommandError
@@ -144,3 +151,69 @@ def add_selection_arguments(parser: Any, *, batch_size: int, batch_help: str) ->
         "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
     )
     return select
+
+
+#: The exit status when standard output was closed before the command finished (``| head``):
+#: that of a Unix tool killed by SIGPIPE (128 + 13), so ``set -o pipefail`` still tells it
+#: from a complete run.
+EXIT_BROKEN_PIPE = 141
+
+
+@contextmanager
+def quiet_broken_pipe(command: Any) -> Iterator[None]:
+    """Run the block, then flush the command's stdout. If the reader of the process's standard
+    output went away (``… | head``), exit quietly with :data:`EXIT_BROKEN_PIPE`: no traceback,
+    and no "Exception ignored" message at interpreter exit (what is left to flush goes to
+    ``/dev/null``, Python's documented recipe). A closed stream other than the process's
+    stdout is an ordinary error."""
+    try:
+        yield
+        command.stdout.flush()
+    except BrokenPipeError:
+        stream = getattr(command.stdout, "_out", None)
+        if stream is None or stream not in (sys.stdout, sys.__stdout__):
+            raise
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # no file descriptor to redirect: nothing will flush
+            pass
+        raise SystemExit(EXIT_BROKEN_PIPE) from None
+
+
+def new_file_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file (0666 less the umask);
+    ``tempfile.mkstemp`` creates its files 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class ReportFile:
+    """``--output FILE``: the report is written to a temporary file beside ``FILE`` and moved
+    into place only when complete, so ``FILE`` never holds half a report (an earlier ``FILE``
+    is replaced only then)."""
+
+    def __init__(self, path: str, option: str = "--output", *, newline: str | None = None):
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            if os.path.isdir(path):
+                raise IsADirectoryError(21, "Is a directory", path)
+            handle, self.temporary = tempfile.mkstemp(
+                prefix=".report-", suffix=".tmp", dir=directory
+            )
+            os.chmod(self.temporary, new_file_mode())
+        except OSError as exc:
+            raise CommandError(f"{option}: cannot write {path}: {exc}", returncode=2) from exc
+        self.file: IO[str] = os.fdopen(handle, "w", encoding="utf-8", newline=newline)
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.temporary, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        if os.path.exists(self.temporary):
+            os.unlink(self.temporary)

@@ -39,10 +39,20 @@ from django.utils import timezone
 
 from .. import store
 from ..engine import Anomaly, StreamRow, verify_stream
-from .selection import GENESIS_COLUMNS, RulesCache, genesis_of, select
+from ..exceptions import EncounterNotFoundError
+from ..models import Encounter
+from .acknowledgements import Acknowledged, acknowledgements_of, key_of
+from .selection import GENESIS_COLUMNS, RulesCache, genesis_of, parse_encounter_ids, select
 from .workers import RebuildWorkerError, describe_setup, run_in_workers
 
-__all__ = ["Drift", "RebuildResult", "RebuildWorkerError", "rebuild_projections", "rebuild_range"]
+__all__ = [
+    "AcknowledgedAnomaly",
+    "Drift",
+    "RebuildResult",
+    "RebuildWorkerError",
+    "rebuild_projections",
+    "rebuild_range",
+]
 
 DEFAULT_BATCH_SIZE = 1000
 #: How many drifted encounters and anomalies a result keeps in detail (all are counted).
@@ -79,10 +89,24 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+@dataclass(frozen=True)
+class AcknowledgedAnomaly:
+    """An anomaly a reviewer acknowledged, and how."""
+
+    anomaly: Anomaly
+    acknowledged: Acknowledged
+
+    def __str__(self) -> str:
+        return f"{self.anomaly} ({self.acknowledged})"
+
+
 @dataclass
 class RebuildResult:
-    """What a rebuild (or ``check``) did. ``drift`` and ``anomalies`` keep the first
-    ``max_reported`` items in detail; the counters count everything."""
+    """What a rebuild (or ``check``) did. ``drift``, ``anomalies`` and ``acknowledged`` keep
+    the first ``max_reported`` items in detail; the counters count everything.
+    ``anomaly_count``/``anomalies`` are the anomalies nobody acknowledged (what fails
+    ``ok``); acknowledged ones are counted in ``acknowledged_count`` and listed, with who,
+    when and why, in ``acknowledged``."""
 
     check: bool = False
     encounters_total: int | None = None  # known when progress was requested
@@ -90,15 +114,17 @@ class RebuildResult:
     rows_replayed: int = 0
     projections_drifted: int = 0
     projections_fixed: int = 0  # always 0 with check=True
-    anomaly_count: int = 0
-    anomalous_encounters: int = 0
+    anomaly_count: int = 0  # not acknowledged
+    anomalous_encounters: int = 0  # with an anomaly nobody acknowledged
+    acknowledged_count: int = 0
     seconds: float = 0.0
     drift: list[Drift] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
+    acknowledged: list[AcknowledgedAnomaly] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """No anomalies, and (for a check) no drift."""
+        """No unacknowledged anomaly, and (for a check) no drift."""
         return not self.anomaly_count and not (self.check and self.projections_drifted)
 
     @property
@@ -110,10 +136,13 @@ class RebuildResult:
             drift = f"{self.projections_drifted} projections drifted (nothing written)"
         else:
             drift = f"{self.projections_fixed} projections fixed"
+        acknowledged = (
+            f" ({self.acknowledged_count} acknowledged)" if self.acknowledged_count else ""
+        )
         return (
             f"{'check' if self.check else 'rebuild'}: {self.encounters_scanned} encounters "
             f"scanned, {self.rows_replayed} rows replayed, {drift}, {self.anomaly_count} "
-            f"anomalies, {self.seconds:.2f} seconds"
+            f"anomalies{acknowledged}, {self.seconds:.2f} seconds"
         )
 
 
@@ -147,8 +176,12 @@ def rebuild_projections(
             than batches), so the merged result is identical to ``jobs=1``'s.
 
     Soft-deleted encounters are included: their logs are kept, so are their projections.
+    Anomalies a reviewer acknowledged are counted apart (``acknowledged_count``) and do not
+    fail ``ok``; a projection whose head is evidence (``truncated``, ``head``) is left as it
+    is, acknowledged or not.
 
     Raises:
+        EncounterNotFoundError: an id of ``encounters`` names no encounter (nothing written).
         ValueError: bad ``batch_size`` or ``jobs``, an encounter id that is not a UUID, or
             ``jobs > 1`` on an in-memory SQLite database, on SQLite without
             ``transaction_mode="IMMEDIATE"``, or inside a transaction.
@@ -160,10 +193,20 @@ def rebuild_projections(
         raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, not {jobs!r}")
+    if encounters is not None:
+        encounters = parse_encounter_ids(encounters)
+        found = set(
+            Encounter.all_objects.using(using)
+            .filter(pk__in=encounters)
+            .values_list("pk", flat=True)
+        )
+        for pk in encounters:
+            if pk not in found:
+                raise EncounterNotFoundError(pk)
     options: dict[str, Any] = {
         "check": check,
         "definition": definition,
-        "encounters": None if encounters is None else list(encounters),  # checked by select()
+        "encounters": encounters,
         "batch_size": batch_size,
         "using": using,
         "max_reported": max_reported,
@@ -235,6 +278,7 @@ def _replay_batch(
     by_id = {row[0]: row for row in batch}
     rows = transitions.filter(encounter_id__gte=batch[0][0], encounter_id__lte=batch[-1][0])
     fixes: list[tuple] = []
+    found: list[list[Anomaly]] = []  # per anomalous encounter, in pk order
     seen: set[Any] = set()
 
     def fold(encounter: tuple, stream: list[StreamRow]) -> None:
@@ -248,11 +292,7 @@ def _replay_batch(
         replayed = store.projection_values(replay.timeline)
         result.rows_replayed += len(stream)
         if anomalies:
-            result.anomalous_encounters += 1
-            result.anomaly_count += len(anomalies)
-            room = max_reported - len(result.anomalies)
-            if room > 0:
-                result.anomalies.extend(anomalies[:room])
+            found.append(anomalies)
         if tuple(stored) != replayed and not evidence:
             result.projections_drifted += 1
             if len(result.drift) < max_reported:
@@ -278,7 +318,29 @@ def _replay_batch(
             if encounter[0] not in seen:
                 fold(encounter, _NO_ROWS)
     result.encounters_scanned += len(batch)
+    _count_anomalies(found, result, max_reported, using)
     return fixes
+
+
+def _count_anomalies(
+    found: list[list[Anomaly]], result: RebuildResult, max_reported: int, using: str
+) -> None:
+    """Add one batch's anomalies to ``result``: acknowledged ones apart (one query, none
+    when the batch has no anomaly)."""
+    marks = acknowledgements_of((a for anomalies in found for a in anomalies), using)
+    for anomalies in found:
+        open_ = [a for a in anomalies if key_of(a) not in marks]
+        if open_:
+            result.anomalous_encounters += 1
+            result.anomaly_count += len(open_)
+            result.anomalies.extend(open_[: max(0, max_reported - len(result.anomalies))])
+        for anomaly in anomalies:
+            mark = marks.get(key_of(anomaly))
+            if mark is None:
+                continue
+            result.acknowledged_count += 1
+            if len(result.acknowledged) < max_reported:
+                result.acknowledged.append(AcknowledgedAnomaly(anomaly, mark))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +355,7 @@ _COUNTERS = (
     "projections_fixed",
     "anomaly_count",
     "anomalous_encounters",
+    "acknowledged_count",
 )
 
 
@@ -363,5 +426,6 @@ def _rebuild_in_workers(
     for part in parts:  # in pk order: the same order as a single process
         merged.drift.extend(part.drift[: max_reported - len(merged.drift)])
         merged.anomalies.extend(part.anomalies[: max_reported - len(merged.anomalies)])
+        merged.acknowledged.extend(part.acknowledged[: max_reported - len(merged.acknowledged)])
     merged.seconds = time.perf_counter() - started
     return merged

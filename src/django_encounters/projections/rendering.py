@@ -1,6 +1,16 @@
 """Rendering an audit (:func:`.audit.iter_audit`) for people and tools: a readable table, CSV
 (one line per timeline row, with a header) or one JSON object, each streamed one encounter at
-a time; every writer returns the number of anomalies it wrote."""
+a time; every writer returns the number of anomalies nobody acknowledged (what fails the exit
+status). Acknowledged anomalies are written too, marked with who, when and why.
+
+* CSV cells that a spreadsheet would run as a formula — starting with ``=``, ``+``, ``-``,
+  ``@``, a tab or a carriage return — and cells starting with an apostrophe get a leading
+  apostrophe (:func:`csv_cell`): spreadsheets then show the text as text, and a program gets
+  the original back by removing one leading apostrophe from any cell that starts with one.
+* Table cells show control and format characters (escape sequences, carriage returns,
+  bidirectional overrides) escaped (:func:`printable`), so stored text cannot rewrite what a
+  terminal shows.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +18,11 @@ import csv
 import json
 from collections.abc import Iterable
 from datetime import datetime
-from typing import IO
+from typing import IO, Any
 
-from ..engine import READABLE_FIELDS
+from ..engine import READABLE_FIELDS, Anomaly
 from .audit import EncounterAudit, isoformat
+from .checkpoints import CheckpointCheck
 
 CSV_HEADER = [
     "encounter_id",
@@ -23,49 +34,96 @@ CSV_HEADER = [
     "anomalies",
 ]
 
+#: First characters that make a spreadsheet read a cell as a formula (and the apostrophe,
+#: so that the escape can be undone).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
-def write_json(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as written in a CSV cell: text that a spreadsheet would run as a formula gets
+    a leading apostrophe; other values are left to the csv module."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (control and format characters,
+    line and paragraph separators, spaces other than ``" "``) escaped as ``\\x1b`` or
+    ``\\u202e``, for a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def write_json(
+    audits: Iterable[EncounterAudit], out: IO[str], *, checkpoint: CheckpointCheck | None = None
+) -> int:
     """Stream the audit as one JSON object (indented, one encounter at a time; the shape is in
-    docs/operations.md); returns the
-    anomaly count."""
-    count = 0
+    docs/operations.md); returns the count of anomalies nobody acknowledged."""
+    count = acknowledged = 0
     out.write('{\n  "encounters": [')
     for index, audit in enumerate(audits):
-        count += len(audit.anomalies)
+        count += audit.anomaly_count
+        acknowledged += audit.acknowledged_count
         text = json.dumps(audit.as_dict(), ensure_ascii=False, indent=2)
         out.write(("," if index else "") + "\n    " + text.replace("\n", "\n    "))
-    out.write(f'\n  ],\n  "anomaly_count": {count}\n}}\n')
+    out.write(f'\n  ],\n  "anomaly_count": {count},\n  "acknowledged_count": {acknowledged}')
+    if checkpoint is not None:
+        text = json.dumps(checkpoint.as_dict(), ensure_ascii=False, indent=2)
+        out.write(',\n  "checkpoint": ' + text.replace("\n", "\n  "))
+    out.write("\n}\n")
     return count
 
 
+def _anomaly_text(audit: EncounterAudit, anomaly: Anomaly) -> str:
+    text = f"{anomaly.kind}: {anomaly.detail}"
+    acknowledged = audit.acknowledgement(anomaly)
+    if acknowledged is not None:
+        text += f" ({acknowledged})"
+    return text
+
+
 def write_csv(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
-    """One line per timeline row, with a header; returns the anomaly count."""
+    """One line per timeline row, with a header; an anomaly whose sequence is no row listed
+    (the genesis, a row gone from the log, a missing encounter) is written on a line of its
+    own holding only the encounter, the sequence and the anomalies. Returns the count of
+    anomalies nobody acknowledged."""
     writer = csv.writer(out)
     writer.writerow(CSV_HEADER)
     count = 0
+    blank = [""] * (len(READABLE_FIELDS) - 1)
     for audit in audits:
-        count += len(audit.anomalies)
+        count += audit.anomaly_count
         by_sequence: dict[int, list[str]] = {}
         for anomaly in audit.anomalies:
-            by_sequence.setdefault(anomaly.sequence, []).append(f"{anomaly.kind}: {anomaly.detail}")
+            by_sequence.setdefault(anomaly.sequence, []).append(_anomaly_text(audit, anomaly))
+        encounter = [str(audit.id), audit.definition, audit.state_as_of]
         for row in audit.timeline:
-            writer.writerow(
-                [
-                    str(audit.id),
-                    audit.definition,
-                    audit.state_as_of,
-                    row.sequence,
-                    row.from_state,
-                    row.to_state,
-                    isoformat(row.effective_at),
-                    isoformat(row.transitioned_at),
-                    row.transitioned_by or "",
-                    row.reason,
-                    "true" if row.backdated else "false",
-                    "true" if row.overtaken else "false",
-                    "; ".join(by_sequence.get(row.sequence, [])),
-                ]
-            )
+            cells = [
+                *encounter,
+                row.sequence,
+                row.from_state,
+                row.to_state,
+                isoformat(row.effective_at),
+                isoformat(row.transitioned_at),
+                row.transitioned_by or "",
+                row.reason,
+                "true" if row.backdated else "false",
+                "true" if row.overtaken else "false",
+                "; ".join(by_sequence.pop(row.sequence, [])),
+            ]
+            writer.writerow([csv_cell(cell) for cell in cells])
+        for sequence, texts in sorted(by_sequence.items()):
+            cells = [*encounter, sequence, *blank, "", "", "; ".join(texts)]
+            writer.writerow([csv_cell(cell) for cell in cells])
     return count
 
 
@@ -75,56 +133,88 @@ def write_table(
     *,
     as_of: datetime,
     known_at: datetime | None = None,
+    checkpoint: CheckpointCheck | None = None,
 ) -> int:
-    """A readable report, one block per encounter; returns the anomaly count."""
+    """A readable report, one block per encounter; returns the count of anomalies nobody
+    acknowledged."""
     when = f"as of {isoformat(as_of)}"
     if known_at is not None:
         when += f", as known at {isoformat(known_at)}"
-    encounters = rows = count = 0
+    if checkpoint is not None:
+        out.write(
+            f"Against checkpoint {printable(str(checkpoint.path or '(data)'))} of "
+            f"{isoformat(checkpoint.created_at)}, root {checkpoint.root}: "
+            f"{checkpoint.checked} of its {checkpoint.count} encounter(s) compared with the log, "
+            f"{len(checkpoint.anomalies)} no longer extending it\n\n"
+        )
+    encounters = rows = count = acknowledged = 0
     for audit in audits:
         encounters += 1
         rows += len(audit.timeline)
-        count += len(audit.anomalies)
+        count += audit.anomaly_count
+        acknowledged += audit.acknowledged_count
+        _write_encounter(audit, out, when)
+    summary = (
+        f"{encounters} encounter(s), {rows} row(s), {count} anomal{'y' if count == 1 else 'ies'}"
+    )
+    if acknowledged:
+        summary += f", {acknowledged} acknowledged"
+    out.write(f"{summary} (states {when})\n")
+    return count
+
+
+def _write_encounter(audit: EncounterAudit, out: IO[str], when: str) -> None:
+    if audit.missing:
+        out.write(f"Encounter {audit.id}  (missing: in the checkpoint, not in the database)\n")
+    else:
         flags = " (soft-deleted)" if audit.deleted else ""
         out.write(
-            f"Encounter {audit.id}  [{audit.definition}]{flags}\n"
-            f"  state {when}: {audit.state_as_of}\n"
+            f"Encounter {audit.id}  [{printable(audit.definition)}]{flags}\n"
+            f"  state {when}: {printable(audit.state_as_of)}\n"
         )
         if audit.timeline:
-            table = [["seq", "effective_at", "recorded_at", "from -> to", "by", "reason", "notes"]]
-            for row in audit.timeline:
-                notes = []
-                if row.backdated:
-                    notes.append("backdated")
-                if row.overtaken:
-                    notes.append(f"overtaken by {row.overtaken_by}")
-                table.append(
-                    [
-                        str(row.sequence),
-                        isoformat(row.effective_at) or "",
-                        isoformat(row.transitioned_at) or "",
-                        f"{row.from_state} -> {row.to_state}",
-                        row.transitioned_by or "-",
-                        _one_line(row.reason),
-                        ", ".join(notes),
-                    ]
-                )
-            widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-            for line in table:
-                cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=True)]
-                out.write("  " + "  ".join(cells).rstrip() + "\n")
+            _write_timeline(audit, out)
         else:
             out.write("  (no transitions)\n")
-        if audit.anomalies:
-            out.write(f"  ANOMALIES ({len(audit.anomalies)}):\n")
-            for anomaly in audit.anomalies:
-                out.write(f"    sequence {anomaly.sequence}: {anomaly.kind}: {anomaly.detail}\n")
-        out.write("\n")
-    out.write(
-        f"{encounters} encounter(s), {rows} row(s), {count} anomal{'y' if count == 1 else 'ies'}"
-        f" (states {when})\n"
-    )
-    return count
+    if audit.anomalies:
+        acknowledged = audit.acknowledged_count
+        counted = f"{len(audit.anomalies)}" + (
+            f", {acknowledged} acknowledged" if acknowledged else ""
+        )
+        out.write(f"  ANOMALIES ({counted}):\n")
+        for anomaly in audit.anomalies:
+            out.write(
+                f"    sequence {anomaly.sequence}: {anomaly.kind}: {printable(anomaly.detail)}\n"
+            )
+            mark = audit.acknowledgement(anomaly)
+            if mark is not None:
+                out.write(f"      {printable(_one_line(str(mark), 200))}\n")
+    out.write("\n")
+
+
+def _write_timeline(audit: EncounterAudit, out: IO[str]) -> None:
+    table = [["seq", "effective_at", "recorded_at", "from -> to", "by", "reason", "notes"]]
+    for row in audit.timeline:
+        notes = []
+        if row.backdated:
+            notes.append("backdated")
+        if row.overtaken:
+            notes.append(f"overtaken by {row.overtaken_by}")
+        table.append(
+            [
+                str(row.sequence),
+                isoformat(row.effective_at) or "",
+                isoformat(row.transitioned_at) or "",
+                printable(f"{row.from_state} -> {row.to_state}"),
+                printable(row.transitioned_by or "-"),
+                printable(_one_line(row.reason)),
+                ", ".join(notes),
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=True)]
+        out.write("  " + "  ".join(cells).rstrip() + "\n")
 
 
 def _one_line(text: str, limit: int = 60) -> str:

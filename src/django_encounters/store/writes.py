@@ -52,15 +52,33 @@ def lock_encounter(
     the encounter (its ``definition`` and ``machine`` cached on it), or None."""
     connection = connections[using]
     st = statements(connection)
+    sql = st.lock_any_sql if include_deleted else st.lock_sql
+    params = [encounter_model()._meta.pk.get_db_prep_value(pk, connection)]
+    locked, head = _read_locked(connection, st, sql, params, using)
+    if locked is None or not prove:
+        return locked
+    try:
+        prove_projection(locked, head)
+    except ProjectionDriftError:
+        # PostgreSQL, READ COMMITTED: a writer that waited for the row lock gets the locked row
+        # as it is now, but the rest of the statement (the log's head) as it was when the
+        # statement began — before the writer it waited for committed. Read once more, holding
+        # the lock: what still disagrees then really does.
+        locked, head = _read_locked(connection, st, sql, params, using)
+        if locked is not None:
+            prove_projection(locked, head)
+    return locked
+
+
+def _read_locked(
+    connection: Any, st: Any, sql: str, params: list[Any], using: str
+) -> tuple[Any, LogHead]:
     encounter = encounter_model()
     with connection.cursor() as cursor:
-        cursor.execute(
-            st.lock_any_sql if include_deleted else st.lock_sql,
-            [encounter._meta.pk.get_db_prep_value(pk, connection)],
-        )
+        cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is None:
-        return None
+        return None, LogHead(None, None, None, None, None)
     values = convert_row(row, st.lock_converters)
     fields = st.lock_fields
     bounds = [0, *st.lock_offsets, len(values)]
@@ -75,9 +93,7 @@ def lock_encounter(
         machine = version_model().from_db(using, *parts[2])
         field(version_model(), "definition").set_cached_value(machine, definition)
         locked._machine = machine
-    if prove:
-        prove_projection(locked, LogHead(*parts[3][1], *parts[4][1]))
-    return locked
+    return locked, LogHead(*parts[3][1], *parts[4][1])
 
 
 def prove_projection(locked: Any, head: LogHead) -> None:

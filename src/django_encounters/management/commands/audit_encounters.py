@@ -1,31 +1,44 @@
 """``manage.py audit_encounters``: replay encounter streams for a compliance review.
 
 Reports per encounter its timeline (who, when, why; backdated and overtaken rows), its
-anomalies (gaps, from_state mismatches, disallowed edges, broken re-chains, hash mismatches)
-and its state as of ``--as-of`` (as known at ``--known-at``), as a table, CSV or JSON.
+anomalies (the genesis, gaps, hash chain, from_state, edges, re-chains, system time, the
+projection's head; with ``--against FILE``: whether the log still extends a checkpoint) with
+the acknowledgements reviewers recorded, and its state as of ``--as-of`` (as known at
+``--known-at``), as a table, CSV or JSON.
 
-Exit status: 0 when no stream has an anomaly, 1 when any has, 2 for invalid options.
-See ``docs/operations.md``.
+Exit status: 0 when no anomaly is left unacknowledged, 1 when one is, 2 for invalid options or
+an unusable checkpoint (nothing written), 141 when standard output was closed early
+(``| head``). See ``docs/operations.md``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from django_encounters.exceptions import EncounterError
-from django_encounters.projections.audit import DEFAULT_BATCH_SIZE, iter_audit
+from django_encounters.exceptions import EncounterError, EncounterNotFoundError
+from django_encounters.projections.audit import DEFAULT_BATCH_SIZE, EncounterAudit, iter_audit
 from django_encounters.projections.rendering import write_csv, write_json, write_table
 
-from ..helpers import Unended, add_selection_arguments, parse_subject, parse_time
+from ..helpers import (
+    ReportFile,
+    Unended,
+    add_selection_arguments,
+    parse_subject,
+    parse_time,
+    plural,
+    quiet_broken_pipe,
+)
 
 
 class Command(BaseCommand):
     help = (
         "Replay encounter streams for an audit: timeline with who/when/why, backdated and "
-        "overtaken rows, anomalies (tamper evidence), state as of a time. Exit 1 on anomalies."
+        "overtaken rows, anomalies (tamper evidence, optionally against a checkpoint), state "
+        "as of a time. Exit 1 on anomalies nobody acknowledged."
     )
 
     def add_arguments(self, parser: Any) -> None:
@@ -52,6 +65,20 @@ class Command(BaseCommand):
             metavar="TIME",
             help="... as it was known at TIME (only rows recorded by then)",
         )
+        checkpoint = parser.add_argument_group("checkpoint")
+        checkpoint.add_argument(
+            "--against",
+            metavar="FILE",
+            help=(
+                "a checkpoint written by checkpoint_encounters: report every encounter whose "
+                "log no longer extends it (rewritten, truncated, missing)"
+            ),
+        )
+        checkpoint.add_argument(
+            "--root",
+            metavar="HEX",
+            help="the root published for that checkpoint: refuse a checkpoint with another one",
+        )
         output = parser.add_argument_group("output")
         output.add_argument("--format", choices=["table", "csv", "json"], default="table")
         output.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
@@ -66,45 +93,77 @@ class Command(BaseCommand):
             times["as_of"] = timezone.now()
         if "since" in times and "until" in times and times["since"] >= times["until"]:
             raise CommandError("--since must be before --until", returncode=2)
+        if options["root"] is not None and options["against"] is None:
+            raise CommandError(
+                "--root is the published root of a checkpoint: give --against", returncode=2
+            )
         subject = parse_subject(options["subject"]) if options["subject"] else None
-        try:  # arguments are checked here, before anything is written
+        try:  # arguments, the ids and the checkpoint are checked here, before anything is written
             audits = iter_audit(
                 definition=options["definition"],
                 encounters=options["encounters"],
                 subject=subject,
+                against=options["against"],
+                root=options["root"],
                 batch_size=options["batch_size"],
                 using=options["database"],
                 **times,
             )
+        except EncounterNotFoundError as exc:
+            raise CommandError(
+                f"--encounter {exc.encounter_id}: no encounter has this id", returncode=2
+            ) from exc
         except (ValueError, TypeError, EncounterError) as exc:
             raise CommandError(str(exc), returncode=2) from exc
         fmt = options["format"]
         path = options["output"]
-        if path:
+        report = ReportFile(path, newline="" if fmt == "csv" else None) if path else None
+        out: Any = report.file if report is not None else Unended(self.stdout)
+        tally = _Tally()
+        with quiet_broken_pipe(self):
             try:
-                out: Any = open(  # noqa: SIM115 - closed below
-                    path, "w", encoding="utf-8", newline="" if fmt == "csv" else None
-                )
-            except OSError as exc:
-                raise CommandError(f"--output: cannot write {path}: {exc}", returncode=2) from exc
-        else:
-            out = Unended(self.stdout)
-        try:
-            if fmt == "json":
-                count = write_json(audits, out)
-            elif fmt == "csv":
-                count = write_csv(audits, out)
-            else:
-                count = write_table(
-                    audits, out, as_of=times["as_of"], known_at=times.get("known_at")
-                )
-        finally:
-            if path:
-                out.close()
+                counted = tally.count(audits)
+                if fmt == "json":
+                    count = write_json(counted, out, checkpoint=audits.checkpoint)
+                elif fmt == "csv":
+                    count = write_csv(counted, out)
+                else:
+                    count = write_table(
+                        counted,
+                        out,
+                        as_of=times["as_of"],
+                        known_at=times.get("known_at"),
+                        checkpoint=audits.checkpoint,
+                    )
+            except BaseException:
+                if report is not None:
+                    report.discard()
+                raise
+            if report is not None:
+                report.commit()
+        acknowledged = (
+            f" ({plural(tally.acknowledged, 'acknowledged anomaly', 'acknowledged anomalies')}"
+            " not counted)"
+            if tally.acknowledged
+            else ""
+        )
         if path and options["verbosity"] >= 1:
-            self.stderr.write(f"audit written to {path} ({count} anomalies)")
+            self.stderr.write(f"audit written to {path} ({count} anomalies{acknowledged})")
         if count:
             raise CommandError(
-                f"{count} anomal{'y' if count == 1 else 'ies'} found in the audited streams",
+                f"{count} anomal{'y' if count == 1 else 'ies'} found in the audited streams"
+                f"{acknowledged}",
                 returncode=1,
             )
+
+
+class _Tally:
+    """Counts the acknowledged anomalies of the audits passing through."""
+
+    def __init__(self) -> None:
+        self.acknowledged = 0
+
+    def count(self, audits: Iterable[EncounterAudit]) -> Iterator[EncounterAudit]:
+        for audit in audits:
+            self.acknowledged += audit.acknowledged_count
+            yield audit

@@ -1,11 +1,12 @@
 """``manage.py rebuild_encounter_projections``: recompute every encounter's projection from its
 transition log, in batches, writing only what differs; or ``--check`` it without writing.
 
-Exit status: 0 when the run completed and every stream is sound (drift it fixed included);
-1 when any stream has anomalies (reported, never repaired), or with ``--check`` when any
+Exit status: 0 when the run completed and no stream has an anomaly nobody acknowledged (drift
+it fixed included); 1 when one has (reported, never repaired; a projection whose version or
+head is evidence of deleted or replaced rows is left untouched), or with ``--check`` when any
 projection drifted, or (``--jobs N``) when a worker process failed; 2 for invalid options
-(unknown definition code, malformed id, ``--jobs`` > 1 on an in-memory SQLite database).
-See ``docs/operations.md``.
+(unknown definition code, malformed or unknown encounter id, ``--jobs`` > 1 on an in-memory
+SQLite database); 141 when standard output was closed early. See ``docs/operations.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_encounters.exceptions import EncounterError
+from django_encounters.exceptions import EncounterError, EncounterNotFoundError
 from django_encounters.projections.rebuild import (
     DEFAULT_BATCH_SIZE,
     RebuildResult,
@@ -22,7 +23,7 @@ from django_encounters.projections.rebuild import (
     rebuild_projections,
 )
 
-from ..helpers import Progress, add_selection_arguments, plural, positive_int
+from ..helpers import Progress, add_selection_arguments, plural, positive_int, quiet_broken_pipe
 
 #: Drifts listed at verbosity 1 (all kept ones at verbosity 2).
 SHOWN_AT_VERBOSITY_1 = 20
@@ -80,12 +81,17 @@ class Command(BaseCommand):
             )
         except RebuildWorkerError as exc:  # before EncounterError: it is one
             raise CommandError(str(exc), returncode=1) from exc
+        except EncounterNotFoundError as exc:
+            raise CommandError(
+                f"--encounter {exc.encounter_id}: no encounter has this id", returncode=2
+            ) from exc
         except (ValueError, EncounterError) as exc:
             raise CommandError(str(exc), returncode=2) from exc
         finally:
             if progress is not None:
                 progress.clear()
-        self.report(result, verbosity)
+        with quiet_broken_pipe(self):
+            self.report(result, verbosity)
         if not result.ok:
             problems = []
             if result.check and result.projections_drifted:
@@ -99,6 +105,11 @@ class Command(BaseCommand):
                     f"{anomalies} in {streams} (a rebuild cannot repair them: the rows are "
                     "facts; see docs/operations.md)"
                 )
+            if result.acknowledged_count:
+                acknowledged = plural(
+                    result.acknowledged_count, "acknowledged anomaly", "acknowledged anomalies"
+                )
+                problems.append(f"{acknowledged} not counted")
             raise CommandError("; ".join(problems), returncode=1)
 
     def report(self, result: RebuildResult, verbosity: int) -> None:
@@ -119,5 +130,10 @@ class Command(BaseCommand):
                     f"anomaly: ... and {result.anomaly_count - len(result.anomalies)} more"
                 )
             )
+        for acknowledged in result.acknowledged:
+            self.stdout.write(f"acknowledged: {acknowledged}")
+        if result.acknowledged_count > len(result.acknowledged):
+            more = result.acknowledged_count - len(result.acknowledged)
+            self.stdout.write(f"acknowledged: ... and {more} more")
         style = self.style.SUCCESS if result.ok else self.style.WARNING
         self.stdout.write(style(result.summary()))

@@ -1,0 +1,82 @@
+"""``manage.py checkpoint_encounters``: write a checkpoint of every encounter's head (id,
+version, head hash) and print its root digest as the last line, to be published or notarised
+where the database's administrators cannot change it. ``audit_encounters --against FILE``
+later reports every encounter whose log no longer extends the checkpoint.
+
+Exit status: 0 when the checkpoint was written (warnings on stderr name the encounters whose
+projection disagreed with their log: their log's head was written); 2 for invalid options (an
+unknown definition code, an existing or unwritable ``--output``): nothing is written; 141 when
+standard output was closed early. See ``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import DEFAULT_DB_ALIAS
+
+from django_encounters.exceptions import EncounterError
+from django_encounters.projections.checkpoints import (
+    CHECKPOINT_FORMAT,
+    DEFAULT_BATCH_SIZE,
+    write_checkpoint,
+)
+
+from ..helpers import plain, positive_int, quiet_broken_pipe
+
+
+class Command(BaseCommand):
+    help = (
+        "Write a checkpoint (every encounter's id, version and head hash) to FILE and print "
+        "its root digest as the last line: publish it, then audit_encounters --against FILE."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--output", metavar="FILE", required=True, help="the checkpoint file to write"
+        )
+        parser.add_argument(
+            "--definition", metavar="CODE", help="only the encounters of this definition"
+        )
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace FILE if it exists (by default an existing file is kept: it is evidence)",
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=DEFAULT_BATCH_SIZE,
+            metavar="N",
+            help=f"encounters read per batch (default {DEFAULT_BATCH_SIZE})",
+        )
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            written = write_checkpoint(
+                options["output"],
+                definition=options["definition"],
+                using=options["database"],
+                batch_size=options["batch_size"],
+                overwrite=options["overwrite"],
+            )
+        except (ValueError, EncounterError) as exc:
+            raise CommandError(str(exc), returncode=2) from exc
+        for anomaly in written.corrected:
+            self.stderr.write(
+                f"warning: {anomaly} (run audit_encounters --encounter {anomaly.encounter_id})",
+                style_func=plain,
+            )
+        with quiet_broken_pipe(self):
+            if options["verbosity"] >= 1:
+                scope = f" of definition {written.definition}" if written.definition else ""
+                self.stdout.write(
+                    f"checkpoint of {written.count} encounter(s){scope} written to "
+                    f"{written.path} ({CHECKPOINT_FORMAT}, created "
+                    f"{written.created_at.isoformat()}); its root:"
+                )
+            self.stdout.write(written.root)
