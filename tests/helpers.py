@@ -148,20 +148,28 @@ def run_in_threads(count: int, work: Callable[[int], Any], timeout: float = 60) 
 
 def insert_row_raw(encounter, **fields):
     """Insert a transition row with plain SQL, below the library: no numbering check and no
-    projection update (what a careless import script or another client would do). The row is
-    hashed correctly against the previous row so only what the test means to break is broken."""
-    from django_encounters.models import EncounterTransition
+    projection update (what a careless import script or another client would do). Unless the
+    fields say otherwise the row is what the library would have stored — times at the stored
+    precision, the encounter's pinned definition version, hashed against the previous row's
+    hash (row 1: the genesis hash) — so only what the test means to break is broken."""
+    from django_encounters.engine import stored_precision
+    from django_encounters.models import Encounter, EncounterTransition
 
+    fresh = Encounter.all_objects.get(pk=encounter.pk)
     meta = EncounterTransition._meta
     qn = connection.ops.quote_name
-    row = EncounterTransition(encounter=encounter, **fields)
+    row = EncounterTransition(encounter=fresh, **fields)
+    row.effective_at = stored_precision(row.effective_at)
+    row.transitioned_at = stored_precision(row.transitioned_at)
+    if not row.definition_version:
+        row.definition_version = fresh.definition_version
     if not row.hash:
         previous = (
-            EncounterTransition.objects.filter(encounter=encounter, sequence=row.sequence - 1)
+            EncounterTransition.objects.filter(encounter=fresh, sequence=row.sequence - 1)
             .values_list("hash", flat=True)
             .first()
         )
-        row.hash = row.compute_hash(previous or "")
+        row.hash = row.compute_hash(previous if row.sequence > 1 else fresh.genesis_hash)
     columns = list(meta.concrete_fields)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -292,39 +300,6 @@ def recording_moment() -> datetime:
     while stored_precision(timezone.now()) <= moment:
         time.sleep(0.0005)
     return moment
-
-
-def insert_chained_row_raw(encounter, **fields):
-    """:func:`insert_row_raw` of a row as the library would have stored it (issue 8): times at
-    the stored precision, decided under the encounter's pinned definition version, and hashed
-    against the previous row's hash (row 1: the encounter's genesis hash). Only the missing
-    projection update is wrong."""
-    from django_encounters.engine import stored_precision
-    from django_encounters.models import Encounter, EncounterTransition
-
-    fresh = Encounter.all_objects.get(pk=encounter.pk)
-    row = EncounterTransition(encounter=fresh, **fields)
-    row.effective_at = stored_precision(row.effective_at)
-    row.transitioned_at = stored_precision(row.transitioned_at)
-    if not row.definition_version:
-        row.definition_version = fresh.definition_version
-    if not row.hash:
-        previous = (
-            EncounterTransition.objects.filter(encounter=fresh, sequence=row.sequence - 1)
-            .values_list("hash", flat=True)
-            .first()
-        )
-        row.hash = row.compute_hash(previous if row.sequence > 1 else fresh.genesis_hash)
-    return insert_row_raw(
-        encounter,
-        **{
-            **fields,
-            "effective_at": row.effective_at,
-            "transitioned_at": row.transitioned_at,
-            "definition_version": row.definition_version,
-            "hash": row.hash,
-        },
-    )
 
 
 def raw_update_encounter(pk, **columns) -> None:

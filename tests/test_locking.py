@@ -29,7 +29,7 @@ from django_encounters.signals import pre_transition
 from tests.helpers import (
     HOLD_SECONDS,
     RowLockHolder,
-    insert_chained_row_raw,
+    insert_row_raw,
     raw_update_encounter,
     reload,
     run_in_threads,
@@ -139,7 +139,7 @@ def test_rows_inserted_below_the_library_give_concurrent_transition_error(encoun
     says so, naming the way out. Since issue 8 the lock statement proves the projection against
     the log, so a projection at version 0 while rows exist is a ProjectionDriftError (an
     EncounterError, like ConcurrentTransitionError was), raised before any INSERT is tried."""
-    insert_chained_row_raw(encounter, sequence=1, from_state="scheduled", to_state="checked_in")
+    insert_row_raw(encounter, sequence=1, from_state="scheduled", to_state="checked_in")
     before = snapshot(encounter)
     assert (before.version, before.row_count) == (0, 1)
 
