@@ -200,7 +200,7 @@ def generate(
     from django.contrib.contenttypes.models import ContentType
     from django.db import connection
 
-    from django_encounters.engine import StreamRow, row_hash
+    from django_encounters.engine import Genesis, StreamRow, genesis_hash, row_hash
 
     ct = ContentType.objects.get_for_model(User).pk
     rng = random.Random(start)
@@ -212,12 +212,16 @@ def generate(
         encounters, rows = [], []
         for i in range(offset, min(offset + chunk, start + count)):
             eid = uuid.UUID(int=rng.getrandbits(128), version=4)
-            created = base + timedelta(seconds=i, microseconds=1 + i % 997)
-            state, previous, eff = "a", "", created
+            created = base + timedelta(seconds=i, milliseconds=1 + i % 997)
+            version = definition.version
+            genesis = genesis_hash(
+                Genesis(eid, definition.pk, version, "auth.user", str(i), "a", created)
+            )
+            state, previous, eff = "a", genesis, created
             for seq in range(1, rows_per + 1):
                 to = OTHER[state]
-                eff = created + timedelta(minutes=seq, microseconds=seq)
-                content = StreamRow(seq, state, to, eff, eff, None, "", {}, "")
+                eff = created + timedelta(minutes=seq, milliseconds=seq)
+                content = StreamRow(seq, state, to, eff, eff, None, "", {}, version, "")
                 digest = row_hash(eid, content, previous)
                 values = {
                     "id": uuid.UUID(int=rng.getrandbits(128), version=4),
@@ -230,6 +234,7 @@ def generate(
                     "effective_at": eff,
                     "reason": "",
                     "metadata": "{}",
+                    "definition_version": version,
                     "hash": digest,
                 }
                 rows.append([schema.db(values[n]) for n in schema.tr_fields])
@@ -244,6 +249,10 @@ def generate(
                 "version": rows_per,
                 "timeline_end_at": eff if rows_per else None,
                 "head_hash": previous,
+                "genesis_hash": genesis,
+                "origin_version": version,
+                "definition_version": version,
+                "last_transitioned_at": eff if rows_per else None,
                 "scheduled_at": None,
                 "started_at": None,
                 "ended_at": None,
@@ -283,16 +292,17 @@ def generate(
 
 
 def drift_all(schema: Schema) -> None:
-    """Make every projection wrong (origin state, version 0, no hash), so a rebuild rewrites
-    all of them and the floor does too."""
+    """Make every projection wrong in the columns a rebuild derives (the origin state, no
+    timeline end, no system time; a rebuild never lowers a version or replaces a head hash, it
+    reports those), so a rebuild rewrites all of them and the floor does too."""
     e = schema.e
     raw = raw_connection()
     cur = raw.cursor()
     if schema.vendor == "sqlite":
         cur.execute("BEGIN")
     cur.execute(
-        f"UPDATE {schema.enc} SET {e['state']} = {e['origin_state']}, {e['version']} = 0, "
-        f"{e['head_hash']} = ''"
+        f"UPDATE {schema.enc} SET {e['state']} = {e['origin_state']}, "
+        f"{e['timeline_end_at']} = NULL, {e['last_transitioned_at']} = NULL"
     )
     if schema.vendor == "sqlite":
         cur.execute("COMMIT")
@@ -401,6 +411,7 @@ def bench_transition(schema: Schema, definition: Any, total: int, pool: int = 10
                 "effective_at": now,
                 "reason": "",
                 "metadata": "{}",
+                "definition_version": 1,
                 "hash": digest,
             }
             cur.execute(insert, [schema.db(values[n]) for n in schema.tr_fields])

@@ -90,10 +90,16 @@ POSTGRES_INSTALL = [
     """
     CREATE OR REPLACE FUNCTION encounters_append_only() RETURNS trigger
     LANGUAGE plpgsql AS $$
+    DECLARE
+        old_row jsonb := to_jsonb(OLD);
+        which text := CASE
+            WHEN old_row ? 'sequence' THEN format(
+                'encounter %s, sequence %s', old_row ->> 'encounter_id', old_row ->> 'sequence')
+            ELSE format('row %s', old_row ->> 'id')
+        END;
     BEGIN
-        RAISE EXCEPTION
-            'django_encounters: % are append-only; % refused (row %)',
-            TG_ARGV[0], TG_OP, OLD.id
+        RAISE EXCEPTION 'django_encounters: % are append-only; % refused (%)',
+            TG_ARGV[0], TG_OP, which
             USING ERRCODE = 'restrict_violation',
                   HINT = 'Record a new row instead. TRUNCATE is still allowed.';
     END

@@ -38,7 +38,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from .. import store
-from ..engine import Anomaly, StreamRow, verify_stream
+from ..engine import Anomaly, StreamRow, hash_format, verify_stream
 from ..exceptions import EncounterNotFoundError
 from ..models import Encounter
 from .acknowledgements import Acknowledged, acknowledgements_of, key_of
@@ -84,8 +84,8 @@ class Drift:
 def _show(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, str) and len(value) == 64:  # a hash: its prefix is enough to compare
-        return repr(value[:12] + "…")
+    if isinstance(value, str) and hash_format(value) and len(value) > 40:
+        return repr(value[:15] + "…")  # a hash ("v1:" + 64 hex): its prefix is enough
     return repr(value)
 
 
