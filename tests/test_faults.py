@@ -8,10 +8,10 @@ long), a deferred foreign key failing at COMMIT (after the insert and the update
 ``atomic()`` rolled back after a successful ``transition()``, a post-commit receiver raising,
 and (PostgreSQL) a worker process SIGKILLed while holding the row lock with its row inserted.
 
-Decision: the caller's in-memory instance is not transactional. When an
-*outer* transaction rolls back after a successful ``transition()``, the instance keeps showing
-the state it was given; the database is the truth, ``refresh_projection()`` reloads it, and a
-``transition()`` from that stale instance still decides on the fresh locked row.
+The caller's instance follows its transaction: when an *outer* transaction (or savepoint) rolls
+back after a successful ``transition()``, the instance no longer claims the rolled-back state
+and version — it shows what it showed before the call; and a ``transition()`` from a stale
+instance still decides on the fresh locked row.
 """
 
 from __future__ import annotations
@@ -235,8 +235,8 @@ def test_outer_atomic_rolled_back_after_a_successful_transition(visit_definition
     assert_intact(enc, before)
     assert not EncounterTransition.objects.filter(pk=record.pk).exists()
     assert announced == []
-    # The caller's instance is not transactional (see the module docstring)...
-    assert (enc.state, enc.version) == ("checked_in", 1)
+    # The caller's instance no longer claims the rolled-back state (see the module docstring)...
+    assert (enc.state, enc.version, enc.head_hash) == ("scheduled", 0, before.head_hash)
     enc.refresh_projection()
     assert (enc.state, enc.version) == ("scheduled", 0)
     # ...and a stale instance cannot do harm: transition() decides on the locked row.
@@ -251,8 +251,10 @@ def test_savepoint_rolled_back_inside_a_larger_transaction(encounter):
     the same outer transaction gets the same sequence number."""
     with pytest.raises(Boom), transaction.atomic():
         transition(encounter, "checked_in")
+        assert (encounter.state, encounter.version) == ("checked_in", 1)
         raise Boom
     assert reload(encounter).version == 0
+    assert (encounter.state, encounter.version) == ("scheduled", 0)
     record = transition(encounter, "cancelled")
     assert record.sequence == 1 and record.from_state == "scheduled"
 
@@ -356,3 +358,23 @@ def test_worker_killed_while_holding_the_row_lock(visit_definition, patient):
 def test_soak_module_runs_from_this_interpreter():
     """The worker processes above run ``sys.executable -m benchmarks.soak``."""
     assert soak.worker_command()[0] == sys.executable
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_caller_instance_follows_a_commit_and_two_rolled_back_calls(visit_definition, patient):
+    """Two transitions rolled back together restore the state from before the first; a
+    committed one stays; the instance still pickles (the pending marker holds a connection)."""
+    import pickle
+
+    enc = create_encounter(visit_definition, patient)
+    transition(enc, "checked_in")  # committed
+    with pytest.raises(Boom), transaction.atomic():
+        transition(enc, "in_progress", skip_validation=True)
+        transition(enc, "cancelled", skip_validation=True)
+        assert (enc.state, enc.version) == ("cancelled", 3)
+        raise Boom
+    assert (enc.state, enc.version) == ("checked_in", 1)
+    assert pickle.loads(pickle.dumps(enc)).state == "checked_in"
+    transition(enc, "in_progress", skip_validation=True)
+    assert (enc.state, enc.version) == ("in_progress", 2)
+    assert pickle.loads(pickle.dumps(enc)).version == 2

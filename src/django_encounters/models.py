@@ -9,9 +9,10 @@ from django.conf import settings
 from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import models, router, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import F, OuterRef, Subquery
 from django.db.models.functions import Coalesce
+from django.db.models.query_utils import DeferredAttribute
 from django.utils import timezone
 
 from . import store
@@ -163,6 +164,56 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
 
     def __str__(self) -> str:
         return self.name
+
+
+_PENDING = "_pending_projection"
+_UNLOADED = object()
+
+
+class _PendingProjection:
+    """Projection values shown on a caller's instance before their transaction committed."""
+
+    def __init__(self, connection: Any, before: dict[str, Any]) -> None:
+        self.connection = connection
+        self.before = before
+        self.confirmed = False
+
+    def confirm(self) -> None:
+        self.confirmed = True
+
+    def rolled_back(self) -> bool:
+        """Neither committed nor still waiting to commit: the transaction or savepoint it was
+        written in rolled back (Django drops their ``on_commit`` callbacks then)."""
+        if self.confirmed:
+            return False
+        return not any(entry[1] == self.confirm for entry in self.connection.run_on_commit)
+
+    def settled(self) -> bool:
+        return self.confirmed or self.rolled_back()
+
+    def restore(self, instance: Any) -> None:
+        data = instance.__dict__
+        for name, value in self.before.items():
+            if value is _UNLOADED:
+                data.pop(name, None)
+            else:
+                data[name] = value
+        data.pop(_PENDING, None)
+
+
+class ProjectedAttribute(DeferredAttribute):
+    """The attribute of a projection column on an ``Encounter``: a value ``transition()``
+    showed on the caller's instance is taken back when its transaction rolls back."""
+
+    def __get__(self, instance: Any, cls: Any = None) -> Any:
+        if instance is not None:
+            pending = instance.__dict__.get(_PENDING)
+            if pending is not None and pending.rolled_back():
+                pending.restore(instance)
+        return super().__get__(instance, cls)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        instance.__dict__[self.field.attname] = value
 
 
 class AppendOnlyQuerySet(models.QuerySet):
@@ -553,10 +604,25 @@ class Encounter(UUIDModel, BaseModel):
         """Reload the projection columns from the database."""
         self.refresh_from_db(fields=list(self.PROJECTION_FIELDS))
 
-    def set_projection(self, values: dict[str, Any]) -> None:
-        """Show projection values just written (by ``transition()``) on this instance."""
-        for name, value in values.items():
-            setattr(self, name, value)
+    def set_projection(self, values: dict[str, Any], *, using: str | None = None) -> None:
+        """Show projection values just written (by ``transition()``) on this instance. With
+        ``using``, the values are held as uncommitted: should the transaction (or the savepoint)
+        they were written in roll back, the instance shows what it showed before again."""
+        pending = self.__dict__.get(_PENDING)
+        if pending is not None and not pending.settled():
+            before = pending.before  # an earlier uncommitted change: roll back to before it
+        else:
+            before = {name: self.__dict__.get(name, _UNLOADED) for name in values}
+        self.__dict__.update(values)
+        if using is not None:
+            pending = _PendingProjection(connections[using], before)
+            self.__dict__[_PENDING] = pending
+            transaction.on_commit(pending.confirm, using=using)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop(_PENDING, None)  # holds a database connection
+        return state
 
     def timeline_snapshot(self) -> EncounterTimeline:
         """The timeline aggregate restored from this row's projection, which doubles as its
@@ -580,6 +646,10 @@ class Encounter(UUIDModel, BaseModel):
 
     def __str__(self) -> str:
         return f"{self.definition.name} - {self.state}"
+
+
+for _name in (*Encounter.PROJECTION_FIELDS, "ended_at", "updated_at"):
+    setattr(Encounter, _name, ProjectedAttribute(store.schema.field(Encounter, _name)))
 
 
 class EncounterTransition(UUIDModel):

@@ -247,8 +247,8 @@ def _record(
     projection["updated_at"] = record.transitioned_at
     store.update_projection(locked, projection, using, after_sequence=record.sequence - 1)
     projection.setdefault("ended_at", locked.ended_at)
-    for target in (encounter, locked):
-        target.set_projection(projection)
+    locked.set_projection(projection)
+    encounter.set_projection(projection, using=using)
 
 
 def _lock(pk: Any, using: str, expected_version: int | None) -> Encounter:
