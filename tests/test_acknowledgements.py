@@ -332,3 +332,32 @@ def test_unrelated_encounters_are_not_covered(tampered, visit_definition, patien
     assert code == 1 and "1 anomaly found" in err
     ids = {a.encounter_id for a in rebuild_projections().anomalies}
     assert ids == {other.pk}
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_worker_processes_count_acknowledgements_as_one_process_does(visit_definition, patient):
+    visits = []
+    for _ in range(6):
+        visit = create_encounter(visit_definition, patient)
+        transition(visit, "checked_in")
+        transition(visit, "in_progress")
+        visits.append(visit)
+    for visit in visits[::2]:
+        rewrite_row(visit, 2, reason="edited")
+    for visit in visits[:3:2]:
+        acknowledge_reported_anomaly(visit.pk, 2, "hash", "examined")
+
+    one = rebuild_projections(check=True, batch_size=2)
+    many = rebuild_projections(check=True, batch_size=2, jobs=3)
+
+    assert (one.anomaly_count, one.anomalous_encounters, one.acknowledged_count) == (1, 1, 2)
+    for name in (
+        "anomaly_count",
+        "anomalous_encounters",
+        "acknowledged_count",
+        "anomalies",
+        "acknowledged",
+    ):
+        assert getattr(many, name) == getattr(one, name), name
+    assert not many.ok
