@@ -6,6 +6,11 @@
    ``get_state_at`` answers at a few moments.
 2. Backdated transitions on a second visit, a backdated transition that the history refuses,
    and bitemporal questions ("what did we believe at time K about time T?") via ``known_at``.
+3. The log proving itself: a checkpoint (every encounter's head and one root digest to publish
+   elsewhere), then someone with write access rewrites a row *and* recomputes the whole hash
+   chain and the projection — the plain audit can no longer tell, the audit against the
+   checkpoint names the encounter — and a projection edited by SQL that ``transition()``
+   refuses to trust.
 
 Every run starts from an empty database in a temporary directory, which is deleted afterwards.
 The script checks its own results and exits non-zero if the library behaves otherwise.
@@ -208,6 +213,101 @@ def backdating_example() -> None:
           "90 minutes ago the patient was checked in")
 
 
+def _attacker_rewrites_history(encounter) -> None:
+    """What someone with write access and knowledge of the format can do on SQLite: drop the
+    append-only triggers, change a row, recompute every hash after it and the projection,
+    and put the triggers back. Shown here so the checkpoint has something to catch."""
+    from django.db import connection
+
+    from django_encounters import store
+    from django_encounters.engine import row_hash
+    from django_encounters.models import Encounter, EncounterTransition
+
+    table = EncounterTransition._meta.db_table
+    rows = store.load_stream(encounter.pk, "default")
+    rows[0].reason = "nothing happened here"
+    previous = Encounter.objects.get(pk=encounter.pk).genesis_hash
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s", [table])
+        triggers = cursor.fetchall()
+        for name, _ in triggers:
+            cursor.execute(f"DROP TRIGGER {name}")
+        for row in rows:
+            row.hash = previous = row_hash(encounter.pk, row, previous)
+            cursor.execute(
+                f"UPDATE {table} SET reason = %s, hash = %s WHERE encounter_id = %s AND sequence = %s",
+                [row.reason, row.hash, encounter.pk.hex, row.sequence],
+            )
+        cursor.execute(
+            f"UPDATE {Encounter._meta.db_table} SET head_hash = %s WHERE id = %s",
+            [previous, encounter.pk.hex],
+        )
+        for _, sql in triggers:
+            cursor.execute(sql)
+
+
+def integrity_example(workdir: str) -> None:
+    import io
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from django.db import connection
+
+    from django_encounters import transition
+    from django_encounters.exceptions import ProjectionDriftError
+    from django_encounters.models import Encounter
+
+    print()
+    print("=" * 100)
+    print("3. The log proves itself: a checkpoint, a rewritten history, an edited projection")
+    print("=" * 100)
+
+    def run(*args: str) -> tuple[int, str]:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            call_command(*args, stdout=out, stderr=err)
+            return 0, out.getvalue()
+        except CommandError as exc:
+            return exc.returncode, out.getvalue() + f"CommandError: {exc}\n"
+
+    path = os.path.join(workdir, "checkpoint.json")
+    code, out = run("checkpoint_encounters", "--output", path)
+    root = out.strip().splitlines()[-1]
+    print(f"\n$ manage.py checkpoint_encounters --output checkpoint.json\n  root: {root}")
+    print("  (publish the root somewhere the database's writers cannot reach: a ticket, an email)")
+    check(code == 0, "the checkpoint was written")
+    code, _ = run("audit_encounters", "--against", path, "--root", root)
+    print(f"\n$ manage.py audit_encounters --against checkpoint.json --root <root>  -> exit {code}")
+    check(code == 0, "the audit against a fresh checkpoint is clean")
+
+    victim = Encounter.objects.order_by("created_at").first()
+    _attacker_rewrites_history(victim)
+    print(f"\nSomeone with write access rewrites row 1 of encounter {victim.pk},")
+    print("recomputes every hash after it and the projection's head hash, and restores the triggers.")
+    code, _ = run("audit_encounters")
+    print(f"\n$ manage.py audit_encounters  -> exit {code}  (the recomputed chain is consistent)")
+    check(code == 0, "a fully recomputed chain passes the plain audit")
+    code, out = run("audit_encounters", "--against", path, "--root", root)
+    lines = [line for line in out.splitlines() if "rewritten" in line]
+    print(f"$ manage.py audit_encounters --against checkpoint.json --root <root>  -> exit {code}")
+    for line in lines[:3]:
+        print(f"  {line.strip()}")
+    check(code == 1 and bool(lines), "the checkpoint catches the rewritten history")
+
+    other = Encounter.objects.order_by("created_at").last()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Encounter._meta.db_table} SET state = 'scheduled' WHERE id = %s",
+            [other.pk.hex],
+        )
+    print(f"\nThe state of encounter {other.pk} is set to 'scheduled' by SQL.")
+    try:
+        transition(other, "cancelled")
+        check(False, "transition() refuses an edited projection")
+    except ProjectionDriftError as exc:
+        print(f"  transition(..., 'cancelled') refused, ProjectionDriftError: {exc}")
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="encounters-demo-") as tmp:
         # A new database file for every run (read by demo_project/settings.py).
@@ -226,6 +326,7 @@ def main() -> None:
         try:
             readme_example()
             backdating_example()
+            integrity_example(tmp)
         finally:
             connections.close_all()
     print("\nDemo finished.")
