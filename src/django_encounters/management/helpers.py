@@ -140,6 +140,12 @@ def add_selection_arguments(parser: Any, *, batch_size: int, batch_help: str) ->
         dest="encounters",
         help="only this encounter (repeat for several)",
     )
+    add_run_arguments(parser, batch_size=batch_size, batch_help=batch_help)
+    return select
+
+
+def add_run_arguments(parser: Any, *, batch_size: int, batch_help: str) -> None:
+    """``--batch-size`` and ``--database``."""
     parser.add_argument(
         "--batch-size",
         type=positive_int,
@@ -150,7 +156,6 @@ def add_selection_arguments(parser: Any, *, batch_size: int, batch_help: str) ->
     parser.add_argument(
         "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
     )
-    return select
 
 
 #: The exit status when standard output was closed before the command finished (``| head``):

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS
 
 from django_encounters.exceptions import EncounterError
 from django_encounters.projections.checkpoints import (
@@ -23,7 +22,7 @@ from django_encounters.projections.checkpoints import (
     write_checkpoint,
 )
 
-from ..helpers import plain, positive_int, quiet_broken_pipe
+from ..helpers import add_run_arguments, plain, quiet_broken_pipe
 
 
 class Command(BaseCommand):
@@ -44,15 +43,8 @@ class Command(BaseCommand):
             action="store_true",
             help="replace FILE if it exists (by default an existing file is kept: it is evidence)",
         )
-        parser.add_argument(
-            "--batch-size",
-            type=positive_int,
-            default=DEFAULT_BATCH_SIZE,
-            metavar="N",
-            help=f"encounters read per batch (default {DEFAULT_BATCH_SIZE})",
-        )
-        parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
+        add_run_arguments(
+            parser, batch_size=DEFAULT_BATCH_SIZE, batch_help="encounters read per batch"
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
