@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -223,7 +224,8 @@ def write_machine_raw(definition: Any, **fields: Any) -> None:
         meta = model._meta
         columns = [meta.get_field(name) for name in fields]
         where = [meta.get_field(name) for name, _ in keys]
-        with _triggers_set_aside(meta.db_table) as cursor:
+        append_only = model is EncounterDefinitionVersion  # the definition row has no triggers
+        with triggers_off(meta.db_table) if append_only else connection.cursor() as cursor:
             cursor.execute(
                 f"UPDATE {qn(meta.db_table)} "
                 f"SET {', '.join(f'{qn(f.column)} = %s' for f in columns)} "
@@ -237,44 +239,6 @@ def write_machine_raw(definition: Any, **fields: Any) -> None:
             assert cursor.rowcount == 1, (model, keys)
     for name, value in fields.items():  # the caller's instance shows what was written
         setattr(definition, name, value)
-
-
-class _triggers_set_aside:
-    """A cursor with the user triggers of ``db_table`` out of the way (PostgreSQL: disabled;
-    SQLite: dropped, then re-created as they were)."""
-
-    def __init__(self, db_table: str) -> None:
-        self.table = db_table
-        self.saved: list[str] = []
-
-    def __enter__(self) -> Any:
-        self.cursor = connection.cursor()
-        table = connection.ops.quote_name(self.table)
-        if connection.vendor == "postgresql":
-            # ALTER TABLE wants no pending (deferred) trigger events on the table.
-            self.cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
-            self.cursor.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-        else:
-            self.cursor.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
-                [self.table],
-            )
-            for name, sql in self.cursor.fetchall():
-                self.saved.append(sql)
-                self.cursor.execute(f"DROP TRIGGER {connection.ops.quote_name(name)}")
-        return self.cursor
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            if connection.vendor == "postgresql":
-                table = connection.ops.quote_name(self.table)
-                self.cursor.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
-                self.cursor.execute("SET CONSTRAINTS ALL DEFERRED")  # Django's foreign keys
-            else:
-                for sql in self.saved:
-                    self.cursor.execute(sql)
-        finally:
-            self.cursor.close()
 
 
 def recording_moment() -> datetime:
@@ -302,19 +266,137 @@ def recording_moment() -> datetime:
     return moment
 
 
-def raw_update_encounter(pk, **columns) -> None:
-    """UPDATE one encounter row with raw SQL, behind the ORM (which refuses the projection and
-    genesis columns since issue 8): what psql or a script with write access does."""
-    from django_encounters.models import Encounter
+# ---------------------------------------------------------------------------------------------
+# What someone with write access to the database does behind the library: raw SQL, triggers set
+# aside (all of it rolled back with the test).
+# ---------------------------------------------------------------------------------------------
 
+
+def raw_update(model: Any, pk: Any, **columns: Any) -> None:
+    """UPDATE the row of ``model`` whose primary key is ``pk`` with raw SQL, behind the ORM
+    (which refuses the projection and genesis columns since issue 8): what psql or a script
+    with write access does. The table's triggers still fire; see ``triggers_off``."""
     qn = connection.ops.quote_name
-    fields = [Encounter._meta.get_field(name) for name in columns]
+    meta = model._meta
+    fields = [meta.get_field(name) for name in columns]
     assignments = ", ".join(f"{qn(f.column)} = %s" for f in fields)
     params = [f.get_db_prep_save(columns[f.name], connection) for f in fields]
-    params.append(Encounter._meta.pk.get_db_prep_value(pk, connection))
+    params.append(meta.pk.get_db_prep_value(pk, connection))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {qn(Encounter._meta.db_table)} SET {assignments} "
-            f"WHERE {qn(Encounter._meta.pk.column)} = %s",
+            f"UPDATE {qn(meta.db_table)} SET {assignments} WHERE {qn(meta.pk.column)} = %s",
             params,
+        )
+
+
+@contextmanager
+def triggers_off(table: str | None = None) -> Iterator[Any]:
+    """A cursor with the user triggers of ``table`` (default: the transition log) out of the
+    way, as an attacker with DDL rights sets them aside first; they are back on exit.
+
+    PostgreSQL: ``SET CONSTRAINTS ALL IMMEDIATE`` (ALTER TABLE refuses a table with pending
+    deferred trigger events, such as the foreign-key checks of the test's own inserts), then
+    ``ALTER TABLE … DISABLE TRIGGER USER``; on exit ``ENABLE TRIGGER USER`` and ``SET
+    CONSTRAINTS ALL DEFERRED``, so Django's foreign keys (DEFERRABLE INITIALLY DEFERRED) are
+    deferred again for the rest of the transaction.
+    SQLite: the table's triggers are read from ``sqlite_master`` (there must be some) and
+    dropped; on exit they are re-created from their SQL."""
+    from django_encounters.models import EncounterTransition
+
+    table = table or EncounterTransition._meta.db_table
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            cursor.execute(f"ALTER TABLE {qn(table)} DISABLE TRIGGER USER")
+            try:
+                yield cursor
+            finally:
+                cursor.execute(f"ALTER TABLE {qn(table)} ENABLE TRIGGER USER")
+                cursor.execute("SET CONSTRAINTS ALL DEFERRED")
+        else:
+            cursor.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
+                [table],
+            )
+            saved = cursor.fetchall()
+            assert saved, f"no triggers on {table}"
+            for name, _ in saved:
+                cursor.execute(f"DROP TRIGGER {qn(name)}")
+            try:
+                yield cursor
+            finally:
+                for _, sql in saved:
+                    cursor.execute(sql)
+
+
+def _row_pk(encounter: Any, sequence: int) -> Any:
+    from django_encounters.models import EncounterTransition
+
+    return EncounterTransition.objects.get(encounter_id=encounter.pk, sequence=sequence).pk
+
+
+def rewrite_row(encounter: Any, sequence: int, **columns: Any) -> None:
+    """UPDATE the content of the encounter's row ``sequence`` behind the triggers (its stored
+    hash is left as it was unless ``columns`` sets it)."""
+    from django_encounters.models import EncounterTransition
+
+    with triggers_off():
+        raw_update(EncounterTransition, _row_pk(encounter, sequence), **columns)
+
+
+def rehash_from(encounter: Any, sequence: int) -> None:
+    """Recompute the stored hash of every row from ``sequence`` on, each chained to the one
+    before (row 1 to the stored genesis hash), behind the triggers."""
+    from django_encounters import store
+    from django_encounters.engine import row_hash
+    from django_encounters.models import Encounter, EncounterTransition
+
+    fresh = Encounter.all_objects.get(pk=encounter.pk)
+    rows = store.load_stream(encounter.pk, "default")
+    previous = fresh.genesis_hash if sequence == 1 else rows[sequence - 2].hash
+    with triggers_off():
+        for row in rows[sequence - 1 :]:
+            previous = row_hash(str(encounter.pk), row, previous)
+            raw_update(EncounterTransition, _row_pk(encounter, row.sequence), hash=previous)
+
+
+def forge_projection(encounter: Any) -> None:
+    """Set every projection column to what the log (as it now is) replays to."""
+    from django_encounters import store
+    from django_encounters.models import Encounter
+
+    fresh = Encounter.all_objects.get(pk=encounter.pk)
+    timeline = store.load_timeline(fresh, "default")
+    raw_update(Encounter, encounter.pk, **store.projection_of(timeline))
+
+
+def delete_rows(encounter: Any, *sequences: int) -> None:
+    """DELETE the encounter's rows ``sequences`` from the log behind the triggers."""
+    from django_encounters.models import EncounterTransition
+
+    meta = EncounterTransition._meta
+    key = meta.get_field("encounter").get_db_prep_value(encounter.pk, connection)
+    qn = connection.ops.quote_name
+    with triggers_off() as cursor:
+        for sequence in sequences:
+            cursor.execute(
+                f"DELETE FROM {qn(meta.db_table)} WHERE {qn('encounter_id')} = %s "
+                f"AND {qn('sequence')} = %s",
+                [key, sequence],
+            )
+
+
+def delete_encounter(encounter: Any) -> None:
+    """Delete an encounter and its whole log behind the triggers."""
+    from django_encounters.models import Encounter, EncounterTransition
+
+    rows = EncounterTransition.objects.filter(encounter_id=encounter.pk)
+    delete_rows(encounter, *rows.values_list("sequence", flat=True))
+    meta = Encounter._meta
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"DELETE FROM {qn(meta.db_table)} WHERE {qn(meta.pk.column)} = %s",
+            [meta.pk.get_db_prep_value(encounter.pk, connection)],
         )

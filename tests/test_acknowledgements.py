@@ -25,13 +25,13 @@ from django_encounters.projections.audit import (
 from django_encounters.projections.checkpoints import write_checkpoint
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import create_encounter, transition
-from tests.helpers import run_command
-from tests.test_checkpoints import (
+from tests.helpers import (
     delete_encounter,
     delete_rows,
     forge_projection,
     rehash_from,
     rewrite_row,
+    run_command,
 )
 
 pytestmark = pytest.mark.django_db

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 
@@ -25,7 +24,7 @@ from django_encounters.projections.audit import AuditReport, audit_encounters, i
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.projections.rendering import CSV_HEADER
 from django_encounters.services import create_encounter, get_state_at, transition
-from tests.helpers import IS_POSTGRES, recording_moment, run_command
+from tests.helpers import delete_rows, recording_moment, rewrite_row, run_command
 
 TABLE = EncounterTransition._meta.db_table
 PLUS10 = dt_timezone(timedelta(hours=10))
@@ -361,57 +360,8 @@ def test_subject_option(office, device):
 # ---------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def triggers_disabled():
-    """What an attacker with DDL rights does first (rolled back with the test anyway)."""
-    with connection.cursor() as cursor:
-        if IS_POSTGRES:
-            # The test's own inserts left deferred FK checks queued; ALTER TABLE wants none.
-            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
-            cursor.execute(f"ALTER TABLE {TABLE} DISABLE TRIGGER encounters_transition_append_only")
-            try:
-                yield cursor
-            finally:
-                cursor.execute(
-                    f"ALTER TABLE {TABLE} ENABLE TRIGGER encounters_transition_append_only"
-                )
-        else:
-            cursor.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
-                [TABLE],
-            )
-            saved = cursor.fetchall()
-            # Issue 8 added a third trigger refusing INSERT OR REPLACE / REPLACE INTO.
-            assert sorted(name for name, _ in saved) == [
-                "encounters_transition_no_delete",
-                "encounters_transition_no_replace",
-                "encounters_transition_no_update",
-            ]
-            for name, _ in saved:
-                cursor.execute(f"DROP TRIGGER {name}")
-            try:
-                yield cursor
-            finally:
-                for _, sql in saved:
-                    cursor.execute(sql)
-
-
 def _row(encounter, sequence):
     return EncounterTransition.objects.get(encounter=encounter, sequence=sequence)
-
-
-def _tamper(encounter, sequence, **columns):
-    row = _row(encounter, sequence)
-    meta = EncounterTransition._meta
-    qn = connection.ops.quote_name
-    fields = [meta.get_field(name) for name in columns]
-    with triggers_disabled() as cursor:
-        cursor.execute(
-            f"UPDATE {TABLE} SET {', '.join(f'{qn(f.column)} = %s' for f in fields)} "
-            f"WHERE {qn('id')} = %s",
-            [f.get_db_prep_save(columns[f.name], connection) for f in fields]
-            + [meta.pk.get_db_prep_value(row.pk, connection)],
-        )
 
 
 def _anomalies(encounter):
@@ -427,7 +377,7 @@ def test_the_triggers_really_are_in_the_way(office):
 
 def test_altered_row_is_named_by_encounter_and_sequence(office):
     job = office["job"]
-    _tamper(job, 2, reason="resigned")  # was "contract ended"
+    rewrite_row(job, 2, reason="resigned")  # was "contract ended"
 
     assert _anomalies(job) == [(2, "hash")]
     assert _anomalies(office["visit"]) == []
@@ -472,18 +422,14 @@ def test_rehashed_row_breaks_the_chain_at_the_next_row(office):
         hash="",
     )
     forged = row_hash(visit.pk, forged_row, previous.hash)
-    _tamper(visit, 2, transitioned_by=None, reason="nobody did this", hash=forged)
+    rewrite_row(visit, 2, transitioned_by=None, reason="nobody did this", hash=forged)
 
     assert _anomalies(visit) == [(3, "hash")]
 
 
 def test_deleted_row_leaves_a_gap(office):
     visit = office["visit"]
-    with triggers_disabled() as cursor:
-        cursor.execute(
-            f"DELETE FROM {TABLE} WHERE id = %s",
-            [EncounterTransition._meta.pk.get_db_prep_value(_row(visit, 2).pk, connection)],
-        )
+    delete_rows(visit, 2)
 
     found = _anomalies(visit)
     assert (3, "gap") in found
@@ -494,7 +440,7 @@ def test_deleted_row_leaves_a_gap(office):
 
 def test_changed_state_is_caught_by_hash_and_by_the_state_machine(office):
     visit = office["visit"]
-    _tamper(visit, 2, to_state="cancelled")
+    rewrite_row(visit, 2, to_state="cancelled")
 
     found = _anomalies(visit)
     assert found[0] == (2, "hash")
@@ -592,16 +538,7 @@ def test_transition_refuses_to_backdate_into_a_stream_with_a_gap(visit_definitio
     encounter = create_encounter(visit_definition, patient)
     transition(encounter, "checked_in", effective_at=timezone.now() - timedelta(hours=3))
     transition(encounter, "cancelled", effective_at=timezone.now() - timedelta(hours=1))
-    with triggers_disabled() as cursor:
-        cursor.execute(
-            f"DELETE FROM {TABLE} WHERE {connection.ops.quote_name('sequence')} = 1 "
-            f"AND {connection.ops.quote_name('encounter_id')} = %s",
-            [
-                EncounterTransition._meta.get_field("encounter").get_db_prep_value(
-                    encounter.pk, connection
-                )
-            ],
-        )
+    delete_rows(encounter, 1)
     before = list(EncounterTransition.objects.filter(encounter=encounter).values_list("sequence"))
 
     with pytest.raises(EncounterError, match="sequence gap") as excinfo:

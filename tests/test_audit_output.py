@@ -27,8 +27,7 @@ from django_encounters.projections.checkpoints import write_checkpoint
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.projections.rendering import CSV_HEADER, FORMULA_STARTS, csv_cell
 from django_encounters.services import create_encounter, transition
-from tests.helpers import IS_POSTGRES, run_command
-from tests.test_checkpoints import delete_encounter, delete_rows, raw_update
+from tests.helpers import IS_POSTGRES, delete_encounter, delete_rows, raw_update, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -265,22 +264,31 @@ finally:
 """
 
 
+def _driver_env(tmp_path: Path, rows: int, name: str) -> dict[str, str]:
+    """Write ``DRIVER`` (an encounter with ``rows`` rows) into ``tmp_path``; the environment
+    for a shell that runs it as ``"$PY" "$DRIVER" COMMAND…``, on a test database of its own
+    (``name`` keeps the PostgreSQL database names of the runs apart)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(DRIVER.format(root=str(ROOT), rows=rows)))
+    env = dict(os.environ)
+    env["ENCOUNTERS_TEST_DB"] = "postgres" if IS_POSTGRES else "sqlite"
+    env["ENCOUNTERS_SQLITE_TEST_PATH"] = str(tmp_path / "pipe.sqlite3")
+    env["ENCOUNTERS_TEST_DB_NAME"] = f"test_encounters_pipe_{os.getpid()}_{name}"
+    env.update(PY=sys.executable, DRIVER=str(driver))
+    return env
+
+
 @pytest.mark.parametrize("fmt", ["table", "csv"])
 def test_piping_into_head_exits_quietly(tmp_path, fmt):
     """``audit_encounters | head -1`` in a real shell: the first line, nothing on stderr, and
     the command's own status is 141 (it saw the pipe close: the output is ~150 kB, more than
     a pipe holds), as a Unix tool killed by SIGPIPE would report."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent(DRIVER.format(root=str(ROOT), rows=1000)))
-    env = dict(os.environ)
-    env["ENCOUNTERS_TEST_DB"] = "postgres" if IS_POSTGRES else "sqlite"
-    env["ENCOUNTERS_SQLITE_TEST_PATH"] = str(tmp_path / "pipe.sqlite3")
-    env["ENCOUNTERS_TEST_DB_NAME"] = f"test_encounters_pipe_{os.getpid()}_{fmt}"
+    env = _driver_env(tmp_path, rows=1000, name=fmt)
     script = (
         f'"$PY" "$DRIVER" audit_encounters --format {fmt} 2>"$ERR" | head -1; '
         'echo "status=${PIPESTATUS[0]}"'
     )
-    env.update(PY=sys.executable, DRIVER=str(driver), ERR=str(tmp_path / "stderr.txt"))
+    env["ERR"] = str(tmp_path / "stderr.txt")
 
     done = subprocess.run(
         ["bash", "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
@@ -299,13 +307,7 @@ def test_piping_into_head_exits_quietly(tmp_path, fmt):
 
 def test_a_complete_run_into_a_pipe_is_unaffected(tmp_path):
     """The same pipe, read to the end: status 0 and the whole report."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent(DRIVER.format(root=str(ROOT), rows=3)))
-    env = dict(os.environ)
-    env["ENCOUNTERS_TEST_DB"] = "postgres" if IS_POSTGRES else "sqlite"
-    env["ENCOUNTERS_SQLITE_TEST_PATH"] = str(tmp_path / "pipe.sqlite3")
-    env["ENCOUNTERS_TEST_DB_NAME"] = f"test_encounters_pipe_{os.getpid()}_all"
-    env.update(PY=sys.executable, DRIVER=str(driver))
+    env = _driver_env(tmp_path, rows=3, name="all")
 
     done = subprocess.run(
         ["bash", "-c", '"$PY" "$DRIVER" audit_encounters | cat; echo "status=${PIPESTATUS[0]}"'],

@@ -10,16 +10,14 @@ import dataclasses
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from django.db import connection
 
 from django_encounters import store
-from django_encounters.engine import genesis_hash, row_hash
+from django_encounters.engine import genesis_hash
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.projections import checkpoints
 from django_encounters.projections.audit import audit_encounters, iter_audit
@@ -34,111 +32,23 @@ from django_encounters.projections.checkpoints import (
 )
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import create_encounter, transition
-from tests.helpers import IS_POSTGRES, run_command
+from tests.helpers import (
+    delete_encounter,
+    delete_rows,
+    forge_projection,
+    raw_update,
+    rehash_from,
+    reload,
+    rewrite_row,
+    run_command,
+)
 
 pytestmark = pytest.mark.django_db
 
-TRANSITIONS = EncounterTransition._meta.db_table
-
 
 # ---------------------------------------------------------------------------------------------
-# What an attacker with write access does (all rolled back with the test)
+# What the audit says (the attacks themselves are in tests/helpers.py)
 # ---------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def triggers_off(table: str = TRANSITIONS):
-    with connection.cursor() as cursor:
-        if IS_POSTGRES:
-            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
-            cursor.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-            try:
-                yield cursor
-            finally:
-                cursor.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
-        else:
-            cursor.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
-                [table],
-            )
-            saved = cursor.fetchall()
-            assert saved
-            for name, _ in saved:
-                cursor.execute(f"DROP TRIGGER {name}")
-            try:
-                yield cursor
-            finally:
-                for _, sql in saved:
-                    cursor.execute(sql)
-
-
-def raw_update(model: Any, pk: Any, **columns: Any) -> None:
-    qn = connection.ops.quote_name
-    fields = [model._meta.get_field(name) for name in columns]
-    params = [f.get_db_prep_save(columns[f.name], connection) for f in fields]
-    params.append(model._meta.pk.get_db_prep_value(pk, connection))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {qn(model._meta.db_table)} SET "
-            f"{', '.join(f'{qn(f.column)} = %s' for f in fields)} "
-            f"WHERE {qn(model._meta.pk.column)} = %s",
-            params,
-        )
-
-
-def _row_pk(encounter: Any, sequence: int) -> Any:
-    return EncounterTransition.objects.get(encounter_id=encounter.pk, sequence=sequence).pk
-
-
-def rewrite_row(encounter: Any, sequence: int, **columns: Any) -> None:
-    """UPDATE a row's content behind the triggers."""
-    with triggers_off():
-        raw_update(EncounterTransition, _row_pk(encounter, sequence), **columns)
-
-
-def rehash_from(encounter: Any, sequence: int) -> None:
-    """Recompute the stored hash of every row from ``sequence`` on, each chained to the one
-    before (row 1 to the stored genesis hash)."""
-    fresh = Encounter.all_objects.get(pk=encounter.pk)
-    rows = store.load_stream(encounter.pk, "default")
-    previous = fresh.genesis_hash if sequence == 1 else rows[sequence - 2].hash
-    with triggers_off():
-        for row in rows[sequence - 1 :]:
-            previous = row_hash(str(encounter.pk), row, previous)
-            raw_update(EncounterTransition, _row_pk(encounter, row.sequence), hash=previous)
-
-
-def forge_projection(encounter: Any) -> None:
-    """Set every projection column to what the log (as it now is) replays to."""
-    fresh = Encounter.all_objects.get(pk=encounter.pk)
-    timeline = store.load_timeline(fresh, "default")
-    raw_update(Encounter, encounter.pk, **store.projection_of(timeline))
-
-
-def delete_rows(encounter: Any, *sequences: int) -> None:
-    key = EncounterTransition._meta.get_field("encounter").get_db_prep_value(
-        encounter.pk, connection
-    )
-    qn = connection.ops.quote_name
-    with triggers_off() as cursor:
-        for sequence in sequences:
-            cursor.execute(
-                f"DELETE FROM {TRANSITIONS} WHERE {qn('encounter_id')} = %s "
-                f"AND {qn('sequence')} = %s",
-                [key, sequence],
-            )
-
-
-def delete_encounter(encounter: Any) -> None:
-    """Delete an encounter and its whole log behind the triggers."""
-    rows = EncounterTransition.objects.filter(encounter_id=encounter.pk)
-    delete_rows(encounter, *rows.values_list("sequence", flat=True))
-    qn = connection.ops.quote_name
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"DELETE FROM {qn(Encounter._meta.db_table)} WHERE {qn('id')} = %s",
-            [Encounter._meta.pk.get_db_prep_value(encounter.pk, connection)],
-        )
 
 
 def plain_audit_is_clean() -> bool:
@@ -193,10 +103,6 @@ def checkpoint(clinic, tmp_path):
     return path
 
 
-def _reload(encounter: Any) -> Encounter:
-    return Encounter.all_objects.get(pk=encounter.pk)
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +119,10 @@ def test_the_checkpoint_lists_every_head_and_the_root_is_the_last_line(clinic, t
     assert f"checkpoint of 4 encounter(s) written to {path}" in out
     assert set(data) == {"format", "created_at", "definition", "encounters", "count", "root"}
     assert (data["format"], data["definition"], data["count"]) == (CHECKPOINT_FORMAT, None, 4)
-    expected = sorted((str(e.pk), e.version, e.head_hash) for e in map(_reload, clinic.values()))
+    expected = sorted((str(e.pk), e.version, e.head_hash) for e in map(reload, clinic.values()))
     assert [(e["id"], e["version"], e["head_hash"]) for e in data["encounters"]] == expected
     by_id = {e["id"]: e for e in data["encounters"]}
-    fresh = _reload(clinic["fresh"])
+    fresh = reload(clinic["fresh"])
     assert by_id[str(fresh.pk)] == {
         "id": str(fresh.pk),
         "version": 0,
@@ -320,7 +226,7 @@ def test_a_failure_midway_leaves_no_file(clinic, tmp_path, monkeypatch):
 def test_a_projection_that_disagrees_with_its_log_is_checkpointed_as_the_log_says(clinic, tmp_path):
     """The checkpoint records the log, never a projection edited behind its back: a head
     replaced by an older row's hash, and a projection ahead of a truncated log."""
-    seen, job = _reload(clinic["seen"]), _reload(clinic["job"])
+    seen, job = reload(clinic["seen"]), reload(clinic["job"])
     rows = {r.sequence: r.hash for r in store.load_stream(seen.pk, "default")}
     raw_update(Encounter, seen.pk, head_hash=rows[1])  # version still 3
     delete_rows(job, 2)  # projection still at version 2
@@ -391,7 +297,7 @@ def test_a_rewritten_genesis_is_caught_with_or_without_rows(clinic, checkpoint):
     chain and the projection): clean to the chain, caught by the checkpoint — at version 0
     for a fresh encounter, at its head for one with rows."""
     for encounter in (clinic["fresh"], clinic["job"]):
-        fresh = _reload(encounter)
+        fresh = reload(encounter)
         moved = fresh.created_at - timedelta(days=1)
         forged = genesis_hash(dataclasses.replace(fresh.genesis(), created_at=moved))
         raw_update(Encounter, fresh.pk, created_at=moved, genesis_hash=forged)
@@ -428,7 +334,7 @@ def test_a_replaced_last_row_is_caught(clinic, checkpoint):
     seen = clinic["seen"]
     delete_rows(seen, 3)
     forge_projection(seen)
-    transition(_reload(seen), "cancelled", reason="never completed")
+    transition(reload(seen), "cancelled", reason="never completed")
     assert plain_audit_is_clean()
 
     code, data, _ = against(checkpoint)
@@ -710,7 +616,7 @@ def test_the_reader_streams_across_chunk_boundaries(checkpoint, monkeypatch):
 def test_a_large_checkpoint_is_verified_in_batches(tmp_path, encounter):
     """3,000 entries (several read chunks, several batches): the ones that do not exist are
     missing, the one that does is compared."""
-    fresh = _reload(encounter)
+    fresh = reload(encounter)
     entries = sorted(
         [CheckpointEntry(uuid4(), 7, "v1:" + "a" * 64) for _ in range(2999)]
         + [CheckpointEntry(fresh.pk, 0, fresh.genesis_hash)],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
@@ -53,7 +52,17 @@ from django_encounters.services import (
     transition,
     upgrade_encounter,
 )
-from tests.helpers import IS_POSTGRES, insert_row_raw, run_command, snapshot, work_queries
+from tests.helpers import (
+    IS_POSTGRES,
+    delete_rows,
+    insert_row_raw,
+    raw_update,
+    reload,
+    run_command,
+    snapshot,
+    triggers_off,
+    work_queries,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -62,55 +71,9 @@ TRANSITIONS = EncounterTransition._meta.db_table
 VERSIONS = EncounterDefinitionVersion._meta.db_table
 
 
-def raw_update(model: Any, pk: Any, **columns: Any) -> None:
-    """UPDATE one row behind the ORM's back (what psql or a script with write access does)."""
-    qn = connection.ops.quote_name
-    fields = [model._meta.get_field(name) for name in columns]
-    assignments = ", ".join(f"{qn(f.column)} = %s" for f in fields)
-    params = [f.get_db_prep_save(columns[f.name], connection) for f in fields]
-    params.append(model._meta.pk.get_db_prep_value(pk, connection))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {qn(model._meta.db_table)} SET {assignments} "
-            f"WHERE {qn(model._meta.pk.column)} = %s",
-            params,
-        )
-
-
-@contextmanager
-def triggers_off(table: str = TRANSITIONS):
-    """What an attacker with DDL rights does first (rolled back with the test)."""
-    with connection.cursor() as cursor:
-        if IS_POSTGRES:
-            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
-            cursor.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-            try:
-                yield cursor
-            finally:
-                cursor.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
-        else:
-            cursor.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
-                [table],
-            )
-            saved = cursor.fetchall()
-            assert saved
-            for name, _ in saved:
-                cursor.execute(f"DROP TRIGGER {name}")
-            try:
-                yield cursor
-            finally:
-                for _, sql in saved:
-                    cursor.execute(sql)
-
-
 def anomalies(encounter: Any) -> list[tuple[int, str]]:
     report = audit_encounters(encounters=[encounter.pk])
     return [(a.sequence, a.kind) for audit in report.encounters for a in audit.anomalies]
-
-
-def reload(encounter: Any) -> Encounter:
-    return Encounter.all_objects.get(pk=encounter.pk)
 
 
 @pytest.fixture
@@ -158,15 +121,7 @@ def test_a_fresh_encounter_with_an_edited_projection_is_refused(encounter):
 
 
 def test_a_deleted_last_row_is_refused_by_the_write_path(visit):
-    with triggers_off() as cursor:
-        cursor.execute(
-            f"DELETE FROM {TRANSITIONS} WHERE encounter_id = %s AND sequence = 2",
-            [
-                store.schema.field(EncounterTransition, "encounter").get_db_prep_value(
-                    visit.pk, connection
-                )
-            ],
-        )
+    delete_rows(visit, 2)
     with pytest.raises(ProjectionDriftError, match="no row 2 in the log"):
         transition(visit, "completed", skip_validation=True)
 
@@ -301,21 +256,9 @@ def test_a_recomputed_genesis_breaks_row_one(encounter):
 # ---------------------------------------------------------------------------------------------
 
 
-def _delete_rows(encounter: Any, *sequences: int) -> None:
-    key = store.schema.field(EncounterTransition, "encounter").get_db_prep_value(
-        encounter.pk, connection
-    )
-    with triggers_off() as cursor:
-        for sequence in sequences:
-            cursor.execute(
-                f"DELETE FROM {TRANSITIONS} WHERE encounter_id = %s AND sequence = %s",
-                [key, sequence],
-            )
-
-
 def test_a_deleted_last_row_is_reported_and_never_erased_by_a_rebuild(visit):
     transition(visit, "completed", skip_validation=True)
-    _delete_rows(visit, 3)
+    delete_rows(visit, 3)
     before = snapshot(visit)
 
     assert anomalies(visit) == [(3, "truncated")]

@@ -30,7 +30,7 @@ from tests.helpers import (
     HOLD_SECONDS,
     RowLockHolder,
     insert_row_raw,
-    raw_update_encounter,
+    raw_update,
     reload,
     run_in_threads,
     snapshot,
@@ -194,7 +194,7 @@ def test_projection_ahead_of_the_log_is_refused(encounter):
     stored version."""
     with pytest.raises(EncounterError, match="derived from the transition log"):
         Encounter.objects.filter(pk=encounter.pk).update(version=5)
-    raw_update_encounter(encounter.pk, version=5)
+    raw_update(Encounter, encounter.pk, version=5)
     before = snapshot(encounter)
     assert before.version == 5
 

@@ -57,7 +57,7 @@ from django_encounters.services import (
     get_state_at,
     transition,
 )
-from tests.helpers import raw_update_encounter
+from tests.helpers import raw_update
 
 POOL = ("a", "b", "c", "d", "e")
 MICRO = timedelta(microseconds=1)
@@ -257,7 +257,8 @@ def run_example(
     # The in-memory engine replaying the stored stream agrees too. The projection is put back
     # to the origin with raw SQL (issue 8: the ORM refuses projection columns, and the head must
     # be the genesis hash for version 0 to be derivable drift rather than a `head` anomaly).
-    raw_update_encounter(
+    raw_update(
+        Encounter,
         enc.pk,
         state=origin,
         version=0,
