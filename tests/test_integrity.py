@@ -19,6 +19,8 @@ from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.utils import timezone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from django_encounters import store
 from django_encounters.checks import check_use_tz, check_validator_modules
@@ -160,6 +162,71 @@ def test_every_projection_column_is_proven_before_deciding(make_definition, pati
 
     with pytest.raises(ProjectionDriftError):
         transition(encounter, "in_progress" if rows == 1 else "checked_in")
+
+    assert snapshot(encounter) == before
+
+
+_histories = st.lists(
+    st.tuples(
+        st.sampled_from(["working", "onleave", "finished", "hired"]),
+        st.none() | st.integers(min_value=1, max_value=30),
+    ),
+    max_size=6,
+)
+
+
+def _tampered(stored: Encounter, column: str, pick: int, others: list[str]) -> Any:
+    """A value for ``column`` that differs from the stored one, chosen by ``pick``."""
+    value = getattr(stored, column)
+    shift = timedelta(milliseconds=pick % 5000 + 1)
+    if column == "state":
+        choices: list[Any] = [s for s in ("hired", "working", "onleave", "finished") if s != value]
+    elif column == "version":
+        choices = [v for v in (value - 1, value + 1, value + 2) if v >= 0]
+    elif column == "head_hash":
+        choices = [h for h in [*others, stored.genesis_hash, "v1:" + "0" * 64] if h != value]
+    elif column == "definition_version":
+        choices = [value + 1, 0]
+    elif value is None:  # timeline_end_at, last_transitioned_at of a fresh encounter
+        choices = [timezone.now() - shift]
+    else:
+        choices = [None, value - shift, value + shift]
+    return choices[pick % len(choices)]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    history=_histories,
+    column=st.sampled_from(store.PROJECTION_FIELDS),
+    pick=st.integers(min_value=0, max_value=10**6),
+    target=st.sampled_from(["working", "onleave", "finished", "hired"]),
+)
+def test_property_any_tampered_projection_column_is_refused(
+    employment_definition, patient, history, column, pick, target
+):
+    """Random histories (backdated rows included), one projection column tampered with a
+    value the log does not support: whatever the next transition asks, it is refused with
+    ProjectionDriftError and nothing is written."""
+    encounter = create_encounter(employment_definition, patient)
+    for state, hours in history:
+        effective = None if hours is None else timezone.now() - timedelta(hours=hours)
+        try:
+            transition(encounter, state, effective_at=effective)
+        except InvalidTransitionError:
+            pass
+    stored = reload(encounter)
+    others = list(
+        EncounterTransition.objects.filter(encounter=encounter).values_list("hash", flat=True)
+    )
+    raw_update(Encounter, encounter.pk, **{column: _tampered(stored, column, pick, others)})
+    before = snapshot(encounter)
+
+    with pytest.raises(ProjectionDriftError):
+        transition(encounter, target, effective_at=timezone.now() - timedelta(hours=pick % 40))
 
     assert snapshot(encounter) == before
 
