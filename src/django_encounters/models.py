@@ -243,7 +243,35 @@ class AppendOnlyQuerySet(models.QuerySet):
         )
 
 
-class EncounterDefinitionVersion(UUIDModel, StateMachine):
+class AppendOnlyModel(UUIDModel):
+    """Rows that are facts: saved once, never changed or deleted (the database's triggers
+    refuse it too)."""
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+
+    def refuse_change(self) -> None:
+        """Refuse to save a row that is already stored (``_state.adding``, not the pk: a UUID
+        pk is set before the first save)."""
+        if not self._state.adding:
+            raise EncounterError(
+                f"{self._meta.verbose_name_plural} are immutable: {self} cannot be changed"
+            )
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.refuse_change()
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise EncounterError(
+            f"{self._meta.verbose_name} {self} cannot be deleted: "
+            f"{self._meta.verbose_name_plural} are append-only and kept"
+        )
+
+
+class EncounterDefinitionVersion(AppendOnlyModel, StateMachine):
     """One immutable version of a definition's machine (``number`` 1, 2, …)."""
 
     definition = models.ForeignKey(
@@ -251,8 +279,6 @@ class EncounterDefinitionVersion(UUIDModel, StateMachine):
     )
     number = models.PositiveIntegerField()
     created_at = models.DateTimeField(default=timezone.now, editable=False)
-
-    objects = AppendOnlyQuerySet.as_manager()
 
     class Meta:
         app_label = "django_encounters"
@@ -267,17 +293,6 @@ class EncounterDefinitionVersion(UUIDModel, StateMachine):
 
     def _identity(self) -> tuple[str, int]:
         return self.definition.code, self.number
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        if not self._state.adding:
-            raise EncounterError(
-                f"Definition version {self.number} of {self.definition_id} is immutable; save "
-                "the definition to create a new version"
-            )
-        super().save(*args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
-        raise EncounterError(f"Definition version {self.number} is immutable and kept")
 
     def __str__(self) -> str:
         return f"{self.definition} v{self.number}"
@@ -652,7 +667,7 @@ for _name in (*Encounter.PROJECTION_FIELDS, "ended_at", "updated_at"):
     setattr(Encounter, _name, ProjectedAttribute(store.schema.field(Encounter, _name)))
 
 
-class EncounterTransition(UUIDModel):
+class EncounterTransition(AppendOnlyModel):
     """One state change of one encounter: an append-only fact.
 
     ``sequence`` numbers an encounter's rows 1, 2, 3… in recording order (unique per
@@ -689,8 +704,6 @@ class EncounterTransition(UUIDModel):
     definition_version = models.PositiveIntegerField(default=0, editable=False)
     hash = models.CharField(max_length=HASH_MAX_LENGTH, editable=False, default="")
 
-    objects = AppendOnlyQuerySet.as_manager()
-
     class Meta:
         app_label = "django_encounters"
         verbose_name = "encounter transition"
@@ -708,9 +721,7 @@ class EncounterTransition(UUIDModel):
         ]
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        # Append-only - cannot update existing. (_state.adding, not pk: a UUID pk is set early.)
-        if not self._state.adding:
-            raise EncounterError("Transitions are immutable")
+        self.refuse_change()
         # The low-level append (transition() does not come through here): the row is numbered,
         # chained and inserted by the store, and the projection follows the log. No
         # state-machine checks: that is transition()'s job; the audit reports what this lets
@@ -718,12 +729,6 @@ class EncounterTransition(UUIDModel):
         using = kwargs.get("using") or router.db_for_write(EncounterTransition, instance=self)
         with store.writer_errors(self.encounter_id), transaction.atomic(using=using):
             store.append_record(self, using)
-
-    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
-        raise EncounterError(
-            f"Transition {self.pk} (encounter {self.encounter_id}, sequence {self.sequence}) "
-            "cannot be deleted: the transition log is append-only"
-        )
 
     def compute_hash(self, previous_hash: str) -> str:
         """This row's hash given the previous row's hash."""
@@ -733,7 +738,7 @@ class EncounterTransition(UUIDModel):
         return f"{self.from_state} → {self.to_state}"
 
 
-class AnomalyAcknowledgement(UUIDModel):
+class AnomalyAcknowledgement(AppendOnlyModel):
     """A reviewer's record that an anomaly of an encounter's stream was examined: who, when,
     why. Append-only. An acknowledged anomaly is still reported, marked, but no longer fails the
     audit's or the rebuild check's exit status, so monitoring signals only what is new.
@@ -754,21 +759,11 @@ class AnomalyAcknowledgement(UUIDModel):
     )
     acknowledged_at = models.DateTimeField(default=timezone.now, editable=False)
 
-    objects = AppendOnlyQuerySet.as_manager()
-
     class Meta:
         app_label = "django_encounters"
         verbose_name = "anomaly acknowledgement"
         verbose_name_plural = "anomaly acknowledgements"
         ordering = ["acknowledged_at"]
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        if not self._state.adding:
-            raise EncounterError("Anomaly acknowledgements are append-only")
-        super().save(*args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
-        raise EncounterError("Anomaly acknowledgements are append-only and kept")
 
     def __str__(self) -> str:
         return f"{self.kind} at sequence {self.sequence} of encounter {self.encounter_id}"
