@@ -400,3 +400,17 @@ def delete_encounter(encounter: Any) -> None:
             f"DELETE FROM {qn(meta.db_table)} WHERE {qn(meta.pk.column)} = %s",
             [meta.pk.get_db_prep_value(encounter.pk, connection)],
         )
+
+
+def child_env(db_file: Any = None) -> dict[str, str]:
+    """The environment of a child process (``python -m django …``) that uses the test
+    database: the PostgreSQL test database, or the SQLite file ``db_file``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), DJANGO_SETTINGS_MODULE="tests.settings")
+    if IS_POSTGRES:
+        env.update(ENCOUNTERS_TEST_DB="postgres", PGDATABASE=connection.settings_dict["NAME"])
+    else:
+        env.update(ENCOUNTERS_TEST_DB="sqlite", ENCOUNTERS_SQLITE_PATH=str(db_file))
+    return env

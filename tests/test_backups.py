@@ -28,7 +28,7 @@ from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.projections.acknowledgements import acknowledge_anomaly
 from django_encounters.projections.audit import audit_encounters
 from django_encounters.services import create_encounter, get_state_at, transition, upgrade_encounter
-from tests.helpers import run_command
+from tests.helpers import child_env, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDED = ["contenttypes", "auth.permission", "admin.logentry", "sessions"]
@@ -117,16 +117,6 @@ def test_millisecond_precision_is_what_the_serialiser_keeps():
     assert stored_precision(value).microsecond == 123000
 
 
-def _child_env() -> dict[str, str]:
-    return dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        DJANGO_SETTINGS_MODULE="tests.settings",
-        ENCOUNTERS_TEST_DB="postgres",
-        PGDATABASE=connection.settings_dict["NAME"],
-    )
-
-
 def _pg_tool(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     if not found:
@@ -162,7 +152,7 @@ def test_pg_dump_pg_restore_round_trip_keeps_the_audit_clean(
             env=env,
             check=True,
         )
-        child = _child_env() | {"PGDATABASE": restored}
+        child = child_env() | {"PGDATABASE": restored}
         done = subprocess.run(
             [sys.executable, "-m", "django", "audit_encounters", "--format", "json"],
             cwd=ROOT,

@@ -35,7 +35,14 @@ from django_encounters.projections.rebuild import (
     rebuild_projections,
 )
 from django_encounters.services import create_encounter, transition
-from tests.helpers import IS_POSTGRES, insert_row_raw, raw_update, run_command, work_queries
+from tests.helpers import (
+    IS_POSTGRES,
+    child_env,
+    insert_row_raw,
+    raw_update,
+    run_command,
+    work_queries,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCOUNTER_TABLE = Encounter._meta.db_table
@@ -489,15 +496,6 @@ CHILD = textwrap.dedent(
 )
 
 
-def _child_env(db_file: Path | None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), DJANGO_SETTINGS_MODULE="tests.settings")
-    if IS_POSTGRES:
-        env.update(ENCOUNTERS_TEST_DB="postgres", PGDATABASE=connection.settings_dict["NAME"])
-    else:
-        env.update(ENCOUNTERS_TEST_DB="sqlite", ENCOUNTERS_SQLITE_PATH=str(db_file))
-    return env
-
-
 def _stored_projections(db_file: Path | None) -> dict[str, tuple]:
     if IS_POSTGRES:
         return {
@@ -535,7 +533,7 @@ def test_rebuild_killed_with_sigkill_then_rerun(visit_definition, patient, tmp_p
         connection.ensure_connection()
         connection.connection.backup(target)
         target.close()
-    env = _child_env(db_file)
+    env = child_env(db_file)
     args = ["--batch-size", str(batch_size), "--no-progress"]
 
     child = subprocess.Popen(
@@ -733,7 +731,7 @@ def test_jobs_give_the_same_results_as_one_process(
     visit_definition, employment_definition, patient, tmp_path
 ):
     _mixed_store(visit_definition, employment_definition, patient)
-    env = _child_env(_shared_database(tmp_path))
+    env = child_env(_shared_database(tmp_path))
     args = ["-v", "2", "--batch-size", "2"]
 
     one = _command(env, "--check", *args, "--jobs", "1")
@@ -832,7 +830,7 @@ def test_a_failing_worker_fails_the_run(visit_definition, employment_definition,
     ordered = _mixed_store(visit_definition, employment_definition, patient)
     script = tmp_path / "failing_rebuild.py"
     script.write_text(FAILING_WORKER)
-    env = _child_env(_shared_database(tmp_path))
+    env = child_env(_shared_database(tmp_path))
     env["FAIL_ON"] = ordered[-1].pk.hex  # in the last worker's range
 
     proc = subprocess.run(
