@@ -743,3 +743,17 @@ def test_get_state_at_still_one_query(visit):
     with CaptureQueriesContext(connection) as captured:
         get_state_at(visit, timezone.now())
     assert len(work_queries(captured)) == 1
+
+
+def test_an_upgrade_in_a_final_state_keeps_ended_at(visit_definition, patient):
+    """An upgrade keeps the state: it does not 'end' the encounter again."""
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "cancelled", effective_at=timezone.now() - timedelta(hours=1))
+    ended = reload(encounter).ended_at
+    assert ended is not None
+    visit_definition.description = "v2"
+    visit_definition.transitions = {**visit_definition.transitions, "scheduled": ["checked_in"]}
+    visit_definition.save()
+    upgrade_encounter(encounter, reason="new rules")
+    assert reload(encounter).ended_at == ended
+    assert anomalies(encounter) == []

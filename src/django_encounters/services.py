@@ -224,7 +224,7 @@ def upgrade_encounter(
         )
         record = store.record_from_row(row, encounter=locked, transitioned_by=transitioned_by)
         locked._machine = latest
-        _record(encounter, locked, timeline, record, rules, using)
+        _record(encounter, locked, timeline, record, None, using)
     return record
 
 
@@ -237,12 +237,17 @@ def _record(
     using: str,
 ) -> None:
     """Insert the decided row (a sequence clash is a ``ConcurrentTransitionError``), update the
-    projection columns that changed (and ``ended_at`` when the timeline ends in a final state),
+    projection columns that changed (and ``ended_at`` when the timeline ends in a final state
+    under ``rules``; an upgrade, which keeps the state, passes None and leaves it alone),
     and show the whole new projection on the caller's instance (its copy may be older than the
     locked row), so that a later ``save()`` is harmless."""
     store.insert_row(record, using, previous_hash=locked.head_hash)
     projection = store.projection_of(timeline)
-    if timeline.end_at == record.effective_at and rules.is_final(timeline.state):
+    if (
+        rules is not None
+        and timeline.end_at == record.effective_at
+        and rules.is_final(timeline.state)
+    ):
         projection["ended_at"] = record.effective_at
     projection["updated_at"] = record.transitioned_at
     store.update_projection(locked, projection, using, after_sequence=record.sequence - 1)
