@@ -757,3 +757,96 @@ def test_an_upgrade_in_a_final_state_keeps_ended_at(visit_definition, patient):
     upgrade_encounter(encounter, reason="new rules")
     assert reload(encounter).ended_at == ended
     assert anomalies(encounter) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by review: legitimate operations that must not write half a move or refuse wrongly
+# ---------------------------------------------------------------------------------------------
+
+
+def test_moving_an_empty_encounter_with_update_fields_writes_the_whole_move(
+    encounter, make_definition
+):
+    other = make_definition(
+        states=["new", "done"],
+        initial_state="new",
+        final_states=["done"],
+        transitions={"new": ["done"]},
+    )
+    encounter.definition = other
+    encounter.save(update_fields=["definition"])
+    fresh = reload(encounter)
+    assert (fresh.definition_id, fresh.state, fresh.origin_state) == (other.pk, "new", "new")
+    assert fresh.genesis_hash == fresh.head_hash == genesis_hash(fresh.genesis())
+    assert anomalies(encounter) == []
+    transition(fresh, "done")
+
+
+def test_saving_a_partly_loaded_encounter_is_no_move(encounter, visit_definition):
+    transition(encounter, "checked_in")
+    partial = Encounter.objects.only("notes").get(pk=encounter.pk)
+    partial.notes = "edited"
+    partial.save()
+    assert reload(encounter).notes == "edited"
+
+    fresh = create_encounter(visit_definition, encounter.subject)
+    visit_definition.states = [*visit_definition.states, "extra"]
+    visit_definition.initial_state = "extra"
+    visit_definition.save()
+    partial = Encounter.objects.defer("definition").get(pk=fresh.pk)
+    partial.notes = "edited"
+    partial.save()
+    stored = reload(fresh)
+    assert (stored.state, stored.definition_version) == ("scheduled", 1)
+    assert anomalies(fresh) == []
+
+
+def test_a_refreshed_instance_is_no_move(encounter):
+    transition(encounter, "checked_in")
+    stale = Encounter.objects.defer("subject_id").get(pk=encounter.pk)
+    stale.refresh_from_db()
+    stale.notes = "after refresh"
+    stale.save()
+    assert reload(encounter).notes == "after refresh"
+
+
+def test_a_definition_saved_with_update_fields_stores_the_machine_it_versions(visit_definition):
+    visit_definition.states = [*visit_definition.states, "extra"]
+    visit_definition.save(update_fields=["description"])
+    stored = EncounterDefinition.objects.get(pk=visit_definition.pk)
+    assert "extra" in stored.states and stored.version == 2
+    stored.save()  # an unchanged machine: no new version, nothing reverted
+    assert stored.versions.count() == 2
+    assert "extra" in stored.versions.get(number=2).states
+
+
+def test_the_low_level_create_stamps_its_default_system_time_under_the_lock(
+    counter_definition, patient
+):
+    encounter = create_encounter(counter_definition, patient)
+    ahead = timezone.now() + timedelta(minutes=5)
+    with mock.patch("django_encounters.services.timezone.now", return_value=ahead):
+        first = transition(encounter, "open")
+    row = EncounterTransition.objects.create(
+        encounter=encounter, from_state="open", to_state="open"
+    )
+    assert row.transitioned_at > first.transitioned_at
+    assert anomalies(encounter) == []
+
+
+def test_two_rolled_back_transitions_in_a_row_leave_the_first_state(encounter):
+    for target in ("checked_in", "cancelled"):
+        with pytest.raises(RuntimeError), transaction.atomic():
+            transition(encounter, target)
+            raise RuntimeError("roll back")
+        assert (encounter.state, encounter.version) == ("scheduled", 0)
+
+
+@pytest.mark.parametrize("sequence", [0, -1])
+def test_the_low_level_create_refuses_a_sequence_below_one(visit, sequence):
+    before = snapshot(visit)
+    with pytest.raises(EncounterError, match="not a row number"):
+        EncounterTransition.objects.create(
+            encounter=visit, from_state="in_progress", to_state="completed", sequence=sequence
+        )
+    assert snapshot(visit) == before

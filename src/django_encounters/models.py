@@ -151,8 +151,8 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
             if changed:
                 self.version = (latest.number if latest is not None else 0) + 1
                 update_fields = kwargs.get("update_fields")
-                if update_fields is not None:
-                    kwargs["update_fields"] = {*update_fields, "version"}
+                if update_fields is not None:  # the versioned machine is stored whole
+                    kwargs["update_fields"] = {*update_fields, "version", *MACHINE_FIELDS}
             super().save(*args, **kwargs)
             if changed:
                 EncounterDefinitionVersion.objects.using(using).create(
@@ -167,6 +167,8 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
 
 
 _PENDING = "_pending_projection"
+#: An encounter's definition and subject: its genesis facts an instance may change (a move).
+_FACTS = ("definition_id", "subject_content_type_id", "subject_id")
 _UNLOADED = object()
 
 
@@ -522,10 +524,36 @@ class Encounter(UUIDModel, BaseModel):
             if not kwargs["update_fields"]:
                 return
         super().save(*args, **kwargs)
-        self._loaded_facts = self._facts()
+        self._loaded_facts = {name: self.__dict__[name] for name in _FACTS}
 
-    def _facts(self) -> tuple[Any, Any, Any]:
-        return (self.definition_id, self.subject_content_type_id, self.subject_id)
+    def _moved_from(self) -> dict[str, Any] | None:
+        """The stored definition and subject when this instance names others (a move), else
+        None. Facts not loaded with the instance (``only()``/``defer()``) and not set since are
+        not a move; facts set without having been loaded are compared with the database."""
+        loaded = dict(getattr(self, "_loaded_facts", {}))
+        data = self.__dict__
+        if any(name in data and name not in loaded for name in _FACTS):
+            stored = (
+                Encounter.all_objects.using(self._state.db)
+                .filter(pk=self.pk)
+                .values(*_FACTS)
+                .first()
+            )
+            loaded = {**(stored or {}), **loaded}
+        moved = any(name in data and data[name] != loaded.get(name) for name in _FACTS)
+        return loaded if moved else None
+
+    def refresh_from_db(  # type: ignore[override]  # Django 4.2 has no from_queryset
+        self, using: Any = None, fields: Any = None, **kwargs: Any
+    ) -> None:
+        super().refresh_from_db(using=using, fields=fields, **kwargs)
+        loaded = getattr(self, "_loaded_facts", {})
+        for name in _FACTS:  # what was just read from the database is the stored fact
+            if name in self.__dict__ and (
+                fields is None or name in fields or name.removesuffix("_id") in fields
+            ):
+                loaded[name] = self.__dict__[name]
+        self._loaded_facts = loaded
 
     def _pin(self, state: str | None) -> None:
         """Set the creation facts of a new encounter (or one without rows moved to another
@@ -551,40 +579,42 @@ class Encounter(UUIDModel, BaseModel):
         subject may change only while the log is empty, and the encounter is then pinned
         anew."""
         protected = set(self.LOG_DERIVED_FIELDS)
-        loaded = getattr(self, "_loaded_facts", self._facts())
-        if self._facts() != loaded:
+        moved_from = self._moved_from()
+        if moved_from is not None:
             if EncounterTransition.objects.filter(encounter_id=self.pk).exists():
                 raise EncounterError(
                     f"Encounter {self.pk} has transitions recorded under definition "
-                    f"{loaded[0]} for subject {loaded[1]}:{loaded[2]}; its definition and "
-                    "subject cannot change (its log would be replayed against the wrong rules "
-                    "and its genesis no longer hold)"
+                    f"{moved_from.get('definition_id')} for subject "
+                    f"{moved_from.get('subject_content_type_id')}:{moved_from.get('subject_id')};"
+                    " its definition and subject cannot change (its log would be replayed "
+                    "against the wrong rules and its genesis no longer hold)"
                 )
-            self._pin(None if self.definition_id != loaded[0] else self.origin_state)
+            moved_definition = self.definition_id != moved_from.get("definition_id")
+            self._pin(None if moved_definition else self.origin_state)
             protected = set()  # moved as a whole, while nothing depends on it
+            if update_fields is not None:  # the move is written whole, whatever was named
+                update_fields = [*update_fields, "state", *self.LOG_DERIVED_FIELDS]
         if update_fields is None:
             return [
                 f.name
                 for f in self._meta.concrete_fields
                 if not f.primary_key and f.name not in protected and f.name != "deleted_at"
             ]
-        return [
-            name
-            for name in update_fields
-            if name not in protected and name.removesuffix("_id") not in protected
-        ]
+        return list(
+            dict.fromkeys(
+                name
+                for name in update_fields
+                if name not in protected and name.removesuffix("_id") not in protected
+            )
+        )
 
     @classmethod
     def from_db(cls, db: Any, field_names: Any, values: Any, **kwargs: Any) -> Any:
         instance = super().from_db(db, field_names, values, **kwargs)
         # Remembered so that save() can refuse moving an encounter with history to another
-        # definition or subject without a query.
+        # definition or subject without a query (only what was loaded: see _moved_from).
         data = instance.__dict__
-        instance._loaded_facts = (
-            data.get("definition_id"),
-            data.get("subject_content_type_id"),
-            data.get("subject_id"),
-        )
+        instance._loaded_facts = {name: data[name] for name in _FACTS if name in data}
         return instance
 
     def genesis(self) -> Genesis:
@@ -624,7 +654,10 @@ class Encounter(UUIDModel, BaseModel):
         ``using``, the values are held as uncommitted: should the transaction (or the savepoint)
         they were written in roll back, the instance shows what it showed before again."""
         pending = self.__dict__.get(_PENDING)
-        if pending is not None and not pending.settled():
+        if pending is not None and pending.rolled_back():
+            pending.restore(self)
+            pending = None
+        if pending is not None and not pending.confirmed:
             before = pending.before  # an earlier uncommitted change: roll back to before it
         else:
             before = {name: self.__dict__.get(name, _UNLOADED) for name in values}
@@ -729,6 +762,12 @@ class EncounterTransition(AppendOnlyModel):
         using = kwargs.get("using") or router.db_for_write(EncounterTransition, instance=self)
         with store.writer_errors(self.encounter_id), transaction.atomic(using=using):
             store.append_record(self, using)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Whether the caller chose the system time (an import); otherwise the low-level append
+        # stamps it under the row lock, as transition() does.
+        self._system_time_given = bool(args) or "transitioned_at" in kwargs
 
     def compute_hash(self, previous_hash: str) -> str:
         """This row's hash given the previous row's hash."""

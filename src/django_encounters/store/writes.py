@@ -217,7 +217,10 @@ def append_record(record: Any, using: str) -> None:
         raise EncounterNotFoundError(record.encounter_id)
     timeline = load_timeline(locked, using)
     record.effective_at = stored_precision(record.effective_at)
-    record.transitioned_at = stored_precision(record.transitioned_at)
+    if getattr(record, "_system_time_given", True):
+        record.transitioned_at = stored_precision(record.transitioned_at)
+    else:
+        record.transitioned_at = timeline.system_time(timezone.now())
     if timeline.recorded_until is not None and record.transitioned_at < timeline.recorded_until:
         raise EncounterError(
             f"Encounter {locked.pk}: transitioned_at {record.transitioned_at.isoformat()} is "
@@ -228,6 +231,13 @@ def append_record(record: Any, using: str) -> None:
         record.definition_version = timeline.definition_version
     if record.sequence is None:
         record.sequence = timeline.version + 1
+    if isinstance(record.sequence, bool) or not isinstance(record.sequence, int):
+        raise TypeError(f"sequence must be an int, not {record.sequence!r}")
+    if record.sequence < 1:
+        raise EncounterError(
+            f"Encounter {locked.pk}: sequence {record.sequence} is not a row number (rows are "
+            "numbered from 1)"
+        )
     if record.sequence > timeline.version + 1:
         raise EncounterError(
             f"Encounter {locked.pk}: sequence {record.sequence} would leave a gap (the log is at "
