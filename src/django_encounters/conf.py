@@ -27,20 +27,20 @@ MAX_FUTURE_TOLERANCE = timedelta(days=1)
 def future_tolerance() -> timedelta:
     value = getattr(settings, "ENCOUNTERS_FUTURE_TOLERANCE", DEFAULT_FUTURE_TOLERANCE)
     if isinstance(value, timedelta):
-        result = value
+        seconds = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        result = timedelta(seconds=min(max(value, -1), MAX_FUTURE_TOLERANCE.total_seconds() + 1))
+        seconds = value
     else:
         raise EncounterConfigurationError(
             "ENCOUNTERS_FUTURE_TOLERANCE must be a timedelta or a finite number of seconds, "
             f"not {value!r}"
         )
-    if not timedelta(0) <= result <= MAX_FUTURE_TOLERANCE:
+    if not 0 <= seconds <= MAX_FUTURE_TOLERANCE.total_seconds():
         raise EncounterConfigurationError(
             f"ENCOUNTERS_FUTURE_TOLERANCE must lie between 0 and {MAX_FUTURE_TOLERANCE} (it "
             f"allows for clock skew between app servers), not {value!r}"
         )
-    return result
+    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
 
 
 def validator_modules() -> list[str] | None:

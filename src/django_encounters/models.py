@@ -55,14 +55,22 @@ class StateMachine(models.Model):
     class Meta:
         abstract = True
 
-    def _identity(self) -> tuple[str, int]:
+    def _code(self) -> str:
         raise NotImplementedError
 
-    def rules(self) -> Rules:
-        """The state machine as plain data: every question below is answered by it."""
-        code, version = self._identity()
+    def _number(self) -> int:
+        raise NotImplementedError
+
+    def rules(self, *, code: str | None = None) -> Rules:
+        """The state machine as plain data: every question below is answered by it
+        (``code``: the definition's, when the caller knows it without a query)."""
         return Rules.from_config(
-            code, self.states, self.transitions, self.final_states, self.initial_state, version
+            self._code() if code is None else code,
+            self.states,
+            self.transitions,
+            self.final_states,
+            self.initial_state,
+            self._number(),
         )
 
     def machine(self) -> dict[str, Any]:
@@ -112,8 +120,11 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
         verbose_name_plural = "encounter definitions"
         ordering = ["name"]
 
-    def _identity(self) -> tuple[str, int]:
-        return self.code, self.version
+    def _code(self) -> str:
+        return self.code
+
+    def _number(self) -> int:
+        return self.version
 
     # -- validation -------------------------------------------------------------------------
 
@@ -164,6 +175,34 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
 
     def __str__(self) -> str:
         return self.name
+
+
+#: An encounter's creation facts as stored (attnames), in the order ``genesis_from`` reads.
+GENESIS_FACTS = (
+    "id",
+    "definition_id",
+    "origin_version",
+    "subject_content_type_id",
+    "subject_id",
+    "origin_state",
+    "created_at",
+)
+
+
+def genesis_from(values: Any, using: str) -> Genesis:
+    """The :class:`Genesis` of ``GENESIS_FACTS`` values (the subject's type named by its
+    ``app_label.model``, which a restored database keeps, not by its content-type id)."""
+    pk, definition_id, version, content_type_id, subject_id, origin, created_at = values
+    subject_type = ContentType.objects.db_manager(using).get_for_id(content_type_id)
+    return Genesis(
+        encounter_id=pk,
+        definition_id=definition_id,
+        definition_version=version,
+        subject_type=f"{subject_type.app_label}.{subject_type.model}",
+        subject_id=str(subject_id),
+        origin_state=origin,
+        created_at=created_at,
+    )
 
 
 _PENDING = "_pending_projection"
@@ -293,8 +332,11 @@ class EncounterDefinitionVersion(AppendOnlyModel, StateMachine):
             )
         ]
 
-    def _identity(self) -> tuple[str, int]:
-        return self.definition.code, self.number
+    def _code(self) -> str:
+        return str(self.definition.code)
+
+    def _number(self) -> int:
+        return self.number
 
     def __str__(self) -> str:
         return f"{self.definition} v{self.number}"
@@ -619,18 +661,8 @@ class Encounter(UUIDModel, BaseModel):
 
     def genesis(self) -> Genesis:
         """The creation facts the genesis hash covers."""
-        subject_type = ContentType.objects.db_manager(self._state.db or "default").get_for_id(
-            self.subject_content_type_id
-        )
-        return Genesis(
-            encounter_id=self.pk,
-            definition_id=self.definition_id,
-            definition_version=self.origin_version,
-            subject_type=f"{subject_type.app_label}.{subject_type.model}",
-            subject_id=str(self.subject_id),
-            origin_state=self.origin_state,
-            created_at=self.created_at,
-        )
+        values = [getattr(self, name) for name in GENESIS_FACTS]
+        return genesis_from(values, self._state.db or "default")
 
     @property
     def machine(self) -> EncounterDefinitionVersion:

@@ -7,16 +7,17 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
-from django.contrib.contenttypes.models import ContentType
 from django.db.models import QuerySet
 
 from ..engine import Genesis, Rules
 from ..exceptions import EncounterError
 from ..models import (
+    GENESIS_FACTS,
     Encounter,
     EncounterDefinition,
     EncounterDefinitionVersion,
     EncounterTransition,
+    genesis_from,
 )
 
 
@@ -50,17 +51,8 @@ class RulesCache:
 
     def _load(self, versions: Any) -> None:
         for machine in versions:
-            code = self.code(machine.definition_id)
-            self._versions.setdefault(machine.definition_id, {})[machine.number] = (
-                Rules.from_config(
-                    code,
-                    machine.states,
-                    machine.transitions,
-                    machine.final_states,
-                    machine.initial_state,
-                    machine.number,
-                )
-            )
+            rules = machine.rules(code=self.code(machine.definition_id))
+            self._versions.setdefault(machine.definition_id, {})[machine.number] = rules
 
     def rules_of(self, definition_id: Any) -> Callable[[int], Rules | None]:
         """``version -> Rules`` (None for a version that does not exist) of a definition."""
@@ -92,32 +84,12 @@ class RulesCache:
 
 
 #: The encounter columns :func:`genesis_of` reads, in its order.
-GENESIS_COLUMNS = (
-    "pk",
-    "definition_id",
-    "origin_version",
-    "subject_content_type_id",
-    "subject_id",
-    "origin_state",
-    "created_at",
-    "genesis_hash",
-)
+GENESIS_COLUMNS = (*GENESIS_FACTS, "genesis_hash")
 
 
 def genesis_of(values: Sequence[Any], using: str) -> tuple[Genesis, str]:
     """``(Genesis, stored genesis hash)`` from ``GENESIS_COLUMNS`` values."""
-    pk, definition_id, version, content_type_id, subject_id, origin, created_at, stored = values
-    subject_type = ContentType.objects.db_manager(using).get_for_id(content_type_id)
-    genesis = Genesis(
-        encounter_id=pk,
-        definition_id=definition_id,
-        definition_version=version,
-        subject_type=f"{subject_type.app_label}.{subject_type.model}",
-        subject_id=str(subject_id),
-        origin_state=origin,
-        created_at=created_at,
-    )
-    return genesis, stored
+    return genesis_from(values[:-1], using), values[-1]
 
 
 def select(
