@@ -5,6 +5,7 @@
 #   make test                 whole suite on SQLite, then on a throwaway PostgreSQL cluster
 #   make test-sqlite          SQLite only
 #   make test-postgres        PostgreSQL only
+#   make test-citus           the suite on a throwaway 3-node Citus cluster
 #   make test PYTEST_ARGS='-x -k history'
 #   make test-matrix          the suite under Django 4.2 and 6.x as well
 #   make demo | bench | soak | lint | clean
@@ -18,7 +19,7 @@ STAMP_TEST := $(VENV)/.stamp-test
 STAMP_LINT := $(VENV)/.stamp-lint
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-sqlite test-postgres test-matrix demo bench soak lint clean
+.PHONY: venv test test-sqlite test-postgres test-citus test-matrix demo bench soak lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,11 @@ test-sqlite: $(STAMP_TEST)
 
 test-postgres: $(STAMP_TEST)
 	PY=$(abspath $(PY)) BACKENDS=postgres bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+# The whole suite on a throwaway Citus cluster (a coordinator and 2 workers, the tables
+# distributed with distribute_encounters); builds Citus from ../shared/vendor/citus when missing.
+test-citus: $(STAMP_TEST)
+	PY=$(abspath $(PY)) BACKENDS=citus bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 # Django 4.2 (Python 3.10) and 6.x (Python 3.12) in their own virtualenvs, both databases;
 # a combination whose interpreter is missing is skipped (scripts/test_matrix.sh).

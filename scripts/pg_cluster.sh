@@ -24,6 +24,7 @@
 #   PG_CLUSTER_USER      OS user to run the server as when we are root (default: postgres)
 #   PG_MAX_CONNECTIONS   max_connections (default: 100)
 #   PG_START_TIMEOUT     seconds to wait for the server to accept connections (default: 60)
+#   PG_EXTRA_CONF        more postgresql.conf lines (e.g. shared_preload_libraries for Citus)
 #
 #   PG_CLUSTER_OWNER_PID the process whose death means "stop the cluster" (default: $$, the
 #                        script that sourced this file); see the watchdog below
@@ -135,6 +136,10 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 EOF
+    if [[ -n "${PG_EXTRA_CONF:-}" ]]; then
+        printf '%s\n' "$PG_EXTRA_CONF" | _pg_cluster_as_owner tee -a "$PG_CLUSTER_DATA/postgresql.conf" \
+            >/dev/null || return 1
+    fi
 
     local attempt port
     for attempt in 1 2 3 4 5; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole pytest suite on SQLite, then on PostgreSQL (a throwaway cluster started here and
-# removed on exit, whatever happens), and prints a per-backend summary.
+# removed on exit, whatever happens), and prints a per-backend summary. BACKENDS=citus runs it on
+# a throwaway 3-node Citus cluster (scripts/citus_cluster.sh; builds Citus when missing).
 #
 #     bash scripts/run_tests.sh [pytest args...]
 #
@@ -9,7 +10,7 @@
 #
 # Environment:
 #   PY        Python to run pytest with (default: .venv/bin/python if it exists, else python3)
-#   BACKENDS  which backends to run, in order (default: "sqlite postgres")
+#   BACKENDS  which backends to run, in order (default: "sqlite postgres"; also: citus)
 #   PG_*      see scripts/pg_cluster.sh
 set -euo pipefail
 
@@ -17,6 +18,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 # shellcheck source=scripts/pg_cluster.sh
 source "$ROOT/scripts/pg_cluster.sh"
+# shellcheck source=scripts/citus_cluster.sh
+source "$ROOT/scripts/citus_cluster.sh"
 
 if [[ -z "${PY:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
@@ -29,6 +32,7 @@ REPORT_DIR=$(mktemp -d "${TMPDIR:-/tmp}/encounters-tests.XXXXXXXX")
 # shellcheck disable=SC2317  # called from the trap
 cleanup() {
     pg_cluster_stop
+    citus_cluster_stop
     rm -rf -- "$REPORT_DIR"
 }
 trap cleanup EXIT
@@ -97,8 +101,19 @@ for backend in $BACKENDS; do
             fi
             pg_cluster_stop
             ;;
+        citus)
+            echo
+            echo "================ starting a throwaway Citus cluster (coordinator + 2 workers) ================"
+            # Fewer shards than Citus's default 32: every TRUNCATE between tests touches each.
+            if CITUS_SHARD_COUNT=${CITUS_SHARD_COUNT:-4} citus_cluster_start; then
+                run_pytest citus "$@"
+            else
+                STATUS[citus]=FAILED DETAIL[citus]="could not start a Citus cluster"
+            fi
+            citus_cluster_stop
+            ;;
         *)
-            echo "run_tests: unknown backend '$backend' (expected sqlite or postgres)" >&2
+            echo "run_tests: unknown backend '$backend' (expected sqlite, postgres or citus)" >&2
             STATUS[$backend]=FAILED DETAIL[$backend]="unknown backend"
             ;;
     esac

@@ -10,7 +10,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from tests.helpers import IS_POSTGRES
+from tests.helpers import IS_CITUS, IS_POSTGRES
 
 # The definition of the original specification's usage example.
 VISIT_STATES = ["scheduled", "checked_in", "in_progress", "completed", "cancelled"]
@@ -51,6 +51,24 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         if "postgres_only" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def django_db_keepdb(request: Any) -> bool:
+    """On Citus the test database is made beforehand on every node, the extension created and
+    the workers added (scripts/citus_cluster.sh): it is kept, never dropped and re-created."""
+    return IS_CITUS or bool(request.config.getvalue("reuse_db"))
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: Any, django_db_blocker: Any) -> Any:
+    """On Citus: once migrated, the tables are distributed the supported way."""
+    if IS_CITUS:
+        from django.core.management import call_command
+
+        with django_db_blocker.unblock():
+            call_command("distribute_encounters", verbosity=0)
+    return django_db_setup
 
 
 def visit_definition_kwargs(**overrides: Any) -> dict[str, Any]:

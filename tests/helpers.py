@@ -13,7 +13,10 @@ from typing import Any
 
 from django.db import connection
 
-IS_POSTGRES = os.environ.get("ENCOUNTERS_TEST_DB", "sqlite") == "postgres"
+TEST_DB = os.environ.get("ENCOUNTERS_TEST_DB", "sqlite")
+#: PostgreSQL, plain or with Citus (the coordinator of a cluster, the tables distributed).
+IS_POSTGRES = TEST_DB in ("postgres", "citus")
+IS_CITUS = TEST_DB == "citus"
 
 # Transaction-control statements that CaptureQueriesContext may record and that do not count
 # as "work" (Django logs savepoints; SQLite in IMMEDIATE mode also logs its BEGIN).
@@ -307,6 +310,8 @@ def triggers_off(table: str | None = None) -> Iterator[Any]:
     qn = connection.ops.quote_name
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
+            if IS_CITUS:  # Citus propagates trigger DDL to the shards only when asked to
+                cursor.execute("SET LOCAL citus.enable_unsafe_triggers TO on")
             cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
             cursor.execute(f"ALTER TABLE {qn(table)} DISABLE TRIGGER USER")
             try:
@@ -410,7 +415,7 @@ def child_env(db_file: Any = None) -> dict[str, str]:
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), DJANGO_SETTINGS_MODULE="tests.settings")
     if IS_POSTGRES:
-        env.update(ENCOUNTERS_TEST_DB="postgres", PGDATABASE=connection.settings_dict["NAME"])
+        env.update(ENCOUNTERS_TEST_DB=TEST_DB, PGDATABASE=connection.settings_dict["NAME"])
     else:
         env.update(ENCOUNTERS_TEST_DB="sqlite", ENCOUNTERS_SQLITE_PATH=str(db_file))
     return env

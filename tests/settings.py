@@ -1,6 +1,7 @@
 """Django settings for the test suite.
 
-The database is chosen by ``ENCOUNTERS_TEST_DB`` (``sqlite`` — the default — or ``postgres``).
+The database is chosen by ``ENCOUNTERS_TEST_DB``: ``sqlite`` (the default), ``postgres`` or
+``citus`` (PostgreSQL with the Citus extension, the tables distributed).
 PostgreSQL connection parameters come from the standard libpq variables (``PGHOST``, ``PGPORT``,
 ``PGUSER``, ``PGPASSWORD``, ``PGDATABASE``), which ``scripts/run_tests.sh`` sets for the throwaway
 cluster it starts.
@@ -50,7 +51,10 @@ TEMPLATES = [
 
 DB_VENDOR = os.environ.get("ENCOUNTERS_TEST_DB", "sqlite")
 
-if DB_VENDOR == "postgres":
+if DB_VENDOR in ("postgres", "citus"):
+    # "citus": the coordinator of a local Citus cluster (scripts/citus_cluster.sh), whose test
+    # database exists beforehand on every node with the extension (tests/conftest.py keeps it
+    # and distributes the tables with `distribute_encounters` once migrated).
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.postgresql",
@@ -76,4 +80,6 @@ elif DB_VENDOR == "sqlite":
         }
     }
 else:  # pragma: no cover - configuration error
-    raise RuntimeError(f"ENCOUNTERS_TEST_DB must be 'sqlite' or 'postgres', not {DB_VENDOR!r}")
+    raise RuntimeError(
+        f"ENCOUNTERS_TEST_DB must be 'sqlite', 'postgres' or 'citus', not {DB_VENDOR!r}"
+    )

@@ -9,7 +9,8 @@ How it runs:
 
 * encounters are taken in primary-key order, ``batch_size`` at a time (keyset pagination);
 * each batch is one transaction: lock the batch's encounter rows (``SELECT … FOR UPDATE``, so a
-  concurrent ``transition()`` waits and the replay is consistent), stream their rows ordered by
+  concurrent ``transition()`` waits and the replay is consistent; on Citus one single-shard
+  lock per encounter, see :func:`_locked_batch`), stream their rows ordered by
   ``(encounter, sequence)``, fold each stream, compare with the stored projection and ``UPDATE``
   only the encounters that differ;
 * memory is bounded by one batch of encounters and one stream at a time, whatever the number of
@@ -33,11 +34,12 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from .. import store
+from ..store import distribution
 from ..engine import Anomaly, StreamRow, hash_format, verify_stream
 from ..exceptions import EncounterNotFoundError
 from ..models import Encounter
@@ -242,11 +244,12 @@ def rebuild_range(
         result.encounters_total = counted.count()
 
     page = selected.order_by("pk").values_list(*_ENCOUNTER_COLUMNS)
+    sharded = distribution.is_sharded(connections[using])
     last: Any = after
     while True:
         with transaction.atomic(using=using):
             query = page if last is None else page.filter(pk__gt=last)
-            batch = list(query.select_for_update()[:batch_size])
+            batch = _locked_batch(query, batch_size, using, sharded)
             if not batch:
                 break
             last = batch[-1][0]
@@ -261,6 +264,18 @@ def rebuild_range(
             break
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -> list[tuple]:
+    """The next ``batch_size`` encounters of ``query``, their rows locked for the transaction.
+    One ``SELECT … FOR UPDATE`` of the batch; on a sharded store (Citus), where a lock cannot
+    span shards, the batch's ids are read, each encounter is locked by its own single-shard
+    statement (in pk order, one pipeline), and the batch is read again under the locks."""
+    if not sharded:
+        return list(query.select_for_update()[:batch_size])
+    pks = list(query.values_list("pk", flat=True)[:batch_size])
+    distribution.lock_each(using, pks)
+    return list(query.filter(pk__in=pks))
 
 
 def _replay_batch(

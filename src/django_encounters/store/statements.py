@@ -77,17 +77,27 @@ def statements(connection: Any) -> Statements:
     return found
 
 
+def forget(connection: Any) -> None:
+    """Drop the statements of ``connection`` (built again on next use)."""
+    _CACHE.pop(connection, None)
+
+
 #: What the lock statement reads of the log, after the encounter, definition and version
 #: columns: the row at ``sequence = version`` (its hash, system time and definition version)
 #: and the last row of the timeline (its ``to_state`` and ``effective_at``).
 LOG_HEAD = ("hash", "transitioned_at", "definition_version", "to_state", "effective_at")
 
 
+#: How many times the lock statement takes the encounter id (two subqueries and the filter).
+LOCK_PARAMS = 1 + len(LOG_HEAD[3:])
+
+
 def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
     """``SELECT`` the encounter, its definition and its pinned definition version, and what the
     write path needs to prove the projection against the log, in one statement. Returns the
     SQL (without the live filter and the locking clause), the selected fields and the offsets
-    where the definition, the version and the log head start."""
+    where the definition, the version and the log head start. The statement takes the
+    encounter id ``LOCK_PARAMS`` times."""
     qn = connection.ops.quote_name
     encounter, definition, version = encounter_model(), definition_model(), version_model()
     transition = transition_model()
@@ -108,11 +118,14 @@ def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
 
     table = qn(transition._meta.db_table)
     last = " DESC, ".join(col("t", transition, name) for name in TIMELINE_ORDER) + " DESC"
-    encounter_pk = f"{qn('e')}.{qn(encounter._meta.pk.column)}"
+    # The last timeline row is read by subqueries filtered on the encounter id given as a
+    # parameter (not correlated with the outer row): on a sharded database (Citus) every table
+    # of the statement then has an equality filter on its distribution column, and the whole
+    # statement, lock included, is routed to the one shard that holds the encounter.
     for name in LOG_HEAD[3:]:
         columns.append(
             f"(SELECT {col('t', transition, name)} FROM {table} {qn('t')} "
-            f"WHERE {col('t', transition, 'encounter')} = {encounter_pk} "
+            f"WHERE {col('t', transition, 'encounter')} = %s "
             f"ORDER BY {last} LIMIT 1)"
         )
         fields.append(model_field(transition, name))

@@ -26,7 +26,7 @@ from .converters import convert_row
 from .mapping import row_of_record
 from .reads import count_rows, load_timeline
 from .schema import encounter_model, field, projection_of, transition_model, version_model
-from .statements import projection_write_fields, statements
+from .statements import LOCK_PARAMS, projection_write_fields, statements
 
 SEQUENCE_CONSTRAINT = "encounters_transition_unique_sequence"
 
@@ -53,7 +53,7 @@ def lock_encounter(
     connection = connections[using]
     st = statements(connection)
     sql = st.lock_any_sql if include_deleted else st.lock_sql
-    params = [encounter_model()._meta.pk.get_db_prep_value(pk, connection)]
+    params = [encounter_model()._meta.pk.get_db_prep_value(pk, connection)] * LOCK_PARAMS
     locked, head = _read_locked(connection, st, sql, params, using)
     if locked is None or not prove:
         return locked
