@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 
 TEST_DB = os.environ.get("ENCOUNTERS_TEST_DB", "sqlite")
 #: PostgreSQL, plain or with Citus (the coordinator of a cluster, the tables distributed).
@@ -297,6 +297,7 @@ def triggers_off(table: str | None = None) -> Iterator[Any]:
     """A cursor with the user triggers of ``table`` (default: the transition log) out of the
     way, as an attacker with DDL rights sets them aside first; they are back on exit.
 
+    Citus: ``session_replication_role = replica`` for the transaction, on every node.
     PostgreSQL: ``SET CONSTRAINTS ALL IMMEDIATE`` (ALTER TABLE refuses a table with pending
     deferred trigger events, such as the foreign-key checks of the test's own inserts), then
     ``ALTER TABLE … DISABLE TRIGGER USER``; on exit ``ENABLE TRIGGER USER`` and ``SET
@@ -309,9 +310,19 @@ def triggers_off(table: str | None = None) -> Iterator[Any]:
     table = table or EncounterTransition._meta.db_table
     qn = connection.ops.quote_name
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            if IS_CITUS:  # Citus propagates trigger DDL to the shards only when asked to
-                cursor.execute("SET LOCAL citus.enable_unsafe_triggers TO on")
+        if IS_CITUS:
+            # The shards' deferred foreign-key events live in the workers' sessions, where
+            # ALTER TABLE would refuse them: set the user triggers aside for this transaction
+            # with session_replication_role instead, on every node it touches (a transaction
+            # of its own in autocommit mode, where SET LOCAL would not last).
+            with transaction.atomic():
+                cursor.execute("SET LOCAL citus.propagate_set_commands TO 'local'")
+                cursor.execute("SET LOCAL session_replication_role TO replica")
+                try:
+                    yield cursor
+                finally:
+                    cursor.execute("SET LOCAL session_replication_role TO origin")
+        elif connection.vendor == "postgresql":
             cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
             cursor.execute(f"ALTER TABLE {qn(table)} DISABLE TRIGGER USER")
             try:

@@ -83,3 +83,17 @@ else:  # pragma: no cover - configuration error
     raise RuntimeError(
         f"ENCOUNTERS_TEST_DB must be 'sqlite', 'postgres' or 'citus', not {DB_VENDOR!r}"
     )
+
+# A second alias for the read-replica tests (tests/test_replicas.py): a database of its own,
+# migrated like the default one, which those tests fill with an older copy of the default's
+# rows — a replica that lags. Nothing routes to it unless a test says so.
+DATABASES["replica"] = {
+    **DATABASES["default"],
+    "TEST": {
+        "NAME": (
+            os.environ.get("ENCOUNTERS_TEST_DB_NAME", "test_encounters") + "_replica"
+            if DB_VENDOR != "sqlite"
+            else None
+        )
+    },
+}

@@ -620,8 +620,9 @@ def test_insert_or_replace_cannot_rewrite_a_row(visit):
     marks = ", ".join(["%s"] * len(columns))
     if IS_POSTGRES:
         sql = (
-            f"INSERT INTO {TRANSITIONS} ({names}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE "
-            "SET reason = EXCLUDED.reason"
+            # The primary key by its name: (id), or (encounter_id, id) on Citus.
+            f"INSERT INTO {TRANSITIONS} ({names}) VALUES ({marks}) ON CONFLICT ON CONSTRAINT "
+            f"{qn(TRANSITIONS + '_pkey')} DO UPDATE SET reason = EXCLUDED.reason"
         )
     else:
         sql = f"INSERT OR REPLACE INTO {TRANSITIONS} ({names}) VALUES ({marks})"

@@ -774,6 +774,10 @@ class EncounterTransition(AppendOnlyModel):
         verbose_name = "encounter transition"
         verbose_name_plural = "encounter transitions"
         ordering = ["-transitioned_at"]
+        # loaddata of a stored row: look before writing (an INSERT when it is not there)
+        # instead of an UPDATE first, which sets every column — the distribution column too,
+        # which Citus refuses even when no row matches.
+        select_on_save = True
         constraints = [
             models.UniqueConstraint(
                 fields=["encounter", "sequence"], name="encounters_transition_unique_sequence"
@@ -835,6 +839,10 @@ class AnomalyAcknowledgement(AppendOnlyModel):
         verbose_name = "anomaly acknowledgement"
         verbose_name_plural = "anomaly acknowledgements"
         ordering = ["acknowledged_at"]
+        # loaddata of a stored row: look before writing (an INSERT when it is not there)
+        # instead of an UPDATE first, which sets every column — the distribution column too,
+        # which Citus refuses even when no row matches.
+        select_on_save = True
 
     def __str__(self) -> str:
         return f"{self.kind} at sequence {self.sequence} of encounter {self.encounter_id}"

@@ -136,7 +136,7 @@ def transition(
     stored_context = arguments.transition_arguments(
         to_state, transitioned_by, reason, context, effective_at, expected_version, skip_validation
     )
-    using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
+    using = router.db_for_write(Encounter, instance=encounter)
     with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
         # 1. Lock the encounter row, its definition and pinned version joined, and prove the
         #    projection against the log.
@@ -204,7 +204,7 @@ def upgrade_encounter(
     arguments.require_instance(encounter, Encounter, "encounter")
     arguments.require_user(transitioned_by, "transitioned_by")
     arguments.require_text(reason, "reason")
-    using = encounter._state.db or router.db_for_write(Encounter, instance=encounter)
+    using = router.db_for_write(Encounter, instance=encounter)
     with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
         locked = _lock(encounter.pk, using, None)
         definition = locked.definition
@@ -254,6 +254,9 @@ def _record(
     projection.setdefault("ended_at", locked.ended_at)
     locked.set_projection(projection)
     encounter.set_projection(projection, using=using)
+    # As Model.save(): the instance now belongs to the database written, so that reads of it
+    # right after (get_state_at, history) go there, not to a lagging replica it came from.
+    encounter._state.db = using
 
 
 def _lock(pk: Any, using: str, expected_version: int | None) -> Encounter:
@@ -318,14 +321,21 @@ def run_validators(
             raise ValidationError(name, f"validator raised {type(exc).__name__}: {exc}") from exc
 
 
-def get_encounter_history(encounter: Encounter) -> list[EncounterTransition]:
-    """The encounter's rows in recording order (``sequence``); one query."""
+def get_encounter_history(
+    encounter: Encounter, *, using: str | None = None
+) -> list[EncounterTransition]:
+    """The encounter's rows in recording order (``sequence``); one query (on ``using``, see
+    :func:`get_state_at`)."""
     arguments.require_instance(encounter, Encounter, "encounter")
-    return store.history(encounter, _db_for_read(encounter))
+    return store.history(encounter, _db_for_read(encounter, using))
 
 
 def get_state_at(
-    encounter: Encounter, timestamp: datetime, known_at: datetime | None = None
+    encounter: Encounter,
+    timestamp: datetime,
+    known_at: datetime | None = None,
+    *,
+    using: str | None = None,
 ) -> str:
     """The encounter's state at business time ``timestamp``, in one query.
 
@@ -333,22 +343,29 @@ def get_state_at(
     ``known_at``, about the state at ``timestamp``". Before the first row the state is the
     encounter's origin state. Ties on ``effective_at`` are broken by ``sequence``.
 
+    Read from ``using`` when given; else from the database the instance was loaded from or
+    last written to by ``transition()`` (read-your-writes: never a lagging replica right after
+    a write), else where the project's router sends reads.
+
     Raises:
         ValueError: naive datetimes.
     """
     arguments.require_instance(encounter, Encounter, "encounter")
     arguments.require_aware(timestamp, "timestamp")
     arguments.require_aware(known_at, "known_at", optional=True)
-    last = store.last_state_at(encounter.pk, timestamp, known_at, _db_for_read(encounter))
+    last = store.last_state_at(encounter.pk, timestamp, known_at, _db_for_read(encounter, using))
     return last if last is not None else encounter.origin_state
 
 
-def time_in_states(encounter: Encounter, until: datetime | None = None) -> dict[str, Decimal]:
+def time_in_states(
+    encounter: Encounter, until: datetime | None = None, *, using: str | None = None
+) -> dict[str, Decimal]:
     """Hours (``Decimal``) spent in each state over the business-time timeline, up to
-    ``until`` (default now). States never entered are absent."""
+    ``until`` (default now). States never entered are absent. ``using``: see
+    :func:`get_state_at`."""
     arguments.require_instance(encounter, Encounter, "encounter")
     arguments.require_aware(until, "until", optional=True)
-    timeline = store.load_timeline(encounter, _db_for_read(encounter))
+    timeline = store.load_timeline(encounter, _db_for_read(encounter, using))
     return _time_in_states(
         encounter.origin_state,
         encounter.created_at,
@@ -357,11 +374,15 @@ def time_in_states(encounter: Encounter, until: datetime | None = None) -> dict[
     )
 
 
-def duration_in_state(encounter: Encounter, state: str, until: datetime | None = None) -> Decimal:
+def duration_in_state(
+    encounter: Encounter, state: str, until: datetime | None = None, *, using: str | None = None
+) -> Decimal:
     """Hours (``Decimal``) spent in ``state``; several visits add up; ``Decimal('0')`` if never
     entered."""
-    return time_in_states(encounter, until).get(state, Decimal("0"))
+    return time_in_states(encounter, until, using=using).get(state, Decimal("0"))
 
 
-def _db_for_read(encounter: Encounter) -> str:
+def _db_for_read(encounter: Encounter, using: str | None) -> str:
+    if using is not None:
+        return using
     return encounter._state.db or router.db_for_read(EncounterTransition, instance=encounter)

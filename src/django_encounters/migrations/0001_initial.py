@@ -56,6 +56,7 @@ class Migration(migrations.Migration):
                 'verbose_name': 'anomaly acknowledgement',
                 'verbose_name_plural': 'anomaly acknowledgements',
                 'ordering': ['acknowledged_at'],
+                'select_on_save': True,
             },
         ),
         migrations.CreateModel(
@@ -130,6 +131,7 @@ class Migration(migrations.Migration):
                 'verbose_name': 'encounter transition',
                 'verbose_name_plural': 'encounter transitions',
                 'ordering': ['-transitioned_at'],
+                'select_on_save': True,
             },
         ),
         migrations.AddIndex(

@@ -129,6 +129,17 @@ def _run(schema_editor, index):
     statements = STATEMENTS.get(schema_editor.connection.vendor)
     if statements is None:  # other databases: the ORM guards only
         return
+    if schema_editor.connection.vendor == "postgresql":
+        # On Citus (distributed tables: docs/scaling.md), trigger DDL reaches the shards only
+        # with citus.enable_unsafe_triggers (these triggers only refuse, they read nothing), and
+        # the trigger function can be dropped after the triggers in one transaction only when
+        # the shards were changed over one connection per node.
+        schema_editor.execute(
+            "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN "
+            "SET LOCAL citus.enable_unsafe_triggers TO on; "
+            "SET LOCAL citus.multi_shard_modify_mode TO 'sequential'; END IF; END $$",
+            params=None,
+        )
     for sql in statements[index]:
         schema_editor.execute(sql, params=None)
 

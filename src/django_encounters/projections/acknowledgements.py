@@ -22,6 +22,7 @@ from django.utils import timezone
 from ..arguments import require_text, require_user
 from ..engine import ANOMALY_KINDS, Anomaly
 from ..models import AnomalyAcknowledgement
+from .selection import write_alias
 
 #: Kinds an audit against a checkpoint reports, besides the stream's own.
 CHECKPOINT_KINDS = ("rewritten", "missing")
@@ -60,7 +61,7 @@ def acknowledge_anomaly(
     reason: str,
     acknowledged_by: Any = None,
     *,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
 ) -> AnomalyAcknowledgement:
     """Record that the anomaly ``kind`` at ``sequence`` of ``encounter_id`` was examined
     (without checking that it is reported: see ``audit.acknowledge_reported_anomaly``).
@@ -69,6 +70,7 @@ def acknowledge_anomaly(
         ValueError / TypeError: not an encounter id, an unknown kind, a negative sequence, an
             empty reason, or a user of the wrong type.
     """
+    using = write_alias(using)
     encounter_uuid = acknowledgement_arguments(
         encounter_id, sequence, kind, reason, acknowledged_by
     )

@@ -33,7 +33,6 @@ from uuid import UUID
 
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
-from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Exists, Model, OuterRef, Q
 from django.utils import timezone
 
@@ -50,7 +49,15 @@ from .acknowledgements import (
     key_of,
 )
 from .checkpoints import CheckpointCheck, verify_checkpoint
-from .selection import GENESIS_COLUMNS, RulesCache, genesis_of, parse_encounter_ids, select
+from .selection import (
+    GENESIS_COLUMNS,
+    RulesCache,
+    genesis_of,
+    parse_encounter_ids,
+    read_alias,
+    select,
+    write_alias,
+)
 
 _CREATED = GENESIS_COLUMNS.index("created_at")
 
@@ -210,7 +217,7 @@ def iter_audit(
     against: Any = None,
     root: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
 ) -> AuditStream:
     """Audit the selected encounters, in ``(created_at, id)`` order, one batch at a time.
 
@@ -240,6 +247,7 @@ def iter_audit(
         EncounterNotFoundError: an id of ``encounters`` names no encounter.
         CheckpointError: ``against`` cannot be read, is malformed, or its root does not match.
     """
+    using = read_alias(using)
     for name, value in (
         ("since", since),
         ("until", until),
@@ -306,9 +314,10 @@ def iter_audit(
     )
 
 
-def absent_encounters(ids: Iterable[Any], using: str = DEFAULT_DB_ALIAS) -> list[UUID]:
+def absent_encounters(ids: Iterable[Any], using: str | None = None) -> list[UUID]:
     """The ids (in their order) that name no encounter, soft-deleted ones counting as
     existing."""
+    using = read_alias(using)
     wanted = parse_encounter_ids(ids)
     found = set(
         Encounter.all_objects.using(using).filter(pk__in=wanted).values_list("pk", flat=True)
@@ -469,7 +478,7 @@ def acknowledge_reported_anomaly(
     *,
     against: Any = None,
     root: str | None = None,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
 ) -> tuple[AnomalyAcknowledgement, Anomaly]:
     """Acknowledge an anomaly that the audit of the encounter reports now (with ``against``:
     compared with that checkpoint too, for ``rewritten``/``truncated``/``missing``); returns
@@ -481,6 +490,7 @@ def acknowledge_reported_anomaly(
         CheckpointError: ``against`` cannot be used.
         AnomalyNotReportedError: the audit does not report that anomaly (nothing written).
     """
+    using = write_alias(using)
     encounter_uuid = acknowledgement_arguments(
         encounter_id, sequence, kind, reason, acknowledged_by
     )

@@ -55,7 +55,6 @@ from datetime import datetime
 from typing import IO, Any
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -63,7 +62,7 @@ from django.utils.dateparse import parse_datetime
 from ..engine import Anomaly
 from ..exceptions import EncounterError
 from ..models import Encounter, EncounterTransition
-from .selection import RulesCache, parse_encounter_ids, select
+from .selection import RulesCache, parse_encounter_ids, read_alias, select
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -199,7 +198,7 @@ def _log_ends(using: str, ids: list[UUID]) -> dict[UUID, int]:
 def iter_heads(
     *,
     definition: str | None = None,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Iterator[tuple[CheckpointEntry, Anomaly | None]]:
     """Every selected encounter's head as its log confirms it, in ascending id order, with
@@ -213,6 +212,7 @@ def iter_heads(
         EncounterError: no definition has the code ``definition``.
         ValueError: a bad ``batch_size``.
     """
+    using = read_alias(using)
     _check_batch_size(batch_size)
     selected, _ = select(using, RulesCache(using), definition, None)
     page = selected.order_by("pk").values_list("pk", "version", "head_hash", "genesis_hash")
@@ -285,7 +285,7 @@ def write_checkpoint(
     path: str | os.PathLike[str],
     *,
     definition: str | None = None,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     overwrite: bool = False,
 ) -> WrittenCheckpoint:
@@ -301,6 +301,7 @@ def write_checkpoint(
         EncounterError: no definition has the code ``definition``.
         ValueError: a bad ``batch_size``.
     """
+    using = read_alias(using)
     target = os.fspath(path)
     heads = iter_heads(definition=definition, using=using, batch_size=batch_size)
     if not overwrite and os.path.lexists(target):
@@ -686,7 +687,7 @@ class CheckpointCheck:
 def verify_checkpoint(
     source: str | os.PathLike[str] | dict[str, Any],
     *,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     root: str | None = None,
     selected: QuerySet | None = None,
     encounters: Iterable[Any] | None = None,
@@ -713,6 +714,7 @@ def verify_checkpoint(
         CheckpointError: unreadable, not JSON, another format, malformed entries, a root that
             does not match the entries (or is not ``root``). Nothing is reported then.
     """
+    using = read_alias(using)
     _check_batch_size(batch_size)
     only = None if encounters is None else set(parse_encounter_ids(encounters))
     _, checkpoint, entries, handle = _open(source)

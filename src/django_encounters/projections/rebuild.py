@@ -34,17 +34,24 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from .. import store
-from ..store import distribution
 from ..engine import Anomaly, StreamRow, hash_format, verify_stream
 from ..exceptions import EncounterNotFoundError
 from ..models import Encounter
+from ..store import distribution
 from .acknowledgements import Acknowledged, acknowledgements_of, key_of
-from .selection import GENESIS_COLUMNS, RulesCache, genesis_of, parse_encounter_ids, select
+from .selection import (
+    GENESIS_COLUMNS,
+    RulesCache,
+    genesis_of,
+    parse_encounter_ids,
+    select,
+    write_alias,
+)
 from .workers import RebuildWorkerError, describe_setup, run_in_workers
 
 __all__ = [
@@ -154,7 +161,7 @@ def rebuild_projections(
     definition: str | None = None,
     encounters: Iterable[Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     progress: Callable[[RebuildResult], None] | None = None,
     max_reported: int = DEFAULT_MAX_REPORTED,
     jobs: int = 1,
@@ -191,6 +198,7 @@ def rebuild_projections(
         RebuildWorkerError: with ``jobs > 1``, a worker process failed (the others are
             stopped; every batch either committed or rolled back, a re-run finishes the job).
     """
+    using = write_alias(using)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
+from django.db import router
 from django.db.models import QuerySet
 
 from ..engine import Genesis, Rules
@@ -19,6 +20,18 @@ from ..models import (
     EncounterTransition,
     genesis_from,
 )
+
+
+def read_alias(using: str | None) -> str:
+    """The database a report reads from: ``using`` when given, else the project's router's
+    choice for reading encounters (a replica, say), else ``default``."""
+    return using if using is not None else router.db_for_read(Encounter)
+
+
+def write_alias(using: str | None) -> str:
+    """The database a rebuild or an acknowledgement writes to: ``using`` when given, else the
+    router's choice for writing encounters, else ``default``."""
+    return using if using is not None else router.db_for_write(Encounter)
 
 
 def parse_encounter_ids(values: Iterable[Any]) -> list[UUID]:

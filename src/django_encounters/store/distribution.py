@@ -87,9 +87,9 @@ def is_sharded(connection: Any) -> bool:
     connection (one catalog query; none on other databases than PostgreSQL)."""
     found = _SHARDED.get(connection)
     if found is None:
-        found = _SHARDED[connection] = _distribution_of(
-            connection, encounter_model()._meta.db_table
-        )[0] == "h"
+        found = _SHARDED[connection] = (
+            _distribution_of(connection, encounter_model()._meta.db_table)[0] == "h"
+        )
     return found
 
 
@@ -108,9 +108,7 @@ def lock_each(using: str, pks: Iterable[Any]) -> None:
     model = encounter_model()
     qn = connection.ops.quote_name
     pk = model._meta.pk
-    sql = (
-        f"SELECT 1 FROM {qn(model._meta.db_table)} WHERE {qn(pk.column)} = %s FOR UPDATE"
-    )
+    sql = f"SELECT 1 FROM {qn(model._meta.db_table)} WHERE {qn(pk.column)} = %s FOR UPDATE"
     params = [(pk.get_db_prep_value(value, connection),) for value in pks]
     if params:
         with connection.cursor() as cursor:
@@ -215,9 +213,7 @@ def _has_field(model: Any, attname: str) -> bool:
 
 
 def _fk_targets(model: Any) -> list[Any]:
-    return [
-        f.related_model for f in model._meta.concrete_fields if isinstance(f, ForeignKey)
-    ]
+    return [f.related_model for f in model._meta.concrete_fields if isinstance(f, ForeignKey)]
 
 
 def plan(using: str) -> Plan:

@@ -1,0 +1,266 @@
+"""The store on a real Citus cluster (a coordinator and two workers, ``make test-citus``): where
+an encounter's rows live, how its statements are routed, and that the append-only guard holds
+on the workers' shards themselves, not only through the coordinator.
+
+The whole suite runs on the cluster too (``ENCOUNTERS_TEST_DB=citus``); this module checks what
+only a sharded store has. ``distribute_encounters`` itself (plan, ``--check``, idempotence, the
+refusals) is tested on every database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
+
+from django_encounters.models import (
+    AnomalyAcknowledgement,
+    Encounter,
+    EncounterDefinition,
+    EncounterDefinitionVersion,
+    EncounterTransition,
+)
+from django_encounters.services import (
+    create_encounter,
+    get_encounter_history,
+    get_state_at,
+    transition,
+)
+from django_encounters.store import distribution
+from tests.helpers import IS_CITUS, run_command, work_queries
+
+citus_only = pytest.mark.skipif(not IS_CITUS, reason="needs the Citus cluster (make test-citus)")
+
+ENCOUNTERS = Encounter._meta.db_table
+TRANSITIONS = EncounterTransition._meta.db_table
+
+
+def _one(sql: str, params: list[Any] | None = None) -> Any:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params or [])
+        return cursor.fetchall()
+
+
+def _shard_of(table: str, encounter_id: Any) -> tuple[int, str, int]:
+    """``(shard id, worker host, worker port)`` holding ``encounter_id``'s rows of ``table``."""
+    [(shard,)] = _one(
+        "SELECT get_shard_id_for_distribution_column(%s, %s::uuid)", [table, str(encounter_id)]
+    )
+    [(host, port)] = _one("SELECT nodename, nodeport FROM citus_shards WHERE shardid = %s", [shard])
+    return shard, host, port
+
+
+def _workers() -> list[tuple[str, int]]:
+    return _one(
+        "SELECT nodename, nodeport FROM pg_dist_node WHERE groupid > 0 AND noderole = 'primary' "
+        "ORDER BY nodeport"
+    )
+
+
+@contextmanager
+def _on_worker(host: str, port: int) -> Iterator[Any]:
+    """A connection of our own straight to a worker (autocommit), as its administrator has."""
+    settings = connection.settings_dict
+    with psycopg.connect(
+        host=host,
+        port=port,
+        user=settings["USER"],
+        password=settings["PASSWORD"] or None,
+        dbname=settings["NAME"],
+        autocommit=True,
+    ) as worker:
+        # Citus hides shard tables from catalog queries of ordinary clients; show them.
+        worker.execute("SET citus.override_table_visibility TO off")
+        yield worker
+
+
+# --- the layout -------------------------------------------------------------------------------
+
+
+@citus_only
+@pytest.mark.django_db
+def test_the_tables_are_distributed_as_the_store_needs() -> None:
+    from django.contrib.auth.models import User
+    from django.contrib.contenttypes.models import ContentType
+
+    found = dict(
+        _one(
+            "SELECT table_name::text, citus_table_type || ':' || distribution_column "
+            "FROM citus_tables"
+        )
+    )
+    assert found[ENCOUNTERS] == "distributed:id"
+    assert found[TRANSITIONS] == "distributed:encounter_id"
+    assert found[AnomalyAcknowledgement._meta.db_table] == "distributed:encounter_id"
+    for model in (EncounterDefinition, EncounterDefinitionVersion, User, ContentType):
+        assert found[model._meta.db_table] == "reference:<none>", model
+    # One colocation group: an encounter's rows are on its shard's node.
+    colocations = _one(
+        "SELECT DISTINCT colocation_id FROM citus_tables WHERE table_name::text = ANY(%s)",
+        [[ENCOUNTERS, TRANSITIONS, AnomalyAcknowledgement._meta.db_table]],
+    )
+    assert len(colocations) == 1
+    assert len(_workers()) == 2
+
+
+@citus_only
+@pytest.mark.django_db
+def test_distribute_encounters_is_idempotent_and_check_finds_nothing_left() -> None:
+    code, out, err = run_command("distribute_encounters", "--check")
+    assert code == 0, err
+    assert "nothing to do" in out
+    assert "in place: django_encounters_encounter: distributed by id" in out
+    assert distribution.plan("default").done
+    assert distribution.is_sharded(connections["default"])
+
+
+@pytest.mark.skipif(IS_CITUS, reason="the refusal without Citus")
+@pytest.mark.django_db
+def test_distribute_encounters_refuses_a_database_without_citus() -> None:
+    code, out, err = run_command("distribute_encounters", "--check")
+    assert code == 2
+    assert "has no Citus extension" in err
+    assert "CREATE EXTENSION citus" in err
+    with pytest.raises(distribution.DistributionError, match="no Citus extension"):
+        distribution.plan("default")
+    assert not distribution.is_sharded(connections["default"])
+
+
+# --- where the rows live -----------------------------------------------------------------------
+
+
+@citus_only
+@pytest.mark.django_db(transaction=True)
+def test_an_encounters_rows_live_on_one_shard_on_the_worker_that_owns_it(
+    visit_definition: Any, patient: Any
+) -> None:
+    encounters = [create_encounter(visit_definition, patient) for _ in range(12)]
+    for encounter in encounters:
+        transition(encounter, "checked_in")
+        transition(encounter, "in_progress")
+    owners = set()
+    for encounter in encounters:
+        shard, host, port = _shard_of(ENCOUNTERS, encounter.pk)
+        row_shard, row_host, row_port = _shard_of(TRANSITIONS, encounter.pk)
+        assert (row_host, row_port) == (host, port)
+        owners.add(port)
+        for worker_host, worker_port in _workers():
+            with _on_worker(worker_host, worker_port) as worker:
+                [(here,)] = (
+                    worker.execute(
+                        f"SELECT count(*) FROM {TRANSITIONS}_{row_shard} WHERE encounter_id = %s",
+                        [encounter.pk],
+                    ).fetchall()
+                    if worker_port == row_port
+                    else [(None,)]
+                )
+                elsewhere = worker.execute(
+                    "SELECT count(*) FROM pg_class WHERE relname = %s",
+                    [f"{TRANSITIONS}_{row_shard}"],
+                ).fetchone()[0]
+            if worker_port == row_port:
+                assert here == 2  # both rows, on the shard named for the encounter
+                assert elsewhere == 1
+            else:
+                assert elsewhere == 0  # the shard is not on the other worker at all
+    assert len(owners) == 2, "12 encounters over 2 workers: both hold some"
+
+
+# --- how statements are routed ------------------------------------------------------------------
+
+
+def _tasks(sql: str) -> int:
+    """The number of tasks Citus plans for ``sql`` (EXPLAIN, not run)."""
+    plan = "\n".join(row[0] for row in _one(f"EXPLAIN {sql}"))
+    counts = [line.split(":")[1].strip() for line in plan.splitlines() if "Task Count" in line]
+    assert counts, plan
+    return max(int(c) for c in counts)
+
+
+@citus_only
+@pytest.mark.django_db
+def test_a_transition_is_three_single_shard_statements(visit_definition: Any, patient: Any) -> None:
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "checked_in")
+    with CaptureQueriesContext(connection) as captured:
+        transition(encounter, "in_progress", reason="routed")
+    statements = work_queries(captured)
+    assert len(statements) == 3  # lock, insert, projection update
+    assert statements[0].lstrip().startswith("SELECT")
+    assert statements[1].lstrip().startswith("INSERT")
+    assert statements[2].lstrip().startswith("UPDATE")
+    for sql in statements:
+        assert _tasks(sql) == 1, sql
+
+
+@citus_only
+@pytest.mark.django_db
+def test_reads_of_one_encounter_are_single_shard(visit_definition: Any, patient: Any) -> None:
+    from django.utils import timezone
+
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "checked_in")
+    for read in (
+        lambda: get_state_at(encounter, timezone.now()),
+        lambda: get_state_at(encounter, timezone.now(), known_at=timezone.now()),
+        lambda: list(get_encounter_history(encounter)),
+    ):
+        with CaptureQueriesContext(connection) as captured:
+            read()
+        [sql] = work_queries(captured)
+        assert _tasks(sql) == 1, sql
+
+
+# --- the guard on the shards themselves -----------------------------------------------------------
+
+
+@citus_only
+@pytest.mark.django_db(transaction=True)
+def test_the_append_only_triggers_refuse_changes_on_a_workers_shard(
+    visit_definition: Any, patient: Any
+) -> None:
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "checked_in", reason="arrived")
+    shard, host, port = _shard_of(TRANSITIONS, encounter.pk)
+    shard_table = f"{TRANSITIONS}_{shard}"
+    with _on_worker(host, port) as worker:
+        for sql in (
+            f"UPDATE {shard_table} SET reason = 'rewritten' WHERE encounter_id = %s",
+            f"DELETE FROM {shard_table} WHERE encounter_id = %s",
+        ):
+            with pytest.raises(psycopg.errors.RestrictViolation, match="append-only"):
+                worker.execute(sql, [encounter.pk])
+        [(reason,)] = worker.execute(
+            f"SELECT reason FROM {shard_table} WHERE encounter_id = %s", [encounter.pk]
+        ).fetchall()
+    assert reason == "arrived"
+    [row] = get_encounter_history(encounter)
+    assert row.reason == "arrived"
+
+
+@citus_only
+@pytest.mark.django_db(transaction=True)
+def test_a_rebuild_locks_each_encounter_on_its_own_shard(
+    visit_definition: Any, patient: Any
+) -> None:
+    """A multi-shard ``SELECT … FOR UPDATE`` is refused by Citus: the rebuild locks one
+    encounter per statement, each routed to one shard."""
+    from django_encounters.projections.rebuild import rebuild_projections
+
+    encounters = [create_encounter(visit_definition, patient) for _ in range(5)]
+    for encounter in encounters:
+        transition(encounter, "checked_in")
+    with CaptureQueriesContext(connection) as captured:
+        result = rebuild_projections(batch_size=10)
+    assert result.ok and result.encounters_scanned == 5
+    [lock] = [q["sql"] for q in captured.captured_queries if "FOR UPDATE" in q["sql"]]
+    # One executemany (logged as "5 times: <sql>"): one statement per encounter.
+    times, sql = lock.split(" times: ", 1)
+    assert int(times) == 5
+    for encounter in encounters:
+        assert _tasks(sql.replace("%s", f"'{encounter.pk}'")) == 1
