@@ -59,12 +59,15 @@ test-matrix:
 demo: $(STAMP_TEST)
 	$(PY) example/demo.py
 
-# Benchmarks on SQLite (WAL file) and a throwaway PostgreSQL cluster; BENCH_ARGS='--quick' for a
-# smoke run, '--update-readme' to rewrite the table in benchmarks/README.md.
+# Benchmarks on SQLite (WAL file), a throwaway PostgreSQL cluster and a throwaway 3-node Citus
+# cluster (built when missing; BENCH_CITUS=0 leaves it out); BENCH_ARGS='--quick' for a smoke
+# run, '--update-readme' to rewrite the table in benchmarks/README.md.
 BENCH_ARGS ?=
+BENCH_CITUS ?= 1
 bench: $(STAMP_TEST)
-	PY=$(abspath $(PY)) BENCH_VIA_MAKE=1 bash -c 'source scripts/pg_cluster.sh \
-		&& trap pg_cluster_stop EXIT && trap "exit 130" INT && trap "exit 143" TERM \
+	PY=$(abspath $(PY)) BENCH_VIA_MAKE=1 BENCH_CITUS=$(BENCH_CITUS) bash -c 'source scripts/citus_cluster.sh \
+		&& trap "pg_cluster_stop; citus_cluster_stop" EXIT && trap "exit 130" INT && trap "exit 143" TERM \
+		&& if [ "$$BENCH_CITUS" = 1 ]; then citus_cluster_start && export BENCH_CITUS_PORT=$$PGPORT; fi \
 		&& pg_cluster_start && "$$PY" -m benchmarks.run $(BENCH_ARGS)'
 
 soak: $(STAMP_TEST)

@@ -79,6 +79,15 @@ def database_for(backend: str, sqlite_path: str | None = None, pg_name: str | No
             "NAME": sqlite_path,
             "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 60},
         }
+    if backend == "citus":  # the coordinator of scripts/citus_cluster.sh, its ready database
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("BENCH_CITUS_DATABASE", "encounters"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "PASSWORD": os.environ.get("PGPASSWORD", ""),
+            "HOST": os.environ.get("BENCH_CITUS_HOST", "127.0.0.1"),
+            "PORT": os.environ["BENCH_CITUS_PORT"],
+        }
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": pg_name or os.environ.get("PGDATABASE", "postgres"),
@@ -548,6 +557,17 @@ def bench_as_of(schema: Schema, encounters: int, repeats: int = 3) -> dict:
     )
 
 
+def bench_distribute(encounters: int, rows: int) -> dict:
+    """Time ``distribute_encounters`` on tables that already hold rows (what moving a live
+    installation onto Citus costs: writes wait for it)."""
+    from django.core.management import call_command
+
+    started = time.perf_counter()
+    call_command("distribute_encounters", verbosity=0)
+    seconds = time.perf_counter() - started
+    return {"encounters": encounters, "rows": rows, "seconds": seconds}
+
+
 def rebuild_floor(schema: Schema) -> float:
     """One UPDATE … FROM setting each encounter's state to its last timeline row's to_state."""
     e, t = schema.e, schema.t
@@ -660,6 +680,8 @@ def run_backend(backend: str, sizes: dict) -> dict:
     if backend == "sqlite":
         tmp = tempfile.TemporaryDirectory(prefix="encounters-bench-")
         database = database_for("sqlite", os.path.join(tmp.name, "bench.sqlite3"))
+    elif backend == "citus":
+        database = database_for("citus")
     else:
         pg_name = f"encounters_bench_{os.getpid()}"
         _pg_admin(f'CREATE DATABASE "{pg_name}"')
@@ -684,6 +706,10 @@ def run_backend(backend: str, sizes: dict) -> dict:
         log(f"generating {small:,} encounters x {rows_per} rows")
         t0 = time.perf_counter()
         generate(schema, definition, 0, small, rows_per)
+        if backend == "citus":
+            # An installation moving onto Citus: its tables are distributed with their rows.
+            log("  distribute_encounters on the populated tables")
+            results["distribute"] = bench_distribute(small, small * rows_per)
         log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 1)")
         results["figures"].append(bench_rebuild(schema, database, "small"))
         log(f"generating {big - small:,} more encounters")
@@ -737,7 +763,16 @@ def _server_version(connection: Any) -> str:
         return f"SQLite {sqlite3.sqlite_version} (WAL, file)"
     with connection.cursor() as cursor:
         cursor.execute("SHOW server_version")
-        return f"PostgreSQL {cursor.fetchone()[0]}"
+        version = f"PostgreSQL {cursor.fetchone()[0]}"
+        cursor.execute("SELECT extversion FROM pg_extension WHERE extname = 'citus'")
+        citus = cursor.fetchone()
+        if citus is None:
+            return version
+        cursor.execute("SELECT count(*) FROM pg_dist_node WHERE groupid > 0")
+        workers = cursor.fetchone()[0]
+        cursor.execute("SHOW citus.shard_count")
+        shards = cursor.fetchone()[0]
+        return f"Citus {citus[0]} on {version} (coordinator + {workers} workers, {shards} shards)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,7 +818,44 @@ def table(all_results: list[dict]) -> str:
                 f"| {backend} | {f['n']:,} rows | {f['rss_peak_mib']:.0f} MiB | "
                 f"{f['rss_growth_mib']:.0f} MiB |"
             )
+    lines += _citus_comparison(all_results)
+    for result in all_results:
+        moved = result.get("distribute")
+        if moved:
+            lines += [
+                "",
+                f"`distribute_encounters` on tables holding {moved['encounters']:,} encounters "
+                f"and {moved['rows']:,} transitions: {moved['seconds']:.1f} s "
+                f"({moved['rows'] / moved['seconds']:,.0f} transitions/s moved to the shards).",
+            ]
     return "\n".join(lines)
+
+
+def _citus_comparison(all_results: list[dict]) -> list[str]:
+    """Ours on the Citus cluster beside ours on the single PostgreSQL server, figure by figure
+    (``ratio`` = PostgreSQL time / Citus time: above 1, Citus is faster)."""
+    by_backend = {r["backend"]: {f["name"]: f for f in r["figures"]} for r in all_results}
+    if "citus" not in by_backend or "postgres" not in by_backend:
+        return []
+    lines = [
+        "",
+        "| django-encounters on | benchmark | single PostgreSQL | Citus (3 nodes) | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, citus in by_backend["citus"].items():
+        single = by_backend["postgres"].get(name)
+        if single is None:
+            continue
+        if citus["unit"] == "row":
+            a = f"{single['n'] / single['ours_s']:,.0f} rows/s"
+            b = f"{citus['n'] / citus['ours_s']:,.0f} rows/s"
+        elif citus["unit"] == "query":
+            a, b = f"{single['ours_s'] * 1000:.0f} ms", f"{citus['ours_s'] * 1000:.0f} ms"
+        else:
+            a, b = f"{single['ours_per_op_us']:.0f} µs/op", f"{citus['ours_per_op_us']:.0f} µs/op"
+        ratio = (single["ours_s"] / single["n"]) / (citus["ours_s"] / citus["n"])
+        lines.append(f"| both | {name} | {a} | {b} | {ratio:.2f}× |")
+    return lines
 
 
 README_BEGIN = "<!-- bench-results:begin -->"
@@ -815,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--backend", choices=("all", "sqlite", "postgres"), default="all")
+    parser.add_argument("--backend", choices=("all", "sqlite", "postgres", "citus"), default="all")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -858,7 +930,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_backend(args.backend, sizes), default=str), flush=True)
         return 0
 
-    backends = ["sqlite", "postgres"] if args.backend == "all" else [args.backend]
+    backends = ["sqlite", "postgres", "citus"] if args.backend == "all" else [args.backend]
+    if "citus" in backends and not os.environ.get("BENCH_CITUS_PORT"):
+        if args.backend == "citus":
+            print(
+                "bench: BENCH_CITUS_PORT is not set (use `make bench`, which starts a cluster)",
+                file=sys.stderr,
+            )
+            return 2
+        backends.remove("citus")
     if "postgres" in backends and not os.environ.get("PGHOST"):
         if args.backend == "postgres":
             print(

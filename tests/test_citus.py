@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from django.db import connection, connections
+from django.db import NotSupportedError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from django_encounters.models import (
@@ -248,19 +248,27 @@ def test_the_append_only_triggers_refuse_changes_on_a_workers_shard(
 def test_a_rebuild_locks_each_encounter_on_its_own_shard(
     visit_definition: Any, patient: Any
 ) -> None:
-    """A multi-shard ``SELECT … FOR UPDATE`` is refused by Citus: the rebuild locks one
-    encounter per statement, each routed to one shard."""
+    """A multi-shard ``SELECT … FOR UPDATE`` is refused by Citus: the rebuild locks a batch
+    with one statement per shard, each routed to that shard."""
     from django_encounters.projections.rebuild import rebuild_projections
 
-    encounters = [create_encounter(visit_definition, patient) for _ in range(5)]
+    encounters = [create_encounter(visit_definition, patient) for _ in range(8)]
     for encounter in encounters:
         transition(encounter, "checked_in")
     with CaptureQueriesContext(connection) as captured:
         result = rebuild_projections(batch_size=10)
-    assert result.ok and result.encounters_scanned == 5
+    assert result.ok and result.encounters_scanned == 8
     [lock] = [q["sql"] for q in captured.captured_queries if "FOR UPDATE" in q["sql"]]
-    # One executemany (logged as "5 times: <sql>"): one statement per encounter.
+    # One executemany (logged as "N times: <sql>"): one statement per shard holding some of
+    # the batch's encounters, each routed to that shard alone.
     times, sql = lock.split(" times: ", 1)
-    assert int(times) == 5
+    shards: dict[int, list[str]] = {}
     for encounter in encounters:
-        assert _tasks(sql.replace("%s", f"'{encounter.pk}'")) == 1
+        shards.setdefault(_shard_of(ENCOUNTERS, encounter.pk)[0], []).append(str(encounter.pk))
+    assert int(times) == len(shards) > 1
+    for ids in shards.values():
+        assert _tasks(sql.replace("%s", f"ARRAY{ids}")) == 1
+    # What it avoids: the same lock over encounters of several shards is refused.
+    everyone = [str(e.pk) for e in encounters]
+    with pytest.raises(NotSupportedError, match="FOR UPDATE"), transaction.atomic():
+        _one(sql.replace("%s", f"ARRAY{everyone}"))

@@ -10,7 +10,7 @@ How it runs:
 * encounters are taken in primary-key order, ``batch_size`` at a time (keyset pagination);
 * each batch is one transaction: lock the batch's encounter rows (``SELECT … FOR UPDATE``, so a
   concurrent ``transition()`` waits and the replay is consistent; on Citus one single-shard
-  lock per encounter, see :func:`_locked_batch`), stream their rows ordered by
+  lock statement per shard, see :func:`_locked_batch`), stream their rows ordered by
   ``(encounter, sequence)``, fold each stream, compare with the stored projection and ``UPDATE``
   only the encounters that differ;
 * memory is bounded by one batch of encounters and one stream at a time, whatever the number of
@@ -277,8 +277,8 @@ def rebuild_range(
 def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -> list[tuple]:
     """The next ``batch_size`` encounters of ``query``, their rows locked for the transaction.
     One ``SELECT … FOR UPDATE`` of the batch; on a sharded store (Citus), where a lock cannot
-    span shards, the batch's ids are read, each encounter is locked by its own single-shard
-    statement (in pk order, one pipeline), and the batch is read again under the locks."""
+    span shards, the batch's ids are read, locked by one statement per shard (one pipeline),
+    and the batch is read again under the locks."""
     if not sharded:
         return list(query.select_for_update()[:batch_size])
     pks = list(query.values_list("pk", flat=True)[:batch_size])

@@ -20,7 +20,7 @@ foreign keys dropped first and put back last (Citus refuses to distribute a tabl
 local table references). ``manage.py distribute_encounters`` is the command around both.
 
 On a sharded store, a statement that locks rows must stay on one shard: the rebuild locks a
-batch one encounter at a time (:func:`lock_each`) instead of with one multi-shard
+batch with one statement per shard (:func:`lock_each`) instead of one multi-shard
 ``SELECT … FOR UPDATE``.
 """
 
@@ -102,17 +102,29 @@ def forget(connection: Any) -> None:
 
 
 def lock_each(using: str, pks: Iterable[Any]) -> None:
-    """``SELECT … FOR UPDATE`` each encounter of ``pks`` with a statement of its own (each
-    routed to the one shard holding it), in the given order; sent as one pipeline."""
+    """``SELECT … FOR UPDATE`` the encounters ``pks`` with one statement per shard holding some
+    of them, each routed to that shard alone (Citus refuses a lock over several shards). The
+    ids are grouped by shard first, by Citus's own hash function, on the coordinator."""
     connection = connections[using]
     model = encounter_model()
     qn = connection.ops.quote_name
     pk = model._meta.pk
-    sql = f"SELECT 1 FROM {qn(model._meta.db_table)} WHERE {qn(pk.column)} = %s FOR UPDATE"
-    params = [(pk.get_db_prep_value(value, connection),) for value in pks]
-    if params:
-        with connection.cursor() as cursor:
-            cursor.executemany(sql, params)
+    table = qn(model._meta.db_table)
+    cast = pk.db_type(connection)
+    values = [pk.get_db_prep_value(value, connection) for value in pks]
+    if not values:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT array_agg(i.id ORDER BY i.id) FROM unnest(%s::{cast}[]) AS i(id) "
+            "GROUP BY get_shard_id_for_distribution_column(%s, i.id) ORDER BY 1",
+            [values, table],
+        )
+        groups = [row[0] for row in cursor.fetchall()]
+        cursor.executemany(
+            f"SELECT 1 FROM {table} WHERE {qn(pk.column)} = ANY(%s::{cast}[]) FOR UPDATE",
+            [(group,) for group in groups],
+        )
 
 
 # --- the catalog ------------------------------------------------------------------------------
