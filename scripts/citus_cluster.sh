@@ -20,7 +20,8 @@
 #   CITUS_DATABASES     databases created on every node, Citus enabled and the workers added in
 #                       each (default: "encounters test_encounters"; the tests use the second)
 #   CITUS_SHARD_COUNT   citus.shard_count of the cluster (default: 32, Citus's own default)
-#   CITUS_BUILD         the build script (default: ../shared/vendor/citus/build.sh from the repo)
+#   CITUS_BUILD         the build script (default: ../shared/vendor/citus/build.sh beside the
+#                       repository, else /work/shared/vendor/citus/build.sh)
 #
 # After citus_cluster_start: CITUS_COORDINATOR_PORT, CITUS_WORKER_PORTS (space-separated),
 # CITUS_NODE_DIRS (the three pg_cluster directories).
@@ -36,10 +37,20 @@ citus_ensure_installed() {
     libdir=$("$bin/pg_config" --pkglibdir 2>/dev/null || echo "$bin/../lib")
     [[ -f "$libdir/citus.so" ]] && return 0
     major=$(basename "$(dirname "$bin")")
-    local build="${CITUS_BUILD:-$_CITUS_CLUSTER_ROOT/../shared/vendor/citus/build.sh}"
-    if [[ ! -f "$build" ]]; then
-        echo "citus_cluster: Citus is not installed for PostgreSQL $major and there is no build" \
-            "script at $build (set CITUS_BUILD)" >&2
+    # The shared build script beside the repository (../shared), or the workplace's copy.
+    local build="${CITUS_BUILD:-}" candidate
+    if [[ -z "$build" ]]; then
+        for candidate in "$_CITUS_CLUSTER_ROOT/../shared/vendor/citus/build.sh" \
+            /work/shared/vendor/citus/build.sh; do
+            if [[ -f "$candidate" ]]; then
+                build=$candidate
+                break
+            fi
+        done
+    fi
+    if [[ -z "$build" || ! -f "$build" ]]; then
+        echo "citus_cluster: Citus is not installed for PostgreSQL $major and no build script" \
+            "was found (../shared/vendor/citus/build.sh; set CITUS_BUILD)" >&2
         return 1
     fi
     echo "citus_cluster: building Citus for PostgreSQL $major ($build)"

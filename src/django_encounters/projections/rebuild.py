@@ -282,8 +282,14 @@ def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -
     if not sharded:
         return list(query.select_for_update()[:batch_size])
     pks = list(query.values_list("pk", flat=True)[:batch_size])
+    if not pks:
+        return []
     distribution.lock_each(using, pks)
-    return list(query.filter(pk__in=pks))
+    # Read again by range (cheaper for Citus to plan than a list of ids), keeping the locked
+    # ones: an encounter created in the range since the ids were read is left out, as the
+    # one-statement lock leaves out what is created after it ran.
+    locked = set(pks)
+    return [row for row in query.filter(pk__lte=pks[-1]) if row[0] in locked]
 
 
 def _replay_batch(
