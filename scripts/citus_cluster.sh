@@ -98,8 +98,8 @@ max_prepared_transactions = 200"
             CITUS_WORKER_PORTS+="${CITUS_WORKER_PORTS:+ }$port"
         fi
     done
-    local db node
-    for db in ${CITUS_DATABASES:-encounters test_encounters}; do
+    local db node databases=${CITUS_DATABASES:-encounters test_encounters}
+    for db in $databases; do
         for node in $CITUS_COORDINATOR_PORT $CITUS_WORKER_PORTS; do
             _citus_psql "$node" postgres -c "CREATE DATABASE \"$db\"" \
                 && _citus_psql "$node" "$db" -c "CREATE EXTENSION citus" || {
@@ -122,8 +122,7 @@ max_prepared_transactions = 200"
         done
     done
     export PGHOST=127.0.0.1 PGPORT=$CITUS_COORDINATOR_PORT PGUSER=postgres
-    export PGDATABASE=${CITUS_DATABASES%% *}
-    PGDATABASE=${PGDATABASE:-encounters}
+    export PGDATABASE=${databases%% *}
     export CITUS_COORDINATOR_PORT CITUS_WORKER_PORTS CITUS_NODE_DIRS
     echo "citus_cluster: Citus $(_citus_psql "$PGPORT" "$PGDATABASE" -Atc \
         "SELECT extversion FROM pg_extension WHERE extname = 'citus'") ready: coordinator" \
