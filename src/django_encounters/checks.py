@@ -1,11 +1,32 @@
-"""System checks (``manage.py check``): settings that make the store unsafe or wrong."""
+"""System checks (``manage.py check``): settings that make the store unsafe or wrong.
+
+* ``django_encounters.E001`` (error): ``USE_TZ`` is off;
+* ``django_encounters.E002`` (error): ``ENCOUNTERS_FUTURE_TOLERANCE`` is not a duration from 0 to
+  a day;
+* ``django_encounters.E003`` (error): ``ENCOUNTERS_VALIDATOR_MODULES`` is not a list of module
+  prefixes;
+* ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
+* ``django_encounters.W002`` (warning): a SQLite database without
+  ``transaction_mode="IMMEDIATE"``;
+* ``django_encounters.W003`` (warning): an ``ENCOUNTERS_*`` setting the package does not know.
+"""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
 from typing import Any
 
+import django
 from django.conf import settings
 from django.core import checks
+
+from . import conf
+from .exceptions import EncounterConfigurationError
+
+PREFIX = "ENCOUNTERS_"
+#: Every setting the package reads.
+KNOWN_SETTINGS = ("ENCOUNTERS_FUTURE_TOLERANCE", "ENCOUNTERS_VALIDATOR_MODULES")
 
 
 @checks.register()
@@ -38,3 +59,87 @@ def check_validator_modules(app_configs: Any, **kwargs: Any) -> list[checks.Chec
             id="django_encounters.W001",
         )
     ]
+
+
+@checks.register()
+def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Each ``ENCOUNTERS_*`` setting read as the package reads it when used: an unusable value
+    is an error now rather than an ``EncounterConfigurationError`` at the first transition."""
+    readers: list[tuple[str, Callable[[], Any], str, str]] = [
+        (
+            "ENCOUNTERS_FUTURE_TOLERANCE",
+            conf.future_tolerance,
+            "django_encounters.E002",
+            "Set it to a timedelta (or seconds) from 0 to one day, e.g. timedelta(minutes=5), "
+            "or remove it for the default.",
+        ),
+        (
+            "ENCOUNTERS_VALIDATOR_MODULES",
+            conf.validator_modules,
+            "django_encounters.E003",
+            "Set it to a list of dotted module prefixes, e.g. ['myapp.validators'], or remove it.",
+        ),
+    ]
+    found: list[checks.CheckMessage] = []
+    for name, read, check_id, hint in readers:
+        try:
+            read()
+        except EncounterConfigurationError as exc:
+            found.append(checks.Error(str(exc), hint=hint, obj=name, id=check_id))
+    for name in sorted(n for n in dir(settings) if n.startswith(PREFIX)):
+        if name not in KNOWN_SETTINGS:
+            # Compared without the common prefix, which would make every name look close.
+            suffixes = {known.removeprefix(PREFIX): known for known in KNOWN_SETTINGS}
+            close = [
+                suffixes[m]
+                for m in difflib.get_close_matches(name.removeprefix(PREFIX), suffixes, n=1)
+            ]
+            found.append(
+                checks.Warning(
+                    f"{name} is not a django-encounters setting; it has no effect.",
+                    hint=f"Did you mean {close[0]}?"
+                    if close
+                    else f"Known: {', '.join(KNOWN_SETTINGS)}.",
+                    obj=name,
+                    id="django_encounters.W003",
+                )
+            )
+    return found
+
+
+@checks.register()  # settings only, no connection: not tagged "database" (run without --database)
+def check_sqlite_transaction_mode(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
+    """SQLite's default deferred transactions take the write lock only at the first write: a
+    ``transition()`` that waited would fail with "database is locked" instead of waiting its
+    turn. ``transaction_mode="IMMEDIATE"`` (Django 5.1+) takes it at ``BEGIN``."""
+    found: list[checks.CheckMessage] = []
+    databases: dict[str, dict[str, Any]] = settings.DATABASES
+    for alias, database in databases.items():
+        if not str(database.get("ENGINE", "")).endswith("sqlite3"):
+            continue
+        options: dict[str, Any] = database.get("OPTIONS") or {}
+        mode = str(options.get("transaction_mode") or "DEFERRED")
+        if mode.upper() == "IMMEDIATE":
+            continue
+        if django.VERSION >= (5, 1):
+            hint = (
+                f'Add "transaction_mode": "IMMEDIATE" to DATABASES["{alias}"]["OPTIONS"], so '
+                "that concurrent writers wait for each other."
+            )
+        else:
+            hint = (
+                "Django 5.1 or later offers OPTIONS['transaction_mode'] = 'IMMEDIATE'; with "
+                f"Django {django.get_version()}, serialise writers yourself or use PostgreSQL."
+            )
+        found.append(
+            checks.Warning(
+                f"database {alias!r} is SQLite in {mode} transaction mode: concurrent "
+                "transition() calls on it fail with 'database is locked' instead of waiting "
+                "(the row lock of transition() is a no-op on SQLite; the write lock at BEGIN "
+                "is what serialises writers).",
+                hint=hint,
+                obj=f"DATABASES[{alias!r}]",
+                id="django_encounters.W002",
+            )
+        )
+    return found
