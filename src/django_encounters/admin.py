@@ -1,14 +1,36 @@
-"""Admin: definitions are editable (with their structural warnings and every version of their
-machine shown); encounters' projection columns, the transition log, definition versions and
-anomaly acknowledgements are read-only."""
+"""Admin: encounters are created with ``create_encounter()`` and moved on with ``transition()``
+(one button per allowed next state, refused on a stale page); their timeline is shown in
+business-time order with the audit's backdated/overtaken marks; delete is a soft delete with a
+restore. Definitions are editable (with their structural warnings and every version of their
+machine shown); the transition log, definition versions and anomaly acknowledgements are
+read-only facts."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import IS_POPUP_VAR
+from django.contrib.admin.templatetags.admin_urls import add_preserved_filters
+from django.contrib.admin.utils import quote, unquote
+from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 
 from .engine import READABLE_FIELDS
+from .exceptions import ConcurrentTransitionError, EncounterError
 from .models import (
     MACHINE_FIELDS,
     AnomalyAcknowledgement,
@@ -17,6 +39,13 @@ from .models import (
     EncounterDefinitionVersion,
     EncounterTransition,
 )
+from .projections.audit import iter_audit
+from .services import create_encounter, get_state_at, transition
+
+#: The permission (besides ``change_encounter``) needed to move an encounter on from the admin.
+TRANSITION_PERMISSION = "django_encounters.transition_encounter"
+#: Times on the admin's timeline: to the second, with the time zone's name.
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S %Z"
 
 
 class ReadOnlyMixin:
@@ -32,6 +61,41 @@ class ReadOnlyMixin:
         return False
 
 
+def short_id(pk: Any) -> str:
+    """The first 8 hex digits of a UUID: enough to tell encounters apart on a page."""
+    return str(pk)[:8]
+
+
+def local_time(value: datetime | None) -> str:
+    """``value`` in the admin's time zone, to the second ("" for None)."""
+    if value is None:
+        return ""
+    return timezone.localtime(value).strftime(TIME_FORMAT)
+
+
+def subject_html(
+    site: admin.AdminSite, content_type_id: Any, subject_id: Any, label: Any = None
+) -> Any:
+    """The subject as a link to its admin page when its model is registered, else as text;
+    ``label`` defaults to "<model> #<id>" (no query for the subject itself)."""
+    content_type = ContentType.objects.get_for_id(content_type_id)
+    model = content_type.model_class()
+    if label is None:
+        label = f"{content_type.name} #{subject_id}"
+    if model is not None and site.is_registered(model):
+        url = reverse(
+            f"{site.name}:{content_type.app_label}_{content_type.model}_change",
+            args=[quote(subject_id)],
+        )
+        return format_html('<a href="{}">{}</a>', url, label)
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Definitions
+# ---------------------------------------------------------------------------------------------
+
+
 class VersionInline(ReadOnlyMixin, admin.TabularInline):
     model = EncounterDefinitionVersion
     fields = ("number", *MACHINE_FIELDS, "created_at")
@@ -40,12 +104,70 @@ class VersionInline(ReadOnlyMixin, admin.TabularInline):
     extra = 0
 
 
+class DefinitionForm(forms.ModelForm):
+    class Meta:
+        model = EncounterDefinition
+        fields = "__all__"
+        widgets = {
+            name: forms.Textarea(attrs={"rows": 3, "cols": 80, "style": "font-family: monospace"})
+            for name in ("states", "final_states", "transitions", "validators", "metadata")
+        }
+        help_texts = {
+            "states": 'JSON list, e.g. ["scheduled", "checked_in", "completed"]',
+            "final_states": 'JSON list, e.g. ["completed"]',
+            "transitions": 'JSON object: state -> next states, e.g. {"scheduled": ["checked_in"]}',
+            "validators": "JSON list of dotted paths or {\"path\": ..., \"params\": {...}}",
+        }
+
+
 @admin.register(EncounterDefinition)
 class EncounterDefinitionAdmin(admin.ModelAdmin):
-    list_display = ("name", "code", "version", "initial_state", "created_at")
+    form = DefinitionForm
+    list_display = ("name", "code", "version", "initial_state", "encounter_count", "created_at")
     search_fields = ("name", "code")
-    readonly_fields = ("version",)
+    readonly_fields = ("version", "machine_summary", "encounter_count")
     inlines = [VersionInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                live_encounters=Count("encounters", filter=Q(encounters__deleted_at__isnull=True))
+            )
+        )
+
+    @admin.display(description="encounters", ordering="live_encounters")
+    def encounter_count(self, obj: EncounterDefinition) -> Any:
+        count = getattr(obj, "live_encounters", None)
+        if count is None:
+            count = obj.encounters.count() if obj.pk else 0
+        url = reverse("admin:django_encounters_encounter_changelist")
+        return format_html('<a href="{}?definition__id__exact={}">{}</a>', url, obj.pk, count)
+
+    @admin.display(description="machine")
+    def machine_summary(self, obj: EncounterDefinition) -> Any:
+        """The latest machine as a table: each state, whether it is initial or final, and where
+        it may go next."""
+        if not obj.pk:
+            return "-"
+        rows = []
+        for state in obj.states or []:
+            marks = []
+            if state == obj.initial_state:
+                marks.append("initial")
+            if state in (obj.final_states or []):
+                marks.append("final")
+            targets = ", ".join((obj.transitions or {}).get(state, [])) or "—"
+            rows.append((state, " ".join(marks), targets))
+        body = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows
+        )
+        return format_html(
+            "<table><thead><tr><th>state</th><th></th><th>next states</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            body,
+        )
 
     def change_view(
         self, request: Any, object_id: str, form_url: str = "", extra_context: Any = None
@@ -57,25 +179,579 @@ class EncounterDefinitionAdmin(admin.ModelAdmin):
         return super().change_view(request, object_id, form_url, extra_context)
 
 
-class TransitionInline(ReadOnlyMixin, admin.TabularInline):
-    model = EncounterTransition
-    fields = readonly_fields = tuple(READABLE_FIELDS) + ("definition_version",)
-    ordering = ("sequence",)
-    extra = 0
+# ---------------------------------------------------------------------------------------------
+# Encounters: forms
+# ---------------------------------------------------------------------------------------------
+
+
+class EncounterForm(forms.ModelForm):
+    """The encounter's editable fields; the subject must exist."""
+
+    class Meta:
+        model = Encounter
+        fields = "__all__"
+        help_texts = {
+            "definition": "Can change only while no transition is recorded; the encounter then "
+            "starts over in that definition's initial state.",
+            "subject_id": "The primary key of the subject (an object of the content type).",
+        }
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        content_type = cleaned.get("subject_content_type")
+        subject_id = cleaned.get("subject_id")
+        if content_type is not None and subject_id not in (None, ""):
+            model = content_type.model_class()
+            subject = None
+            if model is not None:
+                try:
+                    subject = model._default_manager.get(pk=subject_id)
+                except (ObjectDoesNotExist, ValueError, DjangoValidationError):
+                    subject = None
+            if subject is None:
+                self.add_error(
+                    "subject_id", f"There is no {content_type.name} with id {subject_id!r}."
+                )
+            cleaned["subject"] = subject
+        return cleaned
+
+
+class TransitionForm(forms.Form):
+    """What a person adds to a transition: why, when (for a backdated entry) and the context
+    the validators read. The target state and the version the page showed are carried along."""
+
+    to_state = forms.CharField(widget=forms.HiddenInput)
+    expected_version = forms.IntegerField(min_value=0, widget=forms.HiddenInput)
+    reason = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+    effective_at = forms.DateTimeField(
+        required=False,
+        help_text="Leave empty for now. A time before the timeline's last row records a "
+        "backdated entry. YYYY-MM-DD HH:MM:SS in the admin's time zone, or ISO 8601 with an "
+        "offset.",
+    )
+    context = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "style": "font-family: monospace"}),
+        help_text='A JSON object passed to the validators, e.g. {"consent": true}.',
+    )
+
+    def __init__(self, *args: Any, needs_context: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["effective_at"].label = (
+            f"Effective at ({timezone.get_current_timezone_name()})"
+        )
+        if not needs_context:
+            del self.fields["context"]
+
+    def clean_effective_at(self) -> datetime | None:
+        value = self.cleaned_data.get("effective_at")
+        if value is not None and timezone.is_naive(value):  # USE_TZ off: not supported
+            raise forms.ValidationError("Give a time with a time zone.")
+        return value
+
+    def clean_context(self) -> dict | None:
+        text = self.cleaned_data.get("context", "").strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise forms.ValidationError(f"Context is not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise forms.ValidationError(
+                f"Context must be a JSON object ({{...}}), not {type(value).__name__}."
+            )
+        return value
+
+
+class StateAtForm(forms.Form):
+    """The "state at …" box of the encounter page (a GET form)."""
+
+    state_at = forms.DateTimeField(label="State at")
+    known_at = forms.DateTimeField(label="as known at", required=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encounters: list filters
+# ---------------------------------------------------------------------------------------------
+
+
+class DeletedFilter(admin.SimpleListFilter):
+    """Soft-deleted encounters are hidden unless asked for."""
+
+    title = "deleted"
+    parameter_name = "deleted"
+    CHOICES = ((None, "Not deleted"), ("yes", "Deleted"), ("all", "All"))
+
+    def lookups(self, request: Any, model_admin: Any) -> list[tuple[str, str]]:
+        return [(value, label) for value, label in self.CHOICES if value is not None]
+
+    def choices(self, changelist: Any) -> Any:
+        for value, label in self.CHOICES:
+            yield {
+                "selected": self.value() == value,
+                "query_string": changelist.get_query_string(
+                    {self.parameter_name: value} if value else {}, [self.parameter_name]
+                ),
+                "display": label,
+            }
+
+    def queryset(self, request: Any, queryset: QuerySet) -> QuerySet:
+        if self.value() == "yes":
+            return queryset.filter(deleted_at__isnull=False)
+        if self.value() == "all":
+            return queryset
+        return queryset.filter(deleted_at__isnull=True)
+
+
+class DefinitionStateFilter(admin.SimpleListFilter):
+    """One state filter per definition (states of every version of it, in order)."""
+
+    title = "state"
+    parameter_name = "state_of"
+
+    def lookups(self, request: Any, model_admin: Any) -> list[tuple[str, str]]:
+        found: dict[tuple[Any, str], str] = {}
+        versions = (
+            EncounterDefinitionVersion.objects.filter(definition__deleted_at__isnull=True)
+            .order_by("definition__name", "number")
+            .values_list("definition_id", "definition__name", "states")
+        )
+        for definition_id, name, states in versions:
+            for state in states or []:
+                found.setdefault((definition_id, state), f"{name}: {state}")
+        return [(f"{pk}:{state}", label) for (pk, state), label in found.items()]
+
+    def queryset(self, request: Any, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if not value:
+            return queryset
+        pk, _, state = value.partition(":")
+        try:
+            definition_id = UUID(pk)
+        except ValueError:
+            return queryset.none()
+        return queryset.filter(definition_id=definition_id, state=state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encounters: the timeline shown on the page and in "History"
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    sequence: int
+    from_state: str
+    to_state: str
+    effective_at: str
+    transitioned_at: str
+    transitioned_by: str
+    reason: str
+    context: str
+    backdated: bool
+    overtaken: bool
+    overtaken_by: int | None
+
+
+def timeline_rows(encounter: Encounter) -> list[TimelineRow]:
+    """The encounter's rows in business-time order (``effective_at``, then ``sequence``), with
+    the audit's backdated and overtaken marks and each row's context."""
+    audit = next(iter(iter_audit(encounters=[encounter.pk])), None)
+    if audit is None:
+        return []
+    contexts = dict(
+        EncounterTransition.objects.filter(encounter_id=encounter.pk).values_list(
+            "sequence", "metadata"
+        )
+    )
+    return [
+        TimelineRow(
+            sequence=row.sequence,
+            from_state=row.from_state,
+            to_state=row.to_state,
+            effective_at=local_time(row.effective_at),
+            transitioned_at=local_time(row.transitioned_at),
+            transitioned_by=row.transitioned_by or "",
+            reason=row.reason,
+            context=json.dumps(contexts[row.sequence], sort_keys=True)
+            if contexts.get(row.sequence)
+            else "",
+            backdated=row.backdated,
+            overtaken=row.overtaken,
+            overtaken_by=row.overtaken_by,
+        )
+        for row in audit.timeline
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encounters
+# ---------------------------------------------------------------------------------------------
+
+#: What ``create_encounter()`` takes from the add form.
+ADD_FIELDS = (
+    "definition",
+    "subject_content_type",
+    "subject_id",
+    "scheduled_at",
+    "assigned_to",
+    "notes",
+    "metadata",
+)
+#: An encounter's creation facts that may not change once it has history.
+FACT_FIELDS = ("definition", "subject_content_type", "subject_id")
 
 
 @admin.register(Encounter)
 class EncounterAdmin(admin.ModelAdmin):
-    list_display = ("id", "definition", "state", "version", "scheduled_at", "created_at")
-    list_filter = ("definition", "state")
-    readonly_fields = Encounter.LOG_DERIVED_FIELDS
-    inlines = [TransitionInline]
+    form = EncounterForm
+    list_display = (
+        "short_id",
+        "subject_link",
+        "definition",
+        "state",
+        "version",
+        "scheduled_at",
+        "created_at",
+        "deleted",
+    )
+    list_display_links = ("short_id",)
+    list_filter = (DeletedFilter, DefinitionStateFilter, "definition")
+    list_select_related = ("definition", "subject_content_type")
+    search_fields = ("=subject_id", "notes", "transitions__reason")
+    search_help_text = "Search by subject id (exact), notes or a transition's reason."
+    date_hierarchy = "created_at"
+    readonly_fields = ("subject_link", *Encounter.LOG_DERIVED_FIELDS, "deleted_at")
+    actions = ["delete_selected", "restore_selected"]
+
+    # -- queryset and permissions -----------------------------------------------------------
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        """Every encounter, soft-deleted ones included (the list hides them by default, see
+        :class:`DeletedFilter`), so that a link to a deleted encounter still opens it."""
+        queryset = Encounter.all_objects.get_queryset().prefetch_related("subject")
+        ordering = self.get_ordering(request)
+        return queryset.order_by(*ordering) if ordering else queryset
+
+    def has_transition_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm(TRANSITION_PERMISSION) and self.has_change_permission(
+            request, obj
+        )
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        if obj is not None and obj.is_deleted:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    # -- columns ----------------------------------------------------------------------------
+
+    @admin.display(description="encounter", ordering="id")
+    def short_id(self, obj: Encounter) -> str:
+        return short_id(obj.pk)
+
+    @admin.display(description="subject")
+    def subject_link(self, obj: Encounter) -> Any:
+        if not obj.pk:
+            return "-"
+        subject = obj.subject
+        label = (
+            f"{subject} (#{obj.subject_id})"
+            if subject is not None
+            else f"missing {obj.subject_content_type.name} #{obj.subject_id}"
+        )
+        return subject_html(self.admin_site, obj.subject_content_type_id, obj.subject_id, label)
+
+    @admin.display(description="deleted", boolean=True, ordering="deleted_at")
+    def deleted(self, obj: Encounter) -> bool:
+        return obj.is_deleted
+
+    # -- forms ------------------------------------------------------------------------------
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ADD_FIELDS
+        return super().get_fields(request, obj)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ()
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj.version > 0 or obj.transitions.exists():
+            fields += FACT_FIELDS  # its log is decided and hashed under them
+        return fields
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        data = form.cleaned_data
+        created = create_encounter(
+            data["definition"],
+            data["subject"],
+            created_by=request.user,
+            assigned_to=data.get("assigned_to"),
+            scheduled_at=data.get("scheduled_at"),
+            notes=data.get("notes") or "",
+            metadata=data.get("metadata") or None,
+        )
+        # The admin goes on with the form's instance (its log entry, the redirect): make it
+        # the encounter create_encounter() made.
+        obj.__dict__.update(created.__dict__)
+
+    # -- soft delete and restore ------------------------------------------------------------
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
+        """A soft delete removes nothing: only the encounters themselves are listed, and no
+        permission on the transitions (which are kept) is needed."""
+        return [str(self._label(obj)) for obj in objs], {}, set(), []
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        obj.delete()
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for obj in queryset:
+            obj.delete()
+
+    def response_delete(self, request: HttpRequest, obj_display: str, obj_id: Any) -> Any:
+        if IS_POPUP_VAR in request.POST:
+            return super().response_delete(request, obj_display, obj_id)
+        self.message_user(
+            request,
+            f"The encounter {obj_display} was soft-deleted: it is hidden from the list, its "
+            "transitions are kept, and it can be restored (filter 'deleted' → 'Deleted', "
+            "then the 'Restore' action, or the button on its page).",
+            messages.SUCCESS,
+        )
+        url = reverse("admin:django_encounters_encounter_changelist")
+        preserved = {"preserved_filters": self.get_preserved_filters(request), "opts": self.opts}
+        return HttpResponseRedirect(add_preserved_filters(preserved, url))
+
+    @admin.action(description="Restore selected soft-deleted encounters", permissions=["change"])
+    def restore_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
+        restored = 0
+        for obj in queryset:
+            if obj.is_deleted:
+                obj.restore()
+                self.log_change(request, obj, "Restored (soft delete undone).")
+                restored += 1
+        messages.success(request, f"Restored {restored} encounter(s).")
+
+    def restore_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        if request.method != "POST" or not self.has_change_permission(request, obj):
+            raise PermissionDenied
+        if obj.is_deleted:
+            obj.restore()
+            self.log_change(request, obj, "Restored (soft delete undone).")
+            messages.success(request, f"The encounter {self._label(obj)} was restored.")
+        return HttpResponseRedirect(self._change_url(obj))
+
+    # -- the encounter page -----------------------------------------------------------------
+
+    def get_urls(self) -> list[Any]:
+        wrap = self.admin_site.admin_view
+        info = self.opts.app_label, self.opts.model_name
+        return [
+            path(
+                "<path:object_id>/transition/",
+                wrap(self.transition_view),
+                name="{}_{}_transition".format(*info),
+            ),
+            path(
+                "<path:object_id>/restore/",
+                wrap(self.restore_view),
+                name="{}_{}_restore".format(*info),
+            ),
+            *super().get_urls(),
+        ]
+
+    def change_view(
+        self, request: Any, object_id: str, form_url: str = "", extra_context: Any = None
+    ) -> Any:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is not None:
+            extra_context = {**(extra_context or {}), **self._page_context(request, obj)}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def history_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is not None and self.has_view_or_change_permission(request, obj):
+            extra_context = {**(extra_context or {}), "timeline": timeline_rows(obj)}
+        return super().history_view(request, object_id, extra_context)
+
+    def _page_context(self, request: HttpRequest, obj: Encounter) -> dict[str, Any]:
+        """The status panel (state, definition version, transition buttons), the timeline and
+        the "state at" box."""
+        can_transition = not obj.is_deleted and self.has_transition_permission(request, obj)
+        buttons = []
+        if can_transition:
+            url = reverse("admin:django_encounters_encounter_transition", args=[quote(obj.pk)])
+            buttons = [
+                (state, f"{url}?{urlencode({'to_state': state, 'expected_version': obj.version})}")
+                for state in obj.allowed_transitions
+            ]
+        state_at: dict[str, Any] = {"form": StateAtForm()}
+        if "state_at" in request.GET:
+            form = StateAtForm(request.GET)
+            state_at["form"] = form
+            if form.is_valid():
+                when, known_at = form.cleaned_data["state_at"], form.cleaned_data["known_at"]
+                state_at["answer"] = get_state_at(obj, when, known_at)
+                state_at["when"] = local_time(when)
+                state_at["known_at"] = local_time(known_at)
+        return {
+            "encounter": obj,
+            "latest_definition_version": obj.definition.version,
+            "is_final": obj.is_final,
+            "transition_buttons": buttons,
+            "can_transition": can_transition,
+            "timeline": timeline_rows(obj),
+            "state_at": state_at,
+            "restore_url": reverse(
+                "admin:django_encounters_encounter_restore", args=[quote(obj.pk)]
+            ),
+            "time_zone": timezone.get_current_timezone_name(),
+        }
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def transition_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The small form behind a transition button: reason, optional ``effective_at``,
+        context; calls ``transition()`` with the user and the version the page showed."""
+        obj = self.get_object(request, unquote(object_id))
+        if obj is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        if not self.has_transition_permission(request, obj):
+            raise PermissionDenied
+        needs_context = bool(obj.machine.validators)
+        if request.method == "POST":
+            form = TransitionForm(request.POST, needs_context=needs_context)
+            if form.is_valid():
+                data = form.cleaned_data
+                try:
+                    row = transition(
+                        obj,
+                        data["to_state"],
+                        transitioned_by=request.user,
+                        reason=data["reason"],
+                        context=data.get("context"),
+                        effective_at=data["effective_at"],
+                        expected_version=data["expected_version"],
+                    )
+                except ConcurrentTransitionError as exc:
+                    obj.refresh_from_db()
+                    messages.error(
+                        request,
+                        f"Refused: the page you acted from was out of date. {exc}. The "
+                        f"encounter is now in '{obj.state}' (version {obj.version}); nothing "
+                        "was changed. Look at the timeline below and try again.",
+                    )
+                    return HttpResponseRedirect(self._change_url(obj))
+                except (EncounterError, ValueError, TypeError) as exc:
+                    messages.error(request, f"Refused, nothing was changed: {exc}")
+                else:
+                    message = (
+                        f"Moved from '{row.from_state}' to '{row.to_state}' "
+                        f"(sequence {row.sequence})"
+                    )
+                    if data["reason"]:
+                        message += f": {data['reason']}"
+                    self.log_change(request, obj, message)
+                    messages.success(request, message + ".")
+                    return HttpResponseRedirect(self._change_url(obj))
+        else:
+            form = TransitionForm(
+                initial={
+                    "to_state": request.GET.get("to_state", ""),
+                    "expected_version": request.GET.get("expected_version", obj.version),
+                },
+                needs_context=needs_context,
+            )
+        to_state = form["to_state"].value()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Move encounter {short_id(obj.pk)} to '{to_state}'",
+            "subtitle": None,
+            "opts": self.opts,
+            "original": obj,
+            "form": form,
+            "to_state": to_state,
+            "validators": obj.machine.validators,
+            "change_url": self._change_url(obj),
+            "has_view_permission": True,
+            "media": self.media + form.media,
+        }
+        return TemplateResponse(
+            request, "admin/django_encounters/encounter/transition_form.html", context
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _change_url(self, obj: Encounter) -> str:
+        return reverse("admin:django_encounters_encounter_change", args=[quote(obj.pk)])
+
+    @staticmethod
+    def _label(obj: Encounter) -> str:
+        return f"{short_id(obj.pk)} ({obj.definition.name}, {obj.state})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The log and the other facts
+# ---------------------------------------------------------------------------------------------
 
 
 @admin.register(EncounterTransition)
 class EncounterTransitionAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ("encounter", *READABLE_FIELDS[: READABLE_FIELDS.index("reason")])
-    list_filter = ("to_state",)
+    list_display = (
+        "encounter_link",
+        "subject",
+        "sequence",
+        "from_state",
+        "to_state",
+        "effective",
+        "recorded",
+        "transitioned_by",
+    )
+    list_select_related = ("encounter__definition", "transitioned_by")
+    list_filter = ("encounter__definition", "to_state")
+    search_fields = ("reason", "=encounter__subject_id")
+    search_help_text = "Search by reason or the encounter's subject id (exact)."
+    date_hierarchy = "effective_at"
+    fields = (
+        "encounter_link",
+        "subject",
+        *READABLE_FIELDS,
+        "metadata",
+        "definition_version",
+        "hash",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="encounter", ordering="encounter")
+    def encounter_link(self, obj: EncounterTransition) -> Any:
+        encounter = obj.encounter
+        url = reverse("admin:django_encounters_encounter_change", args=[quote(encounter.pk)])
+        return format_html(
+            '<a href="{}">{}</a> ({})', url, short_id(encounter.pk), encounter.definition.name
+        )
+
+    @admin.display(description="subject")
+    def subject(self, obj: EncounterTransition) -> Any:
+        encounter = obj.encounter
+        return subject_html(
+            self.admin_site, encounter.subject_content_type_id, encounter.subject_id
+        )
+
+    @admin.display(description="effective at", ordering="effective_at")
+    def effective(self, obj: EncounterTransition) -> str:
+        return local_time(obj.effective_at)
+
+    @admin.display(description="recorded at", ordering="transitioned_at")
+    def recorded(self, obj: EncounterTransition) -> str:
+        return local_time(obj.transitioned_at)
 
 
 @admin.register(EncounterDefinitionVersion)

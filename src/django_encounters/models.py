@@ -550,6 +550,7 @@ class Encounter(UUIDModel, BaseModel):
         verbose_name = "encounter"
         verbose_name_plural = "encounters"
         ordering = ["-created_at"]
+        permissions = [("transition_encounter", "Can transition encounter")]
         indexes = [
             models.Index(fields=["subject_content_type", "subject_id"]),
             models.Index(fields=["state"]),

@@ -90,6 +90,7 @@ class Migration(migrations.Migration):
                 'verbose_name': 'encounter',
                 'verbose_name_plural': 'encounters',
                 'ordering': ['-created_at'],
+                'permissions': [('transition_encounter', 'Can transition encounter')],
             },
         ),
         migrations.CreateModel(
