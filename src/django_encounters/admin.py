@@ -703,6 +703,10 @@ class EncounterAdmin(admin.ModelAdmin):
 # ---------------------------------------------------------------------------------------------
 
 
+#: The row's times, shown to the second (Django's own display stops at the minute).
+_TO_THE_SECOND = {"effective_at": "effective", "transitioned_at": "recorded"}
+
+
 @admin.register(EncounterTransition)
 class EncounterTransitionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = (
@@ -723,7 +727,7 @@ class EncounterTransitionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     fields = (
         "encounter_link",
         "subject",
-        *READABLE_FIELDS,
+        *(_TO_THE_SECOND.get(name, name) for name in READABLE_FIELDS),
         "metadata",
         "definition_version",
         "hash",
