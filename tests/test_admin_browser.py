@@ -65,7 +65,7 @@ def driver(request):
         "--disable-sync",
         "--no-first-run",
         f"--user-data-dir={profile}",
-        "--window-size=1400,1300",
+        "--window-size=1600,1200",
     ):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -257,4 +257,3 @@ def test_add_encounter_form(person, visit_definition, patient):
     person.wait_for("ul.messagelist")
     created = Encounter.objects.get()
     assert created.subject == patient and created.state == "scheduled"
-

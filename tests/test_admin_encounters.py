@@ -167,9 +167,7 @@ def test_validator_refusal_names_the_validator(admin_client, validated_encounter
 
 
 def test_context_is_passed_and_shown_on_the_timeline(admin_client, validated_encounter):
-    page = post_transition(
-        admin_client, validated_encounter, "checked_in", context='{"desk": "B"}'
-    )
+    page = post_transition(admin_client, validated_encounter, "checked_in", context='{"desk": "B"}')
     row = EncounterTransition.objects.get(encounter=validated_encounter)
     assert row.metadata == {"desk": "B"}
     assert "{&quot;desk&quot;: &quot;B&quot;}" in page.content.decode()
@@ -245,15 +243,15 @@ def test_transition_needs_the_transition_permission(staff_client, encounter):
 
 
 def test_transition_permission_with_change_permission_is_enough(staff_client, encounter):
-    staff_client.user.user_permissions.add(
-        Permission.objects.get(codename="transition_encounter")
-    )
+    staff_client.user.user_permissions.add(Permission.objects.get(codename="transition_encounter"))
     page = post_transition(staff_client, encounter, "checked_in")
     assert page.status_code == 200
     assert Encounter.objects.get(pk=encounter.pk).state == "checked_in"
 
 
-def test_transition_permission_without_change_permission_is_not(client, django_user_model, encounter):
+def test_transition_permission_without_change_permission_is_not(
+    client, django_user_model, encounter
+):
     user = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
     user.user_permissions.add(
         *Permission.objects.filter(codename__in=["view_encounter", "transition_encounter"])
@@ -404,7 +402,9 @@ def test_definition_list_counts_its_live_encounters(admin_client, visit_definiti
 
 def test_definition_page_shows_machine_versions_warnings_and_count(admin_client, make_definition):
     definition = make_definition(
-        states=["a", "b", "orphan"], initial_state="a", final_states=["b"],
+        states=["a", "b", "orphan"],
+        initial_state="a",
+        final_states=["b"],
         transitions={"a": ["b"]},
     )
     page = admin_client.get(
@@ -485,7 +485,9 @@ def test_definition_and_subject_of_an_encounter_with_history_are_read_only(
 def test_change_refuses_a_subject_that_does_not_exist(admin_client, encounter, visit_definition):
     from tests.testapp.models import Patient
 
-    page = admin_client.post(change_url(encounter), add_payload(visit_definition, Patient, "424242"))
+    page = admin_client.post(
+        change_url(encounter), add_payload(visit_definition, Patient, "424242")
+    )
     assert page.status_code == 200
     assert "There is no patient with id" in page.content.decode()
     assert Encounter.objects.get(pk=encounter.pk).subject_id == encounter.subject_id
@@ -497,7 +499,9 @@ def test_moving_an_encounter_without_history_starts_it_in_the_new_initial_state(
     from tests.testapp.models import Patient
 
     other = make_definition(
-        states=["open", "done"], initial_state="open", final_states=["done"],
+        states=["open", "done"],
+        initial_state="open",
+        final_states=["done"],
         transitions={"open": ["done"]},
     )
     response = admin_client.post(change_url(encounter), add_payload(other, Patient, patient.pk))
@@ -534,9 +538,7 @@ def test_delete_is_a_soft_delete_with_a_message_saying_so(admin_client, encounte
     assert encounter.pk not in {e.pk for e in page.context["cl"].result_list}
 
 
-def test_bulk_delete_action_is_a_soft_delete_with_an_honest_confirmation(
-    admin_client, encounter
-):
+def test_bulk_delete_action_is_a_soft_delete_with_an_honest_confirmation(admin_client, encounter):
     transition(encounter, "checked_in")
     data = {"action": "delete_selected", "_selected_action": [str(encounter.pk)]}
     text = admin_client.post(changelist_url(), data).content.decode()
@@ -562,9 +564,7 @@ def test_deleted_filter_and_restore_action(admin_client, encounter, make_definit
     assert not Encounter.all_objects.get(pk=encounter.pk).is_deleted
 
 
-def test_a_link_to_a_soft_deleted_encounter_opens_it_with_a_restore_button(
-    admin_client, encounter
-):
+def test_a_link_to_a_soft_deleted_encounter_opens_it_with_a_restore_button(admin_client, encounter):
     transition(encounter, "checked_in")
     encounter.delete()
     page = admin_client.get(change_url(encounter))
@@ -606,4 +606,3 @@ def test_unknown_encounter_redirects_with_a_message(admin_client, visit_definiti
         reverse("admin:django_encounters_encounter_transition", args=[uuid.uuid4()]), follow=True
     )
     assert any("doesn’t exist" in m for m in messages_of(page))
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 from django import forms
@@ -116,7 +116,7 @@ class DefinitionForm(forms.ModelForm):
             "states": 'JSON list, e.g. ["scheduled", "checked_in", "completed"]',
             "final_states": 'JSON list, e.g. ["completed"]',
             "transitions": 'JSON object: state -> next states, e.g. {"scheduled": ["checked_in"]}',
-            "validators": "JSON list of dotted paths or {\"path\": ..., \"params\": {...}}",
+            "validators": 'JSON list of dotted paths or {"path": ..., "params": {...}}',
         }
 
 
@@ -160,9 +160,7 @@ class EncounterDefinitionAdmin(admin.ModelAdmin):
                 marks.append("final")
             targets = ", ".join((obj.transitions or {}).get(state, [])) or "—"
             rows.append((state, " ".join(marks), targets))
-        body = format_html_join(
-            "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows
-        )
+        body = format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows)
         return format_html(
             "<table><thead><tr><th>state</th><th></th><th>next states</th></tr></thead>"
             "<tbody>{}</tbody></table>",
@@ -197,7 +195,8 @@ class EncounterForm(forms.ModelForm):
         }
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         content_type = cleaned.get("subject_content_type")
         subject_id = cleaned.get("subject_id")
         if content_type is not None and subject_id not in (None, ""):
@@ -237,9 +236,7 @@ class TransitionForm(forms.Form):
 
     def __init__(self, *args: Any, needs_context: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["effective_at"].label = (
-            f"Effective at ({timezone.get_current_timezone_name()})"
-        )
+        self.fields["effective_at"].label = f"Effective at ({timezone.get_current_timezone_name()})"
         if not needs_context:
             del self.fields["context"]
 
@@ -462,16 +459,36 @@ class EncounterAdmin(admin.ModelAdmin):
         )
         return subject_html(self.admin_site, obj.subject_content_type_id, obj.subject_id, label)
 
-    @admin.display(description="deleted", boolean=True, ordering="deleted_at")
-    def deleted(self, obj: Encounter) -> bool:
-        return obj.is_deleted
+    @admin.display(description="deleted", ordering="deleted_at")
+    def deleted(self, obj: Encounter) -> str:
+        return local_time(obj.deleted_at)
 
     # -- forms ------------------------------------------------------------------------------
 
-    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
-            return ADD_FIELDS
-        return super().get_fields(request, obj)
+            return [(None, {"fields": ADD_FIELDS})]
+        return [
+            (
+                None,
+                {
+                    "fields": (
+                        "subject_link",
+                        *FACT_FIELDS,
+                        "assigned_to",
+                        "scheduled_at",
+                        "started_at",
+                        "ended_at",
+                        "notes",
+                    )
+                },
+            ),
+            ("Record", {"fields": ("created_by", "metadata", "deleted_at")}),
+            (
+                "Projection and genesis (derived from the transition log)",
+                {"fields": Encounter.LOG_DERIVED_FIELDS, "classes": ("collapse",)},
+            ),
+        ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
@@ -524,7 +541,10 @@ class EncounterAdmin(admin.ModelAdmin):
             messages.SUCCESS,
         )
         url = reverse("admin:django_encounters_encounter_changelist")
-        preserved = {"preserved_filters": self.get_preserved_filters(request), "opts": self.opts}
+        preserved: dict[str, Any] = {
+            "preserved_filters": self.get_preserved_filters(request),
+            "opts": self.opts,
+        }
         return HttpResponseRedirect(add_preserved_filters(preserved, url))
 
     @admin.action(description="Restore selected soft-deleted encounters", permissions=["change"])
@@ -540,7 +560,7 @@ class EncounterAdmin(admin.ModelAdmin):
     def restore_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         obj = self.get_object(request, unquote(object_id))
         if obj is None:
-            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+            return self._missing(request, object_id)
         if request.method != "POST" or not self.has_change_permission(request, obj):
             raise PermissionDenied
         if obj.is_deleted:
@@ -603,6 +623,8 @@ class EncounterAdmin(admin.ModelAdmin):
                 state_at["when"] = local_time(when)
                 state_at["known_at"] = local_time(known_at)
         return {
+            "subtitle": f"Encounter {short_id(obj.pk)} · {obj.definition.name} · "
+            f"{obj.subject_content_type.name} #{obj.subject_id}",
             "encounter": obj,
             "latest_definition_version": obj.definition.version,
             "is_final": obj.is_final,
@@ -623,7 +645,7 @@ class EncounterAdmin(admin.ModelAdmin):
         context; calls ``transition()`` with the user and the version the page showed."""
         obj = self.get_object(request, unquote(object_id))
         if obj is None:
-            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+            return self._missing(request, object_id)
         if not self.has_transition_permission(request, obj):
             raise PermissionDenied
         needs_context = bool(obj.machine.validators)
@@ -690,6 +712,13 @@ class EncounterAdmin(admin.ModelAdmin):
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _missing(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """As Django's change page does for an id that names nothing: say so, go home."""
+        messages.warning(
+            request, f"encounter with ID “{object_id}” doesn’t exist. Perhaps it was deleted?"
+        )
+        return HttpResponseRedirect(reverse("admin:index", current_app=self.admin_site.name))
+
     def _change_url(self, obj: Encounter) -> str:
         return reverse("admin:django_encounters_encounter_change", args=[quote(obj.pk)])
 
@@ -724,7 +753,7 @@ class EncounterTransitionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     search_fields = ("reason", "=encounter__subject_id")
     search_help_text = "Search by reason or the encounter's subject id (exact)."
     date_hierarchy = "effective_at"
-    fields = (
+    fields: ClassVar[tuple[str, ...]] = (
         "encounter_link",
         "subject",
         *(_TO_THE_SECOND.get(name, name) for name in READABLE_FIELDS),
