@@ -10,7 +10,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from tests.helpers import IS_CITUS, IS_POSTGRES
+from tests.helpers import IS_CITUS, IS_POSTGRES, SCREENSHOTS
 
 # The definition of the original specification's usage example.
 VISIT_STATES = ["scheduled", "checked_in", "in_progress", "completed", "cancelled"]
@@ -51,6 +51,13 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         if "postgres_only" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say where the browser tests saved the screenshots of the pages they visited."""
+    directory = terminalreporter.config.stash.get(SCREENSHOTS, None)
+    if directory is not None:
+        terminalreporter.write_line(f"admin screenshots: {directory}")
 
 
 @pytest.fixture(scope="session")

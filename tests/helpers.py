@@ -11,12 +11,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import pytest
 from django.db import connection, transaction
 
 TEST_DB = os.environ.get("ENCOUNTERS_TEST_DB", "sqlite")
 #: PostgreSQL, plain or with Citus (the coordinator of a cluster, the tables distributed).
 IS_POSTGRES = TEST_DB in ("postgres", "citus")
 IS_CITUS = TEST_DB == "citus"
+
+#: Where the browser tests saved their screenshots, printed at the end of the run.
+SCREENSHOTS: pytest.StashKey[Any] = pytest.StashKey()
 
 # Transaction-control statements that CaptureQueriesContext may record and that do not count
 # as "work" (Django logs savepoints; SQLite in IMMEDIATE mode also logs its BEGIN).

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.services import transition
+from tests.helpers import SCREENSHOTS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -74,9 +75,7 @@ def driver(request):
     yield browser
     browser.quit()
     shutil.rmtree(profile, ignore_errors=True)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"admin screenshots: {SCREENSHOT_DIR}")
+    request.config.stash[SCREENSHOTS] = SCREENSHOT_DIR
 
 
 class Person:

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.services import create_encounter, transition
+from tests.helpers import rewrite_row, snapshot
 
 pytestmark = pytest.mark.django_db
 
@@ -33,17 +34,6 @@ def changelist_url():
 
 def messages_of(response):
     return [str(m) for m in response.context["messages"]] if response.context else []
-
-
-def snapshot(encounter):
-    """Everything a refused transition must leave as it was."""
-    stored = Encounter.all_objects.get(pk=encounter.pk)
-    rows = list(
-        EncounterTransition.objects.filter(encounter_id=encounter.pk)
-        .order_by("sequence")
-        .values_list("sequence", "to_state", "hash")
-    )
-    return stored.state, stored.version, stored.head_hash, rows
 
 
 @pytest.fixture
@@ -198,6 +188,19 @@ def test_bad_effective_at_is_a_form_error(admin_client, encounter, value):
     assert snapshot(encounter) == before
 
 
+@pytest.mark.parametrize(
+    "fields", [{"expected_version": "abc"}, {"expected_version": "-1"}, {"to_state": ""}]
+)
+def test_a_tampered_hidden_field_is_a_form_error(admin_client, encounter, fields):
+    before = snapshot(encounter)
+    payload = {"to_state": "checked_in", "expected_version": 0, "reason": "", **fields}
+    page = admin_client.post(transition_url(encounter), payload)
+    assert page.status_code == 200
+    assert not page.context["form"].is_valid()
+    assert 'class="errornote"' in page.content.decode()
+    assert snapshot(encounter) == before
+
+
 def test_future_effective_at_is_refused_by_the_library(admin_client, encounter):
     before = snapshot(encounter)
     later = (timezone.now() + timedelta(days=2)).isoformat()
@@ -323,6 +326,14 @@ def test_state_at_box_with_a_bad_time_is_a_form_error(admin_client, encounter):
     assert page.status_code == 200
     assert "answer" not in page.context["state_at"]
     assert page.context["state_at"]["form"].errors["state_at"]
+
+
+def test_anomalies_of_the_log_are_shown_on_the_page(admin_client, encounter):
+    transition(encounter, "checked_in", reason="arrived")
+    rewrite_row(encounter, 1, reason="edited behind the library's back")
+    text = admin_client.get(change_url(encounter)).content.decode()
+    assert "The audit finds 1 anomaly" in text
+    assert "sequence 1: hash" in text
 
 
 def test_history_button_shows_the_timeline(admin_client, backdated_employment):
@@ -520,7 +531,7 @@ def delete_url(encounter):
 def test_delete_confirmation_is_honest_about_a_soft_delete(admin_client, encounter):
     transition(encounter, "checked_in")
     text = admin_client.get(delete_url(encounter)).content.decode()
-    assert "Soft-delete the encounter" in text
+    assert f"Soft-delete the encounter <strong>{str(encounter.pk)[:8]} (Patient Visit" in text
     assert "1 transition(s)" in text and "are kept" in text
     assert "Restore" in text
     assert "would require deleting" not in text

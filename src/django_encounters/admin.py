@@ -351,18 +351,19 @@ class TimelineRow:
     overtaken_by: int | None
 
 
-def timeline_rows(encounter: Encounter) -> list[TimelineRow]:
+def encounter_timeline(encounter: Encounter) -> tuple[list[TimelineRow], list[str]]:
     """The encounter's rows in business-time order (``effective_at``, then ``sequence``), with
-    the audit's backdated and overtaken marks and each row's context."""
+    the audit's backdated and overtaken marks and each row's context; and the anomalies the
+    audit finds in its stream (a damaged log is shown, never hidden)."""
     audit = next(iter(iter_audit(encounters=[encounter.pk])), None)
     if audit is None:
-        return []
+        return [], []
     contexts = dict(
         EncounterTransition.objects.filter(encounter_id=encounter.pk).values_list(
             "sequence", "metadata"
         )
     )
-    return [
+    rows = [
         TimelineRow(
             sequence=row.sequence,
             from_state=row.from_state,
@@ -380,6 +381,12 @@ def timeline_rows(encounter: Encounter) -> list[TimelineRow]:
         )
         for row in audit.timeline
     ]
+    anomalies = [
+        f"sequence {a.sequence}: {a.kind}: {a.detail}"
+        + (" (acknowledged)" if audit.acknowledgement(a) is not None else "")
+        for a in audit.anomalies
+    ]
+    return rows, anomalies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +458,10 @@ class EncounterAdmin(admin.ModelAdmin):
     def subject_link(self, obj: Encounter) -> Any:
         if not obj.pk:
             return "-"
-        subject = obj.subject
+        try:
+            subject = obj.subject
+        except (ValueError, DjangoValidationError):  # an id its model's key cannot hold
+            subject = None
         label = (
             f"{subject} (#{obj.subject_id})"
             if subject is not None
@@ -535,9 +545,9 @@ class EncounterAdmin(admin.ModelAdmin):
             return super().response_delete(request, obj_display, obj_id)
         self.message_user(
             request,
-            f"The encounter {obj_display} was soft-deleted: it is hidden from the list, its "
-            "transitions are kept, and it can be restored (filter 'deleted' → 'Deleted', "
-            "then the 'Restore' action, or the button on its page).",
+            f"The encounter {short_id(obj_id)} ({obj_display}) was soft-deleted: it is hidden "
+            "from the list, its transitions are kept, and it can be restored (filter "
+            "'deleted' → 'Deleted', then the 'Restore' action, or the button on its page).",
             messages.SUCCESS,
         )
         url = reverse("admin:django_encounters_encounter_changelist")
@@ -599,8 +609,20 @@ class EncounterAdmin(admin.ModelAdmin):
     def history_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
         obj = self.get_object(request, unquote(object_id))
         if obj is not None and self.has_view_or_change_permission(request, obj):
-            extra_context = {**(extra_context or {}), "timeline": timeline_rows(obj)}
+            timeline, anomalies = encounter_timeline(obj)
+            extra_context = {
+                **(extra_context or {}),
+                "timeline": timeline,
+                "anomalies": anomalies,
+                "encounter_label": self._label(obj),
+            }
         return super().history_view(request, object_id, extra_context)
+
+    def delete_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is not None:
+            extra_context = {**(extra_context or {}), "encounter_label": self._label(obj)}
+        return super().delete_view(request, object_id, extra_context)
 
     def _page_context(self, request: HttpRequest, obj: Encounter) -> dict[str, Any]:
         """The status panel (state, definition version, transition buttons), the timeline and
@@ -613,6 +635,7 @@ class EncounterAdmin(admin.ModelAdmin):
                 (state, f"{url}?{urlencode({'to_state': state, 'expected_version': obj.version})}")
                 for state in obj.allowed_transitions
             ]
+        timeline, anomalies = encounter_timeline(obj)
         state_at: dict[str, Any] = {"form": StateAtForm()}
         if "state_at" in request.GET:
             form = StateAtForm(request.GET)
@@ -630,7 +653,9 @@ class EncounterAdmin(admin.ModelAdmin):
             "is_final": obj.is_final,
             "transition_buttons": buttons,
             "can_transition": can_transition,
-            "timeline": timeline_rows(obj),
+            "timeline": timeline,
+            "anomalies": anomalies,
+            "encounter_label": self._label(obj),
             "state_at": state_at,
             "restore_url": reverse(
                 "admin:django_encounters_encounter_restore", args=[quote(obj.pk)]
@@ -703,6 +728,7 @@ class EncounterAdmin(admin.ModelAdmin):
             "to_state": to_state,
             "validators": obj.machine.validators,
             "change_url": self._change_url(obj),
+            "encounter_label": self._label(obj),
             "has_view_permission": True,
             "media": self.media + form.media,
         }
@@ -724,6 +750,7 @@ class EncounterAdmin(admin.ModelAdmin):
 
     @staticmethod
     def _label(obj: Encounter) -> str:
+        """How the admin names an encounter: its short id, definition and state."""
         return f"{short_id(obj.pk)} ({obj.definition.name}, {obj.state})"
 
 
