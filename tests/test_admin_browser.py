@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from django.contrib.contenttypes.models import ContentType
 from django.utils import timezone
 
 from django_encounters.models import Encounter, EncounterTransition
@@ -245,7 +246,8 @@ def test_add_encounter_form(person, visit_definition, patient):
     from selenium.webdriver.support.ui import Select
 
     Select(person.find("#id_definition")).select_by_visible_text(visit_definition.name)
-    Select(person.find("#id_subject_content_type")).select_by_visible_text("Testapp | patient")
+    patient_type = ContentType.objects.get_for_model(patient)
+    Select(person.find("#id_subject_content_type")).select_by_value(str(patient_type.pk))
     person.find("#id_subject_id").send_keys("424242")
     person.find("input[name=_save]").click()
     assert "There is no patient with id" in person.text(".errorlist")
