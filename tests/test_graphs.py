@@ -371,6 +371,21 @@ def test_process_map_counts_and_medians(visit_log):
 
 
 @pytest.mark.django_db
+def test_soft_deleted_encounters_still_count(visit_log):
+    visit_log[0].delete()
+    assert Encounter.objects.count() == 3
+    assert draw("VISIT", "mermaid", from_log=True) == VISIT_LOG_MERMAID
+
+
+@pytest.mark.django_db
+def test_a_percent_sign_in_a_code_cannot_start_a_mermaid_directive(make_definition):
+    make_definition(code='X%%{init: {"theme": "dark"}}%%')
+    mermaid = draw('X%%{init: {"theme": "dark"}}%%', "mermaid")
+    assert "%%{" not in mermaid
+    assert mermaid.splitlines()[1].startswith("    %% definition 'X#37;#37;{init")
+
+
+@pytest.mark.django_db
 def test_process_map_as_dot_dashes_untaken_edges(visit_log):
     dot = draw("VISIT", "dot", from_log=True)
     assert "s0 -> s4 [style=dashed];" in dot

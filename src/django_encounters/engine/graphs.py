@@ -350,7 +350,9 @@ def to_mermaid(graph: Graph) -> str:
     ids = _ids(graph)
     lines = ["flowchart LR"]
     if graph.summary:
-        lines.append(f"    %% {graph.summary}")
+        # Mermaid reads a directive (%%{…}%%) anywhere, comments included: no % of a code
+        # may start one.
+        lines.append(f"    %% {graph.summary.replace('%', '#37;')}")
     initial = _initial(graph)
     if initial is not None:
         lines.append('    start((" "))')
