@@ -39,7 +39,7 @@ class Node:
     initial: bool = False
     final: bool = False
     greyed: bool = False  # nothing reaches it (definition) / no counted row touches it (map)
-    declared: bool = True  # False: seen in the log, not a state of the machine drawn
+    declared: bool = True  # False: named by an edge or a row, not a state of the machine
 
 
 @dataclass(frozen=True)
