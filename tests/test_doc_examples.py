@@ -47,7 +47,7 @@ def _names_for(name: str) -> dict[str, Any]:
             some_past_time=now - timedelta(days=1),
             quarter_end=now,
         )
-    if name in ("docs/operations.md", "docs/scaling.md"):
+    if name in ("docs/operations.md", "docs/scaling.md", "docs/diagrams.md"):
         from django_encounters import create_encounter, transition
         from django_encounters.models import EncounterDefinition
         from tests.conftest import visit_definition_kwargs
@@ -58,7 +58,9 @@ def _names_for(name: str) -> dict[str, Any]:
         )
         transition(visit, "checked_in")
         transition(visit, "in_progress")
-        names.update(pk=visit.pk, quarter_end=now + timedelta(days=1))
+        names.update(
+            pk=visit.pk, quarter_end=now + timedelta(days=1), start=now - timedelta(days=1)
+        )
     if name == "docs/operations.md":
         from django_encounters.projections.checkpoints import write_checkpoint
 
