@@ -8,7 +8,7 @@
 #   make test-citus           the suite on a throwaway 3-node Citus cluster
 #   make test PYTEST_ARGS='-x -k history'
 #   make test-matrix          the suite under Django 4.2 and 6.x as well
-#   make demo | bench | soak | lint | clean
+#   make demo | bench | soak | docs | lint | clean
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,9 +17,10 @@ PYTEST_ARGS ?=
 
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_LINT := $(VENV)/.stamp-lint
+STAMP_DOCS := $(VENV)/.stamp-docs
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-sqlite test-postgres test-citus test-matrix demo bench soak lint clean
+.PHONY: venv test test-sqlite test-postgres test-citus test-matrix demo bench soak docs lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 
 $(STAMP_LINT): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[lint]'
+	touch $@
+
+$(STAMP_DOCS): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[docs]'
 	touch $@
 
 # run_tests.sh runs both backends and fails if either failed; PY tells it which interpreter to use.
@@ -72,6 +77,11 @@ bench: $(STAMP_TEST)
 
 soak: $(STAMP_TEST)
 	PY=$(abspath $(PY)) bash scripts/soak.sh
+
+# The documentation site (mkdocs-material, API reference from the docstrings, the command
+# reference from the commands' --help) into build/site; any warning fails the build.
+docs: $(STAMP_DOCS)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 lint: $(STAMP_LINT)
 	$(PY) -m ruff check src tests

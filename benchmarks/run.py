@@ -787,14 +787,7 @@ def table(all_results: list[dict]) -> str:
     ]
     for result in all_results:
         for f in result["figures"]:
-            if f["unit"] == "row":
-                floor = f"{f['floor_s']:.2f} s"
-                ours = f"{f['ours_s']:.2f} s ({f['n'] / f['ours_s']:,.0f} rows/s)"
-            elif f["unit"] == "query":
-                floor, ours = f"{f['floor_s'] * 1000:.0f} ms", f"{f['ours_s'] * 1000:.0f} ms"
-            else:
-                floor = f"{f['floor_per_op_us']:.0f} µs/op"
-                ours = f"{f['ours_per_op_us']:.0f} µs/op"
+            floor, ours = _time(f, "floor"), _time(f, "ours")
             target = f.get("target")
             met = "" if target is None else ("yes" if f["ratio"] >= target else "**no**")
             lines.append(
@@ -831,6 +824,17 @@ def table(all_results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _time(figure: dict, side: str) -> str:
+    """A figure's ``side`` ("floor" or "ours") time as the tables show it: seconds and rows per
+    second for a rebuild, milliseconds for one big query, microseconds per call otherwise."""
+    seconds = figure[f"{side}_s"]
+    if figure["unit"] == "row":
+        return f"{seconds:.2f} s ({figure['n'] / seconds:,.0f} rows/s)"
+    if figure["unit"] == "query":
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds / figure['n'] * 1e6:.0f} µs/op"
+
+
 def _citus_comparison(all_results: list[dict]) -> list[str]:
     """Ours on the Citus cluster beside ours on the single PostgreSQL server, figure by figure
     (``ratio`` = PostgreSQL time / Citus time: above 1, Citus is faster)."""
@@ -846,13 +850,7 @@ def _citus_comparison(all_results: list[dict]) -> list[str]:
         single = by_backend["postgres"].get(name)
         if single is None:
             continue
-        if citus["unit"] == "row":
-            a = f"{single['n'] / single['ours_s']:,.0f} rows/s"
-            b = f"{citus['n'] / citus['ours_s']:,.0f} rows/s"
-        elif citus["unit"] == "query":
-            a, b = f"{single['ours_s'] * 1000:.0f} ms", f"{citus['ours_s'] * 1000:.0f} ms"
-        else:
-            a, b = f"{single['ours_per_op_us']:.0f} µs/op", f"{citus['ours_per_op_us']:.0f} µs/op"
+        a, b = _time(single, "ours"), _time(citus, "ours")
         ratio = (single["ours_s"] / single["n"]) / (citus["ours_s"] / citus["n"])
         lines.append(f"| both | {name} | {a} | {b} | {ratio:.2f}× |")
     return lines

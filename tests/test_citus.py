@@ -272,3 +272,57 @@ def test_a_rebuild_locks_each_encounter_on_its_own_shard(
     everyone = [str(e.pk) for e in encounters]
     with pytest.raises(NotSupportedError, match="FOR UPDATE"), transaction.atomic():
         _one(sql.replace("%s", f"ARRAY{everyone}"))
+
+
+# --- distribute_encounters from scratch, on a database of its own ------------------------------
+
+
+@citus_only
+@pytest.mark.django_db(databases=["default", "replica"])
+def test_distribute_encounters_from_scratch_refuses_a_foreign_table_then_distributes() -> None:
+    """The ``replica`` alias is a plain database on the coordinator (migrated, not distributed).
+    Inside this test's transaction, rolled back at the end: Citus is enabled there with the
+    coordinator as its only node; a table of the user's app referencing the encounters makes the
+    plan refuse, naming the key; without it, the plan distributes everything, and then there is
+    nothing left to do."""
+    replica = connections["replica"]
+    try:
+        _distribute_from_scratch(replica)
+    finally:  # rolled back with the test: what was learnt of the layout no longer holds
+        distribution.forget(replica)
+
+
+def _distribute_from_scratch(replica: Any) -> None:
+    settings = replica.settings_dict
+    with replica.cursor() as cursor:
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS citus")
+        node = [settings["HOST"] or "127.0.0.1", int(settings["PORT"])]
+        cursor.execute("SELECT citus_set_coordinator_host(%s, %s)", node)
+        # No workers in this database: the coordinator holds the shards itself.
+        cursor.execute("SELECT citus_set_node_property(%s, %s, 'shouldhaveshards', true)", node)
+        cursor.execute(
+            f"CREATE TABLE my_follow_ups (id serial PRIMARY KEY, "
+            f"encounter_id uuid CONSTRAINT my_follow_ups_encounter REFERENCES {ENCOUNTERS}(id))"
+        )
+    with pytest.raises(distribution.DistributionError, match="my_follow_ups_encounter"):
+        distribution.plan("replica")
+    with replica.cursor() as cursor:
+        cursor.execute("DROP TABLE my_follow_ups")
+
+    layout = distribution.plan("replica")
+    assert not layout.done
+    descriptions = [step.description for step in layout.steps]
+    assert descriptions[0].startswith("drop the package's")
+    assert descriptions[-1].startswith("put the")
+    assert any("widen the primary key" in d for d in descriptions)
+    distribution.apply(layout)
+    assert distribution.plan("replica").done
+    assert distribution.is_sharded(replica)
+    with replica.cursor() as cursor:
+        cursor.execute(
+            "SELECT logicalrelid::text, partmethod FROM pg_dist_partition "
+            "WHERE logicalrelid::text = ANY(%s)",
+            [[ENCOUNTERS, TRANSITIONS]],
+        )
+        found = dict(cursor.fetchall())
+    assert found == {ENCOUNTERS: "h", TRANSITIONS: "h"}

@@ -61,9 +61,11 @@ def create_encounter(
     Args:
         definition: EncounterDefinition to use
         subject: the saved model instance the encounter is about (any model)
-        created_by, assigned_to: users, or None
+        created_by: the user who creates it, or None
+        assigned_to: the user it is assigned to, or None
         scheduled_at: when the encounter is scheduled (timezone-aware)
-        notes, metadata: free text and a JSON-serialisable dict
+        notes: free text
+        metadata: a JSON-serialisable dict
 
     Raises:
         TypeError / ValueError: for a definition, subject or datetime of the wrong kind.

@@ -67,9 +67,8 @@ class Rules:
     def is_allowed(self, from_state: Any, to_state: Any) -> bool:
         return to_state in self.transitions.get(from_state, ())
 
-    def warnings(self) -> list[str]:
-        """Structural smells that are legal, each naming the states concerned: states
-        unreachable from the initial state, exits from final states, non-final dead ends."""
+    def reachable(self) -> frozenset[str]:
+        """The states reachable from the initial state by allowed edges (itself included)."""
         reachable = {self.initial_state}
         queue = deque([self.initial_state])
         while queue:
@@ -77,6 +76,12 @@ class Rules:
                 if target not in reachable:
                     reachable.add(target)
                     queue.append(target)
+        return frozenset(reachable)
+
+    def warnings(self) -> list[str]:
+        """Structural smells that are legal, each naming the states concerned: states
+        unreachable from the initial state, exits from final states, non-final dead ends."""
+        reachable = self.reachable()
         found: list[str] = []
         unreachable = [s for s in self.states if s not in reachable]
         if unreachable:

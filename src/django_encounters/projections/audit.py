@@ -226,8 +226,9 @@ def iter_audit(
         encounters: only these encounter ids (each must exist, or be ``missing`` from the
             checkpoint ``against``).
         subject: only encounters about this model instance.
-        since, until: only encounters with at least one row *effective* in ``[since, until)``
-            (either bound may be omitted).
+        since: only encounters with at least one row *effective* at or after ``since``.
+        until: only encounters with at least one row *effective* before ``until`` (with
+            ``since``: in ``[since, until)``).
         as_of: business time of ``state_as_of`` (default: now).
         known_at: report ``state_as_of`` as it was known then (rows recorded by then only).
         against: a checkpoint (a file path, or its parsed JSON): each selected encounter in it

@@ -84,18 +84,25 @@ _SHARDED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 def is_sharded(connection: Any) -> bool:
     """Whether the encounter table is a distributed (hash-sharded) Citus table. Asked once per
-    connection (one catalog query; none on other databases than PostgreSQL)."""
-    found = _SHARDED.get(connection)
+    database session (one catalog query; none on other databases than PostgreSQL): the answer
+    is kept beside the driver's connection, so a reconnection (e.g. after ``CONN_MAX_AGE``)
+    asks again and sees tables distributed meanwhile."""
+    if connection.vendor != "postgresql":
+        return False
+    connection.ensure_connection()
+    session = connection.connection
+    found = _SHARDED.get(session)
     if found is None:
-        found = _SHARDED[connection] = (
+        found = _SHARDED[session] = (
             _distribution_of(connection, encounter_model()._meta.db_table)[0] == "h"
         )
     return found
 
 
 def forget(connection: Any) -> None:
-    """Forget what :func:`is_sharded` found (after the layout changed)."""
-    _SHARDED.pop(connection, None)
+    """Forget what :func:`is_sharded` found and the statements built (the layout changed)."""
+    if connection.connection is not None:
+        _SHARDED.pop(connection.connection, None)
     from .statements import forget as forget_statements
 
     forget_statements(connection)

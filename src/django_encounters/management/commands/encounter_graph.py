@@ -1,0 +1,125 @@
+"""``manage.py encounter_graph CODE``: draw a definition, or the process map mined from its log.
+
+Without ``--from-log``: the definition version's machine (``--version N``, default the current
+one) — the initial state marked, final states double-circled, states nothing reaches greyed.
+With ``--from-log``: every edge its encounters' rows took (rows effective in ``[--since,
+--until)``), labelled with its count and the median time spent before it, compared with that
+version's machine (allowed but untaken edges dashed, anomalies red). ``--format`` mermaid or
+dot (text), or svg (through Graphviz's ``dot``).
+
+Exit status: 0 when drawn; 1 when Graphviz failed on the drawing; 2 for invalid options (an
+unknown CODE or version, a bad time, ``--since`` not before ``--until``, ``--since``/``--until``
+without ``--from-log``, svg without Graphviz), nothing written; 141 when standard output was
+closed early. See ``docs/diagrams.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DEFAULT_DB_ALIAS
+
+from django_encounters.exceptions import EncounterError
+from django_encounters.projections.diagrams import (
+    FORMATS,
+    GraphvizError,
+    draw,
+    graphviz_program,
+)
+
+from ..helpers import ReportFile, Unended, parse_time, quiet_broken_pipe
+
+
+class Command(BaseCommand):
+    help = (
+        "Draw an encounter definition (or, with --from-log, the process map mined from its "
+        "rows) as Mermaid, DOT or SVG."
+    )
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        # Django gives every command a --version (its own release); here --version N names a
+        # definition version, so the later option replaces Django's.
+        kwargs.setdefault("conflict_handler", "resolve")
+        return super().create_parser(prog_name, subcommand, **kwargs)
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("code", metavar="CODE", help="the definition's code")
+        parser.add_argument(
+            "--version",
+            metavar="N",
+            help="draw (or compare with) this definition version (default: the current one)",
+        )
+        parser.add_argument("--format", choices=FORMATS, default="mermaid")
+        log = parser.add_argument_group("process map")
+        log.add_argument(
+            "--from-log",
+            action="store_true",
+            help="draw the edges the rows took: counts, median time before each, untaken "
+            "edges dashed, edges not allowed red",
+        )
+        log.add_argument("--since", metavar="TIME", help="only rows effective at or after TIME")
+        log.add_argument("--until", metavar="TIME", help="only rows effective before TIME")
+        parser.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, help="database alias (default: 'default')"
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        version = _version(options["version"])
+        times = {
+            name: parse_time(options[name], "--" + name)
+            for name in ("since", "until")
+            if options[name] is not None
+        }
+        if times and not options["from_log"]:
+            raise CommandError(
+                "--since/--until select the rows of a process map: give --from-log too",
+                returncode=2,
+            )
+        if "since" in times and "until" in times and times["since"] >= times["until"]:
+            raise CommandError("--since must be before --until", returncode=2)
+        fmt = options["format"]
+        try:
+            if fmt == "svg":
+                graphviz_program()  # before any reading: missing Graphviz is a usage error
+            text = draw(
+                options["code"],
+                fmt,
+                from_log=options["from_log"],
+                version=version,
+                using=options["database"],
+                **times,
+            )
+        except GraphvizError as exc:
+            raise CommandError(str(exc), returncode=1) from exc
+        except (ValueError, TypeError, EncounterError) as exc:
+            raise CommandError(str(exc), returncode=2) from exc
+        path = options["output"]
+        if path:
+            report = ReportFile(path)
+            try:
+                report.file.write(text)
+            except BaseException:
+                report.discard()
+                raise
+            report.commit()
+            if options["verbosity"] >= 1:
+                self.stderr.write(f"diagram written to {path}")
+            return
+        with quiet_broken_pipe(self):
+            Unended(self.stdout).write(text)
+
+
+def _version(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise CommandError(
+            f"--version: a definition version is a positive integer, not {text!r}", returncode=2
+        )
+    return value
