@@ -33,7 +33,7 @@ from uuid import UUID
 
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
-from django.db.models import Exists, Model, OuterRef, Q
+from django.db.models import Model, Q
 from django.utils import timezone
 
 from .. import store
@@ -52,6 +52,7 @@ from .checkpoints import CheckpointCheck, verify_checkpoint
 from .selection import (
     GENESIS_COLUMNS,
     RulesCache,
+    effective_between,
     genesis_of,
     parse_encounter_ids,
     read_alias,
@@ -278,12 +279,7 @@ def iter_audit(
         )
         narrowed = True
     if since is not None or until is not None:
-        period = EncounterTransition.objects.using(using).filter(encounter=OuterRef("pk"))
-        if since is not None:
-            period = period.filter(effective_at__gte=since)
-        if until is not None:
-            period = period.filter(effective_at__lt=until)
-        selected = selected.filter(Exists(period))
+        selected = effective_between(selected, since, until, using)
         narrowed = True
 
     absent = absent_encounters(ids, using) if ids is not None else []

@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Exists, OuterRef
-
 from .. import store
 from ..engine import verify_stream
 from ..engine.graphs import EdgeStats, EdgeTally, edge_takings
 from ..models import Encounter, EncounterTransition
-from .selection import GENESIS_COLUMNS, genesis_of
+from .selection import GENESIS_COLUMNS, effective_between, genesis_of
 
 DEFAULT_BATCH_SIZE = 500
 
@@ -51,13 +49,7 @@ def mine_edges(
     Upgrade rows (the state kept, the definition version moved) are not edges. Arguments are
     the caller's to check (aware times, ``since < until``)."""
     selected = Encounter.all_objects.using(using).filter(definition_id__in=list(definition_ids))
-    if since is not None or until is not None:
-        period = EncounterTransition.objects.using(using).filter(encounter=OuterRef("pk"))
-        if since is not None:
-            period = period.filter(effective_at__gte=since)
-        if until is not None:
-            period = period.filter(effective_at__lt=until)
-        selected = selected.filter(Exists(period))
+    selected = effective_between(selected, since, until, using)
     page = selected.order_by("pk").values_list(*GENESIS_COLUMNS)
     tally = EdgeTally()
     encounters = 0

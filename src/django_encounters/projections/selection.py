@@ -4,11 +4,12 @@ against."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from django.db import router
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, QuerySet
 
 from ..engine import Genesis, Rules
 from ..exceptions import EncounterError
@@ -32,6 +33,21 @@ def write_alias(using: str | None) -> str:
     """The database a rebuild or an acknowledgement writes to: ``using`` when given, else the
     router's choice for writing encounters, else ``default``."""
     return using if using is not None else router.db_for_write(Encounter)
+
+
+def effective_between(
+    selected: QuerySet, since: datetime | None, until: datetime | None, using: str
+) -> QuerySet:
+    """``selected`` narrowed to the encounters with at least one row *effective* in
+    ``[since, until)`` (either bound may be None: unbounded; both None: ``selected``)."""
+    if since is None and until is None:
+        return selected
+    period = EncounterTransition.objects.using(using).filter(encounter=OuterRef("pk"))
+    if since is not None:
+        period = period.filter(effective_at__gte=since)
+    if until is not None:
+        period = period.filter(effective_at__lt=until)
+    return selected.filter(Exists(period))
 
 
 def parse_encounter_ids(values: Iterable[Any]) -> list[UUID]:
