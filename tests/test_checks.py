@@ -63,6 +63,7 @@ def test_a_misspelt_setting_is_a_warning_with_the_right_name() -> None:
     assert colour.hint.startswith("Known: ENCOUNTERS_FUTURE_TOLERANCE")
 
 
+@pytest.mark.django_db(databases=["default", "replica"])  # Django 6's checks ask every database
 def test_manage_py_check_fails_on_an_unusable_setting() -> None:
     out = io.StringIO()
     with override_settings(ENCOUNTERS_FUTURE_TOLERANCE="soon"):
@@ -70,11 +71,12 @@ def test_manage_py_check_fails_on_an_unusable_setting() -> None:
             call_command("check", stdout=out, stderr=out)
 
 
+@pytest.mark.django_db(databases=["default", "replica"])
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
 def test_manage_py_check_shows_the_sqlite_warning_without_database_flag() -> None:
     out = io.StringIO()
     databases = _databases(default={"ENGINE": SQLITE})
-    with override_settings(DATABASES=databases):
+    with override_settings(DATABASES=databases, SILENCED_SYSTEM_CHECKS=[]):
         call_command("check", stdout=out, stderr=out)
     assert "django_encounters.W002" in out.getvalue()
     assert "'default' is SQLite in DEFERRED transaction mode" in out.getvalue()
