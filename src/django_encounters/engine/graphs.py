@@ -147,21 +147,27 @@ def _machine_edges(rules: Rules, names: Sequence[str]) -> list[tuple[str, str]]:
     return edges
 
 
+def _nodes(rules: Rules, names: list[str], *, lit: set[str] | frozenset[str]) -> tuple[Node, ...]:
+    """The nodes of ``names`` as ``rules`` marks them (initial, final, declared); the states
+    not in ``lit`` greyed."""
+    return tuple(
+        Node(
+            name,
+            initial=name == rules.initial_state,
+            final=rules.is_final(name),
+            greyed=name not in lit,
+            declared=rules.is_state(name),
+        )
+        for name in names
+    )
+
+
 def definition_graph(rules: Rules) -> Graph:
     """The drawing of a machine: its states, the edges it allows; the initial state marked,
     final states double-circled, states unreachable from the initial state greyed."""
     names = _machine_states(rules)
     reachable = rules.reachable()
-    nodes = tuple(
-        Node(
-            name,
-            initial=name == rules.initial_state,
-            final=rules.is_final(name),
-            greyed=name not in reachable,
-            declared=rules.is_state(name),
-        )
-        for name in names
-    )
+    nodes = _nodes(rules, names, lit=reachable)
     edges = tuple(Edge(source, target) for source, target in _machine_edges(rules, names))
     return Graph(title=rules.name, nodes=nodes, edges=edges, summary=f"definition {rules.name}")
 
@@ -200,16 +206,7 @@ def process_map_graph(
             Edge(source, target, allowed=False, count=found.count, median_wait=found.median_wait)
         )
     touched = {state for edge, found in stats.items() if found.count for state in edge}
-    nodes = tuple(
-        Node(
-            name,
-            initial=name == rules.initial_state,
-            final=rules.is_final(name),
-            greyed=name not in touched,
-            declared=rules.is_state(name),
-        )
-        for name in names
-    )
+    nodes = _nodes(rules, names, lit=touched)
     return Graph(
         title=rules.name,
         nodes=nodes,
