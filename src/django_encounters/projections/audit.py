@@ -38,7 +38,7 @@ from django.utils import timezone
 
 from .. import store
 from ..arguments import require_aware
-from ..engine import TIMELINE_ORDER, Anomaly, known_prefix, verify_stream
+from ..engine import TIMELINE_ORDER, Anomaly, Genesis, known_prefix, verify_stream
 from ..exceptions import EncounterError, EncounterNotFoundError
 from ..models import AnomalyAcknowledgement, Encounter, EncounterTransition
 from .acknowledgements import (
@@ -110,6 +110,8 @@ class EncounterAudit:
     missing: bool = False  # in the checkpoint audited against, gone from the database
     #: (sequence, kind) -> how that anomaly was acknowledged
     acknowledged: dict[tuple[int, str], Acknowledged] = field(default_factory=dict)
+    #: the facts it was created with (subject, origin state, created_at); None when missing
+    genesis: Genesis | None = None
 
     def acknowledgement(self, anomaly: Anomaly) -> Acknowledged | None:
         """How ``anomaly`` (one of :attr:`anomalies`) was acknowledged, if it was."""
@@ -417,6 +419,7 @@ def _audit_one(
         anomalies=anomalies,
         current_state=state,
         deleted=deleted_at is not None,
+        genesis=genesis,
     )
 
 

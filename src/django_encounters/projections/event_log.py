@@ -1,0 +1,538 @@
+"""Event logs for process-mining tools: the encounters' logs as XES (IEEE 1849-2016) or as CSV,
+the Python API behind ``manage.py export_encounter_log``.
+
+* One **trace** (case) per encounter: ``concept:name`` is the encounter id; the definition's
+  code, the subject (``app_label.model`` and primary key) and whether the encounter is
+  soft-deleted are trace attributes.
+* One **event** per row of its log, in business-time order (``effective_at``, then
+  ``sequence``; what the audit calls the timeline): ``concept:name`` is the state entered
+  (``to_state``), ``time:timestamp`` the row's ``effective_at``, ``org:resource`` the username of
+  ``transitioned_by`` (left out when no user was recorded), ``lifecycle:transition``
+  ``complete``; ``sequence``, ``from_state``, ``transitioned_at`` (system time), ``reason`` and
+  the audit's ``backdated`` / ``overtaken`` marks (:class:`.audit.AuditRow`) are event
+  attributes.
+* Before them, the **creation** as an event in the origin state (``sequence`` 0, no
+  ``from_state``, ``transitioned_at`` = ``created_at``), timestamped ``created_at`` — or the first
+  row's ``effective_at`` when that row is effective earlier (a row backdated before the
+  creation), so that the creation stays the trace's first event in time order too. A mining
+  tool therefore sees the edge origin → first state like every other edge.
+
+Selection: ``definition`` (a code), ``since`` / ``until`` (the encounters with at least one row
+*effective* in ``[since, until)``, :func:`.selection.effective_between`; their traces are
+exported whole — cutting events out of a trace would make a miner invent edges that no row
+took), ``known_at`` (the log as it was known at that system time: only rows recorded by then,
+backdated/overtaken marks as they stood then, no encounter created after it). Soft-deleted
+encounters are exported (their history is part of the record), marked ``deleted``.
+
+Streaming: encounters are read in keyset batches (:func:`.audit.iter_audit`) and written as
+they come; memory holds one batch, whatever the size of the log. :func:`export_event_log`
+writes a file under a temporary name and moves it into place when complete: the file never
+holds half a log. The formats are documented in ``docs/guides/event-log.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from datetime import timezone as dt_timezone
+from typing import IO, Any
+from uuid import UUID
+from xml.sax.saxutils import quoteattr
+
+from ..arguments import require_aware
+from ..exceptions import EncounterError
+from ..models import EncounterDefinition
+from .audit import DEFAULT_BATCH_SIZE, iter_audit
+from .diagrams import DefinitionNotFoundError
+from .rendering import csv_cell
+from .selection import read_alias
+
+#: The formats :func:`export_event_log` writes.
+FORMATS = ("xes", "csv")
+
+#: The ``lifecycle:transition`` of every event: a row records a state change that happened.
+LIFECYCLE = "complete"
+
+#: The CSV's columns. The first four are those pm4py's ``format_dataframe`` expects by default
+#: (case id, activity, timestamp) plus the resource; ``case:`` columns repeat the trace's
+#: attributes on each line.
+CSV_COLUMNS = (
+    "case:concept:name",
+    "concept:name",
+    "time:timestamp",
+    "org:resource",
+    "lifecycle:transition",
+    "case:definition",
+    "case:subject_type",
+    "case:subject_id",
+    "case:deleted",
+    "sequence",
+    "from_state",
+    "transitioned_at",
+    "reason",
+    "backdated",
+    "overtaken",
+    "overtaken_by",
+)
+
+#: The XES standard extensions the log declares: (name, prefix, URI).
+XES_EXTENSIONS = (
+    ("Concept", "concept", "http://www.xes-standard.org/concept.xesext"),
+    ("Time", "time", "http://www.xes-standard.org/time.xesext"),
+    ("Organizational", "org", "http://www.xes-standard.org/org.xesext"),
+    ("Lifecycle", "lifecycle", "http://www.xes-standard.org/lifecycle.xesext"),
+)
+
+#: XES classifiers: (name, keys). Their keys are declared global (every event has them).
+XES_CLASSIFIERS = (
+    ("Activity", "concept:name"),
+    ("ActivityLifecycle", "concept:name lifecycle:transition"),
+)
+
+_EPOCH = "1970-01-01T00:00:00.000000+00:00"
+
+# Characters XML 1.0 does not allow in a document, even escaped: C0 controls other than tab,
+# line feed and carriage return, surrogates, U+FFFE and U+FFFF.
+_NOT_XML = dict.fromkeys(
+    [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0xD800, 0xE000), 0xFFFE, 0xFFFF],
+    "\ufffd",
+)
+
+
+class EventLogError(EncounterError):
+    """An event log could not be exported (see the subclasses)."""
+
+
+class UnknownFormatError(EventLogError, ValueError):
+    """``format`` is not one of :data:`FORMATS`."""
+
+    def __init__(self, format: str) -> None:
+        self.format = format
+        super().__init__(
+            f"unknown event-log format {format!r} (choose one of: {', '.join(FORMATS)})"
+        )
+
+
+class EventLogWriteError(EventLogError, OSError):
+    """The file ``path`` could not be written (``detail``: why); nothing was left at ``path``
+    (an earlier file there is kept unchanged)."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"cannot write the event log to {path}: {detail}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of a trace: a row of the encounter's log, or its creation (``sequence`` 0)."""
+
+    activity: str  # concept:name: the state entered (the origin state for the creation)
+    timestamp: datetime  # time:timestamp: effective_at (business time)
+    resource: str | None  # org:resource: the username of transitioned_by; None when nobody
+    sequence: int  # 0 for the creation
+    from_state: str | None  # None for the creation
+    transitioned_at: datetime  # system time (created_at for the creation)
+    reason: str
+    backdated: bool = False
+    overtaken: bool = False
+    overtaken_by: int | None = None
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One encounter as a trace: its id, definition code, subject and events in order."""
+
+    id: UUID
+    definition: str
+    subject_type: str  # "app_label.model"
+    subject_id: str
+    deleted: bool
+    events: list[Event]
+
+
+@dataclass(frozen=True)
+class EventLogCounts:
+    """What was exported: ``traces`` (encounters) and ``events`` (rows plus one creation event
+    per trace)."""
+
+    traces: int
+    events: int
+
+
+def iter_traces(
+    *,
+    definition: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    known_at: datetime | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    using: str | None = None,
+) -> Iterator[Trace]:
+    """The selected encounters as :class:`Trace` objects, in ``(created_at, id)`` order, read
+    in batches of ``batch_size`` encounters.
+
+    Args:
+        definition: only encounters of the definition with this code.
+        since: only encounters with at least one row *effective* at or after ``since``.
+        until: only encounters with at least one row *effective* before ``until``.
+        known_at: the log as it was known at this system time: rows recorded by then, and no
+            encounter created after it.
+        batch_size: encounters per batch.
+        using: the database alias (default: the router's choice for reading encounters).
+
+    The arguments are checked when this is called; the traces are read lazily.
+
+    Raises:
+        ValueError / TypeError: naive or non-datetime times, ``since >= until``, a bad
+            ``batch_size``.
+        DefinitionNotFoundError: no definition has the code ``definition``.
+    """
+    using = read_alias(using)
+    for name, value in (("since", since), ("until", until), ("known_at", known_at)):
+        require_aware(value, name, optional=True)
+    if definition is not None and not (
+        EncounterDefinition.all_objects.using(using).filter(code=definition).exists()
+    ):
+        raise DefinitionNotFoundError(definition)
+    audits = iter_audit(
+        definition=definition,
+        since=since,
+        until=until,
+        known_at=known_at,
+        batch_size=batch_size,
+        using=using,
+    )
+    return _traces(audits, known_at)
+
+
+def _traces(audits: Iterable[Any], known_at: datetime | None) -> Iterator[Trace]:
+    for audit in audits:
+        genesis = audit.genesis
+        if genesis is None:  # only an audit against a checkpoint reports one (not done here)
+            continue
+        if known_at is not None and genesis.created_at > known_at:
+            continue  # not created yet at known_at
+        created = genesis.created_at
+        first = audit.timeline[0].effective_at if audit.timeline else created
+        events = [
+            Event(
+                activity=genesis.origin_state,
+                timestamp=min(created, first),
+                resource=None,
+                sequence=0,
+                from_state=None,
+                transitioned_at=created,
+                reason="",
+            )
+        ]
+        events.extend(
+            Event(
+                activity=row.to_state,
+                timestamp=row.effective_at,
+                resource=row.transitioned_by,
+                sequence=row.sequence,
+                from_state=row.from_state,
+                transitioned_at=row.transitioned_at,
+                reason=row.reason,
+                backdated=row.backdated,
+                overtaken=row.overtaken,
+                overtaken_by=row.overtaken_by,
+            )
+            for row in audit.timeline
+        )
+        yield Trace(
+            id=audit.id,
+            definition=audit.definition,
+            subject_type=genesis.subject_type,
+            subject_id=genesis.subject_id,
+            deleted=audit.deleted,
+            events=events,
+        )
+
+
+def timestamp(value: datetime) -> str:
+    """A time as both formats write it: ISO-8601 (``xs:dateTime``) in UTC, to the
+    microsecond, e.g. ``2024-03-31T13:59:59.250000+00:00``."""
+    return value.astimezone(dt_timezone.utc).isoformat(timespec="microseconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# XES
+# ---------------------------------------------------------------------------------------------
+
+
+def xml_text(value: str) -> str:
+    """``value`` with every character XML 1.0 forbids (even as a character reference: C0
+    controls but tab, line feed and carriage return; lone surrogates; U+FFFE, U+FFFF) replaced
+    by U+FFFD."""
+    return value.translate(_NOT_XML)
+
+
+def _attribute(kind: str, key: str, value: str) -> str:
+    return f"<{kind} key={quoteattr(key)} value={quoteattr(xml_text(value))}/>"
+
+
+def _xes_event(event: Event) -> str:
+    parts = [
+        _attribute("string", "concept:name", event.activity),
+        _attribute("date", "time:timestamp", timestamp(event.timestamp)),
+        _attribute("string", "lifecycle:transition", LIFECYCLE),
+    ]
+    if event.resource is not None:
+        parts.append(_attribute("string", "org:resource", event.resource))
+    parts.append(_attribute("int", "sequence", str(event.sequence)))
+    if event.from_state is not None:
+        parts.append(_attribute("string", "from_state", event.from_state))
+    parts += [
+        _attribute("date", "transitioned_at", timestamp(event.transitioned_at)),
+        _attribute("string", "reason", event.reason),
+        _attribute("boolean", "backdated", "true" if event.backdated else "false"),
+        _attribute("boolean", "overtaken", "true" if event.overtaken else "false"),
+    ]
+    if event.overtaken_by is not None:
+        parts.append(_attribute("int", "overtaken_by", str(event.overtaken_by)))
+    return "\t\t<event>\n" + "".join(f"\t\t\t{part}\n" for part in parts) + "\t\t</event>\n"
+
+
+def _xes_trace(trace: Trace) -> str:
+    head = [
+        _attribute("string", "concept:name", str(trace.id)),
+        _attribute("string", "definition", trace.definition),
+        _attribute("string", "subject_type", trace.subject_type),
+        _attribute("string", "subject_id", trace.subject_id),
+        _attribute("boolean", "deleted", "true" if trace.deleted else "false"),
+    ]
+    return (
+        "\t<trace>\n"
+        + "".join(f"\t\t{part}\n" for part in head)
+        + "".join(_xes_event(event) for event in trace.events)
+        + "\t</trace>\n"
+    )
+
+
+def _xes_header(name: str) -> str:
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<log xes.version="1.0">',
+    ]
+    lines += [
+        f"\t<extension name={quoteattr(n)} prefix={quoteattr(p)} uri={quoteattr(u)}/>"
+        for n, p, u in XES_EXTENSIONS
+    ]
+    lines += [
+        '\t<global scope="trace">',
+        "\t\t" + _attribute("string", "concept:name", "UNKNOWN"),
+        "\t</global>",
+        '\t<global scope="event">',
+        "\t\t" + _attribute("string", "concept:name", "UNKNOWN"),
+        "\t\t" + _attribute("date", "time:timestamp", _EPOCH),
+        "\t\t" + _attribute("string", "lifecycle:transition", LIFECYCLE),
+        "\t</global>",
+    ]
+    lines += [
+        f'\t<classifier name={quoteattr(n)} scope="event" keys={quoteattr(k)}/>'
+        for n, k in XES_CLASSIFIERS
+    ]
+    lines += [
+        "\t" + _attribute("string", "concept:name", name),
+        "\t" + _attribute("string", "lifecycle:model", "standard"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _log_name(definition: str | None) -> str:
+    return "django-encounters" + (f" {definition}" if definition is not None else "")
+
+
+def write_xes_traces(
+    traces: Iterable[Trace], out: IO[str], *, name: str = "django-encounters"
+) -> EventLogCounts:
+    """Write ``traces`` to ``out`` as one XES log named ``name``, one trace at a time."""
+    out.write(_xes_header(name))
+    count = events = 0
+    for trace in traces:
+        out.write(_xes_trace(trace))
+        count += 1
+        events += len(trace.events)
+    out.write("</log>\n")
+    return EventLogCounts(count, events)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV
+# ---------------------------------------------------------------------------------------------
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def write_csv_traces(traces: Iterable[Trace], out: IO[str]) -> EventLogCounts:
+    """Write ``traces`` to ``out`` as CSV (:data:`CSV_COLUMNS`, one line per event), with
+    every cell a spreadsheet would run as a formula neutralised (:func:`.rendering.csv_cell`).
+    Open ``out`` with ``newline=""``."""
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    count = events = 0
+    for trace in traces:
+        case = [str(trace.id), trace.definition, trace.subject_type, trace.subject_id]
+        for event in trace.events:
+            cells = [
+                case[0],
+                event.activity,
+                timestamp(event.timestamp),
+                event.resource or "",
+                LIFECYCLE,
+                *case[1:],
+                _flag(trace.deleted),
+                event.sequence,
+                event.from_state or "",
+                timestamp(event.transitioned_at),
+                event.reason,
+                _flag(event.backdated),
+                _flag(event.overtaken),
+                "" if event.overtaken_by is None else event.overtaken_by,
+            ]
+            writer.writerow([csv_cell(cell) for cell in cells])
+        count += 1
+        events += len(trace.events)
+    return EventLogCounts(count, events)
+
+
+# ---------------------------------------------------------------------------------------------
+# The API
+# ---------------------------------------------------------------------------------------------
+
+
+def write_xes(
+    out: IO[str],
+    *,
+    definition: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    known_at: datetime | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    using: str | None = None,
+) -> EventLogCounts:
+    """Write the selected encounters' log to the text stream ``out`` as XES; returns the
+    numbers of traces and events written. The selection is :func:`iter_traces`'s (checked
+    before anything is written; same errors)."""
+    traces = iter_traces(
+        definition=definition,
+        since=since,
+        until=until,
+        known_at=known_at,
+        batch_size=batch_size,
+        using=using,
+    )
+    return write_xes_traces(traces, out, name=_log_name(definition))
+
+
+def write_csv(
+    out: IO[str],
+    *,
+    definition: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    known_at: datetime | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    using: str | None = None,
+) -> EventLogCounts:
+    """Write the selected encounters' log to the text stream ``out`` as CSV (open it with
+    ``newline=""``); returns the numbers of traces and events written. The selection is
+    :func:`iter_traces`'s (checked before anything is written; same errors)."""
+    traces = iter_traces(
+        definition=definition,
+        since=since,
+        until=until,
+        known_at=known_at,
+        batch_size=batch_size,
+        using=using,
+    )
+    return write_csv_traces(traces, out)
+
+
+def export_event_log(
+    format: str,
+    out: str | os.PathLike[str] | IO[str],
+    *,
+    definition: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    known_at: datetime | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    using: str | None = None,
+) -> EventLogCounts:
+    """Export the selected encounters' log as ``format`` (``"xes"`` or ``"csv"``) to ``out``:
+    a file path, or a text stream. A file is written under a temporary name beside it and moved
+    into place when complete (replacing an earlier file only then): it never holds half a log.
+
+    Args:
+        format: ``"xes"`` or ``"csv"``.
+        out: a path, or a text stream (for CSV, opened with ``newline=""``).
+        definition, since, until, known_at, batch_size, using: the selection, as
+            :func:`iter_traces`.
+
+    Returns:
+        The numbers of traces (encounters) and events (rows plus one creation per trace).
+
+    Raises:
+        UnknownFormatError: ``format`` is neither.
+        ValueError / TypeError: naive or non-datetime times, ``since >= until``.
+        DefinitionNotFoundError: no definition has the code ``definition``.
+        EventLogWriteError: the file cannot be written (nothing is left at ``out``).
+    """
+    if format not in FORMATS:
+        raise UnknownFormatError(format)
+    traces = iter_traces(  # the arguments are checked here, before any file is opened
+        definition=definition,
+        since=since,
+        until=until,
+        known_at=known_at,
+        batch_size=batch_size,
+        using=using,
+    )
+    if not isinstance(out, (str, os.PathLike)):
+        return _write(format, traces, out, definition)
+    return _write_file(format, traces, os.fspath(out), definition)
+
+
+def _write(
+    format: str, traces: Iterable[Trace], out: IO[str], definition: str | None
+) -> EventLogCounts:
+    if format == "xes":
+        return write_xes_traces(traces, out, name=_log_name(definition))
+    return write_csv_traces(traces, out)
+
+
+def _write_file(
+    format: str, traces: Iterable[Trace], target: str, definition: str | None
+) -> EventLogCounts:
+    if os.path.isdir(target):
+        raise EventLogWriteError(target, "it is a directory")
+    directory = os.path.dirname(os.path.abspath(target))
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".event-log-", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise EventLogWriteError(target, exc.strerror or str(exc)) from exc
+    try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(temporary, 0o666 & ~mask)  # as open(path, "w") would (mkstemp: 0600)
+        newline = "" if format == "csv" else "\n"
+        with os.fdopen(handle, "w", encoding="utf-8", newline=newline) as out:
+            counts = _write(format, traces, out, definition)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except OSError as exc:
+        raise EventLogWriteError(target, exc.strerror or str(exc)) from exc
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return counts
