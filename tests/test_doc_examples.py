@@ -47,7 +47,12 @@ def _names_for(name: str) -> dict[str, Any]:
             some_past_time=now - timedelta(days=1),
             quarter_end=now,
         )
-    if name in ("docs/operations.md", "docs/scaling.md", "docs/diagrams.md"):
+    if name in (
+        "docs/operations.md",
+        "docs/scaling.md",
+        "docs/diagrams.md",
+        "docs/guides/event-log.md",
+    ):
         from django_encounters import create_encounter, transition
         from django_encounters.models import EncounterDefinition
         from tests.conftest import visit_definition_kwargs

@@ -411,7 +411,7 @@ def test_csv_columns_and_formulas_neutralised(visit_definition, patient):
         "1",
         "scheduled",
         stamp(row.transitioned_at),
-        "'=HYPERLINK(\"x\")",
+        '\'=HYPERLINK("x")',
         "false",
         "false",
         "",
@@ -502,7 +502,9 @@ def test_unwritable_output_is_a_typed_error(clinic, tmp_path):
         export_event_log("xes", tmp_path)
     assert os.listdir(tmp_path) == []
 
-    code, out, err = run_command("export_encounter_log", "--format", "xes", "--output", str(missing))
+    code, out, err = run_command(
+        "export_encounter_log", "--format", "xes", "--output", str(missing)
+    )
     assert (code, out) == (2, "")
     assert f"cannot write the event log to {missing}" in err
     assert not missing.parent.exists()

@@ -36,7 +36,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--format", choices=FORMATS, required=True)
         select = parser.add_argument_group("selection")
-        select.add_argument("--definition", metavar="CODE", help="only encounters of this definition")
+        select.add_argument(
+            "--definition", metavar="CODE", help="only encounters of this definition"
+        )
         select.add_argument(
             "--since",
             metavar="TIME",
