@@ -21,15 +21,19 @@ Django opened, a plain cursor, no ORM) on the same schema, indexes and triggers:
   memory (RSS of a fresh process running the rebuild) at 100k and 1M rows; the big rebuild
   again with ``jobs=2`` (two worker processes, ``--jobs 2``);
 * ``Encounter.objects.as_of(t)`` over all encounters (``values_list('pk', 'state_at')``): the
-  hand-written correlated-subquery SQL, ``fetchall``.
+  hand-written correlated-subquery SQL, ``fetchall``;
+* event-log export (``export_event_log``, XES at both sizes, CSV at the big one) to a file, in
+  a fresh process: rows/s and peak memory (RSS), flat from 100k to 1M rows. The floor: one
+  ``SELECT`` of every row in trace order through a plain cursor, written with ``csv.writer``.
 
 Sizes (flags or environment): ``--transitions`` (BENCH_TRANSITIONS, default 2000), ``--reads``
 (BENCH_READS, 5000), ``--encounters`` (BENCH_ENCOUNTERS, 200000: the as-of set and the big
 rebuild), ``--rows-per-encounter`` (BENCH_ROWS_PER_ENCOUNTER, 5), ``--small-encounters``
 (BENCH_SMALL_ENCOUNTERS, 20000: the first memory point). ``--quick`` divides them.
 
-Output: a table on stdout; ``--json PATH`` writes the raw results; ``--update-readme`` rewrites
-the results section of ``benchmarks/README.md``.
+``--only export`` generates the data and measures the export alone (no rebuild, no per-call
+figures). Output: a table on stdout; ``--json PATH`` writes the raw results;
+``--update-readme`` rewrites the results section of ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -669,6 +673,108 @@ def bench_rebuild(schema: Schema, database: dict, rows_label: str, jobs: int = 1
     )
 
 
+def export_floor(schema: Schema, path: str) -> tuple[float, int]:
+    """Every row, in trace order, through a plain cursor, written with ``csv.writer``."""
+    import csv
+
+    t = schema.t
+    columns = ", ".join(
+        t[n]
+        for n in (
+            "encounter",
+            "to_state",
+            "effective_at",
+            "transitioned_by",
+            "sequence",
+            "from_state",
+            "transitioned_at",
+            "reason",
+        )
+    )
+    sql = (
+        f"SELECT {columns} FROM {schema.tr} "
+        f"ORDER BY {t['encounter']}, {t['effective_at']}, {t['sequence']}"
+    )
+    raw = raw_connection()
+    gc.collect()
+    started = time.perf_counter()
+    rows = 0
+    cur = raw.cursor()
+    cur.execute(sql)
+    with open(path, "w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        while True:
+            chunk = cur.fetchmany(2000)
+            if not chunk:
+                break
+            writer.writerows(chunk)
+            rows += len(chunk)
+    cur.close()
+    return time.perf_counter() - started, rows
+
+
+def export_in_child(database: dict, fmt: str) -> dict:
+    """Run the real export in a fresh process (so its peak RSS is the export's own)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--export-child", json.dumps(database), fmt],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"export child failed: {proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def export_child(database: dict, fmt: str) -> dict:
+    configure(database)
+    from django_encounters.projections.event_log import export_event_log
+
+    with tempfile.TemporaryDirectory(prefix="encounters-export-") as tmp:
+        path = os.path.join(tmp, f"log.{fmt}")
+        gc.collect()
+        baseline = rss_kib()
+        reset_peak_rss()
+        started = time.perf_counter()
+        counts = export_event_log(fmt, path)
+        seconds = time.perf_counter() - started
+        size = os.path.getsize(path)
+    return {
+        "seconds": seconds,
+        "traces": counts.traces,
+        "events": counts.events,
+        "bytes": size,
+        "rss_baseline_kib": baseline,
+        "rss_peak_kib": peak_rss_kib(),
+    }
+
+
+def bench_export(schema: Schema, database: dict, fmt: str, rows_label: str) -> dict:
+    ours = export_in_child(database, fmt)
+    rows = ours["events"] - ours["traces"]  # the creation events are not rows
+    with tempfile.TemporaryDirectory(prefix="encounters-export-floor-") as tmp:
+        floor_s, floor_rows = export_floor(schema, os.path.join(tmp, "floor.csv"))
+    if floor_rows != rows:
+        raise RuntimeError(f"export wrote {rows} rows, the table holds {floor_rows}")
+    return figure(
+        f"export {fmt.upper()}, {rows:,} rows / {ours['traces']:,} encounters",
+        floor_s,
+        ours["seconds"],
+        rows,
+        unit="row",
+        kind="export",
+        rss_peak_mib=ours["rss_peak_kib"] / 1024,
+        rss_growth_mib=(ours["rss_peak_kib"] - ours["rss_baseline_kib"]) / 1024,
+        mib_written=ours["bytes"] / 2**20,
+        label=rows_label,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # One backend, in this process.
 # ---------------------------------------------------------------------------------------------
@@ -710,12 +816,22 @@ def run_backend(backend: str, sizes: dict) -> dict:
             # An installation moving onto Citus: its tables are distributed with their rows.
             log("  distribute_encounters on the populated tables")
             results["distribute"] = bench_distribute(small, small * rows_per)
-        log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 1)")
-        results["figures"].append(bench_rebuild(schema, database, "small"))
+        only_export = sizes.get("only") == "export"
+        if not only_export:
+            log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 1)")
+            results["figures"].append(bench_rebuild(schema, database, "small"))
+        log("export XES (memory point 1)")
+        results["figures"].append(bench_export(schema, database, "xes", "small"))
         log(f"generating {big - small:,} more encounters")
         t0 = time.perf_counter()
         generate(schema, definition, small, big - small, rows_per)
-        log(f"  {time.perf_counter() - t0:.1f}s; rebuild (memory point 2)")
+        log(f"  {time.perf_counter() - t0:.1f}s; export XES and CSV (memory point 2)")
+        results["figures"].append(bench_export(schema, database, "xes", "big"))
+        results["figures"].append(bench_export(schema, database, "csv", "big"))
+        if only_export:
+            connection.close()
+            return results
+        log("rebuild (memory point 2)")
         results["figures"].append(bench_rebuild(schema, database, "big"))
         log("rebuild --jobs 2 (same data)")
         results["figures"].append(bench_rebuild(schema, database, "big", jobs=2))
@@ -798,7 +914,9 @@ def table(all_results: list[dict]) -> str:
         (r["backend"], f)
         for r in all_results
         for f in r["figures"]
-        if f["unit"] == "row" and f.get("jobs", 1) == 1  # with jobs, the workers' RSS is not seen
+        if f["unit"] == "row"
+        and f.get("jobs", 1) == 1  # with jobs, the workers' RSS is not seen
+        and f.get("kind") != "export"
     ]
     if memory:
         lines += [
@@ -809,6 +927,21 @@ def table(all_results: list[dict]) -> str:
         for backend, f in memory:
             lines.append(
                 f"| {backend} | {f['n']:,} rows | {f['rss_peak_mib']:.0f} MiB | "
+                f"{f['rss_growth_mib']:.0f} MiB |"
+            )
+    exports = [(r["backend"], f) for r in all_results for f in r["figures"]]
+    exports = [(backend, f) for backend, f in exports if f.get("kind") == "export"]
+    if exports:
+        lines += [
+            "",
+            "| backend | event-log export | rows/s | written | peak RSS | growth over the "
+            "process baseline |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for backend, f in exports:
+            lines.append(
+                f"| {backend} | {f['name']} | {f['n'] / f['ours_s']:,.0f} | "
+                f"{f['mib_written']:.0f} MiB | {f['rss_peak_mib']:.0f} MiB | "
                 f"{f['rss_growth_mib']:.0f} MiB |"
             )
     lines += _citus_comparison(all_results)
@@ -882,6 +1015,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = int(argv[2]) if len(argv) > 2 else 1
         print(json.dumps(rebuild_child(json.loads(argv[1]), jobs)), flush=True)
         return 0
+    if argv[:1] == ["--export-child"]:
+        print(json.dumps(export_child(json.loads(argv[1]), argv[2])), flush=True)
+        return 0
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
     )
@@ -901,6 +1037,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows-per-encounter", type=int, default=_env_int("BENCH_ROWS_PER_ENCOUNTER", 5)
     )
+    parser.add_argument(
+        "--only",
+        choices=("all", "export"),
+        default="all",
+        help="export: measure the event-log export alone (generates the data, skips the rest)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the raw results here")
     parser.add_argument(
         "--update-readme",
@@ -916,6 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
         "small_encounters": args.small_encounters,
         "rows_per_encounter": args.rows_per_encounter,
     }
+    only = args.only
     if args.quick:
         sizes.update(
             transitions=min(sizes["transitions"], 400),
@@ -925,7 +1068,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.child:  # one backend in this process; results as JSON on stdout
-        print(json.dumps(run_backend(args.backend, sizes), default=str), flush=True)
+        print(
+            json.dumps(run_backend(args.backend, {**sizes, "only": only}), default=str), flush=True
+        )
         return 0
 
     backends = ["sqlite", "postgres", "citus"] if args.backend == "all" else [args.backend]
@@ -952,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "benchmarks.run", "--child", "--backend", backend]
         for key, value in sizes.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
+        cmd += ["--only", only]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             print(f"bench: {backend} failed (exit {proc.returncode})", file=sys.stderr)

@@ -41,7 +41,6 @@ from datetime import datetime
 from datetime import timezone as dt_timezone
 from typing import IO, Any
 from uuid import UUID
-from xml.sax.saxutils import quoteattr
 
 from ..arguments import require_aware
 from ..exceptions import EncounterError
@@ -100,6 +99,20 @@ _EPOCH = "1970-01-01T00:00:00.000000+00:00"
 _NOT_XML = dict.fromkeys(
     [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0xD800, 0xE000), 0xFFFE, 0xFFFF],
     "\ufffd",
+)
+# An attribute value between double quotes, in one pass: markup escaped, and tab, line feed and
+# carriage return as character references (a parser would normalise them to spaces otherwise).
+_ATTRIBUTE_VALUE = str.maketrans(
+    {
+        **_NOT_XML,
+        "&": "&amp;",
+        "<": "&lt;",
+        ">": "&gt;",
+        '"': "&quot;",
+        "\t": "&#9;",
+        "\n": "&#10;",
+        "\r": "&#13;",
+    }
 )
 
 
@@ -273,30 +286,70 @@ def xml_text(value: str) -> str:
     return value.translate(_NOT_XML)
 
 
+def _quoted(value: str) -> str:
+    """``value`` as a double-quoted XML attribute value (:func:`xml_text`, then escaped)."""
+    return '"' + value.translate(_ATTRIBUTE_VALUE) + '"'
+
+
 def _attribute(kind: str, key: str, value: str) -> str:
-    return f"<{kind} key={quoteattr(key)} value={quoteattr(xml_text(value))}/>"
+    return f"<{kind} key={_quoted(key)} value={_quoted(value)}/>"
+
+
+def _start(kind: str, key: str) -> str:
+    """The constant start of an attribute element, up to its value."""
+    return f"<{kind} key={_quoted(key)} value="
+
+
+_EVENT_NAME = "\t\t<event>\n\t\t\t" + _start("string", "concept:name")
+_EVENT_TIME = "/>\n\t\t\t" + _start("date", "time:timestamp")
+_EVENT_LIFECYCLE = "/>\n\t\t\t" + _attribute("string", "lifecycle:transition", LIFECYCLE)
+_EVENT_RESOURCE = "\n\t\t\t" + _start("string", "org:resource")
+_EVENT_SEQUENCE = "\n\t\t\t" + _start("int", "sequence")
+_EVENT_FROM = "/>\n\t\t\t" + _start("string", "from_state")
+_EVENT_RECORDED = "/>\n\t\t\t" + _start("date", "transitioned_at")
+_EVENT_REASON = "/>\n\t\t\t" + _start("string", "reason")
+_EVENT_MARKS = {
+    (backdated, overtaken): (
+        "/>\n\t\t\t"
+        + _attribute("boolean", "backdated", "true" if backdated else "false")
+        + "\n\t\t\t"
+        + _attribute("boolean", "overtaken", "true" if overtaken else "false")
+    )
+    for backdated in (False, True)
+    for overtaken in (False, True)
+}
+_EVENT_OVERTAKEN_BY = "\n\t\t\t" + _start("int", "overtaken_by")
+_EVENT_END = "\n\t\t</event>\n"
 
 
 def _xes_event(event: Event) -> str:
     parts = [
-        _attribute("string", "concept:name", event.activity),
-        _attribute("date", "time:timestamp", timestamp(event.timestamp)),
-        _attribute("string", "lifecycle:transition", LIFECYCLE),
+        _EVENT_NAME,
+        _quoted(event.activity),
+        _EVENT_TIME,
+        '"',
+        timestamp(event.timestamp),
+        '"',
+        _EVENT_LIFECYCLE,
     ]
     if event.resource is not None:
-        parts.append(_attribute("string", "org:resource", event.resource))
-    parts.append(_attribute("int", "sequence", str(event.sequence)))
+        parts += [_EVENT_RESOURCE, _quoted(event.resource), "/>"]
+    parts += [_EVENT_SEQUENCE, f'"{event.sequence}"']
     if event.from_state is not None:
-        parts.append(_attribute("string", "from_state", event.from_state))
+        parts += [_EVENT_FROM, _quoted(event.from_state)]
     parts += [
-        _attribute("date", "transitioned_at", timestamp(event.transitioned_at)),
-        _attribute("string", "reason", event.reason),
-        _attribute("boolean", "backdated", "true" if event.backdated else "false"),
-        _attribute("boolean", "overtaken", "true" if event.overtaken else "false"),
+        _EVENT_RECORDED,
+        '"',
+        timestamp(event.transitioned_at),
+        '"',
+        _EVENT_REASON,
+        _quoted(event.reason),
+        _EVENT_MARKS[event.backdated, event.overtaken],
     ]
     if event.overtaken_by is not None:
-        parts.append(_attribute("int", "overtaken_by", str(event.overtaken_by)))
-    return "\t\t<event>\n" + "".join(f"\t\t\t{part}\n" for part in parts) + "\t\t</event>\n"
+        parts += [_EVENT_OVERTAKEN_BY, f'"{event.overtaken_by}"/>']
+    parts.append(_EVENT_END)
+    return "".join(parts)
 
 
 def _xes_trace(trace: Trace) -> str:
@@ -321,7 +374,7 @@ def _xes_header(name: str) -> str:
         '<log xes.version="1.0">',
     ]
     lines += [
-        f"\t<extension name={quoteattr(n)} prefix={quoteattr(p)} uri={quoteattr(u)}/>"
+        f"\t<extension name={_quoted(n)} prefix={_quoted(p)} uri={_quoted(u)}/>"
         for n, p, u in XES_EXTENSIONS
     ]
     lines += [
@@ -335,7 +388,7 @@ def _xes_header(name: str) -> str:
         "\t</global>",
     ]
     lines += [
-        f'\t<classifier name={quoteattr(n)} scope="event" keys={quoteattr(k)}/>'
+        f'\t<classifier name={_quoted(n)} scope="event" keys={_quoted(k)}/>'
         for n, k in XES_CLASSIFIERS
     ]
     lines += [
