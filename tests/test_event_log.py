@@ -351,6 +351,19 @@ def test_since_until_select_encounters_whose_rows_are_effective_in_the_period(of
     assert cases() == [str(job.pk), str(visit.pk)]
 
 
+def test_known_at_with_a_period_selects_by_the_rows_known_then(office):
+    """Row 3 (effective in February) was recorded after `between`: as known then, the
+    employment had no row in February."""
+    job, between = office["job"], office["between"]
+
+    def cases(**selection) -> list[str]:
+        return [tr["attributes"]["concept:name"][1] for tr in parsed(xes_text(**selection))]
+
+    assert cases(since=t(2, 1), until=t(2, 2)) == [str(job.pk)]
+    assert cases(since=t(2, 1), until=t(2, 2), known_at=between) == []
+    assert cases(since=t(3, 1), until=t(3, 2), known_at=between) == [str(job.pk)]
+
+
 def test_batches_change_nothing(clinic):
     assert xes_text(batch_size=2) == xes_text()
     assert csv_text(batch_size=1) == csv_text()

@@ -21,7 +21,8 @@ Selection: ``definition`` (a code), ``since`` / ``until`` (the encounters with a
 *effective* in ``[since, until)``, :func:`.selection.effective_between`; their traces are
 exported whole — cutting events out of a trace would make a miner invent edges that no row
 took), ``known_at`` (the log as it was known at that system time: only rows recorded by then,
-backdated/overtaken marks as they stood then, no encounter created after it). Soft-deleted
+backdated/overtaken marks as they stood then, no encounter created after it; with a period,
+the encounters with a row effective in it among the rows known then). Soft-deleted
 encounters are exported (their history is part of the record), marked ``deleted``.
 
 Streaming: encounters are read in keyset batches (:func:`.audit.iter_audit`) and written as
@@ -220,16 +221,31 @@ def iter_traces(
         batch_size=batch_size,
         using=using,
     )
-    return _traces(audits, known_at)
+    return _traces(audits, known_at, since, until)
 
 
-def _traces(audits: Iterable[Any], known_at: datetime | None) -> Iterator[Trace]:
+def _in_period(row: Any, since: datetime | None, until: datetime | None) -> bool:
+    return (since is None or row.effective_at >= since) and (
+        until is None or row.effective_at < until
+    )
+
+
+def _traces(
+    audits: Iterable[Any],
+    known_at: datetime | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> Iterator[Trace]:
+    period = since is not None or until is not None
     for audit in audits:
         genesis = audit.genesis
         if genesis is None:  # only an audit against a checkpoint reports one (not done here)
             continue
-        if known_at is not None and genesis.created_at > known_at:
-            continue  # not created yet at known_at
+        if known_at is not None:
+            if genesis.created_at > known_at:
+                continue  # not created yet at known_at
+            if period and not any(_in_period(row, since, until) for row in audit.timeline):
+                continue  # its rows in the period were recorded after known_at
         created = genesis.created_at
         first = audit.timeline[0].effective_at if audit.timeline else created
         events = [
@@ -525,11 +541,12 @@ def export_event_log(
     a file path, or a text stream. A file is written under a temporary name beside it and moved
     into place when complete (replacing an earlier file only then): it never holds half a log.
 
+    The selection (``definition``, ``since``, ``until``, ``known_at``, ``batch_size``,
+    ``using``) is :func:`iter_traces`'s.
+
     Args:
         format: ``"xes"`` or ``"csv"``.
         out: a path, or a text stream (for CSV, opened with ``newline=""``).
-        definition, since, until, known_at, batch_size, using: the selection, as
-            :func:`iter_traces`.
 
     Returns:
         The numbers of traces (encounters) and events (rows plus one creation per trace).
