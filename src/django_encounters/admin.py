@@ -33,6 +33,7 @@ from .engine import READABLE_FIELDS
 from .exceptions import ConcurrentTransitionError, EncounterError
 from .models import (
     MACHINE_FIELDS,
+    TRANSITION_PERMISSION,
     AnomalyAcknowledgement,
     Encounter,
     EncounterDefinition,
@@ -42,8 +43,6 @@ from .models import (
 from .projections.audit import iter_audit
 from .services import create_encounter, get_state_at, transition
 
-#: The permission (besides ``change_encounter``) needed to move an encounter on from the admin.
-TRANSITION_PERMISSION = "django_encounters.transition_encounter"
 #: Times on the admin's timeline: to the second, with the time zone's name.
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S %Z"
 
