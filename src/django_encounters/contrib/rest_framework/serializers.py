@@ -70,7 +70,7 @@ class EncounterSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Encounter
-        fields = (
+        fields: tuple[str, ...] = (
             "id",
             "definition",
             "definition_version",
@@ -91,7 +91,7 @@ class EncounterSerializer(serializers.ModelSerializer):
             "notes",
             "metadata",
         )
-        read_only_fields = fields
+        read_only_fields: tuple[str, ...] = fields
 
     def get_subject_type(self, obj: Encounter) -> str:
         return subject_type_label(obj.subject_content_type)
