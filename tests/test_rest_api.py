@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +22,7 @@ from rest_framework.test import APIClient
 
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.services import create_encounter, transition
+from tests.helpers import HOLD_SECONDS, RowLockHolder
 
 pytestmark = pytest.mark.django_db
 
@@ -268,6 +271,39 @@ def test_two_clients_the_stale_one_gets_412_and_nothing_is_written(nurse, encoun
     assert (again.status_code, again["ETag"]) == (200, '"2"')
 
 
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_writer_that_wins_while_the_request_waits_for_the_row_lock_gives_412(encounter):
+    """The request reads version 0 (the other writer has not committed), so If-Match passes
+    the first check; transition() then waits for the row lock and finds version 1 under it."""
+    nurse = client_for("nurse", "view_encounter", "change_encounter", "transition_encounter")
+    holder = RowLockHolder(encounter.pk, action=lambda e: transition(e, "checked_in"))
+    holder.start()
+    assert holder.locked.wait(15) and holder.error is None, holder.error
+    releaser = threading.Timer(HOLD_SECONDS, holder.release.set)
+    releaser.start()
+    started = time.monotonic()
+    try:
+        response = nurse.post(
+            url(encounter, "transition"), {"to_state": "cancelled"}, HTTP_IF_MATCH='"0"'
+        )
+        waited = time.monotonic() - started
+    finally:
+        holder.release.set()
+        holder.join(20)
+        releaser.cancel()
+    assert holder.error is None, holder.error
+    assert waited >= HOLD_SECONDS * 0.8  # it was refused under the lock, not before it
+    assert_problem(
+        response,
+        412,
+        "urn:django-encounters:problem:stale-version",
+        expected_version=0,
+        current_version=1,
+    )
+    assert list(EncounterTransition.objects.values_list("to_state", flat=True)) == ["checked_in"]
+
+
 def test_a_stale_if_match_is_412_even_with_a_body_that_is_also_wrong(nurse, encounter):
     transition(encounter, "checked_in")
     response = nurse.post(
@@ -285,6 +321,7 @@ def test_a_stale_if_match_is_412_even_with_a_body_that_is_also_wrong(nurse, enco
         ('"7", "1"', 200),  # a list: one of them is the current version
         ('"7", "8"', 412),
         ('W/"1"', 412),  # If-Match compares strongly: a weak tag never matches
+        ('"01"', 412),
         ('"one"', 412),
     ],
 )
@@ -475,6 +512,18 @@ def test_unknown_and_soft_deleted_encounters_are_404(nurse, encounter, action):
             response, 404, "about:blank", title="Not Found", detail=f"Encounter {pk} not found"
         )
     assert counts() == (2, 0)
+
+
+def test_a_browser_gets_the_problem_as_the_browsable_apis_page(nurse, encounter):
+    response = nurse.post(
+        url(encounter, "transition"), {"to_state": "completed"}, HTTP_ACCEPT="text/html"
+    )
+    assert response.status_code == 409
+    assert response["Content-Type"] == "text/html; charset=utf-8"
+    assert b"Cannot transition from &#x27;scheduled&#x27; to &#x27;completed&#x27;" in (
+        response.content
+    )
+    assert counts() == (1, 0)
 
 
 def test_a_method_not_allowed_is_a_problem_too(encounter):

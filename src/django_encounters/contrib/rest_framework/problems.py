@@ -65,8 +65,16 @@ class Problem:
             **self.extensions,
         }
 
-    def response(self, instance: str) -> Response:
-        response = Response(self.body(instance), status=self.status, content_type=CONTENT_TYPE)
+    def response(self, request: Any) -> Response:
+        """The response to ``request``: ``application/problem+json`` when it is rendered as
+        JSON (a browser asking for the browsable API gets its HTML page, labelled as such)."""
+        renderer = getattr(request, "accepted_renderer", None)
+        as_json = renderer is None or getattr(renderer, "format", "json") == "json"
+        response = Response(
+            self.body(getattr(request, "path", "")),
+            status=self.status,
+            content_type=CONTENT_TYPE if as_json else None,
+        )
         for name, value in self.headers.items():
             response[name] = value
         return response
@@ -160,13 +168,12 @@ def problem_response(exc: Exception, context: dict[str, Any]) -> Response | None
     """The exception handler of this package's views: a Problem Details response, or None
     (DRF then re-raises: a bug is a 500 as ever)."""
     request = context.get("request")
-    instance = request.path if request is not None else ""
     if isinstance(exc, EncounterError):
-        return encounter_problem(exc).response(instance)
+        return encounter_problem(exc).response(request)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
     if isinstance(exc, exceptions.APIException):
-        return api_problem(exc).response(instance)
+        return api_problem(exc).response(request)
     return None

@@ -200,7 +200,7 @@ class EncounterViewSet(viewsets.GenericViewSet):
         encounter = self.get_object()
         expected_version, refused = self._precondition(request, encounter)
         if refused is not None:
-            return refused.response(request.path)
+            return refused.response(request)
         given = TransitionSerializer(data=request.data)
         given.is_valid(raise_exception=True)
         data = given.validated_data
@@ -216,7 +216,7 @@ class EncounterViewSet(viewsets.GenericViewSet):
                 encounter=str(encounter.pk),
                 to_state=to_state,
                 states=states,
-            ).response(request.path)
+            ).response(request)
         record = services.transition(
             encounter,
             to_state,
@@ -265,9 +265,10 @@ class EncounterViewSet(viewsets.GenericViewSet):
                 f"If-Match {header!r} is not '*' or a list of entity tags such as \"3\".",
                 title="Malformed If-Match",
             )
-        # Strong comparison: a weak tag (W/"3") never matches.
-        if len(tags) == 1 and tags[0].strip('"').isdigit() and not tags[0].startswith("W/"):
-            expected = int(tags[0].strip('"'))
+        # Strong comparison: a weak tag (W/"3") never matches, nor does "03".
+        named = tags[0].removeprefix('"').removesuffix('"')
+        if len(tags) == 1 and named.isdigit() and tags[0] == f'"{int(named)}"':
+            expected = int(named)
             if expected != encounter.version:
                 refusal = ConcurrentTransitionError(encounter.pk, expected, encounter.version)
                 return None, encounter_problem(refusal)
