@@ -7,7 +7,8 @@ interval, an encounter with no rows, a soft-deleted one, ``known_at``, time zone
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
 import pytest
@@ -239,7 +240,8 @@ def test_a_status_map_value_that_is_no_code_is_refused_even_for_a_state_never_en
 ):
     with pytest.raises(FhirStatusError) as caught:
         to_fhir_r4_status_history(
-            encounter, {"scheduled": "planned", "completed": "completed"}  # R5's, not R4's
+            encounter,
+            {"scheduled": "planned", "completed": "completed"},  # R5's, not R4's
         )
     assert (caught.value.state, caught.value.code) == ("completed", "completed")
     assert "status_map maps it to 'completed'" in str(caught.value)
@@ -271,12 +273,10 @@ def test_a_status_map_of_the_wrong_type_is_refused(encounter: Any, status_map: A
 def test_an_encounter_with_no_rows_is_one_open_interval_in_its_origin_state(encounter: Any):
     assert encounter.version == 0
     start = fhir_datetime(encounter.created_at, dt_timezone.utc)
-    assert to_fhir_r4_status_history(
-        encounter, {"scheduled": "planned"}, tz=dt_timezone.utc
-    ) == [{"status": "planned", "period": {"start": start}}]
-    assert to_fhir_encounter_history(
-        encounter, {"scheduled": "planned"}, tz=dt_timezone.utc
-    ) == [
+    assert to_fhir_r4_status_history(encounter, {"scheduled": "planned"}, tz=dt_timezone.utc) == [
+        {"status": "planned", "period": {"start": start}}
+    ]
+    assert to_fhir_encounter_history(encounter, {"scheduled": "planned"}, tz=dt_timezone.utc) == [
         {
             "resourceType": "EncounterHistory",
             "status": "planned",

@@ -459,6 +459,4 @@ async def aget_encounter_history(
     encounter: Encounter, *, using: str | None = None
 ) -> list[EncounterTransition]:
     """:func:`get_encounter_history` for async code (same arguments, result and errors)."""
-    return await sync_to_async(get_encounter_history, thread_sensitive=True)(
-        encounter, using=using
-    )
+    return await sync_to_async(get_encounter_history, thread_sensitive=True)(encounter, using=using)

@@ -18,7 +18,8 @@ states mapped to one code) are one interval. See ``docs/guides/fhir.md``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone as dt_timezone, tzinfo
+from datetime import datetime, tzinfo
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.utils import timezone
