@@ -214,10 +214,7 @@ def test_racing_in_separate_threads_exactly_one_wins_per_version(counter_definit
     contenders, rounds = 6, 3
     encounter = create_encounter(counter_definition, patient)
 
-    async def round_at(version: int) -> list[tuple[int, Any]]:
-        copies = await sync_to_async(
-            lambda: [Encounter.objects.get(pk=encounter.pk) for _ in range(contenders)]
-        )()
+    async def round_at(version: int, copies: list[Any]) -> list[tuple[int, Any]]:
         return await asyncio.gather(
             *(
                 _in_own_thread(atransition, copy, "open", expected_version=version)
@@ -227,7 +224,8 @@ def test_racing_in_separate_threads_exactly_one_wins_per_version(counter_definit
 
     outcomes = []
     for version in range(rounds):
-        results = asyncio.run(round_at(version))
+        copies = [Encounter.objects.get(pk=encounter.pk) for _ in range(contenders)]
+        results = asyncio.run(round_at(version, copies))
         assert len({thread for thread, _ in results}) == contenders  # really apart
         outcomes.append([outcome for _, outcome in results])
     _check_one_winner_per_version(encounter, outcomes, contenders)
@@ -239,10 +237,9 @@ def test_racing_blind_appends_in_separate_threads_all_land_in_order(counter_defi
     encounter = create_encounter(counter_definition, patient)
     writers = 10
 
+    copies = [Encounter.objects.get(pk=encounter.pk) for _ in range(writers)]
+
     async def everyone() -> list[tuple[int, Any]]:
-        copies = await sync_to_async(
-            lambda: [Encounter.objects.get(pk=encounter.pk) for _ in range(writers)]
-        )()
         return await asyncio.gather(
             *(
                 _in_own_thread(atransition, copy, "open", reason=f"w{n}")
