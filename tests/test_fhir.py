@@ -7,8 +7,12 @@ interval, an encounter with no rows, a soft-deleted one, ``known_at``, time zone
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -339,7 +343,9 @@ def test_an_upgrade_row_does_not_split_an_interval(emergency_definition: Any, pa
 
 # -- R5 ---------------------------------------------------------------------------------------
 
-R5_MAP = {"arrived": "planned", "triaged": "planned", "onleave": "on-hold"}
+# R5 has no "arrived", "triaged" or "onleave" status (an arrived patient's encounter is in
+# progress; leave is "on-hold").
+R5_MAP = {"arrived": "in-progress", "triaged": "in-progress", "onleave": "on-hold"}
 
 
 def test_the_emergency_example_as_r5_encounter_history_resources(emerg: Any):
@@ -365,8 +371,7 @@ def test_the_emergency_example_as_r5_encounter_history_resources(emerg: Any):
         }
 
     assert resources == [
-        resource("planned", "07:15", "08:45"),  # arrived and triaged: both "planned" in R5
-        resource("in-progress", "08:45", "12:15"),
+        resource("in-progress", "07:15", "12:15"),  # arrived, triaged, treated: one status
         resource("on-hold", "12:15", "12:45"),
         resource("in-progress", "12:45"),
     ]
@@ -418,3 +423,22 @@ def test_the_export_reads_only_and_writes_nothing(emerg: Any, django_assert_max_
     with django_assert_max_num_queries(2):  # the not-deleted check, the stream
         to_fhir_r4_status_history(emerg)
     assert EncounterTransition.objects.filter(encounter=emerg).count() == rows
+
+
+def test_the_export_needs_no_fhir_library():
+    """In a fresh interpreter, the export module and the package load no ``fhir`` module."""
+    script = (
+        "import sys, django; django.setup()\n"
+        "import django_encounters.projections.fhir, django_encounters\n"
+        "print(sorted(m for m in sys.modules if m == 'fhir' or m.startswith(('fhir.', "
+        "'fhir_core', 'pydantic'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        check=True,
+    )
+    assert done.stdout.strip() == "[]"

@@ -229,7 +229,9 @@ def to_fhir_encounter_history(
         subject: the ``subject`` Reference (e.g. ``{"reference": "Patient/example"}``), or a
             function of the encounter returning one or None; default: no ``subject`` (the
             subject is any Django model, whose FHIR resource type only the caller knows).
-        tz, known_at, using: as :func:`to_fhir_r4_status_history`.
+        tz: the time zone the times are written in (default: Django's current time zone).
+        known_at: only the rows recorded by then ("what the system said at ``known_at``").
+        using: the database to read (default: as :func:`~django_encounters.get_state_at`).
 
     Raises:
         EncounterNotFoundError: the encounter does not exist or is soft-deleted.
