@@ -47,6 +47,8 @@ def _names_for(name: str) -> dict[str, Any]:
             some_past_time=now - timedelta(days=1),
             quarter_end=now,
         )
+    if name in ("docs/guides/fhir.md", "docs/guides/async.md"):
+        names.update(patient=Patient.objects.create(name="Grace Hopper"))
     if name in ("docs/operations.md", "docs/scaling.md", "docs/diagrams.md"):
         from django_encounters import create_encounter, transition
         from django_encounters.models import EncounterDefinition
