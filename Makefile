@@ -18,6 +18,7 @@ PYTEST_ARGS ?=
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_LINT := $(VENV)/.stamp-lint
 STAMP_DOCS := $(VENV)/.stamp-docs
+STAMP_BENCH := $(VENV)/.stamp-bench
 
 .DEFAULT_GOAL := test
 .PHONY: venv test test-sqlite test-postgres test-citus test-matrix demo bench soak docs lint clean
@@ -33,6 +34,10 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 
 $(STAMP_LINT): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[lint]'
+	touch $@
+
+$(STAMP_BENCH): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
 $(STAMP_DOCS): pyproject.toml | $(PY)
@@ -69,7 +74,7 @@ demo: $(STAMP_TEST)
 # run, '--update-readme' to rewrite the table in benchmarks/README.md.
 BENCH_ARGS ?=
 BENCH_CITUS ?= 1
-bench: $(STAMP_TEST)
+bench: $(STAMP_BENCH)
 	PY=$(abspath $(PY)) BENCH_VIA_MAKE=1 BENCH_CITUS=$(BENCH_CITUS) bash -c 'source scripts/citus_cluster.sh \
 		&& trap "pg_cluster_stop; citus_cluster_stop" EXIT && trap "exit 130" INT && trap "exit 143" TERM \
 		&& if [ "$$BENCH_CITUS" = 1 ]; then citus_cluster_start && export BENCH_CITUS_PORT=$$PGPORT; fi \

@@ -26,6 +26,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.admin",
     "django.contrib.staticfiles",
+    "rest_framework",
     "django_encounters",
     "tests.testapp",
 ]
@@ -51,6 +52,14 @@ TEMPLATES = [
         },
     }
 ]
+
+# The REST API's tests (tests/test_rest_api.py): pages of 3, so that paging shows with a few
+# encounters; APIClient sends JSON.
+REST_FRAMEWORK = {
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 3,
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
+}
 
 DB_VENDOR = os.environ.get("ENCOUNTERS_TEST_DB", "sqlite")
 

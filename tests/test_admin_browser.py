@@ -258,3 +258,30 @@ def test_add_encounter_form(person, visit_definition, patient):
     person.wait_for("ul.messagelist")
     created = Encounter.objects.get()
     assert created.subject == patient and created.state == "scheduled"
+
+
+@pytest.mark.skipif(not shutil.which("dot"), reason="Graphviz (dot) is not installed")
+def test_definition_page_shows_the_machine_and_the_process_map(person, visit_definition, patient):
+    """The pictures are really drawn by the browser: each image has loaded and has a size."""
+    from django_encounters.services import create_encounter, transition
+
+    for _ in range(3):
+        visit = create_encounter(visit_definition, patient)
+        transition(visit, "checked_in")
+    transition(visit, "cancelled")
+    person.open(
+        f"/admin/django_encounters/encounterdefinition/{visit_definition.pk}/change/",
+        expect="#definition-diagram",
+    )
+    for element in ("#definition-diagram img", "#process-map img"):
+        image = person.find(element)
+        width = person.driver.execute_script(
+            "return arguments[0].complete ? arguments[0].naturalWidth : 0;", image
+        )
+        assert width > 100, f"{element} was not drawn"
+    assert "4 transitions of 3 encounters" in person.text("#process-map")
+    person.driver.execute_script(
+        "document.getElementById('process-map').scrollIntoView({block: 'start'});"
+    )
+    person.screenshot("14-definition-process-map")
+    person.driver.execute_script("window.scrollTo(0, 0);")

@@ -4,6 +4,9 @@ form through create_encounter, soft delete and restore, definitions."""
 
 from __future__ import annotations
 
+import html
+import re
+import shutil
 from datetime import timedelta
 
 import pytest
@@ -13,7 +16,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.urls import reverse
 from django.utils import timezone
 
-from django_encounters.models import Encounter, EncounterTransition
+from django_encounters.models import Encounter, EncounterDefinition, EncounterTransition
 from django_encounters.services import create_encounter, transition
 from tests.helpers import rewrite_row, snapshot
 
@@ -617,3 +620,131 @@ def test_unknown_encounter_redirects_with_a_message(admin_client, visit_definiti
         reverse("admin:django_encounters_encounter_transition", args=[uuid.uuid4()]), follow=True
     )
     assert any("doesn’t exist" in m for m in messages_of(page))
+
+
+# -- definitions: soft delete, restore, diagrams ------------------------------------------------
+
+
+def definition_url(definition, view="change"):
+    return reverse(f"admin:django_encounters_encounterdefinition_{view}", args=[definition.pk])
+
+
+def definitions_url():
+    return reverse("admin:django_encounters_encounterdefinition_changelist")
+
+
+def test_definition_delete_confirmation_is_honest_about_a_soft_delete(
+    admin_client, visit_definition, encounter
+):
+    transition(encounter, "checked_in")
+    page = admin_client.get(definition_url(visit_definition, "delete"))
+    text = page.content.decode()
+    assert page.status_code == 200
+    assert "Soft-delete the encounter definition <strong>Patient Visit (VISIT)" in text
+    assert "no new encounter can be created with it" in text
+    assert "its 1 encounter(s) keep their history" in text
+    assert "Cannot delete" not in text and "protected" not in text
+    assert "would require deleting" not in text
+
+
+def test_definition_delete_is_a_soft_delete_that_keeps_its_encounters_working(
+    admin_client, visit_definition, encounter
+):
+    transition(encounter, "checked_in")
+    page = admin_client.post(
+        definition_url(visit_definition, "delete"), {"post": "yes"}, follow=True
+    )
+    assert page.status_code == 200
+    assert any("soft-deleted" in m and "restored" in m for m in messages_of(page))
+    assert EncounterDefinition.all_objects.get(pk=visit_definition.pk).is_deleted
+    assert list(page.context["cl"].result_list) == []
+    # Its encounter is untouched and can still move on; no new encounter can be made with it.
+    encounter.refresh_from_db()
+    transition(encounter, "in_progress")
+    assert encounter.state == "in_progress"
+    with pytest.raises(ValueError, match="soft-deleted"):
+        create_encounter(
+            EncounterDefinition.all_objects.get(pk=visit_definition.pk), encounter.subject
+        )
+
+
+def test_bulk_delete_of_definitions_is_a_soft_delete(admin_client, make_definition):
+    first, second = make_definition(code="first"), make_definition(code="second")
+    data = {"action": "delete_selected", "_selected_action": [str(first.pk), str(second.pk)]}
+    text = admin_client.post(definitions_url(), data).content.decode()
+    assert "Soft-delete the selected encounter definitions" in text
+    assert "its versions are kept" in text
+    admin_client.post(definitions_url(), {**data, "post": "yes"})
+    assert EncounterDefinition.objects.count() == 0
+    assert EncounterDefinition.all_objects.filter(deleted_at__isnull=False).count() == 2
+
+
+def test_soft_deleted_definitions_can_be_listed_opened_and_restored(admin_client, make_definition):
+    kept, gone = make_definition(code="kept"), make_definition(code="gone")
+    gone.delete()
+    listed = admin_client.get(definitions_url()).context["cl"].result_list
+    assert [d.pk for d in listed] == [kept.pk]
+    deleted = admin_client.get(definitions_url(), {"deleted": "yes"}).context["cl"].result_list
+    assert [d.pk for d in deleted] == [gone.pk]
+    page = admin_client.get(definition_url(gone))
+    assert page.status_code == 200
+    assert 'id="restore-definition"' in page.content.decode()
+    page = admin_client.post(definition_url(gone, "restore"), follow=True)
+    assert page.redirect_chain[-1][0] == definition_url(gone)
+    assert not EncounterDefinition.objects.get(pk=gone.pk).is_deleted
+    assert 'id="restore-definition"' not in page.content.decode()
+    kept.delete()
+    admin_client.post(
+        definitions_url() + "?deleted=yes",
+        {"action": "restore_selected", "_selected_action": [str(kept.pk)]},
+    )
+    assert not EncounterDefinition.objects.get(pk=kept.pk).is_deleted
+
+
+def _image_svg(text, element_id):
+    """The SVG document shown as the image inside the element ``element_id`` of the page."""
+    import base64
+
+    found = re.search(
+        rf'<div class="encounter-diagram" id="{element_id}"><img src="data:image/svg\+xml;base64,'
+        r'([A-Za-z0-9+/=]+)"',
+        text,
+    )
+    assert found, f"no SVG image in #{element_id}"
+    return base64.b64decode(found.group(1)).decode("utf-8")
+
+
+@pytest.mark.skipif(not shutil.which("dot"), reason="Graphviz (dot) is not installed")
+def test_definition_page_draws_the_machine_and_the_process_map(
+    admin_client, visit_definition, encounter
+):
+    transition(encounter, "checked_in")
+    transition(encounter, "in_progress")
+    text = admin_client.get(definition_url(visit_definition)).content.decode()
+    machine = _image_svg(text, "definition-diagram")
+    assert machine.lstrip().startswith("<?xml") and "<svg" in machine
+    for state in visit_definition.states:
+        assert f">{state}</text>" in machine
+    mined = _image_svg(text, "process-map")
+    # The two edges taken, each once, labelled with their counts; the untaken ones dashed.
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", mined)
+    assert [t.split(",")[0] for t in texts if "×" in t] == ["1×", "1×"]
+    assert all(t.startswith("1×, median ") for t in texts if "×" in t)
+    assert "stroke-dasharray" in mined
+    assert "process map of &#x27;VISIT&#x27;: 2 transitions of 1 encounter, compared with" in text
+
+
+def test_definition_page_without_graphviz_shows_the_mermaid_source_with_a_copy_button(
+    admin_client, visit_definition, monkeypatch, tmp_path
+):
+    from django_encounters.engine.graphs import to_mermaid
+    from django_encounters.projections.diagrams import definition_diagram
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no Graphviz on it
+    text = admin_client.get(definition_url(visit_definition)).content.decode()
+    assert 'id="definition-diagram-copy"' in text and 'id="process-map-copy"' in text
+    assert "Graphviz" in text and "Mermaid source" in text
+    source = html.unescape(
+        text.split('<pre id="definition-diagram-source">', 1)[1].split("</pre>", 1)[0]
+    )
+    assert source == to_mermaid(definition_diagram(visit_definition.code))

@@ -47,6 +47,8 @@ def _names_for(name: str) -> dict[str, Any]:
             some_past_time=now - timedelta(days=1),
             quarter_end=now,
         )
+    if name in ("docs/guides/fhir.md", "docs/guides/async.md"):
+        names.update(patient=Patient.objects.create(name="Grace Hopper"))
     if name in (
         "docs/operations.md",
         "docs/scaling.md",
@@ -66,6 +68,22 @@ def _names_for(name: str) -> dict[str, Any]:
         names.update(
             pk=visit.pk, quarter_end=now + timedelta(days=1), start=now - timedelta(days=1)
         )
+    if name == "docs/guides/rest-api.md":
+        from django.contrib.auth.models import Permission
+
+        nurse = User.objects.create(username="nurse")
+        nurse.user_permissions.set(
+            Permission.objects.filter(
+                content_type__app_label="django_encounters",
+                codename__in=[
+                    "view_encounter",
+                    "add_encounter",
+                    "change_encounter",
+                    "transition_encounter",
+                ],
+            )
+        )
+        names.update(nurse=nurse, patient=Patient.objects.create(name="Ada Lovelace"))
     if name == "docs/operations.md":
         from django_encounters.projections.checkpoints import write_checkpoint
 

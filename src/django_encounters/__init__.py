@@ -32,6 +32,11 @@ _EXPORTS = {
     "get_state_at": "services",
     "duration_in_state": "services",
     "time_in_states": "services",
+    # Async services (each runs its sync counterpart in one thread-sensitive call)
+    "acreate_encounter": "services",
+    "atransition": "services",
+    "aget_state_at": "services",
+    "aget_encounter_history": "services",
     # Exceptions
     "EncounterError": "exceptions",
     "InvalidTransitionError": "exceptions",

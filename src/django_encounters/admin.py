@@ -7,6 +7,7 @@ read-only facts."""
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,9 +31,11 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from .engine import READABLE_FIELDS
+from .engine.graphs import Graph
 from .exceptions import ConcurrentTransitionError, EncounterError
 from .models import (
     MACHINE_FIELDS,
+    TRANSITION_PERMISSION,
     AnomalyAcknowledgement,
     Encounter,
     EncounterDefinition,
@@ -40,10 +43,15 @@ from .models import (
     EncounterTransition,
 )
 from .projections.audit import iter_audit
+from .projections.diagrams import (
+    GraphvizError,
+    GraphvizNotFoundError,
+    definition_diagram,
+    process_map,
+    render,
+)
 from .services import create_encounter, get_state_at, transition
 
-#: The permission (besides ``change_encounter``) needed to move an encounter on from the admin.
-TRANSITION_PERMISSION = "django_encounters.transition_encounter"
 #: Times on the admin's timeline: to the second, with the time zone's name.
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S %Z"
 
@@ -91,6 +99,211 @@ def subject_html(
     return label
 
 
+def diagram_html(graph: Graph, element_id: str) -> Any:
+    """``graph`` as a picture: an SVG laid out by Graphviz, shown as an image (so nothing in it
+    runs on the page); without Graphviz, its Mermaid source with a copy button."""
+    try:
+        svg = render(graph, "svg")
+    except (GraphvizNotFoundError, GraphvizError) as exc:
+        return format_html(
+            '<div class="encounter-diagram" id="{}"><p>{} {}</p><pre id="{}-source">{}</pre>'
+            '<button type="button" class="button" id="{}-copy" onclick="navigator.clipboard'
+            ".writeText(document.getElementById('{}-source').textContent)\">Copy the Mermaid"
+            " source</button></div>",
+            element_id,
+            exc,
+            "Here is its Mermaid source instead (mermaid.live, GitHub and most Markdown sites "
+            "draw it).",
+            element_id,
+            render(graph, "mermaid"),
+            element_id,
+            element_id,
+        )
+    image = base64.b64encode(svg.encode("utf-8")).decode("ascii")
+    return format_html(
+        '<div class="encounter-diagram" id="{}"><img src="data:image/svg+xml;base64,{}" '
+        'alt="{}" style="max-width: 100%"><p class="help">{}</p></div>',
+        element_id,
+        image,
+        graph.summary,
+        graph.summary,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft delete, the same for definitions and encounters
+# ---------------------------------------------------------------------------------------------
+
+
+class DeletedFilter(admin.SimpleListFilter):
+    """Soft-deleted rows are hidden unless asked for."""
+
+    title = "deleted"
+    parameter_name = "deleted"
+    CHOICES = ((None, "Not deleted"), ("yes", "Deleted"), ("all", "All"))
+
+    def lookups(self, request: Any, model_admin: Any) -> list[tuple[str, str]]:
+        return [(value, label) for value, label in self.CHOICES if value is not None]
+
+    def choices(self, changelist: Any) -> Any:
+        for value, label in self.CHOICES:
+            yield {
+                "selected": self.value() == value,
+                "query_string": changelist.get_query_string(
+                    {self.parameter_name: value} if value else {}, [self.parameter_name]
+                ),
+                "display": label,
+            }
+
+    def queryset(self, request: Any, queryset: QuerySet) -> QuerySet:
+        if self.value() == "yes":
+            return queryset.filter(deleted_at__isnull=False)
+        if self.value() == "all":
+            return queryset
+        return queryset.filter(deleted_at__isnull=True)
+
+
+class SoftDeleteAdmin(admin.ModelAdmin):
+    """ "Delete" is the model's soft delete, said so on honest confirmation pages (Django's own
+    would list the rows a *hard* delete would take with it, or refuse over ``PROTECT`` foreign
+    keys); soft-deleted rows stay reachable (a filter, their own page) and can be restored (an
+    action and a button). Subclasses name their objects (``_label``) and say what a soft delete
+    of one means (``soft_delete_effects``)."""
+
+    actions = ["delete_selected", "restore_selected"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        """Every row, soft-deleted ones included (the list hides them by default, see
+        :class:`DeletedFilter`), so that a link to a deleted one still opens it."""
+        queryset = self.model.all_objects.get_queryset()  # type: ignore[attr-defined]
+        ordering = self.get_ordering(request)
+        return queryset.order_by(*ordering) if ordering else queryset
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        if obj is not None and obj.is_deleted:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    @admin.display(description="deleted", ordering="deleted_at")
+    def deleted(self, obj: Any) -> str:
+        return local_time(obj.deleted_at)
+
+    def _label(self, obj: Any) -> str:
+        raise NotImplementedError
+
+    def soft_delete_effects(self, objs: list[Any]) -> list[str]:
+        """What soft-deleting ``objs`` does and does not do, one sentence each."""
+        raise NotImplementedError
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
+        """A soft delete removes nothing: only the objects themselves are listed, and no
+        permission on what they own (which is kept) is needed."""
+        return [str(self._label(obj)) for obj in objs], {}, set(), []
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        obj.delete()
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for obj in queryset:
+            obj.delete()
+
+    def delete_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is not None:
+            extra_context = {
+                **(extra_context or {}),
+                "object_label": self._label(obj),
+                "soft_delete_effects": self.soft_delete_effects([obj]),
+            }
+        return super().delete_view(request, object_id, extra_context)
+
+    @admin.action(description="Delete selected %(verbose_name_plural)s", permissions=["delete"])
+    def delete_selected(self, request: HttpRequest, queryset: QuerySet) -> Any:
+        """Django's bulk delete, with this admin's confirmation page saying what a soft delete
+        of the selection does."""
+        from django.contrib.admin.actions import delete_selected
+
+        response = delete_selected(self, request, queryset)
+        if isinstance(response, TemplateResponse) and response.context_data is not None:
+            response.context_data["soft_delete_effects"] = self.soft_delete_effects(list(queryset))
+        return response
+
+    def response_delete(self, request: HttpRequest, obj_display: str, obj_id: Any) -> Any:
+        if IS_POPUP_VAR in request.POST:
+            return super().response_delete(request, obj_display, obj_id)
+        noun = self.opts.verbose_name
+        self.message_user(
+            request,
+            f"The {noun} {self._deleted_label(obj_id, obj_display)} was soft-deleted: it is "
+            f"hidden from the list and can be restored (filter 'deleted' → 'Deleted', then the "
+            "'Restore' action, or the button on its page).",
+            messages.SUCCESS,
+        )
+        url = reverse(f"admin:{self.opts.app_label}_{self.opts.model_name}_changelist")
+        preserved: dict[str, Any] = {
+            "preserved_filters": self.get_preserved_filters(request),
+            "opts": self.opts,
+        }
+        return HttpResponseRedirect(add_preserved_filters(preserved, url))
+
+    def _deleted_label(self, obj_id: Any, obj_display: str) -> str:
+        return obj_display
+
+    @admin.action(
+        description="Restore selected soft-deleted %(verbose_name_plural)s", permissions=["change"]
+    )
+    def restore_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
+        restored = 0
+        for obj in queryset:
+            if obj.is_deleted:
+                obj.restore()
+                self.log_change(request, obj, "Restored (soft delete undone).")
+                restored += 1
+        messages.success(request, f"Restored {restored} {self.opts.verbose_name}(s).")
+
+    def restore_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is None:
+            return self._missing(request, object_id)
+        if request.method != "POST" or not self.has_change_permission(request, obj):
+            raise PermissionDenied
+        if obj.is_deleted:
+            obj.restore()
+            self.log_change(request, obj, "Restored (soft delete undone).")
+            messages.success(
+                request, f"The {self.opts.verbose_name} {self._label(obj)} was restored."
+            )
+        return HttpResponseRedirect(self._change_url(obj))
+
+    def get_urls(self) -> list[Any]:
+        info = self.opts.app_label, self.opts.model_name
+        return [
+            path(
+                "<path:object_id>/restore/",
+                self.admin_site.admin_view(self.restore_view),
+                name="{}_{}_restore".format(*info),
+            ),
+            *super().get_urls(),
+        ]
+
+    def _restore_url(self, obj: Any) -> str:
+        info = self.opts.app_label, self.opts.model_name
+        return reverse("admin:{}_{}_restore".format(*info), args=[quote(obj.pk)])
+
+    def _missing(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """As Django's change page does for an id that names nothing: say so, go home."""
+        messages.warning(
+            request,
+            f"{self.opts.verbose_name} with ID “{object_id}” doesn’t exist. Perhaps it was "
+            "deleted?",
+        )
+        return HttpResponseRedirect(reverse("admin:index", current_app=self.admin_site.name))
+
+    def _change_url(self, obj: Any) -> str:
+        info = self.opts.app_label, self.opts.model_name
+        return reverse("admin:{}_{}_change".format(*info), args=[quote(obj.pk)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Definitions
 # ---------------------------------------------------------------------------------------------
@@ -121,12 +334,50 @@ class DefinitionForm(forms.ModelForm):
 
 
 @admin.register(EncounterDefinition)
-class EncounterDefinitionAdmin(admin.ModelAdmin):
+class EncounterDefinitionAdmin(SoftDeleteAdmin):
     form = DefinitionForm
-    list_display = ("name", "code", "version", "initial_state", "encounter_count", "created_at")
+    list_display = (
+        "name",
+        "code",
+        "version",
+        "initial_state",
+        "encounter_count",
+        "created_at",
+        "deleted",
+    )
+    list_filter = (DeletedFilter,)
     search_fields = ("name", "code")
-    readonly_fields = ("version", "machine_summary", "encounter_count")
+    readonly_fields = (
+        "version",
+        "machine_summary",
+        "encounter_count",
+        "machine_diagram",
+        "process_map_diagram",
+        "deleted_at",
+    )
     inlines = [VersionInline]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        shown_apart = {"machine_summary", "machine_diagram", "process_map_diagram"}
+        fields = [name for name in self.get_fields(request, obj) if name not in shown_apart]
+        if obj is None:
+            return [(None, {"fields": fields})]
+        return [
+            (None, {"fields": fields}),
+            ("Machine", {"fields": ["machine_summary", "machine_diagram"]}),
+            (
+                "Process map (mined from the transition log)",
+                {
+                    "fields": ["process_map_diagram"],
+                    "description": "What the encounters of this definition really did: each "
+                    "edge with how often it was taken and the median time spent in its source "
+                    "state before it; edges the machine allows but nobody took are dashed, "
+                    "edges it does not allow red. Reads every transition of this definition's "
+                    "encounters; for a period use manage.py encounter_graph --from-log "
+                    "--since/--until.",
+                },
+            ),
+        ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return (
@@ -144,6 +395,29 @@ class EncounterDefinitionAdmin(admin.ModelAdmin):
             count = obj.encounters.count() if obj.pk else 0
         url = reverse("admin:django_encounters_encounter_changelist")
         return format_html('<a href="{}?definition__id__exact={}">{}</a>', url, obj.pk, count)
+
+    @admin.display(description="diagram")
+    def machine_diagram(self, obj: EncounterDefinition) -> Any:
+        if not obj.pk:
+            return "-"
+        return diagram_html(definition_diagram(obj.code), "definition-diagram")
+
+    @admin.display(description="process map")
+    def process_map_diagram(self, obj: EncounterDefinition) -> Any:
+        if not obj.pk:
+            return "-"
+        return diagram_html(process_map(obj.code), "process-map")
+
+    def _label(self, obj: EncounterDefinition) -> str:
+        return f"{obj.name} ({obj.code})"
+
+    def soft_delete_effects(self, objs: list[Any]) -> list[str]:
+        live = Encounter.objects.filter(definition__in=[obj.pk for obj in objs]).count()
+        return [
+            "Hidden from the definition list; no new encounter can be created with it.",
+            f"Nothing is removed: its versions are kept, and its {live} encounter(s) keep their "
+            "history, stay listed and can still move on under the version they are pinned to.",
+        ]
 
     @admin.display(description="machine")
     def machine_summary(self, obj: EncounterDefinition) -> Any:
@@ -170,10 +444,12 @@ class EncounterDefinitionAdmin(admin.ModelAdmin):
     def change_view(
         self, request: Any, object_id: str, form_url: str = "", extra_context: Any = None
     ) -> Any:
-        definition = self.get_object(request, object_id)
-        if definition is not None and request.method == "GET":
-            for warning in definition.get_warnings():
-                messages.warning(request, warning)
+        definition = self.get_object(request, unquote(object_id))
+        if definition is not None:
+            extra_context = {**(extra_context or {}), "restore_url": self._restore_url(definition)}
+            if request.method == "GET":
+                for warning in definition.get_warnings():
+                    messages.warning(request, warning)
         return super().change_view(request, object_id, form_url, extra_context)
 
 
@@ -271,34 +547,6 @@ class StateAtForm(forms.Form):
 # ---------------------------------------------------------------------------------------------
 # Encounters: list filters
 # ---------------------------------------------------------------------------------------------
-
-
-class DeletedFilter(admin.SimpleListFilter):
-    """Soft-deleted encounters are hidden unless asked for."""
-
-    title = "deleted"
-    parameter_name = "deleted"
-    CHOICES = ((None, "Not deleted"), ("yes", "Deleted"), ("all", "All"))
-
-    def lookups(self, request: Any, model_admin: Any) -> list[tuple[str, str]]:
-        return [(value, label) for value, label in self.CHOICES if value is not None]
-
-    def choices(self, changelist: Any) -> Any:
-        for value, label in self.CHOICES:
-            yield {
-                "selected": self.value() == value,
-                "query_string": changelist.get_query_string(
-                    {self.parameter_name: value} if value else {}, [self.parameter_name]
-                ),
-                "display": label,
-            }
-
-    def queryset(self, request: Any, queryset: QuerySet) -> QuerySet:
-        if self.value() == "yes":
-            return queryset.filter(deleted_at__isnull=False)
-        if self.value() == "all":
-            return queryset
-        return queryset.filter(deleted_at__isnull=True)
 
 
 class DefinitionStateFilter(admin.SimpleListFilter):
@@ -408,7 +656,7 @@ FACT_FIELDS = ("definition", "subject_content_type", "subject_id")
 
 
 @admin.register(Encounter)
-class EncounterAdmin(admin.ModelAdmin):
+class EncounterAdmin(SoftDeleteAdmin):
     form = EncounterForm
     list_display = (
         "short_id",
@@ -427,26 +675,16 @@ class EncounterAdmin(admin.ModelAdmin):
     search_help_text = "Search by subject id (exact), notes or a transition's reason."
     date_hierarchy = "created_at"
     readonly_fields = ("subject_link", *Encounter.LOG_DERIVED_FIELDS, "deleted_at")
-    actions = ["delete_selected", "restore_selected"]
 
     # -- queryset and permissions -----------------------------------------------------------
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
-        """Every encounter, soft-deleted ones included (the list hides them by default, see
-        :class:`DeletedFilter`), so that a link to a deleted encounter still opens it."""
-        queryset = Encounter.all_objects.get_queryset().prefetch_related("subject")
-        ordering = self.get_ordering(request)
-        return queryset.order_by(*ordering) if ordering else queryset
+        return super().get_queryset(request).prefetch_related("subject")
 
     def has_transition_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm(TRANSITION_PERMISSION) and self.has_change_permission(
             request, obj
         )
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        if obj is not None and obj.is_deleted:
-            return False
-        return super().has_delete_permission(request, obj)
 
     # -- columns ----------------------------------------------------------------------------
 
@@ -468,10 +706,6 @@ class EncounterAdmin(admin.ModelAdmin):
             else f"missing {obj.subject_content_type.name} #{obj.subject_id}"
         )
         return subject_html(self.admin_site, obj.subject_content_type_id, obj.subject_id, label)
-
-    @admin.display(description="deleted", ordering="deleted_at")
-    def deleted(self, obj: Encounter) -> str:
-        return local_time(obj.deleted_at)
 
     # -- forms ------------------------------------------------------------------------------
 
@@ -526,74 +760,28 @@ class EncounterAdmin(admin.ModelAdmin):
         # the encounter create_encounter() made.
         obj.__dict__.update(created.__dict__)
 
-    # -- soft delete and restore ------------------------------------------------------------
+    # -- soft delete -------------------------------------------------------------------------
 
-    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
-        """A soft delete removes nothing: only the encounters themselves are listed, and no
-        permission on the transitions (which are kept) is needed."""
-        return [str(self._label(obj)) for obj in objs], {}, set(), []
+    def soft_delete_effects(self, objs: list[Any]) -> list[str]:
+        rows = sum(obj.version for obj in objs)
+        return [
+            "Hidden from the encounter list; it can no longer move on.",
+            f"Nothing is removed: the {rows} transition(s) of its log — the append-only history "
+            "— are kept and still audited.",
+        ]
 
-    def delete_model(self, request: HttpRequest, obj: Any) -> None:
-        obj.delete()
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
-        for obj in queryset:
-            obj.delete()
-
-    def response_delete(self, request: HttpRequest, obj_display: str, obj_id: Any) -> Any:
-        if IS_POPUP_VAR in request.POST:
-            return super().response_delete(request, obj_display, obj_id)
-        self.message_user(
-            request,
-            f"The encounter {short_id(obj_id)} ({obj_display}) was soft-deleted: it is hidden "
-            "from the list, its transitions are kept, and it can be restored (filter "
-            "'deleted' → 'Deleted', then the 'Restore' action, or the button on its page).",
-            messages.SUCCESS,
-        )
-        url = reverse("admin:django_encounters_encounter_changelist")
-        preserved: dict[str, Any] = {
-            "preserved_filters": self.get_preserved_filters(request),
-            "opts": self.opts,
-        }
-        return HttpResponseRedirect(add_preserved_filters(preserved, url))
-
-    @admin.action(description="Restore selected soft-deleted encounters", permissions=["change"])
-    def restore_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
-        restored = 0
-        for obj in queryset:
-            if obj.is_deleted:
-                obj.restore()
-                self.log_change(request, obj, "Restored (soft delete undone).")
-                restored += 1
-        messages.success(request, f"Restored {restored} encounter(s).")
-
-    def restore_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        obj = self.get_object(request, unquote(object_id))
-        if obj is None:
-            return self._missing(request, object_id)
-        if request.method != "POST" or not self.has_change_permission(request, obj):
-            raise PermissionDenied
-        if obj.is_deleted:
-            obj.restore()
-            self.log_change(request, obj, "Restored (soft delete undone).")
-            messages.success(request, f"The encounter {self._label(obj)} was restored.")
-        return HttpResponseRedirect(self._change_url(obj))
+    def _deleted_label(self, obj_id: Any, obj_display: str) -> str:
+        return f"{short_id(obj_id)} ({obj_display})"
 
     # -- the encounter page -----------------------------------------------------------------
 
     def get_urls(self) -> list[Any]:
-        wrap = self.admin_site.admin_view
         info = self.opts.app_label, self.opts.model_name
         return [
             path(
                 "<path:object_id>/transition/",
-                wrap(self.transition_view),
+                self.admin_site.admin_view(self.transition_view),
                 name="{}_{}_transition".format(*info),
-            ),
-            path(
-                "<path:object_id>/restore/",
-                wrap(self.restore_view),
-                name="{}_{}_restore".format(*info),
             ),
             *super().get_urls(),
         ]
@@ -617,12 +805,6 @@ class EncounterAdmin(admin.ModelAdmin):
                 "encounter_label": self._label(obj),
             }
         return super().history_view(request, object_id, extra_context)
-
-    def delete_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
-        obj = self.get_object(request, unquote(object_id))
-        if obj is not None:
-            extra_context = {**(extra_context or {}), "encounter_label": self._label(obj)}
-        return super().delete_view(request, object_id, extra_context)
 
     def _page_context(self, request: HttpRequest, obj: Encounter) -> dict[str, Any]:
         """The status panel (state, definition version, transition buttons), the timeline and
@@ -657,9 +839,7 @@ class EncounterAdmin(admin.ModelAdmin):
             "anomalies": anomalies,
             "encounter_label": self._label(obj),
             "state_at": state_at,
-            "restore_url": reverse(
-                "admin:django_encounters_encounter_restore", args=[quote(obj.pk)]
-            ),
+            "restore_url": self._restore_url(obj),
             "time_zone": timezone.get_current_timezone_name(),
         }
 
@@ -738,18 +918,7 @@ class EncounterAdmin(admin.ModelAdmin):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _missing(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        """As Django's change page does for an id that names nothing: say so, go home."""
-        messages.warning(
-            request, f"encounter with ID “{object_id}” doesn’t exist. Perhaps it was deleted?"
-        )
-        return HttpResponseRedirect(reverse("admin:index", current_app=self.admin_site.name))
-
-    def _change_url(self, obj: Encounter) -> str:
-        return reverse("admin:django_encounters_encounter_change", args=[quote(obj.pk)])
-
-    @staticmethod
-    def _label(obj: Encounter) -> str:
+    def _label(self, obj: Encounter) -> str:
         """How the admin names an encounter: its short id, definition and state."""
         return f"{short_id(obj.pk)} ({obj.definition.name}, {obj.state})"
 

@@ -5,6 +5,7 @@
   a day;
 * ``django_encounters.E003`` (error): ``ENCOUNTERS_VALIDATOR_MODULES`` is not a list of module
   prefixes;
+* ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W002`` (warning): a SQLite database without
   ``transaction_mode="IMMEDIATE"``;
@@ -26,7 +27,11 @@ from .exceptions import EncounterConfigurationError
 
 PREFIX = "ENCOUNTERS_"
 #: Every setting the package reads.
-KNOWN_SETTINGS = ("ENCOUNTERS_FUTURE_TOLERANCE", "ENCOUNTERS_VALIDATOR_MODULES")
+KNOWN_SETTINGS = (
+    "ENCOUNTERS_FUTURE_TOLERANCE",
+    "ENCOUNTERS_VALIDATOR_MODULES",
+    "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
+)
 
 
 @checks.register()
@@ -78,6 +83,12 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             conf.validator_modules,
             "django_encounters.E003",
             "Set it to a list of dotted module prefixes, e.g. ['myapp.validators'], or remove it.",
+        ),
+        (
+            "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
+            conf.rest_require_if_match,
+            "django_encounters.E004",
+            "Set it to True or False, or remove it for the default (False).",
         ),
     ]
     found: list[checks.CheckMessage] = []

@@ -8,6 +8,9 @@
     Optional list of dotted module prefixes that validator paths must live under
     (``"myapp.validators"`` admits ``myapp.validators`` and ``myapp.validators.x``).
     The package's own validators are always admitted. Default: ``None`` (no restriction).
+``ENCOUNTERS_REST_REQUIRE_IF_MATCH``
+    Whether the REST API (``django_encounters.contrib.rest_framework``) refuses a transition
+    POST without an ``If-Match`` header (``428 Precondition Required``). Default: ``False``.
 """
 
 from __future__ import annotations
@@ -52,3 +55,12 @@ def validator_modules() -> list[str] | None:
             f"ENCOUNTERS_VALIDATOR_MODULES must be a list of module prefixes, not {value!r}"
         )
     return list(value)
+
+
+def rest_require_if_match() -> bool:
+    value = getattr(settings, "ENCOUNTERS_REST_REQUIRE_IF_MATCH", False)
+    if not isinstance(value, bool):
+        raise EncounterConfigurationError(
+            f"ENCOUNTERS_REST_REQUIRE_IF_MATCH must be True or False, not {value!r}"
+        )
+    return value

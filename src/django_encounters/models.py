@@ -32,6 +32,9 @@ from .exceptions import EncounterError, InvalidStateError, ValidatorConfiguratio
 from .validators import get_validator_instance, parse_validator_entry
 
 STATE_MAX_LENGTH = 50
+#: The permission (besides ``change_encounter``) needed to move an encounter on from the admin
+#: or the REST API.
+TRANSITION_PERMISSION = "django_encounters.transition_encounter"
 #: Room for a hash's format prefix ("v1:") and digest, and for longer formats later.
 HASH_MAX_LENGTH = 100
 

@@ -1,5 +1,7 @@
 """The public API: ``create_encounter``, ``transition``, ``run_validators``,
-``get_encounter_history``, ``get_state_at``, ``duration_in_state``, ``time_in_states``.
+``get_encounter_history``, ``get_state_at``, ``duration_in_state``, ``time_in_states``, and for
+async code ``acreate_encounter``, ``atransition``, ``aget_state_at``,
+``aget_encounter_history``.
 
 ``transition()`` is the only code that decides a new row; it orchestrates the engine (the
 decision), the validators and the store (the statements).
@@ -12,6 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import router
 from django.db import transaction as db_transaction
 from django.utils import timezone
@@ -40,6 +43,10 @@ __all__ = [
     "get_state_at",
     "duration_in_state",
     "time_in_states",
+    "acreate_encounter",
+    "atransition",
+    "aget_state_at",
+    "aget_encounter_history",
     # Re-exported for callers that import the exceptions from here.
     "InvalidTransitionError",
     "ValidationError",
@@ -388,3 +395,68 @@ def _db_for_read(encounter: Encounter, using: str | None) -> str:
     if using is not None:
         return using
     return encounter._state.db or router.db_for_read(EncounterTransition, instance=encounter)
+
+
+# -- async ---------------------------------------------------------------------------------
+# Each coroutine runs its sync function, whole, through ``sync_to_async(thread_sensitive=True)``
+# (the way Django runs the ORM from async code): the transaction opens and commits inside that
+# one call, in the thread that owns the connection, never across an ``await``.
+
+
+async def acreate_encounter(
+    definition: EncounterDefinition,
+    subject: Any,
+    created_by: Any = None,
+    assigned_to: Any = None,
+    scheduled_at: datetime | None = None,
+    notes: str = "",
+    metadata: dict | None = None,
+) -> Encounter:
+    """:func:`create_encounter` for async code (same arguments, result and errors)."""
+    return await sync_to_async(create_encounter, thread_sensitive=True)(
+        definition, subject, created_by, assigned_to, scheduled_at, notes, metadata
+    )
+
+
+async def atransition(
+    encounter: Encounter,
+    to_state: str,
+    transitioned_by: Any = None,
+    reason: str = "",
+    context: dict | None = None,
+    effective_at: datetime | None = None,
+    skip_validation: bool = False,
+    expected_version: int | None = None,
+) -> EncounterTransition:
+    """:func:`transition` for async code: the same arguments, one transaction, the same result
+    (``encounter`` shows the new projection afterwards) and the same typed errors."""
+    return await sync_to_async(transition, thread_sensitive=True)(
+        encounter,
+        to_state,
+        transitioned_by,
+        reason,
+        context,
+        effective_at,
+        skip_validation,
+        expected_version,
+    )
+
+
+async def aget_state_at(
+    encounter: Encounter,
+    timestamp: datetime,
+    known_at: datetime | None = None,
+    *,
+    using: str | None = None,
+) -> str:
+    """:func:`get_state_at` for async code (same arguments, result and errors)."""
+    return await sync_to_async(get_state_at, thread_sensitive=True)(
+        encounter, timestamp, known_at, using=using
+    )
+
+
+async def aget_encounter_history(
+    encounter: Encounter, *, using: str | None = None
+) -> list[EncounterTransition]:
+    """:func:`get_encounter_history` for async code (same arguments, result and errors)."""
+    return await sync_to_async(get_encounter_history, thread_sensitive=True)(encounter, using=using)

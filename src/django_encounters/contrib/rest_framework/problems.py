@@ -1,0 +1,179 @@
+"""Errors as Problem Details (RFC 9457): an ``application/problem+json`` body with ``type``,
+``title``, ``status``, ``detail``, ``instance`` and extension members naming what the problem is
+about (``encounter``, ``from_state``, ``to_state``, ``validator``, ``errors``…).
+
+:func:`problem_response` answers every exception a view of this package lets out: the
+library's typed errors by what they mean over HTTP (:func:`encounter_problem`), Django REST
+framework's own (not found, permission denied, a malformed body, field errors) by their status.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
+from rest_framework import exceptions
+from rest_framework.response import Response
+
+from ...exceptions import (
+    ConcurrentTransitionError,
+    EncounterConfigurationError,
+    EncounterError,
+    EncounterNotFoundError,
+    InvalidTransitionError,
+    ProjectionDriftError,
+    StreamGapError,
+    ValidationError,
+)
+
+CONTENT_TYPE = "application/problem+json"
+#: The prefix of this package's problem types (not resolvable: they name the kind of problem;
+#: the REST API guide lists them).
+TYPE_PREFIX = "urn:django-encounters:problem:"
+
+
+class Problem:
+    """One problem: the standard members and the extension members."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str | None,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        self.status = status
+        # "about:blank": the problem is what its status code says; its title is the phrase.
+        self.type = "about:blank" if kind is None else TYPE_PREFIX + kind
+        self.title = title if title is not None and kind is not None else HTTPStatus(status).phrase
+        self.detail = detail
+        self.headers = headers or {}
+        self.extensions = extensions
+
+    def body(self, instance: str) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+            **self.extensions,
+        }
+
+    def response(self, request: Any) -> Response:
+        """The response to ``request``: ``application/problem+json`` when it is rendered as
+        JSON (a browser asking for the browsable API gets its HTML page, labelled as such)."""
+        renderer = getattr(request, "accepted_renderer", None)
+        as_json = renderer is None or getattr(renderer, "format", "json") == "json"
+        response = Response(
+            self.body(getattr(request, "path", "")),
+            status=self.status,
+            content_type=CONTENT_TYPE if as_json else None,
+        )
+        for name, value in self.headers.items():
+            response[name] = value
+        return response
+
+
+def encounter_problem(exc: EncounterError) -> Problem:
+    """What one of the library's errors means over HTTP."""
+    if isinstance(exc, EncounterNotFoundError):
+        return Problem(404, None, str(exc), encounter=str(exc.encounter_id))
+    if isinstance(exc, ConcurrentTransitionError):
+        if exc.expected_version is not None:  # If-Match named a version the stream left
+            return Problem(
+                412,
+                "stale-version",
+                str(exc),
+                title="The encounter changed since the version named in If-Match",
+                encounter=str(exc.encounter_id),
+                expected_version=exc.expected_version,
+                current_version=exc.actual_version,
+            )
+        return Problem(
+            409,
+            "concurrent-transition",
+            str(exc),
+            title="Another transition of the encounter was recorded first",
+            encounter=str(exc.encounter_id),
+        )
+    if isinstance(exc, InvalidTransitionError):
+        return Problem(
+            409,
+            "invalid-transition",
+            str(exc),
+            title="Transition refused by the encounter's state machine",
+            encounter=None if exc.encounter_id is None else str(exc.encounter_id),
+            from_state=exc.from_state,
+            to_state=exc.to_state,
+            reason=exc.reason,
+        )
+    if isinstance(exc, ValidationError):
+        return Problem(
+            422,
+            "validation-failed",
+            str(exc),
+            title="Transition refused by a validator",
+            validator=exc.validator,
+            reason=exc.message,
+        )
+    if isinstance(exc, (ProjectionDriftError, StreamGapError)):
+        # The stored log needs an operator (rebuild, audit), not a different request.
+        return Problem(
+            500,
+            "damaged-stream",
+            str(exc),
+            title="The encounter's stored history needs repair",
+            encounter=str(exc.encounter_id),
+        )
+    if isinstance(exc, EncounterConfigurationError):
+        return Problem(500, "configuration", str(exc), title="django-encounters is misconfigured")
+    return Problem(409, "refused", str(exc), title="Refused by django-encounters")
+
+
+def api_problem(exc: exceptions.APIException) -> Problem:
+    """Django REST framework's errors, their headers kept (``WWW-Authenticate``,
+    ``Retry-After``) as DRF's own handler keeps them."""
+    headers = {}
+    if getattr(exc, "auth_header", None):
+        headers["WWW-Authenticate"] = str(exc.auth_header)  # type: ignore[attr-defined]
+    if getattr(exc, "wait", None):
+        headers["Retry-After"] = str(int(exc.wait))  # type: ignore[attr-defined]
+    if isinstance(exc, exceptions.ValidationError):
+        return Problem(
+            400,
+            "invalid-input",
+            _summary(exc.detail),
+            title="The request's input is invalid",
+            errors=exc.detail,
+        )
+    return Problem(exc.status_code, None, _summary(exc.detail), headers=headers)
+
+
+def _summary(detail: Any) -> str:
+    """Field errors as one line: ``to_state: This field is required.; …``."""
+    if isinstance(detail, dict):
+        return "; ".join(f"{name}: {_summary(value)}" for name, value in detail.items())
+    if isinstance(detail, list):
+        return " ".join(_summary(value) for value in detail)
+    return str(detail)
+
+
+def problem_response(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """The exception handler of this package's views: a Problem Details response, or None
+    (DRF then re-raises: a bug is a 500 as ever)."""
+    request = context.get("request")
+    if isinstance(exc, EncounterError):
+        return encounter_problem(exc).response(request)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    if isinstance(exc, exceptions.APIException):
+        return api_problem(exc).response(request)
+    return None

@@ -1,0 +1,283 @@
+"""Serializers of the REST API: encounters out, creation and transition requests in, the query
+parameters of the reads, timeline rows out.
+
+Input is checked here, before anything is read or written: times must carry a UTC offset (a
+naive time is refused, never read in the server's zone), text and JSON must be storable (the
+library's own argument checks), a subject must exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.utils.dateparse import parse_datetime
+from rest_framework import serializers
+
+from ... import arguments
+from ...models import Encounter, EncounterDefinition, EncounterTransition
+
+
+class AwareDateTimeField(serializers.DateTimeField):
+    """An ISO-8601 datetime with a UTC offset (``Z`` allowed); a naive one is refused."""
+
+    default_error_messages = {
+        "naive": "{name} must include a UTC offset (e.g. 2024-05-01T09:30:00+02:00 or "
+        "2024-05-01T07:30:00Z), got {value!r}.",
+        "unusable": "{message}",
+    }
+
+    def to_internal_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            parsed = parse_datetime(value.strip())
+            if parsed is not None and parsed.utcoffset() is None:
+                self.fail("naive", name=self.field_name, value=value)
+        result = super().to_internal_value(value)
+        try:
+            arguments.require_aware(result, self.field_name)
+        except (TypeError, ValueError) as exc:
+            self.fail("unusable", message=str(exc))
+        return result
+
+
+def _storable_json(value: Any, name: str) -> Any:
+    """``value`` as the library stores it (a JSON object), or a field error."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise serializers.ValidationError(
+            f"{name} must be a JSON object, not {type(value).__name__} {value!r}"
+        )
+    try:
+        return arguments.json_copy(value, name)
+    except (TypeError, ValueError) as exc:
+        raise serializers.ValidationError(str(exc)) from exc
+
+
+def subject_type_label(content_type: ContentType) -> str:
+    """``"app_label.model"``: how the API names a subject's model."""
+    return f"{content_type.app_label}.{content_type.model}"
+
+
+class EncounterSerializer(serializers.ModelSerializer):
+    """An encounter as the API shows it in a list: its definition by code, its subject by
+    ``"app_label.model"`` and id; with ``?as_of=``, ``state_at`` too."""
+
+    definition = serializers.CharField(source="definition.code", read_only=True)
+    subject_type = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Encounter
+        fields: tuple[str, ...] = (
+            "id",
+            "definition",
+            "definition_version",
+            "subject_type",
+            "subject_id",
+            "state",
+            "version",
+            "origin_state",
+            "created_at",
+            "updated_at",
+            "last_transitioned_at",
+            "timeline_end_at",
+            "scheduled_at",
+            "started_at",
+            "ended_at",
+            "created_by",
+            "assigned_to",
+            "notes",
+            "metadata",
+        )
+        read_only_fields: tuple[str, ...] = fields
+
+    def get_subject_type(self, obj: Encounter) -> str:
+        return subject_type_label(obj.subject_content_type)
+
+    def to_representation(self, instance: Any) -> Any:
+        data = super().to_representation(instance)
+        if hasattr(instance, "state_at"):  # annotated by Encounter.objects.as_of()
+            data["state_at"] = instance.state_at
+        return data
+
+
+class EncounterDetailSerializer(EncounterSerializer):
+    """One encounter: also where it may go next (from its pinned definition version)."""
+
+    allowed_transitions = serializers.SerializerMethodField()
+    is_final = serializers.SerializerMethodField()
+
+    class Meta(EncounterSerializer.Meta):
+        fields = (*EncounterSerializer.Meta.fields, "allowed_transitions", "is_final")
+        read_only_fields = fields
+
+    def get_allowed_transitions(self, obj: Encounter) -> list[str]:
+        return list(obj.allowed_transitions)
+
+    def get_is_final(self, obj: Encounter) -> bool:
+        return obj.is_final
+
+
+class EncounterCreateSerializer(serializers.Serializer):
+    """``POST …/encounters/``: a definition by code, a subject by ``"app_label.model"`` and
+    id (it must exist), and the optional fields of ``create_encounter()``.
+
+    The context's ``subject_types`` (a set of labels, or None for any) narrows which models
+    may be subjects.
+    """
+
+    definition = serializers.CharField()
+    subject_type = serializers.CharField()
+    subject_id = serializers.CharField(trim_whitespace=False)
+    scheduled_at = AwareDateTimeField(required=False, allow_null=True, default=None)
+    notes = serializers.CharField(required=False, allow_blank=True, default="")
+    metadata = serializers.JSONField(required=False, default=None)
+    assigned_to = serializers.PrimaryKeyRelatedField(
+        queryset=get_user_model()._default_manager.all(),
+        required=False,
+        allow_null=True,
+        default=None,
+    )
+
+    def validate_definition(self, value: str) -> EncounterDefinition:
+        definition = EncounterDefinition.objects.filter(code=value).first()
+        if definition is None:
+            raise serializers.ValidationError(f"No definition has the code {value!r}.")
+        return definition
+
+    def validate_subject_type(self, value: str) -> ContentType:
+        app_label, dot, model = value.partition(".")
+        content_type = None
+        if dot:
+            content_type = ContentType.objects.filter(
+                app_label=app_label, model=model.lower()
+            ).first()
+        if content_type is None or content_type.model_class() is None:
+            raise serializers.ValidationError(
+                f'{value!r} names no installed model (expected "app_label.model", e.g. '
+                '"clinic.patient").'
+            )
+        allowed = self.context.get("subject_types")
+        if allowed is not None and subject_type_label(content_type) not in allowed:
+            raise serializers.ValidationError(
+                f"{value!r} is not a subject type of this API (allowed: {sorted(allowed)})."
+            )
+        return content_type
+
+    def validate_metadata(self, value: Any) -> Any:
+        return _storable_json(value, "metadata")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        content_type = attrs.pop("subject_type")
+        subject_id = attrs.pop("subject_id")
+        model = content_type.model_class()
+        try:
+            subject = model._default_manager.filter(pk=subject_id).first()
+        except (TypeError, ValueError, DjangoValidationError):  # not a key of that model
+            subject = None
+        if subject is None:
+            raise serializers.ValidationError(
+                {"subject_id": f"No {subject_type_label(content_type)} has the id {subject_id!r}."}
+            )
+        attrs["subject"] = subject
+        return attrs
+
+
+class TransitionSerializer(serializers.Serializer):
+    """``POST …/{id}/transition/``: the arguments of ``transition()`` (``expected_version``
+    comes from the ``If-Match`` header, the user from the request)."""
+
+    to_state = serializers.CharField(trim_whitespace=False)
+    reason = serializers.CharField(
+        required=False, allow_blank=True, default="", trim_whitespace=False
+    )
+    effective_at = AwareDateTimeField(required=False, allow_null=True, default=None)
+    context = serializers.JSONField(required=False, default=None)
+
+    def validate_context(self, value: Any) -> Any:
+        _storable_json(value, "context")
+        return value
+
+
+class ListQuerySerializer(serializers.Serializer):
+    """The filters of the list: ``?state=``, ``?definition=CODE``, ``?as_of=`` (with it,
+    ``state`` filters the state at that time), ``?known_at=`` (with ``as_of``)."""
+
+    state = serializers.CharField(required=False)
+    definition = serializers.CharField(required=False)
+    as_of = AwareDateTimeField(required=False)
+    known_at = AwareDateTimeField(required=False)
+
+    def validate_definition(self, value: str) -> str:
+        if not EncounterDefinition.all_objects.filter(code=value).exists():
+            raise serializers.ValidationError(f"No definition has the code {value!r}.")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "known_at" in attrs and "as_of" not in attrs:
+            raise serializers.ValidationError(
+                {"known_at": "known_at needs as_of (the business time it is about)."}
+            )
+        return attrs
+
+
+class StateAtQuerySerializer(serializers.Serializer):
+    """``?at=`` (business time, required) and ``?known_at=`` (as the system knew it then)."""
+
+    at = AwareDateTimeField()
+    known_at = AwareDateTimeField(required=False, default=None)
+
+
+class HistoryQuerySerializer(serializers.Serializer):
+    """``?known_at=``: only the rows recorded by then."""
+
+    known_at = AwareDateTimeField(required=False, default=None)
+
+
+class TimelineRowSerializer(serializers.Serializer):
+    """One row of an encounter's timeline (an ``AuditRow`` of the audit, with its context):
+    business-time order, the audit's ``backdated``/``overtaken`` marks."""
+
+    sequence = serializers.IntegerField()
+    from_state = serializers.CharField()
+    to_state = serializers.CharField()
+    effective_at = serializers.DateTimeField()
+    transitioned_at = serializers.DateTimeField()
+    transitioned_by = serializers.CharField(allow_null=True)
+    reason = serializers.CharField()
+    context = serializers.SerializerMethodField()
+    backdated = serializers.BooleanField()
+    overtaken = serializers.BooleanField()
+    overtaken_by = serializers.IntegerField(allow_null=True)
+
+    def get_context(self, row: Any) -> Any:
+        return self.context["contexts"].get(row.sequence, {})
+
+
+class TransitionRowSerializer(serializers.ModelSerializer):
+    """The row a transition just recorded."""
+
+    transitioned_by = serializers.SerializerMethodField()
+    context = serializers.JSONField(source="metadata")
+
+    class Meta:
+        model = EncounterTransition
+        fields = (
+            "sequence",
+            "from_state",
+            "to_state",
+            "effective_at",
+            "transitioned_at",
+            "transitioned_by",
+            "reason",
+            "context",
+            "definition_version",
+            "hash",
+        )
+        read_only_fields = fields
+
+    def get_transitioned_by(self, row: EncounterTransition) -> str | None:
+        user = row.transitioned_by
+        return None if user is None else user.get_username()
