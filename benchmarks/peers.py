@@ -258,6 +258,44 @@ class Peer(Side):
         return {(index[pk], STEPS.index(state)): stamp for pk, state, stamp in rows}
 
 
+class Floor(Side):
+    """The raw-SQL floor of the reads, on our visits' rows: the single indexed statement each
+    read needs, through the bare DB-API cursor (``benchmarks/run.py``'s floors)."""
+
+    def __init__(self, ours: Ours) -> None:
+        from benchmarks.run import Schema, raw_connection
+
+        super().__init__("raw SQL", ours.subjects)
+        self.happened = ours.happened
+        self.schema = schema = Schema()
+        t, ph = schema.t, schema.ph
+        self.state_sql = (
+            f"SELECT {t['to_state']} FROM {schema.tr} WHERE {t['encounter']} = {ph} AND "
+            f"{t['effective_at']} <= {ph} ORDER BY {t['effective_at']} DESC, "
+            f"{t['sequence']} DESC LIMIT 1"
+        )
+        columns = ", ".join(t[n] for n in schema.tr_fields)
+        self.history_sql = (
+            f"SELECT {columns} FROM {schema.tr} WHERE {t['encounter']} = {ph} "
+            f"ORDER BY {t['sequence']}"
+        )
+        self.cursor = raw_connection().cursor()
+        self.keys = [schema.db(encounter.pk) for encounter in ours.subjects]
+        self.ours = ours
+
+    def state_at(self, visit: int, when: datetime) -> str:
+        self.cursor.execute(self.state_sql, [self.keys[visit], self.schema.db(when)])
+        row = self.cursor.fetchone()
+        return row[0] if row else ORIGIN
+
+    def history(self, visit: int) -> list[Any]:
+        self.cursor.execute(self.history_sql, [self.keys[visit]])
+        return self.cursor.fetchall()
+
+    def recorded_times(self) -> dict[tuple[int, int], datetime]:
+        return self.ours.recorded_times()
+
+
 def run_schedule(sides: list[Side], actions: list[tuple[str, Event]], chunk: int = 50) -> None:
     """Both sides through the same schedule, in alternating chunks (who goes first alternates
     too); only the recording calls are timed."""
@@ -340,7 +378,15 @@ def measure_reads(
     return results
 
 
-def run(backend: str, visits: int, late: float, lag: int, queries: int, synchronous: str) -> dict:
+def run(
+    backend: str,
+    visits: int,
+    late: float,
+    lag: int,
+    queries: int,
+    synchronous: str,
+    transitions: int = 2000,
+) -> dict:
     tmp = None
     if backend == "sqlite":
         tmp = tempfile.TemporaryDirectory(prefix="encounters-peers-")
@@ -361,24 +407,38 @@ def run(backend: str, visits: int, late: float, lag: int, queries: int, synchron
         call_command("migrate", verbosity=0, interactive=False)
         user, _ = User.objects.get_or_create(username="peers-nurse")
         actions = schedule(visits, late, lag)
-        sides: list[Side] = [Ours(user, visits), Peer(user, visits)]
-        run_schedule(sides, actions)
-        reads = measure_reads(sides, actions, queries)
+        ours, peer = Ours(user, visits), Peer(user, visits)
+        run_schedule([ours, peer], actions)
+        floor = Floor(ours)
+        reads = measure_reads([floor, ours, peer], actions, queries)
+        # The floor of a transition: run.py's raw three-statement transaction (the same for any
+        # workflow), beside ours on its ping-pong encounters, in this database and mode.
+        from benchmarks.run import Schema, bench_transition, make_definition
+
+        pingpong = bench_transition(Schema(), make_definition(), transitions)
         late_steps = sum(1 for kind, _ in actions if kind == "record")
+        from benchmarks.run import _server_version
+
         result = {
             "backend": backend,
+            "server": _server_version(connection),
             "synchronous": synchronous if backend == "sqlite" else None,
             "visits": visits,
             "late_steps": late_steps,
             "lag": lag,
+            "pingpong_transition": pingpong,
             "sides": {},
         }
-        for side in sides:
+        for side in (floor, ours, peer):
             figures = reads[side.name]
+            transition_us = (
+                pingpong["floor_per_op_us"]
+                if side is floor
+                else side.transition_s / side.transitions * 1e6
+            )
             result["sides"][side.name] = {
-                "transitions": side.transitions,
-                "transition_us": side.transition_s / side.transitions * 1e6,
-                "transitions_per_s": side.transitions / side.transition_s,
+                "transition_us": transition_us,
+                "transitions_per_s": 1e6 / transition_us,
                 "state_at_us": figures["state_at_s"] / figures["queries"] * 1e6,
                 "wrong": figures["wrong"],
                 "queries": figures["queries"],
@@ -391,23 +451,66 @@ def run(backend: str, visits: int, late: float, lag: int, queries: int, synchron
             tmp.cleanup()
 
 
-def table(result: dict) -> str:
-    label = result["backend"] + (
-        f" (WAL, synchronous={result['synchronous']})" if result["synchronous"] else ""
-    )
-    lines = [
-        f"{label}: {result['visits']} visits, {result['late_steps']} steps entered late "
-        f"({result['lag']} events later)",
-        f"{'':32} {'transition':>12} {'per second':>11} {'state at t':>11} {'wrong':>12} "
-        f"{'history':>10}",
-    ]
-    for name, side in result["sides"].items():
-        lines.append(
-            f"{name:32} {side['transition_us']:>9.0f} µs {side['transitions_per_s']:>11,.0f} "
-            f"{side['state_at_us']:>8.0f} µs {side['wrong']:>5}/{side['queries']:<6} "
-            f"{side['history_us']:>7.0f} µs"
+OURS, PEER, FLOOR = "django-encounters", "django-fsm-2 + django-fsm-log", "raw SQL"
+
+
+def label(result: dict) -> str:
+    if result["synchronous"]:
+        return f"{result['backend']} (WAL, synchronous={result['synchronous']})"
+    return result["backend"]
+
+
+TABLE_HEAD = [
+    "| database | operation | raw-SQL floor | django-encounters | × floor | django-fsm-2 + "
+    "django-fsm-log | × floor | who is ahead |",
+    "|---|---|---:|---:|---:|---:|---:|---|",
+]
+
+
+def _ahead(ours: float, peer: float) -> str:
+    """Which side is faster, plainly (times: lower is better)."""
+    if ours <= peer:
+        return f"ours, {peer / ours:.1f}× faster"
+    return f"**the peer**, {ours / peer:.1f}× faster"
+
+
+def table_rows(result: dict) -> list[str]:
+    """The markdown rows of one configuration: per operation the floor, ours and the peer, each
+    with its ratio to the floor, and the wrong "state at t" answers."""
+    floor, ours, peer = (result["sides"][name] for name in (FLOOR, OURS, PEER))
+    where = label(result)
+    rows = []
+    for key, name in (
+        ("transition_us", "transition with a log row"),
+        ("state_at_us", "state at t, from the log"),
+        ("history_us", "history (3 rows)"),
+    ):
+        rows.append(
+            f"| {where} | {name} | {floor[key]:,.0f} µs | {ours[key]:,.0f} µs | "
+            f"{floor[key] / ours[key]:.2f}× | {peer[key]:,.0f} µs | "
+            f"{floor[key] / peer[key]:.2f}× | {_ahead(ours[key], peer[key])} |"
         )
-    return "\n".join(lines)
+    queries = ours["queries"]
+    rows.append(
+        f'| {where} | wrong "state at t" answers | {floor["wrong"]}/{queries} | '
+        f"{ours['wrong']}/{queries} | | {peer['wrong']}/{queries} "
+        f"({peer['wrong'] / queries:.1%}) | | "
+        + ("ours" if ours["wrong"] < peer["wrong"] else "neither")
+        + " |"
+    )
+    return rows
+
+
+def table(result: dict) -> str:
+    return "\n".join(
+        [
+            f"{label(result)}: {result['visits']} visits, {result['late_steps']} of their "
+            f"{result['visits'] * len(STEPS)} steps entered late ({result['lag']} events later)",
+            "",
+            *TABLE_HEAD,
+            *table_rows(result),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--late", type=float, default=0.1, help="fraction entered late")
     parser.add_argument("--lag", type=int, default=25, help="events before a late step is recorded")
     parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument(
+        "--transitions", type=int, default=2000, help="calls for the transition floor"
+    )
     parser.add_argument("--json", help="write the figures here")
     options = parser.parse_args(argv)
     try:

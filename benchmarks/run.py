@@ -957,6 +957,71 @@ def table(all_results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_peers(backends: list[str], sizes: dict, env: dict) -> list[dict]:
+    """``benchmarks/peers.py`` for SQLite (WAL) with ``synchronous=NORMAL`` and with the default
+    ``FULL``, and for PostgreSQL when it is measured: each in its own process and database."""
+    try:
+        import django_fsm  # noqa: F401
+        import django_fsm_log  # noqa: F401
+    except ImportError:
+        print(
+            "bench: django-fsm-2/django-fsm-log not installed, skipping the peers "
+            "(pip install -e '.[bench]'; `make bench` does)",
+            file=sys.stderr,
+        )
+        return []
+    runs = []
+    if "sqlite" in backends:
+        runs += [["--backend", "sqlite", "--synchronous", mode] for mode in ("NORMAL", "FULL")]
+    if "postgres" in backends:
+        runs.append(["--backend", "postgresql"])
+    results = []
+    visits = max(50, min(400, sizes["transitions"] // 5))
+    for arguments in runs:
+        with tempfile.TemporaryDirectory(prefix="encounters-peers-") as tmp:
+            out = os.path.join(tmp, "peers.json")
+            database = None
+            if arguments[1] == "postgresql":
+                database = f"encounters_peers_{os.getpid()}"
+                _pg_admin(f'CREATE DATABASE "{database}"')
+            cmd = [sys.executable, "-m", "benchmarks.peers", *arguments, "--json", out]
+            cmd += ["--visits", str(visits), "--queries", str(sizes["reads"] // 2)]
+            cmd += ["--transitions", str(sizes["transitions"])]
+            print(f"[peers] {' '.join(arguments)}", file=sys.stderr, flush=True)
+            try:
+                proc = subprocess.run(
+                    cmd,
+                    cwd=ROOT,
+                    env={**env, **({"BENCH_PEERS_DATABASE": database} if database else {})},
+                    stdout=subprocess.DEVNULL,
+                )
+            finally:
+                if database:
+                    _pg_admin(f'DROP DATABASE IF EXISTS "{database}"')
+            if proc.returncode != 0:
+                raise RuntimeError(f"peers {' '.join(arguments)} failed (exit {proc.returncode})")
+            results.append(json.loads(Path(out).read_text()))
+    return results
+
+
+def peers_table(results: list[dict]) -> str:
+    from benchmarks.peers import TABLE_HEAD, table_rows
+
+    first = results[0]
+    lines = [
+        "The peer, on the same visit workload (benchmarks/peers.py): "
+        f"{first['visits']} visits, about {first['late_steps'] / (first['visits'] * 3):.0%} of "
+        f"their steps entered late ({first['lag']} events later). The transition floor is the "
+        "raw three-statement transaction of `transition()`'s benchmark, the read floors the "
+        "single indexed statements, all measured in the same database and mode.",
+        "",
+        *TABLE_HEAD,
+    ]
+    for result in results:
+        lines += table_rows(result)
+    return "\n".join(lines)
+
+
 def _time(figure: dict, side: str) -> str:
     """A figure's ``side`` ("floor" or "ours") time as the tables show it: seconds and rows per
     second for a rebuild, milliseconds for one big query, microseconds per call otherwise."""
@@ -1039,9 +1104,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=("all", "export"),
+        choices=("all", "export", "peers"),
         default="all",
-        help="export: measure the event-log export alone (generates the data, skips the rest)",
+        help="export: measure the event-log export alone (generates the data, skips the rest); "
+        "peers: only django-encounters beside django-fsm-2 + django-fsm-log (benchmarks/peers.py)",
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw results here")
     parser.add_argument(
@@ -1090,10 +1156,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             backends.remove(backend)
     all_results = []
-    for backend in backends:  # each backend in its own process: Django is configured once
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        env.pop("DJANGO_SETTINGS_MODULE", None)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    for backend in backends if only != "peers" else []:
+        # each backend in its own process: Django is configured once
         cmd = [sys.executable, "-m", "benchmarks.run", "--child", "--backend", backend]
         for key, value in sizes.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -1104,21 +1171,33 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         all_results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
+    peer_results = run_peers(backends, sizes, env) if only in ("all", "peers") else []
+
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     if os.environ.get("BENCH_VIA_MAKE"):
         command = "make bench"
     else:
         command = " ".join(["python -m benchmarks.run", *argv])
+    servers = list(dict.fromkeys(r["server"] for r in [*all_results, *peer_results]))
     header = (
         f"Measured {stamp} on {platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, {', '.join(r['server'] for r in all_results)}; sizes "
+        f"{platform.python_version()}, {', '.join(servers)}; sizes "
         f"{json.dumps(sizes)}; command: `{command}`."
     )
-    text = header + "\n\n" + table(all_results)
+    parts = [header]
+    if all_results:
+        parts.append(table(all_results))
+    if peer_results:
+        parts.append(peers_table(peer_results))
+    text = "\n\n".join(parts)
     print(text)
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"sizes": sizes, "results": all_results}, indent=1, default=str)
+            json.dumps(
+                {"sizes": sizes, "results": all_results, "peers": peer_results},
+                indent=1,
+                default=str,
+            )
         )
     if args.update_readme:
         update_readme(text)
