@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from benchmarks.soak import configure as soak_configure
 from benchmarks.soak import database_from_env
 
 #: The visit workflow's steps, in order (SPEC.md's usage example).
@@ -67,25 +68,7 @@ VISIT = {
 
 def configure(database: dict[str, Any]) -> None:
     """Django in this process with both libraries installed."""
-    import django
-    from django.conf import settings
-
-    settings.configure(
-        SECRET_KEY="peers",
-        USE_TZ=True,
-        TIME_ZONE="UTC",
-        DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
-        INSTALLED_APPS=[
-            "django.contrib.auth",
-            "django.contrib.contenttypes",
-            "django_encounters",
-            "django_fsm",
-            "django_fsm_log",
-            "benchmarks.peerapp",
-        ],
-        DATABASES={"default": database},
-    )
-    django.setup()
+    soak_configure(database, ("django_fsm", "django_fsm_log", "benchmarks.peerapp"))
 
 
 # ---------------------------------------------------------------------------------------------

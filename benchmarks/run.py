@@ -601,30 +601,35 @@ def rebuild_floor(schema: Schema) -> float:
     return time.perf_counter() - started
 
 
-def rebuild_in_child(database: dict, jobs: int = 1) -> dict:
-    """Run the real rebuild in a fresh process (so its peak RSS is the rebuild's own); with
-    ``jobs > 1`` that process spawns the workers (the RSS is then the parent's alone)."""
+def child_env() -> dict[str, str]:
+    """The environment of a benchmark's child process: this checkout importable, no settings
+    module (the child configures Django itself)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.pop("DJANGO_SETTINGS_MODULE", None)
+    return env
+
+
+def run_child(what: str, *arguments: str) -> dict:
+    """``python -m benchmarks.run <arguments>`` in a fresh process (so that its peak RSS is its
+    own); the JSON it prints last."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--rebuild-child",
-            json.dumps(database),
-            str(jobs),
-        ],
+        [sys.executable, "-m", "benchmarks.run", *arguments],
         cwd=ROOT,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=3600,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"rebuild child failed: {proc.stderr[-4000:]}")
+        raise RuntimeError(f"{what} child failed: {proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rebuild_in_child(database: dict, jobs: int = 1) -> dict:
+    """Run the real rebuild in a fresh process (so its peak RSS is the rebuild's own); with
+    ``jobs > 1`` that process spawns the workers (the RSS is then the parent's alone)."""
+    return run_child("rebuild", "--rebuild-child", json.dumps(database), str(jobs))
 
 
 def rebuild_child(database: dict, jobs: int = 1) -> dict:
@@ -715,20 +720,7 @@ def export_floor(schema: Schema, path: str) -> tuple[float, int]:
 
 def export_in_child(database: dict, fmt: str) -> dict:
     """Run the real export in a fresh process (so its peak RSS is the export's own)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--export-child", json.dumps(database), fmt],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"export child failed: {proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child("export", "--export-child", json.dumps(database), fmt)
 
 
 def export_child(database: dict, fmt: str) -> dict:
@@ -1156,9 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             backends.remove(backend)
     all_results = []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env = child_env()
     for backend in backends if only != "peers" else []:
         # each backend in its own process: Django is configured once
         cmd = [sys.executable, "-m", "benchmarks.run", "--child", "--backend", backend]

@@ -105,8 +105,9 @@ def database_from_env(sqlite_path: str | None = None) -> dict[str, Any]:
     }
 
 
-def configure(database: dict[str, Any]) -> None:
-    """Configure and set up Django in this process for ``database`` (idempotent)."""
+def configure(database: dict[str, Any], extra_apps: tuple[str, ...] = ()) -> None:
+    """Configure and set up Django in this process for ``database`` (idempotent), with
+    ``extra_apps`` installed after the package."""
     import django
     from django.conf import settings
 
@@ -120,6 +121,7 @@ def configure(database: dict[str, Any]) -> None:
                 "django.contrib.auth",
                 "django.contrib.contenttypes",
                 "django_encounters",
+                *extra_apps,
             ],
             DATABASES={"default": database},
         )
