@@ -260,6 +260,7 @@ def test_two_clients_the_stale_one_gets_412_and_nothing_is_written(nurse, encoun
     assert body["detail"] == (
         f"Encounter {encounter.pk} was changed concurrently: expected version 0, found 1"
     )
+    assert stale["ETag"] == '"1"'  # the version it is at now
     assert counts() == (1, 1)
     encounter.refresh_from_db()
     assert (encounter.state, encounter.version) == ("checked_in", 1)
@@ -334,6 +335,7 @@ def test_if_match_forms(nurse, encounter, if_match, status):
     if status == 412:
         body = assert_problem(response, 412, "urn:django-encounters:problem:stale-version")
         assert body["current_version"] == 1
+        assert response["ETag"] == '"1"'
         assert body["detail"] == (
             f'Encounter {encounter.pk}: If-Match {if_match} does not match its current ETag "1"'
         )

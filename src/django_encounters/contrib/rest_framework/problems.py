@@ -91,6 +91,8 @@ def encounter_problem(exc: EncounterError) -> Problem:
                 "stale-version",
                 str(exc),
                 title="The encounter changed since the version named in If-Match",
+                # The tag to read again with (or to act on, once the client has looked).
+                headers={} if exc.actual_version is None else {"ETag": f'"{exc.actual_version}"'},
                 encounter=str(exc.encounter_id),
                 expected_version=exc.expected_version,
                 current_version=exc.actual_version,

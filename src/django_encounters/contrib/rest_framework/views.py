@@ -281,6 +281,7 @@ class EncounterViewSet(viewsets.GenericViewSet):
             f"Encounter {encounter.pk}: If-Match {header} does not match its current ETag "
             f"{etag_of(encounter)}",
             title="The encounter changed since the version named in If-Match",
+            headers={"ETag": etag_of(encounter)},
             encounter=str(encounter.pk),
             current_version=encounter.version,
         )
