@@ -12,7 +12,7 @@ from django.db.models import QuerySet
 from ..engine import EncounterTimeline, StreamRow
 from .converters import convert_row, speed_up_cursor
 from .schema import ROW_COLUMNS, field, transition_model
-from .statements import statements
+from .statements import PK, statements
 
 #: Rows fetched from the database per round trip while streaming many encounters.
 ROW_CHUNK_SIZE = 2000
@@ -29,13 +29,13 @@ def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) 
     connection = connections[using]
     st = statements(connection)
     model = transition_model()
-    params = [
-        _encounter_param(encounter_pk, connection),
-        field(model, "effective_at").get_db_prep_value(timestamp, connection),
-    ]
+    params = {
+        PK: _encounter_param(encounter_pk, connection),
+        "at": field(model, "effective_at").get_db_prep_value(timestamp, connection),
+    }
     sql = st.state_at_sql
     if known_at is not None:
-        params.append(field(model, "transitioned_at").get_db_prep_value(known_at, connection))
+        params["known_at"] = field(model, "transitioned_at").get_db_prep_value(known_at, connection)
         sql = st.state_at_known_sql
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -50,7 +50,7 @@ def history(encounter: Any, using: str) -> list[Any]:
     model = transition_model()
     relation = field(model, "encounter")
     with connection.cursor() as cursor:
-        cursor.execute(st.history_sql, [_encounter_param(encounter.pk, connection)])
+        cursor.execute(st.history_sql, {PK: _encounter_param(encounter.pk, connection)})
         rows = cursor.fetchall()
     result = []
     for row in rows:
@@ -67,7 +67,7 @@ def load_stream(encounter_pk: Any, using: str) -> list[StreamRow]:
     connection = connections[using]
     st = statements(connection)
     with connection.cursor() as cursor:
-        cursor.execute(st.stream_sql, [_encounter_param(encounter_pk, connection)])
+        cursor.execute(st.stream_sql, {PK: _encounter_param(encounter_pk, connection)})
         return [st.stream_row(row) for row in cursor.fetchall()]
 
 
@@ -86,7 +86,7 @@ def count_rows(encounter_pk: Any, using: str) -> int:
     connection = connections[using]
     with connection.cursor() as cursor:
         cursor.execute(
-            statements(connection).count_rows_sql, [_encounter_param(encounter_pk, connection)]
+            statements(connection).count_rows_sql, {PK: _encounter_param(encounter_pk, connection)}
         )
         return int(cursor.fetchone()[0])
 

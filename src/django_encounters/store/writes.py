@@ -25,8 +25,8 @@ from ..engine import (
 from .converters import convert_row
 from .mapping import row_of_record
 from .reads import count_rows, load_timeline
-from .schema import encounter_model, field, projection_of, transition_model, version_model
-from .statements import LOCK_PARAMS, projection_write_fields, statements
+from .schema import encounter_model, field, projection_of, version_model
+from .statements import PK, projection_write_fields, statements
 
 SEQUENCE_CONSTRAINT = "encounters_transition_unique_sequence"
 
@@ -53,7 +53,7 @@ def lock_encounter(
     connection = connections[using]
     st = statements(connection)
     sql = st.lock_any_sql if include_deleted else st.lock_sql
-    params = [encounter_model()._meta.pk.get_db_prep_value(pk, connection)] * LOCK_PARAMS
+    params = {PK: encounter_model()._meta.pk.get_db_prep_value(pk, connection)}
     locked, head = _read_locked(connection, st, sql, params, using)
     if locked is None or not prove:
         return locked
@@ -71,7 +71,7 @@ def lock_encounter(
 
 
 def _read_locked(
-    connection: Any, st: Any, sql: str, params: list[Any], using: str
+    connection: Any, st: Any, sql: str, params: dict[str, Any], using: str
 ) -> tuple[Any, LogHead]:
     encounter = encounter_model()
     with connection.cursor() as cursor:
@@ -151,7 +151,10 @@ def insert_row(record: Any, using: str, *, previous_hash: str | None = None) -> 
             f"Transition {record.sequence} of encounter {record.encounter_id} was changed by a "
             "signal receiver after it was decided; rows cannot be altered before insert"
         )
-    params = [f.get_db_prep_save(f.pre_save(record, True), connection) for f in st.insert_fields]
+    params = {
+        f.attname: f.get_db_prep_save(f.pre_save(record, True), connection)
+        for f in st.insert_fields
+    }
     try:
         with connection.cursor() as cursor:
             cursor.execute(st.insert_sql, params)
@@ -189,11 +192,13 @@ def update_projection(
     if not changes:
         return
     guarded = after_sequence > 0
-    params = [field(encounter, name).get_db_prep_save(v, connection) for name, v in changes.items()]
-    params.append(encounter._meta.pk.get_db_prep_value(locked.pk, connection))
+    params = {
+        name: field(encounter, name).get_db_prep_save(v, connection) for name, v in changes.items()
+    }
+    params[PK] = encounter._meta.pk.get_db_prep_value(locked.pk, connection)
     if guarded:
-        relation = field(transition_model(), "encounter")
-        params += [relation.get_db_prep_value(locked.pk, connection), after_sequence]
+        # The guard's encounter id is the row's foreign key: the same value as the pk.
+        params["after_sequence"] = after_sequence
     with connection.cursor() as cursor:
         cursor.execute(statements(connection).update_sql(tuple(changes), guarded=guarded), params)
         updated = cursor.rowcount
