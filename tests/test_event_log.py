@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import stat
 from collections import Counter
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
@@ -470,6 +471,48 @@ def test_api_counts_and_file(clinic, tmp_path):
     assert counts == EventLogCounts(traces=5, events=14)
     assert path.read_bytes().decode("utf-8") == csv_text(definition="VISIT")
     assert [tr.id for tr in iter_traces()] == [v.pk for v in clinic]
+
+
+def test_logs_the_audit_would_fail_are_exported_as_they_are_but_counted_and_said(clinic, tmp_path):
+    from tests.helpers import rewrite_row
+
+    tampered = next(v for v in clinic if v.version)
+    rewrite_row(tampered, 1, reason="rewritten behind the library's back")
+    counts = export_event_log("csv", tmp_path / "log.csv")
+    assert counts == EventLogCounts(traces=5, events=14, anomalous=1)
+    code, out, err = run_command("export_encounter_log", "--format", "xes")
+    assert code == 0 and out.startswith("<?xml")
+    assert err.strip() == (
+        "warning: 1 encounter exported with unacknowledged anomalies in their logs; "
+        "`manage.py audit_encounters` says what is wrong"
+    )
+
+
+def test_a_new_file_gets_the_umask_and_a_rewritten_one_keeps_its_mode(clinic, tmp_path):
+    """The log holds reasons and names: a file made private stays private when re-exported."""
+    fresh = tmp_path / "fresh.csv"
+    previous = os.umask(0o027)
+    try:
+        export_event_log("csv", fresh)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
+    private = tmp_path / "private.csv"
+    private.write_text("old")
+    private.chmod(0o600)
+    export_event_log("csv", private)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert private.read_bytes().decode("utf-8") == csv_text()
+
+
+def test_through_a_symbolic_link_the_file_it_points_to_is_rewritten(clinic, tmp_path):
+    real, link = tmp_path / "real.xes", tmp_path / "link.xes"
+    real.write_text("old")
+    link.symlink_to(real)
+    export_event_log("xes", link)
+    assert link.is_symlink()
+    assert real.read_text(encoding="utf-8") == xes_text()
+    assert sorted(os.listdir(tmp_path)) == ["link.xes", "real.xes"]
 
 
 # ---------------------------------------------------------------------------------------------

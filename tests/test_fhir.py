@@ -6,6 +6,7 @@ interval, an encounter with no rows, a soft-deleted one, ``known_at``, time zone
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -324,6 +325,26 @@ def test_known_at_exports_what_the_system_said_then(emerg: Any):
     ]
     with pytest.raises(ValueError):
         to_fhir_r4_status_history(emerg, known_at=datetime(2017, 2, 1))  # naive
+
+
+def test_known_at_before_the_encounter_existed_exports_nothing(emerg: Any):
+    before = emerg.created_at - timedelta(days=1)
+    assert to_fhir_r4_status_history(emerg, known_at=before) == []
+    assert to_fhir_encounter_history(emerg, R5_MAP, known_at=before) == []
+
+
+def test_editing_one_export_changes_no_other(emerg: Any):
+    from django_encounters.projections.fhir import UNKNOWN_CLASS
+
+    pristine = copy.deepcopy(UNKNOWN_CLASS)
+    first = to_fhir_encounter_history(emerg, R5_MAP, subject={"reference": "Patient/example"})
+    first[0]["class"]["coding"][0]["code"] = "EMER"
+    first[0]["subject"]["reference"] = "Patient/other"
+    assert UNKNOWN_CLASS == pristine
+    again = to_fhir_encounter_history(emerg, R5_MAP, subject={"reference": "Patient/example"})
+    assert again[0]["class"] == pristine
+    assert [r["subject"] for r in again] == [{"reference": "Patient/example"}] * len(again)
+    assert again[1]["class"] is not again[0]["class"]
 
 
 def test_an_upgrade_row_does_not_split_an_interval(emergency_definition: Any, patient: Any):

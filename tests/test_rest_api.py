@@ -324,6 +324,8 @@ def test_a_stale_if_match_is_412_even_with_a_body_that_is_also_wrong(nurse, enco
         ('W/"1"', 412),  # If-Match compares strongly: a weak tag never matches
         ('"01"', 412),
         ('"one"', 412),
+        ('"³"', 412),  # a digit to str.isdigit(), not to int()
+        ('"' + "9" * 5000 + '"', 412),  # more digits than int() converts
     ],
 )
 def test_if_match_forms(nurse, encounter, if_match, status):
@@ -423,6 +425,49 @@ def test_a_validator_refusal_is_422_naming_the_validator(nurse, validated_encoun
     assert counts() == (1, 1)
 
 
+def test_a_crashing_validator_is_422_without_its_exception_text(
+    nurse, make_definition, patient, caplog
+):
+    definition = make_definition(validators=["tests.encounter_validators.ExplodingValidator"])
+    encounter = create_encounter(definition, patient)
+    with caplog.at_level("ERROR", logger="django_encounters.rest"):
+        response = nurse.post(url(encounter, "transition"), {"to_state": "checked_in"})
+    body = assert_problem(
+        response,
+        422,
+        "urn:django-encounters:problem:validation-failed",
+        validator="ExplodingValidator",
+        reason="the validator failed unexpectedly",
+    )
+    assert "ZeroDivisionError" not in response.content.decode()
+    assert "validator bug" not in response.content.decode()
+    assert body["detail"] == (
+        "Validation failed (ExplodingValidator): the validator failed unexpectedly; the error "
+        "is in the server's log."
+    )
+    assert "validator bug" in caplog.text  # the operator sees it
+    assert EncounterTransition.objects.filter(encounter=encounter).count() == 0
+
+
+def test_a_damaged_stream_is_500_without_the_details(nurse, encounter, caplog):
+    from tests.helpers import raw_update
+
+    transition(encounter, "checked_in")
+    raw_update(Encounter, encounter.pk, state="cancelled")  # the projection edited behind us
+    with caplog.at_level("ERROR", logger="django_encounters.rest"):
+        response = nurse.post(url(encounter, "transition"), {"to_state": "in_progress"})
+    body = assert_problem(
+        response, 500, "urn:django-encounters:problem:damaged-stream", encounter=str(encounter.pk)
+    )
+    assert body["detail"] == (
+        f"Encounter {encounter.pk}: its stored history needs repair by an operator (the details "
+        "are in the server's log)."
+    )
+    assert "cancelled" not in response.content.decode()
+    assert "its projection disagrees with its transition log" in caplog.text
+    assert counts() == (1, 1)
+
+
 def test_a_backdate_that_would_break_the_next_row_is_409(nurse, employment):
     transition(employment, "working", effective_at=t(10))
     transition(employment, "onleave", effective_at=t(2))
@@ -464,6 +509,12 @@ def test_a_backdate_that_would_break_the_next_row_is_409(nurse, employment):
             {"to_state": "checked_in", "context": {"note": "a\x00b"}},
             "context",
             "context contains a NUL character (\\x00), which cannot be stored",
+        ),
+        (
+            {"to_state": "checked_in", "effective_at": "2024-02-30T10:00:00Z"},
+            "effective_at",
+            "Datetime has wrong format. Use one of these formats instead: "
+            "YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z].",
         ),
     ],
 )
@@ -768,6 +819,21 @@ def test_state_at_with_known_at(viewer, late_entry):
             "at",
             "Datetime has wrong format. Use one of these formats instead: "
             "YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z].",
+        ),
+        *(
+            (
+                {"at": value},
+                "at",
+                "Datetime has wrong format. Use one of these formats instead: "
+                "YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z].",
+            )
+            # Well formed, but no real time: Django's parser raises instead of answering None.
+            for value in (
+                "2024-02-30T10:00:00Z",
+                "2024-13-01T10:00:00+02:00",
+                "2024-01-01T25:00:00Z",
+                "2024-01-01T10:00:00+25:00",
+            )
         ),
     ],
 )

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -167,15 +168,20 @@ class Trace:
     subject_id: str
     deleted: bool
     events: list[Event]
+    #: anomalies of its log nobody acknowledged (``audit_encounters`` reports them)
+    anomalies: int = 0
 
 
 @dataclass(frozen=True)
 class EventLogCounts:
     """What was exported: ``traces`` (encounters) and ``events`` (rows plus one creation event
-    per trace)."""
+    per trace); ``anomalous``: how many of the traces have unacknowledged anomalies in their
+    logs (exported as the rows are — the export verifies every stream as the audit does, and
+    ``manage.py audit_encounters`` says what is wrong)."""
 
     traces: int
     events: int
+    anomalous: int = 0
 
 
 def iter_traces(
@@ -281,6 +287,7 @@ def _traces(
             subject_id=genesis.subject_id,
             deleted=audit.deleted,
             events=events,
+            anomalies=audit.anomaly_count,
         )
 
 
@@ -423,13 +430,14 @@ def write_xes_traces(
 ) -> EventLogCounts:
     """Write ``traces`` to ``out`` as one XES log named ``name``, one trace at a time."""
     out.write(_xes_header(name))
-    count = events = 0
+    count = events = anomalous = 0
     for trace in traces:
         out.write(_xes_trace(trace))
         count += 1
         events += len(trace.events)
+        anomalous += trace.anomalies > 0
     out.write("</log>\n")
-    return EventLogCounts(count, events)
+    return EventLogCounts(count, events, anomalous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,8 +455,9 @@ def write_csv_traces(traces: Iterable[Trace], out: IO[str]) -> EventLogCounts:
     Open ``out`` with ``newline=""``."""
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
-    count = events = 0
+    count = events = anomalous = 0
     for trace in traces:
+        anomalous += trace.anomalies > 0
         case = [str(trace.id), trace.definition, trace.subject_type, trace.subject_id]
         for event in trace.events:
             cells = [
@@ -470,7 +479,7 @@ def write_csv_traces(traces: Iterable[Trace], out: IO[str]) -> EventLogCounts:
             writer.writerow([csv_cell(cell) for cell in cells])
         count += 1
         events += len(trace.events)
-    return EventLogCounts(count, events)
+    return EventLogCounts(count, events, anomalous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,20 +589,36 @@ def _write(
     return write_csv_traces(traces, out)
 
 
+def _create_temporary(directory: str) -> tuple[int, str]:
+    """A new file beside the target, created with mode 0666 so that the process's umask
+    applies (``tempfile.mkstemp`` makes 0600, and reading the umask means changing it)."""
+    for _ in range(100):
+        path = os.path.join(directory, f".event-log-{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")
+
+
 def _write_file(
     format: str, traces: Iterable[Trace], target: str, definition: str | None
 ) -> EventLogCounts:
+    # Through a symbolic link, the file it points to is the one rewritten.
+    target = os.path.realpath(target)
     if os.path.isdir(target):
         raise EventLogWriteError(target, "it is a directory")
-    directory = os.path.dirname(os.path.abspath(target))
+    directory = os.path.dirname(target)
     try:
-        handle, temporary = tempfile.mkstemp(prefix=".event-log-", suffix=".tmp", dir=directory)
+        # An existing file keeps its permissions (the log holds reasons and names); a new one
+        # gets what open(path, "w") would give it: 0666 less the umask, which os.open applies.
+        existing = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else None
+        handle, temporary = _create_temporary(directory)
     except OSError as exc:
         raise EventLogWriteError(target, exc.strerror or str(exc)) from exc
     try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)  # as open(path, "w") would (mkstemp: 0600)
+        if existing is not None:
+            os.chmod(temporary, existing)
         newline = "" if format == "csv" else "\n"
         with os.fdopen(handle, "w", encoding="utf-8", newline=newline) as out:
             counts = _write(format, traces, out, definition)

@@ -17,6 +17,7 @@ states mapped to one code) are one interval. See ``docs/guides/fhir.md``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from datetime import datetime, tzinfo
 from datetime import timezone as dt_timezone
@@ -150,6 +151,8 @@ def fhir_status_intervals(
         or not Encounter.objects.using(alias).filter(pk=encounter.pk).exists()
     ):
         raise EncounterNotFoundError(encounter.pk)
+    if known_at is not None and known_at < encounter.created_at:
+        return []  # not created yet at that time: nothing was known of it
     timeline = store.load_timeline(encounter, alias, known_at=known_at)
     merged: list[tuple[str, datetime, datetime | None]] = []
     for state, start, end in intervals(
@@ -250,11 +253,11 @@ def to_fhir_encounter_history(
         resource: dict[str, Any] = {
             "resourceType": "EncounterHistory",
             "status": code,
-            "class": dict(class_),
+            "class": copy.deepcopy(class_),  # each resource its own (callers edit them)
             "encounter": {"reference": f"Encounter/{encounter.pk}"},
         }
         if reference is not None:
-            resource["subject"] = dict(reference)
+            resource["subject"] = copy.deepcopy(reference)
         resource["actualPeriod"] = _period(start, end, tz)
         resources.append(resource)
     return resources

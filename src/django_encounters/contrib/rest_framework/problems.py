@@ -9,6 +9,7 @@ framework's own (not found, permission denied, a malformed body, field errors) b
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -27,6 +28,8 @@ from ...exceptions import (
     StreamGapError,
     ValidationError,
 )
+
+logger = logging.getLogger("django_encounters.rest")
 
 CONTENT_TYPE = "application/problem+json"
 #: The prefix of this package's problem types (not resolvable: they name the kind of problem;
@@ -115,6 +118,19 @@ def encounter_problem(exc: EncounterError) -> Problem:
             to_state=exc.to_state,
             reason=exc.reason,
         )
+    if isinstance(exc, ValidationError) and exc.__cause__ is not None:
+        # A validator that crashed (a bug, not a refusal): its exception's text may name
+        # tables, keys or paths — logged for the operator, not sent to the client.
+        logger.error("validator %s failed unexpectedly", exc.validator, exc_info=exc)
+        return Problem(
+            422,
+            "validation-failed",
+            f"Validation failed ({exc.validator}): the validator failed unexpectedly; the "
+            "error is in the server's log.",
+            title="Transition refused by a validator",
+            validator=exc.validator,
+            reason="the validator failed unexpectedly",
+        )
     if isinstance(exc, ValidationError):
         return Problem(
             422,
@@ -126,15 +142,23 @@ def encounter_problem(exc: EncounterError) -> Problem:
         )
     if isinstance(exc, (ProjectionDriftError, StreamGapError)):
         # The stored log needs an operator (rebuild, audit), not a different request.
+        logger.error("encounter %s: %s", exc.encounter_id, exc)
         return Problem(
             500,
             "damaged-stream",
-            str(exc),
+            f"Encounter {exc.encounter_id}: its stored history needs repair by an operator "
+            "(the details are in the server's log).",
             title="The encounter's stored history needs repair",
             encounter=str(exc.encounter_id),
         )
     if isinstance(exc, EncounterConfigurationError):
-        return Problem(500, "configuration", str(exc), title="django-encounters is misconfigured")
+        logger.error("django-encounters is misconfigured: %s", exc)
+        return Problem(
+            500,
+            "configuration",
+            "django-encounters is misconfigured (the details are in the server's log).",
+            title="django-encounters is misconfigured",
+        )
     return Problem(409, "refused", str(exc), title="Refused by django-encounters")
 
 

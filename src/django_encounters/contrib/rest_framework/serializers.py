@@ -31,7 +31,10 @@ class AwareDateTimeField(serializers.DateTimeField):
 
     def to_internal_value(self, value: Any) -> Any:
         if isinstance(value, str):
-            parsed = parse_datetime(value.strip())
+            try:
+                parsed = parse_datetime(value.strip())
+            except ValueError:  # well formed but no real time (Feb 30, 25:00, +25:00)
+                self.fail("invalid", format="YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z]")
             if parsed is not None and parsed.utcoffset() is None:
                 self.fail("naive", name=self.field_name, value=value)
         result = super().to_internal_value(value)

@@ -21,6 +21,7 @@ version (they depend on the stream only).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.http import Http404
@@ -51,6 +52,9 @@ from .serializers import (
 )
 
 _TIME = drf_serializers.DateTimeField()
+
+
+_VERSION_TAG = re.compile(r'"(0|[1-9][0-9]{0,18})"')
 
 
 def etag_of(encounter: Encounter) -> str:
@@ -266,9 +270,11 @@ class EncounterViewSet(viewsets.GenericViewSet):
                 title="Malformed If-Match",
             )
         # Strong comparison: a weak tag (W/"3") never matches, nor does "03".
-        named = tags[0].removeprefix('"').removesuffix('"')
-        if len(tags) == 1 and named.isdigit() and tags[0] == f'"{int(named)}"':
-            expected = int(named)
+        # A version: ASCII digits, no leading zero, at most 19 of them (str.isdigit() would
+        # take "³", and int() refuses thousands of digits).
+        version = _VERSION_TAG.fullmatch(tags[0]) if len(tags) == 1 else None
+        if version is not None:
+            expected = int(version.group(1))
             if expected != encounter.version:
                 refusal = ConcurrentTransitionError(encounter.pk, expected, encounter.version)
                 return None, encounter_problem(refusal)

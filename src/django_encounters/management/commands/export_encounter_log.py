@@ -86,10 +86,21 @@ class Command(BaseCommand):
                     f"{plural(counts.traces, 'trace', 'traces')}, "
                     f"{plural(counts.events, 'event', 'events')} written to {path}"
                 )
+            self._warn_anomalous(counts.anomalous)
             return
         out = Unended(self.stdout)
         with quiet_broken_pipe(self):
             try:
-                export_event_log(options["format"], out, **selection)  # type: ignore[arg-type]
+                counts = export_event_log(options["format"], out, **selection)  # type: ignore[arg-type]
             except (ValueError, TypeError, EncounterError) as exc:
                 raise CommandError(str(exc), returncode=2) from exc
+        self._warn_anomalous(counts.anomalous)
+
+    def _warn_anomalous(self, anomalous: int) -> None:
+        """Exported as they are, but said: logs the audit would fail."""
+        if anomalous:
+            self.stderr.write(
+                f"warning: {plural(anomalous, 'encounter', 'encounters')} exported with "
+                "unacknowledged anomalies in their logs; `manage.py audit_encounters` says what "
+                "is wrong"
+            )
