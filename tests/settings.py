@@ -78,6 +78,9 @@ if DB_VENDOR in ("postgres", "citus"):
             "TEST": {"NAME": os.environ.get("ENCOUNTERS_TEST_DB_NAME", "test_encounters")},
         }
     }
+    if os.environ.get("ENCOUNTERS_TEST_PG_PREPARED"):
+        # Server-side binding with prepared statements (docs/guides/databases.md).
+        DATABASES["default"]["OPTIONS"] = {"server_side_binding": True, "prepare_threshold": 1}
 elif DB_VENDOR == "sqlite":
     _options: dict[str, object] = {}
     if django.VERSION >= (5, 1):

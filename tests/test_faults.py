@@ -174,7 +174,7 @@ def test_insert_failing_in_the_database_leaves_nothing(encounter, is_postgres):
         # The decided row is immutable to receivers (its hash covers it); corrupt the INSERT on
         # its way to the database instead: a value the varchar(50) column cannot hold.
         if sql.lstrip().upper().startswith("INSERT") and table in sql:
-            params = [("x" * 500 if p == "checked_in" else p) for p in params]
+            params = {k: ("x" * 500 if v == "checked_in" else v) for k, v in params.items()}
         return execute(sql, params, many, context)
 
     with connection.execute_wrapper(overflow), pytest.raises(DatabaseError):
