@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, OriginatorVersionError, Snapshot
+from eventsourcing.domain import Aggregate, OriginatorIDError, OriginatorVersionError, Snapshot
 from eventsourcing.utils import get_topic
 
 from .errors import InvalidStateError, InvalidTransitionError, StreamGapError, StreamNeeded
@@ -82,8 +82,38 @@ class EncounterTimeline(Aggregate):
         definition_version: int
         genesis_hash: str
 
+        def mutate(self, aggregate: Any) -> Any:
+            """Construct the timeline. The library's generic ``Created.mutate`` resolves the
+            topic and matches the event's attributes to ``__init__``'s parameters by
+            introspection on every call (most of the cost of opening a stream, which a
+            rebuild does once per encounter); this event only ever constructs this aggregate,
+            with these arguments."""
+            assert aggregate is None
+            timeline = EncounterTimeline.__new__(EncounterTimeline)
+            timeline.__base_init__(self.originator_id, self.originator_version, self.timestamp)
+            timeline.__init__(  # type: ignore[misc]
+                self.origin_state, self.definition_version, self.genesis_hash
+            )
+            return timeline
+
     class Transitioned(Aggregate.Event):
         row: StreamRow
+
+        def mutate(self, aggregate: Any) -> Any:
+            """The library's checks (this aggregate's event, the next version: a gap raises
+            ``OriginatorVersionError``), then :meth:`apply`; the same as the generic
+            ``Event.mutate``, with the id compared by identity first (the replay loops build
+            every event with the aggregate's own id object, and ``UUID.__eq__`` is Python)."""
+            originator_id = self.originator_id
+            if originator_id is not aggregate._id and originator_id != aggregate._id:
+                raise OriginatorIDError(originator_id, aggregate._id)
+            next_version = aggregate._version + 1
+            if self.originator_version != next_version:
+                raise OriginatorVersionError(self.originator_version, next_version)
+            aggregate._record(self.row)
+            aggregate._version = next_version
+            aggregate._modified_on = self.timestamp
+            return aggregate
 
         def apply(self, aggregate: Any) -> None:
             aggregate._record(self.row)
@@ -104,16 +134,17 @@ class EncounterTimeline(Aggregate):
     def open(cls, genesis: Genesis, genesis_hash: str) -> EncounterTimeline:
         """A fresh timeline (version 0) for an encounter created with ``genesis``, its chain
         starting at ``genesis_hash``."""
-        timeline = cls._create(
-            cls.Opened,
-            id=genesis.encounter_id,
+        opened = cls.Opened(  # type: ignore[call-arg]
+            originator_topic=_TOPIC,
+            originator_id=genesis.encounter_id,
+            originator_version=cls.INITIAL_VERSION,
+            timestamp=genesis.created_at,
             origin_state=genesis.origin_state,
             definition_version=genesis.definition_version,
             genesis_hash=genesis_hash,
-            timestamp=genesis.created_at,
         )
-        timeline.collect_events()  # the Opened event is not a row: nothing to persist
-        return timeline
+        # Not ``_create``: the Opened event is not a row, there is nothing to persist.
+        return opened.mutate(None)  # type: ignore[no-any-return]
 
     @classmethod
     def from_snapshot(
@@ -330,6 +361,9 @@ class EncounterTimeline(Aggregate):
         self.head_hash = row.hash
         self.definition_version = row.definition_version
         self.recorded_until = row.transitioned_at
+
+
+_TOPIC = get_topic(EncounterTimeline)
 
 
 def follows(rules: Rules, state: str, successor: Entry) -> bool:
