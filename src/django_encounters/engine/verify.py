@@ -180,7 +180,8 @@ def verify_stream(
             anomalies.extend(
                 Anomaly(encounter_id, row.sequence, kind, detail) for kind, detail in found
             )
-    result.overtaken = _overtaken(timeline.entries or [])
+    if backdated:  # only a row inserted before a later one can overtake it
+        result.overtaken = _overtaken(timeline.entries or [])
     return result
 
 
