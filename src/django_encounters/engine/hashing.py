@@ -32,8 +32,10 @@ is reported as a hash in no known format.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import partial
 from hashlib import sha256
 from typing import Any
 
@@ -122,30 +124,33 @@ def genesis_hash(genesis: Genesis) -> str:
 
 def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
     """The hash of ``row`` (of the encounter ``encounter_id``) chained to ``previous_hash``."""
-    return stream_hasher(encounter_id)(row, previous_hash)
+    return _hash_row(_row_head(encounter_id), row, previous_hash)
 
 
-def stream_hasher(encounter_id: Any) -> Any:
+def stream_hasher(encounter_id: Any) -> Callable[[StreamRow, str], str]:
     """``(row, previous_hash) -> hash`` for the rows of one encounter: what :func:`row_hash`
     computes, with the encounter's part of the payload formatted once per stream."""
+    return partial(_hash_row, _row_head(encounter_id))
+
+
+def _row_head(encounter_id: Any) -> str:
     text = str(encounter_id)
-    head = f"v2|row|{len(text)}:{text}|"
-    epoch, step, prefix = _EPOCH, _MICROSECOND, _PREFIX
+    return f"v2|row|{len(text)}:{text}|"
 
-    def hash_row(row: StreamRow, previous_hash: str) -> str:
-        from_state, to_state = row.from_state, row.to_state
-        by = row.transitioned_by
-        by = "" if by is None else str(by)
-        reason = row.reason or ""
-        metadata = row.metadata
-        metadata = "{}" if metadata is None or metadata == {} else metadata_text(metadata)
-        previous_hash = previous_hash or ""
-        payload = (
-            f"{head}{row.sequence:d}|{len(from_state)}:{from_state}|{len(to_state)}:{to_state}|"
-            f"{(row.effective_at - epoch) // step:d}|{(row.transitioned_at - epoch) // step:d}|"
-            f"{len(by)}:{by}|{len(reason)}:{reason}|{len(metadata)}:{metadata}|"
-            f"{row.definition_version:d}|{len(previous_hash)}:{previous_hash}"
-        )
-        return prefix + sha256(payload.encode()).hexdigest()
 
-    return hash_row
+def _hash_row(head: str, row: StreamRow, previous_hash: str) -> str:
+    from_state, to_state = row.from_state, row.to_state
+    by = row.transitioned_by
+    by = "" if by is None else str(by)
+    reason = row.reason or ""
+    metadata = row.metadata
+    metadata = "{}" if metadata is None or metadata == {} else metadata_text(metadata)
+    previous_hash = previous_hash or ""
+    payload = (
+        f"{head}{row.sequence:d}|{len(from_state)}:{from_state}|{len(to_state)}:{to_state}|"
+        f"{(row.effective_at - _EPOCH) // _MICROSECOND:d}|"
+        f"{(row.transitioned_at - _EPOCH) // _MICROSECOND:d}|"
+        f"{len(by)}:{by}|{len(reason)}:{reason}|{len(metadata)}:{metadata}|"
+        f"{row.definition_version:d}|{len(previous_hash)}:{previous_hash}"
+    )
+    return _PREFIX + sha256(payload.encode()).hexdigest()
