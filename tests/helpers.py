@@ -434,3 +434,93 @@ def child_env(db_file: Any = None) -> dict[str, str]:
     else:
         env.update(ENCOUNTERS_TEST_DB="sqlite", ENCOUNTERS_SQLITE_PATH=str(db_file))
     return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Hash format v2, written again from its documentation (engine/hashing.py, docs/concepts.md)
+# and not from the engine's code: the property tests compare the two.
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_text(value: Any) -> str:
+    text = str(value)
+    return f"{len(text)}:{text}"
+
+
+def _reference_micros(value: datetime) -> int:
+    import calendar
+
+    return calendar.timegm(value.utctimetuple()) * 1_000_000 + value.microsecond
+
+
+def _reference_digest(fields: list[Any]) -> str:
+    import hashlib
+
+    payload = "|".join(str(f) for f in fields)
+    return "v2:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def reference_row_hash(
+    encounter_id: Any,
+    sequence: int,
+    from_state: str,
+    to_state: str,
+    effective_at: datetime,
+    transitioned_at: datetime,
+    transitioned_by: Any,
+    reason: str | None,
+    metadata: Any,
+    definition_version: int,
+    previous_hash: str | None,
+) -> str:
+    import json
+
+    from django_encounters.engine import canonical_json
+
+    meta = json.dumps(
+        canonical_json({} if metadata is None else metadata),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return _reference_digest(
+        [
+            "v2",
+            "row",
+            _reference_text(encounter_id),
+            int(sequence),
+            _reference_text(from_state),
+            _reference_text(to_state),
+            _reference_micros(effective_at),
+            _reference_micros(transitioned_at),
+            _reference_text("" if transitioned_by is None else transitioned_by),
+            _reference_text(reason or ""),
+            _reference_text(meta),
+            int(definition_version),
+            _reference_text(previous_hash or ""),
+        ]
+    )
+
+
+def reference_genesis_hash(
+    encounter_id: Any,
+    definition_id: Any,
+    definition_version: int,
+    subject_type: str,
+    subject_id: Any,
+    origin_state: str,
+    created_at: datetime,
+) -> str:
+    return _reference_digest(
+        [
+            "v2",
+            "genesis",
+            _reference_text(encounter_id),
+            _reference_text(definition_id),
+            int(definition_version),
+            _reference_text(subject_type),
+            _reference_text(subject_id),
+            _reference_text(origin_state),
+            _reference_micros(created_at),
+        ]
+    )

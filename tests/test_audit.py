@@ -17,14 +17,21 @@ from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from django_encounters.engine import StreamRow, canonical_json, row_hash
+from django_encounters.engine import Genesis, StreamRow, genesis_hash, row_hash
 from django_encounters.exceptions import EncounterError
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.projections.audit import AuditReport, audit_encounters, iter_audit
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.projections.rendering import CSV_HEADER
 from django_encounters.services import create_encounter, get_state_at, transition
-from tests.helpers import delete_rows, recording_moment, rewrite_row, run_command
+from tests.helpers import (
+    delete_rows,
+    recording_moment,
+    reference_genesis_hash,
+    reference_row_hash,
+    rewrite_row,
+    run_command,
+)
 
 TABLE = EncounterTransition._meta.db_table
 PLUS10 = dt_timezone(timedelta(hours=10))
@@ -458,40 +465,13 @@ def test_clean_store_exits_0(office):
 
 
 # ---------------------------------------------------------------------------------------------
-# row_hash's piecewise payload is the reference json.dumps payload
+# row_hash is the documented v2 layout (an independent re-implementation in tests.helpers)
 # ---------------------------------------------------------------------------------------------
 
 
 def _reference_hash(**kw) -> str:
-    """The formula: sha256 of json.dumps of the list, sort_keys, compact, UTF-8, with the
-    metadata in its canonical JSON form (as the databases give it back). Issue 8 (format v1):
-    the list starts with the format name and covers the definition version; the stored hash
-    is the format name, a colon and the hex digest."""
-    import hashlib
-
-    def iso(value):
-        return value.astimezone(dt_timezone.utc).isoformat(timespec="microseconds")
-
-    payload = json.dumps(
-        [
-            "v1",
-            str(kw["encounter_id"]),
-            kw["sequence"],
-            kw["from_state"],
-            kw["to_state"],
-            iso(kw["effective_at"]),
-            iso(kw["transitioned_at"]),
-            "" if kw["transitioned_by"] is None else str(kw["transitioned_by"]),
-            kw["reason"] or "",
-            canonical_json(kw["metadata"]) if kw["metadata"] is not None else {},
-            kw["definition_version"],
-            kw["previous_hash"] or "",
-        ],
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return "v1:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    """The formula, as documented (format v2), in ``tests.helpers.reference_row_hash``."""
+    return reference_row_hash(**kw)
 
 
 _json = st.recursive(
@@ -524,12 +504,26 @@ _aware = st.datetimes(
     definition_version=st.integers(min_value=0, max_value=2**31 - 1),
     previous_hash=st.none()
     | st.text(alphabet="0123456789abcdef", min_size=0, max_size=64)
-    | st.text(alphabet="0123456789abcdef", min_size=64, max_size=64).map("v1:".__add__),
+    | st.text(alphabet="0123456789abcdef", min_size=64, max_size=64).map("v2:".__add__),
 )
 def test_row_hash_matches_the_reference_payload(**kw):
     content = {k: v for k, v in kw.items() if k not in ("encounter_id", "previous_hash")}
     row = StreamRow(**content, hash="")
     assert row_hash(kw["encounter_id"], row, kw["previous_hash"]) == _reference_hash(**kw)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    encounter_id=st.uuids(),
+    definition_id=st.uuids() | st.integers(min_value=1),
+    definition_version=st.integers(min_value=1, max_value=2**31 - 1),
+    subject_type=st.text(max_size=30),
+    subject_id=st.text(max_size=30),
+    origin_state=st.text(max_size=20),
+    created_at=_aware,
+)
+def test_genesis_hash_matches_the_reference_payload(**kw):
+    assert genesis_hash(Genesis(**kw)) == reference_genesis_hash(**kw)
 
 
 def test_transition_refuses_to_backdate_into_a_stream_with_a_gap(visit_definition, patient):

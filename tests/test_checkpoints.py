@@ -129,7 +129,7 @@ def test_the_checkpoint_lists_every_head_and_the_root_is_the_last_line(clinic, t
         "head_hash": fresh.genesis_hash,
     }
     assert by_id[str(clinic["gone"].pk)]["version"] == 1  # soft-deleted: still checkpointed
-    assert all(e["head_hash"].startswith("v1:") for e in data["encounters"])
+    assert all(e["head_hash"].startswith("v2:") for e in data["encounters"])
 
 
 def test_the_root_follows_the_documented_formula(checkpoint):
@@ -214,7 +214,7 @@ def test_an_unwritable_output_exits_2(clinic, tmp_path):
 
 def test_a_failure_midway_leaves_no_file(clinic, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
-        yield CheckpointEntry(uuid4(), 0, "v1:" + "0" * 64), None
+        yield CheckpointEntry(uuid4(), 0, "v2:" + "0" * 64), None
         raise RuntimeError("connection lost")
 
     monkeypatch.setattr(checkpoints, "_heads", broken)
@@ -539,7 +539,7 @@ MALFORMED = {
     ),
     "a head with a space": (
         lambda text, data: json.dumps(
-            _edit(data, lambda d: d["encounters"][0].update(head_hash="v1:a b"))
+            _edit(data, lambda d: d["encounters"][0].update(head_hash="v2:a b"))
         ),
         "is not a stored hash",
     ),
@@ -618,7 +618,7 @@ def test_a_large_checkpoint_is_verified_in_batches(tmp_path, encounter):
     missing, the one that does is compared."""
     fresh = reload(encounter)
     entries = sorted(
-        [CheckpointEntry(uuid4(), 7, "v1:" + "a" * 64) for _ in range(2999)]
+        [CheckpointEntry(uuid4(), 7, "v2:" + "a" * 64) for _ in range(2999)]
         + [CheckpointEntry(fresh.pk, 0, fresh.genesis_hash)],
         key=lambda e: str(e.id),
     )

@@ -4,6 +4,7 @@ catches it. Every test runs on SQLite and PostgreSQL unless marked."""
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import io
 import json
@@ -108,7 +109,7 @@ def test_an_edited_state_is_never_written_into_the_log(visit):
 
 
 def test_an_edited_head_hash_is_refused_instead_of_chained_to(visit):
-    raw_update(Encounter, visit.pk, head_hash="v1:" + "0" * 64)
+    raw_update(Encounter, visit.pk, head_hash="v2:" + "0" * 64)
     before = snapshot(visit)
     with pytest.raises(ProjectionDriftError, match="head_hash"):
         transition(visit, "completed", skip_validation=True)
@@ -184,7 +185,7 @@ def _tampered(stored: Encounter, column: str, pick: int, others: list[str]) -> A
     elif column == "version":
         choices = [v for v in (value - 1, value + 1, value + 2) if v >= 0]
     elif column == "head_hash":
-        choices = [h for h in [*others, stored.genesis_hash, "v1:" + "0" * 64] if h != value]
+        choices = [h for h in [*others, stored.genesis_hash, "v2:" + "0" * 64] if h != value]
     elif column == "definition_version":
         choices = [value + 1, 0]
     elif value is None:  # timeline_end_at, last_transitioned_at of a fresh encounter
@@ -551,26 +552,45 @@ KNOWN_ROW = StreamRow(
 
 
 def test_known_answer_hashes():
+    """Format v2 (engine/hashing.py's docstring, docs/concepts.md): one line of text, fields
+    separated by "|", text as <length in code points>:<text>, times as integer microseconds
+    since the epoch in UTC."""
+    created = calendar.timegm((2026, 1, 2, 3, 4, 5)) * 10**6 + 6000
+    assert created == 1767323045006000
     genesis_payload = (
-        '["v1-genesis","12345678-1234-5678-1234-567812345678",'
-        '"87654321-4321-8765-4321-876543218765",1,"clinic.patient","42","scheduled",'
-        '"2026-01-02T03:04:05.006000+00:00"]'
+        "v2|genesis|36:12345678-1234-5678-1234-567812345678|"
+        "36:87654321-4321-8765-4321-876543218765|1|14:clinic.patient|2:42|9:scheduled|"
+        f"{created}"
     )
-    expected_genesis = "v1:" + hashlib.sha256(genesis_payload.encode()).hexdigest()
+    expected_genesis = "v2:" + hashlib.sha256(genesis_payload.encode()).hexdigest()
     assert genesis_hash(KNOWN_GENESIS) == expected_genesis
     assert expected_genesis == (
-        "v1:3c35ccd22f454c4a1de6e7fe72a63ba52fb72a8c24b130eec9f32655c91a1e8d"
+        "v2:163365900696286814b65d79e665eb36250a66e26b5e7184ae2684fd10e17851"
     )
+    effective = calendar.timegm((2026, 1, 2, 4, 0, 0)) * 10**6 + 123000
+    recorded = calendar.timegm((2026, 1, 2, 4, 0, 1)) * 10**6 + 456000
     row_payload = (
-        '["v1","12345678-1234-5678-1234-567812345678",1,"scheduled","checked_in",'
-        '"2026-01-02T04:00:00.123000+00:00","2026-01-02T04:00:01.456000+00:00","7","arrived",'
-        '{"note":"ü","room":3},1,"' + expected_genesis + '"]'
+        "v2|row|36:12345678-1234-5678-1234-567812345678|1|9:scheduled|10:checked_in|"
+        f"{effective}|{recorded}|1:7|7:arrived|21:" + '{"note":"ü","room":3}'
+        "|1|67:" + expected_genesis
     )
-    expected_row = "v1:" + hashlib.sha256(row_payload.encode()).hexdigest()
+    expected_row = "v2:" + hashlib.sha256(row_payload.encode()).hexdigest()
     assert row_hash(KNOWN_ID, KNOWN_ROW, expected_genesis) == expected_row
-    assert expected_row == "v1:d425f065a393cef5daf5b4464a58509b116fc2bdca4370450c16dea314efa35e"
-    assert hash_format(expected_row) == "v1"
+    assert row_hash(str(KNOWN_ID), KNOWN_ROW, expected_genesis) == expected_row
+    assert expected_row == "v2:4938d85cdfed4c139d8cdf88a80f4d0807a9654a736e991dbda09aa551b919eb"
+    assert hash_format(expected_row) == "v2"
     assert hash_format("d425f065") is None
+
+
+def test_a_v1_hash_names_no_known_format(visit):
+    """Format v1 (JSON per row) was replaced by v2 before the first release: a stored v1 hash
+    is reported like any other unknown format."""
+    row = EncounterTransition.objects.get(encounter=visit, sequence=1)
+    with triggers_off():
+        raw_update(EncounterTransition, row.pk, hash="v1:" + row.hash[3:])
+    found = audit_encounters(encounters=[visit.pk]).encounters[0].anomalies
+    assert [(a.sequence, a.kind) for a in found][:1] == [(1, "hash")]
+    assert "no known format ('v1')" in found[0].detail
 
 
 def test_a_hash_in_an_unknown_format_is_reported(visit):

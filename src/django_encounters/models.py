@@ -35,7 +35,7 @@ STATE_MAX_LENGTH = 50
 #: The permission (besides ``change_encounter``) needed to move an encounter on from the admin
 #: or the REST API.
 TRANSITION_PERMISSION = "django_encounters.transition_encounter"
-#: Room for a hash's format prefix ("v1:") and digest, and for longer formats later.
+#: Room for a hash's format prefix ("v2:") and digest, and for longer formats later.
 HASH_MAX_LENGTH = 100
 
 

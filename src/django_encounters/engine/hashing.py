@@ -1,40 +1,57 @@
 """Tamper evidence: each row's hash covers its content and the previous row's hash; row 1's
 previous hash is the encounter's *genesis hash*, over the facts it was created with.
 
-Every stored hash names its format: ``"v1:" + SHA-256 hex``. Format ``v1`` hashes the JSON
-text (``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``) of
+Every stored hash names its format: ``"v2:" + SHA-256 hex``. Format ``v2`` hashes the UTF-8
+bytes of one line of text with a fixed layout, built with one string format per row (no JSON
+encoder per row, one ``hashlib`` call)::
 
-    row:     ["v1", encounter id, sequence, from_state, to_state, effective_at,
-              transitioned_at, transitioned_by, reason, metadata, definition_version,
-              previous hash]
-    genesis: ["v1-genesis", encounter id, definition id, definition version, subject type,
-              subject id, origin state, created_at]
+    row:     v2|row|<encounter id>|<sequence>|<from_state>|<to_state>|<effective_at>|
+             <transitioned_at>|<transitioned_by>|<reason>|<metadata>|<definition version>|
+             <previous hash>
+    genesis: v2|genesis|<encounter id>|<definition id>|<definition version>|<subject type>|
+             <subject id>|<origin state>|<created_at>
 
-with ids as text, times as UTC ISO-8601 with microseconds, ``transitioned_by`` as text (""
-for nobody) and the metadata in its canonical JSON form (:func:`canonical_json`).
+(one line, no line breaks; ``|`` separates the fields) where
+
+* a *text* field is written ``<length>:<text>``, its length in code points as a decimal
+  number: ids as text (``str(id)``; a UUID in its canonical hyphenated lower-case form),
+  states, the subject type (``app_label.model``), ``transitioned_by`` as text (``""`` for
+  nobody), the reason (``""`` for none), the previous hash (as stored, ``"v2:…"``) and the
+  metadata as canonical JSON (:func:`canonical_json`, then ``sort_keys``, compact separators,
+  ``ensure_ascii=False``; ``{}`` for none);
+* an *integer* field (sequence, definition version) is its decimal form;
+* a *time* is the integer number of microseconds since 1970-01-01T00:00:00 UTC (negative
+  before), in decimal.
+
+Every text field carries its length and no integer contains ``|``, so the layout is
+unambiguous: two different rows never have the same payload. Format ``v1`` (canonical JSON of
+a list per row, ISO-8601 times) was replaced by ``v2`` before the first release; a ``v1:`` hash
+is reported as a hash in no known format.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import partial
+from hashlib import sha256
 from typing import Any
 
 from .rows import Genesis, StreamRow
 
 #: The format new hashes are written in; a stored hash starts with ``FORMAT + ":"``.
-HASH_FORMAT = "v1"
+HASH_FORMAT = "v2"
 _PREFIX = HASH_FORMAT + ":"
 
-_UTC = timezone.utc
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 
 
-def _utc_iso(value: datetime) -> str:
-    if value.tzinfo is _UTC:  # already UTC (what the databases hand back): same string
-        return value.isoformat(timespec="microseconds")
-    return value.astimezone(_UTC).isoformat(timespec="microseconds")
+def epoch_microseconds(value: datetime) -> int:
+    """``value`` (timezone-aware) as whole microseconds since the epoch, in UTC."""
+    return (value - _EPOCH) // _MICROSECOND
 
 
 def _json_key(key: Any) -> str:
@@ -75,106 +92,65 @@ def canonical_json(value: Any) -> Any:
     return value  # anything else: json.dumps decides (and refuses what it cannot encode)
 
 
-# ``row_hash`` builds the payload text piecewise when every item is of the usual type (one
-# string escaper call per string instead of a JSON encoder per row: replay, rebuild and audit
-# hash every row they read); anything unusual takes the reference ``json.dumps`` path.
 _JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-_json_string = json.encoder.encode_basestring  # the escaper JSONEncoder uses for these options
+
+
+def metadata_text(metadata: Any) -> str:
+    """The metadata as the hash covers it: its canonical JSON text (``{}`` for none)."""
+    if metadata is None or (type(metadata) is dict and not metadata):
+        return "{}"  # the usual metadata: no encoder
+    return _JSON.encode(canonical_json(metadata))
 
 
 def hash_format(stored: str) -> str | None:
-    """The format a stored hash names (``"v1"``), or None when it names none."""
+    """The format a stored hash names (``"v2"``), or None when it names none."""
     found, colon, _ = (stored or "").partition(":")
     return found if colon else None
 
 
-def _digest(payload: str) -> str:
-    return _PREFIX + hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
 def genesis_hash(genesis: Genesis) -> str:
     """The hash over an encounter's creation facts: the head of a stream with no rows."""
-    return _digest(
-        json.dumps(
-            [
-                HASH_FORMAT + "-genesis",
-                str(genesis.encounter_id),
-                str(genesis.definition_id),
-                genesis.definition_version,
-                genesis.subject_type,
-                str(genesis.subject_id),
-                genesis.origin_state,
-                _utc_iso(genesis.created_at),
-            ],
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+    encounter_id, definition_id = str(genesis.encounter_id), str(genesis.definition_id)
+    subject_type, subject_id = genesis.subject_type, str(genesis.subject_id)
+    origin = genesis.origin_state
+    payload = (
+        f"v2|genesis|{len(encounter_id)}:{encounter_id}|{len(definition_id)}:{definition_id}|"
+        f"{genesis.definition_version:d}|{len(subject_type)}:{subject_type}|"
+        f"{len(subject_id)}:{subject_id}|{len(origin)}:{origin}|"
+        f"{(genesis.created_at - _EPOCH) // _MICROSECOND:d}"
     )
+    return _PREFIX + sha256(payload.encode()).hexdigest()
 
 
 def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
     """The hash of ``row`` (of the encounter ``encounter_id``) chained to ``previous_hash``."""
-    sequence, from_state, to_state, reason = row.sequence, row.from_state, row.to_state, row.reason
-    version = row.definition_version
-    by = "" if row.transitioned_by is None else str(row.transitioned_by)
-    reason = reason or ""
-    metadata = row.metadata if row.metadata is not None else {}
+    return _hash_row(_row_head(encounter_id), row, previous_hash)
+
+
+def stream_hasher(encounter_id: Any) -> Callable[[StreamRow, str], str]:
+    """``(row, previous_hash) -> hash`` for the rows of one encounter: what :func:`row_hash`
+    computes, with the encounter's part of the payload formatted once per stream."""
+    return partial(_hash_row, _row_head(encounter_id))
+
+
+def _row_head(encounter_id: Any) -> str:
+    text = str(encounter_id)
+    return f"v2|row|{len(text)}:{text}|"
+
+
+def _hash_row(head: str, row: StreamRow, previous_hash: str) -> str:
+    from_state, to_state = row.from_state, row.to_state
+    by = row.transitioned_by
+    by = "" if by is None else str(by)
+    reason = row.reason or ""
+    metadata = row.metadata
+    metadata = "{}" if metadata is None or metadata == {} else metadata_text(metadata)
     previous_hash = previous_hash or ""
-    if (
-        type(sequence) is int
-        and type(from_state) is str
-        and type(to_state) is str
-        and type(reason) is str
-        and type(previous_hash) is str
-        and type(version) is int
-    ):
-        payload = "".join(
-            (
-                '["v1",',
-                _json_string(str(encounter_id)),
-                ",",
-                repr(sequence),
-                ",",
-                _json_string(from_state),
-                ",",
-                _json_string(to_state),
-                ",",
-                _json_string(_utc_iso(row.effective_at)),
-                ",",
-                _json_string(_utc_iso(row.transitioned_at)),
-                ",",
-                _json_string(by),
-                ",",
-                _json_string(reason),
-                ",",
-                "{}"
-                if type(metadata) is dict and not metadata
-                else _JSON.encode(canonical_json(metadata)),
-                ",",
-                repr(version),
-                ",",
-                _json_string(previous_hash),
-                "]",
-            )
-        )
-    else:
-        payload = json.dumps(
-            [
-                HASH_FORMAT,
-                str(encounter_id),
-                sequence,
-                from_state,
-                to_state,
-                _utc_iso(row.effective_at),
-                _utc_iso(row.transitioned_at),
-                by,
-                reason,
-                canonical_json(metadata),
-                version,
-                previous_hash,
-            ],
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
-    return _digest(payload)
+    payload = (
+        f"{head}{row.sequence:d}|{len(from_state)}:{from_state}|{len(to_state)}:{to_state}|"
+        f"{(row.effective_at - _EPOCH) // _MICROSECOND:d}|"
+        f"{(row.transitioned_at - _EPOCH) // _MICROSECOND:d}|"
+        f"{len(by)}:{by}|{len(reason)}:{reason}|{len(metadata)}:{metadata}|"
+        f"{row.definition_version:d}|{len(previous_hash)}:{previous_hash}"
+    )
+    return _PREFIX + sha256(payload.encode()).hexdigest()

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, OriginatorVersionError, Snapshot
+from eventsourcing.domain import Aggregate, OriginatorIDError, OriginatorVersionError, Snapshot
 from eventsourcing.utils import get_topic
 
 from .errors import InvalidStateError, InvalidTransitionError, StreamGapError, StreamNeeded
@@ -44,10 +43,10 @@ TIMELINE_ORDER_DESC = tuple(f"-{name}" for name in TIMELINE_ORDER)
 SYSTEM_TIME_STEP = timedelta(milliseconds=1)
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One row as the timeline sees it (``upgrade``: the row moved the definition version and
-    kept the state)."""
+    kept the state). A named tuple (immutable, built by ``tuple.__new__``: every row of every
+    replay makes one; a frozen dataclass sets each field through ``object.__setattr__``)."""
 
     effective_at: datetime
     sequence: int
@@ -82,8 +81,38 @@ class EncounterTimeline(Aggregate):
         definition_version: int
         genesis_hash: str
 
+        def mutate(self, aggregate: Any) -> Any:
+            """Construct the timeline. The library's generic ``Created.mutate`` resolves the
+            topic and matches the event's attributes to ``__init__``'s parameters by
+            introspection on every call (most of the cost of opening a stream, which a
+            rebuild does once per encounter); this event only ever constructs this aggregate,
+            with these arguments."""
+            assert aggregate is None
+            timeline = EncounterTimeline.__new__(EncounterTimeline)
+            timeline.__base_init__(self.originator_id, self.originator_version, self.timestamp)
+            timeline.__init__(  # type: ignore[misc]
+                self.origin_state, self.definition_version, self.genesis_hash
+            )
+            return timeline
+
     class Transitioned(Aggregate.Event):
         row: StreamRow
+
+        def mutate(self, aggregate: Any) -> Any:
+            """The library's checks (this aggregate's event, the next version: a gap raises
+            ``OriginatorVersionError``), then :meth:`apply`; the same as the generic
+            ``Event.mutate``, with the id compared by identity first (the replay loops build
+            every event with the aggregate's own id object, and ``UUID.__eq__`` is Python)."""
+            originator_id = self.originator_id
+            if originator_id is not aggregate._id and originator_id != aggregate._id:
+                raise OriginatorIDError(originator_id, aggregate._id)
+            next_version = aggregate._version + 1
+            if self.originator_version != next_version:
+                raise OriginatorVersionError(self.originator_version, next_version)
+            aggregate._record(self.row)
+            aggregate._version = next_version
+            aggregate._modified_on = self.timestamp
+            return aggregate
 
         def apply(self, aggregate: Any) -> None:
             aggregate._record(self.row)
@@ -104,16 +133,17 @@ class EncounterTimeline(Aggregate):
     def open(cls, genesis: Genesis, genesis_hash: str) -> EncounterTimeline:
         """A fresh timeline (version 0) for an encounter created with ``genesis``, its chain
         starting at ``genesis_hash``."""
-        timeline = cls._create(
-            cls.Opened,
-            id=genesis.encounter_id,
+        opened = cls.Opened(  # type: ignore[call-arg]
+            originator_topic=_TOPIC,
+            originator_id=genesis.encounter_id,
+            originator_version=cls.INITIAL_VERSION,
+            timestamp=genesis.created_at,
             origin_state=genesis.origin_state,
             definition_version=genesis.definition_version,
             genesis_hash=genesis_hash,
-            timestamp=genesis.created_at,
         )
-        timeline.collect_events()  # the Opened event is not a row: nothing to persist
-        return timeline
+        # Not ``_create``: the Opened event is not a row, there is nothing to persist.
+        return opened.mutate(None)  # type: ignore[no-any-return]
 
     @classmethod
     def from_snapshot(
@@ -145,13 +175,19 @@ class EncounterTimeline(Aggregate):
 
     @classmethod
     def event(cls, encounter_id: UUID, row: StreamRow) -> EncounterTimeline.Transitioned:
-        """The domain event of a stored row."""
-        return cls.Transitioned(  # type: ignore[call-arg]
-            originator_id=encounter_id,
-            originator_version=row.sequence,
-            timestamp=row.transitioned_at,
-            row=row,
-        )
+        """The domain event of a stored row: the same event as ``Transitioned(originator_id=…,
+        originator_version=row.sequence, timestamp=row.transitioned_at, row=row)``, built
+        without the frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field and
+        a ``__post_init__``: more than the rest of a row's fold), its one check kept."""
+        if not isinstance(encounter_id, UUID):
+            raise TypeError(f"{cls.Transitioned} was given a non-UUID id: {encounter_id!r}")
+        event = _new_event(_TRANSITIONED)
+        fields = event.__dict__
+        fields["originator_id"] = encounter_id
+        fields["originator_version"] = row.sequence
+        fields["timestamp"] = row.transitioned_at
+        fields["row"] = row
+        return event  # type: ignore[no-any-return]
 
     @classmethod
     def replay(
@@ -314,22 +350,32 @@ class EncounterTimeline(Aggregate):
     # -- evolve ---------------------------------------------------------------------------
 
     def _record(self, row: StreamRow) -> None:
-        upgrade = row.definition_version != self.definition_version
-        entry = Entry(row.effective_at, row.sequence, row.from_state, row.to_state, upgrade)
-        if self.appends_at_end(entry.effective_at):
+        effective_at, version = row.effective_at, row.definition_version
+        entry = Entry(
+            effective_at,
+            row.sequence,
+            row.from_state,
+            row.to_state,
+            version != self.definition_version,
+        )
+        end_at = self.end_at
+        if end_at is None or effective_at >= end_at:  # appends at the end
             if self.entries is not None:
                 self.entries.append(entry)
             self.state = entry.to_state
-            self.end_at = entry.effective_at
+            self.end_at = effective_at
         else:
             if self.entries is None:
                 raise StreamNeeded(self.id)
-            self.entries.insert(
-                bisect_right(self.entries, entry.effective_at, key=_effective), entry
-            )
+            self.entries.insert(bisect_right(self.entries, effective_at, key=_effective), entry)
         self.head_hash = row.hash
-        self.definition_version = row.definition_version
+        self.definition_version = version
         self.recorded_until = row.transitioned_at
+
+
+_TOPIC = get_topic(EncounterTimeline)
+_TRANSITIONED = EncounterTimeline.Transitioned
+_new_event = object.__new__
 
 
 def follows(rules: Rules, state: str, successor: Entry) -> bool:

@@ -10,7 +10,7 @@ from uuid import UUID
 
 from eventsourcing.domain import OriginatorVersionError
 
-from .hashing import HASH_FORMAT, genesis_hash, hash_format, row_hash
+from .hashing import HASH_FORMAT, genesis_hash, hash_format, stream_hasher
 from .rows import Genesis, StreamRow
 from .rules import Rules
 from .timeline import EncounterTimeline, Entry, follows, known_prefix
@@ -92,6 +92,7 @@ class Replay:
 
 
 RulesOf = Callable[[int], "Rules | None"]
+_PREFIX = HASH_FORMAT + ":"
 
 
 def verify_stream(
@@ -111,57 +112,91 @@ def verify_stream(
     (``timeline.state``/``version``/…) is computed from the rows whatever the anomalies."""
     timeline = EncounterTimeline.open(genesis, stored_genesis_hash)
     result = Replay(timeline, hashes={0: stored_genesis_hash})
-    hashed_id = str(genesis.encounter_id)  # once per stream, not per row
+    encounter_id = genesis.encounter_id
+    anomalies, backdated, hashes = result.anomalies, result.backdated, result.hashes
     if check_hashes and genesis_hash(genesis) != stored_genesis_hash:
-        result.anomalies.append(
+        anomalies.append(
             Anomaly(
-                genesis.encounter_id,
+                encounter_id,
                 0,
                 "genesis",
                 "the creation facts (definition and version, subject, origin state, created_at) "
                 "do not hash to the stored genesis hash",
             )
         )
-    for row in known_prefix(rows, known_at):
-        found = []
-        if check_hashes:
-            found.extend(_hash(hashed_id, row, timeline.head_hash))
-        if timeline.recorded_until is not None and row.transitioned_at < timeline.recorded_until:
+    # Once per stream, not per row: the hasher (the encounter's part of the payload
+    # formatted), the event class, the rules of the version last seen.
+    hash_row = stream_hasher(encounter_id) if check_hashes else None
+    event_of = EncounterTimeline.event
+    rules_version, rules_then = -1, None
+    for row in rows if known_at is None else known_prefix(rows, known_at):
+        found: list[tuple[str, str]] | None = None
+        if hash_row is not None:
+            stored = row.hash
+            if not stored.startswith(_PREFIX):
+                named = hash_format(stored)
+                found = [("hash", f"the stored hash names no known format ({named!r})")]
+            elif hash_row(row, timeline.head_hash) != stored:
+                found = [("hash", "content or chain does not match the stored hash")]
+        recorded_until = timeline.recorded_until
+        if recorded_until is not None and row.transitioned_at < recorded_until:
+            found = found or []
             found.append(
                 (
                     "clock",
                     f"recorded at {row.transitioned_at.isoformat()}, before the previous row "
-                    f"({timeline.recorded_until.isoformat()})",
+                    f"({recorded_until.isoformat()})",
                 )
             )
-        if not timeline.appends_at_end(row.effective_at):
-            result.backdated.add(row.sequence)
-        found.extend(_placement(timeline, row, rules))
-        found.extend(_append(timeline, EncounterTimeline.event(genesis.encounter_id, row)))
-        result.hashes[row.sequence] = row.hash
-        result.anomalies.extend(
-            Anomaly(genesis.encounter_id, row.sequence, kind, detail) for kind, detail in found
-        )
-    result.overtaken = _overtaken(timeline.entries or [])
+        end_at = timeline.end_at
+        if end_at is None or row.effective_at >= end_at:  # appends at the end: the usual row
+            state_then, successor = timeline.state, None
+        else:
+            backdated.add(row.sequence)
+            state_then, successor = timeline.locate(row.effective_at)
+        if rules is not None and row.definition_version != rules_version:
+            rules_version = row.definition_version
+            rules_then = rules(rules_version)
+        if (
+            state_then != row.from_state
+            or successor is not None
+            or rules is None
+            or rules_then is None
+            or rules_version != timeline.definition_version
+            or not rules_then.is_allowed(row.from_state, row.to_state)
+        ):
+            placed = _placement(row, state_then, successor, timeline, rules_then, rules)
+            if placed:
+                found = found or []
+                found.extend(placed)
+        event = event_of(encounter_id, row)
+        try:
+            event.mutate(timeline)
+        except OriginatorVersionError:
+            found = found or []
+            found.append(_gap(timeline, event))
+        hashes[row.sequence] = row.hash
+        if found:
+            anomalies.extend(
+                Anomaly(encounter_id, row.sequence, kind, detail) for kind, detail in found
+            )
+    if backdated:  # only a row inserted before a later one can overtake it
+        result.overtaken = _overtaken(timeline.entries or [])
     return result
 
 
-def _hash(hashed_id: str, row: StreamRow, previous_hash: str) -> list[tuple[str, str]]:
-    named = hash_format(row.hash)
-    if named != HASH_FORMAT:
-        return [("hash", f"the stored hash names no known format ({named!r})")]
-    if row_hash(hashed_id, row, previous_hash) != row.hash:
-        return [("hash", "content or chain does not match the stored hash")]
-    return []
-
-
 def _placement(
-    timeline: EncounterTimeline, row: StreamRow, rules_of: RulesOf | None
+    row: StreamRow,
+    state_then: str,
+    successor: Entry | None,
+    timeline: EncounterTimeline,
+    rules: Rules | None,
+    rules_of: RulesOf | None,
 ) -> list[tuple[str, str]]:
-    """What is wrong with where ``row`` lands on the timeline: its ``from_state``, its edge (or
-    upgrade) and the edge to the row that follows it."""
+    """What is wrong with where ``row`` lands on the timeline (in ``state_then``, before
+    ``successor``): its ``from_state``, its edge (or upgrade, under ``rules``: the rules of
+    its definition version, None when unknown) and the edge to the row that follows it."""
     found = []
-    state_then, successor = timeline.locate(row.effective_at)
     if state_then != row.from_state:
         found.append(
             (
@@ -173,7 +208,6 @@ def _placement(
     if rules_of is None:
         return found
     version, pinned = row.definition_version, timeline.definition_version
-    rules = rules_of(version)
     if rules is None or version < pinned:
         why = "does not exist" if rules is None else f"is older than the pinned v{pinned}"
         return [*found, ("version", f"decided under definition version {version}, which {why}")]
@@ -204,19 +238,13 @@ def _placement(
     return found
 
 
-def _append(
-    timeline: EncounterTimeline, event: EncounterTimeline.Transitioned
-) -> list[tuple[str, str]]:
-    """Fold one event; a sequence gap is reported and the fold goes on from there, so the rest
-    of the stream is still checked and projected."""
-    try:
-        event.mutate(timeline)
-        return []
-    except OriginatorVersionError:
-        expected = timeline.version + 1
-        timeline.version = event.originator_version - 1
-        event.mutate(timeline)
-        return [("gap", f"expected sequence {expected}, found {event.originator_version}")]
+def _gap(timeline: EncounterTimeline, event: EncounterTimeline.Transitioned) -> tuple[str, str]:
+    """A sequence gap (the library's version check refused ``event``): reported, and the fold
+    goes on from there, so the rest of the stream is still checked and projected."""
+    expected = timeline.version + 1
+    timeline.version = event.originator_version - 1
+    event.mutate(timeline)
+    return ("gap", f"expected sequence {expected}, found {event.originator_version}")
 
 
 def _overtaken(entries: list[Entry]) -> dict[int, int]:

@@ -20,7 +20,7 @@ File format ``django-encounters-checkpoint/1`` (UTF-8 JSON, one entry per line):
       "created_at": "2026-11-22T03:35:14.627000+00:00",
       "definition": null,
       "encounters": [
-        {"id": "<uuid>", "version": 3, "head_hash": "v1:<64 hex>"},
+        {"id": "<uuid>", "version": 3, "head_hash": "v2:<64 hex>"},
         ...
       ],
       "count": 1234,

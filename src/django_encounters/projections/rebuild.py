@@ -94,7 +94,7 @@ def _show(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, str) and hash_format(value) and len(value) > 40:
-        return repr(value[:15] + "…")  # a hash ("v1:" + 64 hex): its prefix is enough
+        return repr(value[:15] + "…")  # a hash ("v2:" + 64 hex): its prefix is enough
     return repr(value)
 
 

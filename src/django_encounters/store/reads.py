@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timezone
 from typing import Any
 from uuid import UUID
 
 from django.db import connections
-from django.db.models import QuerySet
+from django.db.models import QuerySet, TextField
+from django.db.models.functions import Cast
 
 from ..engine import EncounterTimeline, StreamRow
 from .converters import convert_row, speed_up_cursor
@@ -16,6 +18,8 @@ from .statements import PK, statements
 
 #: Rows fetched from the database per round trip while streaming many encounters.
 ROW_CHUNK_SIZE = 2000
+#: The row's times (``DateTimeField`` columns).
+_TIMES = ("effective_at", "transitioned_at")
 
 
 def _encounter_param(pk: Any, connection: Any) -> Any:
@@ -95,10 +99,18 @@ def iter_streams(transitions: QuerySet) -> Iterator[tuple[UUID, list[StreamRow]]
     """``(encounter_id, rows in sequence order)`` for every encounter with rows in
     ``transitions`` (an ``EncounterTransition`` queryset), streamed in encounter-id order with
     one query: memory per encounter, not per run."""
-    query = transitions.order_by("encounter_id", "sequence").values_list(
-        "encounter_id", *ROW_COLUMNS
-    )
-    connection = connections[query.db]
+    connection = connections[transitions.db]
+    columns: list[Any] = list(ROW_COLUMNS)
+    if connection.vendor == "sqlite" and connection.timezone is timezone.utc:
+        # SQLite stores UTC times as text; selected as the column, Django's driver-level
+        # converter parses each one into a naive datetime (two Python calls) before the row
+        # builder's converter makes it aware. Selected as text (an expression has no declared
+        # type, so no driver converter), the builder's converter parses it once
+        # (``converters._sqlite_utc_datetime``): the same values.
+        texts = {f"{name}__text": Cast(name, TextField()) for name in _TIMES}
+        transitions = transitions.annotate(**texts)
+        columns = [f"{name}__text" if name in _TIMES else name for name in columns]
+    query = transitions.order_by("encounter_id", "sequence").values_list("encounter_id", *columns)
     st = statements(connection)
     build, convert_key = st.keyed_stream_row, st.encounter_key
     sql, params = query.query.sql_with_params()
