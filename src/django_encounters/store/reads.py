@@ -7,6 +7,7 @@ from datetime import timezone
 from typing import Any
 from uuid import UUID
 
+import django
 from django.db import connections
 from django.db.models import QuerySet, TextField
 from django.db.models.functions import Cast
@@ -101,7 +102,14 @@ def iter_streams(transitions: QuerySet) -> Iterator[tuple[UUID, list[StreamRow]]
     one query: memory per encounter, not per run."""
     connection = connections[transitions.db]
     columns: list[Any] = list(ROW_COLUMNS)
-    if connection.vendor == "sqlite" and connection.timezone is timezone.utc:
+    # Django before 5.2 puts annotations after the fields in the SELECT whatever the order
+    # values_list() names them in, and the row builder reads columns by position: there the
+    # times are selected as the columns themselves.
+    if (
+        connection.vendor == "sqlite"
+        and connection.timezone is timezone.utc
+        and django.VERSION >= (5, 2)
+    ):
         # SQLite stores UTC times as text; selected as the column, Django's driver-level
         # converter parses each one into a naive datetime (two Python calls) before the row
         # builder's converter makes it aware. Selected as text (an expression has no declared
