@@ -96,6 +96,19 @@ def parse_time(text: str, option: str) -> datetime:
     return value
 
 
+def parse_times(options: dict[str, Any], names: tuple[str, ...]) -> dict[str, datetime]:
+    """The time options among ``names`` that were given, parsed (:func:`parse_time`), with
+    ``--since`` checked to be before ``--until`` when both are."""
+    times = {
+        name: parse_time(options[name], "--" + name.replace("_", "-"))
+        for name in names
+        if options[name] is not None
+    }
+    if "since" in times and "until" in times and times["since"] >= times["until"]:
+        raise CommandError("--since must be before --until", returncode=2)
+    return times
+
+
 def parse_subject(text: str) -> Any:
     """``app_label.ModelName:pk`` -> the model instance."""
     label, sep, pk = text.partition(":")

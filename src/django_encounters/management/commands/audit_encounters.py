@@ -28,7 +28,7 @@ from ..helpers import (
     Unended,
     add_selection_arguments,
     parse_subject,
-    parse_time,
+    parse_times,
     plural,
     quiet_broken_pipe,
 )
@@ -84,15 +84,9 @@ class Command(BaseCommand):
         output.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        times = {
-            name: parse_time(options[name], "--" + name.replace("_", "-"))
-            for name in ("since", "until", "as_of", "known_at")
-            if options[name] is not None
-        }
+        times = parse_times(options, ("since", "until", "as_of", "known_at"))
         if times.get("as_of") is None:
             times["as_of"] = timezone.now()
-        if "since" in times and "until" in times and times["since"] >= times["until"]:
-            raise CommandError("--since must be before --until", returncode=2)
         if options["root"] is not None and options["against"] is None:
             raise CommandError(
                 "--root is the published root of a checkpoint: give --against", returncode=2

@@ -28,7 +28,7 @@ from django_encounters.projections.diagrams import (
     graphviz_program,
 )
 
-from ..helpers import ReportFile, Unended, parse_time, quiet_broken_pipe
+from ..helpers import ReportFile, Unended, parse_times, quiet_broken_pipe
 
 
 class Command(BaseCommand):
@@ -67,18 +67,14 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         version = _version(options["version"])
-        times = {
-            name: parse_time(options[name], "--" + name)
-            for name in ("since", "until")
-            if options[name] is not None
-        }
-        if times and not options["from_log"]:
+        if (options["since"] is not None or options["until"] is not None) and not options[
+            "from_log"
+        ]:
             raise CommandError(
                 "--since/--until select the rows of a process map: give --from-log too",
                 returncode=2,
             )
-        if "since" in times and "until" in times and times["since"] >= times["until"]:
-            raise CommandError("--since must be before --until", returncode=2)
+        times = parse_times(options, ("since", "until"))
         fmt = options["format"]
         try:
             if fmt == "svg":

@@ -24,7 +24,7 @@ from django_encounters.exceptions import EncounterError
 from django_encounters.projections.audit import DEFAULT_BATCH_SIZE
 from django_encounters.projections.event_log import FORMATS, export_event_log
 
-from ..helpers import Unended, add_run_arguments, parse_time, plural, quiet_broken_pipe
+from ..helpers import Unended, add_run_arguments, parse_times, plural, quiet_broken_pipe
 
 
 class Command(BaseCommand):
@@ -62,13 +62,7 @@ class Command(BaseCommand):
         add_run_arguments(parser, batch_size=DEFAULT_BATCH_SIZE, batch_help="encounters per batch")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        times = {
-            name: parse_time(options[name], "--" + name.replace("_", "-"))
-            for name in ("since", "until", "known_at")
-            if options[name] is not None
-        }
-        if "since" in times and "until" in times and times["since"] >= times["until"]:
-            raise CommandError("--since must be before --until", returncode=2)
+        times = parse_times(options, ("since", "until", "known_at"))
         path = options["output"]
         selection = {
             "definition": options["definition"],
