@@ -379,6 +379,20 @@ def test_system_time_increases_even_within_one_millisecond(encounter):
     assert rows[1].transitioned_at == rows[0].transitioned_at + timedelta(milliseconds=1)
 
 
+def test_rows_recorded_within_one_millisecond_are_effective_now_not_in_the_future(encounter):
+    # Their system times are stamped a millisecond apart, ahead of the clock; their business
+    # time is the clock: asked about "now", the state is the last one recorded.
+    frozen = timezone.now()
+    states = ("checked_in", "in_progress", "completed")
+    with mock.patch("django_encounters.services.timezone.now", return_value=frozen):
+        rows = [transition(encounter, s, skip_validation=True) for s in states]
+        assert get_state_at(encounter, timezone.now()) == "completed" == reload(encounter).state
+    assert [r.effective_at for r in rows] == [stored_precision(frozen)] * 3
+    assert rows[-1].transitioned_at == stored_precision(frozen) + timedelta(milliseconds=2)
+    assert reload(encounter).ended_at == stored_precision(frozen)
+    assert anomalies(encounter) == []
+
+
 def test_a_lagging_clock_cannot_record_before_the_previous_row(encounter):
     first = transition(encounter, "checked_in")
     behind = first.transitioned_at - timedelta(minutes=10)

@@ -734,7 +734,8 @@ def test_the_list_is_paginated_with_drfs_settings(viewer, visit_definition, pati
     assert first["next"] == "http://testserver/api/encounters/?page=2"
     second = viewer.get(first["next"]).json()
     assert second["next"] is None
-    newest_first = sorted(made, key=lambda e: (e.created_at, str(e.pk)), reverse=True)
+    # The view's order: newest first, ties (created within one millisecond) by id.
+    newest_first = sorted(made, key=lambda e: (-e.created_at.timestamp(), str(e.pk)))
     listed = [item["id"] for item in first["results"] + second["results"]]
     assert sorted(listed) == sorted(str(e.pk) for e in made)
     assert [item["id"] for item in first["results"]][0] == str(newest_first[0].pk)

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from . import store
 from .arguments import require_aware
-from .basemodels import BaseModel, SoftDeleteManager, SoftDeleteQuerySet, UUIDModel
+from .basemodels import PLAIN_SETTERS, BaseModel, SoftDeleteManager, SoftDeleteQuerySet, UUIDModel
 from .engine import (
     TIMELINE_ORDER,
     TIMELINE_ORDER_DESC,
@@ -258,6 +258,9 @@ class ProjectedAttribute(DeferredAttribute):
 
     def __set__(self, instance: Any, value: Any) -> None:
         instance.__dict__[self.field.attname] = value
+
+
+PLAIN_SETTERS.add(ProjectedAttribute.__set__)  # loaded rows may skip it (UUIDModel.from_db)
 
 
 class AppendOnlyQuerySet(models.QuerySet):
@@ -803,11 +806,14 @@ class EncounterTransition(AppendOnlyModel):
         with store.writer_errors(self.encounter_id), transaction.atomic(using=using):
             store.append_record(self, using)
 
+    #: Whether the caller chose the system time (an import; a row loaded from the database);
+    #: otherwise the low-level append stamps it under the row lock, as transition() does.
+    _system_time_given = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Whether the caller chose the system time (an import); otherwise the low-level append
-        # stamps it under the row lock, as transition() does.
-        self._system_time_given = bool(args) or "transitioned_at" in kwargs
+        if not args and "transitioned_at" not in kwargs:
+            self._system_time_given = False
 
     def compute_hash(self, previous_hash: str) -> str:
         """This row's hash given the previous row's hash."""

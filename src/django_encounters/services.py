@@ -20,6 +20,7 @@ from django.db import transaction as db_transaction
 from django.utils import timezone
 
 from . import arguments, conf, store
+from .engine import stored_precision
 from .engine import time_in_states as _time_in_states
 from .exceptions import (
     ConcurrentTransitionError,
@@ -154,10 +155,15 @@ def transition(
         # The clock is read only once the row is locked (a writer that waited for the lock
         # must not be stamped or dated before the row it waited for), and system time never
         # decreases along the stream (another server's clock may run ahead).
-        now = timeline.system_time(timezone.now())
+        clock = timezone.now()
+        now = timeline.system_time(clock)
         if effective_at is None:
-            # "Now" means after everything already on the timeline.
-            effective_at = max(now, locked.timeline_end_at or now)
+            # "Now" is the clock, not the system time: rows recorded within one millisecond are
+            # stamped a millisecond apart, ahead of the clock, and a change dated there would
+            # lie in the future (get_state_at(now) would not see it yet). And "now" means after
+            # everything already on the timeline.
+            today = stored_precision(clock)
+            effective_at = max(today, locked.timeline_end_at or today)
 
         # 2. Load what the decision needs: the projection row is the snapshot; only a
         #    backdated transition needs the rows.

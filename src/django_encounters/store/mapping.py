@@ -3,21 +3,47 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from ..engine import ROW_FIELDS, StreamRow
-from .schema import ROW_COLUMNS, transition_model
+from .schema import ROW_COLUMNS, field, transition_model
 
-_PAIRS = tuple(zip(ROW_FIELDS, ROW_COLUMNS, strict=True))
+
+@cache
+def _record_layout(model: Any) -> tuple[tuple[str | None, ...], Any, Any, Any]:
+    """For each of ``model``'s concrete fields, in ``Model.__init__``'s positional order: the
+    row's field holding its value, or None for the two that are not row fields (the primary
+    key, from its default, and the encounter, the given instance's pk); then the primary key
+    and the two foreign keys whose related objects are cached on the record."""
+    by_column = dict(zip(ROW_COLUMNS, ROW_FIELDS, strict=True))
+    encounter_fk = field(model, "encounter")
+    sources: list[str | None] = []
+    for f in model._meta.concrete_fields:
+        if f is model._meta.pk or f is encounter_fk:
+            sources.append(None)
+        else:
+            sources.append(by_column[f.attname])
+    return tuple(sources), model._meta.pk, encounter_fk, field(model, "transitioned_by")
 
 
 def record_from_row(row: StreamRow, *, encounter: Any, transitioned_by: Any) -> Any:
     """The unsaved ``EncounterTransition`` for a newly decided row (``transitioned_by``: the
-    user instance whose pk the row carries, or None)."""
-    record = transition_model()(encounter=encounter, transitioned_by=transitioned_by)
-    for name, column in _PAIRS:
-        if column != "transitioned_by_id":
-            setattr(record, column, getattr(row, name))
+    user instance whose pk the row carries, or None), made the way the ORM makes an instance
+    from values: positionally, every column given (a new primary key from its default)."""
+    model = transition_model()
+    sources, pk, encounter_fk, user_fk = _record_layout(model)
+    record = model(
+        *(
+            getattr(row, name)
+            if name is not None
+            else (encounter.pk if f is encounter_fk else pk.get_default())
+            for name, f in zip(sources, model._meta.concrete_fields, strict=True)
+        )
+    )
+    encounter_fk.set_cached_value(record, encounter)
+    if transitioned_by is not None:
+        user_fk.set_cached_value(record, transitioned_by)
     return record
 
 

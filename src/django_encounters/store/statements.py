@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import TIMELINE_ORDER, StreamRow
-from .converters import Converter, column_converter, column_converters, row_builder
+from .converters import (
+    Adapter,
+    Converter,
+    column_converter,
+    column_converters,
+    row_builder,
+    value_adapter,
+)
 from .schema import (
     PROJECTION_FIELDS,
     ROW_COLUMNS,
@@ -42,10 +49,14 @@ class Statements:
     lock_sql: str  # one live encounter joined with its definition, locked
     lock_any_sql: str  # the same, soft-deleted encounters included
     lock_fields: list[Any]  # encounter, definition, version, log head (see _lock_sql)
-    lock_offsets: list[int]
     lock_converters: list[Converter | None]
+    lock_slices: tuple[slice, ...]  # where each of the four groups lies in a selected row
+    lock_attnames: tuple[list[str], ...]  # the attnames of each group
+    lock_models: tuple[Any, Any, Any]  # the encounter model, its and the version's definition fk
     insert_sql: str
     insert_fields: list[Any]
+    insert_adapters: list[Adapter]  # each insert field's get_db_prep_save (converters.py)
+    encounter_adapters: dict[str, Adapter]  # the same for the encounter's fields, by attname
     state_at_sql: str
     state_at_known_sql: str
     history_sql: str  # every column of an encounter's rows, in sequence order
@@ -155,6 +166,8 @@ def _build(connection: Any) -> Statements:
     encounter, transition = encounter_model(), transition_model()
     row_meta = transition._meta
     lock_any_sql, lock_fields, lock_offsets = _lock_sql(connection)
+    # The encounter, the definition, the version, the log head (its row and last row).
+    bounds = [0, *lock_offsets[:3], len(lock_fields)]
     lock_sql = lock_any_sql + (
         f" AND {qn('e')}.{qn(model_field(encounter, 'deleted_at').column)} IS NULL"
     )
@@ -186,13 +199,25 @@ def _build(connection: Any) -> Statements:
         lock_sql=lock_sql + locking,
         lock_any_sql=lock_any_sql + locking,
         lock_fields=lock_fields,
-        lock_offsets=lock_offsets,
         lock_converters=column_converters(connection, lock_fields),
+        lock_slices=tuple(slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)),
+        lock_attnames=tuple(
+            [f.attname for f in lock_fields[a:b]] for a, b in zip(bounds, bounds[1:], strict=False)
+        ),
+        lock_models=(
+            encounter,
+            model_field(encounter, "definition"),
+            model_field(version_model(), "definition"),
+        ),
         insert_sql=(
             f"INSERT INTO {table} ({', '.join(qn(f.column) for f in insert_fields)}) "
             f"VALUES ({', '.join(f'%({f.attname})s' for f in insert_fields)})"
         ),
         insert_fields=insert_fields,
+        insert_adapters=[value_adapter(connection, f) for f in insert_fields],
+        encounter_adapters={
+            f.attname: value_adapter(connection, f) for f in encounter._meta.concrete_fields
+        },
         state_at_sql=state_at_sql + order,
         state_at_known_sql=state_at_sql + f" AND {col('transitioned_at')} <= %(known_at)s" + order,
         history_sql=(

@@ -25,7 +25,7 @@ from ..engine import (
 from .converters import convert_row
 from .mapping import row_of_record
 from .reads import count_rows, load_timeline
-from .schema import encounter_model, field, projection_of, version_model
+from .schema import encounter_model, projection_of
 from .statements import PK, projection_write_fields, statements
 
 SEQUENCE_CONSTRAINT = "encounters_transition_unique_sequence"
@@ -53,7 +53,7 @@ def lock_encounter(
     connection = connections[using]
     st = statements(connection)
     sql = st.lock_any_sql if include_deleted else st.lock_sql
-    params = {PK: encounter_model()._meta.pk.get_db_prep_value(pk, connection)}
+    params = {PK: st.encounter_adapters[encounter_model()._meta.pk.attname](pk)}
     locked, head = _read_locked(connection, st, sql, params, using)
     if locked is None or not prove:
         return locked
@@ -73,27 +73,23 @@ def lock_encounter(
 def _read_locked(
     connection: Any, st: Any, sql: str, params: dict[str, Any], using: str
 ) -> tuple[Any, LogHead]:
-    encounter = encounter_model()
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is None:
         return None, LogHead(None, None, None, None, None)
     values = convert_row(row, st.lock_converters)
-    fields = st.lock_fields
-    bounds = [0, *st.lock_offsets, len(values)]
-    parts = [
-        ([f.attname for f in fields[a:b]], values[a:b])
-        for a, b in zip(bounds, bounds[1:], strict=False)
-    ]
-    locked = encounter.from_db(using, *parts[0])
-    definition = field(encounter, "definition").related_model.from_db(using, *parts[1])
-    field(encounter, "definition").set_cached_value(locked, definition)
-    if parts[2][1][0] is not None:  # the pinned version exists
-        machine = version_model().from_db(using, *parts[2])
-        field(version_model(), "definition").set_cached_value(machine, definition)
+    (e, d, v, h), (e_names, d_names, v_names, _) = st.lock_slices, st.lock_attnames
+    encounter, definition_fk, version_fk = st.lock_models
+    locked = encounter.from_db(using, e_names, values[e])
+    definition = definition_fk.related_model.from_db(using, d_names, values[d])
+    definition_fk.set_cached_value(locked, definition)
+    version_values = values[v]
+    if version_values[0] is not None:  # the pinned version exists
+        machine = version_fk.model.from_db(using, v_names, version_values)
+        version_fk.set_cached_value(machine, definition)
         locked._machine = machine
-    return locked, LogHead(*parts[3][1], *parts[4][1])
+    return locked, LogHead(*values[h])
 
 
 def prove_projection(locked: Any, head: LogHead) -> None:
@@ -152,8 +148,8 @@ def insert_row(record: Any, using: str, *, previous_hash: str | None = None) -> 
             "signal receiver after it was decided; rows cannot be altered before insert"
         )
     params = {
-        f.attname: f.get_db_prep_save(f.pre_save(record, True), connection)
-        for f in st.insert_fields
+        f.attname: adapt(f.pre_save(record, True))
+        for f, adapt in zip(st.insert_fields, st.insert_adapters, strict=True)
     }
     try:
         with connection.cursor() as cursor:
@@ -187,20 +183,19 @@ def update_projection(
     ``ProjectionDriftError`` is raised instead.
     """
     connection = connections[using]
-    encounter = type(locked)
     changes = {name: value for name, value in values.items() if getattr(locked, name) != value}
     if not changes:
         return
     guarded = after_sequence > 0
-    params = {
-        name: field(encounter, name).get_db_prep_save(v, connection) for name, v in changes.items()
-    }
-    params[PK] = encounter._meta.pk.get_db_prep_value(locked.pk, connection)
+    st = statements(connection)
+    adapters = st.encounter_adapters
+    params = {name: adapters[name](v) for name, v in changes.items()}
+    params[PK] = adapters[type(locked)._meta.pk.attname](locked.pk)
     if guarded:
         # The guard's encounter id is the row's foreign key: the same value as the pk.
         params["after_sequence"] = after_sequence
     with connection.cursor() as cursor:
-        cursor.execute(statements(connection).update_sql(tuple(changes), guarded=guarded), params)
+        cursor.execute(st.update_sql(tuple(changes), guarded=guarded), params)
         updated = cursor.rowcount
     if not updated:
         raise ProjectionDriftError(

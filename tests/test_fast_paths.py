@@ -1,0 +1,175 @@
+"""The write and read paths' shortcuts give exactly what the ORM gives, on every backend.
+
+* ``converters.value_adapter``: what a field's ``get_db_prep_save`` would send the driver;
+* ``UUIDModel.from_db``: the instance ``Model.from_db`` would build, and the ORM's own way as
+  soon as anything could tell the difference (an init signal receiver, a deferred field).
+"""
+
+from __future__ import annotations
+
+import uuid
+import zoneinfo
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from decimal import Decimal
+from functools import partial
+
+import pytest
+from django.db import connection, connections
+from django.db.models import F
+from django.db.models.signals import post_init, pre_init
+
+from django_encounters.models import (
+    Encounter,
+    EncounterDefinition,
+    EncounterDefinitionVersion,
+    EncounterTransition,
+)
+from django_encounters.services import get_encounter_history, transition
+from django_encounters.store.converters import value_adapter
+from django_encounters.store.statements import statements
+
+pytestmark = pytest.mark.django_db
+
+UTC = dt_timezone.utc
+AWARE = datetime(2026, 3, 29, 1, 59, 59, 999000, tzinfo=UTC)
+VALUES = [
+    None,
+    "",
+    "checked_in",
+    "ünïcode ✓",
+    0,
+    7,
+    2**40,
+    True,
+    Decimal("3"),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    uuid.uuid4(),
+    "12345678-1234-5678-1234-567812345678",
+    AWARE,
+    AWARE.replace(microsecond=0),
+    AWARE.astimezone(zoneinfo.ZoneInfo("Europe/Paris")),
+    AWARE.astimezone(dt_timezone(timedelta(hours=-5))),
+    AWARE.replace(tzinfo=zoneinfo.ZoneInfo("UTC")),
+    F("version"),
+]
+
+
+def _prepared(adapt, value):
+    """(result, None) or (None, exception type) of one way of preparing ``value``."""
+    try:
+        return adapt(value), None
+    except Exception as exc:  # noqa: BLE001 - the two ways must fail alike too
+        return None, type(exc)
+
+
+@pytest.mark.parametrize("model", [Encounter, EncounterTransition], ids=["encounter", "transition"])
+def test_value_adapters_send_what_get_db_prep_save_sends(model):
+    fields = [f for f in model._meta.concrete_fields if f.get_internal_type() != "JSONField"]
+    checked = 0
+    for f in fields:
+        adapt = value_adapter(connection, f)
+        slow = partial(f.get_db_prep_save, connection=connection)
+        for value in VALUES:
+            expected = _prepared(slow, value)
+            got = _prepared(adapt, value)
+            if expected[1] is not None:
+                assert got[1] is expected[1], (f.name, value)
+                continue
+            assert got == expected, (f.name, value)
+            assert type(got[0]) is type(expected[0]), (f.name, value)
+            checked += 1
+    assert checked > 60  # the shortcuts were exercised, not only the fallbacks
+
+
+def test_the_store_prepares_every_written_column_through_an_adapter():
+    st = statements(connections["default"])
+    assert len(st.insert_adapters) == len(st.insert_fields)
+    assert set(st.encounter_adapters) == {f.attname for f in Encounter._meta.concrete_fields}
+
+
+def test_a_row_written_by_transition_reads_back_as_the_orm_wrote_it(encounter, user):
+    when = AWARE.astimezone(zoneinfo.ZoneInfo("America/New_York"))
+    record = transition(encounter, "checked_in", transitioned_by=user, effective_at=when)
+    stored = EncounterTransition.objects.get(pk=record.pk)
+    for f in EncounterTransition._meta.concrete_fields:
+        assert getattr(stored, f.attname) == getattr(record, f.attname), f.name
+    assert stored.effective_at == AWARE
+    assert Encounter.objects.filter(pk=encounter.pk, timeline_end_at=AWARE).exists()
+
+
+# -- from_db ----------------------------------------------------------------------------------
+
+
+def _fields_of(instance):
+    return {k: v for k, v in instance.__dict__.items() if k != "_state"}
+
+
+@pytest.mark.parametrize(
+    "model", [Encounter, EncounterDefinition, EncounterDefinitionVersion, EncounterTransition]
+)
+def test_a_loaded_instance_is_the_one_model_init_builds(model, encounter):
+    transition(encounter, "checked_in")
+    for loaded in model._base_manager.all():
+        names = [f.attname for f in model._meta.concrete_fields]
+        values = [getattr(loaded, n) for n in names]
+        reference = model(*values)  # Model.__init__'s positional way, as Model.from_db does
+        reference._state.adding, reference._state.db = False, loaded._state.db
+        fast = model.from_db(loaded._state.db, names, values)
+        assert type(fast) is model
+        assert (fast._state.adding, fast._state.db) == (False, loaded._state.db)
+        assert fast._state.fields_cache == {}
+        fast_fields, reference_fields = _fields_of(fast), _fields_of(reference)
+        for name in names:
+            assert fast_fields[name] == reference_fields[name], name
+        assert fast == reference
+        assert fast.pk == loaded.pk
+
+
+def test_init_signal_receivers_still_see_every_loaded_instance(encounter):
+    transition(encounter, "checked_in")
+    seen = []
+
+    def receiver(sender, instance, **kwargs):
+        seen.append(instance.pk)
+
+    post_init.connect(receiver, sender=EncounterTransition)
+    try:
+        rows = get_encounter_history(encounter)
+        listed = list(EncounterTransition.objects.filter(encounter=encounter))
+    finally:
+        post_init.disconnect(receiver, sender=EncounterTransition)
+    assert [r.pk for r in rows] == [listed[0].pk]
+    assert seen.count(rows[0].pk) == 2
+
+
+def test_pre_init_receivers_see_loaded_encounters(encounter):
+    seen = []
+
+    def receiver(sender, args, kwargs, **extra):
+        seen.append(args)
+
+    pre_init.connect(receiver, sender=Encounter)
+    try:
+        transition(encounter, "checked_in")  # the write path loads the locked encounter
+        Encounter.objects.get(pk=encounter.pk)
+    finally:
+        pre_init.disconnect(receiver, sender=Encounter)
+    assert len(seen) == 2
+    assert all(encounter.pk in args for args in seen)
+
+
+def test_deferred_fields_load_the_orms_way(encounter):
+    loaded = Encounter.objects.only("state").get(pk=encounter.pk)
+    assert loaded.get_deferred_fields() >= {"notes", "metadata"}
+    assert loaded.notes == encounter.notes  # loaded on access, as always
+    loaded_full = Encounter.objects.get(pk=encounter.pk)
+    assert loaded_full.get_deferred_fields() == set()
+
+
+def test_a_loaded_transition_keeps_its_system_time(encounter):
+    transition(encounter, "checked_in")
+    loaded = EncounterTransition.objects.get(encounter=encounter)
+    assert loaded._system_time_given is True
+    assert EncounterTransition(encounter=encounter)._system_time_given is False
+    assert EncounterTransition(encounter=encounter, transitioned_at=AWARE)._system_time_given
