@@ -173,3 +173,64 @@ def test_a_loaded_transition_keeps_its_system_time(encounter):
     assert loaded._system_time_given is True
     assert EncounterTransition(encounter=encounter)._system_time_given is False
     assert EncounterTransition(encounter=encounter, transitioned_at=AWARE)._system_time_given
+
+
+# -- converters -------------------------------------------------------------------------------
+
+
+def test_history_reads_the_values_the_orm_reads(employment, user):
+    whole_second = AWARE.replace(microsecond=0) - timedelta(days=3)
+    transition(employment, "working", transitioned_by=user, effective_at=whole_second)
+    transition(employment, "onleave", context={"k": [1, "ü"]}, reason="leave")
+    transition(employment, "working")
+    history = get_encounter_history(employment)
+    orm = list(EncounterTransition.objects.filter(encounter=employment).order_by("sequence"))
+    assert len(history) == len(orm) == 3
+    for ours, theirs in zip(history, orm, strict=True):
+        for f in EncounterTransition._meta.concrete_fields:
+            mine, expected = getattr(ours, f.attname), getattr(theirs, f.attname)
+            assert (mine, type(mine)) == (expected, type(expected)), f.name
+        assert ours.effective_at.tzinfo is UTC
+        assert ours.encounter is employment
+    assert history[0].effective_at == whole_second
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "12345678123456781234567812345678",
+        "ABCDEF78123456781234567812345678",
+        "a_bcdef8123456781234567812345678",
+        " 2345678123456781234567812345678",
+        "-2345678123456781234567812345678",
+        "{2345678123456781234567812345678",
+        "12345678-1234-5678-1234-567812345678",
+        "not a uuid",
+        "g2345678123456781234567812345678",
+    ],
+)
+def test_a_stored_uuid_converts_as_djangos_converter_does(raw):
+    from django_encounters.store.converters import column_converter
+
+    target = connections["default"]
+    field = EncounterTransition._meta.get_field("encounter")
+    convert = column_converter(target, field)
+    if target.vendor != "sqlite":
+        pytest.skip("PostgreSQL's driver returns UUID objects")
+    expression = field.get_col(EncounterTransition._meta.db_table)
+    steps = target.ops.get_db_converters(expression) + expression.get_db_converters(target)
+
+    def django(value):
+        for step in steps:
+            value = step(value, expression, target)
+        return value
+
+    for _ in range(2):  # the second time from the converter's memory of the last value
+        try:
+            expected = django(raw)
+        except ValueError:
+            with pytest.raises(ValueError):
+                convert(raw)
+        else:
+            assert convert(raw) == expected
+            assert type(convert(raw)) is uuid.UUID

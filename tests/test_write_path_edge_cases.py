@@ -140,6 +140,27 @@ def test_a_receiver_cannot_alter_the_decided_row(encounter: Any) -> None:
     assert EncounterTransition.objects.filter(encounter=encounter).count() == 0
 
 
+@pytest.mark.parametrize("sender", [None, "EncounterTransition"])
+def test_a_pre_save_receiver_cannot_alter_the_decided_row(encounter: Any, sender: Any) -> None:
+    """The same for ``pre_save`` (``transition()`` sends it as ``save()`` would), connected
+    for every model or for the row's model only."""
+    from django.db.models.signals import pre_save
+
+    def meddle(instance, **kwargs):
+        if isinstance(instance, EncounterTransition):
+            instance.to_state = "cancelled"
+
+    model = EncounterTransition if sender else None
+    pre_save.connect(meddle, sender=model)
+    try:
+        with pytest.raises(EncounterError, match="changed by a signal receiver"):
+            transition(encounter, "checked_in", reason="original")
+    finally:
+        pre_save.disconnect(meddle, sender=model)
+    assert EncounterTransition.objects.filter(encounter=encounter).count() == 0
+    assert transition(encounter, "checked_in").to_state == "checked_in"  # none left connected
+
+
 def test_deeply_nested_context_is_a_type_error(encounter: Any) -> None:
     context: dict = {}
     node = context

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import uuid
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from django.db import models
@@ -87,12 +89,23 @@ class UUIDModel(models.Model):
             or post_init.has_listeners(cls)
         ):
             return super().from_db(db, field_names, values, **kwargs)
-        new = cls.__new__(cls)
-        new.__dict__.update(zip(names, values, strict=True))
-        state = new._state = ModelState()
-        state.adding = False
-        state.db = db
-        return new
+        return _plain_instance(cls, names, values, db)
+
+    @classmethod
+    def loader(cls, db: Any, field_names: Sequence[str]) -> Callable[[Sequence[Any]], Any]:
+        """``values -> cls.from_db(db, field_names, values)`` for many rows of the same columns,
+        with ``from_db``'s questions asked once (``field_names``: every concrete field's
+        attname, in order, for the fast way)."""
+        names = _plain_attnames(cls)
+        if (
+            getattr(cls.from_db, "__func__", None) is not _FROM_DB
+            or names is None
+            or tuple(field_names) != names
+            or pre_init.has_listeners(cls)
+            or post_init.has_listeners(cls)
+        ):
+            return partial(cls.from_db, db, field_names)
+        return partial(_plain_instance, cls, names, db=db)
 
 
 class SoftDeleteQuerySet(models.QuerySet):
@@ -160,3 +173,15 @@ class BaseModel(models.Model):
         """Undo a soft delete."""
         self.deleted_at = None
         self.save(update_fields=["deleted_at", "updated_at"])
+
+
+def _plain_instance(cls: Any, names: tuple[str, ...], values: Sequence[Any], db: Any) -> Any:
+    new = cls.__new__(cls)
+    new.__dict__.update(zip(names, values, strict=True))
+    state = new._state = ModelState()
+    state.adding = False
+    state.db = db
+    return new
+
+
+_FROM_DB = UUIDModel.from_db.__func__  # type: ignore[attr-defined]

@@ -194,7 +194,15 @@ def transition(
         )
 
         # 4.-6. Insert the row, update the projection, show it on the caller's instance.
-        _record(encounter, locked, timeline, record, rules, using)
+        _record(
+            encounter,
+            locked,
+            timeline,
+            record,
+            rules,
+            using,
+            seen_by_others=pre_transition.has_listeners(Encounter),
+        )
 
         # 7. post_transition once committed.
         db_transaction.on_commit(
@@ -250,13 +258,15 @@ def _record(
     record: EncounterTransition,
     rules: Any,
     using: str,
+    *,
+    seen_by_others: bool = True,
 ) -> None:
     """Insert the decided row (a sequence clash is a ``ConcurrentTransitionError``), update the
     projection columns that changed (and ``ended_at`` when the timeline ends in a final state
     under ``rules``; an upgrade, which keeps the state, passes None and leaves it alone),
     and show the whole new projection on the caller's instance (its copy may be older than the
     locked row), so that a later ``save()`` is harmless."""
-    store.insert_row(record, using, previous_hash=locked.head_hash)
+    store.insert_row(record, using, previous_hash=locked.head_hash, seen_by_others=seen_by_others)
     projection = store.projection_of(timeline)
     if (
         rules is not None

@@ -69,12 +69,49 @@ def _sqlite_utc_datetime(slow: Converter | None) -> Converter:
     return load_datetime
 
 
+def _uuid_field_class() -> type:
+    from django.db.models import UUIDField
+
+    return UUIDField
+
+
+def _sqlite_uuid(slow: Converter | None) -> Converter:
+    # SQLite stores a UUID as its 32 hex digits; Django's converter is ``uuid.UUID(value)``,
+    # which for 32 characters without braces or hyphens is ``UUID(int=int(value, 16))``. A
+    # column read row after row often repeats its value (a stream's encounter id): the last
+    # one is kept (a UUID is immutable).
+    # (One tuple, replaced whole: a connection may be shared between threads.)
+    last: list[tuple[Any, Any]] = [(None, None)]
+
+    def load_uuid(value: Any) -> Any:
+        if type(value) is str and len(value) == 32:
+            seen, converted = last[0]
+            if value == seen:
+                return converted
+            try:
+                result = UUID(int=int(value, 16))
+            except ValueError:
+                pass
+            else:
+                last[0] = (value, result)
+                return result
+        return slow(value) if slow is not None else value
+
+    return load_uuid
+
+
 def column_converter(connection: Any, field: Any) -> Converter | None:
     """The conversion of one selected column of ``field`` (None: the value is used as is)."""
     internal = field.get_internal_type()
     if internal == "JSONField" and field.decoder is None:
         return _load_json
     slow = _django_converter(connection, field)
+    if (
+        type(field.target_field if field.is_relation else field) is _uuid_field_class()
+        and connection.vendor == "sqlite"
+        and not hasattr(field, "from_db_value")
+    ):
+        return _sqlite_uuid(slow)
     if (
         internal == "DateTimeField"
         and connection.vendor == "sqlite"

@@ -24,7 +24,7 @@ _TIMES = ("effective_at", "transitioned_at")
 
 
 def _encounter_param(pk: Any, connection: Any) -> Any:
-    return field(transition_model(), "encounter").get_db_prep_value(pk, connection)
+    return statements(connection).row_adapters["encounter_id"](pk)
 
 
 def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) -> str | None:
@@ -33,14 +33,11 @@ def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) 
     None when there is no such row."""
     connection = connections[using]
     st = statements(connection)
-    model = transition_model()
-    params = {
-        PK: _encounter_param(encounter_pk, connection),
-        "at": field(model, "effective_at").get_db_prep_value(timestamp, connection),
-    }
+    adapt = st.row_adapters
+    params = {PK: adapt["encounter_id"](encounter_pk), "at": adapt["effective_at"](timestamp)}
     sql = st.state_at_sql
     if known_at is not None:
-        params["known_at"] = field(model, "transitioned_at").get_db_prep_value(known_at, connection)
+        params["known_at"] = adapt["transitioned_at"](known_at)
         sql = st.state_at_known_sql
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -57,11 +54,10 @@ def history(encounter: Any, using: str) -> list[Any]:
     with connection.cursor() as cursor:
         cursor.execute(st.history_sql, {PK: _encounter_param(encounter.pk, connection)})
         rows = cursor.fetchall()
+    load, converters = model.loader(using, st.history_attnames), st.history_converters
     result = []
     for row in rows:
-        instance = model.from_db(
-            using, st.history_attnames, convert_row(row, st.history_converters)
-        )
+        instance = load(convert_row(row, converters))
         relation.set_cached_value(instance, encounter)
         result.append(instance)
     return result

@@ -19,6 +19,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timezone
 from typing import Any
 
 from ..engine import TIMELINE_ORDER, StreamRow
@@ -57,6 +58,7 @@ class Statements:
     insert_fields: list[Any]
     insert_adapters: list[Adapter]  # each insert field's get_db_prep_save (converters.py)
     encounter_adapters: dict[str, Adapter]  # the same for the encounter's fields, by attname
+    row_adapters: dict[str, Adapter]  # the same for the transition's fields, by attname
     state_at_sql: str
     state_at_known_sql: str
     history_sql: str  # every column of an encounter's rows, in sequence order
@@ -185,6 +187,7 @@ def _build(connection: Any) -> Statements:
 
     table = qn(row_meta.db_table)
     insert_fields = list(row_meta.concrete_fields)
+    selected = _selected_column(connection)
     stream_fields = [row_meta.get_field(name) for name in ROW_COLUMNS]
     # "The last row of the timeline up to t": ordered by the engine's TIMELINE_ORDER.
     state_at_sql = (
@@ -218,16 +221,17 @@ def _build(connection: Any) -> Statements:
         encounter_adapters={
             f.attname: value_adapter(connection, f) for f in encounter._meta.concrete_fields
         },
+        row_adapters={f.attname: value_adapter(connection, f) for f in insert_fields},
         state_at_sql=state_at_sql + order,
         state_at_known_sql=state_at_sql + f" AND {col('transitioned_at')} <= %(known_at)s" + order,
         history_sql=(
-            f"SELECT {', '.join(qn(f.column) for f in insert_fields)} {of_encounter} "
+            f"SELECT {', '.join(selected(f) for f in insert_fields)} {of_encounter} "
             f"ORDER BY {col('sequence')}"
         ),
         history_attnames=[f.attname for f in insert_fields],
         history_converters=column_converters(connection, insert_fields),
         stream_sql=(
-            f"SELECT {', '.join(qn(f.column) for f in stream_fields)} {of_encounter} "
+            f"SELECT {', '.join(selected(f) for f in stream_fields)} {of_encounter} "
             f"ORDER BY {col('sequence')}"
         ),
         stream_row=row_builder(StreamRow, stream_converters),
@@ -236,6 +240,24 @@ def _build(connection: Any) -> Statements:
         count_rows_sql=f"SELECT COUNT(*) {of_encounter}",
         projections_sql=_projections_sql(connection),
     )
+
+
+def _selected_column(connection: Any) -> Any:
+    """``field -> what a SELECT of its column says``: the quoted column, except for a
+    ``DateTimeField`` on SQLite with UTC times, which is selected as text. SQLite stores those
+    as UTC text; selected as the column, the driver parses each into a naive datetime (its
+    declared-type converter) before the ORM's converter makes it aware; an expression has no
+    declared type, and the column's converter (``converters._sqlite_utc_datetime``) parses the
+    text once, aware: the same values."""
+    qn = connection.ops.quote_name
+    as_text = connection.vendor == "sqlite" and connection.timezone is timezone.utc
+
+    def selected(f: Any) -> str:
+        if as_text and f.get_internal_type() == "DateTimeField":
+            return f"CAST({qn(f.column)} AS TEXT)"
+        return str(qn(f.column))
+
+    return selected
 
 
 def _update_sql(st: Statements, columns: Sequence[str], guarded: bool) -> str:

@@ -129,19 +129,26 @@ def prove_projection(locked: Any, head: LogHead) -> None:
         raise ProjectionDriftError(locked.pk, locked.version, detail="; ".join(found))
 
 
-def insert_row(record: Any, using: str, *, previous_hash: str | None = None) -> None:
+def insert_row(
+    record: Any, using: str, *, previous_hash: str | None = None, seen_by_others: bool = True
+) -> None:
     """INSERT one new transition row; ``pre_save``/``post_save`` are sent as ``save()`` would.
 
     With ``previous_hash``, the row was decided and hashed before the signals ran: a receiver
     that changed its content is refused (``EncounterError``) rather than store a row its hash
-    does not cover. A clash on ``(encounter, sequence)`` raises ``ConcurrentTransitionError``.
+    does not cover. The hash is computed again to find out only when some code outside the
+    package could have changed the record: a ``pre_save`` receiver, or (``seen_by_others``,
+    the caller knows) one of its own signals' receivers. A clash on ``(encounter, sequence)``
+    raises ``ConcurrentTransitionError``.
     """
     connection = connections[using]
     st = statements(connection)
     model = type(record)
     signals.pre_save.send(sender=model, instance=record, raw=False, using=using, update_fields=None)
-    if previous_hash is not None and (
-        row_hash(record.encounter_id, row_of_record(record), previous_hash) != record.hash
+    if (
+        previous_hash is not None
+        and (seen_by_others or signals.pre_save.has_listeners(model))
+        and row_hash(record.encounter_id, row_of_record(record), previous_hash) != record.hash
     ):
         raise EncounterError(
             f"Transition {record.sequence} of encounter {record.encounter_id} was changed by a "
@@ -183,7 +190,10 @@ def update_projection(
     ``ProjectionDriftError`` is raised instead.
     """
     connection = connections[using]
-    changes = {name: value for name, value in values.items() if getattr(locked, name) != value}
+    # The locked instance is the store's own (no pending projection on it): its __dict__ is read
+    # directly, not through the projection columns' descriptors.
+    stored = locked.__dict__
+    changes = {name: value for name, value in values.items() if stored[name] != value}
     if not changes:
         return
     guarded = after_sequence > 0
