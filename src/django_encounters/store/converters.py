@@ -184,8 +184,8 @@ _PG_LOADER: Any = False
 def speed_up_cursor(connection: Any, cursor: Any) -> None:
     """On psycopg 3, give ``cursor`` the C ``timestamptz`` loader (same values as Django's)."""
     global _PG_LOADER
-    if connection.vendor != "postgresql":
-        return
+    if connection.vendor != "postgresql" or connection.timezone is not _UTC:
+        return  # (Django's loader gives naive or other-zone times then)
     adapters = getattr(getattr(cursor, "cursor", None), "adapters", None)
     if adapters is None:  # psycopg2
         return

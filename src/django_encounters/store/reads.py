@@ -52,6 +52,7 @@ def history(encounter: Any, using: str) -> list[Any]:
     model = transition_model()
     relation = field(model, "encounter")
     with connection.cursor() as cursor:
+        speed_up_cursor(connection, cursor)
         cursor.execute(st.history_sql, {PK: _encounter_param(encounter.pk, connection)})
         rows = cursor.fetchall()
     load, converters = model.loader(using, st.history_attnames), st.history_converters
@@ -68,6 +69,7 @@ def load_stream(encounter_pk: Any, using: str) -> list[StreamRow]:
     connection = connections[using]
     st = statements(connection)
     with connection.cursor() as cursor:
+        speed_up_cursor(connection, cursor)
         cursor.execute(st.stream_sql, {PK: _encounter_param(encounter_pk, connection)})
         return [st.stream_row(row) for row in cursor.fetchall()]
 

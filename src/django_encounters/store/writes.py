@@ -22,7 +22,7 @@ from ..engine import (
     row_hash,
     stored_precision,
 )
-from .converters import convert_row
+from .converters import convert_row, speed_up_cursor
 from .mapping import row_of_record
 from .reads import count_rows, load_timeline
 from .schema import encounter_model, projection_of
@@ -74,6 +74,7 @@ def _read_locked(
     connection: Any, st: Any, sql: str, params: dict[str, Any], using: str
 ) -> tuple[Any, LogHead]:
     with connection.cursor() as cursor:
+        speed_up_cursor(connection, cursor)
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is None:
