@@ -83,7 +83,7 @@ class Migration(migrations.Migration):
                 ('metadata', models.JSONField(blank=True, default=dict)),
                 ('assigned_to', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='encounters_assigned', to=settings.AUTH_USER_MODEL)),
                 ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='encounters_created', to=settings.AUTH_USER_MODEL)),
-                ('subject_content_type', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='contenttypes.contenttype')),
+                ('subject_content_type', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='contenttypes.contenttype')),
                 ('definition', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='encounters', to='django_encounters.encounterdefinition')),
             ],
             options={
@@ -104,7 +104,7 @@ class Migration(migrations.Migration):
                 ('validators', models.JSONField(default=list, help_text='List of validator class paths')),
                 ('number', models.PositiveIntegerField()),
                 ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('definition', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='versions', to='django_encounters.encounterdefinition')),
+                ('definition', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.PROTECT, related_name='versions', to='django_encounters.encounterdefinition')),
             ],
             options={
                 'verbose_name': 'encounter definition version',
@@ -125,7 +125,7 @@ class Migration(migrations.Migration):
                 ('metadata', models.JSONField(blank=True, default=dict)),
                 ('definition_version', models.PositiveIntegerField(default=0, editable=False)),
                 ('hash', models.CharField(default='', editable=False, max_length=100)),
-                ('encounter', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='transitions', to='django_encounters.encounter')),
+                ('encounter', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.PROTECT, related_name='transitions', to='django_encounters.encounter')),
                 ('transitioned_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='transitions_made', to=settings.AUTH_USER_MODEL)),
             ],
             options={
