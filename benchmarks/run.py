@@ -31,6 +31,10 @@ Sizes (flags or environment): ``--transitions`` (BENCH_TRANSITIONS, default 2000
 rebuild), ``--rows-per-encounter`` (BENCH_ROWS_PER_ENCOUNTER, 5), ``--small-encounters``
 (BENCH_SMALL_ENCOUNTERS, 20000: the first memory point). ``--quick`` divides them.
 
+SQLite's per-call figures run with ``synchronous=NORMAL`` and ``transition()`` once more under
+the default ``FULL``; ``BENCH_PG_PREPARED=1`` makes PostgreSQL's connection use server-side
+binding with prepared statements (``docs/guides/databases.md``), the floor's cursor included.
+
 ``--only export`` generates the data and measures the export alone (no rebuild, no per-call
 figures). Output: a table on stdout; ``--json PATH`` writes the raw results;
 ``--update-readme`` rewrites the results section of ``benchmarks/README.md``.
@@ -131,6 +135,13 @@ def database_for(backend: str, sqlite_path: str | None = None, pg_name: str | No
         }
     return {
         "ENGINE": "django.db.backends.postgresql",
+        # BENCH_PG_PREPARED=1: server-side binding with every statement prepared from its first
+        # execution (docs/guides/databases.md); the floor's cursor then prepares too.
+        "OPTIONS": (
+            {"server_side_binding": True, "prepare_threshold": 1}
+            if os.environ.get("BENCH_PG_PREPARED") == "1"
+            else {}
+        ),
         "NAME": pg_name or os.environ.get("PGDATABASE", "postgres"),
         "USER": os.environ.get("PGUSER", "postgres"),
         "PASSWORD": os.environ.get("PGPASSWORD", ""),
