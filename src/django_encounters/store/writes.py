@@ -29,6 +29,7 @@ from .schema import encounter_model, projection_of
 from .statements import PK, projection_write_fields, statements
 
 SEQUENCE_CONSTRAINT = "encounters_transition_unique_sequence"
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -192,9 +193,10 @@ def update_projection(
     """
     connection = connections[using]
     # The locked instance is the store's own (no pending projection on it): its __dict__ is read
-    # directly, not through the projection columns' descriptors.
+    # directly, not through the projection columns' descriptors (a column it lacks counts as
+    # changed).
     stored = locked.__dict__
-    changes = {name: value for name, value in values.items() if stored[name] != value}
+    changes = {name: value for name, value in values.items() if stored.get(name, _ABSENT) != value}
     if not changes:
         return
     guarded = after_sequence > 0
