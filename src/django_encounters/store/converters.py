@@ -261,7 +261,8 @@ def _shortcut(connection: Any, field: Any) -> tuple[type | None, Adapter]:  # no
 
     if kind is models.UUIDField:
         return UUID, (_as_is if connection.features.has_native_uuid_field else _uuid_hex)
-    if kind is models.DateTimeField and not (field.auto_now or field.auto_now_add):
+    # (auto_now and auto_now_add act in pre_save, which the adapter does not replace.)
+    if kind is models.DateTimeField:
         if vendor == "postgresql":
             return datetime, _aware_as_is
         if connection.timezone is _UTC:  # USE_TZ, no per-database TIME_ZONE
