@@ -939,7 +939,12 @@ def _server_version(connection: Any) -> str:
         )
     with connection.cursor() as cursor:
         cursor.execute("SHOW server_version")
-        version = f"PostgreSQL {cursor.fetchone()[0]}"
+        binding = (
+            "server-side binding, prepared statements"
+            if connection.settings_dict.get("OPTIONS", {}).get("server_side_binding")
+            else "Django's default client-side binding"
+        )
+        version = f"PostgreSQL {cursor.fetchone()[0]} ({binding})"
         cursor.execute("SELECT extversion FROM pg_extension WHERE extname = 'citus'")
         citus = cursor.fetchone()
         if citus is None:
