@@ -48,7 +48,15 @@ def run(coroutine_function: Any, *args: Any) -> Any:
 def test_the_async_api_gives_what_the_sync_api_gives(visit_definition, patient, user):
     async def visit() -> tuple[Any, ...]:
         encounter = await acreate_encounter(visit_definition, patient, created_by=user)
-        first = await atransition(encounter, "checked_in", user, reason="arrived")
+        # Dated a minute back: two changes within one millisecond share their business time,
+        # and the state at it is the later one's.
+        first = await atransition(
+            encounter,
+            "checked_in",
+            user,
+            reason="arrived",
+            effective_at=timezone.now() - timedelta(minutes=1),
+        )
         second = await atransition(encounter, "in_progress", context={"room": 4})
         history = await aget_encounter_history(encounter)
         state_before = await aget_state_at(encounter, first.effective_at - timedelta(seconds=1))
