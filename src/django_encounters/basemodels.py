@@ -77,9 +77,9 @@ class UUIDModel(models.Model):
         """``Model.from_db``, without ``Model.__init__``'s per-field loop when nothing could tell
         the difference: a full row (no deferred field), no ``pre_init``/``post_init`` receiver
         for the model, plain field descriptors (``_plain_attnames``) and no other argument
-        (Django 6's ``fetch_mode``). The instance is then
-        the one ``Model.from_db`` builds — the same ``__dict__`` and ``_state`` — at a fraction
-        of the cost (history and the write path's lock build several per call)."""
+        (Django 6's ``fetch_mode``). The instance is then the one ``Model.from_db`` builds —
+        the same ``__dict__`` and ``_state`` — at a fraction of the cost (history and the write
+        path's lock build several per call)."""
         names = _plain_attnames(cls)
         if (
             kwargs  # Django 6's fetch_mode, or anything newer: the ORM's way
