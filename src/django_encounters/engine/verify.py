@@ -127,7 +127,7 @@ def verify_stream(
     # Once per stream, not per row: the hasher (the encounter's part of the payload
     # formatted), the event class, the rules of the version last seen.
     hash_row = stream_hasher(encounter_id) if check_hashes else None
-    event_of = EncounterTimeline.event
+    event_of = EncounterTimeline.events(encounter_id)
     rules_version, rules_then = -1, None
     for row in rows if known_at is None else known_prefix(rows, known_at):
         found: list[tuple[str, str]] | None = None
@@ -169,7 +169,7 @@ def verify_stream(
             if placed:
                 found = found or []
                 found.extend(placed)
-        event = event_of(encounter_id, row)
+        event = event_of(row)
         try:
             event.mutate(timeline)
         except OriginatorVersionError:
