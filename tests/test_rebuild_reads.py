@@ -5,13 +5,16 @@ the timeline's per-stream event builder."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import timezone as dt_timezone
 
 import pytest
 from django.db import transaction
+from eventsourcing.utils import get_topic
 
 from django_encounters import store
-from django_encounters.engine import EncounterTimeline, StreamRow
+from django_encounters.engine import EncounterTimeline, StreamRow, genesis_hash, row_hash
+from django_encounters.engine.hashing import stream_hashes
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.projections.rebuild import _ENCOUNTER_COLUMNS
 from django_encounters.services import create_encounter, transition
@@ -75,3 +78,33 @@ def test_events_builds_the_librarys_event_and_checks_the_id_once(encounters):
         1, "a", "b", stream[0].effective_at, stream[0].transitioned_at, None, "", {}, 1, ""
     )
     assert EncounterTimeline.events(uuid.uuid4())(row).originator_version == 1
+
+
+def test_open_is_the_librarys_opened_event(encounters):
+    encounter = encounters[0]
+    genesis = encounter.genesis()
+    fast = EncounterTimeline.open(genesis, encounter.genesis_hash)
+    generic = EncounterTimeline.Opened(  # type: ignore[call-arg]
+        originator_topic=get_topic(EncounterTimeline),
+        originator_id=genesis.encounter_id,
+        originator_version=0,
+        timestamp=genesis.created_at,
+        origin_state=genesis.origin_state,
+        definition_version=genesis.definition_version,
+        genesis_hash=encounter.genesis_hash,
+    ).mutate(None)
+    assert type(fast) is type(generic)
+    assert fast.__dict__ == generic.__dict__
+    with pytest.raises(TypeError, match="non-UUID"):
+        EncounterTimeline.open(replace(genesis, encounter_id=str(genesis.encounter_id)), "")
+
+
+def test_stream_hashes_are_genesis_hash_and_row_hash(encounters):
+    encounter = encounters[0]
+    genesis = encounter.genesis()
+    computed, hash_row = stream_hashes(genesis)
+    assert computed == genesis_hash(genesis) == encounter.genesis_hash
+    previous = computed
+    for row in store.load_stream(encounter.pk, "default"):
+        assert hash_row(row, previous) == row_hash(encounter.pk, row, previous) == row.hash
+        previous = row.hash

@@ -133,9 +133,16 @@ class EncounterTimeline(Aggregate):
     def open(cls, genesis: Genesis, genesis_hash: str) -> EncounterTimeline:
         """A fresh timeline (version 0) for an encounter created with ``genesis``, its chain
         starting at ``genesis_hash``."""
-        opened = cls.Opened(  # type: ignore[call-arg]
+        # The same event as ``cls.Opened(originator_topic=…, originator_id=…, …)``, built like
+        # :meth:`event` without the frozen dataclass's ``__init__`` (a rebuild opens one
+        # timeline per encounter), its one check (a UUID id) kept.
+        encounter_id = genesis.encounter_id
+        if not isinstance(encounter_id, UUID):
+            raise TypeError(f"{cls.Opened} was given a non-UUID id: {encounter_id!r}")
+        opened = _new_event(cls.Opened)
+        opened.__dict__.update(
             originator_topic=_TOPIC,
-            originator_id=genesis.encounter_id,
+            originator_id=encounter_id,
             originator_version=cls.INITIAL_VERSION,
             timestamp=genesis.created_at,
             origin_state=genesis.origin_state,

@@ -139,9 +139,16 @@ def iter_streams(transitions: QuerySet) -> Iterator[tuple[UUID, list[StreamRow]]
         texts = {f"{name}__text": Cast(name, TextField()) for name in _TIMES}
         transitions = transitions.annotate(**texts)
         columns = [f"{name}__text" if name in _TIMES else name for name in columns]
-    query = transitions.order_by("encounter_id", "sequence").values_list("encounter_id", *columns)
     st = statements(connection)
     build, convert_key = st.keyed_stream_row, st.encounter_key
+    key = "encounter_id"
+    if connection.vendor == "postgresql" and django.VERSION >= (5, 2):
+        # The driver makes a UUID of every row's encounter id (a Python constructor per row);
+        # selected as text, the rows are grouped by the text and one UUID is made per stream
+        # (psycopg's loader makes the same UUID from the same text).
+        transitions = transitions.annotate(encounter_id__text=Cast("encounter_id", TextField()))
+        key, convert_key = "encounter_id__text", UUID
+    query = transitions.order_by("encounter_id", "sequence").values_list(key, *columns)
     sql, params = query.query.get_compiler(transitions.db).as_sql()
     # A server-side cursor where the database has one, unless the settings rule them out
     # (transaction-pooling PgBouncer), exactly as QuerySet.iterator() decides.
