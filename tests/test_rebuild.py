@@ -21,7 +21,7 @@ import django
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -330,6 +330,31 @@ def test_results_do_not_depend_on_batch_size(visit_definition, patient, batch_si
     assert result.projections_fixed == 7
     for encounter in encounters:
         assert projection(encounter.pk) == replayed(encounter.pk)
+
+
+@pytest.mark.parametrize("text", ["plain", 'a,b {c} "d" \\e', "it's NULL", "ünï cödé", "", "NULL"])
+def test_batch_write_stores_the_values_it_is_given(visit_definition, patient, text):
+    """The rebuild's batch write (values prepared directly on SQLite, array literals on
+    PostgreSQL) stores exactly what the ORM would: any text, times in any zone, with and
+    without microseconds, and NULL."""
+    first, second = (create_encounter(visit_definition, patient) for _ in range(2))
+    utc = dt_timezone.utc
+    fixes = [
+        (first.pk, text, 7, datetime(2020, 1, 2, 3, 4, 5, tzinfo=utc), text, 1, t(3, 4)),
+        (
+            second.pk,
+            "NULL",
+            0,
+            None,
+            'v2:"' + text,
+            2,
+            datetime(2021, 5, 6, 7, 8, 9, 123456, tzinfo=utc),
+        ),
+    ]
+    with transaction.atomic():
+        store.write_projections("default", fixes, timezone.now())
+    for pk, *values in fixes:
+        assert projection(pk) == tuple(values)
 
 
 def test_streams_are_read_once_per_batch_not_per_encounter(visit_definition, patient):

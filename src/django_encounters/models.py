@@ -192,20 +192,28 @@ GENESIS_FACTS = (
 )
 
 
-def genesis_from(values: Any, using: str) -> Genesis:
+def genesis_from(values: Any, using: str, *, subject_type: str | None = None) -> Genesis:
     """The :class:`Genesis` of ``GENESIS_FACTS`` values (the subject's type named by its
-    ``app_label.model``, which a restored database keeps, not by its content-type id)."""
+    ``app_label.model``, which a restored database keeps, not by its content-type id;
+    ``subject_type``: that name when the caller already looked it up)."""
     pk, definition_id, version, content_type_id, subject_id, origin, created_at = values
-    subject_type = ContentType.objects.db_manager(using).get_for_id(content_type_id)
+    if subject_type is None:
+        subject_type = subject_type_name(content_type_id, using)
     return Genesis(
         encounter_id=pk,
         definition_id=definition_id,
         definition_version=version,
-        subject_type=f"{subject_type.app_label}.{subject_type.model}",
+        subject_type=subject_type,
         subject_id=str(subject_id),
         origin_state=origin,
         created_at=created_at,
     )
+
+
+def subject_type_name(content_type_id: Any, using: str) -> str:
+    """``app_label.model`` of a content type (through the content types' own cache)."""
+    found = ContentType.objects.db_manager(using).get_for_id(content_type_id)
+    return f"{found.app_label}.{found.model}"
 
 
 _PENDING = "_pending_projection"

@@ -22,7 +22,7 @@ event carries one row (:class:`StreamRow`), its ``originator_version`` being the
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -133,9 +133,16 @@ class EncounterTimeline(Aggregate):
     def open(cls, genesis: Genesis, genesis_hash: str) -> EncounterTimeline:
         """A fresh timeline (version 0) for an encounter created with ``genesis``, its chain
         starting at ``genesis_hash``."""
-        opened = cls.Opened(  # type: ignore[call-arg]
+        # The same event as ``cls.Opened(originator_topic=…, originator_id=…, …)``, built like
+        # :meth:`event` without the frozen dataclass's ``__init__`` (a rebuild opens one
+        # timeline per encounter), its one check (a UUID id) kept.
+        encounter_id = genesis.encounter_id
+        if not isinstance(encounter_id, UUID):
+            raise TypeError(f"{cls.Opened} was given a non-UUID id: {encounter_id!r}")
+        opened = _new_event(cls.Opened)
+        opened.__dict__.update(
             originator_topic=_TOPIC,
-            originator_id=genesis.encounter_id,
+            originator_id=encounter_id,
             originator_version=cls.INITIAL_VERSION,
             timestamp=genesis.created_at,
             origin_state=genesis.origin_state,
@@ -190,6 +197,25 @@ class EncounterTimeline(Aggregate):
         return event  # type: ignore[no-any-return]
 
     @classmethod
+    def events(cls, encounter_id: UUID) -> Callable[[StreamRow], EncounterTimeline.Transitioned]:
+        """``row -> event`` for the rows of one encounter: :meth:`event` with its id check
+        made once for the stream instead of once per row (the replay loops)."""
+        if not isinstance(encounter_id, UUID):
+            raise TypeError(f"{cls.Transitioned} was given a non-UUID id: {encounter_id!r}")
+        new, kind = _new_event, _TRANSITIONED
+
+        def event(row: StreamRow) -> EncounterTimeline.Transitioned:
+            built = new(kind)
+            fields = built.__dict__
+            fields["originator_id"] = encounter_id
+            fields["originator_version"] = row.sequence
+            fields["timestamp"] = row.transitioned_at
+            fields["row"] = row
+            return built  # type: ignore[no-any-return]
+
+        return event
+
+    @classmethod
     def replay(
         cls,
         genesis: Genesis,
@@ -201,9 +227,10 @@ class EncounterTimeline(Aggregate):
         """Fold a stream (in sequence order), or with ``known_at`` the rows recorded by then.
         Raises ``StreamGapError`` on a gap."""
         timeline = cls.open(genesis, genesis_hash)
+        event = cls.events(genesis.encounter_id)
         try:
             for row in known_prefix(rows, known_at):  # a plain fold: no Protocol isinstance
-                cls.event(genesis.encounter_id, row).mutate(timeline)
+                event(row).mutate(timeline)
         except OriginatorVersionError as exc:
             raise StreamGapError(genesis.encounter_id, str(exc)) from exc
         return timeline

@@ -10,7 +10,7 @@ from uuid import UUID
 
 from eventsourcing.domain import OriginatorVersionError
 
-from .hashing import HASH_FORMAT, genesis_hash, hash_format, stream_hasher
+from .hashing import HASH_FORMAT, hash_format, stream_hashes
 from .rows import Genesis, StreamRow
 from .rules import Rules
 from .timeline import EncounterTimeline, Entry, follows, known_prefix
@@ -114,20 +114,22 @@ def verify_stream(
     result = Replay(timeline, hashes={0: stored_genesis_hash})
     encounter_id = genesis.encounter_id
     anomalies, backdated, hashes = result.anomalies, result.backdated, result.hashes
-    if check_hashes and genesis_hash(genesis) != stored_genesis_hash:
-        anomalies.append(
-            Anomaly(
-                encounter_id,
-                0,
-                "genesis",
-                "the creation facts (definition and version, subject, origin state, created_at) "
-                "do not hash to the stored genesis hash",
+    hash_row = None
+    if check_hashes:
+        # Once per stream, not per row: the hasher (the encounter's part of the payload
+        # formatted), the event builder, the rules of the version last seen.
+        computed_genesis, hash_row = stream_hashes(genesis)
+        if computed_genesis != stored_genesis_hash:
+            anomalies.append(
+                Anomaly(
+                    encounter_id,
+                    0,
+                    "genesis",
+                    "the creation facts (definition and version, subject, origin state, "
+                    "created_at) do not hash to the stored genesis hash",
+                )
             )
-        )
-    # Once per stream, not per row: the hasher (the encounter's part of the payload
-    # formatted), the event class, the rules of the version last seen.
-    hash_row = stream_hasher(encounter_id) if check_hashes else None
-    event_of = EncounterTimeline.event
+    event_of = EncounterTimeline.events(encounter_id)
     rules_version, rules_then = -1, None
     for row in rows if known_at is None else known_prefix(rows, known_at):
         found: list[tuple[str, str]] | None = None
@@ -169,7 +171,7 @@ def verify_stream(
             if placed:
                 found = found or []
                 found.extend(placed)
-        event = event_of(encounter_id, row)
+        event = event_of(row)
         try:
             event.mutate(timeline)
         except OriginatorVersionError:

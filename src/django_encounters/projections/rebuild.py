@@ -253,6 +253,7 @@ def rebuild_range(
 
     page = selected.order_by("pk").values_list(*_ENCOUNTER_COLUMNS)
     sharded = distribution.is_sharded(connections[using])
+    subject_types: dict[Any, str] = {}
     last: Any = after
     while True:
         with transaction.atomic(using=using):
@@ -261,7 +262,9 @@ def rebuild_range(
             if not batch:
                 break
             last = batch[-1][0]
-            fixes = _replay_batch(batch, transitions, rules, result, max_reported, using)
+            fixes = _replay_batch(
+                batch, transitions, rules, result, max_reported, using, subject_types
+            )
             if fixes and not check:
                 store.write_projections(using, fixes, timezone.now())
                 result.projections_fixed += len(fixes)
@@ -280,7 +283,7 @@ def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -
     span shards, the batch's ids are read, locked by one statement per shard (one pipeline),
     and the batch is read again under the locks."""
     if not sharded:
-        return list(query.select_for_update()[:batch_size])
+        return store.values_rows(query.select_for_update()[:batch_size])
     pks = list(query.values_list("pk", flat=True)[:batch_size])
     if not pks:
         return []
@@ -289,7 +292,7 @@ def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -
     # ones: an encounter created in the range since the ids were read is left out, as the
     # one-statement lock leaves out what is created after it ran.
     locked = set(pks)
-    return [row for row in query.filter(pk__lte=pks[-1]) if row[0] in locked]
+    return [row for row in store.values_rows(query.filter(pk__lte=pks[-1])) if row[0] in locked]
 
 
 def _replay_batch(
@@ -299,6 +302,7 @@ def _replay_batch(
     result: RebuildResult,
     max_reported: int,
     using: str,
+    subject_types: dict[Any, str],
 ) -> list[tuple]:
     """Fold the streams of one locked batch; returns ``(pk, *replayed projection)`` for every
     encounter whose stored projection differs and can be derived from the log. A projection
@@ -311,7 +315,9 @@ def _replay_batch(
     seen: set[Any] = set()
 
     def fold(encounter: tuple, stream: list[StreamRow]) -> None:
-        genesis, stored_genesis = genesis_of(encounter[: len(GENESIS_COLUMNS)], using)
+        genesis, stored_genesis = genesis_of(
+            encounter[: len(GENESIS_COLUMNS)], using, subject_types
+        )
         pk, stored = genesis.encounter_id, encounter[len(GENESIS_COLUMNS) :]
         replay = verify_stream(
             genesis, stored_genesis, stream, rules.rules_of(genesis.definition_id)

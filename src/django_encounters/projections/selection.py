@@ -20,6 +20,7 @@ from ..models import (
     EncounterDefinitionVersion,
     EncounterTransition,
     genesis_from,
+    subject_type_name,
 )
 
 
@@ -114,11 +115,22 @@ class RulesCache:
 
 #: The encounter columns :func:`genesis_of` reads, in its order.
 GENESIS_COLUMNS = (*GENESIS_FACTS, "genesis_hash")
+_CONTENT_TYPE = GENESIS_FACTS.index("subject_content_type_id")
 
 
-def genesis_of(values: Sequence[Any], using: str) -> tuple[Genesis, str]:
-    """``(Genesis, stored genesis hash)`` from ``GENESIS_COLUMNS`` values."""
-    return genesis_from(values[:-1], using), values[-1]
+def genesis_of(
+    values: Sequence[Any], using: str, subject_types: dict[Any, str] | None = None
+) -> tuple[Genesis, str]:
+    """``(Genesis, stored genesis hash)`` from ``GENESIS_COLUMNS`` values; ``subject_types``
+    (content type id -> ``app_label.model``, filled as it goes) spares a long run the content
+    types' manager per encounter."""
+    if subject_types is None:
+        return genesis_from(values[:-1], using), values[-1]
+    content_type_id = values[_CONTENT_TYPE]
+    name = subject_types.get(content_type_id)
+    if name is None:
+        name = subject_types[content_type_id] = subject_type_name(content_type_id, using)
+    return genesis_from(values[:-1], using, subject_type=name), values[-1]
 
 
 def select(

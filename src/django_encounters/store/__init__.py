@@ -3,7 +3,15 @@ converters and the translation of database errors. Statements are built once per
 (:mod:`.statements`); nothing here decides anything — that is the engine's job."""
 
 from .mapping import record_from_row, row_of_record
-from .reads import count_rows, history, iter_streams, last_state_at, load_stream, load_timeline
+from .reads import (
+    count_rows,
+    history,
+    iter_streams,
+    last_state_at,
+    load_stream,
+    load_timeline,
+    values_rows,
+)
 from .schema import PROJECTION_FIELDS, projection_of, projection_values, snapshot_state
 from .writes import (
     append_record,
@@ -31,6 +39,7 @@ __all__ = [
     "row_of_record",
     "snapshot_state",
     "update_projection",
+    "values_rows",
     "write_projections",
     "writer_errors",
 ]

@@ -13,7 +13,7 @@ from django.db.models import QuerySet, TextField
 from django.db.models.functions import Cast
 
 from ..engine import EncounterTimeline, StreamRow
-from .converters import convert_row, speed_up_cursor
+from .converters import column_converters, convert_row, row_builder, speed_up_cursor
 from .schema import ROW_COLUMNS, field, transition_model
 from .statements import PK, statements
 
@@ -94,6 +94,27 @@ def count_rows(encounter_pk: Any, using: str) -> int:
         return int(cursor.fetchone()[0])
 
 
+def values_rows(query: QuerySet) -> list[tuple]:
+    """``list(query)`` of a ``values_list()`` queryset of model fields (no expressions): the
+    same statement (its filters, slice and ``select_for_update()``), the same values, each
+    column converted by the store's converters (:mod:`.converters`) in one generated call per
+    row instead of the ORM's converter loop; one query."""
+    using = query.db
+    connection = connections[using]
+    compiler = query.query.get_compiler(using)
+    sql, params = compiler.as_sql()
+    fields = [expression.target for expression, _, _ in compiler.select]
+    build = row_builder(_as_tuple, column_converters(connection, fields))
+    with connection.cursor() as cursor:
+        speed_up_cursor(connection, cursor)
+        cursor.execute(sql, params)
+        return [build(values) for values in cursor.fetchall()]
+
+
+def _as_tuple(*values: Any) -> tuple:
+    return values
+
+
 def iter_streams(transitions: QuerySet) -> Iterator[tuple[UUID, list[StreamRow]]]:
     """``(encounter_id, rows in sequence order)`` for every encounter with rows in
     ``transitions`` (an ``EncounterTransition`` queryset), streamed in encounter-id order with
@@ -116,10 +137,17 @@ def iter_streams(transitions: QuerySet) -> Iterator[tuple[UUID, list[StreamRow]]
         texts = {f"{name}__text": Cast(name, TextField()) for name in _TIMES}
         transitions = transitions.annotate(**texts)
         columns = [f"{name}__text" if name in _TIMES else name for name in columns]
-    query = transitions.order_by("encounter_id", "sequence").values_list("encounter_id", *columns)
     st = statements(connection)
     build, convert_key = st.keyed_stream_row, st.encounter_key
-    sql, params = query.query.sql_with_params()
+    key = "encounter_id"
+    if connection.vendor == "postgresql" and django.VERSION >= (5, 2):
+        # The driver makes a UUID of every row's encounter id (a Python constructor per row);
+        # selected as text, the rows are grouped by the text and one UUID is made per stream
+        # (psycopg's loader makes the same UUID from the same text).
+        transitions = transitions.annotate(encounter_id__text=Cast("encounter_id", TextField()))
+        key, convert_key = "encounter_id__text", UUID
+    query = transitions.order_by("encounter_id", "sequence").values_list(key, *columns)
+    sql, params = query.query.get_compiler(transitions.db).as_sql()
     # A server-side cursor where the database has one, unless the settings rule them out
     # (transaction-pooling PgBouncer), exactly as QuerySet.iterator() decides.
     if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
