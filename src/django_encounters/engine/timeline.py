@@ -186,15 +186,7 @@ class EncounterTimeline(Aggregate):
         originator_version=row.sequence, timestamp=row.transitioned_at, row=row)``, built
         without the frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field and
         a ``__post_init__``: more than the rest of a row's fold), its one check kept."""
-        if not isinstance(encounter_id, UUID):
-            raise TypeError(f"{cls.Transitioned} was given a non-UUID id: {encounter_id!r}")
-        event = _new_event(_TRANSITIONED)
-        fields = event.__dict__
-        fields["originator_id"] = encounter_id
-        fields["originator_version"] = row.sequence
-        fields["timestamp"] = row.transitioned_at
-        fields["row"] = row
-        return event  # type: ignore[no-any-return]
+        return cls.events(encounter_id)(row)
 
     @classmethod
     def events(cls, encounter_id: UUID) -> Callable[[StreamRow], EncounterTimeline.Transitioned]:
