@@ -20,6 +20,8 @@ def require_aware(value: Any, name: str, *, optional: bool = False) -> None:
         return
     if not isinstance(value, datetime):
         raise TypeError(f"{name} must be a datetime, not {type(value).__name__} {value!r}")
+    if value.tzinfo is dt_timezone.utc:  # the usual case, aware and in UTC already
+        return
     if timezone.is_naive(value):
         raise ValueError(f"{name} must be timezone-aware, got naive datetime {value!r}")
     try:
