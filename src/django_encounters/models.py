@@ -760,7 +760,7 @@ class EncounterTransition(AppendOnlyModel):
 
     # No index of its own: the unique (encounter, sequence) and the timeline index lead with it.
     # A third one cost every INSERT its upkeep and every statement joining the table planning
-    # time (on PostgreSQL, a third of the write path's lock statement).
+    # time (on PostgreSQL about 100 of the lock statement's 570 µs per transition).
     encounter = models.ForeignKey(
         Encounter, on_delete=models.PROTECT, related_name="transitions", db_index=False
     )
