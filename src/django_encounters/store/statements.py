@@ -188,6 +188,8 @@ def _build(connection: Any) -> Statements:
     table = qn(row_meta.db_table)
     insert_fields = list(row_meta.concrete_fields)
     selected = _selected_column(connection)
+    # Each transition field's adapter, built once: by attname, and in INSERT order.
+    row_adapters = {f.attname: value_adapter(connection, f) for f in insert_fields}
     stream_fields = [row_meta.get_field(name) for name in ROW_COLUMNS]
     # "The last row of the timeline up to t": ordered by the engine's TIMELINE_ORDER.
     state_at_sql = (
@@ -217,11 +219,11 @@ def _build(connection: Any) -> Statements:
             f"VALUES ({', '.join(f'%({f.attname})s' for f in insert_fields)})"
         ),
         insert_fields=insert_fields,
-        insert_adapters=[value_adapter(connection, f) for f in insert_fields],
+        insert_adapters=[row_adapters[f.attname] for f in insert_fields],
         encounter_adapters={
             f.attname: value_adapter(connection, f) for f in encounter._meta.concrete_fields
         },
-        row_adapters={f.attname: value_adapter(connection, f) for f in insert_fields},
+        row_adapters=row_adapters,
         state_at_sql=state_at_sql + order,
         state_at_known_sql=state_at_sql + f" AND {col('transitioned_at')} <= %(known_at)s" + order,
         history_sql=(
