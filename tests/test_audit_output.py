@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import dataclasses
 import json
 import os
 import subprocess
@@ -210,7 +211,7 @@ def test_an_unknown_encounter_id_is_refused_before_anything_is_written(encounter
 
 @pytest.mark.django_db
 def test_output_file_is_replaced_only_by_a_complete_report(encounter, tmp_path, monkeypatch):
-    from django_encounters.management.commands import audit_encounters as command
+    from django_encounters.projections import output
 
     report = tmp_path / "audit.json"
     assert run_command("audit_encounters", "--format", "json", "--output", str(report))[0] == 0
@@ -224,7 +225,10 @@ def test_output_file_is_replaced_only_by_a_complete_report(encounter, tmp_path, 
         out.write('{\n  "encounters": [')
         raise RuntimeError("the database went away")
 
-    monkeypatch.setattr(command, "write_json", broken)
+    json_format = output.get_format("audit", "json")
+    monkeypatch.setitem(
+        output._REGISTRY, json_format.key, dataclasses.replace(json_format, write=broken)
+    )
     with pytest.raises(RuntimeError, match="went away"):
         call_command("audit_encounters", "--format", "json", "--output", str(report))
 

@@ -19,7 +19,8 @@ import pytest
 from django_encounters import store
 from django_encounters.engine import genesis_hash
 from django_encounters.models import Encounter, EncounterTransition
-from django_encounters.projections import checkpoints
+from django_encounters.projections.checkpoints import building as checkpoint_building
+from django_encounters.projections.checkpoints import reading as checkpoint_reading
 from django_encounters.projections.audit import audit_encounters, iter_audit
 from django_encounters.projections.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -217,7 +218,7 @@ def test_a_failure_midway_leaves_no_file(clinic, tmp_path, monkeypatch):
         yield CheckpointEntry(uuid4(), 0, "v2:" + "0" * 64), None
         raise RuntimeError("connection lost")
 
-    monkeypatch.setattr(checkpoints, "_heads", broken)
+    monkeypatch.setattr(checkpoint_building, "_heads", broken)
     with pytest.raises(RuntimeError, match="connection lost"):
         write_checkpoint(tmp_path / "cp.json")
     assert os.listdir(tmp_path) == []
@@ -606,7 +607,7 @@ def test_the_reader_streams_across_chunk_boundaries(checkpoint, monkeypatch):
     data = json.loads(checkpoint.read_text(encoding="utf-8"))
     expected = [(e["id"], e["version"], e["head_hash"]) for e in data["encounters"]]
     for chunk in (1, 2, 3, 7, 64):
-        monkeypatch.setattr(checkpoints._Reader, "CHUNK", chunk)
+        monkeypatch.setattr(checkpoint_reading._Reader, "CHUNK", chunk)
         description, entries = read_checkpoint(checkpoint)
         assert [(str(e.id), e.version, e.head_hash) for e in entries] == expected
         assert description.root == data["root"]
@@ -636,7 +637,7 @@ def test_a_large_checkpoint_is_verified_in_batches(tmp_path, encounter):
             indent=1,
         )
     )
-    assert path.stat().st_size > 3 * checkpoints._Reader.CHUNK
+    assert path.stat().st_size > 3 * checkpoint_reading._Reader.CHUNK
 
     check = verify_checkpoint(path, batch_size=250)
 

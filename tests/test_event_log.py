@@ -20,12 +20,14 @@ import pytest
 from django.utils import timezone
 
 from django_encounters.models import EncounterTransition
-from django_encounters.projections.diagrams import DefinitionNotFoundError
+from django_encounters.exceptions import (
+    DefinitionNotFoundError,
+    EventLogWriteError,
+    UnknownFormatError,
+)
 from django_encounters.projections.event_log import (
     CSV_COLUMNS,
     EventLogCounts,
-    EventLogWriteError,
-    UnknownFormatError,
     export_event_log,
     iter_traces,
     write_csv,

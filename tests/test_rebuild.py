@@ -829,14 +829,14 @@ FAILING_WORKER = textwrap.dedent(
     from django_encounters.projections import rebuild
 
     # Module level: a spawned worker re-runs this file (as __mp_main__), so the patch is theirs.
-    replay_batch = rebuild._replay_batch
+    compare = rebuild._compare
 
-    def failing_replay_batch(batch, *args):
-        if any(row[0].hex == os.environ["FAIL_ON"] for row in batch):
+    def failing_compare(batch, *args):
+        if any(verified.id.hex == os.environ["FAIL_ON"] for verified in batch):
             raise RuntimeError("boom in the worker of " + os.environ["FAIL_ON"])
-        return replay_batch(batch, *args)
+        return compare(batch, *args)
 
-    rebuild._replay_batch = failing_replay_batch
+    rebuild._compare = failing_compare
 
     if __name__ == "__main__":
         from django.core.management import execute_from_command_line

@@ -16,7 +16,7 @@ from django_encounters import store
 from django_encounters.engine import EncounterTimeline, StreamRow, genesis_hash, row_hash
 from django_encounters.engine.hashing import stream_hashes
 from django_encounters.models import Encounter, EncounterTransition
-from django_encounters.projections.rebuild import _ENCOUNTER_COLUMNS
+from django_encounters.projections.replay import ENCOUNTER_COLUMNS
 from django_encounters.services import create_encounter, transition
 from tests.helpers import IS_CITUS
 
@@ -33,7 +33,7 @@ def encounters(visit_definition, patient, user):
 
 
 def test_values_rows_is_the_querysets_values(encounters):
-    query = Encounter.all_objects.order_by("pk").values_list(*_ENCOUNTER_COLUMNS)
+    query = Encounter.all_objects.order_by("pk").values_list(*ENCOUNTER_COLUMNS)
     first = list(query[:1])
     with transaction.atomic():
         # Citus locks a distributed table's rows only with its distribution column's value

@@ -42,7 +42,7 @@ from .models import (
     EncounterDefinitionVersion,
     EncounterTransition,
 )
-from .projections.audit import iter_audit
+from .projections.audit import encounter_timeline as audited_timeline
 from .projections.diagrams import (
     GraphvizError,
     GraphvizNotFoundError,
@@ -50,6 +50,7 @@ from .projections.diagrams import (
     process_map,
     render,
 )
+from .projections.output import in_zone
 from .services import create_encounter, get_state_at, transition
 
 #: Times on the admin's timeline: to the second, with the time zone's name.
@@ -78,7 +79,7 @@ def local_time(value: datetime | None) -> str:
     """``value`` in the admin's time zone, to the second ("" for None)."""
     if value is None:
         return ""
-    return timezone.localtime(value).strftime(TIME_FORMAT)
+    return in_zone(value).strftime(TIME_FORMAT)
 
 
 def subject_html(
@@ -600,17 +601,10 @@ class TimelineRow:
 
 
 def encounter_timeline(encounter: Encounter) -> tuple[list[TimelineRow], list[str]]:
-    """The encounter's rows in business-time order (``effective_at``, then ``sequence``), with
-    the audit's backdated and overtaken marks and each row's context; and the anomalies the
-    audit finds in its stream (a damaged log is shown, never hidden)."""
-    audit = next(iter(iter_audit(encounters=[encounter.pk])), None)
-    if audit is None:
-        return [], []
-    contexts = dict(
-        EncounterTransition.objects.filter(encounter_id=encounter.pk).values_list(
-            "sequence", "metadata"
-        )
-    )
+    """The encounter's rows as the page shows them (:func:`~.projections.audit.
+    encounter_timeline`: business-time order, the audit's marks, each row's context) and the
+    anomalies the audit finds in its stream (a damaged log is shown, never hidden)."""
+    audit = audited_timeline(encounter)
     rows = [
         TimelineRow(
             sequence=row.sequence,
@@ -620,9 +614,7 @@ def encounter_timeline(encounter: Encounter) -> tuple[list[TimelineRow], list[st
             transitioned_at=local_time(row.transitioned_at),
             transitioned_by=row.transitioned_by or "",
             reason=row.reason,
-            context=json.dumps(contexts[row.sequence], sort_keys=True)
-            if contexts.get(row.sequence)
-            else "",
+            context=json.dumps(row.context, sort_keys=True) if row.context else "",
             backdated=row.backdated,
             overtaken=row.overtaken,
             overtaken_by=row.overtaken_by,

@@ -4,9 +4,11 @@ type raises ``TypeError``, a wrong value (a naive datetime, unsavable text) ``Va
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from datetime import timezone as dt_timezone
 from typing import Any
+from uuid import UUID
 
 from django.contrib.auth import get_user_model
 from django.db import models
@@ -72,6 +74,29 @@ def require_text(value: Any, name: str) -> None:
 def require_version(value: Any, name: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise TypeError(f"{name} must be an int, not {value!r}")
+
+
+def require_positive_int(value: Any, name: str) -> None:
+    """A positive ``int`` (a batch size, a number of jobs); ``bool`` is refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+
+
+def encounter_id(value: Any) -> UUID:
+    """An encounter id from a UUID or its text (any form ``uuid.UUID`` accepts, surrounding
+    whitespace ignored); ``ValueError`` naming the value otherwise."""
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value).strip())
+    except ValueError:
+        raise ValueError(f"not an encounter id (a UUID): {value!r}") from None
+
+
+def encounter_ids(values: Iterable[Any]) -> list[UUID]:
+    """:func:`encounter_id` of each value, in order; ``ValueError`` naming the first that is
+    not one."""
+    return [encounter_id(value) for value in values]
 
 
 def require_bool(value: Any, name: str) -> None:

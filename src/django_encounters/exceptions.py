@@ -1,8 +1,9 @@
-"""Every error raised on purpose by django-encounters is an ``EncounterError``.
+"""Every error raised on purpose by django-encounters is an ``EncounterError``, and every one
+of them is importable from here: this module is the list.
 
 The domain's errors live in :mod:`django_encounters.engine.errors` (no Django import) and are
-re-exported here; the two below also subclass a Django exception so that Django's own handling
-of those applies to them.
+re-exported here; the others are defined below (two of them also subclass a Django exception so
+that Django's own handling of those applies to them).
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ from .engine.errors import EncounterError
 
 __all__ = [
     *_engine_errors.__all__,
+    "AnomalyNotReportedError",
+    "CheckpointError",
+    "DefinitionNotFoundError",
+    "DefinitionVersionNotFoundError",
     "EncounterConfigurationError",
+    "EventLogError",
+    "EventLogWriteError",
+    "FhirStatusError",
+    "GraphvizError",
+    "GraphvizNotFoundError",
     "HardDeleteRefusedError",
+    "RebuildWorkerError",
+    "UnknownFormatError",
     "ValidatorConfigurationError",
 ]
 
@@ -61,3 +73,135 @@ class HardDeleteRefusedError(EncounterError, ProtectedError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Selections, reports and exports
+# ---------------------------------------------------------------------------------------------
+
+
+class DefinitionNotFoundError(EncounterError, LookupError):
+    """No encounter definition (soft-deleted ones included) has the code ``code``."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+        super().__init__(f"no encounter definition has the code {code!r}")
+
+
+class DefinitionVersionNotFoundError(EncounterError, LookupError):
+    """The definition ``code`` has no version ``version`` (``versions``: those it has)."""
+
+    def __init__(self, code: str, version: int, versions: list[int]) -> None:
+        self.code = code
+        self.version = version
+        self.versions = versions
+        known = f"{versions[0]}..{versions[-1]}" if versions else "none"
+        super().__init__(f"definition {code!r} has no version {version} (its versions: {known})")
+
+
+class UnknownFormatError(EncounterError, ValueError):
+    """``format`` is not one of the formats the ``report`` is written in (``choices``)."""
+
+    def __init__(self, report: str, format: str, choices: tuple[str, ...]) -> None:
+        self.report = report
+        self.format = format
+        self.choices = choices
+        super().__init__(
+            f"unknown {report} format {format!r} (choose one of: {', '.join(choices)})"
+        )
+
+
+class AnomalyNotReportedError(EncounterError, ValueError):
+    """An acknowledgement refused: the audit does not report that anomaly now (``reported``
+    lists what it does report for the encounter)."""
+
+    def __init__(self, encounter_id: Any, sequence: int, kind: str, reported: list[Any]):
+        self.encounter_id = encounter_id
+        self.sequence = sequence
+        self.kind = kind
+        self.reported = reported
+        listed = "; ".join(f"sequence {a.sequence}: {a.kind}" for a in reported) or "none"
+        super().__init__(
+            f"encounter {encounter_id} has no {kind!r} anomaly at sequence {sequence} to "
+            f"acknowledge (its audit reports: {listed})"
+        )
+
+
+class CheckpointError(EncounterError, ValueError):
+    """A checkpoint that cannot be used or written: unreadable, not JSON, another format, an
+    entry out of order, a root that does not match its entries (``path`` names the file,
+    ``reason`` says what is wrong)."""
+
+    def __init__(self, path: Any, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"checkpoint {path}: {reason}")
+
+
+class RebuildWorkerError(EncounterError, RuntimeError):
+    """A worker process failed; the message carries its error. The other workers were
+    stopped; every batch either committed or rolled back, so a re-run finishes the job."""
+
+
+class EventLogError(EncounterError):
+    """An event log could not be exported (see the subclasses)."""
+
+
+class EventLogWriteError(EventLogError, OSError):
+    """The file ``path`` could not be written (``detail``: why); nothing was left at ``path``
+    (an earlier file there is kept unchanged)."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"cannot write the event log to {path}: {detail}")
+
+
+class FhirStatusError(EncounterError, ValueError):
+    """A state of the encounter has no valid FHIR ``encounter-status`` code in ``fhir_version``
+    (``"R4"`` or ``"R5"``): ``status_map`` does not map it, or maps it to ``code``, which is not
+    one of ``valid_codes``. Also a ``ValueError``."""
+
+    def __init__(
+        self,
+        encounter_id: Any,
+        state: str,
+        code: Any,
+        fhir_version: str,
+        *,
+        mapped: bool,
+        valid_codes: tuple[str, ...],
+    ) -> None:
+        self.encounter_id = encounter_id
+        self.state = state
+        self.code = code
+        self.fhir_version = fhir_version
+        self.valid_codes = valid_codes
+        how = f"status_map maps it to {code!r}" if mapped else "status_map does not map it"
+        super().__init__(
+            f"Encounter {encounter_id}: state {state!r} has no FHIR {fhir_version} "
+            f"encounter-status code ({how}; valid codes: {', '.join(self.valid_codes)})"
+        )
+
+
+class GraphvizNotFoundError(EncounterError):
+    """Graphviz's ``dot`` program, needed for SVG, is not installed (not on ``PATH``)."""
+
+    def __init__(self, program: str) -> None:
+        self.program = program
+        super().__init__(
+            f"SVG needs Graphviz: the program {program!r} was not found on PATH (install "
+            f"Graphviz, e.g. Debian's 'graphviz' package, or write Mermaid or DOT text)"
+        )
+
+
+class GraphvizError(EncounterError):
+    """Graphviz could not draw the graph (``returncode``: its exit status, None when it did not
+    finish; ``detail``: what it said)."""
+
+    def __init__(self, program: str, returncode: int | None, detail: str) -> None:
+        self.program = program
+        self.returncode = returncode
+        self.detail = detail
+        status = "did not finish" if returncode is None else f"exited with status {returncode}"
+        super().__init__(f"Graphviz ({program}) {status}: {detail or 'no message'}")

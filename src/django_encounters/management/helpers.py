@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS
 from django.utils.dateparse import parse_datetime
 
+from ..projections.output import write_atomically
 from ..projections.rebuild import RebuildResult
 
 
@@ -200,38 +200,15 @@ def quiet_broken_pipe(command: Any) -> Iterator[None]:
         raise SystemExit(EXIT_BROKEN_PIPE) from None
 
 
-def new_file_mode() -> int:
-    """The permissions ``open(path, "w")`` would give a new file (0666 less the umask);
-    ``tempfile.mkstemp`` creates its files 0600."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-class ReportFile:
-    """``--output FILE``: the report is written to a temporary file beside ``FILE`` and moved
-    into place only when complete, so ``FILE`` never holds half a report (an earlier ``FILE``
-    is replaced only then)."""
-
-    def __init__(self, path: str, option: str = "--output", *, newline: str | None = None):
-        self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            if os.path.isdir(path):
-                raise IsADirectoryError(21, "Is a directory", path)
-            handle, self.temporary = tempfile.mkstemp(
-                prefix=".report-", suffix=".tmp", dir=directory
-            )
-            os.chmod(self.temporary, new_file_mode())
-        except OSError as exc:
-            raise CommandError(f"{option}: cannot write {path}: {exc}", returncode=2) from exc
-        self.file: IO[str] = os.fdopen(handle, "w", encoding="utf-8", newline=newline)
-
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self.temporary, self.path)
-
-    def discard(self) -> None:
-        self.file.close()
-        if os.path.exists(self.temporary):
-            os.unlink(self.temporary)
+@contextmanager
+def report_file(
+    path: str, option: str = "--output", *, newline: str | None = None
+) -> Iterator[IO[str]]:
+    """``--output FILE``: a text stream whose content replaces ``FILE`` only when the block
+    ends without an exception (:func:`~django_encounters.projections.output.write_atomically`),
+    so ``FILE`` never holds half a report; a file that cannot be written is a usage error."""
+    try:
+        with write_atomically(path, newline=newline) as out:
+            yield out
+    except OSError as exc:
+        raise CommandError(f"{option}: cannot write {path}: {exc}", returncode=2) from exc

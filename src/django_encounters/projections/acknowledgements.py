@@ -17,15 +17,13 @@ from uuid import UUID
 
 from django.contrib.auth import get_user_model
 from django.db import DEFAULT_DB_ALIAS
-from django.utils import timezone
 
+from ..arguments import encounter_id as as_encounter_id
 from ..arguments import require_text, require_user
-from ..engine import ANOMALY_KINDS, Anomaly
+from ..engine import Anomaly, AnomalyKind
 from ..models import AnomalyAcknowledgement
+from .output import local_iso
 from .selection import write_alias
-
-#: Kinds an audit against a checkpoint reports, besides the stream's own.
-CHECKPOINT_KINDS = ("rewritten", "missing")
 
 
 def acknowledgement_arguments(
@@ -38,13 +36,10 @@ def acknowledgement_arguments(
         ValueError / TypeError: not an encounter id, an unknown kind, a negative sequence, an
             empty reason, or a user of the wrong type.
     """
-    try:
-        encounter_uuid = encounter_id if isinstance(encounter_id, UUID) else UUID(str(encounter_id))
-    except ValueError:
-        raise ValueError(f"not an encounter id (a UUID): {encounter_id!r}") from None
+    encounter_uuid = as_encounter_id(encounter_id)
     if isinstance(sequence, bool) or not isinstance(sequence, int) or not 0 <= sequence < 2**31:
         raise ValueError(f"sequence must be a non-negative integer, not {sequence!r}")
-    known = (*ANOMALY_KINDS, *CHECKPOINT_KINDS)
+    known = tuple(member.value for member in AnomalyKind)
     if kind not in known:
         raise ValueError(f"unknown anomaly kind {kind!r} (known: {', '.join(known)})")
     require_text(reason, "reason")
@@ -93,11 +88,11 @@ class Acknowledged:
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"by": self.by, "at": timezone.localtime(self.at).isoformat(), "reason": self.reason}
+        return {"by": self.by, "at": local_iso(self.at), "reason": self.reason}
 
     def __str__(self) -> str:
         who = self.by if self.by is not None else "nobody recorded"
-        return f"acknowledged by {who} at {timezone.localtime(self.at).isoformat()}: {self.reason}"
+        return f"acknowledged by {who} at {local_iso(self.at)}: {self.reason}"
 
 
 AckKey = tuple[UUID, int, str]
@@ -105,10 +100,7 @@ AckKey = tuple[UUID, int, str]
 
 def key_of(anomaly: Anomaly) -> AckKey:
     """What an acknowledgement matches: the encounter, the sequence and the kind."""
-    encounter_id = anomaly.encounter_id
-    if not isinstance(encounter_id, UUID):
-        encounter_id = UUID(str(encounter_id))
-    return encounter_id, anomaly.sequence, anomaly.kind
+    return as_encounter_id(anomaly.encounter_id), anomaly.sequence, anomaly.kind
 
 
 def acknowledgements_of(

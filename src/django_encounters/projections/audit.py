@@ -7,7 +7,7 @@ stream with the timeline engine (``verify_stream``) and report, per encounter:
   happened), ``transitioned_at`` (when it was recorded), who, why — with the rows that were
   *backdated* (inserted before an existing row when recorded) and the rows *overtaken* by a
   later-recorded backdated row; with ``known_at``, only the rows recorded by then;
-* the anomalies of its stream (``engine.ANOMALY_KINDS``: the genesis, gaps, hash chain,
+* the anomalies of its stream (``engine.AnomalyKind``: the genesis, gaps, hash chain,
   ``from_state``, edges, re-chains, system time, and the projection's head compared with the
   log's), each naming the sequence;
 * its state as of a given time, optionally as it was known at a given time (bitemporal: only
@@ -31,36 +31,21 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.contrib.auth import get_user_model
-from django.contrib.contenttypes.models import ContentType
-from django.db.models import Model, Q
+from django.db.models import Model
 from django.utils import timezone
 
 from .. import store
 from ..arguments import require_aware
-from ..engine import TIMELINE_ORDER, Anomaly, Genesis, known_prefix, verify_stream
-from ..exceptions import EncounterError, EncounterNotFoundError
-from ..models import AnomalyAcknowledgement, Encounter, EncounterTransition
-from .acknowledgements import (
-    Acknowledged,
-    acknowledge_anomaly,
-    acknowledgement_arguments,
-    acknowledgements_of,
-    key_of,
-)
+from ..engine import Anomaly, AnomalyKind, Genesis
+from ..exceptions import AnomalyNotReportedError, EncounterNotFoundError
+from ..models import AnomalyAcknowledgement
+from .acknowledgements import Acknowledged, acknowledge_anomaly, acknowledgement_arguments
 from .checkpoints import CheckpointCheck, verify_checkpoint
-from .selection import (
-    GENESIS_COLUMNS,
-    RulesCache,
-    effective_between,
-    genesis_of,
-    parse_encounter_ids,
-    read_alias,
-    select,
-    write_alias,
-)
+from .output import local_iso
+from .replay import Replays, Usernames, Verified, mark_acknowledged, timeline_order
+from .selection import Selection, write_alias
 
-_CREATED = GENESIS_COLUMNS.index("created_at")
+_STATE = store.PROJECTION_FIELDS.index("state")
 
 DEFAULT_BATCH_SIZE = 500
 
@@ -80,6 +65,7 @@ class AuditRow:
     overtaken: bool  # a later-recorded row was inserted before it
     overtaken_by: int | None = None  # the sequence of that row
     transitioned_by_id: Any = None
+    context: Any = None  # the row's context (its metadata), as recorded
 
     def as_dict(self) -> dict[str, Any]:
         """The row in the audit's JSON (times as ISO-8601 strings with offset)."""
@@ -87,8 +73,8 @@ class AuditRow:
             "sequence": self.sequence,
             "from_state": self.from_state,
             "to_state": self.to_state,
-            "effective_at": isoformat(self.effective_at),
-            "transitioned_at": isoformat(self.transitioned_at),
+            "effective_at": local_iso(self.effective_at),
+            "transitioned_at": local_iso(self.transitioned_at),
             "transitioned_by": self.transitioned_by,
             "reason": self.reason,
             "backdated": self.backdated,
@@ -196,13 +182,6 @@ class AuditStream(Iterator[EncounterAudit]):
         return next(self._audits)
 
 
-def isoformat(value: datetime | None) -> str | None:
-    """ISO-8601 with offset, in the current time zone (``TIME_ZONE`` unless activated)."""
-    if value is None:
-        return None
-    return timezone.localtime(value).isoformat()
-
-
 # ---------------------------------------------------------------------------------------------
 # Selection and replay
 # ---------------------------------------------------------------------------------------------
@@ -251,117 +230,56 @@ def iter_audit(
         EncounterNotFoundError: an id of ``encounters`` names no encounter.
         CheckpointError: ``against`` cannot be read, is malformed, or its root does not match.
     """
-    using = read_alias(using)
-    for name, value in (
-        ("since", since),
-        ("until", until),
-        ("as_of", as_of),
-        ("known_at", known_at),
-    ):
-        require_aware(value, name, optional=True)
-    if since is not None and until is not None and since >= until:
-        raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+    require_aware(as_of, "as_of", optional=True)
+    selection = Selection.of(
+        definition=definition,
+        encounters=encounters,
+        subject=subject,
+        since=since,
+        until=until,
+        known_at=known_at,
+        batch_size=batch_size,
+        using=using,
+    )
     if root is not None and against is None:
         raise ValueError("root is the published root of a checkpoint: give against too")
     if as_of is None:
         as_of = timezone.now()
 
-    rules = RulesCache(using)
-    ids = None if encounters is None else parse_encounter_ids(encounters)
-    selected, _ = select(using, rules, definition, ids)
-    narrowed = definition is not None or ids is not None
-    if subject is not None:
-        if subject.pk is None:
-            raise ValueError(f"subject {subject!r} is not saved (it has no primary key)")
-        selected = selected.filter(
-            subject_content_type=ContentType.objects.db_manager(using).get_for_model(subject),
-            subject_id=str(subject.pk),
-        )
-        narrowed = True
-    if since is not None or until is not None:
-        selected = effective_between(selected, since, until, using)
-        narrowed = True
-
-    absent = absent_encounters(ids, using) if ids is not None else []
+    absent = selection.absent()
     if absent and against is None:
         raise EncounterNotFoundError(absent[0])
     check = None
+    pending: dict[Any, list[Anomaly]] = {}
     if against is not None:
         check = verify_checkpoint(
             against,
-            using=using,
+            using=selection.using,
             root=root,
-            selected=selected if narrowed else None,
-            encounters=ids,
+            selected=selection.queryset() if selection.narrowed else None,
+            encounters=selection.encounters,
             batch_size=max(batch_size, 100),
         )
-        gone = {a.encounter_id for a in check.anomalies if a.kind == "missing"}
+        gone = {a.encounter_id for a in check.anomalies if a.kind == AnomalyKind.MISSING}
         absent = [pk for pk in absent if pk not in gone]
         if absent:
             raise EncounterNotFoundError(absent[0])
-
-    page = selected.order_by("created_at", "pk").values_list(
-        *GENESIS_COLUMNS, "version", "head_hash", "state", "deleted_at"
-    )
-    pending: dict[Any, list[Anomaly]] = {}
-    for anomaly in check.anomalies if check is not None else []:
-        pending.setdefault(anomaly.encounter_id, []).append(anomaly)
-    return AuditStream(
-        _audit_batches(page, rules, batch_size, using, as_of, known_at, pending), check
-    )
+        for anomaly in check.anomalies:
+            pending.setdefault(anomaly.encounter_id, []).append(anomaly)
+    replays = Replays(selection, order="created", extra=("deleted_at",), users=True, added=pending)
+    return AuditStream(_audits(replays, as_of, pending), check)
 
 
-def absent_encounters(ids: Iterable[Any], using: str | None = None) -> list[UUID]:
-    """The ids (in their order) that name no encounter, soft-deleted ones counting as
-    existing."""
-    using = read_alias(using)
-    wanted = parse_encounter_ids(ids)
-    found = set(
-        Encounter.all_objects.using(using).filter(pk__in=wanted).values_list("pk", flat=True)
-    )
-    return [pk for pk in wanted if pk not in found]
-
-
-def _audit_batches(
-    page: Any,
-    rules: RulesCache,
-    batch_size: int,
-    using: str,
-    as_of: datetime,
-    known_at: datetime | None,
-    pending: dict[Any, list[Anomaly]],
+def _audits(
+    replays: Replays, as_of: datetime, pending: dict[Any, list[Anomaly]]
 ) -> Iterator[EncounterAudit]:
-    """The audits of the selected encounters, batch by batch; then the encounters of the
-    checkpoint that are gone (``pending`` holds the checkpoint's anomalies by encounter)."""
-    users = _Usernames(using)
-    after: tuple[datetime, Any] | None = None
-    while True:
-        query = page
-        if after is not None:
-            created, pk = after
-            query = page.filter(Q(created_at__gt=created) | Q(created_at=created, pk__gt=pk))
-        batch = list(query[:batch_size])
-        if not batch:
-            break
-        after = (batch[-1][_CREATED], batch[-1][0])
-        streams = dict(
-            store.iter_streams(
-                EncounterTransition.objects.using(using).filter(
-                    encounter_id__in=[row[0] for row in batch]
-                )
-            )
-        )
-        users.load(row.transitioned_by for stream in streams.values() for row in stream)
-        audits = [
-            _audit_one(values, streams, rules, users, using, as_of, known_at, pending)
-            for values in batch
-        ]
-        yield from _acknowledged(audits, using)
-        if len(batch) < batch_size:
-            break
+    """The audits of the selected encounters, in the reader's order; then the encounters of
+    the checkpoint that are gone (``pending``: the checkpoint's anomalies not yet added to an
+    encounter that was read)."""
+    for verified in replays:
+        yield _audit_of(verified, replays.rules, replays.users, as_of)
     left = sorted(pending.items(), key=lambda item: str(item[0]))
+    batch_size = replays.selection.batch_size
     for start in range(0, len(left), batch_size):
         audits = [
             EncounterAudit(
@@ -370,31 +288,19 @@ def _audit_batches(
                 state_as_of="",
                 timeline=[],
                 anomalies=anomalies,
-                missing=any(a.kind == "missing" for a in anomalies),
+                missing=any(a.kind == AnomalyKind.MISSING for a in anomalies),
             )
             for encounter_id, anomalies in left[start : start + batch_size]
         ]
-        yield from _acknowledged(audits, using)
+        mark_acknowledged(((a.anomalies, a.acknowledged) for a in audits), replays.using)
+        yield from audits
 
 
-def _audit_one(
-    values: tuple,
-    streams: dict[Any, list[Any]],
-    rules: RulesCache,
-    users: _Usernames,
-    using: str,
-    as_of: datetime,
-    known_at: datetime | None,
-    pending: dict[Any, list[Anomaly]],
+def _audit_of(
+    verified: Verified, rules: Any, users: Usernames | None, as_of: datetime
 ) -> EncounterAudit:
-    genesis, stored_genesis = genesis_of(values[: len(GENESIS_COLUMNS)], using)
-    version, head_hash, state, deleted_at = values[len(GENESIS_COLUMNS) :]
-    stream = list(known_prefix(streams.get(genesis.encounter_id, []), known_at))
-    replay = verify_stream(genesis, stored_genesis, stream, rules.rules_of(genesis.definition_id))
-    anomalies = list(replay.anomalies)
-    if known_at is None:  # the projection is today's: compare it with the whole log
-        anomalies += replay.check_head(version, head_hash)
-    anomalies += pending.pop(genesis.encounter_id, [])
+    replay = verified.replay
+    name = users.name if users is not None else str
     timeline = [
         AuditRow(
             sequence=row.sequence,
@@ -402,42 +308,28 @@ def _audit_one(
             to_state=row.to_state,
             effective_at=row.effective_at,
             transitioned_at=row.transitioned_at,
-            transitioned_by=users.name(row.transitioned_by),
+            transitioned_by=name(row.transitioned_by),
             reason=row.reason,
             backdated=row.sequence in replay.backdated,
             overtaken=row.sequence in replay.overtaken,
             overtaken_by=replay.overtaken.get(row.sequence),
             transitioned_by_id=row.transitioned_by,
+            context=row.metadata,
         )
-        for row in sorted(stream, key=_timeline_key)
+        for row in timeline_order(verified.stream)
     ]
+    (deleted_at,) = verified.extra
     return EncounterAudit(
-        id=genesis.encounter_id,
-        definition=rules.code(genesis.definition_id),
+        id=verified.id,
+        definition=rules.code(verified.genesis.definition_id),
         state_as_of=replay.timeline.state_at(as_of),
         timeline=timeline,
-        anomalies=anomalies,
-        current_state=state,
+        anomalies=verified.anomalies,
+        current_state=verified.projection[_STATE],
         deleted=deleted_at is not None,
-        genesis=genesis,
+        acknowledged=verified.acknowledged,
+        genesis=verified.genesis,
     )
-
-
-def _acknowledged(audits: list[EncounterAudit], using: str) -> list[EncounterAudit]:
-    """``audits`` with the acknowledgements of their anomalies filled in (one query, none
-    when the batch has no anomaly)."""
-    found = acknowledgements_of((a for audit in audits for a in audit.anomalies), using)
-    if found:
-        for audit in audits:
-            for anomaly in audit.anomalies:
-                acknowledged = found.get(key_of(anomaly))
-                if acknowledged is not None:
-                    audit.acknowledged[(anomaly.sequence, anomaly.kind)] = acknowledged
-    return audits
-
-
-def _timeline_key(row: Any) -> tuple:
-    return tuple(getattr(row, name) for name in TIMELINE_ORDER)
 
 
 def audit_encounters(**options: Any) -> AuditReport:
@@ -453,20 +345,21 @@ def audit_encounters(**options: Any) -> AuditReport:
     return report
 
 
-class AnomalyNotReportedError(EncounterError, ValueError):
-    """An acknowledgement refused: the audit does not report that anomaly now (``reported``
-    lists what it does report for the encounter)."""
+def encounter_timeline(
+    encounter: Any, known_at: datetime | None = None, *, using: str | None = None
+) -> EncounterAudit:
+    """One encounter's audit, as a person reading its page sees it: its rows in business-time
+    order (who, when, why, the context recorded, the backdated and overtaken marks) and the
+    anomalies of its stream, acknowledged ones marked — a damaged log is shown, never hidden.
+    With ``known_at``, the rows recorded by then. The admin's encounter page and the REST
+    API's ``history`` both show this.
 
-    def __init__(self, encounter_id: Any, sequence: int, kind: str, reported: list[Anomaly]):
-        self.encounter_id = encounter_id
-        self.sequence = sequence
-        self.kind = kind
-        self.reported = reported
-        listed = "; ".join(f"sequence {a.sequence}: {a.kind}" for a in reported) or "none"
-        super().__init__(
-            f"encounter {encounter_id} has no {kind!r} anomaly at sequence {sequence} to "
-            f"acknowledge (its audit reports: {listed})"
-        )
+    Raises:
+        EncounterNotFoundError: the encounter is not in the database (soft-deleted ones are).
+        TypeError / ValueError: ``known_at`` is not an aware datetime.
+    """
+    (audit,) = iter_audit(encounters=[encounter.pk], known_at=known_at, using=using)
+    return audit
 
 
 def acknowledge_reported_anomaly(
@@ -503,28 +396,3 @@ def acknowledge_reported_anomaly(
         encounter_uuid, sequence, kind, reason, acknowledged_by, using=using
     )
     return recorded, matching[0]
-
-
-class _Usernames:
-    """user id -> username, looked up once per user."""
-
-    def __init__(self, using: str) -> None:
-        self.model = get_user_model()
-        self.using = using
-        self.names: dict[Any, str | None] = {None: None}
-
-    def load(self, ids: Iterable[Any]) -> None:
-        missing = {pk for pk in ids if pk not in self.names}
-        if not missing:
-            return
-        field = self.model.USERNAME_FIELD
-        found = dict(
-            self.model._default_manager.using(self.using)
-            .filter(pk__in=missing)
-            .values_list("pk", field)
-        )
-        for pk in missing:
-            self.names[pk] = str(found[pk]) if pk in found else f"#{pk}"
-
-    def name(self, pk: Any) -> str | None:
-        return self.names.get(pk, f"#{pk}")

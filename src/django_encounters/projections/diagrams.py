@@ -21,13 +21,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from ..arguments import require_aware
 from ..engine import Rules
 from ..engine.graphs import Graph, definition_graph, process_map_graph, to_dot, to_mermaid
-from ..exceptions import EncounterError
+from ..exceptions import (
+    DefinitionNotFoundError,
+    DefinitionVersionNotFoundError,
+    GraphvizError,
+    GraphvizNotFoundError,
+)
 from ..models import EncounterDefinition, EncounterDefinitionVersion
 from .process_map import DEFAULT_BATCH_SIZE, mine_edges
-from .selection import read_alias
+from .selection import Selection, read_alias
 
 #: The formats :func:`render` writes.
 FORMATS = ("mermaid", "dot", "svg")
@@ -35,48 +39,6 @@ FORMATS = ("mermaid", "dot", "svg")
 GRAPHVIZ_PROGRAM = "dot"
 #: How long :func:`render_svg` waits for Graphviz.
 GRAPHVIZ_TIMEOUT = 60.0
-
-
-class DefinitionNotFoundError(EncounterError, LookupError):
-    """No encounter definition (soft-deleted ones included) has the code ``code``."""
-
-    def __init__(self, code: str) -> None:
-        self.code = code
-        super().__init__(f"no encounter definition has the code {code!r}")
-
-
-class DefinitionVersionNotFoundError(EncounterError, LookupError):
-    """The definition ``code`` has no version ``version`` (``versions``: those it has)."""
-
-    def __init__(self, code: str, version: int, versions: list[int]) -> None:
-        self.code = code
-        self.version = version
-        self.versions = versions
-        known = f"{versions[0]}..{versions[-1]}" if versions else "none"
-        super().__init__(f"definition {code!r} has no version {version} (its versions: {known})")
-
-
-class GraphvizNotFoundError(EncounterError):
-    """Graphviz's ``dot`` program, needed for SVG, is not installed (not on ``PATH``)."""
-
-    def __init__(self, program: str) -> None:
-        self.program = program
-        super().__init__(
-            f"SVG needs Graphviz: the program {program!r} was not found on PATH (install "
-            f"Graphviz, e.g. Debian's 'graphviz' package, or write Mermaid or DOT text)"
-        )
-
-
-class GraphvizError(EncounterError):
-    """Graphviz could not draw the graph (``returncode``: its exit status, None when it did not
-    finish; ``detail``: what it said)."""
-
-    def __init__(self, program: str, returncode: int | None, detail: str) -> None:
-        self.program = program
-        self.returncode = returncode
-        self.detail = detail
-        status = "did not finish" if returncode is None else f"exited with status {returncode}"
-        super().__init__(f"Graphviz ({program}) {status}: {detail or 'no message'}")
 
 
 def machine(
@@ -143,17 +105,11 @@ def process_map(
             ``since >= until``, a ``batch_size`` below 1.
         DefinitionNotFoundError, DefinitionVersionNotFoundError: as :func:`machine`.
     """
-    require_aware(since, "since", optional=True)
-    require_aware(until, "until", optional=True)
-    if since is not None and until is not None and since >= until:
-        raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-    using = read_alias(using)
-    definition, rules = machine(code, version, using=using)
-    mined = mine_edges(
-        [definition.pk], since=since, until=until, using=using, batch_size=batch_size
+    selection = Selection.of(
+        definition=code, since=since, until=until, batch_size=batch_size, using=using
     )
+    definition, rules = machine(code, version, using=selection.using)
+    mined = mine_edges(selection)
     window = ""
     if since is not None or until is not None:
         start = since.isoformat() if since is not None else "the beginning"

@@ -35,25 +35,16 @@ from __future__ import annotations
 
 import csv
 import os
-import secrets
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from datetime import timezone as dt_timezone
 from typing import IO, Any
 from uuid import UUID
 
-from ..arguments import require_aware
-from ..exceptions import EncounterError
-from ..models import EncounterDefinition
+from ..exceptions import EventLogWriteError
 from .audit import DEFAULT_BATCH_SIZE, iter_audit
-from .diagrams import DefinitionNotFoundError
+from .output import get_format, register_format, utc_iso, write_atomically
 from .rendering import csv_cell
-from .selection import read_alias
-
-#: The formats :func:`export_event_log` writes.
-FORMATS = ("xes", "csv")
 
 #: The ``lifecycle:transition`` of every event: a row records a state change that happened.
 LIFECYCLE = "complete"
@@ -116,30 +107,6 @@ _ATTRIBUTE_VALUE = str.maketrans(
         "\r": "&#13;",
     }
 )
-
-
-class EventLogError(EncounterError):
-    """An event log could not be exported (see the subclasses)."""
-
-
-class UnknownFormatError(EventLogError, ValueError):
-    """``format`` is not one of :data:`FORMATS`."""
-
-    def __init__(self, format: str) -> None:
-        self.format = format
-        super().__init__(
-            f"unknown event-log format {format!r} (choose one of: {', '.join(FORMATS)})"
-        )
-
-
-class EventLogWriteError(EventLogError, OSError):
-    """The file ``path`` could not be written (``detail``: why); nothing was left at ``path``
-    (an earlier file there is kept unchanged)."""
-
-    def __init__(self, path: str, detail: str) -> None:
-        self.path = path
-        self.detail = detail
-        super().__init__(f"cannot write the event log to {path}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -212,13 +179,6 @@ def iter_traces(
             ``batch_size``.
         DefinitionNotFoundError: no definition has the code ``definition``.
     """
-    using = read_alias(using)
-    for name, value in (("since", since), ("until", until), ("known_at", known_at)):
-        require_aware(value, name, optional=True)
-    if definition is not None and not (
-        EncounterDefinition.all_objects.using(using).filter(code=definition).exists()
-    ):
-        raise DefinitionNotFoundError(definition)
     audits = iter_audit(
         definition=definition,
         since=since,
@@ -294,7 +254,7 @@ def _traces(
 def timestamp(value: datetime) -> str:
     """A time as both formats write it: ISO-8601 (``xs:dateTime``) in UTC, to the
     microsecond, e.g. ``2024-03-31T13:59:59.250000+00:00``."""
-    return value.astimezone(dt_timezone.utc).isoformat(timespec="microseconds")
+    return utc_iso(value, "microseconds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +385,7 @@ def _log_name(definition: str | None) -> str:
     return "django-encounters" + (f" {definition}" if definition is not None else "")
 
 
+@register_format("event-log", "xes", content_type="application/xml", newline="\n")
 def write_xes_traces(
     traces: Iterable[Trace], out: IO[str], *, name: str = "django-encounters"
 ) -> EventLogCounts:
@@ -449,10 +410,14 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-def write_csv_traces(traces: Iterable[Trace], out: IO[str]) -> EventLogCounts:
+@register_format("event-log", "csv", content_type="text/csv", newline="")
+def write_csv_traces(
+    traces: Iterable[Trace], out: IO[str], *, name: str = "django-encounters"
+) -> EventLogCounts:
     """Write ``traces`` to ``out`` as CSV (:data:`CSV_COLUMNS`, one line per event), with
     every cell a spreadsheet would run as a formula neutralised (:func:`.rendering.csv_cell`).
-    Open ``out`` with ``newline=""``."""
+    Open ``out`` with ``newline=""``. (``name``, the log's title in XES, has no place in a
+    CSV file.)"""
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     count = events = anomalous = 0
@@ -487,75 +452,34 @@ def write_csv_traces(traces: Iterable[Trace], out: IO[str]) -> EventLogCounts:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_xes(
-    out: IO[str],
-    *,
-    definition: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    known_at: datetime | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    using: str | None = None,
-) -> EventLogCounts:
+def write_xes(out: IO[str], **selection: Any) -> EventLogCounts:
     """Write the selected encounters' log to the text stream ``out`` as XES; returns the
-    numbers of traces and events written. The selection is :func:`iter_traces`'s (checked
-    before anything is written; same errors)."""
-    traces = iter_traces(
-        definition=definition,
-        since=since,
-        until=until,
-        known_at=known_at,
-        batch_size=batch_size,
-        using=using,
-    )
-    return write_xes_traces(traces, out, name=_log_name(definition))
+    numbers of traces and events written. ``selection``: the keyword arguments of
+    :func:`iter_traces` (checked before anything is written; same errors)."""
+    return export_event_log("xes", out, **selection)
 
 
-def write_csv(
-    out: IO[str],
-    *,
-    definition: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    known_at: datetime | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    using: str | None = None,
-) -> EventLogCounts:
+def write_csv(out: IO[str], **selection: Any) -> EventLogCounts:
     """Write the selected encounters' log to the text stream ``out`` as CSV (open it with
-    ``newline=""``); returns the numbers of traces and events written. The selection is
-    :func:`iter_traces`'s (checked before anything is written; same errors)."""
-    traces = iter_traces(
-        definition=definition,
-        since=since,
-        until=until,
-        known_at=known_at,
-        batch_size=batch_size,
-        using=using,
-    )
-    return write_csv_traces(traces, out)
+    ``newline=""``); returns the numbers of traces and events written. ``selection``: the
+    keyword arguments of :func:`iter_traces` (checked before anything is written; same
+    errors)."""
+    return export_event_log("csv", out, **selection)
 
 
 def export_event_log(
-    format: str,
-    out: str | os.PathLike[str] | IO[str],
-    *,
-    definition: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    known_at: datetime | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    using: str | None = None,
+    format: str, out: str | os.PathLike[str] | IO[str], **selection: Any
 ) -> EventLogCounts:
-    """Export the selected encounters' log as ``format`` (``"xes"`` or ``"csv"``) to ``out``:
-    a file path, or a text stream. A file is written under a temporary name beside it and moved
-    into place when complete (replacing an earlier file only then): it never holds half a log.
-
-    The selection (``definition``, ``since``, ``until``, ``known_at``, ``batch_size``,
-    ``using``) is :func:`iter_traces`'s.
+    """Export the selected encounters' log as ``format`` (``"xes"`` or ``"csv"``, or any
+    format registered for the ``"event-log"`` report) to ``out``: a file path, or a text
+    stream. A file is written under a temporary name beside it and moved into place when
+    complete (replacing an earlier file only then): it never holds half a log.
 
     Args:
         format: ``"xes"`` or ``"csv"``.
         out: a path, or a text stream (for CSV, opened with ``newline=""``).
+        selection: the keyword arguments of :func:`iter_traces` (``definition``, ``since``,
+            ``until``, ``known_at``, ``batch_size``, ``using``).
 
     Returns:
         The numbers of traces (encounters) and events (rows plus one creation per trace).
@@ -566,68 +490,14 @@ def export_event_log(
         DefinitionNotFoundError: no definition has the code ``definition``.
         EventLogWriteError: the file cannot be written (nothing is left at ``out``).
     """
-    if format not in FORMATS:
-        raise UnknownFormatError(format)
-    traces = iter_traces(  # the arguments are checked here, before any file is opened
-        definition=definition,
-        since=since,
-        until=until,
-        known_at=known_at,
-        batch_size=batch_size,
-        using=using,
-    )
+    writer = get_format("event-log", format)
+    traces = iter_traces(**selection)  # the arguments are checked here, before any file is opened
+    name = _log_name(selection.get("definition"))
     if not isinstance(out, (str, os.PathLike)):
-        return _write(format, traces, out, definition)
-    return _write_file(format, traces, os.fspath(out), definition)
-
-
-def _write(
-    format: str, traces: Iterable[Trace], out: IO[str], definition: str | None
-) -> EventLogCounts:
-    if format == "xes":
-        return write_xes_traces(traces, out, name=_log_name(definition))
-    return write_csv_traces(traces, out)
-
-
-def _create_temporary(directory: str) -> tuple[int, str]:
-    """A new file beside the target, created with mode 0666 so that the process's umask
-    applies (``tempfile.mkstemp`` makes 0600, and reading the umask means changing it)."""
-    for _ in range(100):
-        path = os.path.join(directory, f".event-log-{secrets.token_hex(8)}.tmp")
-        try:
-            return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name in {directory}")
-
-
-def _write_file(
-    format: str, traces: Iterable[Trace], target: str, definition: str | None
-) -> EventLogCounts:
-    # Through a symbolic link, the file it points to is the one rewritten.
-    target = os.path.realpath(target)
-    if os.path.isdir(target):
-        raise EventLogWriteError(target, "it is a directory")
-    directory = os.path.dirname(target)
+        return writer.write(traces, out, name=name)
     try:
-        # An existing file keeps its permissions (the log holds reasons and names); a new one
-        # gets what open(path, "w") would give it: 0666 less the umask, which os.open applies.
-        existing = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else None
-        handle, temporary = _create_temporary(directory)
+        with write_atomically(out, newline=writer.newline) as stream:
+            return writer.write(traces, stream, name=name)
     except OSError as exc:
-        raise EventLogWriteError(target, exc.strerror or str(exc)) from exc
-    try:
-        if existing is not None:
-            os.chmod(temporary, existing)
-        newline = "" if format == "csv" else "\n"
-        with os.fdopen(handle, "w", encoding="utf-8", newline=newline) as out:
-            counts = _write(format, traces, out, definition)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except OSError as exc:
-        raise EventLogWriteError(target, exc.strerror or str(exc)) from exc
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return counts
+        # The file named (through a symbolic link: the one linked to), not the temporary.
+        raise EventLogWriteError(os.path.realpath(out), exc.strerror or str(exc)) from exc

@@ -23,13 +23,12 @@ from datetime import datetime, tzinfo
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.utils import timezone
-
 from .. import arguments, store
 from ..engine.intervals import intervals
-from ..exceptions import EncounterError, EncounterNotFoundError
+from ..exceptions import EncounterNotFoundError, FhirStatusError
 from ..models import Encounter
 from ..services import _db_for_read
+from .output import in_zone
 
 __all__ = [
     "R4_ENCOUNTER_STATUSES",
@@ -88,31 +87,11 @@ Element = Mapping[str, Any] | Callable[[Encounter], Any] | None
 _OPEN = datetime.max.replace(tzinfo=dt_timezone.utc)
 
 
-class FhirStatusError(EncounterError, ValueError):
-    """A state of the encounter has no valid FHIR ``encounter-status`` code in ``fhir_version``
-    (``"R4"`` or ``"R5"``): ``status_map`` does not map it, or maps it to ``code``, which is not
-    one of ``valid_codes``. Also a ``ValueError``."""
-
-    def __init__(
-        self, encounter_id: Any, state: str, code: Any, fhir_version: str, *, mapped: bool
-    ) -> None:
-        self.encounter_id = encounter_id
-        self.state = state
-        self.code = code
-        self.fhir_version = fhir_version
-        self.valid_codes = _STATUSES[fhir_version]
-        how = f"status_map maps it to {code!r}" if mapped else "status_map does not map it"
-        super().__init__(
-            f"Encounter {encounter_id}: state {state!r} has no FHIR {fhir_version} "
-            f"encounter-status code ({how}; valid codes: {', '.join(self.valid_codes)})"
-        )
-
-
 def fhir_datetime(value: datetime, tz: tzinfo | None = None) -> str:
     """``value`` as a FHIR ``dateTime`` with seconds and a UTC offset, in ``tz`` (default:
     Django's current time zone): ``2017-02-01T07:15:00+10:00``; fractions of a second only
     when there are any (milliseconds, or microseconds when needed)."""
-    local = timezone.localtime(value, tz)
+    local = in_zone(value, tz)
     if not local.microsecond:
         spec = "seconds"
     elif local.microsecond % 1000 == 0:
@@ -276,13 +255,17 @@ def _status_codes(
         if not isinstance(state, str) or not isinstance(code, str):
             raise TypeError(f"status_map must map state names to codes (text), not {state!r}")
         if code not in valid:
-            raise FhirStatusError(encounter.pk, state, code, fhir_version, mapped=True)
+            raise FhirStatusError(
+                encounter.pk, state, code, fhir_version, mapped=True, valid_codes=valid
+            )
 
     def code_of(state: str) -> str:
         if state in mapping:
             return mapping[state]
         if state not in valid:
-            raise FhirStatusError(encounter.pk, state, state, fhir_version, mapped=False)
+            raise FhirStatusError(
+                encounter.pk, state, state, fhir_version, mapped=False, valid_codes=valid
+            )
         return state
 
     return code_of

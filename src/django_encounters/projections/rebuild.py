@@ -10,7 +10,7 @@ How it runs:
 * encounters are taken in primary-key order, ``batch_size`` at a time (keyset pagination);
 * each batch is one transaction: lock the batch's encounter rows (``SELECT … FOR UPDATE``, so a
   concurrent ``transition()`` waits and the replay is consistent; on Citus one single-shard
-  lock statement per shard, see :func:`_locked_batch`), stream their rows ordered by
+  lock statement per shard, see :mod:`.replay`), stream their rows ordered by
   ``(encounter, sequence)``, fold each stream, compare with the stored projection and ``UPDATE``
   only the encounters that differ;
 * memory is bounded by one batch of encounters and one stream at a time, whatever the number of
@@ -34,25 +34,17 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import connections, transaction
-from django.db.models import QuerySet
+from django.db import transaction
 from django.utils import timezone
 
 from .. import store
-from ..engine import Anomaly, StreamRow, hash_format, verify_stream
-from ..exceptions import EncounterNotFoundError
-from ..models import Encounter
-from ..store import distribution
-from .acknowledgements import Acknowledged, acknowledgements_of, key_of
-from .selection import (
-    GENESIS_COLUMNS,
-    RulesCache,
-    genesis_of,
-    parse_encounter_ids,
-    select,
-    write_alias,
-)
-from .workers import RebuildWorkerError, describe_setup, run_in_workers
+from ..arguments import require_positive_int
+from ..engine import Anomaly, hash_format
+from ..exceptions import EncounterNotFoundError, RebuildWorkerError
+from .acknowledgements import Acknowledged
+from .replay import Replays, Verified
+from .selection import Selection
+from .workers import describe_setup, run_in_workers
 
 __all__ = [
     "AcknowledgedAnomaly",
@@ -69,9 +61,6 @@ DEFAULT_MAX_REPORTED = 1000
 
 #: Projection columns, in the order of the tuples compared and written below.
 PROJECTION = store.PROJECTION_FIELDS
-_ENCOUNTER_COLUMNS = (*GENESIS_COLUMNS, *PROJECTION)
-_VERSION, _HEAD = (len(GENESIS_COLUMNS) + PROJECTION.index(n) for n in ("version", "head_hash"))
-_NO_ROWS: list[StreamRow] = []
 
 
 @dataclass(frozen=True)
@@ -198,27 +187,20 @@ def rebuild_projections(
         RebuildWorkerError: with ``jobs > 1``, a worker process failed (the others are
             stopped; every batch either committed or rolled back, a re-run finishes the job).
     """
-    using = write_alias(using)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, not {jobs!r}")
-    if encounters is not None:
-        encounters = parse_encounter_ids(encounters)
-        found = set(
-            Encounter.all_objects.using(using)
-            .filter(pk__in=encounters)
-            .values_list("pk", flat=True)
-        )
-        for pk in encounters:
-            if pk not in found:
-                raise EncounterNotFoundError(pk)
+    require_positive_int(jobs, "jobs")
+    selection = Selection.of(
+        definition=definition,
+        encounters=encounters,
+        batch_size=batch_size,
+        using=using,
+        for_write=True,
+    )
+    absent = selection.absent()
+    if absent:
+        raise EncounterNotFoundError(absent[0])
     options: dict[str, Any] = {
+        "selection": selection,
         "check": check,
-        "definition": definition,
-        "encounters": encounters,
-        "batch_size": batch_size,
-        "using": using,
         "max_reported": max_reported,
     }
     if jobs > 1:
@@ -228,11 +210,8 @@ def rebuild_projections(
 
 def rebuild_range(
     *,
+    selection: Selection,
     check: bool,
-    definition: str | None,
-    encounters: list[Any] | None,
-    batch_size: int,
-    using: str,
     progress: Callable[[RebuildResult], None] | None,
     max_reported: int,
     after: Any = None,
@@ -242,140 +221,77 @@ def rebuild_range(
     """The rebuild in this process, of the selected encounters with ``after < pk <= upto``
     (``None``: unbounded). A worker of ``jobs > 1`` runs this for its range."""
     started = time.perf_counter()
+    using = selection.using
     result = RebuildResult(check=check)
-    rules = RulesCache(using)
-    selected, transitions = select(using, rules, definition, encounters)
-    if upto is not None:
-        selected = selected.filter(pk__lte=upto)
+    replays = Replays(selection, after=after, upto=upto)
     if progress is not None and count_total:
-        counted = selected if after is None else selected.filter(pk__gt=after)
+        counted = selection.queryset()
+        if after is not None:
+            counted = counted.filter(pk__gt=after)
+        if upto is not None:
+            counted = counted.filter(pk__lte=upto)
         result.encounters_total = counted.count()
-
-    page = selected.order_by("pk").values_list(*_ENCOUNTER_COLUMNS)
-    sharded = distribution.is_sharded(connections[using])
-    subject_types: dict[Any, str] = {}
-    last: Any = after
-    while True:
+    while not replays.exhausted:
         with transaction.atomic(using=using):
-            query = page if last is None else page.filter(pk__gt=last)
-            batch = _locked_batch(query, batch_size, using, sharded)
-            if not batch:
+            batch = replays.next_batch(lock=True)
+            if batch is None:
                 break
-            last = batch[-1][0]
-            fixes = _replay_batch(
-                batch, transitions, rules, result, max_reported, using, subject_types
-            )
+            fixes = _compare(batch, result, max_reported)
             if fixes and not check:
                 store.write_projections(using, fixes, timezone.now())
                 result.projections_fixed += len(fixes)
         if progress is not None:
             result.seconds = time.perf_counter() - started
             progress(result)
-        if len(batch) < batch_size:
-            break
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -> list[tuple]:
-    """The next ``batch_size`` encounters of ``query``, their rows locked for the transaction.
-    One ``SELECT … FOR UPDATE`` of the batch; on a sharded store (Citus), where a lock cannot
-    span shards, the batch's ids are read, locked by one statement per shard (one pipeline),
-    and the batch is read again under the locks."""
-    if not sharded:
-        return store.values_rows(query.select_for_update()[:batch_size])
-    pks = list(query.values_list("pk", flat=True)[:batch_size])
-    if not pks:
-        return []
-    distribution.lock_each(using, pks)
-    # Read again by range (cheaper for Citus to plan than a list of ids), keeping the locked
-    # ones: an encounter created in the range since the ids were read is left out, as the
-    # one-statement lock leaves out what is created after it ran.
-    locked = set(pks)
-    return [row for row in store.values_rows(query.filter(pk__lte=pks[-1])) if row[0] in locked]
-
-
-def _replay_batch(
-    batch: list[tuple],
-    transitions: QuerySet,
-    rules: RulesCache,
-    result: RebuildResult,
-    max_reported: int,
-    using: str,
-    subject_types: dict[Any, str],
-) -> list[tuple]:
-    """Fold the streams of one locked batch; returns ``(pk, *replayed projection)`` for every
-    encounter whose stored projection differs and can be derived from the log. A projection
-    whose head is evidence of a deleted tail or a replaced head (``truncated``, ``head``) is
-    reported and left as it is: a rebuild never lowers a version or replaces a head hash."""
-    by_id = {row[0]: row for row in batch}
-    rows = transitions.filter(encounter_id__gte=batch[0][0], encounter_id__lte=batch[-1][0])
+def _compare(batch: list[Verified], result: RebuildResult, max_reported: int) -> list[tuple]:
+    """Compare one locked batch's stored projections with their replays; returns
+    ``(pk, *replayed projection)`` for every encounter whose stored projection differs and can
+    be derived from the log. A projection whose head is evidence of a deleted tail or a
+    replaced head (``truncated``, ``head``) is reported and left as it is: a rebuild never
+    lowers a version or replaces a head hash."""
     fixes: list[tuple] = []
-    found: list[list[Anomaly]] = []  # per anomalous encounter, in pk order
-    seen: set[Any] = set()
-
-    def fold(encounter: tuple, stream: list[StreamRow]) -> None:
-        genesis, stored_genesis = genesis_of(
-            encounter[: len(GENESIS_COLUMNS)], using, subject_types
-        )
-        pk, stored = genesis.encounter_id, encounter[len(GENESIS_COLUMNS) :]
-        replay = verify_stream(
-            genesis, stored_genesis, stream, rules.rules_of(genesis.definition_id)
-        )
-        evidence = replay.check_head(encounter[_VERSION], encounter[_HEAD])
-        anomalies = [*replay.anomalies, *evidence]
-        replayed = store.projection_values(replay.timeline)
-        result.rows_replayed += len(stream)
-        if anomalies:
-            found.append(anomalies)
-        if tuple(stored) != replayed and not evidence:
+    for verified in batch:
+        stored = verified.projection
+        replayed = store.projection_values(verified.replay.timeline)
+        result.rows_replayed += len(verified.stream)
+        if verified.anomalies:
+            _count_anomalies(verified, result, max_reported)
+        if stored != replayed and not verified.evidence:
             result.projections_drifted += 1
             if len(result.drift) < max_reported:
                 pairs = enumerate(zip(stored, replayed, strict=True))
                 differing = [i for i, (a, b) in pairs if a != b]
                 result.drift.append(
                     Drift(
-                        pk,
+                        verified.id,
                         {PROJECTION[i]: stored[i] for i in differing},
                         {PROJECTION[i]: replayed[i] for i in differing},
                     )
                 )
-            fixes.append((pk, *replayed))
-
-    for encounter_id, stream in store.iter_streams(rows):
-        encounter = by_id.get(encounter_id)
-        if encounter is None:  # in the pk range but not selected
-            continue
-        seen.add(encounter_id)
-        fold(encounter, stream)
-    if len(seen) < len(batch):
-        for encounter in batch:
-            if encounter[0] not in seen:
-                fold(encounter, _NO_ROWS)
+            fixes.append((verified.id, *replayed))
     result.encounters_scanned += len(batch)
-    _count_anomalies(found, result, max_reported, using)
     return fixes
 
 
-def _count_anomalies(
-    found: list[list[Anomaly]], result: RebuildResult, max_reported: int, using: str
-) -> None:
-    """Add one batch's anomalies to ``result``: acknowledged ones apart (one query, none
-    when the batch has no anomaly)."""
-    marks = acknowledgements_of((a for anomalies in found for a in anomalies), using)
-    for anomalies in found:
-        open_ = [a for a in anomalies if key_of(a) not in marks]
-        if open_:
-            result.anomalous_encounters += 1
-            result.anomaly_count += len(open_)
-            result.anomalies.extend(open_[: max(0, max_reported - len(result.anomalies))])
-        for anomaly in anomalies:
-            mark = marks.get(key_of(anomaly))
-            if mark is None:
-                continue
-            result.acknowledged_count += 1
-            if len(result.acknowledged) < max_reported:
-                result.acknowledged.append(AcknowledgedAnomaly(anomaly, mark))
+def _count_anomalies(verified: Verified, result: RebuildResult, max_reported: int) -> None:
+    """Add one encounter's anomalies to ``result``, acknowledged ones apart."""
+    marks = verified.acknowledged
+    open_ = [a for a in verified.anomalies if (a.sequence, a.kind) not in marks]
+    if open_:
+        result.anomalous_encounters += 1
+        result.anomaly_count += len(open_)
+        result.anomalies.extend(open_[: max(0, max_reported - len(result.anomalies))])
+    for anomaly in verified.anomalies:
+        mark = marks.get((anomaly.sequence, anomaly.kind))
+        if mark is None:
+            continue
+        result.acknowledged_count += 1
+        if len(result.acknowledged) < max_reported:
+            result.acknowledged.append(AcknowledgedAnomaly(anomaly, mark))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +308,11 @@ _COUNTERS = (
     "anomalous_encounters",
     "acknowledged_count",
 )
+
+
+def _rebuild_range_in_worker(*, selection: dict[str, Any], **options: Any) -> RebuildResult:
+    """A worker's :func:`rebuild_range` (its selection given as :meth:`Selection.fields`)."""
+    return rebuild_range(selection=Selection(**selection), count_total=False, **options)
 
 
 def _counters(result: RebuildResult) -> list[int]:
@@ -427,17 +348,17 @@ def _rebuild_in_workers(
 ) -> RebuildResult:
     """``rebuild_range(**options)`` over up to ``jobs`` worker processes, results merged."""
     started = time.perf_counter()
-    using, max_reported = options["using"], options["max_reported"]
-    setup = describe_setup(using)
-    # Bad options fail here, before any worker starts.
-    selected, _ = select(using, RulesCache(using), options["definition"], options["encounters"])
+    selection, max_reported = options["selection"], options["max_reported"]
+    setup = describe_setup(selection.using)
+    selected = selection.queryset()
     total = selected.count()
     merged = RebuildResult(
         check=options["check"], encounters_total=total if progress is not None else None
     )
+    # A worker unpickles its task before Django is set up: the selection travels as its fields.
     tasks = [
-        {**options, "after": after, "upto": upto, "count_total": False}
-        for after, upto in _split(selected, total, jobs, options["batch_size"])
+        {**options, "selection": selection.fields(), "after": after, "upto": upto}
+        for after, upto in _split(selected, total, jobs, selection.batch_size)
     ]
     running: dict[int, list[int]] = {}
 
@@ -450,7 +371,7 @@ def _rebuild_in_workers(
         progress(merged)
 
     parts = run_in_workers(
-        f"{__name__}:rebuild_range",
+        f"{__name__}:_rebuild_range_in_worker",
         tasks,
         setup,
         snapshot=f"{__name__}:_counters" if progress is not None else None,

@@ -21,8 +21,9 @@ from datetime import datetime
 from typing import IO, Any
 
 from ..engine import READABLE_FIELDS, Anomaly
-from .audit import EncounterAudit, isoformat
+from .audit import EncounterAudit
 from .checkpoints import CheckpointCheck
+from .output import local_iso, register_format
 
 CSV_HEADER = [
     "encounter_id",
@@ -63,11 +64,100 @@ def _escape(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+@register_format("audit", "table", content_type="text/plain; charset=utf-8", newline=None)
+def write_table(
+    audits: Iterable[EncounterAudit],
+    out: IO[str],
+    *,
+    as_of: datetime,
+    known_at: datetime | None = None,
+    checkpoint: CheckpointCheck | None = None,
+) -> int:
+    """A readable report, one block per encounter; returns the count of anomalies nobody
+    acknowledged."""
+    when = f"as of {local_iso(as_of)}"
+    if known_at is not None:
+        when += f", as known at {local_iso(known_at)}"
+    if checkpoint is not None:
+        out.write(
+            f"Against checkpoint {printable(str(checkpoint.path or '(data)'))} of "
+            f"{local_iso(checkpoint.created_at)}, root {checkpoint.root}: "
+            f"{checkpoint.checked} of its {checkpoint.count} encounter(s) compared with the log, "
+            f"{len(checkpoint.anomalies)} no longer extending it\n\n"
+        )
+    encounters = rows = count = acknowledged = 0
+    for audit in audits:
+        encounters += 1
+        rows += len(audit.timeline)
+        count += audit.anomaly_count
+        acknowledged += audit.acknowledged_count
+        _write_encounter(audit, out, when)
+    summary = (
+        f"{encounters} encounter(s), {rows} row(s), {count} anomal{'y' if count == 1 else 'ies'}"
+    )
+    if acknowledged:
+        summary += f", {acknowledged} acknowledged"
+    out.write(f"{summary} (states {when})\n")
+    return count
+
+
+@register_format("audit", "csv", content_type="text/csv; charset=utf-8", newline="")
+def write_csv(
+    audits: Iterable[EncounterAudit],
+    out: IO[str],
+    *,
+    as_of: datetime | None = None,
+    known_at: datetime | None = None,
+    checkpoint: CheckpointCheck | None = None,
+) -> int:
+    """One line per timeline row, with a header; an anomaly whose sequence is no row listed
+    (the genesis, a row gone from the log, a missing encounter) is written on a line of its
+    own holding only the encounter, the sequence and the anomalies. Returns the count of
+    anomalies nobody acknowledged. (Each line carries its encounter's state; ``as_of``,
+    ``known_at`` and ``checkpoint`` are the table's header and the JSON's.)"""
+    writer = csv.writer(out)
+    writer.writerow(CSV_HEADER)
+    count = 0
+    blank = [""] * (len(READABLE_FIELDS) - 1)
+    for audit in audits:
+        count += audit.anomaly_count
+        by_sequence: dict[int, list[str]] = {}
+        for anomaly in audit.anomalies:
+            by_sequence.setdefault(anomaly.sequence, []).append(_anomaly_text(audit, anomaly))
+        encounter = [str(audit.id), audit.definition, audit.state_as_of]
+        for row in audit.timeline:
+            cells = [
+                *encounter,
+                row.sequence,
+                row.from_state,
+                row.to_state,
+                local_iso(row.effective_at),
+                local_iso(row.transitioned_at),
+                row.transitioned_by or "",
+                row.reason,
+                "true" if row.backdated else "false",
+                "true" if row.overtaken else "false",
+                "; ".join(by_sequence.pop(row.sequence, [])),
+            ]
+            writer.writerow([csv_cell(cell) for cell in cells])
+        for sequence, texts in sorted(by_sequence.items()):
+            cells = [*encounter, sequence, *blank, "", "", "; ".join(texts)]
+            writer.writerow([csv_cell(cell) for cell in cells])
+    return count
+
+
+@register_format("audit", "json", content_type="application/json", newline=None)
 def write_json(
-    audits: Iterable[EncounterAudit], out: IO[str], *, checkpoint: CheckpointCheck | None = None
+    audits: Iterable[EncounterAudit],
+    out: IO[str],
+    *,
+    as_of: datetime | None = None,
+    known_at: datetime | None = None,
+    checkpoint: CheckpointCheck | None = None,
 ) -> int:
     """Stream the audit as one JSON object (indented, one encounter at a time; the shape is in
-    docs/operations.md); returns the count of anomalies nobody acknowledged."""
+    docs/operations.md); returns the count of anomalies nobody acknowledged. (``as_of`` and
+    ``known_at`` are in each encounter's ``state_as_of``.)"""
     count = acknowledged = 0
     out.write('{\n  "encounters": [')
     for index, audit in enumerate(audits):
@@ -89,78 +179,6 @@ def _anomaly_text(audit: EncounterAudit, anomaly: Anomaly) -> str:
     if acknowledged is not None:
         text += f" ({acknowledged})"
     return text
-
-
-def write_csv(audits: Iterable[EncounterAudit], out: IO[str]) -> int:
-    """One line per timeline row, with a header; an anomaly whose sequence is no row listed
-    (the genesis, a row gone from the log, a missing encounter) is written on a line of its
-    own holding only the encounter, the sequence and the anomalies. Returns the count of
-    anomalies nobody acknowledged."""
-    writer = csv.writer(out)
-    writer.writerow(CSV_HEADER)
-    count = 0
-    blank = [""] * (len(READABLE_FIELDS) - 1)
-    for audit in audits:
-        count += audit.anomaly_count
-        by_sequence: dict[int, list[str]] = {}
-        for anomaly in audit.anomalies:
-            by_sequence.setdefault(anomaly.sequence, []).append(_anomaly_text(audit, anomaly))
-        encounter = [str(audit.id), audit.definition, audit.state_as_of]
-        for row in audit.timeline:
-            cells = [
-                *encounter,
-                row.sequence,
-                row.from_state,
-                row.to_state,
-                isoformat(row.effective_at),
-                isoformat(row.transitioned_at),
-                row.transitioned_by or "",
-                row.reason,
-                "true" if row.backdated else "false",
-                "true" if row.overtaken else "false",
-                "; ".join(by_sequence.pop(row.sequence, [])),
-            ]
-            writer.writerow([csv_cell(cell) for cell in cells])
-        for sequence, texts in sorted(by_sequence.items()):
-            cells = [*encounter, sequence, *blank, "", "", "; ".join(texts)]
-            writer.writerow([csv_cell(cell) for cell in cells])
-    return count
-
-
-def write_table(
-    audits: Iterable[EncounterAudit],
-    out: IO[str],
-    *,
-    as_of: datetime,
-    known_at: datetime | None = None,
-    checkpoint: CheckpointCheck | None = None,
-) -> int:
-    """A readable report, one block per encounter; returns the count of anomalies nobody
-    acknowledged."""
-    when = f"as of {isoformat(as_of)}"
-    if known_at is not None:
-        when += f", as known at {isoformat(known_at)}"
-    if checkpoint is not None:
-        out.write(
-            f"Against checkpoint {printable(str(checkpoint.path or '(data)'))} of "
-            f"{isoformat(checkpoint.created_at)}, root {checkpoint.root}: "
-            f"{checkpoint.checked} of its {checkpoint.count} encounter(s) compared with the log, "
-            f"{len(checkpoint.anomalies)} no longer extending it\n\n"
-        )
-    encounters = rows = count = acknowledged = 0
-    for audit in audits:
-        encounters += 1
-        rows += len(audit.timeline)
-        count += audit.anomaly_count
-        acknowledged += audit.acknowledged_count
-        _write_encounter(audit, out, when)
-    summary = (
-        f"{encounters} encounter(s), {rows} row(s), {count} anomal{'y' if count == 1 else 'ies'}"
-    )
-    if acknowledged:
-        summary += f", {acknowledged} acknowledged"
-    out.write(f"{summary} (states {when})\n")
-    return count
 
 
 def _write_encounter(audit: EncounterAudit, out: IO[str], when: str) -> None:
@@ -203,8 +221,8 @@ def _write_timeline(audit: EncounterAudit, out: IO[str]) -> None:
         table.append(
             [
                 str(row.sequence),
-                isoformat(row.effective_at) or "",
-                isoformat(row.transitioned_at) or "",
+                local_iso(row.effective_at) or "",
+                local_iso(row.transitioned_at) or "",
                 printable(f"{row.from_state} -> {row.to_state}"),
                 printable(row.transitioned_by or "-"),
                 printable(_one_line(row.reason)),

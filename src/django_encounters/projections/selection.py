@@ -1,18 +1,21 @@
-"""Which encounters a rebuild or an audit covers, and the definitions' rules they replay
-against."""
+"""Which encounters a rebuild, an audit, a checkpoint or an export covers — one
+:class:`Selection`, checked once — and the definitions' rules they replay against."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from django.contrib.contenttypes.models import ContentType
 from django.db import router
-from django.db.models import Exists, OuterRef, QuerySet
+from django.db.models import Exists, Model, OuterRef, QuerySet
 
+from ..arguments import encounter_ids, require_aware, require_positive_int
 from ..engine import Genesis, Rules
-from ..exceptions import EncounterError
+from ..exceptions import DefinitionNotFoundError
 from ..models import (
     GENESIS_FACTS,
     Encounter,
@@ -49,21 +52,6 @@ def effective_between(
     if until is not None:
         period = period.filter(effective_at__lt=until)
     return selected.filter(Exists(period))
-
-
-def parse_encounter_ids(values: Iterable[Any]) -> list[UUID]:
-    """UUIDs from strings (any form ``uuid.UUID`` accepts) or UUIDs; ``ValueError`` naming the
-    first value that is not one."""
-    result = []
-    for value in values:
-        if isinstance(value, UUID):
-            result.append(value)
-            continue
-        try:
-            result.append(UUID(str(value).strip()))
-        except ValueError:
-            raise ValueError(f"not an encounter id (a UUID): {value!r}") from None
-    return result
 
 
 class RulesCache:
@@ -133,26 +121,135 @@ def genesis_of(
     return genesis_from(values[:-1], using, subject_type=name), values[-1]
 
 
-def select(
-    using: str, rules: RulesCache, definition: str | None, encounters: Iterable[Any] | None
-) -> tuple[Any, QuerySet]:
-    """The encounters selected by definition code and/or ids, and their transitions
-    (querysets on ``using``), as rebuild and audit select them.
+@dataclass(frozen=True)
+class Selection:
+    """The encounters a report covers, its times and its batching — checked once, by
+    :meth:`of`; every projection takes one.
 
-    Raises:
-        EncounterError: no definition has the code ``definition``.
-        ValueError: an encounter id that is not a UUID.
+    ``definition_ids`` are the primary keys of the definition named ``definition`` (a code
+    names one definition, but the lookup does not assume it); ``encounters`` the ids asked
+    for, parsed; ``subject`` a saved model instance. ``since``/``until`` select encounters with
+    at least one row *effective* in ``[since, until)``; ``known_at`` is the system time the
+    log is read as of (rows recorded by then).
     """
-    selected = Encounter.all_objects.using(using)
-    transitions = EncounterTransition.objects.using(using)
-    if definition is not None:
-        definition_ids = rules.ids_for_code(definition)
-        if not definition_ids:
-            raise EncounterError(f"no encounter definition has the code {definition!r}")
-        selected = selected.filter(definition_id__in=definition_ids)
-        transitions = transitions.filter(encounter__definition_id__in=definition_ids)
-    if encounters is not None:
-        ids = parse_encounter_ids(encounters)
-        selected = selected.filter(pk__in=ids)
-        transitions = transitions.filter(encounter_id__in=ids)
-    return selected, transitions
+
+    using: str
+    batch_size: int
+    definition: str | None = None
+    definition_ids: tuple[Any, ...] | None = None
+    encounters: tuple[UUID, ...] | None = None
+    subject: Model | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    known_at: datetime | None = None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        batch_size: int,
+        definition: str | None = None,
+        encounters: Iterable[Any] | None = None,
+        subject: Model | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        known_at: datetime | None = None,
+        using: str | None = None,
+        for_write: bool = False,
+    ) -> Selection:
+        """A checked selection (``using`` default: the router's choice for reading
+        encounters, or for writing them with ``for_write``).
+
+        Raises:
+            TypeError / ValueError: a time that is not an aware datetime, ``since >= until``,
+                a bad ``batch_size``, an encounter id that is not a UUID, an unsaved
+                ``subject``.
+            DefinitionNotFoundError: no definition has the code ``definition``.
+        """
+        using = write_alias(using) if for_write else read_alias(using)
+        for name, value in (("since", since), ("until", until), ("known_at", known_at)):
+            require_aware(value, name, optional=True)
+        if since is not None and until is not None and since >= until:
+            raise ValueError(
+                f"since ({since.isoformat()}) must be before until ({until.isoformat()})"
+            )
+        require_positive_int(batch_size, "batch_size")
+        ids = None if encounters is None else tuple(encounter_ids(encounters))
+        if subject is not None and subject.pk is None:
+            raise ValueError(f"subject {subject!r} is not saved (it has no primary key)")
+        definition_ids = None
+        if definition is not None:
+            definition_ids = tuple(
+                EncounterDefinition.all_objects.using(using)
+                .filter(code=definition)
+                .values_list("pk", flat=True)
+            )
+            if not definition_ids:
+                raise DefinitionNotFoundError(definition)
+        return cls(
+            using=using,
+            batch_size=batch_size,
+            definition=definition,
+            definition_ids=definition_ids,
+            encounters=ids,
+            subject=subject,
+            since=since,
+            until=until,
+            known_at=known_at,
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """The selection as keyword arguments of the class (for a worker process, which
+        rebuilds it with ``Selection(**fields)`` once Django is set up)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether it selects fewer than every encounter."""
+        return (
+            self.definition_ids is not None
+            or self.encounters is not None
+            or self.subject is not None
+            or self.since is not None
+            or self.until is not None
+        )
+
+    def queryset(self) -> QuerySet:
+        """The selected encounters (soft-deleted ones included: their history is part of the
+        record), unordered."""
+        selected = Encounter.all_objects.using(self.using)
+        if self.definition_ids is not None:
+            selected = selected.filter(definition_id__in=self.definition_ids)
+        if self.encounters is not None:
+            selected = selected.filter(pk__in=self.encounters)
+        if self.subject is not None:
+            selected = selected.filter(
+                subject_content_type=ContentType.objects.db_manager(self.using).get_for_model(
+                    self.subject
+                ),
+                subject_id=str(self.subject.pk),
+            )
+        return effective_between(selected, self.since, self.until, self.using)
+
+    def transitions(self) -> QuerySet:
+        """The rows of the encounters selected by definition and ids (a superset of the
+        selection's rows when it is narrowed by subject or period: the reader keeps only the
+        streams of the encounters it read)."""
+        rows = EncounterTransition.objects.using(self.using)
+        if self.definition_ids is not None:
+            rows = rows.filter(encounter__definition_id__in=self.definition_ids)
+        if self.encounters is not None:
+            rows = rows.filter(encounter_id__in=self.encounters)
+        return rows
+
+    def absent(self) -> list[UUID]:
+        """The ids of ``encounters`` (in their order) that name no encounter, soft-deleted ones
+        counting as existing; ``[]`` when the selection names no ids."""
+        if not self.encounters:
+            return []
+        found = set(
+            Encounter.all_objects.using(self.using)
+            .filter(pk__in=self.encounters)
+            .values_list("pk", flat=True)
+        )
+        return [pk for pk in self.encounters if pk not in found]

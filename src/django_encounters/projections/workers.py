@@ -15,12 +15,7 @@ from typing import Any, cast
 
 from django.db import connections
 
-from ..exceptions import EncounterError
-
-
-class RebuildWorkerError(EncounterError, RuntimeError):
-    """A worker process failed; the message carries its error. The other workers were
-    stopped; every batch either committed or rolled back, so a re-run finishes the job."""
+from ..exceptions import RebuildWorkerError
 
 
 def describe_setup(using: str) -> dict[str, Any]:

@@ -256,7 +256,7 @@ class TimelineRowSerializer(serializers.Serializer):
     overtaken_by = serializers.IntegerField(allow_null=True)
 
     def get_context(self, row: Any) -> Any:
-        return self.context["contexts"].get(row.sequence, {})
+        return row.context if row.context is not None else {}
 
 
 class TransitionRowSerializer(serializers.ModelSerializer):

@@ -35,8 +35,8 @@ from rest_framework.response import Response
 
 from ... import conf, services
 from ...exceptions import ConcurrentTransitionError, EncounterNotFoundError
-from ...models import Encounter, EncounterTransition
-from ...projections.audit import iter_audit
+from ...models import Encounter
+from ...projections.audit import encounter_timeline
 from .permissions import EncounterPermissions
 from .problems import Problem, encounter_problem, problem_response
 from .serializers import (
@@ -137,19 +137,13 @@ class EncounterViewSet(viewsets.GenericViewSet):
         etag = etag_of(encounter)
         if _not_modified(request, etag):
             return Response(status=304, headers={"ETag": etag})
-        audit = next(iter(iter_audit(encounters=[encounter.pk], known_at=known_at)), None)
-        rows = audit.timeline if audit is not None else []
-        contexts = dict(
-            EncounterTransition.objects.filter(encounter_id=encounter.pk).values_list(
-                "sequence", "metadata"
-            )
-        )
+        audit = encounter_timeline(encounter, known_at)
         body = {
             "encounter": str(encounter.pk),
             "version": encounter.version,
             "known_at": None if known_at is None else _TIME.to_representation(known_at),
-            "timeline": TimelineRowSerializer(rows, many=True, context={"contexts": contexts}).data,
-            "anomalies": [audit.anomaly_dict(a) for a in audit.anomalies] if audit else [],
+            "timeline": TimelineRowSerializer(audit.timeline, many=True).data,
+            "anomalies": [audit.anomaly_dict(a) for a in audit.anomalies],
         }
         return Response(body, headers={"ETag": etag})
 

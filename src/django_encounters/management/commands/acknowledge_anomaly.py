@@ -18,7 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS
 
 from django_encounters.exceptions import EncounterError, EncounterNotFoundError
-from django_encounters.projections.acknowledgements import CHECKPOINT_KINDS
+from django_encounters.engine import AnomalyKind
 from django_encounters.projections.audit import (
     AnomalyNotReportedError,
     acknowledge_reported_anomaly,
@@ -95,7 +95,7 @@ class Command(BaseCommand):
             ) from exc
         except AnomalyNotReportedError as exc:
             message = str(exc)
-            if options["kind"] in (*CHECKPOINT_KINDS, "truncated") and options["against"] is None:
+            if options["kind"] in AnomalyKind.checkpoint_kinds() and options["against"] is None:
                 message += "; an anomaly found against a checkpoint needs --against FILE"
             raise CommandError(message, returncode=2) from exc
         except (CheckpointError, ValueError, TypeError, EncounterError) as exc:

@@ -14,23 +14,23 @@ an unusable checkpoint (nothing written), 141 when standard output was closed ea
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import IO, Any
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from django_encounters.exceptions import EncounterError, EncounterNotFoundError
 from django_encounters.projections.audit import DEFAULT_BATCH_SIZE, EncounterAudit, iter_audit
-from django_encounters.projections.rendering import write_csv, write_json, write_table
+from django_encounters.projections.output import formats, get_format
 
 from ..helpers import (
-    ReportFile,
     Unended,
     add_selection_arguments,
     parse_subject,
     parse_times,
     plural,
     quiet_broken_pipe,
+    report_file,
 )
 
 
@@ -80,7 +80,7 @@ class Command(BaseCommand):
             help="the root published for that checkpoint: refuse a checkpoint with another one",
         )
         output = parser.add_argument_group("output")
-        output.add_argument("--format", choices=["table", "csv", "json"], default="table")
+        output.add_argument("--format", choices=formats("audit"), default="table")
         output.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -109,32 +109,25 @@ class Command(BaseCommand):
             ) from exc
         except (ValueError, TypeError, EncounterError) as exc:
             raise CommandError(str(exc), returncode=2) from exc
-        fmt = options["format"]
+        writer = get_format("audit", options["format"])
         path = options["output"]
-        report = ReportFile(path, newline="" if fmt == "csv" else None) if path else None
-        out: Any = report.file if report is not None else Unended(self.stdout)
         tally = _Tally()
+
+        def render(out: IO[str]) -> int:
+            return writer.write(
+                tally.count(audits),
+                out,
+                as_of=times["as_of"],
+                known_at=times.get("known_at"),
+                checkpoint=audits.checkpoint,
+            )
+
         with quiet_broken_pipe(self):
-            try:
-                counted = tally.count(audits)
-                if fmt == "json":
-                    count = write_json(counted, out, checkpoint=audits.checkpoint)
-                elif fmt == "csv":
-                    count = write_csv(counted, out)
-                else:
-                    count = write_table(
-                        counted,
-                        out,
-                        as_of=times["as_of"],
-                        known_at=times.get("known_at"),
-                        checkpoint=audits.checkpoint,
-                    )
-            except BaseException:
-                if report is not None:
-                    report.discard()
-                raise
-            if report is not None:
-                report.commit()
+            if path:
+                with report_file(path, newline=writer.newline) as out:
+                    count = render(out)
+            else:
+                count = render(Unended(self.stdout))
         acknowledged = (
             f" ({plural(tally.acknowledged, 'acknowledged anomaly', 'acknowledged anomalies')}"
             " not counted)"

@@ -28,7 +28,7 @@ from django_encounters.projections.diagrams import (
     graphviz_program,
 )
 
-from ..helpers import ReportFile, Unended, parse_times, quiet_broken_pipe
+from ..helpers import Unended, parse_times, quiet_broken_pipe, report_file
 
 
 class Command(BaseCommand):
@@ -93,13 +93,8 @@ class Command(BaseCommand):
             raise CommandError(str(exc), returncode=2) from exc
         path = options["output"]
         if path:
-            report = ReportFile(path)
-            try:
-                report.file.write(text)
-            except BaseException:
-                report.discard()
-                raise
-            report.commit()
+            with report_file(path) as out:
+                out.write(text)
             if options["verbosity"] >= 1:
                 self.stderr.write(f"diagram written to {path}")
             return

@@ -22,7 +22,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from django_encounters.exceptions import EncounterError
 from django_encounters.projections.audit import DEFAULT_BATCH_SIZE
-from django_encounters.projections.event_log import FORMATS, export_event_log
+from django_encounters.projections.event_log import export_event_log
+from django_encounters.projections.output import formats
 
 from ..helpers import Unended, add_run_arguments, parse_times, plural, quiet_broken_pipe
 
@@ -34,7 +35,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--format", choices=FORMATS, required=True)
+        parser.add_argument("--format", choices=formats("event-log"), required=True)
         select = parser.add_argument_group("selection")
         select.add_argument(
             "--definition", metavar="CODE", help="only encounters of this definition"

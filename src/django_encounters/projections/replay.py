@@ -1,0 +1,300 @@
+"""One fold: the verified replays every projection reads.
+
+:class:`Replays` reads a :class:`~.selection.Selection` batch by batch — the encounters (keyset
+pagination, in primary-key or ``(created_at, id)`` order), their streams (one query per batch),
+each stream replayed and verified by the engine (``verify_stream``: genesis, gaps, hash chain,
+system time, ``from_state``, edges, re-chains), the projection's head compared with the log's,
+the acknowledgements of what was found (one query per batch, none without anomalies) and, when
+asked, the names of the users who recorded the rows. Rebuild, audit, event log, process map,
+the admin's and the REST API's timelines all consume it; nothing else replays a selection.
+
+A consumer that writes (the rebuild) asks for each batch with :meth:`Replays.next_batch`
+inside its own transaction, ``lock=True``: the batch's encounter rows are then locked before
+their streams are read, so the replay and what the consumer writes from it are consistent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any
+from uuid import UUID
+
+from django.contrib.auth import get_user_model
+from django.db import connections
+from django.db.models import Q, QuerySet
+
+from .. import store
+from ..engine import (
+    TIMELINE_ORDER,
+    Anomaly,
+    Genesis,
+    Replay,
+    StreamRow,
+    known_prefix,
+    verify_stream,
+)
+from ..store import distribution
+from .acknowledgements import Acknowledged, acknowledgements_of, key_of
+from .selection import GENESIS_COLUMNS, RulesCache, Selection, genesis_of
+
+__all__ = [
+    "ENCOUNTER_COLUMNS",
+    "Replays",
+    "Usernames",
+    "Verified",
+    "mark_acknowledged",
+    "timeline_order",
+]
+
+#: The encounter columns every replay reads: the genesis facts and hash, then the projection.
+ENCOUNTER_COLUMNS = (*GENESIS_COLUMNS, *store.PROJECTION_FIELDS)
+_PROJECTION = slice(len(GENESIS_COLUMNS), len(ENCOUNTER_COLUMNS))
+_EXTRA = len(ENCOUNTER_COLUMNS)
+_CREATED = GENESIS_COLUMNS.index("created_at")
+_VERSION = len(GENESIS_COLUMNS) + store.PROJECTION_FIELDS.index("version")
+_HEAD = len(GENESIS_COLUMNS) + store.PROJECTION_FIELDS.index("head_hash")
+_NO_ROWS: list[StreamRow] = []
+
+
+@dataclass
+class Verified:
+    """One encounter's verified replay."""
+
+    values: tuple  # ENCOUNTER_COLUMNS, then the reader's extra columns
+    genesis: Genesis
+    stream: list[StreamRow]  # sequence order (with known_at: the rows recorded by then)
+    replay: Replay
+    #: what is wrong: the replay's anomalies, the head's (``evidence``), then any the reader
+    #: was given for this encounter (a checkpoint's)
+    anomalies: list[Anomaly]
+    #: the head check's anomalies: the projection's head is evidence (a deleted tail, a
+    #: replaced head), which a rebuild keeps as it is
+    evidence: list[Anomaly] = field(default_factory=list)
+    #: (sequence, kind) -> how that anomaly was acknowledged
+    acknowledged: dict[tuple[int, str], Acknowledged] = field(default_factory=dict)
+
+    @property
+    def id(self) -> UUID:
+        return self.genesis.encounter_id
+
+    @property
+    def projection(self) -> tuple:
+        """The stored projection (``store.PROJECTION_FIELDS``)."""
+        return self.values[_PROJECTION]
+
+    @property
+    def extra(self) -> tuple:
+        """The extra columns the reader was asked for, in their order."""
+        return self.values[_EXTRA:]
+
+
+class Usernames:
+    """user id -> username, looked up once per user (``#<id>`` for a user row that is gone)."""
+
+    def __init__(self, using: str) -> None:
+        self.model = get_user_model()
+        self.using = using
+        self.names: dict[Any, str | None] = {None: None}
+
+    def load(self, ids: Iterable[Any]) -> None:
+        missing = {pk for pk in ids if pk not in self.names}
+        if not missing:
+            return
+        field_name = self.model.USERNAME_FIELD
+        found = dict(
+            self.model._default_manager.using(self.using)
+            .filter(pk__in=missing)
+            .values_list("pk", field_name)
+        )
+        for pk in missing:
+            self.names[pk] = str(found[pk]) if pk in found else f"#{pk}"
+
+    def name(self, pk: Any) -> str | None:
+        return self.names.get(pk, f"#{pk}")
+
+
+def mark_acknowledged(
+    items: Iterable[tuple[list[Anomaly], dict[tuple[int, str], Acknowledged]]], using: str
+) -> None:
+    """Fill in, for each ``(anomalies, acknowledged)`` pair, how its anomalies were
+    acknowledged: one query for all of them, none when there is no anomaly."""
+    items = list(items)
+    found = acknowledgements_of((a for anomalies, _ in items for a in anomalies), using)
+    if not found:
+        return
+    for anomalies, acknowledged in items:
+        for anomaly in anomalies:
+            mark = found.get(key_of(anomaly))
+            if mark is not None:
+                acknowledged[(anomaly.sequence, anomaly.kind)] = mark
+
+
+class Replays:
+    """The verified replays of a selection's encounters, batch by batch.
+
+    Args:
+        selection: what to read.
+        order: ``"pk"`` (primary key; streams read by id range) or ``"created"``
+            (``(created_at, id)``; streams read by id list).
+        extra: encounter columns to read besides :data:`ENCOUNTER_COLUMNS`
+            (``Verified.extra``).
+        verify: check hashes, rules and the head, and look up acknowledgements; False folds
+            the streams only (what a process map needs).
+        users: look up the usernames of the rows' users (``self.users``).
+        rules: the definitions' rules (default: loaded here).
+        added: anomalies found elsewhere (a checkpoint's), by encounter id; each is added to
+            its encounter's and removed from the mapping when that encounter is read.
+        after, upto: with ``order="pk"``, only encounters with ``after < pk <= upto``.
+    """
+
+    def __init__(
+        self,
+        selection: Selection,
+        *,
+        order: str = "pk",
+        extra: tuple[str, ...] = (),
+        verify: bool = True,
+        users: bool = False,
+        rules: RulesCache | None = None,
+        added: dict[Any, list[Anomaly]] | None = None,
+        after: Any = None,
+        upto: Any = None,
+    ) -> None:
+        if order not in ("pk", "created"):
+            raise ValueError(f"order must be 'pk' or 'created', not {order!r}")
+        self.selection = selection
+        self.using = using = selection.using
+        self.order = order
+        self.verify = verify
+        self.rules = rules if rules is not None or not verify else RulesCache(using)
+        self.users = Usernames(using) if users else None
+        self.added = added if added is not None else {}
+        selected = selection.queryset()
+        if upto is not None:
+            selected = selected.filter(pk__lte=upto)
+        ordering = ("pk",) if order == "pk" else ("created_at", "pk")
+        self._page = selected.order_by(*ordering).values_list(*ENCOUNTER_COLUMNS, *extra)
+        self._transitions = selection.transitions()
+        self._sharded = distribution.is_sharded(connections[using])
+        # In primary-key order, a batch selected by definition or ids only is (nearly) every
+        # row of the transitions queryset in its id range.
+        self._dense = (
+            order == "pk"
+            and selection.subject is None
+            and (selection.since is None and selection.until is None)
+        )
+        self._subject_types: dict[Any, str] = {}
+        self._after: Any = after  # the last encounter read: its pk, or (created_at, pk)
+        self._done = False
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the last batch was read (:meth:`next_batch` then returns None at once)."""
+        return self._done
+
+    def __iter__(self) -> Iterator[Verified]:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> Iterator[list[Verified]]:
+        """Every batch, unlocked."""
+        while (batch := self.next_batch()) is not None:
+            yield batch
+
+    def next_batch(self, *, lock: bool = False) -> list[Verified] | None:
+        """The next batch's verified replays, None after the last. With ``lock`` (call it in a
+        transaction; ``order="pk"`` only) the batch's encounter rows are locked first."""
+        if self._done:
+            return None
+        batch = self._read(lock)
+        if len(batch) < self.selection.batch_size:
+            self._done = True
+        if not batch:
+            return None
+        self._after = batch[-1][0] if self.order == "pk" else (batch[-1][_CREATED], batch[-1][0])
+        return self._fold(batch)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _read(self, lock: bool) -> list[tuple]:
+        query = self._page
+        if self._after is not None:
+            if self.order == "pk":
+                query = query.filter(pk__gt=self._after)
+            else:
+                created, pk = self._after
+                query = query.filter(Q(created_at__gt=created) | Q(created_at=created, pk__gt=pk))
+        size = self.selection.batch_size
+        if not lock:
+            return store.values_rows(query[:size])
+        if self.order != "pk":
+            raise ValueError("a locked read is in primary-key order")
+        return _locked_batch(query, size, self.using, self._sharded)
+
+    def _streams(self, batch: list[tuple]) -> Iterator[tuple[UUID, list[StreamRow]]]:
+        if self._dense:  # the batch is every encounter in its id range: a range, cheaper to
+            # plan than a list of ids
+            rows = self._transitions.filter(
+                encounter_id__gte=batch[0][0], encounter_id__lte=batch[-1][0]
+            )
+        else:
+            rows = self._transitions.filter(encounter_id__in=[values[0] for values in batch])
+        return store.iter_streams(rows)
+
+    def _fold(self, batch: list[tuple]) -> list[Verified]:
+        by_id = {values[0]: values for values in batch}
+        folded: dict[Any, Verified] = {}
+        for encounter_id, stream in self._streams(batch):
+            values = by_id.get(encounter_id)
+            if values is not None:  # in the id range but not selected: skipped
+                folded[encounter_id] = self._one(values, stream)
+        result = [folded.get(values[0]) or self._one(values, _NO_ROWS) for values in batch]
+        if self.users is not None:
+            self.users.load(row.transitioned_by for v in result for row in v.stream)
+        if self.verify:
+            mark_acknowledged(((v.anomalies, v.acknowledged) for v in result), self.using)
+        return result
+
+    def _one(self, values: tuple, stream: list[StreamRow]) -> Verified:
+        genesis, stored_genesis = genesis_of(
+            values[: len(GENESIS_COLUMNS)], self.using, self._subject_types
+        )
+        known_at = self.selection.known_at
+        if known_at is not None:
+            stream = list(known_prefix(stream, known_at))
+        if not self.verify:
+            replay = verify_stream(genesis, stored_genesis, stream, check_hashes=False)
+            return Verified(values, genesis, stream, replay, [])
+        assert self.rules is not None
+        replay = verify_stream(
+            genesis, stored_genesis, stream, self.rules.rules_of(genesis.definition_id)
+        )
+        # The projection is today's: it is compared with the whole log only.
+        evidence = replay.check_head(values[_VERSION], values[_HEAD]) if known_at is None else []
+        anomalies = [*replay.anomalies, *evidence, *self.added.pop(genesis.encounter_id, [])]
+        return Verified(values, genesis, stream, replay, anomalies, evidence)
+
+
+def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -> list[tuple]:
+    """The next ``batch_size`` encounters of ``query``, their rows locked for the transaction.
+    One ``SELECT … FOR UPDATE`` of the batch; on a sharded store (Citus), where a lock cannot
+    span shards, the batch's ids are read, locked by one statement per shard (one pipeline),
+    and the batch is read again under the locks."""
+    if not sharded:
+        return store.values_rows(query.select_for_update()[:batch_size])
+    pks = list(query.values_list("pk", flat=True)[:batch_size])
+    if not pks:
+        return []
+    distribution.lock_each(using, pks)
+    # Read again by range (cheaper for Citus to plan than a list of ids), keeping the locked
+    # ones: an encounter created in the range since the ids were read is left out, as the
+    # one-statement lock leaves out what is created after it ran.
+    locked = set(pks)
+    return [row for row in store.values_rows(query.filter(pk__lte=pks[-1])) if row[0] in locked]
+
+
+def timeline_order(rows: Iterable[StreamRow]) -> list[StreamRow]:
+    """``rows`` in business-time order (the engine's ``TIMELINE_ORDER``)."""
+    return sorted(rows, key=attrgetter(*TIMELINE_ORDER))
