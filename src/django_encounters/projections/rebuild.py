@@ -42,7 +42,7 @@ from .. import store
 from ..engine import Anomaly, StreamRow, hash_format, verify_stream
 from ..exceptions import EncounterNotFoundError
 from ..models import Encounter
-from ..store import distribution
+from ..store import sharding
 from .acknowledgements import Acknowledged, acknowledgements_of, key_of
 from .selection import (
     GENESIS_COLUMNS,
@@ -252,7 +252,7 @@ def rebuild_range(
         result.encounters_total = counted.count()
 
     page = selected.order_by("pk").values_list(*_ENCOUNTER_COLUMNS)
-    sharded = distribution.is_sharded(connections[using])
+    sharded = sharding.is_sharded(connections[using])
     subject_types: dict[Any, str] = {}
     last: Any = after
     while True:
@@ -287,7 +287,7 @@ def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -
     pks = list(query.values_list("pk", flat=True)[:batch_size])
     if not pks:
         return []
-    distribution.lock_each(using, pks)
+    sharding.lock_each(using, pks)
     # Read again by range (cheaper for Citus to plan than a list of ids), keeping the locked
     # ones: an encounter created in the range since the ids were read is left out, as the
     # one-statement lock leaves out what is created after it ran.
