@@ -31,7 +31,7 @@ from django_encounters.services import (
     get_state_at,
     transition,
 )
-from django_encounters.store import distribution
+from django_encounters.store import distribution, sharding
 from tests.helpers import IS_CITUS, run_command, work_queries
 
 citus_only = pytest.mark.skipif(not IS_CITUS, reason="needs the Citus cluster (make test-citus)")
@@ -116,7 +116,7 @@ def test_distribute_encounters_is_idempotent_and_check_finds_nothing_left() -> N
     assert "nothing to do" in out
     assert "in place: django_encounters_encounter: distributed by id" in out
     assert distribution.plan("default").done
-    assert distribution.is_sharded(connections["default"])
+    assert sharding.is_sharded(connections["default"])
 
 
 @pytest.mark.skipif(IS_CITUS, reason="the refusal without Citus")
@@ -128,7 +128,7 @@ def test_distribute_encounters_refuses_a_database_without_citus() -> None:
     assert "CREATE EXTENSION citus" in err
     with pytest.raises(distribution.DistributionError, match="no Citus extension"):
         distribution.plan("default")
-    assert not distribution.is_sharded(connections["default"])
+    assert not sharding.is_sharded(connections["default"])
 
 
 # --- where the rows live -----------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_distribute_encounters_from_scratch_refuses_a_foreign_table_then_distrib
     try:
         _distribute_from_scratch(replica)
     finally:  # rolled back with the test: what was learnt of the layout no longer holds
-        distribution.forget(replica)
+        sharding.forget(replica)
 
 
 def _distribute_from_scratch(replica: Any) -> None:
@@ -317,7 +317,7 @@ def _distribute_from_scratch(replica: Any) -> None:
     assert any("widen the primary key" in d for d in descriptions)
     distribution.apply(layout)
     assert distribution.plan("replica").done
-    assert distribution.is_sharded(replica)
+    assert sharding.is_sharded(replica)
     with replica.cursor() as cursor:
         cursor.execute(
             "SELECT logicalrelid::text, partmethod FROM pg_dist_partition "

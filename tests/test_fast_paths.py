@@ -1,7 +1,7 @@
 """The write and read paths' shortcuts give exactly what the ORM gives, on every backend.
 
 * ``converters.value_adapter``: what a field's ``get_db_prep_save`` would send the driver;
-* ``UUIDModel.from_db``: the instance ``Model.from_db`` would build, and the ORM's own way as
+* ``store.loading``: the instance the model's ``from_db`` would build, and the ORM's own way as
   soon as anything could tell the difference (an init signal receiver, a deferred field).
 """
 
@@ -26,6 +26,7 @@ from django_encounters.models import (
     EncounterTransition,
 )
 from django_encounters.services import get_encounter_history, transition
+from django_encounters.store import loading
 from django_encounters.store.converters import value_adapter
 from django_encounters.store.statements import statements
 
@@ -98,7 +99,7 @@ def test_a_row_written_by_transition_reads_back_as_the_orm_wrote_it(encounter, u
     assert Encounter.objects.filter(pk=encounter.pk, timeline_end_at=AWARE).exists()
 
 
-# -- from_db ----------------------------------------------------------------------------------
+# -- loading ----------------------------------------------------------------------------------
 
 
 def _fields_of(instance):
@@ -115,7 +116,8 @@ def test_a_loaded_instance_is_the_one_model_init_builds(model, encounter):
         values = [getattr(loaded, n) for n in names]
         reference = model(*values)  # Model.__init__'s positional way, as Model.from_db does
         reference._state.adding, reference._state.db = False, loaded._state.db
-        fast = model.from_db(loaded._state.db, names, values)
+        orm = model.from_db(loaded._state.db, names, values)
+        fast = loading.load(model, loaded._state.db, names, values)
         assert type(fast) is model
         assert (fast._state.adding, fast._state.db) == (False, loaded._state.db)
         assert fast._state.fields_cache == {}
@@ -124,6 +126,43 @@ def test_a_loaded_instance_is_the_one_model_init_builds(model, encounter):
             assert fast_fields[name] == reference_fields[name], name
         assert fast == reference
         assert fast.pk == loaded.pk
+        assert _fields_of(fast) == _fields_of(orm)  # what from_db adds too (an encounter's facts)
+
+
+def test_the_store_loads_its_rows_the_fast_way():
+    """The lock's and history's columns are every concrete field in order: their rows are
+    loaded without ``Model.__init__`` (a loader of the model's own ``from_db`` would still give
+    the same instances, only slower — nothing else would notice)."""
+    st = statements(connections["default"])
+    encounter, definition_fk, version_fk = st.lock_models
+    models = (encounter, definition_fk.related_model, version_fk.model)
+    loaders = [
+        loading.loader(model, "default", names)
+        for model, names in zip(models, st.lock_attnames, strict=False)
+    ]
+    loaders.append(loading.loader(EncounterTransition, "default", st.history_attnames))
+    assert [getattr(load, "func", load).__name__ for load in loaders] == [
+        "_plain_then",  # an encounter also remembers its loaded definition and subject
+        "_plain_instance",
+        "_plain_instance",
+        "_plain_instance",
+    ]
+
+
+def test_a_model_with_another_from_db_is_loaded_by_it(encounter, monkeypatch):
+    calls = []
+    plain = EncounterDefinition.from_db
+
+    def from_db(cls, db, field_names, values):
+        calls.append(values[0])
+        return plain(db, field_names, values)
+
+    monkeypatch.setattr(EncounterDefinition, "from_db", classmethod(from_db))
+    names = [f.attname for f in EncounterDefinition._meta.concrete_fields]
+    values = EncounterDefinition._base_manager.filter(pk=encounter.definition_id)
+    values = list(values.values_list(*names).get())
+    loaded = loading.load(EncounterDefinition, "default", names, values)
+    assert (loaded.pk, calls) == (encounter.definition_id, [encounter.definition_id])
 
 
 def test_init_signal_receivers_still_see_every_loaded_instance(encounter):

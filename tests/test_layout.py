@@ -1,6 +1,8 @@
-"""The package's layering holds: the engine imports no Django, nothing imports in a circle,
-every error raised on purpose is an ``EncounterError``, SQL is built once per connection and
-kept off Django's connection object, and the README's map names every module."""
+"""The package's layering holds: the engine imports no Django, nothing imports in a circle (a
+lookup in Django's app registry or by a dotted string counts as an import), the store knows the
+models and the models know the store only through the operations it hands them, every error
+raised on purpose is an ``EncounterError``, SQL is built once per connection and kept off
+Django's connection object, and the README's map names every module."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import inspect
 import pkgutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,10 +45,42 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
+#: Calls that load a model from Django's app registry (``apps.get_model(...)``,
+#: ``apps.get_app_config(...).get_models()``, ``django.apps.apps.get_model``, ...).
+_REGISTRY_LOOKUPS = {"get_model", "get_models"}
+#: Calls that import a module named by a string.
+_STRING_IMPORTS = {"import_module", "import_string", "__import__"}
+
+
+def _called_name(node: ast.Call) -> str | None:
+    func = node.func
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return None
+
+
+def _another_app(node: ast.Call) -> bool:
+    """Whether a registry lookup names, as a literal, an app other than this package (then it
+    is no edge to the package's models)."""
+    if not node.args:
+        return False
+    first = node.args[0]
+    if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+        return False  # a name or an expression: it may be this package's label
+    label = first.value.split(".", 1)[0] if len(node.args) == 1 else first.value
+    return label != NAME
+
+
 def _imports(module: str, path: Path, known: set[str]) -> set[str]:
     """The package modules ``module`` imports — at module level and inside functions alike
     (``if TYPE_CHECKING:`` blocks aside), the parent packages each import runs included unless
-    they are ``module``'s own ancestors (Python has run those already)."""
+    they are ``module``'s own ancestors (Python has run those already). A model looked up in
+    Django's app registry is an import of ``models`` (unless the lookup names another app by a
+    literal), and a module imported by a literal dotted string (``import_module``,
+    ``import_string``, ``__import__``) is an import of that module: both reach the module at run
+    time as surely as an ``import`` statement does, only out of sight."""
     is_package = path.name == "__init__.py"
     here = module if is_package else module.rpartition(".")[0]
     targets: set[str] = set()
@@ -55,6 +90,14 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
             for child in node.orelse:
                 visit(child)
             return
+        if isinstance(node, ast.Call):
+            called = _called_name(node)
+            if called in _REGISTRY_LOOKUPS and not _another_app(node):
+                targets.add(f"{NAME}.models")
+            elif called in _STRING_IMPORTS and node.args:
+                first = node.args[0]
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    targets.add(first.value)
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -115,23 +158,102 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_cycle_inside_the_package():
+def _graph() -> dict[str, set[str]]:
     modules = _modules()
-    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    return {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+
+
+def test_no_import_cycle_inside_the_package():
+    graph = _graph()
     assert _cycles(graph) == []
-    # The floors: the store never reaches up into the models, services or projections.
+    # The floors: the engine imports nothing of the package but itself; the store the engine,
+    # itself and the models — never the services, projections or anything else above it.
     for name, targets in graph.items():
-        if name.startswith(f"{NAME}.store") or name.startswith(f"{NAME}.engine"):
-            above = sorted(
-                t
-                for t in targets
-                if not t.startswith(f"{NAME}.engine") and not t.startswith(f"{NAME}.store")
-            )
-            assert above == [], f"{name} imports {above}"
+        allowed = [f"{NAME}.engine"]
+        if name.startswith(f"{NAME}.store"):
+            allowed += [f"{NAME}.store", f"{NAME}.models"]
+        elif not name.startswith(f"{NAME}.engine"):
+            continue
+        above = sorted(t for t in targets if not any(t.startswith(a) for a in allowed))
+        assert above == [], f"{name} imports {above}"
+
+
+def test_the_store_knows_the_models_and_not_the_other_way_round():
+    graph = _graph()
+    assert f"{NAME}.models" in graph[f"{NAME}.store.schema"]
+    below_models = {f"{NAME}.models"}  # and everything the models reach, directly or not
+    frontier = [f"{NAME}.models"]
+    while frontier:
+        for target in graph[frontier.pop()]:
+            if target not in below_models:
+                below_models.add(target)
+                frontier.append(target)
+    assert sorted(t for t in below_models if t.startswith(f"{NAME}.store")) == []
 
 
 def test_the_cycle_detector_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize(
+    ("source", "edges"),
+    [
+        # How store/schema.py once reached the models, out of sight of the import statements.
+        (
+            """
+            from django.apps import apps
+            APP_LABEL = "django_encounters"
+            def encounter_model():
+                return apps.get_model(APP_LABEL, "Encounter")
+            """,
+            {f"{NAME}.models"},
+        ),
+        (
+            'import django.apps\ndjango.apps.apps.get_model("django_encounters.Encounter")',
+            {f"{NAME}.models"},
+        ),
+        (
+            "from django.apps import apps\napps.get_app_config(LABEL).get_models()",
+            {f"{NAME}.models"},
+        ),
+        ('def f():\n    from django.apps import apps\n    apps.get_model("auth", "User")', set()),
+        ('from django.apps import apps\napps.get_model("auth.User")', set()),
+        (
+            'from importlib import import_module\nimport_module("django_encounters.store")',
+            {f"{NAME}.store"},
+        ),
+        ("def f():\n    from django_encounters import store", {f"{NAME}.store"}),
+    ],
+)
+def test_a_registry_lookup_or_a_string_import_is_an_import(tmp_path, source, edges):
+    path = tmp_path / "lookup.py"
+    path.write_text(textwrap.dedent(source), encoding="utf-8")
+    known = set(_modules())
+    assert _imports(f"{NAME}.projections.lookup", path, known) == edges
+
+
+def test_the_models_run_the_store_only_through_the_operations_it_hands_them():
+    """The one way from the models into the store is ``models.StoreOperations``, installed
+    by the app's ``ready()`` — in a fresh interpreter, in a project where nothing else (the
+    admin, the services) imports the store."""
+    from django_encounters import models, store
+
+    assert tuple(models.store_operations()) == (store.save_record, store.annotate_state_at)
+    script = (
+        "import sys, django\n"
+        "from django.conf import settings\n"
+        "settings.configure(INSTALLED_APPS=['django.contrib.contenttypes', "
+        "'django.contrib.auth', 'django_encounters'], USE_TZ=True, "
+        "DATABASES={'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': ':memory:'}})\n"
+        "django.setup()\n"
+        "from django_encounters import models\n"
+        "assert 'django_encounters.services' not in sys.modules\n"
+        "print(models.store_operations().append.__module__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert done.stdout.strip() == f"{NAME}.store.writes", done.stderr
 
 
 def test_the_engine_imports_no_django_module():

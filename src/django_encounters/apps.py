@@ -48,7 +48,10 @@ class DjangoEncountersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401 - registers the system checks
+        from . import (
+            checks,  # noqa: F401 - registers the system checks
+            store,  # noqa: F401 - hands the models the store's operations
+        )
 
         connection_created.connect(
             _install_sqlite_flush_guard, dispatch_uid="django_encounters.sqlite_flush_guard"

@@ -7,18 +7,11 @@ separate so that ``class X(UUIDModel, BaseModel)`` has a clean MRO. (PyPI's
 
 from __future__ import annotations
 
-import inspect
 import uuid
-from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 from django.db import models
-from django.db.models.base import ModelState
 from django.db.models.deletion import ProtectedError
-from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
-from django.db.models.query_utils import DeferredAttribute
-from django.db.models.signals import post_init, pre_init
 from django.utils import timezone
 
 from .exceptions import HardDeleteRefusedError
@@ -35,35 +28,6 @@ def _hard_delete(model: type[models.Model], delete: Any) -> tuple[int, dict[str,
         raise HardDeleteRefusedError(model, exc) from exc
 
 
-#: ``__set__`` of the descriptors whose setting of a value on a freshly created instance (nothing
-#: cached on it yet) is writing it into ``__dict__``: None (Django's ``DeferredAttribute`` has
-#: no ``__set__``), a foreign key's (it drops a cached related object first, when there is
-#: one), and those the package's models register (``ProjectedAttribute``).
-PLAIN_SETTERS: set[Any] = {None, ForeignKeyDeferredAttribute.__set__}
-
-#: Per model class: its concrete fields' attribute names when a loaded row can be set straight
-#: into a new instance's ``__dict__`` (see :meth:`UUIDModel.from_db`), else None.
-_PLAIN_ATTNAMES: dict[type, tuple[str, ...] | None] = {}
-
-
-def _plain_attnames(cls: type[models.Model]) -> tuple[str, ...] | None:
-    """The attribute names of ``cls``'s concrete fields, in ``Model.__init__``'s order, when
-    every one's class attribute is a ``DeferredAttribute`` whose ``__set__`` is in
-    ``PLAIN_SETTERS``; None otherwise (a custom descriptor: loaded the ORM's way)."""
-    try:
-        return _PLAIN_ATTNAMES[cls]
-    except KeyError:
-        pass
-    names = tuple(f.attname for f in cls._meta.concrete_fields)
-    plain = all(
-        isinstance(descriptor := inspect.getattr_static(cls, name, None), DeferredAttribute)
-        and getattr(type(descriptor), "__set__", None) in PLAIN_SETTERS
-        for name in names
-    )
-    _PLAIN_ATTNAMES[cls] = names if plain else None
-    return _PLAIN_ATTNAMES[cls]
-
-
 class UUIDModel(models.Model):
     """Abstract model with a UUID primary key."""
 
@@ -71,41 +35,6 @@ class UUIDModel(models.Model):
 
     class Meta:
         abstract = True
-
-    @classmethod
-    def from_db(cls, db: Any, field_names: Any, values: Any, **kwargs: Any) -> Any:
-        """``Model.from_db``, without ``Model.__init__``'s per-field loop when nothing could tell
-        the difference: a full row (no deferred field), no ``pre_init``/``post_init`` receiver
-        for the model, plain field descriptors (``_plain_attnames``) and no other argument
-        (Django 6's ``fetch_mode``). The instance is then the one ``Model.from_db`` builds —
-        the same ``__dict__`` and ``_state`` — at a fraction of the cost (history and the write
-        path's lock build several per call)."""
-        names = _plain_attnames(cls)
-        if (
-            kwargs  # Django 6's fetch_mode, or anything newer: the ORM's way
-            or names is None
-            or len(values) != len(names)
-            or pre_init.has_listeners(cls)
-            or post_init.has_listeners(cls)
-        ):
-            return super().from_db(db, field_names, values, **kwargs)
-        return _plain_instance(cls, names, values, db)
-
-    @classmethod
-    def loader(cls, db: Any, field_names: Sequence[str]) -> Callable[[Sequence[Any]], Any]:
-        """``values -> cls.from_db(db, field_names, values)`` for many rows of the same columns,
-        with ``from_db``'s questions asked once (``field_names``: every concrete field's
-        attname, in order, for the fast way)."""
-        names = _plain_attnames(cls)
-        if (
-            getattr(cls.from_db, "__func__", None) is not _FROM_DB
-            or names is None
-            or tuple(field_names) != names
-            or pre_init.has_listeners(cls)
-            or post_init.has_listeners(cls)
-        ):
-            return partial(cls.from_db, db, field_names)
-        return partial(_plain_instance, cls, names, db=db)
 
 
 class SoftDeleteQuerySet(models.QuerySet):
@@ -173,15 +102,3 @@ class BaseModel(models.Model):
         """Undo a soft delete."""
         self.deleted_at = None
         self.save(update_fields=["deleted_at", "updated_at"])
-
-
-def _plain_instance(cls: Any, names: tuple[str, ...], values: Sequence[Any], db: Any) -> Any:
-    new = cls.__new__(cls)
-    new.__dict__.update(zip(names, values, strict=True))
-    state = new._state = ModelState()
-    state.adding = False
-    state.db = db
-    return new
-
-
-_FROM_DB = UUIDModel.from_db.__func__  # type: ignore[attr-defined]

@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from django.conf import settings
 from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import connections, models, router, transaction
-from django.db.models import F, OuterRef, Subquery
-from django.db.models.functions import Coalesce
 from django.db.models.query_utils import DeferredAttribute
 from django.utils import timezone
 
-from . import store
 from .arguments import require_aware
-from .basemodels import PLAIN_SETTERS, BaseModel, SoftDeleteManager, SoftDeleteQuerySet, UUIDModel
+from .basemodels import BaseModel, SoftDeleteManager, SoftDeleteQuerySet, UUIDModel
 from .engine import (
+    ROW_FIELDS,
     TIMELINE_ORDER,
-    TIMELINE_ORDER_DESC,
     EncounterTimeline,
     Genesis,
     Rules,
+    StreamRow,
     genesis_hash,
     row_hash,
     stored_precision,
 )
-from .exceptions import EncounterError, InvalidStateError, ValidatorConfigurationError
+from .exceptions import (
+    EncounterConfigurationError,
+    EncounterError,
+    InvalidStateError,
+    ValidatorConfigurationError,
+)
 from .validators import get_validator_instance, parse_validator_entry
 
 STATE_MAX_LENGTH = 50
@@ -37,6 +41,63 @@ STATE_MAX_LENGTH = 50
 TRANSITION_PERMISSION = "django_encounters.transition_encounter"
 #: Room for a hash's format prefix ("v2:") and digest, and for longer formats later.
 HASH_MAX_LENGTH = 100
+
+
+#: The encounter's columns derived purely from the log, and the timeline attribute of each.
+PROJECTION = {
+    "state": "state",
+    "version": "version",
+    "timeline_end_at": "end_at",
+    "head_hash": "head_hash",
+    "definition_version": "definition_version",
+    "last_transitioned_at": "recorded_until",
+}
+
+#: The transition table's column (attname) for each of the engine's ``ROW_FIELDS``.
+ROW_COLUMNS = tuple(
+    "transitioned_by_id" if name == "transitioned_by" else name for name in ROW_FIELDS
+)
+
+
+def row_of_record(record: Any) -> StreamRow:
+    """The content of an ``EncounterTransition`` instance as the engine's row."""
+    return StreamRow(*(getattr(record, column) for column in ROW_COLUMNS))
+
+
+class StoreOperations(NamedTuple):
+    """The two operations of the store that the models run: the low-level append behind
+    ``EncounterTransition.save()`` and the state-at annotation behind
+    ``Encounter.objects.as_of()``.
+
+    The store builds its statements from the models (it imports this module), so this module
+    does not import the store: the store hands these over with :func:`install_store` when it is
+    imported, which the app's ``ready()`` does. They are the only way in from here."""
+
+    #: ``(record, using)``: number, chain and insert an unsaved transition row, inside its own
+    #: transaction, and move the projection to the replay of the stream.
+    append: Callable[[Any, str], None]
+    #: ``(encounters, timestamp, known_at)``: the queryset annotated with ``state_at``.
+    annotate_state_at: Callable[[Any, datetime, datetime | None], Any]
+
+
+_installed: StoreOperations | None = None
+
+
+def install_store(operations: StoreOperations) -> None:
+    """Hand the models the store's operations (the store does, when imported)."""
+    global _installed
+    _installed = operations
+
+
+def store_operations() -> StoreOperations:
+    """The store's operations; ``EncounterConfigurationError`` before the store is installed
+    (the app is not in ``INSTALLED_APPS``, or Django is not set up yet)."""
+    if _installed is None:
+        raise EncounterConfigurationError(
+            "the encounter store is not installed: add 'django_encounters' to INSTALLED_APPS "
+            "and call django.setup() (the app's ready() installs it)"
+        )
+    return _installed
 
 
 #: The fields that make a definition's state machine (versioned together).
@@ -268,9 +329,6 @@ class ProjectedAttribute(DeferredAttribute):
         instance.__dict__[self.field.attname] = value
 
 
-PLAIN_SETTERS.add(ProjectedAttribute.__set__)  # loaded rows may skip it (UUIDModel.from_db)
-
-
 class AppendOnlyQuerySet(models.QuerySet):
     """Rows that are facts: querysets refuse to update or delete them."""
 
@@ -447,16 +505,8 @@ class EncounterQuerySet(SoftDeleteQuerySet):
             Encounter.objects.as_of(quarter_end).filter(state_at="in_progress")
         """
         require_aware(timestamp, "timestamp")
-        rows = EncounterTransition.objects.filter(
-            encounter=OuterRef("pk"), effective_at__lte=timestamp
-        )
         require_aware(known_at, "known_at", optional=True)
-        if known_at is not None:
-            rows = rows.filter(transitioned_at__lte=known_at)
-        last = rows.order_by(*TIMELINE_ORDER_DESC).values("to_state")[:1]
-        return self.annotate(
-            state_at=Coalesce(Subquery(last, output_field=models.CharField()), F("origin_state"))
-        )
+        return store_operations().annotate_state_at(self, timestamp, known_at)
 
     def update(self, **kwargs: Any) -> int:
         """As Django's, but the projection and the creation facts are refused: only the log
@@ -506,7 +556,7 @@ class Encounter(UUIDModel, BaseModel):
     """
 
     #: Columns derived purely from the log.
-    PROJECTION_FIELDS = store.PROJECTION_FIELDS
+    PROJECTION_FIELDS = tuple(PROJECTION)
     #: Creation facts covered by the genesis hash (besides the definition and subject).
     GENESIS_FIELDS = ("origin_state", "origin_version", "created_at", "genesis_hash")
     LOG_DERIVED_FIELDS = (*PROJECTION_FIELDS, *GENESIS_FIELDS)
@@ -671,11 +721,15 @@ class Encounter(UUIDModel, BaseModel):
     @classmethod
     def from_db(cls, db: Any, field_names: Any, values: Any, **kwargs: Any) -> Any:
         instance = super().from_db(db, field_names, values, **kwargs)
-        # Remembered so that save() can refuse moving an encounter with history to another
-        # definition or subject without a query (only what was loaded: see _moved_from).
-        data = instance.__dict__
-        instance._loaded_facts = {name: data[name] for name in _FACTS if name in data}
+        instance.remember_loaded_facts()
         return instance
+
+    def remember_loaded_facts(self) -> None:
+        """What ``from_db`` adds to the loaded instance: its definition and subject as loaded,
+        so that ``save()`` can refuse moving an encounter with history to another definition or
+        subject without a query (only what was loaded: see ``_moved_from``)."""
+        data = self.__dict__
+        self._loaded_facts = {name: data[name] for name in _FACTS if name in data}
 
     def genesis(self) -> Genesis:
         """The creation facts the genesis hash covers."""
@@ -729,7 +783,12 @@ class Encounter(UUIDModel, BaseModel):
             self.pk,
             created_at=self.created_at,
             version=self.version,
-            **store.snapshot_state(self),
+            origin_state=self.origin_state,
+            **{
+                attribute: getattr(self, column)
+                for column, attribute in PROJECTION.items()
+                if column != "version"
+            },
         )
 
     @property
@@ -747,7 +806,9 @@ class Encounter(UUIDModel, BaseModel):
 
 
 for _name in (*Encounter.PROJECTION_FIELDS, "ended_at", "updated_at"):
-    setattr(Encounter, _name, ProjectedAttribute(store.schema.field(Encounter, _name)))
+    setattr(
+        Encounter, _name, ProjectedAttribute(cast(models.Field, Encounter._meta.get_field(_name)))
+    )
 
 
 class EncounterTransition(AppendOnlyModel):
@@ -819,8 +880,7 @@ class EncounterTransition(AppendOnlyModel):
         # state-machine checks: that is transition()'s job; the audit reports what this lets
         # through.
         using = kwargs.get("using") or router.db_for_write(EncounterTransition, instance=self)
-        with store.writer_errors(self.encounter_id), transaction.atomic(using=using):
-            store.append_record(self, using)
+        store_operations().append(self, using)
 
     #: Whether the caller chose the system time (an import; a row loaded from the database);
     #: otherwise the low-level append stamps it under the row lock, as transition() does.
@@ -833,7 +893,7 @@ class EncounterTransition(AppendOnlyModel):
 
     def compute_hash(self, previous_hash: str) -> str:
         """This row's hash given the previous row's hash."""
-        return row_hash(self.encounter_id, store.row_of_record(self), previous_hash)
+        return row_hash(self.encounter_id, row_of_record(self), previous_hash)
 
     def __str__(self) -> str:
         return f"{self.from_state} → {self.to_state}"

@@ -35,7 +35,7 @@ from ..engine import (
     known_prefix,
     verify_stream,
 )
-from ..store import distribution
+from ..store import sharding
 from .acknowledgements import Acknowledged, acknowledgements_of, key_of
 from .selection import GENESIS_COLUMNS, RulesCache, Selection, genesis_of
 
@@ -177,7 +177,7 @@ class Replays:
         ordering = ("pk",) if order == "pk" else ("created_at", "pk")
         self._page = selected.order_by(*ordering).values_list(*ENCOUNTER_COLUMNS, *extra)
         self._transitions = selection.transitions()
-        self._sharded = distribution.is_sharded(connections[using])
+        self._sharded = sharding.is_sharded(connections[using])
         # In primary-key order, a batch selected by definition or ids only is (nearly) every
         # row of the transitions queryset in its id range.
         self._dense = (
@@ -287,7 +287,7 @@ def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -
     pks = list(query.values_list("pk", flat=True)[:batch_size])
     if not pks:
         return []
-    distribution.lock_each(using, pks)
+    sharding.lock_each(using, pks)
     # Read again by range (cheaper for Citus to plan than a list of ids), keeping the locked
     # ones: an encounter created in the range since the ids were read is left out, as the
     # one-statement lock leaves out what is created after it ran.

@@ -1,5 +1,7 @@
-"""The store on Citus (distributed PostgreSQL): which table goes where, how to get there, and
-what the store does differently once it is there.
+"""Sharding the store on Citus (distributed PostgreSQL), once: which table goes where, and the
+steps that get it there — planned against the database's catalog and applied in one
+transaction (``manage.py distribute_encounters``). What the store does differently on a sharded
+database at run time is :mod:`.sharding`'s.
 
 Every encounter's stream is independent of every other's, so the store shards by encounter:
 
@@ -18,16 +20,10 @@ Every encounter's stream is independent of every other's, so the store shards by
 missing (nothing once done: it is idempotent); :func:`apply` runs them in one transaction,
 foreign keys dropped first and put back last (Citus refuses to distribute a table that a
 local table references). ``manage.py distribute_encounters`` is the command around both.
-
-On a sharded store, a statement that locks rows must stay on one shard: the rebuild locks a
-batch with one statement per shard (:func:`lock_each`) instead of one multi-shard
-``SELECT … FOR UPDATE``.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +31,9 @@ from django.db import connections, transaction
 from django.db.models import ForeignKey
 
 from ..engine.errors import EncounterError
-from .schema import APP_LABEL, encounter_model
+from ..models import Encounter
+from .schema import APP_LABEL
+from .sharding import distribution_of, forget
 
 __all__ = [
     "DistributionError",
@@ -43,9 +41,6 @@ __all__ = [
     "Step",
     "apply",
     "citus_version",
-    "forget",
-    "is_sharded",
-    "lock_each",
     "plan",
 ]
 
@@ -77,63 +72,6 @@ class Plan:
         return not self.steps
 
 
-# --- what the store needs to know at run time -------------------------------------------------
-
-_SHARDED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-
-def is_sharded(connection: Any) -> bool:
-    """Whether the encounter table is a distributed (hash-sharded) Citus table. Asked once per
-    database session (one catalog query; none on other databases than PostgreSQL): the answer
-    is kept beside the driver's connection, so a reconnection (e.g. after ``CONN_MAX_AGE``)
-    asks again and sees tables distributed meanwhile."""
-    if connection.vendor != "postgresql":
-        return False
-    connection.ensure_connection()
-    session = connection.connection
-    found = _SHARDED.get(session)
-    if found is None:
-        found = _SHARDED[session] = (
-            _distribution_of(connection, encounter_model()._meta.db_table)[0] == "h"
-        )
-    return found
-
-
-def forget(connection: Any) -> None:
-    """Forget what :func:`is_sharded` found and the statements built (the layout changed)."""
-    if connection.connection is not None:
-        _SHARDED.pop(connection.connection, None)
-    from .statements import forget as forget_statements
-
-    forget_statements(connection)
-
-
-def lock_each(using: str, pks: Iterable[Any]) -> None:
-    """``SELECT … FOR UPDATE`` the encounters ``pks`` with one statement per shard holding some
-    of them, each routed to that shard alone (Citus refuses a lock over several shards). The
-    ids are grouped by shard first, by Citus's own hash function, on the coordinator."""
-    connection = connections[using]
-    model = encounter_model()
-    qn = connection.ops.quote_name
-    pk = model._meta.pk
-    table = qn(model._meta.db_table)
-    cast = pk.db_type(connection)
-    values = [pk.get_db_prep_value(value, connection) for value in pks]
-    if not values:
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT array_agg(i.id ORDER BY i.id) FROM unnest(%s::{cast}[]) AS i(id) "
-            "GROUP BY get_shard_id_for_distribution_column(%s, i.id) ORDER BY 1",
-            [values, table],
-        )
-        groups = [row[0] for row in cursor.fetchall()]
-        cursor.executemany(
-            f"SELECT 1 FROM {table} WHERE {qn(pk.column)} = ANY(%s::{cast}[]) FOR UPDATE",
-            [(group,) for group in groups],
-        )
-
-
 # --- the catalog ------------------------------------------------------------------------------
 
 
@@ -147,25 +85,6 @@ def citus_version(using: str) -> str | None:
         cursor.execute("SELECT extversion FROM pg_extension WHERE extname = 'citus'")
         row = cursor.fetchone()
     return row[0] if row else None
-
-
-def _distribution_of(connection: Any, table: str) -> tuple[str | None, str | None, str | None]:
-    """``(partmethod, repmodel, distribution column)`` of ``table`` in Citus's metadata;
-    ``(None, None, None)`` for a plain table or without Citus. ``h``: hash-distributed;
-    ``n`` with ``t``: a reference table; ``n`` with ``s``: a Citus local table."""
-    if connection.vendor != "postgresql":
-        return None, None, None
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL")
-        if not cursor.fetchone()[0]:
-            return None, None, None
-        cursor.execute(
-            "SELECT partmethod, repmodel, column_to_column_name(logicalrelid, partkey) "
-            "FROM pg_dist_partition WHERE logicalrelid = to_regclass(%s)",
-            [connection.ops.quote_name(table)],
-        )
-        row = cursor.fetchone()
-    return (row[0], row[1], row[2]) if row else (None, None, None)
 
 
 def _foreign_keys(connection: Any, tables: list[str]) -> list[tuple[str, str, str, str]]:
@@ -205,7 +124,7 @@ def _models() -> tuple[list[Any], list[Any], Any]:
     from django.apps import apps
 
     own = list(apps.get_app_config(APP_LABEL).get_models())
-    encounter = encounter_model()
+    encounter = Encounter
     colocated = [m for m in own if m is not encounter and _has_field(m, "encounter_id")]
     reference: list[Any] = []
 
@@ -264,7 +183,7 @@ def plan(using: str) -> Plan:
     steps: list[Step] = []
     for model in reference:
         table = model._meta.db_table
-        method, replication, _ = _distribution_of(connection, table)
+        method, replication, _ = distribution_of(connection, table)
         if method == "n" and replication == "t":
             result.notes.append(f"{table}: reference table")
         elif method == "h":
@@ -282,7 +201,7 @@ def plan(using: str) -> Plan:
     for model in distributed:
         table = model._meta.db_table
         column = model._meta.pk.column if model is encounter else "encounter_id"
-        method, _, current = _distribution_of(connection, table)
+        method, _, current = distribution_of(connection, table)
         if method == "h":
             if current != column:
                 raise DistributionError(

@@ -1,5 +1,7 @@
 """The row ↔ record mapping: the engine's :class:`~django_encounters.engine.StreamRow` and an
-``EncounterTransition`` model instance, field by field through ``ROW_COLUMNS``."""
+``EncounterTransition`` model instance, field by field through ``ROW_COLUMNS``. The record →
+row direction is the model's own (``models.row_of_record``, which its ``compute_hash`` uses),
+re-exported here."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ from functools import cache
 from typing import Any
 
 from ..engine import ROW_FIELDS, StreamRow
-from .schema import ROW_COLUMNS, field, transition_model
+from ..models import ROW_COLUMNS, EncounterTransition, row_of_record
+from .schema import field
+
+__all__ = ["record_from_row", "row_of_record"]
 
 
 @cache
@@ -31,7 +36,7 @@ def record_from_row(row: StreamRow, *, encounter: Any, transitioned_by: Any) -> 
     """The unsaved ``EncounterTransition`` for a newly decided row (``transitioned_by``: the
     user instance whose pk the row carries, or None), made the way the ORM makes an instance
     from values: positionally, every column given (a new primary key from its default)."""
-    model = transition_model()
+    model: Any = EncounterTransition  # called positionally, which django-stubs cannot check
     sources, pk, encounter_fk, user_fk = _record_layout(model)
     record = model(
         *(
@@ -45,8 +50,3 @@ def record_from_row(row: StreamRow, *, encounter: Any, transitioned_by: Any) -> 
     if transitioned_by is not None:
         user_fk.set_cached_value(record, transitioned_by)
     return record
-
-
-def row_of_record(record: Any) -> StreamRow:
-    """The content of an ``EncounterTransition`` instance as the engine's row."""
-    return StreamRow(*(getattr(record, column) for column in ROW_COLUMNS))

@@ -9,12 +9,14 @@ from uuid import UUID
 
 import django
 from django.db import connections
-from django.db.models import QuerySet, TextField
-from django.db.models.functions import Cast
+from django.db.models import CharField, F, OuterRef, QuerySet, Subquery, TextField
+from django.db.models.functions import Cast, Coalesce
 
-from ..engine import EncounterTimeline, StreamRow
+from ..engine import TIMELINE_ORDER_DESC, EncounterTimeline, StreamRow
+from ..models import EncounterTransition
 from .converters import column_converters, convert_row, row_builder, speed_up_cursor
-from .schema import ROW_COLUMNS, field, transition_model
+from .loading import loader
+from .schema import ROW_COLUMNS, field
 from .statements import PK, statements
 
 #: Rows fetched from the database per round trip while streaming many encounters.
@@ -45,17 +47,31 @@ def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) 
     return None if row is None else row[0]
 
 
+def annotate_state_at(encounters: QuerySet, timestamp: Any, known_at: Any) -> QuerySet:
+    """``Encounter.objects.as_of()``: ``encounters`` annotated with ``state_at``, the
+    ``to_state`` of the last row of each one's timeline with ``effective_at <= timestamp`` (and
+    ``transitioned_at <= known_at``) in the engine's order, else its origin state; one
+    correlated subquery, so one statement however many encounters."""
+    rows = EncounterTransition.objects.filter(encounter=OuterRef("pk"), effective_at__lte=timestamp)
+    if known_at is not None:
+        rows = rows.filter(transitioned_at__lte=known_at)
+    last = rows.order_by(*TIMELINE_ORDER_DESC).values("to_state")[:1]
+    return encounters.annotate(
+        state_at=Coalesce(Subquery(last, output_field=CharField()), F("origin_state"))
+    )
+
+
 def history(encounter: Any, using: str) -> list[Any]:
     """The encounter's rows in recording order, as model instances; one query."""
     connection = connections[using]
     st = statements(connection)
-    model = transition_model()
+    model = EncounterTransition
     relation = field(model, "encounter")
     with connection.cursor() as cursor:
         speed_up_cursor(connection, cursor)
         cursor.execute(st.history_sql, {PK: _encounter_param(encounter.pk, connection)})
         rows = cursor.fetchall()
-    load, converters = model.loader(using, st.history_attnames), st.history_converters
+    load, converters = loader(model, using, st.history_attnames), st.history_converters
     result = []
     for row in rows:
         instance = load(convert_row(row, converters))

@@ -1,52 +1,29 @@
-"""The tables the store reads and writes, described once.
-
-The models are looked up in Django's app registry rather than imported, so that ``models.py``
-can use the store (its low-level ``EncounterTransition.save()`` does) without an import cycle.
-"""
+"""The tables the store reads and writes: the models (imported — the store knows them; the models
+do not know the store) and what the store derives from them once."""
 
 from __future__ import annotations
 
 from operator import attrgetter
 from typing import Any
 
-from django.apps import apps
 from django.db.models import Field, Model
 
-from ..engine import ROW_FIELDS, EncounterTimeline
+from ..engine import EncounterTimeline
+from ..models import PROJECTION, ROW_COLUMNS, Encounter
 
-APP_LABEL = "django_encounters"
+__all__ = [
+    "APP_LABEL",
+    "PROJECTION",
+    "PROJECTION_FIELDS",
+    "ROW_COLUMNS",
+    "field",
+    "projection_of",
+    "projection_values",
+]
 
-#: The encounter's columns derived purely from the log, and the timeline attribute of each.
-PROJECTION = {
-    "state": "state",
-    "version": "version",
-    "timeline_end_at": "end_at",
-    "head_hash": "head_hash",
-    "definition_version": "definition_version",
-    "last_transitioned_at": "recorded_until",
-}
-PROJECTION_FIELDS = tuple(PROJECTION)
+APP_LABEL = Encounter._meta.app_label
 
-#: The transition table's column (attname) for each of the engine's ``ROW_FIELDS``.
-ROW_COLUMNS = tuple(
-    "transitioned_by_id" if name == "transitioned_by" else name for name in ROW_FIELDS
-)
-
-
-def version_model() -> Any:
-    return apps.get_model(APP_LABEL, "EncounterDefinitionVersion")
-
-
-def encounter_model() -> Any:
-    return apps.get_model(APP_LABEL, "Encounter")
-
-
-def definition_model() -> Any:
-    return apps.get_model(APP_LABEL, "EncounterDefinition")
-
-
-def transition_model() -> Any:
-    return apps.get_model(APP_LABEL, "EncounterTransition")
+PROJECTION_FIELDS = Encounter.PROJECTION_FIELDS
 
 
 def field(model: type[Model], name: str) -> Any:
@@ -59,17 +36,6 @@ def field(model: type[Model], name: str) -> Any:
 def projection_of(timeline: EncounterTimeline) -> dict[str, Any]:
     """The projection columns' values for a replayed (or decided) timeline."""
     return {column: getattr(timeline, attribute) for column, attribute in PROJECTION.items()}
-
-
-def snapshot_state(encounter: Any) -> dict[str, Any]:
-    """The timeline attributes an encounter row's projection restores (its snapshot)."""
-    state = {
-        attribute: getattr(encounter, column)
-        for column, attribute in PROJECTION.items()
-        if column != "version"
-    }
-    state["origin_state"] = encounter.origin_state
-    return state
 
 
 _PROJECTION_VALUES = attrgetter(*PROJECTION.values())

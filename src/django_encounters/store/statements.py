@@ -23,6 +23,12 @@ from datetime import timezone
 from typing import Any
 
 from ..engine import TIMELINE_ORDER, StreamRow
+from ..models import (
+    Encounter,
+    EncounterDefinition,
+    EncounterDefinitionVersion,
+    EncounterTransition,
+)
 from .converters import (
     Adapter,
     Converter,
@@ -31,14 +37,7 @@ from .converters import (
     row_builder,
     value_adapter,
 )
-from .schema import (
-    PROJECTION_FIELDS,
-    ROW_COLUMNS,
-    definition_model,
-    encounter_model,
-    transition_model,
-    version_model,
-)
+from .schema import PROJECTION_FIELDS, ROW_COLUMNS
 from .schema import field as model_field
 
 
@@ -118,8 +117,8 @@ def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
     where the definition, the version and the log head start. The statement takes the
     encounter id as the parameter ``PK``."""
     qn = connection.ops.quote_name
-    encounter, definition, version = encounter_model(), definition_model(), version_model()
-    transition = transition_model()
+    encounter, definition, version = Encounter, EncounterDefinition, EncounterDefinitionVersion
+    transition = EncounterTransition
     groups = [
         ("e", list(encounter._meta.concrete_fields)),
         ("d", list(definition._meta.concrete_fields)),
@@ -165,7 +164,7 @@ def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
 
 def _build(connection: Any) -> Statements:
     qn = connection.ops.quote_name
-    encounter, transition = encounter_model(), transition_model()
+    encounter, transition = Encounter, EncounterTransition
     row_meta = transition._meta
     lock_any_sql, lock_fields, lock_offsets = _lock_sql(connection)
     # The encounter, the definition, the version, the log head (its row and last row).
@@ -212,7 +211,7 @@ def _build(connection: Any) -> Statements:
         lock_models=(
             encounter,
             model_field(encounter, "definition"),
-            model_field(version_model(), "definition"),
+            model_field(EncounterDefinitionVersion, "definition"),
         ),
         insert_sql=(
             f"INSERT INTO {table} ({', '.join(qn(f.column) for f in insert_fields)}) "
@@ -263,7 +262,7 @@ def _selected_column(connection: Any) -> Any:
 
 
 def _update_sql(st: Statements, columns: Sequence[str], guarded: bool) -> str:
-    encounter, transition = encounter_model(), transition_model()
+    encounter, transition = Encounter, EncounterTransition
     qn = st.quote
     assignments = ", ".join(
         f"{qn(model_field(encounter, name).column)} = %({name})s" for name in columns
@@ -281,7 +280,7 @@ def _update_sql(st: Statements, columns: Sequence[str], guarded: bool) -> str:
 
 def projection_write_fields() -> list[Any]:
     """The fields a rebuild writes per encounter: pk, the projection, ``updated_at``."""
-    encounter = encounter_model()
+    encounter = Encounter
     return [
         encounter._meta.pk,
         *(model_field(encounter, name) for name in PROJECTION_FIELDS),

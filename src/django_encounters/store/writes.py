@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import IntegrityError, OperationalError, connections
+from django.db import IntegrityError, OperationalError, connections, transaction
 from django.db.models import signals
 from django.utils import timezone
 
@@ -23,10 +23,12 @@ from ..engine import (
     row_hash,
     stored_precision,
 )
+from ..models import Encounter
 from .converters import convert_row, speed_up_cursor
+from .loading import load
 from .mapping import row_of_record
 from .reads import count_rows, load_timeline
-from .schema import encounter_model, projection_of
+from .schema import projection_of
 from .statements import PK, projection_write_fields, statements
 
 SEQUENCE_CONSTRAINT = "encounters_transition_unique_sequence"
@@ -55,7 +57,7 @@ def lock_encounter(
     connection = connections[using]
     st = statements(connection)
     sql = st.lock_any_sql if include_deleted else st.lock_sql
-    params = {PK: st.encounter_adapters[encounter_model()._meta.pk.attname](pk)}
+    params = {PK: st.encounter_adapters[Encounter._meta.pk.attname](pk)}
     locked, head = _read_locked(connection, st, sql, params, using)
     if locked is None or not prove:
         return locked
@@ -84,12 +86,12 @@ def _read_locked(
     values = convert_row(row, st.lock_converters)
     (e, d, v, h), (e_names, d_names, v_names, _) = st.lock_slices, st.lock_attnames
     encounter, definition_fk, version_fk = st.lock_models
-    locked = encounter.from_db(using, e_names, values[e])
-    definition = definition_fk.related_model.from_db(using, d_names, values[d])
+    locked = load(encounter, using, e_names, values[e])
+    definition = load(definition_fk.related_model, using, d_names, values[d])
     definition_fk.set_cached_value(locked, definition)
     version_values = values[v]
     if version_values[0] is not None:  # the pinned version exists
-        machine = version_fk.model.from_db(using, v_names, version_values)
+        machine = load(version_fk.model, using, v_names, version_values)
         version_fk.set_cached_value(machine, definition)
         locked._machine = machine
     return locked, LogHead(*values[h])
@@ -266,6 +268,13 @@ def append_record(record: Any, using: str) -> None:
     projection = projection_of(timeline)
     projection["updated_at"] = timezone.now()
     update_projection(locked, projection, using, after_sequence=record.sequence - 1)
+
+
+def save_record(record: Any, using: str) -> None:
+    """``EncounterTransition.save()``: :func:`append_record` in a transaction of its own (a
+    savepoint inside the caller's), SQLite's "database is locked" translated."""
+    with writer_errors(record.encounter_id), transaction.atomic(using=using):
+        append_record(record, using)
 
 
 def write_projections(using: str, fixes: list[tuple], now: datetime) -> None:
