@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "DefinitionNotFoundError",
     "DefinitionVersionNotFoundError",
+    "DistributionError",
     "EncounterConfigurationError",
     "EventLogError",
     "EventLogWriteError",
@@ -182,6 +183,11 @@ class FhirStatusError(EncounterError, ValueError):
             f"Encounter {encounter_id}: state {state!r} has no FHIR {fhir_version} "
             f"encounter-status code ({how}; valid codes: {', '.join(self.valid_codes)})"
         )
+
+
+class DistributionError(EncounterError):
+    """The database cannot be distributed as asked (no Citus, a foreign key from elsewhere into
+    a table that must be distributed, a table already distributed differently)."""
 
 
 class GraphvizNotFoundError(EncounterError):

@@ -30,7 +30,7 @@ from typing import Any
 from django.db import connections, transaction
 from django.db.models import ForeignKey
 
-from ..engine.errors import EncounterError
+from ..exceptions import DistributionError
 from ..models import Encounter
 from .schema import APP_LABEL
 from .sharding import distribution_of, forget
@@ -43,11 +43,6 @@ __all__ = [
     "citus_version",
     "plan",
 ]
-
-
-class DistributionError(EncounterError):
-    """The database cannot be distributed as asked (no Citus, a foreign key from elsewhere into
-    a table that must be distributed, a table already distributed differently)."""
 
 
 @dataclass(frozen=True)
