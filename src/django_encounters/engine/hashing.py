@@ -167,6 +167,8 @@ def unregister_hash_format(name: str) -> HashFormat:
 
 def find_hash_format(stored: str) -> HashFormat | None:
     """The registered format a stored hash is in (by its prefix), or None."""
+    if stored and stored.startswith(CURRENT.prefix):  # the usual answer, without a split
+        return CURRENT
     named = hash_format(stored)
     return None if named is None else HASH_FORMATS.get(named)
 

@@ -97,8 +97,8 @@ class Replay:
 
 RulesOf = Callable[[int], "Rules | None"]
 Hasher = Callable[[StreamRow, str], "str | None"]
-#: No stored hash starts with it (no registered format's name does): the hasher state of a
-#: replay before its first row and after a hash in no known format.
+#: No registered format's prefix starts with it (a name is letters and digits): the hasher
+#: state of a replay before its first row and after a hash in no known format.
 _NO_PREFIX = "\x00"
 
 
