@@ -276,7 +276,9 @@ class EncounterTimeline(Aggregate):
         ``rules`` (the encounter's pinned definition version).
 
         Returns the ``from_state`` (the timeline's state at ``effective_at``) or raises
-        ``InvalidTransitionError`` naming the requested edge and the reason.
+        ``InvalidTransitionError`` naming the requested edge and the reason: an
+        ``effective_at`` beyond ``latest_allowed``, or the first of :func:`violations` (the
+        rules the verifier applies to a recorded row).
         """
         from_state, successor = self.locate(effective_at)
         if latest_allowed is not None and effective_at > latest_allowed:
