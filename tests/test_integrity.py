@@ -5,6 +5,7 @@ catches it. Every test runs on SQLite and PostgreSQL unless marked."""
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,13 +27,20 @@ from hypothesis import strategies as st
 from django_encounters import store
 from django_encounters.checks import check_use_tz, check_validator_modules
 from django_encounters.engine import (
+    HASH_FORMAT,
+    HASH_FORMATS,
     Genesis,
+    HashFormat,
+    Rules,
     StreamRow,
     genesis_hash,
     hash_format,
+    register_hash_format,
     row_hash,
     stored_precision,
+    verify_stream,
 )
+from django_encounters.engine.hashing import CURRENT, find_hash_format, unregister_hash_format
 from django_encounters.exceptions import (
     EncounterConfigurationError,
     EncounterError,
@@ -565,6 +573,17 @@ KNOWN_ROW = StreamRow(
 )
 
 
+#: Every registered hash format's answers for ``KNOWN_GENESIS`` and ``KNOWN_ROW`` chained to it:
+#: ``name -> (genesis hash, row hash)``. A format registered without its answer pinned here
+#: fails ``test_every_registered_hash_format_gives_its_known_answer``.
+KNOWN_ANSWERS = {
+    "v2": (
+        "v2:163365900696286814b65d79e665eb36250a66e26b5e7184ae2684fd10e17851",
+        "v2:4938d85cdfed4c139d8cdf88a80f4d0807a9654a736e991dbda09aa551b919eb",
+    ),
+}
+
+
 def test_known_answer_hashes():
     """Format v2 (engine/hashing.py's docstring, docs/concepts.md): one line of text, fields
     separated by "|", text as <length in code points>:<text>, times as integer microseconds
@@ -577,10 +596,8 @@ def test_known_answer_hashes():
         f"{created}"
     )
     expected_genesis = "v2:" + hashlib.sha256(genesis_payload.encode()).hexdigest()
-    assert genesis_hash(KNOWN_GENESIS) == expected_genesis
-    assert expected_genesis == (
-        "v2:163365900696286814b65d79e665eb36250a66e26b5e7184ae2684fd10e17851"
-    )
+    assert HASH_FORMATS["v2"].genesis_hash(KNOWN_GENESIS) == expected_genesis
+    assert expected_genesis == KNOWN_ANSWERS["v2"][0]
     effective = calendar.timegm((2026, 1, 2, 4, 0, 0)) * 10**6 + 123000
     recorded = calendar.timegm((2026, 1, 2, 4, 0, 1)) * 10**6 + 456000
     row_payload = (
@@ -589,11 +606,130 @@ def test_known_answer_hashes():
         "|1|67:" + expected_genesis
     )
     expected_row = "v2:" + hashlib.sha256(row_payload.encode()).hexdigest()
-    assert row_hash(KNOWN_ID, KNOWN_ROW, expected_genesis) == expected_row
-    assert row_hash(str(KNOWN_ID), KNOWN_ROW, expected_genesis) == expected_row
-    assert expected_row == "v2:4938d85cdfed4c139d8cdf88a80f4d0807a9654a736e991dbda09aa551b919eb"
+    assert HASH_FORMATS["v2"].stream_hasher(KNOWN_ID)(KNOWN_ROW, expected_genesis) == expected_row
+    assert expected_row == KNOWN_ANSWERS["v2"][1]
     assert hash_format(expected_row) == "v2"
     assert hash_format("d425f065") is None
+
+
+def test_every_registered_hash_format_gives_its_known_answer():
+    assert HASH_FORMATS, "no hash format is registered"
+    for name, fmt in HASH_FORMATS.items():
+        assert name in KNOWN_ANSWERS, f"hash format {name!r} has no pinned known answer"
+        known_genesis, known_row = KNOWN_ANSWERS[name]
+        assert (fmt.name, fmt.prefix) == (name, name + ":")
+        assert fmt.genesis_hash(KNOWN_GENESIS) == known_genesis
+        assert fmt.stream_hasher(KNOWN_ID)(KNOWN_ROW, known_genesis) == known_row
+        assert fmt.stream_hasher(str(KNOWN_ID))(KNOWN_ROW, known_genesis) == known_row
+        assert hash_format(known_row) == hash_format(known_genesis) == name
+        assert find_hash_format(known_row) is find_hash_format(known_genesis) is fmt
+
+
+def test_new_hashes_are_written_in_the_current_format():
+    assert HASH_FORMAT == CURRENT.name == "v2"
+    known_genesis, known_row = KNOWN_ANSWERS[HASH_FORMAT]
+    assert genesis_hash(KNOWN_GENESIS) == known_genesis
+    assert row_hash(KNOWN_ID, KNOWN_ROW, known_genesis) == known_row
+    assert row_hash(str(KNOWN_ID), KNOWN_ROW, known_genesis) == known_row
+
+
+def test_a_hash_format_is_registered_once():
+    v2 = HASH_FORMATS["v2"]
+    same_name = HashFormat("v2", v2.row_head, v2.hash_row, v2.hash_genesis)
+    with pytest.raises(ValueError, match="already registered"):
+        register_hash_format(same_name)
+    with pytest.raises(ValueError, match="new hashes are written in"):
+        unregister_hash_format(HASH_FORMAT)
+    for name in ("", "v2:", "v 3", "v|3", "vé"):  # a name is its hashes' prefix before ":"
+        with pytest.raises(ValueError, match="ASCII letters and digits"):
+            HashFormat(name, v2.row_head, v2.hash_row, v2.hash_genesis)
+    assert HASH_FORMATS["v2"] is v2
+
+
+T1_HEADS: list[str] = []  # each encounter id a t1 row head was built for
+
+
+def _t1_row_head(encounter_id: str) -> str:
+    T1_HEADS.append(encounter_id)
+    return f"t1 row {encounter_id}"
+
+
+def _t1_hash_row(head: str, row: StreamRow, previous_hash: str) -> str:
+    content = [head, row.sequence, row.from_state, row.to_state, row.effective_at.isoformat()]
+    payload = json.dumps([*content, row.transitioned_at.isoformat(), previous_hash])
+    return "t1:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _t1_hash_genesis(genesis: Genesis, encounter_id: str) -> str:
+    payload = json.dumps([encounter_id, genesis.origin_state, genesis.created_at.isoformat()])
+    return "t1:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+@pytest.fixture
+def t1_format():
+    """A second hash format, registered for the test only."""
+    fmt = register_hash_format(HashFormat("t1", _t1_row_head, _t1_hash_row, _t1_hash_genesis))
+    try:
+        yield fmt
+    finally:
+        unregister_hash_format("t1")
+    assert "t1" not in HASH_FORMATS
+
+
+def test_rows_hashed_in_another_registered_format_keep_verifying(t1_format):
+    """Each stored hash is recomputed in the format its prefix names: rows (and a genesis)
+    hashed in an older format still verify while new rows are written in the current one,
+    and a changed row is still caught in either."""
+    rules = Rules.from_config(
+        "VISIT",
+        ["scheduled", "checked_in"],
+        {"scheduled": ["checked_in"], "checked_in": ["scheduled"]},
+    )
+    start = KNOWN_GENESIS.created_at
+    rows, previous = [], t1_format.genesis_hash(KNOWN_GENESIS)
+    stored_genesis = previous
+    states = ["scheduled", "checked_in"]
+    for sequence in range(1, 7):
+        at = start + timedelta(minutes=sequence)
+        row = StreamRow(
+            sequence, states[(sequence - 1) % 2], states[sequence % 2], at, at, None, "", {}, 1, ""
+        )
+        # Rows 1-3 in the older format, 4-5 in the current one, 6 in the older again.
+        fmt = CURRENT if sequence in (4, 5) else t1_format
+        row.hash = previous = fmt.stream_hasher(KNOWN_ID)(row, previous)
+        rows.append(row)
+    assert [hash_format(r.hash) for r in rows] == ["t1", "t1", "t1", "v2", "v2", "t1"]
+
+    T1_HEADS.clear()
+    replay = verify_stream(KNOWN_GENESIS, stored_genesis, rows, {1: rules}.get)
+    assert replay.anomalies == []
+    assert T1_HEADS == [str(KNOWN_ID)]  # once per stream and format, not per row
+    assert (replay.state, replay.version, replay.timeline.head_hash) == ("scheduled", 6, previous)
+
+    for changed in (2, 5):  # one row of each format, its content changed after hashing
+        edited = [dataclasses.replace(r) for r in rows]
+        edited[changed - 1].effective_at += timedelta(seconds=1)
+        found = verify_stream(KNOWN_GENESIS, stored_genesis, edited, {1: rules}.get).anomalies
+        assert [(a.sequence, a.kind, a.detail) for a in found] == [
+            (changed, "hash", "content or chain does not match the stored hash")
+        ]
+    moved = dataclasses.replace(KNOWN_GENESIS, origin_state="checked_in")
+    found = verify_stream(moved, stored_genesis, rows, check_hashes=True).anomalies
+    assert [(a.sequence, a.kind) for a in found][:1] == [(0, "genesis")]
+
+    unregister_hash_format("t1")  # gone: its hashes name no known format any more
+    try:
+        found = verify_stream(KNOWN_GENESIS, stored_genesis, rows, {1: rules}.get).anomalies
+    finally:
+        register_hash_format(t1_format)
+    assert [(a.sequence, a.kind) for a in found] == [
+        (0, "genesis"),
+        (1, "hash"),
+        (2, "hash"),
+        (3, "hash"),
+        (6, "hash"),
+    ]
+    assert found[1].detail == "the stored hash names no known format ('t1')"
 
 
 def test_a_v1_hash_names_no_known_format(visit):

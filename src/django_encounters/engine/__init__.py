@@ -1,8 +1,11 @@
 """The domain of django-encounters, with no Django import: the timeline aggregate (decide and
-replay), its rules, the verifying replay, row hashing, time in state and the errors they raise.
-Usable and testable without a database or settings."""
+replay), its rules, the verifying replay and the anomaly kinds it reports, row hashing (a
+registry of hash formats), time in state and the errors they raise. Usable and testable
+without a database or settings."""
 
 from .errors import (
+    ANOMALY_KINDS,
+    AnomalyKind,
     ConcurrentTransitionError,
     EncounterError,
     EncounterNotFoundError,
@@ -13,7 +16,16 @@ from .errors import (
     StreamNeeded,
     ValidationError,
 )
-from .hashing import HASH_FORMAT, canonical_json, genesis_hash, hash_format, row_hash
+from .hashing import (
+    HASH_FORMAT,
+    HASH_FORMATS,
+    HashFormat,
+    canonical_json,
+    genesis_hash,
+    hash_format,
+    register_hash_format,
+    row_hash,
+)
 from .intervals import intervals, time_in_states
 from .rows import READABLE_FIELDS, ROW_FIELDS, Genesis, StreamRow, stored_precision
 from .rules import Rules
@@ -24,11 +36,15 @@ from .timeline import (
     Entry,
     known_prefix,
 )
-from .verify import ANOMALY_KINDS, Anomaly, Replay, verify_stream
+from .verify import Anomaly, Replay, verify_stream
 
 __all__ = [
     "ANOMALY_KINDS",
     "HASH_FORMAT",
+    "HASH_FORMATS",
+    "AnomalyKind",
+    "HashFormat",
+    "register_hash_format",
     "Genesis",
     "genesis_hash",
     "hash_format",

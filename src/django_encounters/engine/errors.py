@@ -1,12 +1,19 @@
-"""The errors of django-encounters that need nothing from Django.
+"""The errors of django-encounters that need nothing from Django, and the kinds of anomaly:
+what is wrong in stored data, reported (by the verifier, the audit) instead of raised.
 
 Every error the package raises on purpose is an ``EncounterError``; each keeps its context as
 attributes and builds its message from them. ``django_encounters.exceptions`` re-exports these
 beside the two errors that also subclass a Django exception.
+
+An anomaly kind is a member of :class:`AnomalyKind`, a ``str`` enumeration: a member equals its
+text (``AnomalyKind.GAP == "gap"``), hashes like it, and prints, formats and JSON-encodes as
+it, so the audit's output and the acknowledgements stored as text are the same whichever a
+caller holds. Adding a kind is adding a member.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 __all__ = [
@@ -154,3 +161,89 @@ class StreamNeeded(EncounterError):
     def __init__(self, encounter_id: Any) -> None:
         self.encounter_id = encounter_id
         super().__init__(f"Encounter {encounter_id}: this decision needs the stream's rows")
+
+
+class AnomalyKind(str, enum.Enum):
+    """What is wrong, as the audit reports it. Each member has its ``meaning``; ``stream`` is
+    true for the kinds the verifying replay of a stream (and the comparison with its
+    projection) reports, ``checkpoint`` for the kinds an audit against a checkpoint reports
+    (``truncated`` is both)."""
+
+    _value_: str
+    meaning: str
+    stream: bool
+    checkpoint: bool
+
+    def __new__(
+        cls, value: str, meaning: str, stream: bool = True, checkpoint: bool = False
+    ) -> AnomalyKind:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        member.stream = stream
+        member.checkpoint = checkpoint
+        return member
+
+    GENESIS = (
+        "genesis",
+        "the encounter's creation facts no longer hash to its stored genesis hash",
+    )
+    GAP = ("gap", "a sequence number is missing")
+    HASH = (
+        "hash",
+        "a row's content or chain does not match its stored hash (or names no known format)",
+    )
+    FROM_STATE = (
+        "from_state",
+        "the recorded from_state is not the timeline's state at the row's effective_at",
+    )
+    EDGE = (
+        "edge",
+        "the row's edge is not allowed by the definition version it was decided under",
+    )
+    RECHAIN = ("rechain", "the row is followed in business time by a state it may not go to")
+    VERSION = (
+        "version",
+        "the row names a definition version that does not exist or is older than before",
+    )
+    UPGRADE = (
+        "upgrade",
+        "a row that moves the definition version does not keep a state of the new version",
+    )
+    CLOCK = ("clock", "the row was recorded (transitioned_at) before the row preceding it")
+    TRUNCATED = (
+        "truncated",
+        "the log is shorter than the projection (or a checkpoint) says: rows were deleted",
+        True,
+        True,
+    )
+    HEAD = ("head", "the projection's head hash is not the hash of the row it names")
+    REWRITTEN = (
+        "rewritten",
+        "the row at a checkpointed version (the genesis at 0) has another hash than the "
+        "checkpoint's: the stream was rewritten at or before it",
+        False,
+        True,
+    )
+    MISSING = ("missing", "an encounter a checkpoint has is gone", False, True)
+
+    def __str__(self) -> str:
+        return self._value_
+
+    def __format__(self, format_spec: str) -> str:
+        return format(self._value_, format_spec)
+
+    @classmethod
+    def stream_kinds(cls) -> tuple[AnomalyKind, ...]:
+        """The kinds a stream's verifying replay and its projection check report."""
+        return tuple(kind for kind in cls if kind.stream)
+
+    @classmethod
+    def checkpoint_kinds(cls) -> tuple[AnomalyKind, ...]:
+        """The kinds an audit against a checkpoint reports."""
+        return tuple(kind for kind in cls if kind.checkpoint)
+
+
+#: What each kind a stream's replay reports means, by its text (the audit and the docs list
+#: these; the kinds found only against a checkpoint are ``AnomalyKind.checkpoint_kinds()``).
+ANOMALY_KINDS: dict[str, str] = {kind.value: kind.meaning for kind in AnomalyKind.stream_kinds()}

@@ -1,9 +1,16 @@
 """Tamper evidence: each row's hash covers its content and the previous row's hash; row 1's
 previous hash is the encounter's *genesis hash*, over the facts it was created with.
 
-Every stored hash names its format: ``"v2:" + SHA-256 hex``. Format ``v2`` hashes the UTF-8
-bytes of one line of text with a fixed layout, built with one string format per row (no JSON
-encoder per row, one ``hashlib`` call)::
+Every stored hash names its format: ``<name>:`` then the digest (``"v2:" + SHA-256 hex``). Each
+format is one :class:`HashFormat` in a registry (:data:`HASH_FORMATS`,
+:func:`register_hash_format`): its name and the functions that build its row payload head, its
+row hash and its genesis hash. New hashes are written in :data:`HASH_FORMAT` (``CURRENT``);
+the verifier recomputes each stored hash in the format its prefix names, so rows hashed in an
+older registered format keep verifying after the current format changes, and a hash whose
+prefix names no registered format is reported. Adding a format is one entry here.
+
+Format ``v2`` hashes the UTF-8 bytes of one line of text with a fixed layout, built with one
+string format per row (no JSON encoder per row, one ``hashlib`` call)::
 
     row:     v2|row|<encounter id>|<sequence>|<from_state>|<to_state>|<effective_at>|
              <transitioned_at>|<transitioned_by>|<reason>|<metadata>|<definition version>|
@@ -25,14 +32,15 @@ encoder per row, one ``hashlib`` call)::
 
 Every text field carries its length and no integer contains ``|``, so the layout is
 unambiguous: two different rows never have the same payload. Format ``v1`` (canonical JSON of
-a list per row, ISO-8601 times) was replaced by ``v2`` before the first release; a ``v1:`` hash
-is reported as a hash in no known format.
+a list per row, ISO-8601 times) was replaced by ``v2`` before the first release and is not
+registered: a ``v1:`` hash is reported as a hash in no known format.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import partial
@@ -40,10 +48,6 @@ from hashlib import sha256
 from typing import Any
 
 from .rows import Genesis, StreamRow
-
-#: The format new hashes are written in; a stored hash starts with ``FORMAT + ":"``.
-HASH_FORMAT = "v2"
-_PREFIX = HASH_FORMAT + ":"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
@@ -102,6 +106,73 @@ def metadata_text(metadata: Any) -> str:
     return _JSON.encode(canonical_json(metadata))
 
 
+@dataclass(frozen=True)
+class HashFormat:
+    """One hash format: its ``name`` (a stored hash starts with ``prefix``, ``name + ":"``)
+    and the three functions that compute it, each returning the hash as stored (prefixed):
+
+    * ``row_head(encounter_id_text)``: the part of every row's payload that only depends on
+      the encounter, built once per stream;
+    * ``hash_row(head, row, previous_hash)``: a row's hash, chained to ``previous_hash``;
+    * ``hash_genesis(genesis, encounter_id_text)``: the genesis hash.
+    """
+
+    name: str
+    row_head: Callable[[str], str]
+    hash_row: Callable[[str, StreamRow, str], str]
+    hash_genesis: Callable[[Genesis, str], str]
+    prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.isascii() or not self.name.isalnum():
+            raise ValueError(f"a hash format's name is ASCII letters and digits: {self.name!r}")
+        object.__setattr__(self, "prefix", self.name + ":")
+
+    def genesis_hash(self, genesis: Genesis) -> str:
+        """The hash over an encounter's creation facts, in this format."""
+        return self.hash_genesis(genesis, str(genesis.encounter_id))
+
+    def stream_hasher(self, encounter_id: Any) -> Callable[[StreamRow, str], str]:
+        """``(row, previous_hash) -> hash`` in this format for the rows of one encounter, the
+        encounter's part of the payload built once."""
+        return partial(self.hash_row, self.row_head(str(encounter_id)))
+
+
+#: The registered formats by name: the ones a stored hash may be in.
+HASH_FORMATS: dict[str, HashFormat] = {}
+
+
+def register_hash_format(fmt: HashFormat) -> HashFormat:
+    """Add ``fmt`` to the formats stored hashes are verified in; returns it.
+
+    Raises:
+        ValueError: a format with the same name (so the same prefix) is registered.
+    """
+    for known in HASH_FORMATS.values():
+        if fmt.name == known.name or fmt.prefix == known.prefix:
+            raise ValueError(
+                f"a hash format named {fmt.name!r} (prefix {fmt.prefix!r}) is already registered"
+            )
+    HASH_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def unregister_hash_format(name: str) -> HashFormat:
+    """Remove the format ``name`` (hashes in it are then reported as in no known format);
+    returns it. The format new hashes are written in cannot be removed (``ValueError``)."""
+    if name == HASH_FORMAT:
+        raise ValueError(f"{name!r} is the format new hashes are written in")
+    return HASH_FORMATS.pop(name)
+
+
+def find_hash_format(stored: str) -> HashFormat | None:
+    """The registered format a stored hash is in (by its prefix), or None."""
+    if stored and stored.startswith(CURRENT.prefix):  # the usual answer, without a split
+        return CURRENT
+    named = hash_format(stored)
+    return None if named is None else HASH_FORMATS.get(named)
+
+
 def hash_format(stored: str) -> str | None:
     """The format a stored hash names (``"v2"``), or None when it names none."""
     found, colon, _ = (stored or "").partition(":")
@@ -110,46 +181,52 @@ def hash_format(stored: str) -> str | None:
 
 def genesis_hash(genesis: Genesis) -> str:
     """The hash over an encounter's creation facts: the head of a stream with no rows."""
-    return _genesis_hash(genesis, str(genesis.encounter_id))
+    return CURRENT.genesis_hash(genesis)
 
 
 def stream_hashes(genesis: Genesis) -> tuple[str, Callable[[StreamRow, str], str]]:
-    """``(genesis_hash(genesis), stream_hasher(genesis.encounter_id))``: what a verifying
-    replay needs of one stream, the encounter id formatted once for both."""
+    """``(genesis_hash(genesis), stream_hasher(genesis.encounter_id))``: the genesis and row
+    hashes of one stream in the current format, the encounter id formatted once for both."""
     text = str(genesis.encounter_id)
-    return _genesis_hash(genesis, text), partial(_hash_row, f"v2|row|{len(text)}:{text}|")
-
-
-def _genesis_hash(genesis: Genesis, encounter_id: str) -> str:
-    definition_id = str(genesis.definition_id)
-    subject_type, subject_id = genesis.subject_type, str(genesis.subject_id)
-    origin = genesis.origin_state
-    payload = (
-        f"v2|genesis|{len(encounter_id)}:{encounter_id}|{len(definition_id)}:{definition_id}|"
-        f"{int(genesis.definition_version)}|{len(subject_type)}:{subject_type}|"
-        f"{len(subject_id)}:{subject_id}|{len(origin)}:{origin}|"
-        f"{(genesis.created_at - _EPOCH) // _MICROSECOND}"
-    )
-    return _PREFIX + sha256(payload.encode()).hexdigest()
+    return CURRENT.hash_genesis(genesis, text), partial(CURRENT.hash_row, CURRENT.row_head(text))
 
 
 def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
     """The hash of ``row`` (of the encounter ``encounter_id``) chained to ``previous_hash``."""
-    return _hash_row(_row_head(encounter_id), row, previous_hash)
+    return CURRENT.hash_row(CURRENT.row_head(str(encounter_id)), row, previous_hash)
 
 
 def stream_hasher(encounter_id: Any) -> Callable[[StreamRow, str], str]:
     """``(row, previous_hash) -> hash`` for the rows of one encounter: what :func:`row_hash`
     computes, with the encounter's part of the payload formatted once per stream."""
-    return partial(_hash_row, _row_head(encounter_id))
+    return CURRENT.stream_hasher(encounter_id)
 
 
-def _row_head(encounter_id: Any) -> str:
-    text = str(encounter_id)
-    return f"v2|row|{len(text)}:{text}|"
+# -- format v2 ----------------------------------------------------------------------------
+
+_V2 = "v2"
+_V2_PREFIX = _V2 + ":"
 
 
-def _hash_row(head: str, row: StreamRow, previous_hash: str) -> str:
+def _v2_row_head(encounter_id: str) -> str:
+    return f"{_V2}|row|{len(encounter_id)}:{encounter_id}|"
+
+
+def _v2_genesis(genesis: Genesis, encounter_id: str) -> str:
+    definition_id = str(genesis.definition_id)
+    subject_type, subject_id = genesis.subject_type, str(genesis.subject_id)
+    origin = genesis.origin_state
+    payload = (
+        f"{_V2}|genesis|{len(encounter_id)}:{encounter_id}|"
+        f"{len(definition_id)}:{definition_id}|"
+        f"{int(genesis.definition_version)}|{len(subject_type)}:{subject_type}|"
+        f"{len(subject_id)}:{subject_id}|{len(origin)}:{origin}|"
+        f"{(genesis.created_at - _EPOCH) // _MICROSECOND}"
+    )
+    return _V2_PREFIX + sha256(payload.encode()).hexdigest()
+
+
+def _v2_row(head: str, row: StreamRow, previous_hash: str) -> str:
     from_state, to_state = row.from_state, row.to_state
     by = row.transitioned_by
     by = "" if by is None else str(by)
@@ -166,4 +243,12 @@ def _hash_row(head: str, row: StreamRow, previous_hash: str) -> str:
         f"{len(by)}:{by}|{len(reason)}:{reason}|{len(metadata)}:{metadata}|"
         f"{int(row.definition_version)}|{len(previous_hash)}:{previous_hash}"
     )
-    return _PREFIX + sha256(payload.encode()).hexdigest()
+    return _V2_PREFIX + sha256(payload.encode()).hexdigest()
+
+
+register_hash_format(HashFormat(_V2, _v2_row_head, _v2_row, _v2_genesis))
+
+#: The name of the format new hashes are written in.
+HASH_FORMAT = _V2
+#: The format new hashes are written in.
+CURRENT = HASH_FORMATS[HASH_FORMAT]

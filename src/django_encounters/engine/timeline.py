@@ -30,7 +30,13 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, OriginatorIDError, OriginatorVersionError, Snapshot
 from eventsourcing.utils import get_topic
 
-from .errors import InvalidStateError, InvalidTransitionError, StreamGapError, StreamNeeded
+from .errors import (
+    AnomalyKind,
+    InvalidStateError,
+    InvalidTransitionError,
+    StreamGapError,
+    StreamNeeded,
+)
 from .hashing import row_hash
 from .rows import Genesis, StreamRow, stored_precision
 from .rules import Rules
@@ -270,27 +276,23 @@ class EncounterTimeline(Aggregate):
         ``rules`` (the encounter's pinned definition version).
 
         Returns the ``from_state`` (the timeline's state at ``effective_at``) or raises
-        ``InvalidTransitionError`` naming the requested edge and the reason.
+        ``InvalidTransitionError`` naming the requested edge and the reason: an
+        ``effective_at`` beyond ``latest_allowed``, or the first of :func:`violations` (the
+        rules the verifier applies to a recorded row).
         """
         from_state, successor = self.locate(effective_at)
-
-        def refuse(reason: str) -> InvalidTransitionError:
-            return InvalidTransitionError(from_state, to_state, reason, encounter_id=self.id)
-
         if latest_allowed is not None and effective_at > latest_allowed:
-            raise refuse(
+            raise InvalidTransitionError(
+                from_state,
+                to_state,
                 f"effective_at {effective_at.isoformat()} lies in the future beyond the allowed "
-                f"tolerance (latest allowed {latest_allowed.isoformat()})"
+                f"tolerance (latest allowed {latest_allowed.isoformat()})",
+                encounter_id=self.id,
             )
-        if not rules.is_state(to_state):
-            raise refuse(f"'{to_state}' is not a state of definition '{rules.code}'")
-        if not rules.is_allowed(from_state, to_state):
-            raise refuse(f"Allowed transitions: {rules.allowed(from_state)}")
-        if successor is not None and not follows(rules, to_state, successor):
-            when = successor.effective_at.astimezone(effective_at.tzinfo).isoformat()
-            raise refuse(
-                f"would be followed by '{successor.to_state}' (sequence {successor.sequence}, "
-                f"effective {when}); '{to_state}' -> '{successor.to_state}' is not allowed"
+        found = violations(rules, from_state, to_state, effective_at, successor)
+        if found:
+            raise InvalidTransitionError(
+                from_state, to_state, found[0].reason, encounter_id=self.id
             )
         return from_state
 
@@ -326,12 +328,12 @@ class EncounterTimeline(Aggregate):
         """Move the encounter to the definition version of ``rules`` on purpose: a row that
         keeps the state (effective at the end of the timeline, or now) and records the new
         version. Refused with ``InvalidStateError`` when the state does not exist there."""
-        if not rules.is_state(self.state):
+        now = self.system_time(transitioned_at)
+        effective_at = now if self.end_at is None or now >= self.end_at else self.end_at
+        if violations(rules, self.state, self.state, effective_at, None, upgrade=True):
             raise InvalidStateError(
                 self.state, f"{rules.code} v{rules.version}", list(rules.states)
             )
-        now = self.system_time(transitioned_at)
-        effective_at = now if self.end_at is None or now >= self.end_at else self.end_at
         return self._append(
             self.state, self.state, effective_at, now, transitioned_by, reason, {}, rules.version
         )
@@ -403,3 +405,58 @@ def follows(rules: Rules, state: str, successor: Entry) -> bool:
     if successor.upgrade:
         return successor.to_state == state
     return rules.is_allowed(state, successor.to_state)
+
+
+class Violation(NamedTuple):
+    """A rule a transition breaks: the anomaly ``kind`` the verifier reports it as, and the
+    ``reason`` the write path refuses it with."""
+
+    kind: AnomalyKind
+    reason: str
+
+
+def violations(
+    rules: Rules,
+    from_state: str,
+    to_state: str,
+    effective_at: datetime,
+    successor: Entry | None,
+    *,
+    upgrade: bool = False,
+) -> list[Violation]:
+    """The rules of a definition version, written once for the write path (which refuses with
+    the first violation) and the verifier (which reports them all): what is wrong with
+    ``from_state -> to_state`` effective at ``effective_at``, decided under ``rules`` and
+    placed on the timeline just before ``successor`` (None: at its end). Empty when allowed.
+
+    The edge must be allowed (its target a state of the version); with ``upgrade`` the row
+    moves the encounter to ``rules``' version instead, so it must keep its state and the state
+    must exist there. Either way the row that follows must still be able to follow it.
+    """
+    found = []
+    if upgrade:
+        if from_state != to_state or not rules.is_state(to_state):
+            found.append(
+                Violation(
+                    AnomalyKind.UPGRADE,
+                    "an upgrade must keep the state, and the state must exist in the new version",
+                )
+            )
+    elif not rules.is_state(to_state):
+        found.append(
+            Violation(AnomalyKind.EDGE, f"'{to_state}' is not a state of definition '{rules.code}'")
+        )
+    elif not rules.is_allowed(from_state, to_state):
+        found.append(
+            Violation(AnomalyKind.EDGE, f"Allowed transitions: {rules.allowed(from_state)}")
+        )
+    if successor is not None and not follows(rules, to_state, successor):
+        when = successor.effective_at.astimezone(effective_at.tzinfo).isoformat()
+        found.append(
+            Violation(
+                AnomalyKind.RECHAIN,
+                f"would be followed by '{successor.to_state}' (sequence {successor.sequence}, "
+                f"effective {when}); '{to_state}' -> '{successor.to_state}' is not allowed",
+            )
+        )
+    return found

@@ -6,40 +6,44 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from uuid import UUID
 
 from eventsourcing.domain import OriginatorVersionError
 
-from .hashing import HASH_FORMAT, hash_format, stream_hashes
+from .errors import ANOMALY_KINDS, AnomalyKind
+from .hashing import HashFormat, find_hash_format, hash_format
 from .rows import Genesis, StreamRow
 from .rules import Rules
-from .timeline import EncounterTimeline, Entry, follows, known_prefix
+from .timeline import EncounterTimeline, Entry, known_prefix, violations
 
-#: What each anomaly kind means (the audit and the docs list these).
-ANOMALY_KINDS = {
-    "genesis": "the encounter's creation facts no longer hash to its stored genesis hash",
-    "gap": "a sequence number is missing",
-    "hash": "a row's content or chain does not match its stored hash (or names no known format)",
-    "from_state": "the recorded from_state is not the timeline's state at the row's effective_at",
-    "edge": "the row's edge is not allowed by the definition version it was decided under",
-    "rechain": "the row is followed in business time by a state it may not go to",
-    "version": "the row names a definition version that does not exist or is older than before",
-    "upgrade": "a row that moves the definition version does not keep a state of the new version",
-    "clock": "the row was recorded (transitioned_at) before the row preceding it",
-    "truncated": "the log is shorter than the projection says: rows were deleted",
-    "head": "the projection's head hash is not the hash of the row it names",
-}
+__all__ = ["ANOMALY_KINDS", "Anomaly", "AnomalyKind", "Replay", "verify_stream"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Anomaly:
-    """Something wrong in a stream, found by replay (``kind``: one of ``ANOMALY_KINDS``;
-    ``sequence`` 0 for the encounter itself)."""
+    """Something wrong in a stream, found by replay (``kind``: an :class:`AnomalyKind`, given
+    as a member or its text; ``sequence`` 0 for the encounter itself).
+
+    Raises:
+        ValueError: ``kind`` is no anomaly kind.
+    """
 
     encounter_id: UUID | str
     sequence: int
-    kind: str
+    kind: AnomalyKind
     detail: str
+
+    def __init__(
+        self, encounter_id: UUID | str, sequence: int, kind: AnomalyKind | str, detail: str
+    ) -> None:
+        object.__setattr__(self, "encounter_id", encounter_id)
+        object.__setattr__(self, "sequence", sequence)
+        if type(kind) is not AnomalyKind:
+            # The member whose text ``kind`` is (mypy reads the call as a new member's).
+            kind = AnomalyKind(kind)  # type: ignore[call-arg]
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "detail", detail)
 
     def __str__(self) -> str:
         return f"encounter {self.encounter_id} sequence {self.sequence}: {self.kind}: {self.detail}"
@@ -73,7 +77,7 @@ class Replay:
                 Anomaly(
                     encounter_id,
                     version,
-                    "truncated",
+                    AnomalyKind.TRUNCATED,
                     f"the projection is at version {version} but the log ends at "
                     f"{self.version}: rows {self.version + 1}..{version} are missing",
                 )
@@ -83,7 +87,7 @@ class Replay:
                 Anomaly(
                     encounter_id,
                     version,
-                    "head",
+                    AnomalyKind.HEAD,
                     f"the projection's head hash {head_hash[:15]!r}… is not the hash of "
                     f"{'the genesis' if version == 0 else f'row {version}'}",
                 )
@@ -92,7 +96,15 @@ class Replay:
 
 
 RulesOf = Callable[[int], "Rules | None"]
-_PREFIX = HASH_FORMAT + ":"
+Hasher = Callable[[StreamRow, str], "str | None"]
+#: No registered format's prefix starts with it (a name is letters and digits): the hasher
+#: state of a replay before its first row and after a hash in no known format.
+_NO_PREFIX = "\x00"
+
+
+def _no_known_format(row: StreamRow, previous_hash: str) -> None:
+    """The hasher of a hash in no registered format: never matches."""
+    return None
 
 
 def verify_stream(
@@ -105,47 +117,54 @@ def verify_stream(
     known_at: datetime | None = None,
 ) -> Replay:
     """Replay a stream in sequence order (with ``known_at``: the rows recorded by then),
-    checking the genesis and every row: the hash chain, the system time, its ``from_state``
-    against the timeline as it stood when the row was recorded, and with ``rules`` (definition
-    version -> Rules, None when unknown) its edge or upgrade and the re-chain to the row that
-    follows it; a gap-free sequence is the library's version check. The projection
+    checking the genesis and every row: the hash chain (each stored hash recomputed in the
+    registered format its prefix names), the system time, its ``from_state`` against the
+    timeline as it stood when the row was recorded, and with ``rules`` (definition version ->
+    Rules, None when unknown) its edge or upgrade and the re-chain to the row that follows it;
+    a gap-free sequence is the library's version check. The projection
     (``timeline.state``/``version``/…) is computed from the rows whatever the anomalies."""
     timeline = EncounterTimeline.open(genesis, stored_genesis_hash)
     result = Replay(timeline, hashes={0: stored_genesis_hash})
     encounter_id = genesis.encounter_id
     anomalies, backdated, hashes = result.anomalies, result.backdated, result.hashes
-    hash_row = None
+    encounter_text = str(encounter_id)
     if check_hashes:
-        # Once per stream, not per row: the hasher (the encounter's part of the payload
-        # formatted), the event builder, the rules of the version last seen.
-        computed_genesis, hash_row = stream_hashes(genesis)
-        if computed_genesis != stored_genesis_hash:
+        genesis_format = find_hash_format(stored_genesis_hash)
+        if (
+            genesis_format is None
+            or genesis_format.hash_genesis(genesis, encounter_text) != stored_genesis_hash
+        ):
             anomalies.append(
                 Anomaly(
                     encounter_id,
                     0,
-                    "genesis",
+                    AnomalyKind.GENESIS,
                     "the creation facts (definition and version, subject, origin state, "
                     "created_at) do not hash to the stored genesis hash",
                 )
             )
+    # Once per stream, not per row: the event builder, the rules of the version last seen, and
+    # a hasher per hash format met (the encounter's part of its payload formatted once), the
+    # last one used kept with its prefix: a row in the same format costs one prefix check.
     event_of = EncounterTimeline.events(encounter_id)
     rules_version, rules_then = -1, None
+    prefix: str = _NO_PREFIX
+    hash_row: Hasher = _no_known_format
+    hashers: dict[str, Hasher] = {}
     for row in rows if known_at is None else known_prefix(rows, known_at):
-        found: list[tuple[str, str]] | None = None
-        if hash_row is not None:
+        found: list[tuple[AnomalyKind, str]] | None = None
+        if check_hashes:
             stored = row.hash
-            if not stored.startswith(_PREFIX):
-                named = hash_format(stored)
-                found = [("hash", f"the stored hash names no known format ({named!r})")]
-            elif hash_row(row, timeline.head_hash) != stored:
-                found = [("hash", "content or chain does not match the stored hash")]
+            if not stored.startswith(prefix):
+                prefix, hash_row = _hasher(stored, encounter_text, hashers)
+            if hash_row(row, timeline.head_hash) != stored:
+                found = [_hash_mismatch(stored)]
         recorded_until = timeline.recorded_until
         if recorded_until is not None and row.transitioned_at < recorded_until:
             found = found or []
             found.append(
                 (
-                    "clock",
+                    AnomalyKind.CLOCK,
                     f"recorded at {row.transitioned_at.isoformat()}, before the previous row "
                     f"({recorded_until.isoformat()})",
                 )
@@ -159,6 +178,8 @@ def verify_stream(
         if rules is not None and row.definition_version != rules_version:
             rules_version = row.definition_version
             rules_then = rules(rules_version)
+        # The usual row (recorded at the end, from the timeline's state, by an allowed edge of
+        # its pinned version) needs no more than this; anything else is judged in full.
         if (
             state_then != row.from_state
             or successor is not None
@@ -187,6 +208,28 @@ def verify_stream(
     return result
 
 
+def _hasher(stored: str, encounter_text: str, hashers: dict[str, Hasher]) -> tuple[str, Hasher]:
+    """``(prefix, hasher)`` of the format ``stored`` is in, the hasher built once per stream
+    and format (cached in ``hashers``); a hash in no registered format gets one that never
+    matches."""
+    fmt: HashFormat | None = find_hash_format(stored)
+    if fmt is None:
+        return _NO_PREFIX, _no_known_format
+    hasher = hashers.get(fmt.name)
+    if hasher is None:
+        hasher = hashers[fmt.name] = partial(fmt.hash_row, fmt.row_head(encounter_text))
+    return fmt.prefix, hasher
+
+
+def _hash_mismatch(stored: str) -> tuple[AnomalyKind, str]:
+    if find_hash_format(stored) is None:
+        return (
+            AnomalyKind.HASH,
+            f"the stored hash names no known format ({hash_format(stored)!r})",
+        )
+    return (AnomalyKind.HASH, "content or chain does not match the stored hash")
+
+
 def _placement(
     row: StreamRow,
     state_then: str,
@@ -194,15 +237,17 @@ def _placement(
     timeline: EncounterTimeline,
     rules: Rules | None,
     rules_of: RulesOf | None,
-) -> list[tuple[str, str]]:
+) -> list[tuple[AnomalyKind, str]]:
     """What is wrong with where ``row`` lands on the timeline (in ``state_then``, before
-    ``successor``): its ``from_state``, its edge (or upgrade, under ``rules``: the rules of
-    its definition version, None when unknown) and the edge to the row that follows it."""
+    ``successor``): its recorded ``from_state`` and definition version (facts the write path
+    derives instead of checking), then the rules of that version (``rules``, None when
+    unknown), as the write path applies them (:func:`violations`): its edge or upgrade and
+    the edge to the row that follows it."""
     found = []
     if state_then != row.from_state:
         found.append(
             (
-                "from_state",
+                AnomalyKind.FROM_STATE,
                 f"recorded from_state '{row.from_state}' but the timeline was in "
                 f"'{state_then}' at {row.effective_at.isoformat()}",
             )
@@ -212,41 +257,34 @@ def _placement(
     version, pinned = row.definition_version, timeline.definition_version
     if rules is None or version < pinned:
         why = "does not exist" if rules is None else f"is older than the pinned v{pinned}"
-        return [*found, ("version", f"decided under definition version {version}, which {why}")]
-    if version != pinned:
-        if row.from_state != row.to_state or not rules.is_state(row.to_state):
-            found.append(
-                (
-                    "upgrade",
-                    f"moves to {rules.name} but does not keep a state of it "
-                    f"('{row.from_state}' -> '{row.to_state}')",
-                )
-            )
-    elif not rules.is_allowed(row.from_state, row.to_state):
-        found.append(
-            (
-                "edge",
-                f"'{row.from_state}' -> '{row.to_state}' is not allowed by definition {rules.name}",
-            )
+        return [
+            *found,
+            (AnomalyKind.VERSION, f"decided under definition version {version}, which {why}"),
+        ]
+    edge = f"'{row.from_state}' -> '{row.to_state}' under {rules.name}"
+    found.extend(
+        (kind, f"{edge}: {reason}")
+        for kind, reason in violations(
+            rules,
+            row.from_state,
+            row.to_state,
+            row.effective_at,
+            successor,
+            upgrade=version != pinned,
         )
-    if successor is not None and not follows(rules, row.to_state, successor):
-        found.append(
-            (
-                "rechain",
-                f"followed by '{successor.to_state}' (sequence {successor.sequence}); "
-                f"'{row.to_state}' -> '{successor.to_state}' is not allowed",
-            )
-        )
+    )
     return found
 
 
-def _gap(timeline: EncounterTimeline, event: EncounterTimeline.Transitioned) -> tuple[str, str]:
+def _gap(
+    timeline: EncounterTimeline, event: EncounterTimeline.Transitioned
+) -> tuple[AnomalyKind, str]:
     """A sequence gap (the library's version check refused ``event``): reported, and the fold
     goes on from there, so the rest of the stream is still checked and projected."""
     expected = timeline.version + 1
     timeline.version = event.originator_version - 1
     event.mutate(timeline)
-    return ("gap", f"expected sequence {expected}, found {event.originator_version}")
+    return (AnomalyKind.GAP, f"expected sequence {expected}, found {event.originator_version}")
 
 
 def _overtaken(entries: list[Entry]) -> dict[int, int]:
