@@ -7,8 +7,8 @@ report. Every test runs on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import csv
-import io
 import dataclasses
+import io
 import json
 import os
 import subprocess

@@ -19,8 +19,6 @@ import pytest
 from django_encounters import store
 from django_encounters.engine import genesis_hash
 from django_encounters.models import Encounter, EncounterTransition
-from django_encounters.projections.checkpoints import building as checkpoint_building
-from django_encounters.projections.checkpoints import reading as checkpoint_reading
 from django_encounters.projections.audit import audit_encounters, iter_audit
 from django_encounters.projections.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -31,6 +29,8 @@ from django_encounters.projections.checkpoints import (
     verify_checkpoint,
     write_checkpoint,
 )
+from django_encounters.projections.checkpoints import building as checkpoint_building
+from django_encounters.projections.checkpoints import reading as checkpoint_reading
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import create_encounter, transition
 from tests.helpers import (

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from django_encounters.models import EncounterTransition
 from django_encounters.exceptions import (
     DefinitionNotFoundError,
     EventLogWriteError,
     UnknownFormatError,
 )
+from django_encounters.models import EncounterTransition
 from django_encounters.projections.event_log import (
     CSV_COLUMNS,
     EventLogCounts,

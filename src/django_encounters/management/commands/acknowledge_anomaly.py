@@ -17,8 +17,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS
 
-from django_encounters.exceptions import EncounterError, EncounterNotFoundError
 from django_encounters.engine import AnomalyKind
+from django_encounters.exceptions import EncounterError, EncounterNotFoundError
 from django_encounters.projections.audit import (
     AnomalyNotReportedError,
     acknowledge_reported_anomaly,
