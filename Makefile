@@ -3,10 +3,16 @@
 # pyproject.toml changes (stamp files inside the venv).
 #
 #   make test                 whole suite on SQLite, then on a throwaway PostgreSQL cluster
-#   make test-sqlite          SQLite only
-#   make test-postgres        PostgreSQL only
-#   make test-citus           the suite on a throwaway 3-node Citus cluster
+#                             (every test, the slow ones included: what CI and the README run)
+#   make test-sqlite          the quick loop: SQLite only, without the tests marked slow
+#                             (pytest -m "not slow"; about 5 s or more each: subprocesses, the
+#                             browser tests, the biggest Hypothesis property)
+#   make test-sqlite SLOW=1   SQLite only, every test
+#   make test-postgres        PostgreSQL only (every test)
+#   make test-citus           the suite on a throwaway 3-node Citus cluster (every test)
 #   make test PYTEST_ARGS='-x -k history'
+#   make test-sqlite PYTEST_ARGS='-k history'   still without the slow ones; a -k that selects
+#                             only slow tests runs them, a -m of your own replaces "not slow"
 #   make test-matrix          the suite under Django 4.2 and 6.x as well
 #   make demo | bench | soak | docs | lint | clean
 
@@ -14,6 +20,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# SLOW=1: `make test-sqlite` runs the tests marked slow too (scripts/run_tests.sh's SKIP_SLOW).
+SLOW ?=
 
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_LINT := $(VENV)/.stamp-lint
@@ -46,23 +54,24 @@ $(STAMP_DOCS): pyproject.toml | $(PY)
 
 # run_tests.sh runs both backends and fails if either failed; PY tells it which interpreter to use.
 test: $(STAMP_TEST)
-	PY=$(abspath $(PY)) bash scripts/run_tests.sh $(PYTEST_ARGS)
+	PY=$(abspath $(PY)) SKIP_SLOW=0 bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 test-sqlite: $(STAMP_TEST)
-	PY=$(abspath $(PY)) BACKENDS=sqlite bash scripts/run_tests.sh $(PYTEST_ARGS)
+	PY=$(abspath $(PY)) BACKENDS=sqlite SKIP_SLOW=$(if $(filter 1,$(SLOW)),0,1) \
+		bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 test-postgres: $(STAMP_TEST)
-	PY=$(abspath $(PY)) BACKENDS=postgres bash scripts/run_tests.sh $(PYTEST_ARGS)
+	PY=$(abspath $(PY)) BACKENDS=postgres SKIP_SLOW=0 bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 # The whole suite on a throwaway Citus cluster (a coordinator and 2 workers, the tables
 # distributed with distribute_encounters); builds Citus from ../shared/vendor/citus when missing.
 test-citus: $(STAMP_TEST)
-	PY=$(abspath $(PY)) BACKENDS=citus bash scripts/run_tests.sh $(PYTEST_ARGS)
+	PY=$(abspath $(PY)) BACKENDS=citus SKIP_SLOW=0 bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 # Django 4.2 (Python 3.10) and 6.x (Python 3.12) in their own virtualenvs, both databases;
 # a combination whose interpreter is missing is skipped (scripts/test_matrix.sh).
 test-matrix:
-	MATRIX="django42-py310:3.10:Django>=4.2,<5.0 django6-py312:3.12:Django>=6.0,<7.0" \
+	MATRIX="django42-py310:3.10:Django>=4.2,<5.0 django6-py312:3.12:Django>=6.0,<7.0" SKIP_SLOW=0 \
 		bash scripts/test_matrix.sh $(PYTEST_ARGS)
 
 # The example project on a fresh SQLite database (see example/demo.py).

@@ -8,9 +8,16 @@
 # Both backends always run, even when the first one fails; the exit status is non-zero if either
 # failed. pytest's exit code 5 ("no tests collected") counts as a failure.
 #
+# SKIP_SLOW=1 (what `make test-sqlite` sets) leaves out the tests marked slow: it adds
+# `-m "not slow"` before the given arguments, so a `-k` composes with it; a `-m` of your own
+# replaces it (every test that selects runs). When leaving them out leaves no test at all (a `-k`
+# that names only slow tests), the selection runs again with them, since they were asked for by
+# name, and the summary says so; exit 5 is still a failure when nothing matches even then.
+#
 # Environment:
 #   PY        Python to run pytest with (default: .venv/bin/python if it exists, else python3)
 #   BACKENDS  which backends to run, in order (default: "sqlite postgres"; also: citus)
+#   SKIP_SLOW 1 to leave out the tests marked slow (default: 0, every test runs)
 #   PG_*      see scripts/pg_cluster.sh
 set -euo pipefail
 
@@ -25,6 +32,7 @@ if [[ -z "${PY:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
 BACKENDS=${BACKENDS:-sqlite postgres}
+SKIP_SLOW=${SKIP_SLOW:-0}
 
 # Scratch space for the JUnit reports we count tests from (separate from the cluster's directory).
 REPORT_DIR=$(mktemp -d "${TMPDIR:-/tmp}/encounters-tests.XXXXXXXX")
@@ -66,10 +74,29 @@ EOF
 run_pytest() {
     local backend=$1
     shift
-    local report="$REPORT_DIR/$backend.xml" rc=0
+    local report="$REPORT_DIR/$backend.xml" rc=0 not_slow=() arg
+    if [[ "$SKIP_SLOW" == 1 ]]; then
+        not_slow=(-m "not slow")
+        # A marker expression of the caller's own wins (pytest keeps the last -m anyway).
+        for arg in "$@"; do
+            [[ "$arg" == -m* || "$arg" == --markexpr* ]] && not_slow=()
+        done
+    fi
     echo
     echo "================ pytest on $backend ================"
-    ENCOUNTERS_TEST_DB=$backend "$PY" -m pytest --junitxml="$report" "$@" || rc=$?
+    ENCOUNTERS_TEST_DB=$backend "$PY" -m pytest --junitxml="$report" "${not_slow[@]}" "$@" || rc=$?
+    if [[ $rc -eq 5 && ${#not_slow[@]} -gt 0 ]]; then
+        # Everything selected is marked slow (or nothing matched at all): run the selection with
+        # the slow tests; if nothing matches even then, exit 5 stays a failure below.
+        echo
+        echo "run_tests: no test left once the slow ones are left out (SKIP_SLOW=1);" \
+            "running the selection with them"
+        rc=0
+        ENCOUNTERS_TEST_DB=$backend "$PY" -m pytest --junitxml="$report" "$@" || rc=$?
+        DETAIL[$backend]="only slow tests were selected: ran them"
+    elif [[ ${#not_slow[@]} -gt 0 ]]; then
+        DETAIL[$backend]="tests marked slow left out (SKIP_SLOW=1; make test-sqlite SLOW=1 runs them)"
+    fi
     case $rc in
         0) STATUS[$backend]=PASSED ;;
         5) STATUS[$backend]=FAILED DETAIL[$backend]="no tests collected (pytest exit 5)" ;;

@@ -19,6 +19,11 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# For the tests only, never in a real project: MD5 is not a safe way to store passwords. Django's
+# default (PBKDF2) is slow on purpose, a large fraction of a second per hash, and the admin tests
+# create and log in users in many fixtures; nothing in the suite depends on which hasher is used.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
 INSTALLED_APPS = [
     "django.contrib.auth",
     "django.contrib.contenttypes",

@@ -38,6 +38,7 @@ pytestmark = [
         reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)",
     ),
     pytest.mark.django_db(transaction=True),
+    pytest.mark.slow,
 ]
 
 SCREENSHOT_DIR = Path(

@@ -282,6 +282,7 @@ def _driver_env(tmp_path: Path, rows: int, name: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["table", "csv"])
 def test_piping_into_head_exits_quietly(tmp_path, fmt):
     """``audit_encounters | head -1`` in a real shell: the first line, nothing on stderr, and

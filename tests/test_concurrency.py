@@ -65,6 +65,7 @@ def test_eight_processes_race_on_postgresql():
     assert not any(k.startswith("counter") for k in report.failures), _explain(report)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IS_POSTGRES, reason="the SQLite variant runs once, in the SQLite pass")
 @pytest.mark.skipif(
     django.VERSION < (5, 1),

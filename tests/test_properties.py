@@ -276,6 +276,7 @@ def run_example(
     assert rebuild_projections(encounters=[enc.pk], check=True).projections_drifted == 0
 
 
+@pytest.mark.slow
 @pytest.mark.django_db
 @PROPERTY_SETTINGS
 @given(
