@@ -167,11 +167,13 @@ def test_no_import_cycle_inside_the_package():
     graph = _graph()
     assert _cycles(graph) == []
     # The floors: the engine imports nothing of the package but itself; the store the engine,
-    # itself and the models — never the services, projections or anything else above it.
+    # itself, the models and the list of errors (exceptions.py, which imports only the
+    # engine) — never the services, projections or anything else above it.
+    assert graph[f"{NAME}.exceptions"] <= {f"{NAME}.engine", f"{NAME}.engine.errors"}
     for name, targets in graph.items():
         allowed = [f"{NAME}.engine"]
         if name.startswith(f"{NAME}.store"):
-            allowed += [f"{NAME}.store", f"{NAME}.models"]
+            allowed += [f"{NAME}.store", f"{NAME}.models", f"{NAME}.exceptions"]
         elif not name.startswith(f"{NAME}.engine"):
             continue
         above = sorted(t for t in targets if not any(t.startswith(a) for a in allowed))
