@@ -348,3 +348,41 @@ def test_queryset_soft_delete_keeps_trail(visit_definition, patient):
     assert Encounter.objects.count() == 0
     assert Encounter.all_objects.count() == 3
     assert EncounterTransition.objects.count() == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration 0003: the one change a fact may still receive is its seal
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_a_seal_may_be_added_to_a_fact(encounter):
+    row = transition(encounter, "checked_in", reason="arrived")
+    seal = "k1:" + "ab" * 32
+    _raw(
+        f"UPDATE {TABLE} SET seal = %s WHERE id = %s",
+        [seal, row.pk.hex if not IS_POSTGRES else row.pk],
+    )
+    assert EncounterTransition.objects.get(pk=row.pk).seal == seal
+    for sql, params in (
+        (f"UPDATE {TABLE} SET reason = %s WHERE id = %s", ["changed"]),
+        (f"UPDATE {TABLE} SET seal = %s, reason = %s WHERE id = %s", ["", "changed"]),
+        (f"UPDATE {TABLE} SET transitioned_by_name = %s WHERE id = %s", ["mallory"]),
+    ):
+        with pytest.raises(IntegrityError, match="append-only"):
+            _raw(sql, [*params, row.pk.hex if not IS_POSTGRES else row.pk])
+    assert EncounterTransition.objects.get(pk=row.pk).reason == "arrived"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_version_content_hash_is_set_once(visit_definition):
+    from django_encounters.models import EncounterDefinitionVersion
+
+    version = EncounterDefinitionVersion.objects.filter(definition=visit_definition).first()
+    table = EncounterDefinitionVersion._meta.db_table
+    pk = version.pk.hex if not IS_POSTGRES else version.pk
+    _raw(f"UPDATE {table} SET content_hash = %s WHERE id = %s AND content_hash = ''", ["v3:x", pk])
+    with pytest.raises(IntegrityError, match="set once|append-only"):
+        _raw(f"UPDATE {table} SET content_hash = %s WHERE id = %s", ["v3:y", pk])
+    with pytest.raises(IntegrityError, match="append-only"):
+        _raw(f"UPDATE {table} SET number = 7 WHERE id = %s", [pk])

@@ -6,7 +6,11 @@
 * ``django_encounters.E003`` (error): ``ENCOUNTERS_VALIDATOR_MODULES`` is not a list of module
   prefixes;
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
+* ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
+  unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
+* ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
+  log is not sealed;
 * ``django_encounters.W002`` (warning): a SQLite database without
   ``transaction_mode="IMMEDIATE"``;
 * ``django_encounters.W003`` (warning): an ``ENCOUNTERS_*`` setting the package does not know.
@@ -31,6 +35,8 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_FUTURE_TOLERANCE",
     "ENCOUNTERS_VALIDATOR_MODULES",
     "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
+    "ENCOUNTERS_SEAL_KEYS",
+    "ENCOUNTERS_SEAL_KEY_ID",
 )
 
 
@@ -66,6 +72,23 @@ def check_validator_modules(app_configs: Any, **kwargs: Any) -> list[checks.Chec
     ]
 
 
+@checks.register(checks.Tags.security, deploy=True)
+def check_seal_keys(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
+    if getattr(settings, "ENCOUNTERS_SEAL_KEYS", None):
+        return []
+    return [
+        checks.Warning(
+            "ENCOUNTERS_SEAL_KEYS is not set: the log is not sealed. Whoever can write to the "
+            "database (the application's own role included, e.g. through one SQL injection) "
+            "can append rows, definition versions and acknowledgements with correct hashes, "
+            "and the audit cannot tell.",
+            hint='Set ENCOUNTERS_SEAL_KEYS = {"k1": os.environ["ENCOUNTERS_SEAL_KEY"]} (at '
+            "least 32 bytes, kept outside the database) and run manage.py seal_encounters.",
+            id="django_encounters.W004",
+        )
+    ]
+
+
 @checks.register()
 def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
     """Each ``ENCOUNTERS_*`` setting read as the package reads it when used: an unusable value
@@ -83,6 +106,13 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             conf.validator_modules,
             "django_encounters.E003",
             "Set it to a list of dotted module prefixes, e.g. ['myapp.validators'], or remove it.",
+        ),
+        (
+            "ENCOUNTERS_SEAL_KEYS",
+            conf.sealer,
+            "django_encounters.E005",
+            'Set ENCOUNTERS_SEAL_KEYS = {"<key id>": os.environ["..."]} with secrets of at '
+            "least 32 bytes, and ENCOUNTERS_SEAL_KEY_ID to one of its key ids.",
         ),
         (
             "ENCOUNTERS_REST_REQUIRE_IF_MATCH",

@@ -8,6 +8,14 @@
     Optional list of dotted module prefixes that validator paths must live under
     (``"myapp.validators"`` admits ``myapp.validators`` and ``myapp.validators.x``).
     The package's own validators are always admitted. Default: ``None`` (no restriction).
+``ENCOUNTERS_SEAL_KEYS``
+    ``{"<key id>": "<secret>", ...}``: the keys seals are made and checked with (docs:
+    "Who can do what"). Secrets come from the environment, never from the database; each at
+    least 32 bytes; key ids 1–32 of ``A-Z a-z 0-9 . _ -``. Unset or empty: the log is not
+    sealed, and the audit says so.
+``ENCOUNTERS_SEAL_KEY_ID``
+    The key new records are sealed with (one of ``ENCOUNTERS_SEAL_KEYS``; the others only
+    verify, for rotation). Default: the only key, when there is exactly one.
 ``ENCOUNTERS_REST_REQUIRE_IF_MATCH``
     Whether the REST API (``django_encounters.contrib.rest_framework``) refuses a transition
     POST without an ``If-Match`` header (``428 Precondition Required``). Default: ``False``.
@@ -20,6 +28,7 @@ from datetime import timedelta
 
 from django.conf import settings
 
+from .engine.seals import KEY_ID, MIN_SECRET_BYTES, Sealer
 from .exceptions import EncounterConfigurationError
 
 DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -64,3 +73,63 @@ def rest_require_if_match() -> bool:
             f"ENCOUNTERS_REST_REQUIRE_IF_MATCH must be True or False, not {value!r}"
         )
     return value
+
+
+def seal_keys() -> dict[str, bytes]:
+    """``ENCOUNTERS_SEAL_KEYS`` as ``key id -> secret bytes`` ({} when unset or empty)."""
+    value = getattr(settings, "ENCOUNTERS_SEAL_KEYS", None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EncounterConfigurationError(
+            'ENCOUNTERS_SEAL_KEYS must be a dict {"<key id>": "<secret>"}, not '
+            f"{type(value).__name__}"
+        )
+    keys: dict[str, bytes] = {}
+    for key_id, secret in value.items():
+        if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
+            raise EncounterConfigurationError(
+                f"ENCOUNTERS_SEAL_KEYS: the key id {key_id!r} is not 1-32 letters, digits, "
+                "'.', '_' or '-'"
+            )
+        if isinstance(secret, str):
+            secret = secret.encode("utf-8")
+        if not isinstance(secret, bytes):
+            raise EncounterConfigurationError(
+                f"ENCOUNTERS_SEAL_KEYS[{key_id!r}] must be text or bytes (its secret)"
+            )
+        if len(secret) < MIN_SECRET_BYTES:
+            raise EncounterConfigurationError(
+                f"ENCOUNTERS_SEAL_KEYS[{key_id!r}] is {len(secret)} bytes long; a seal key "
+                f"needs at least {MIN_SECRET_BYTES} (e.g. secrets.token_urlsafe(48))"
+            )
+        keys[key_id] = secret
+    return keys
+
+
+def seal_key_id(keys: dict[str, bytes] | None = None) -> str | None:
+    """``ENCOUNTERS_SEAL_KEY_ID``: the key new records are sealed with (the only key when
+    there is one and it is unset; None without keys)."""
+    keys = seal_keys() if keys is None else keys
+    value = getattr(settings, "ENCOUNTERS_SEAL_KEY_ID", None)
+    if value is None:
+        if len(keys) > 1:
+            raise EncounterConfigurationError(
+                "ENCOUNTERS_SEAL_KEY_ID must name the key new records are sealed with (one of "
+                f"{', '.join(sorted(keys))})"
+            )
+        return next(iter(keys), None)
+    if value not in keys:
+        known = ", ".join(sorted(keys)) or "none are configured"
+        raise EncounterConfigurationError(
+            f"ENCOUNTERS_SEAL_KEY_ID {value!r} is not a key of ENCOUNTERS_SEAL_KEYS ({known})"
+        )
+    return str(value)
+
+
+def sealer() -> Sealer | None:
+    """The configured seal keys (None when there are none: the log is not sealed)."""
+    keys = seal_keys()
+    if not keys:
+        return None
+    return Sealer(keys, seal_key_id(keys))

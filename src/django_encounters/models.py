@@ -41,6 +41,10 @@ STATE_MAX_LENGTH = 50
 TRANSITION_PERMISSION = "django_encounters.transition_encounter"
 #: Room for a hash's format prefix ("v2:") and digest, and for longer formats later.
 HASH_MAX_LENGTH = 100
+#: A seal as stored: ``"<key id>:<64 hex digits>"`` (key ids are at most 32 characters).
+SEAL_MAX_LENGTH = 100
+#: A user's name as recorded with what they did (the user row may be renamed later).
+NAME_MAX_LENGTH = 255
 
 
 #: The encounter's columns derived purely from the log, and the timeline attribute of each.
@@ -394,6 +398,13 @@ class EncounterDefinitionVersion(AppendOnlyModel, StateMachine):
     )
     number = models.PositiveIntegerField()
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+    #: The version's content hash, chained per definition (it covers version n-1's); "" on a
+    #: version written before it existed, until ``seal_encounters`` fills it in.
+    content_hash = models.CharField(
+        max_length=HASH_MAX_LENGTH, default="", blank=True, editable=False
+    )
+    #: HMAC seal of ``content_hash`` under ``ENCOUNTERS_SEAL_KEYS`` ("" when unsealed).
+    seal = models.CharField(max_length=SEAL_MAX_LENGTH, default="", blank=True, editable=False)
 
     class Meta:
         app_label = "django_encounters"
@@ -577,6 +588,10 @@ class Encounter(UUIDModel, BaseModel):
     origin_state = models.CharField(max_length=STATE_MAX_LENGTH, editable=False)
     origin_version = models.PositiveIntegerField(default=0, editable=False)
     genesis_hash = models.CharField(max_length=HASH_MAX_LENGTH, default="", editable=False)
+    #: HMAC seal of ``genesis_hash`` under ``ENCOUNTERS_SEAL_KEYS`` ("" when unsealed).
+    genesis_seal = models.CharField(
+        max_length=SEAL_MAX_LENGTH, default="", blank=True, editable=False
+    )
     state = models.CharField(max_length=STATE_MAX_LENGTH)
     version = models.PositiveIntegerField(default=0, editable=False)
     timeline_end_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -839,6 +854,10 @@ class EncounterTransition(AppendOnlyModel):
         blank=True,
         related_name="transitions_made",
     )
+    #: The user's name (``USERNAME_FIELD``) when the row was recorded: what the chain covers.
+    transitioned_by_name = models.CharField(
+        max_length=NAME_MAX_LENGTH, default="", blank=True, editable=False
+    )
     # System time. default (not auto_now_add) so the recorded value is the one hashed.
     transitioned_at = models.DateTimeField(default=timezone.now, editable=False)
     effective_at = models.DateTimeField(
@@ -852,6 +871,8 @@ class EncounterTransition(AppendOnlyModel):
     # The definition version it was decided under (the encounter's pin at the time).
     definition_version = models.PositiveIntegerField(default=0, editable=False)
     hash = models.CharField(max_length=HASH_MAX_LENGTH, editable=False, default="")
+    #: HMAC seal of ``hash`` under ``ENCOUNTERS_SEAL_KEYS`` ("" when unsealed).
+    seal = models.CharField(max_length=SEAL_MAX_LENGTH, default="", blank=True, editable=False)
 
     class Meta:
         app_label = "django_encounters"
@@ -919,6 +940,17 @@ class AnomalyAcknowledgement(AppendOnlyModel):
         related_name="anomalies_acknowledged",
     )
     acknowledged_at = models.DateTimeField(default=timezone.now, editable=False)
+    #: The reviewer's name (``USERNAME_FIELD``) when it was recorded.
+    acknowledged_by_name = models.CharField(
+        max_length=NAME_MAX_LENGTH, default="", blank=True, editable=False
+    )
+    #: What was examined: the stored hash the anomaly was found on, or the root of the
+    #: checkpoint it was found against. A finding with other evidence is not covered.
+    evidence = models.CharField(max_length=255, default="", blank=True, editable=False)
+    #: The acknowledgement's own hash, chained to the previous acknowledgement's.
+    hash = models.CharField(max_length=HASH_MAX_LENGTH, default="", blank=True, editable=False)
+    #: HMAC seal of ``hash`` under ``ENCOUNTERS_SEAL_KEYS`` ("" when unsealed).
+    seal = models.CharField(max_length=SEAL_MAX_LENGTH, default="", blank=True, editable=False)
 
     class Meta:
         app_label = "django_encounters"

@@ -27,7 +27,9 @@ class Genesis:
 class StreamRow:
     """The content of one row of the log, as the engine knows it (``transitioned_by`` is the
     user's primary key; ``definition_version`` the definition version it was decided under).
-    The store maps these fields to the table's columns."""
+    The store maps these fields to the table's columns. ``transitioned_by_name`` is the user's
+    name when the row was recorded ("" for nobody, and on rows written before names were
+    recorded); ``seal`` the row's seal ("" when unsealed: :mod:`.seals`)."""
 
     sequence: int
     from_state: str
@@ -39,6 +41,8 @@ class StreamRow:
     metadata: Any
     definition_version: int
     hash: str
+    transitioned_by_name: str = ""
+    seal: str = ""
 
 
 #: The row's fields, in the order the store reads and writes them.
