@@ -365,6 +365,21 @@ def rewrite_row(encounter: Any, sequence: int, **columns: Any) -> None:
         raw_update(EncounterTransition, _row_pk(encounter, sequence), **columns)
 
 
+def version_hash_of(encounter: Any, number: int | None = None) -> str:
+    """The stored content hash of version ``number`` (default: the one the encounter was
+    created under) of the encounter's definition: what its v3 hashes commit to."""
+    from django_encounters.models import EncounterDefinitionVersion
+
+    number = encounter.origin_version if number is None else number
+    return (
+        EncounterDefinitionVersion.objects.filter(
+            definition_id=encounter.definition_id, number=number
+        )
+        .values_list("content_hash", flat=True)
+        .get()
+    )
+
+
 def rehash_from(encounter: Any, sequence: int) -> None:
     """Recompute the stored hash of every row from ``sequence`` on, each chained to the one
     before (row 1 to the stored genesis hash), behind the triggers."""
@@ -377,7 +392,8 @@ def rehash_from(encounter: Any, sequence: int) -> None:
     previous = fresh.genesis_hash if sequence == 1 else rows[sequence - 2].hash
     with triggers_off():
         for row in rows[sequence - 1 :]:
-            previous = row_hash(str(encounter.pk), row, previous)
+            version = version_hash_of(fresh, row.definition_version)
+            previous = row_hash(str(encounter.pk), row, previous, version)
             raw_update(EncounterTransition, _row_pk(encounter, row.sequence), hash=previous)
 
 

@@ -34,6 +34,7 @@ from django_encounters.projections.checkpoints import reading as checkpoint_read
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import create_encounter, transition
 from tests.helpers import (
+    version_hash_of,
     delete_encounter,
     delete_rows,
     forge_projection,
@@ -130,7 +131,7 @@ def test_the_checkpoint_lists_every_head_and_the_root_is_the_last_line(clinic, t
         "head_hash": fresh.genesis_hash,
     }
     assert by_id[str(clinic["gone"].pk)]["version"] == 1  # soft-deleted: still checkpointed
-    assert all(e["head_hash"].startswith("v2:") for e in data["encounters"])
+    assert all(e["head_hash"].startswith("v3:") for e in data["encounters"])
 
 
 def test_the_root_follows_the_documented_formula(checkpoint):
@@ -300,7 +301,9 @@ def test_a_rewritten_genesis_is_caught_with_or_without_rows(clinic, checkpoint):
     for encounter in (clinic["fresh"], clinic["job"]):
         fresh = reload(encounter)
         moved = fresh.created_at - timedelta(days=1)
-        forged = genesis_hash(dataclasses.replace(fresh.genesis(), created_at=moved))
+        forged = genesis_hash(
+            dataclasses.replace(fresh.genesis(), created_at=moved), version_hash_of(fresh)
+        )
         raw_update(Encounter, fresh.pk, created_at=moved, genesis_hash=forged)
         if fresh.version:
             rehash_from(fresh, 1)

@@ -33,6 +33,7 @@ from django_encounters.engine import (
     HashFormat,
     Rules,
     StreamRow,
+    definition_version_hash,
     genesis_hash,
     hash_format,
     register_hash_format,
@@ -64,6 +65,7 @@ from django_encounters.services import (
     upgrade_encounter,
 )
 from tests.helpers import (
+    version_hash_of,
     IS_POSTGRES,
     delete_rows,
     insert_row_raw,
@@ -282,14 +284,19 @@ def test_queryset_updates_of_derived_columns_are_refused(visit, attack):
 
 def test_genesis_heads_a_fresh_stream_and_row_one_chains_to_it(encounter, patient):
     fresh = reload(encounter)
-    assert fresh.head_hash == fresh.genesis_hash == genesis_hash(fresh.genesis())
+    assert fresh.head_hash == fresh.genesis_hash == fresh.compute_genesis_hash()
+    assert fresh.genesis_hash == genesis_hash(fresh.genesis(), version_hash_of(fresh))
+    assert fresh.genesis_hash.startswith("v3:") and version_hash_of(fresh).startswith("v3:")
     genesis = fresh.genesis()
     assert genesis.subject_type == "testapp.patient"
     assert genesis.subject_id == str(patient.pk)
     assert genesis.definition_version == 1
 
     row = transition(encounter, "checked_in")
-    assert row.hash == row_hash(encounter.pk, store.row_of_record(row), fresh.genesis_hash)
+    assert row.hash == row_hash(
+        encounter.pk, store.row_of_record(row), fresh.genesis_hash, version_hash_of(fresh)
+    )
+    assert row.hash == row.compute_hash(fresh.genesis_hash)
 
 
 @pytest.mark.parametrize(
@@ -321,7 +328,7 @@ def test_a_recomputed_genesis_breaks_row_one(encounter):
     row 1, whose hash covers the original genesis."""
     transition(encounter, "checked_in")
     raw_update(Encounter, encounter.pk, origin_state="checked_in")
-    forged = genesis_hash(reload(encounter).genesis())
+    forged = reload(encounter).compute_genesis_hash()
     raw_update(Encounter, encounter.pk, genesis_hash=forged)
     found = anomalies(encounter)
     assert (1, "hash") in found and (0, "genesis") not in found
@@ -570,7 +577,18 @@ KNOWN_ROW = StreamRow(
     {"room": 3, "note": "ü"},
     1,
     "",
+    transitioned_by_name="alice",
 )
+#: Version 1 of KNOWN_GENESIS's definition: its machine and (pinned below) its content hash.
+KNOWN_MACHINE = {
+    "states": ["scheduled", "checked_in"],
+    "initial_state": "scheduled",
+    "final_states": ["checked_in"],
+    "transitions": {"scheduled": ["checked_in"]},
+    "validators": [],
+}
+KNOWN_VERSION_HASH = "v3:770aad181fa2d5fa8675c5b0426724df0f3ffafd4fd07f0093b229b50199fb36"
+KNOWN_VERSIONS = {1: KNOWN_VERSION_HASH}.get
 
 
 #: Every registered hash format's answers for ``KNOWN_GENESIS`` and ``KNOWN_ROW`` chained to it:
@@ -580,6 +598,10 @@ KNOWN_ANSWERS = {
     "v2": (
         "v2:163365900696286814b65d79e665eb36250a66e26b5e7184ae2684fd10e17851",
         "v2:4938d85cdfed4c139d8cdf88a80f4d0807a9654a736e991dbda09aa551b919eb",
+    ),
+    "v3": (
+        "v3:49db8be2c14e76802b82533851dd4cc5fdbb5f9bb0e5692415681241663cb4a6",
+        "v3:b6d51366b5262e38f00b2e5bb0101e60899b7086beb1b4bca02258235af3241f",
     ),
 }
 
@@ -612,25 +634,83 @@ def test_known_answer_hashes():
     assert hash_format("d425f065") is None
 
 
+def test_known_answer_hashes_v3():
+    """Format v3 (engine/hashing.py's docstring, docs/concepts.md): v2's rules, the row
+    carrying the recorded name and the content hash of its definition version, the genesis
+    the content hash of the version it was created under; a version's content hash covers its
+    definition, number, machine (canonical JSON) and the previous version's hash."""
+    machine = (
+        '{"final_states":["checked_in"],"initial_state":"scheduled",'
+        '"states":["scheduled","checked_in"],"transitions":{"scheduled":["checked_in"]},'
+        '"validators":[]}'
+    )
+    version_payload = (
+        f"v3|version|36:87654321-4321-8765-4321-876543218765|1|{len(machine)}:{machine}|0:"
+    )
+    expected_version = "v3:" + hashlib.sha256(version_payload.encode()).hexdigest()
+    assert expected_version == KNOWN_VERSION_HASH
+    assert (
+        HASH_FORMATS["v3"].hash_version(str(KNOWN_GENESIS.definition_id), 1, KNOWN_MACHINE, "")
+        == expected_version
+    )
+    assert definition_version_hash(KNOWN_GENESIS.definition_id, 1, KNOWN_MACHINE, "") == (
+        expected_version
+    )
+    created = calendar.timegm((2026, 1, 2, 3, 4, 5)) * 10**6 + 6000
+    genesis_payload = (
+        "v3|genesis|36:12345678-1234-5678-1234-567812345678|"
+        f"36:87654321-4321-8765-4321-876543218765|1|67:{expected_version}|14:clinic.patient|"
+        f"2:42|9:scheduled|{created}"
+    )
+    expected_genesis = "v3:" + hashlib.sha256(genesis_payload.encode()).hexdigest()
+    assert HASH_FORMATS["v3"].genesis_hash(KNOWN_GENESIS, KNOWN_VERSIONS) == expected_genesis
+    assert expected_genesis == KNOWN_ANSWERS["v3"][0]
+    effective = calendar.timegm((2026, 1, 2, 4, 0, 0)) * 10**6 + 123000
+    recorded = calendar.timegm((2026, 1, 2, 4, 0, 1)) * 10**6 + 456000
+    row_payload = (
+        "v3|row|36:12345678-1234-5678-1234-567812345678|1|9:scheduled|10:checked_in|"
+        f"{effective}|{recorded}|1:7|5:alice|7:arrived|21:" + '{"note":"ü","room":3}'
+        f"|1|67:{expected_version}|67:{expected_genesis}"
+    )
+    expected_row = "v3:" + hashlib.sha256(row_payload.encode()).hexdigest()
+    hasher = HASH_FORMATS["v3"].stream_hasher(KNOWN_ID, KNOWN_VERSIONS)
+    assert hasher(KNOWN_ROW, expected_genesis) == expected_row
+    assert expected_row == KNOWN_ANSWERS["v3"][1]
+    # The name and the version are covered: either changed, the hash changes.
+    renamed = dataclasses.replace(KNOWN_ROW, transitioned_by_name="mallory")
+    assert hasher(renamed, expected_genesis) != expected_row
+    other_version = {1: "v3:" + "0" * 64}.get
+    assert (
+        HASH_FORMATS["v3"].stream_hasher(KNOWN_ID, other_version)(KNOWN_ROW, expected_genesis)
+        != expected_row
+    )
+    assert HASH_FORMATS["v3"].genesis_hash(KNOWN_GENESIS, other_version) != expected_genesis
+
+
 def test_every_registered_hash_format_gives_its_known_answer():
     assert HASH_FORMATS, "no hash format is registered"
     for name, fmt in HASH_FORMATS.items():
         assert name in KNOWN_ANSWERS, f"hash format {name!r} has no pinned known answer"
         known_genesis, known_row = KNOWN_ANSWERS[name]
         assert (fmt.name, fmt.prefix) == (name, name + ":")
-        assert fmt.genesis_hash(KNOWN_GENESIS) == known_genesis
-        assert fmt.stream_hasher(KNOWN_ID)(KNOWN_ROW, known_genesis) == known_row
-        assert fmt.stream_hasher(str(KNOWN_ID))(KNOWN_ROW, known_genesis) == known_row
+        assert fmt.genesis_hash(KNOWN_GENESIS, KNOWN_VERSIONS) == known_genesis
+        assert fmt.stream_hasher(KNOWN_ID, KNOWN_VERSIONS)(KNOWN_ROW, known_genesis) == known_row
+        assert (
+            fmt.stream_hasher(str(KNOWN_ID), KNOWN_VERSIONS)(KNOWN_ROW, known_genesis) == known_row
+        )
         assert hash_format(known_row) == hash_format(known_genesis) == name
         assert find_hash_format(known_row) is find_hash_format(known_genesis) is fmt
 
 
 def test_new_hashes_are_written_in_the_current_format():
-    assert HASH_FORMAT == CURRENT.name == "v2"
+    assert HASH_FORMAT == CURRENT.name == "v3"
     known_genesis, known_row = KNOWN_ANSWERS[HASH_FORMAT]
-    assert genesis_hash(KNOWN_GENESIS) == known_genesis
-    assert row_hash(KNOWN_ID, KNOWN_ROW, known_genesis) == known_row
-    assert row_hash(str(KNOWN_ID), KNOWN_ROW, known_genesis) == known_row
+    assert genesis_hash(KNOWN_GENESIS, KNOWN_VERSION_HASH) == known_genesis
+    assert row_hash(KNOWN_ID, KNOWN_ROW, known_genesis, KNOWN_VERSION_HASH) == known_row
+    assert row_hash(str(KNOWN_ID), KNOWN_ROW, known_genesis, KNOWN_VERSION_HASH) == known_row
+    # Under a version with no content hash yet (written before v3): the previous format.
+    assert genesis_hash(KNOWN_GENESIS) == KNOWN_ANSWERS["v2"][0]
+    assert row_hash(KNOWN_ID, KNOWN_ROW, KNOWN_ANSWERS["v2"][0]) == KNOWN_ANSWERS["v2"][1]
 
 
 def test_a_hash_format_is_registered_once():
@@ -649,7 +729,7 @@ def test_a_hash_format_is_registered_once():
 T1_HEADS: list[str] = []  # each encounter id a t1 row head was built for
 
 
-def _t1_row_head(encounter_id: str) -> str:
+def _t1_row_head(encounter_id: str, version_hashes: Any = None) -> str:
     T1_HEADS.append(encounter_id)
     return f"t1 row {encounter_id}"
 
@@ -660,7 +740,7 @@ def _t1_hash_row(head: str, row: StreamRow, previous_hash: str) -> str:
     return "t1:" + hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _t1_hash_genesis(genesis: Genesis, encounter_id: str) -> str:
+def _t1_hash_genesis(genesis: Genesis, encounter_id: str, version_hashes: Any = None) -> str:
     payload = json.dumps([encounter_id, genesis.origin_state, genesis.created_at.isoformat()])
     return "t1:" + hashlib.sha256(payload.encode()).hexdigest()
 
@@ -698,7 +778,7 @@ def test_rows_hashed_in_another_registered_format_keep_verifying(t1_format):
         fmt = CURRENT if sequence in (4, 5) else t1_format
         row.hash = previous = fmt.stream_hasher(KNOWN_ID)(row, previous)
         rows.append(row)
-    assert [hash_format(r.hash) for r in rows] == ["t1", "t1", "t1", "v2", "v2", "t1"]
+    assert [hash_format(r.hash) for r in rows] == ["t1", "t1", "t1", "v3", "v3", "t1"]
 
     T1_HEADS.clear()
     replay = verify_stream(KNOWN_GENESIS, stored_genesis, rows, {1: rules}.get)
@@ -948,7 +1028,7 @@ def test_moving_an_empty_encounter_with_update_fields_writes_the_whole_move(
     encounter.save(update_fields=["definition"])
     fresh = reload(encounter)
     assert (fresh.definition_id, fresh.state, fresh.origin_state) == (other.pk, "new", "new")
-    assert fresh.genesis_hash == fresh.head_hash == genesis_hash(fresh.genesis())
+    assert fresh.genesis_hash == fresh.head_hash == fresh.compute_genesis_hash()
     assert anomalies(encounter) == []
     transition(fresh, "done")
 

@@ -577,7 +577,7 @@ def test_fresh_encounter_projection_columns(visit_definition, device):
     assert fresh.timeline_end_at is None
     # Issue 8: a stream with no rows has its genesis hash as its head (no longer "").
     assert fresh.head_hash == fresh.genesis_hash
-    assert fresh.genesis_hash.startswith("v2:")
+    assert fresh.genesis_hash.startswith("v3:")
 
 
 def test_encounter_save_cannot_write_projection(encounter):
@@ -601,8 +601,8 @@ def test_transition_hash_chain_and_head_hash(encounter):
     second = transition(encounter, "in_progress")
 
     assert first.hash and second.hash and first.hash != second.hash
-    # Issue 8: every hash names its format: "v2:" + 64 hex digits.
-    assert second.hash.startswith("v2:") and len(second.hash) == 67
+    # Issue 8: every hash names its format: "v3:" + 64 hex digits.
+    assert second.hash.startswith("v3:") and len(second.hash) == 67
     fresh = reload(encounter)
     assert fresh.head_hash == second.hash
     assert encounter.head_hash == second.hash

@@ -18,7 +18,7 @@ from django_encounters.engine.hashing import stream_hashes
 from django_encounters.models import Encounter, EncounterTransition
 from django_encounters.projections.replay import ENCOUNTER_COLUMNS
 from django_encounters.services import create_encounter, transition
-from tests.helpers import IS_CITUS
+from tests.helpers import IS_CITUS, version_hash_of
 
 pytestmark = pytest.mark.django_db
 
@@ -107,9 +107,12 @@ def test_open_is_the_librarys_opened_event(encounters):
 def test_stream_hashes_are_genesis_hash_and_row_hash(encounters):
     encounter = encounters[0]
     genesis = encounter.genesis()
-    computed, hash_row = stream_hashes(genesis)
-    assert computed == genesis_hash(genesis) == encounter.genesis_hash
+    version = version_hash_of(encounter)
+    computed, hash_row = stream_hashes(genesis, {genesis.definition_version: version}.get)
+    assert computed == genesis_hash(genesis, version) == encounter.genesis_hash
     previous = computed
     for row in store.load_stream(encounter.pk, "default"):
-        assert hash_row(row, previous) == row_hash(encounter.pk, row, previous) == row.hash
+        assert row.definition_version == genesis.definition_version
+        assert hash_row(row, previous) == row_hash(encounter.pk, row, previous, version)
+        assert hash_row(row, previous) == row.hash
         previous = row.hash

@@ -612,7 +612,7 @@ def encounter_timeline(encounter: Encounter) -> tuple[list[TimelineRow], list[st
             to_state=row.to_state,
             effective_at=local_time(row.effective_at),
             transitioned_at=local_time(row.transitioned_at),
-            transitioned_by=row.transitioned_by or "",
+            transitioned_by=row.who or "",
             reason=row.reason,
             context=json.dumps(row.context, sort_keys=True) if row.context else "",
             backdated=row.backdated,

@@ -23,6 +23,7 @@ __all__ = [
     "AnomalyNotReportedError",
     "CheckpointError",
     "DefinitionNotFoundError",
+    "DefinitionVersionError",
     "DefinitionVersionNotFoundError",
     "DistributionError",
     "EncounterConfigurationError",
@@ -33,6 +34,7 @@ __all__ = [
     "GraphvizNotFoundError",
     "HardDeleteRefusedError",
     "RebuildWorkerError",
+    "SealingRefusedError",
     "UnknownFormatError",
     "ValidatorConfigurationError",
 ]
@@ -98,6 +100,40 @@ class DefinitionVersionNotFoundError(EncounterError, LookupError):
         self.versions = versions
         known = f"{versions[0]}..{versions[-1]}" if versions else "none"
         super().__init__(f"definition {code!r} has no version {version} (its versions: {known})")
+
+
+class DefinitionVersionError(EncounterError):
+    """The definition ``code``'s ``version`` pointer (``pointer``) does not name its last
+    version (``latest``; None: it has none): it was moved back, or to a version that does not
+    exist, behind the library's back. New encounters are not pinned to it; run
+    ``manage.py audit_encounters`` and ``manage.py seal_encounters`` (which checks the chain of
+    versions) to see what happened."""
+
+    def __init__(self, code: str, pointer: int, latest: int | None) -> None:
+        self.code = code
+        self.pointer = pointer
+        self.latest = latest
+        last = "has no version" if latest is None else f"its last version is {latest}"
+        super().__init__(
+            f"definition {code!r} points to version {pointer} but {last}: its version pointer "
+            "was moved behind the library's back; no encounter is pinned to it (new versions "
+            "are recorded by saving the definition)"
+        )
+
+
+class SealingRefusedError(EncounterError):
+    """``seal_encounters`` refused: anomalies nobody acknowledged stand (``anomalies``, each
+    as text). Nothing was sealed: a seal vouches for a record that was verified."""
+
+    def __init__(self, anomalies: list[str]) -> None:
+        self.anomalies = anomalies
+        count = len(anomalies)
+        super().__init__(
+            f"{count} unacknowledged anomal{'y stands' if count == 1 else 'ies stand'} "
+            f"(first: {anomalies[0]}); nothing was sealed. See them with `manage.py "
+            "audit_encounters` (and `manage.py check_encounter_definitions` for definition "
+            "versions); acknowledge what was examined with `manage.py acknowledge_anomaly`"
+        )
 
 
 class UnknownFormatError(EncounterError, ValueError):

@@ -14,6 +14,7 @@ from django.db import connections, models, router, transaction
 from django.db.models.query_utils import DeferredAttribute
 from django.utils import timezone
 
+from . import conf
 from .arguments import require_aware
 from .basemodels import BaseModel, SoftDeleteManager, SoftDeleteQuerySet, UUIDModel
 from .engine import (
@@ -23,11 +24,13 @@ from .engine import (
     Genesis,
     Rules,
     StreamRow,
+    definition_version_hash,
     genesis_hash,
     row_hash,
     stored_precision,
 )
 from .exceptions import (
+    DefinitionVersionError,
     EncounterConfigurationError,
     EncounterError,
     InvalidStateError,
@@ -61,6 +64,24 @@ PROJECTION = {
 ROW_COLUMNS = tuple(
     "transitioned_by_id" if name == "transitioned_by" else name for name in ROW_FIELDS
 )
+
+
+def seal_of(tag: str, record_hash: str) -> str:
+    """The seal of a record's hash (``tag``: what the record is, ``engine.seals``) under the
+    current key of ``ENCOUNTERS_SEAL_KEYS`` ("" without keys: the record stays unsealed)."""
+    sealer = conf.sealer()
+    return "" if sealer is None else sealer.seal(tag, record_hash)
+
+
+def recorded_name(user: Any) -> str:
+    """What a row records of ``user`` (None: nobody, ""): the value of its ``USERNAME_FIELD``
+    now, as text (cut to the column's length), so that a later rename of the user row does not
+    change whom the history names."""
+    if user is None:
+        return ""
+    get_username = getattr(user, "get_username", None)
+    name = get_username() if get_username is not None else getattr(user, user.USERNAME_FIELD)
+    return str(name)[:NAME_MAX_LENGTH]
 
 
 def row_of_record(record: Any) -> StreamRow:
@@ -139,6 +160,7 @@ class StateMachine(models.Model):
             self.final_states,
             self.initial_state,
             self._number(),
+            getattr(self, "content_hash", ""),
         )
 
     def machine(self) -> dict[str, Any]:
@@ -234,15 +256,55 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
                     kwargs["update_fields"] = {*update_fields, "version", *MACHINE_FIELDS}
             super().save(*args, **kwargs)
             if changed:
+                content_hash, seal = version_content_hash(self, latest)
                 EncounterDefinitionVersion.objects.using(using).create(
-                    definition=self, number=self.version, **self.machine()
+                    definition=self,
+                    number=self.version,
+                    content_hash=content_hash,
+                    seal=seal,
+                    **self.machine(),
                 )
 
     def latest_version(self) -> EncounterDefinitionVersion:
-        return self.versions.get(number=self.version)
+        """The version new encounters are pinned to: the last one of the chain, which the
+        ``version`` pointer must name.
+
+        Raises:
+            DefinitionVersionError: the pointer names another version than the last one
+                (moved back, or to a version that does not exist): new encounters would be
+                pinned to a machine nobody chose.
+        """
+        found = (
+            self.versions.annotate(pointer=models.F("definition__version"))
+            .order_by("-number")
+            .first()
+        )
+        if found is None or found.pointer != found.number:
+            raise DefinitionVersionError(
+                self.code,
+                found.pointer if found is not None else self.version,
+                found.number if found is not None else None,
+            )
+        return found
 
     def __str__(self) -> str:
         return self.name
+
+
+def version_content_hash(
+    definition: EncounterDefinition, previous: EncounterDefinitionVersion | None
+) -> tuple[str, str]:
+    """``(content hash, seal)`` of the version ``definition`` is about to record (its machine,
+    number ``definition.version``), chained to ``previous`` (its latest version, None for the
+    first). Both "" while ``previous`` has no content hash (written before versions were
+    hashed: ``seal_encounters`` hashes the chain in order); the seal "" without seal keys."""
+    previous_hash = "" if previous is None else previous.content_hash
+    if previous is not None and not previous_hash:
+        return "", ""
+    content_hash = definition_version_hash(
+        definition.pk, definition.version, definition.machine(), previous_hash
+    )
+    return content_hash, seal_of("version", content_hash)
 
 
 #: An encounter's creation facts as stored (attnames), in the order ``genesis_from`` reads.
@@ -569,7 +631,13 @@ class Encounter(UUIDModel, BaseModel):
     #: Columns derived purely from the log.
     PROJECTION_FIELDS = tuple(PROJECTION)
     #: Creation facts covered by the genesis hash (besides the definition and subject).
-    GENESIS_FIELDS = ("origin_state", "origin_version", "created_at", "genesis_hash")
+    GENESIS_FIELDS = (
+        "origin_state",
+        "origin_version",
+        "created_at",
+        "genesis_hash",
+        "genesis_seal",
+    )
     LOG_DERIVED_FIELDS = (*PROJECTION_FIELDS, *GENESIS_FIELDS)
 
     definition = models.ForeignKey(
@@ -693,7 +761,8 @@ class Encounter(UUIDModel, BaseModel):
         self.created_at = stored_precision(self.created_at)
         self.origin_state = self.state = state
         self.origin_version = self.definition_version = machine.number
-        self.genesis_hash = self.head_hash = genesis_hash(self.genesis())
+        self.genesis_hash = self.head_hash = genesis_hash(self.genesis(), machine.content_hash)
+        self.genesis_seal = seal_of("genesis", self.genesis_hash)
         self.version = 0
         self.timeline_end_at = self.last_transitioned_at = None
 
@@ -745,6 +814,17 @@ class Encounter(UUIDModel, BaseModel):
         subject without a query (only what was loaded: see ``_moved_from``)."""
         data = self.__dict__
         self._loaded_facts = {name: data[name] for name in _FACTS if name in data}
+
+    def compute_genesis_hash(self) -> str:
+        """The genesis hash of this encounter's creation facts (and of the stored content hash
+        of the version it was created under, looked up)."""
+        version_hash = (
+            EncounterDefinitionVersion.objects.using(self._state.db or "default")
+            .filter(definition_id=self.definition_id, number=self.origin_version)
+            .values_list("content_hash", flat=True)
+            .first()
+        )
+        return genesis_hash(self.genesis(), version_hash)
 
     def genesis(self) -> Genesis:
         """The creation facts the genesis hash covers."""
@@ -913,8 +993,17 @@ class EncounterTransition(AppendOnlyModel):
             self._system_time_given = False
 
     def compute_hash(self, previous_hash: str) -> str:
-        """This row's hash given the previous row's hash."""
-        return row_hash(self.encounter_id, row_of_record(self), previous_hash)
+        """This row's hash given the previous row's hash (and the stored content hash of the
+        definition version it names, looked up)."""
+        version_hash = (
+            EncounterDefinitionVersion.objects.using(self._state.db or "default")
+            .filter(
+                definition__encounters=self.encounter_id, number=self.definition_version
+            )
+            .values_list("content_hash", flat=True)
+            .first()
+        )
+        return row_hash(self.encounter_id, row_of_record(self), previous_hash, version_hash)
 
     def __str__(self) -> str:
         return f"{self.from_state} → {self.to_state}"

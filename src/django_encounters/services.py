@@ -29,7 +29,13 @@ from .exceptions import (
     InvalidTransitionError,
     ValidationError,
 )
-from .models import Encounter, EncounterDefinition, EncounterTransition
+from .models import (
+    Encounter,
+    EncounterDefinition,
+    EncounterTransition,
+    recorded_name,
+    seal_of,
+)
 from .signals import post_transition, pre_transition
 from .validators import StateValidator, get_validator_instance, parse_validator_entry
 
@@ -181,7 +187,9 @@ def transition(
             reason=reason,
             metadata=stored_context,
             latest_allowed=now + conf.future_tolerance(),
+            transitioned_by_name=recorded_name(transitioned_by),
         )
+        _seal(row)
         if not skip_validation:
             run_validators(locked, row.from_state, to_state, context)
         record = store.record_from_row(row, encounter=locked, transitioned_by=transitioned_by)
@@ -201,6 +209,7 @@ def transition(
             record,
             rules,
             using,
+            version_hash=rules.content_hash,
             seen_by_others=pre_transition.has_listeners(Encounter),
         )
 
@@ -244,11 +253,18 @@ def upgrade_encounter(
             transitioned_at=timezone.now(),
             transitioned_by=getattr(transitioned_by, "pk", None),
             reason=reason,
+            transitioned_by_name=recorded_name(transitioned_by),
         )
+        _seal(row)
         record = store.record_from_row(row, encounter=locked, transitioned_by=transitioned_by)
         locked._machine = latest
-        _record(encounter, locked, timeline, record, None, using)
+        _record(encounter, locked, timeline, record, None, using, version_hash=rules.content_hash)
     return record
+
+
+def _seal(row: Any) -> None:
+    """Seal a decided row under the current seal key (none configured: left unsealed)."""
+    row.seal = seal_of("row", row.hash)
 
 
 def _record(
@@ -259,14 +275,22 @@ def _record(
     rules: Any,
     using: str,
     *,
+    version_hash: str,
     seen_by_others: bool = True,
 ) -> None:
     """Insert the decided row (a sequence clash is a ``ConcurrentTransitionError``), update the
     projection columns that changed (and ``ended_at`` when the timeline ends in a final state
-    under ``rules``; an upgrade, which keeps the state, passes None and leaves it alone),
+    under ``rules``; an upgrade, which keeps the state, passes None and leaves it alone;
+    ``version_hash``: the content hash of the version it was decided under),
     and show the whole new projection on the caller's instance (its copy may be older than the
     locked row), so that a later ``save()`` is harmless."""
-    store.insert_row(record, using, previous_hash=locked.head_hash, seen_by_others=seen_by_others)
+    store.insert_row(
+        record,
+        using,
+        previous_hash=locked.head_hash,
+        version_hash=version_hash,
+        seen_by_others=seen_by_others,
+    )
     projection = store.projection_of(timeline)
     if (
         rules is not None

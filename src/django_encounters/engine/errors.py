@@ -218,6 +218,12 @@ class AnomalyKind(str, enum.Enum):
         True,
     )
     HEAD = ("head", "the projection's head hash is not the hash of the row it names")
+    DEFINITION = (
+        "definition",
+        "the definition version the row was decided under (sequence 0: the encounter was "
+        "created under) is not what its definition's chain of versions vouches for: the "
+        "version was changed or inserted after the fact, or its chain is broken",
+    )
     REWRITTEN = (
         "rewritten",
         "the row at a checkpointed version (the genesis at 0) has another hash than the "

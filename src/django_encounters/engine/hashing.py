@@ -9,8 +9,29 @@ the verifier recomputes each stored hash in the format its prefix names, so rows
 older registered format keep verifying after the current format changes, and a hash whose
 prefix names no registered format is reported. Adding a format is one entry here.
 
-Format ``v2`` hashes the UTF-8 bytes of one line of text with a fixed layout, built with one
-string format per row (no JSON encoder per row, one ``hashlib`` call)::
+Format ``v3`` (the current one) hashes the UTF-8 bytes of one line of text with a fixed
+layout, built with one string format per row (no JSON encoder per row, one ``hashlib`` call)::
+
+    row:     v3|row|<encounter id>|<sequence>|<from_state>|<to_state>|<effective_at>|
+             <transitioned_at>|<transitioned_by>|<transitioned_by_name>|<reason>|<metadata>|
+             <definition version>|<version hash>|<previous hash>
+    genesis: v3|genesis|<encounter id>|<definition id>|<definition version>|<version hash>|
+             <subject type>|<subject id>|<origin state>|<created_at>
+    version: v3|version|<definition id>|<number>|<machine>|<previous version hash>
+
+where ``<transitioned_by_name>`` is the user's name recorded with the row (text, ``""`` for
+nobody), ``<version hash>`` the content hash (text, ``"v3:…"``) of the definition version the
+row was decided under (the genesis: the encounter was created under), ``<machine>`` the
+version's state machine as canonical JSON (text: the object ``{"final_states", "initial_state",
+"states", "transitions", "validators"}`` through :func:`canonical_json`, ``sort_keys``, compact
+separators, ``ensure_ascii=False``) and ``<previous version hash>`` the content hash of version
+``number - 1`` of the same definition (text, ``""`` for version 1): versions are chained per
+definition, and every row commits to the version it was judged by. The verifier looks a
+version's hash up by number (a callable per stream, :data:`VersionHashes`), recomputed from
+the versions table, so a changed version breaks the hash of every row decided under it.
+
+Format ``v2`` (the previous one; its hashes keep verifying) has the same rules without the
+name and the version hashes::
 
     row:     v2|row|<encounter id>|<sequence>|<from_state>|<to_state>|<effective_at>|
              <transitioned_at>|<transitioned_by>|<reason>|<metadata>|<definition version>|
@@ -31,7 +52,9 @@ string format per row (no JSON encoder per row, one ``hashlib`` call)::
   before), in decimal.
 
 Every text field carries its length and no integer contains ``|``, so the layout is
-unambiguous: two different rows never have the same payload. Format ``v1`` (canonical JSON of
+unambiguous: two different rows never have the same payload. A row or genesis whose version
+has no content hash yet (versions written before ``v3``, until ``seal_encounters`` hashes them)
+is written in ``v2``. Format ``v1`` (canonical JSON of
 a list per row, ISO-8601 times) was replaced by ``v2`` before the first release and is not
 registered: a ``v1:`` hash is reported as a hash in no known format.
 """
@@ -39,7 +62,7 @@ registered: a ``v1:`` hash is reported as a hash in no known format.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -106,21 +129,35 @@ def metadata_text(metadata: Any) -> str:
     return _JSON.encode(canonical_json(metadata))
 
 
+#: ``definition version number -> its content hash`` ("" or None when it has none) for the
+#: definition of one stream: what a format that commits rows to their version looks up.
+VersionHashes = Callable[[int], "str | None"]
+
+
+def no_version_hashes(number: int) -> str | None:
+    """The :data:`VersionHashes` of a caller that knows no version's hash."""
+    return None
+
+
 @dataclass(frozen=True)
 class HashFormat:
     """One hash format: its ``name`` (a stored hash starts with ``prefix``, ``name + ":"``)
-    and the three functions that compute it, each returning the hash as stored (prefixed):
+    and the functions that compute it, each returning the hash as stored (prefixed):
 
-    * ``row_head(encounter_id_text)``: the part of every row's payload that only depends on
-      the encounter, built once per stream;
+    * ``row_head(encounter_id_text, version_hashes)``: what every row's hash of one stream
+      needs that only depends on the encounter (the head of its payload, the version lookup),
+      built once per stream;
     * ``hash_row(head, row, previous_hash)``: a row's hash, chained to ``previous_hash``;
-    * ``hash_genesis(genesis, encounter_id_text)``: the genesis hash.
+    * ``hash_genesis(genesis, encounter_id_text, version_hashes)``: the genesis hash;
+    * ``hash_version(definition_id_text, number, machine, previous_hash)``: a definition
+      version's content hash (None: the format does not hash versions).
     """
 
     name: str
-    row_head: Callable[[str], str]
-    hash_row: Callable[[str, StreamRow, str], str]
-    hash_genesis: Callable[[Genesis, str], str]
+    row_head: Callable[[str, VersionHashes], Any]
+    hash_row: Callable[[Any, StreamRow, str], str]
+    hash_genesis: Callable[[Genesis, str, VersionHashes], str]
+    hash_version: Callable[[str, int, Any, str], str] | None = None
     prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,14 +165,18 @@ class HashFormat:
             raise ValueError(f"a hash format's name is ASCII letters and digits: {self.name!r}")
         object.__setattr__(self, "prefix", self.name + ":")
 
-    def genesis_hash(self, genesis: Genesis) -> str:
+    def genesis_hash(
+        self, genesis: Genesis, version_hashes: VersionHashes = no_version_hashes
+    ) -> str:
         """The hash over an encounter's creation facts, in this format."""
-        return self.hash_genesis(genesis, str(genesis.encounter_id))
+        return self.hash_genesis(genesis, str(genesis.encounter_id), version_hashes)
 
-    def stream_hasher(self, encounter_id: Any) -> Callable[[StreamRow, str], str]:
+    def stream_hasher(
+        self, encounter_id: Any, version_hashes: VersionHashes = no_version_hashes
+    ) -> Callable[[StreamRow, str], str]:
         """``(row, previous_hash) -> hash`` in this format for the rows of one encounter, the
         encounter's part of the payload built once."""
-        return partial(self.hash_row, self.row_head(str(encounter_id)))
+        return partial(self.hash_row, self.row_head(str(encounter_id), version_hashes))
 
 
 #: The registered formats by name: the ones a stored hash may be in.
@@ -179,27 +220,73 @@ def hash_format(stored: str) -> str | None:
     return found if colon else None
 
 
-def genesis_hash(genesis: Genesis) -> str:
-    """The hash over an encounter's creation facts: the head of a stream with no rows."""
-    return CURRENT.genesis_hash(genesis)
+def writing_format(version_hash: str | None) -> HashFormat:
+    """The format a new row or genesis is hashed in: the current one, or ``v2`` when the
+    definition version it is decided under has no content hash yet (a version written before
+    ``v3``, until ``seal_encounters`` hashes it): a ``v3`` hash would commit to ``""``."""
+    return CURRENT if version_hash else HASH_FORMATS[_V2]
 
 
-def stream_hashes(genesis: Genesis) -> tuple[str, Callable[[StreamRow, str], str]]:
-    """``(genesis_hash(genesis), stream_hasher(genesis.encounter_id))``: the genesis and row
-    hashes of one stream in the current format, the encounter id formatted once for both."""
+def _only(number: int, version_hash: str | None) -> VersionHashes:
+    return {number: version_hash}.get
+
+
+def genesis_hash(genesis: Genesis, version_hash: str | None = None) -> str:
+    """The hash over an encounter's creation facts: the head of a stream with no rows
+    (``version_hash``: the content hash of the version it is created under; in ``v2``
+    without one)."""
+    fmt = writing_format(version_hash)
+    return fmt.genesis_hash(genesis, _only(genesis.definition_version, version_hash))
+
+
+def stream_hashes(
+    genesis: Genesis, version_hashes: VersionHashes = no_version_hashes
+) -> tuple[str, Callable[[StreamRow, str], str]]:
+    """``(genesis hash, row hasher)`` of one stream in the current format, the encounter id
+    formatted once for both."""
     text = str(genesis.encounter_id)
-    return CURRENT.hash_genesis(genesis, text), partial(CURRENT.hash_row, CURRENT.row_head(text))
+    return (
+        CURRENT.hash_genesis(genesis, text, version_hashes),
+        partial(CURRENT.hash_row, CURRENT.row_head(text, version_hashes)),
+    )
 
 
-def row_hash(encounter_id: Any, row: StreamRow, previous_hash: str) -> str:
-    """The hash of ``row`` (of the encounter ``encounter_id``) chained to ``previous_hash``."""
-    return CURRENT.hash_row(CURRENT.row_head(str(encounter_id)), row, previous_hash)
+def row_hash(
+    encounter_id: Any, row: StreamRow, previous_hash: str, version_hash: str | None = None
+) -> str:
+    """The hash of ``row`` (of the encounter ``encounter_id``) chained to ``previous_hash``
+    (``version_hash``: the content hash of the version it is decided under; in ``v2``
+    without one)."""
+    fmt = writing_format(version_hash)
+    head = fmt.row_head(str(encounter_id), _only(row.definition_version, version_hash))
+    return fmt.hash_row(head, row, previous_hash)
 
 
-def stream_hasher(encounter_id: Any) -> Callable[[StreamRow, str], str]:
-    """``(row, previous_hash) -> hash`` for the rows of one encounter: what :func:`row_hash`
-    computes, with the encounter's part of the payload formatted once per stream."""
-    return CURRENT.stream_hasher(encounter_id)
+def definition_version_hash(
+    definition_id: Any, number: int, machine: Any, previous_hash: str
+) -> str:
+    """The content hash of version ``number`` of a definition, its state machine ``machine``
+    (a mapping of ``states``, ``initial_state``, ``final_states``, ``transitions``,
+    ``validators``), chained to ``previous_hash`` (version ``number - 1``'s, "" for 1)."""
+    assert CURRENT.hash_version is not None
+    return CURRENT.hash_version(str(definition_id), int(number), machine, previous_hash or "")
+
+
+def version_chain(definition_id: Any, machines: Iterable[tuple[int, Any]]) -> dict[int, str]:
+    """``number -> content hash`` of a definition's versions ``(number, machine)``, in number
+    order, each chained to the one before it (a missing number chains to "")."""
+    chain: dict[int, str] = {}
+    for number, machine in sorted(machines, key=lambda item: item[0]):
+        chain[number] = definition_version_hash(definition_id, number, machine, chain.get(number - 1, ""))
+    return chain
+
+
+def stream_hasher(
+    encounter_id: Any, version_hashes: VersionHashes = no_version_hashes
+) -> Callable[[StreamRow, str], str]:
+    """``(row, previous_hash) -> hash`` for the rows of one encounter in the current format,
+    with the encounter's part of the payload formatted once per stream."""
+    return CURRENT.stream_hasher(encounter_id, version_hashes)
 
 
 # -- format v2 ----------------------------------------------------------------------------
@@ -208,11 +295,13 @@ _V2 = "v2"
 _V2_PREFIX = _V2 + ":"
 
 
-def _v2_row_head(encounter_id: str) -> str:
+def _v2_row_head(encounter_id: str, version_hashes: VersionHashes = no_version_hashes) -> str:
     return f"{_V2}|row|{len(encounter_id)}:{encounter_id}|"
 
 
-def _v2_genesis(genesis: Genesis, encounter_id: str) -> str:
+def _v2_genesis(
+    genesis: Genesis, encounter_id: str, version_hashes: VersionHashes = no_version_hashes
+) -> str:
     definition_id = str(genesis.definition_id)
     subject_type, subject_id = genesis.subject_type, str(genesis.subject_id)
     origin = genesis.origin_state
@@ -248,7 +337,75 @@ def _v2_row(head: str, row: StreamRow, previous_hash: str) -> str:
 
 register_hash_format(HashFormat(_V2, _v2_row_head, _v2_row, _v2_genesis))
 
+
+# -- format v3 ----------------------------------------------------------------------------
+
+_V3 = "v3"
+_V3_PREFIX = _V3 + ":"
+
+
+def _v3_row_head(encounter_id: str, version_hashes: VersionHashes) -> tuple[str, VersionHashes]:
+    return f"{_V3}|row|{len(encounter_id)}:{encounter_id}|", version_hashes
+
+
+def _v3_genesis(genesis: Genesis, encounter_id: str, version_hashes: VersionHashes) -> str:
+    definition_id = str(genesis.definition_id)
+    subject_type, subject_id = genesis.subject_type, str(genesis.subject_id)
+    origin = genesis.origin_state
+    number = int(genesis.definition_version)
+    version = version_hashes(number) or ""
+    payload = (
+        f"{_V3}|genesis|{len(encounter_id)}:{encounter_id}|"
+        f"{len(definition_id)}:{definition_id}|{number}|{len(version)}:{version}|"
+        f"{len(subject_type)}:{subject_type}|"
+        f"{len(subject_id)}:{subject_id}|{len(origin)}:{origin}|"
+        f"{(genesis.created_at - _EPOCH) // _MICROSECOND}"
+    )
+    return _V3_PREFIX + sha256(payload.encode()).hexdigest()
+
+
+def _v3_row(head: tuple[str, VersionHashes], row: StreamRow, previous_hash: str) -> str:
+    text, version_hashes = head
+    from_state, to_state = row.from_state, row.to_state
+    by = row.transitioned_by
+    by = "" if by is None else str(by)
+    name = row.transitioned_by_name or ""
+    reason = row.reason or ""
+    metadata = row.metadata
+    metadata = "{}" if metadata is None or metadata == {} else metadata_text(metadata)
+    number = int(row.definition_version)
+    version = version_hashes(number) or ""
+    previous_hash = previous_hash or ""
+    payload = (
+        f"{text}{int(row.sequence)}|{len(from_state)}:{from_state}|{len(to_state)}:{to_state}|"
+        f"{(row.effective_at - _EPOCH) // _MICROSECOND}|"
+        f"{(row.transitioned_at - _EPOCH) // _MICROSECOND}|"
+        f"{len(by)}:{by}|{len(name)}:{name}|{len(reason)}:{reason}|"
+        f"{len(metadata)}:{metadata}|{number}|{len(version)}:{version}|"
+        f"{len(previous_hash)}:{previous_hash}"
+    )
+    return _V3_PREFIX + sha256(payload.encode()).hexdigest()
+
+
+def machine_text(machine: Any) -> str:
+    """A version's state machine as its hash covers it: canonical JSON of the five fields."""
+    names = ("states", "initial_state", "final_states", "transitions", "validators")
+    get = machine.get if hasattr(machine, "get") else lambda name: getattr(machine, name)
+    return _JSON.encode(canonical_json({name: get(name) for name in names}))
+
+
+def _v3_version(definition_id: str, number: int, machine: Any, previous_hash: str) -> str:
+    content = machine_text(machine)
+    payload = (
+        f"{_V3}|version|{len(definition_id)}:{definition_id}|{int(number)}|"
+        f"{len(content)}:{content}|{len(previous_hash)}:{previous_hash}"
+    )
+    return _V3_PREFIX + sha256(payload.encode()).hexdigest()
+
+
+register_hash_format(HashFormat(_V3, _v3_row_head, _v3_row, _v3_genesis, _v3_version))
+
 #: The name of the format new hashes are written in.
-HASH_FORMAT = _V2
+HASH_FORMAT = _V3
 #: The format new hashes are written in.
 CURRENT = HASH_FORMATS[HASH_FORMAT]

@@ -23,6 +23,13 @@ class Rules:
     final_states: frozenset[str] = frozenset()
     initial_state: str = ""
     version: int = 1
+    #: The version's content hash as the chain of its definition's versions says it is
+    #: (:func:`~.hashing.version_chain`; "" when unknown): what a row decided under it commits
+    #: to.
+    content_hash: str = ""
+    #: Why the stored version cannot be trusted ("" when it can): its stored content hash is
+    #: not its chain's (changed or inserted after the fact).
+    problem: str = ""
 
     @classmethod
     def from_config(
@@ -33,6 +40,7 @@ class Rules:
         final_states: Iterable[str] | Any = (),
         initial_state: str = "",
         version: int = 1,
+        content_hash: str = "",
     ) -> Rules:
         """Rules from a definition's stored JSON. Malformed parts (a definition written behind
         ``save()``'s checks) are read as empty rather than crash a question asked of them."""
@@ -48,6 +56,7 @@ class Rules:
             final_states=frozenset(_strings(final_states)),
             initial_state=initial_state,
             version=version,
+            content_hash=content_hash,
         )
 
     @property

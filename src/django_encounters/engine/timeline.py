@@ -307,14 +307,25 @@ class EncounterTimeline(Aggregate):
         reason: str = "",
         metadata: Any = None,
         latest_allowed: datetime | None = None,
+        transitioned_by_name: str = "",
     ) -> StreamRow:
         """Check the transition and, if allowed, record it: returns the new row (to insert),
         hashed and already applied to this aggregate. Times are kept at the stored precision;
-        ``transitioned_at`` is :meth:`system_time` of it."""
+        ``transitioned_at`` is :meth:`system_time` of it. The row's hash commits to
+        ``rules.content_hash`` (the version it is decided under) and to
+        ``transitioned_by_name``, the user's name now."""
         effective_at = stored_precision(effective_at)
         from_state = self.check(rules, to_state, effective_at, latest_allowed=latest_allowed)
         return self._append(
-            from_state, to_state, effective_at, transitioned_at, transitioned_by, reason, metadata
+            from_state,
+            to_state,
+            effective_at,
+            transitioned_at,
+            transitioned_by,
+            reason,
+            metadata,
+            version_hash=rules.content_hash,
+            transitioned_by_name=transitioned_by_name,
         )
 
     def upgrade(
@@ -324,6 +335,7 @@ class EncounterTimeline(Aggregate):
         transitioned_at: datetime,
         transitioned_by: Any = None,
         reason: str = "",
+        transitioned_by_name: str = "",
     ) -> StreamRow:
         """Move the encounter to the definition version of ``rules`` on purpose: a row that
         keeps the state (effective at the end of the timeline, or now) and records the new
@@ -335,7 +347,16 @@ class EncounterTimeline(Aggregate):
                 self.state, f"{rules.code} v{rules.version}", list(rules.states)
             )
         return self._append(
-            self.state, self.state, effective_at, now, transitioned_by, reason, {}, rules.version
+            self.state,
+            self.state,
+            effective_at,
+            now,
+            transitioned_by,
+            reason,
+            {},
+            rules.version,
+            version_hash=rules.content_hash,
+            transitioned_by_name=transitioned_by_name,
         )
 
     def _append(
@@ -348,6 +369,9 @@ class EncounterTimeline(Aggregate):
         reason: str,
         metadata: Any,
         definition_version: int | None = None,
+        *,
+        version_hash: str = "",
+        transitioned_by_name: str = "",
     ) -> StreamRow:
         row = StreamRow(
             sequence=self.version + 1,
@@ -362,8 +386,9 @@ class EncounterTimeline(Aggregate):
                 self.definition_version if definition_version is None else definition_version
             ),
             hash="",
+            transitioned_by_name=transitioned_by_name,
         )
-        row.hash = row_hash(self.id, row, self.head_hash)
+        row.hash = row_hash(self.id, row, self.head_hash, version_hash)
         self.trigger_event(self.Transitioned, timestamp=row.transitioned_at, row=row)
         self.collect_events()  # the row is the event's persisted form
         return row

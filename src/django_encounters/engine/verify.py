@@ -12,7 +12,7 @@ from uuid import UUID
 from eventsourcing.domain import OriginatorVersionError
 
 from .errors import ANOMALY_KINDS, AnomalyKind
-from .hashing import HashFormat, find_hash_format, hash_format
+from .hashing import HashFormat, VersionHashes, find_hash_format, hash_format, no_version_hashes
 from .rows import Genesis, StreamRow
 from .rules import Rules
 from .timeline import EncounterTimeline, Entry, known_prefix, violations
@@ -115,24 +115,32 @@ def verify_stream(
     *,
     check_hashes: bool = True,
     known_at: datetime | None = None,
+    version_hashes: VersionHashes | None = None,
 ) -> Replay:
     """Replay a stream in sequence order (with ``known_at``: the rows recorded by then),
     checking the genesis and every row: the hash chain (each stored hash recomputed in the
     registered format its prefix names), the system time, its ``from_state`` against the
     timeline as it stood when the row was recorded, and with ``rules`` (definition version ->
     Rules, None when unknown) its edge or upgrade and the re-chain to the row that follows it;
-    a gap-free sequence is the library's version check. The projection
-    (``timeline.state``/``version``/…) is computed from the rows whatever the anomalies."""
+    a gap-free sequence is the library's version check. A hash that commits to the version it
+    was decided under (format ``v3``) is recomputed with ``version_hashes`` (number -> content
+    hash; default: each version's ``Rules.content_hash``, recomputed from its chain, so a
+    changed version breaks the rows decided under it), and a row (or the genesis) under a
+    version whose stored content is not its chain's (``Rules.problem``) is reported
+    (``definition``). The projection (``timeline.state``/``version``/…) is computed from the
+    rows whatever the anomalies."""
     timeline = EncounterTimeline.open(genesis, stored_genesis_hash)
     result = Replay(timeline, hashes={0: stored_genesis_hash})
     encounter_id = genesis.encounter_id
     anomalies, backdated, hashes = result.anomalies, result.backdated, result.hashes
     encounter_text = str(encounter_id)
+    versions = _version_hashes(rules, version_hashes)
     if check_hashes:
         genesis_format = find_hash_format(stored_genesis_hash)
         if (
             genesis_format is None
-            or genesis_format.hash_genesis(genesis, encounter_text) != stored_genesis_hash
+            or genesis_format.hash_genesis(genesis, encounter_text, versions)
+            != stored_genesis_hash
         ):
             anomalies.append(
                 Anomaly(
@@ -141,6 +149,17 @@ def verify_stream(
                     AnomalyKind.GENESIS,
                     "the creation facts (definition and version, subject, origin state, "
                     "created_at) do not hash to the stored genesis hash",
+                )
+            )
+    if rules is not None:
+        origin = rules(genesis.definition_version)
+        if origin is not None and origin.problem:
+            anomalies.append(
+                Anomaly(
+                    encounter_id,
+                    0,
+                    AnomalyKind.DEFINITION,
+                    f"created under {origin.name}, which {origin.problem}",
                 )
             )
     # Once per stream, not per row: the event builder, the rules of the version last seen, and
@@ -156,7 +175,7 @@ def verify_stream(
         if check_hashes:
             stored = row.hash
             if not stored.startswith(prefix):
-                prefix, hash_row = _hasher(stored, encounter_text, hashers)
+                prefix, hash_row = _hasher(stored, encounter_text, hashers, versions)
             if hash_row(row, timeline.head_hash) != stored:
                 found = [_hash_mismatch(stored)]
         recorded_until = timeline.recorded_until
@@ -187,6 +206,7 @@ def verify_stream(
             or rules_then is None
             or rules_version != timeline.definition_version
             or not rules_then.is_allowed(row.from_state, row.to_state)
+            or rules_then.problem
         ):
             placed = _placement(row, state_then, successor, timeline, rules_then, rules)
             if placed:
@@ -208,7 +228,35 @@ def verify_stream(
     return result
 
 
-def _hasher(stored: str, encounter_text: str, hashers: dict[str, Hasher]) -> tuple[str, Hasher]:
+class _Versions(dict):
+    """``number -> content hash`` of one stream's definition, each looked up once (a row
+    then costs a dictionary lookup, not a call)."""
+
+    def __init__(self, lookup: VersionHashes) -> None:
+        super().__init__()
+        self.lookup = lookup
+
+    def __missing__(self, number: int) -> str | None:
+        found = self[number] = self.lookup(number)
+        return found
+
+
+def _version_hashes(rules: RulesOf | None, given: VersionHashes | None) -> VersionHashes:
+    """The stream's version lookup: ``given``, else each version's ``Rules.content_hash``."""
+    if given is None:
+        if rules is None:
+            return no_version_hashes
+
+        def given(number: int) -> str | None:
+            found = rules(number)
+            return None if found is None else found.content_hash
+
+    return _Versions(given).__getitem__
+
+
+def _hasher(
+    stored: str, encounter_text: str, hashers: dict[str, Hasher], versions: VersionHashes
+) -> tuple[str, Hasher]:
     """``(prefix, hasher)`` of the format ``stored`` is in, the hasher built once per stream
     and format (cached in ``hashers``); a hash in no registered format gets one that never
     matches."""
@@ -217,7 +265,7 @@ def _hasher(stored: str, encounter_text: str, hashers: dict[str, Hasher]) -> tup
         return _NO_PREFIX, _no_known_format
     hasher = hashers.get(fmt.name)
     if hasher is None:
-        hasher = hashers[fmt.name] = partial(fmt.hash_row, fmt.row_head(encounter_text))
+        hasher = hashers[fmt.name] = partial(fmt.hash_row, fmt.row_head(encounter_text, versions))
     return fmt.prefix, hasher
 
 
@@ -261,6 +309,10 @@ def _placement(
             *found,
             (AnomalyKind.VERSION, f"decided under definition version {version}, which {why}"),
         ]
+    if rules.problem:
+        found.append(
+            (AnomalyKind.DEFINITION, f"decided under {rules.name}, which {rules.problem}")
+        )
     edge = f"'{row.from_state}' -> '{row.to_state}' under {rules.name}"
     found.extend(
         (kind, f"{edge}: {reason}")

@@ -59,13 +59,25 @@ class AuditRow:
     to_state: str
     effective_at: datetime
     transitioned_at: datetime
-    transitioned_by: str | None  # the user's username, None when no user was recorded
+    #: the user's name as recorded with the row (a row recorded before names were: the user
+    #: row's name now), None when no user was recorded
+    transitioned_by: str | None
     reason: str
     backdated: bool  # inserted before an existing row of the timeline when recorded
     overtaken: bool  # a later-recorded row was inserted before it
     overtaken_by: int | None = None  # the sequence of that row
     transitioned_by_id: Any = None
     context: Any = None  # the row's context (its metadata), as recorded
+    #: the user row's name now, when it is not the name recorded (renamed since); else None
+    transitioned_by_now: str | None = None
+
+    @property
+    def who(self) -> str | None:
+        """Who, as a person reads it: the recorded name, and the current one when the user
+        was renamed since (``"alice (now: mallory)"``)."""
+        if self.transitioned_by_now is None:
+            return self.transitioned_by
+        return f"{self.transitioned_by} (now: {self.transitioned_by_now})"
 
     def as_dict(self) -> dict[str, Any]:
         """The row in the audit's JSON (times as ISO-8601 strings with offset)."""
@@ -79,6 +91,11 @@ class AuditRow:
             "reason": self.reason,
             "backdated": self.backdated,
             "overtaken": self.overtaken,
+            **(
+                {}
+                if self.transitioned_by_now is None
+                else {"transitioned_by_now": self.transitioned_by_now}
+            ),
         }
 
 
@@ -300,7 +317,7 @@ def _audit_of(
     verified: Verified, rules: Any, users: Usernames | None, as_of: datetime
 ) -> EncounterAudit:
     replay = verified.replay
-    name = users.name if users is not None else str
+    name = users.name if users is not None else _str_or_none
     timeline = [
         AuditRow(
             sequence=row.sequence,
@@ -308,7 +325,8 @@ def _audit_of(
             to_state=row.to_state,
             effective_at=row.effective_at,
             transitioned_at=row.transitioned_at,
-            transitioned_by=name(row.transitioned_by),
+            transitioned_by=row.transitioned_by_name or name(row.transitioned_by),
+            transitioned_by_now=_renamed(row.transitioned_by_name, name(row.transitioned_by)),
             reason=row.reason,
             backdated=row.sequence in replay.backdated,
             overtaken=row.sequence in replay.overtaken,
@@ -330,6 +348,16 @@ def _audit_of(
         acknowledged=verified.acknowledged,
         genesis=verified.genesis,
     )
+
+
+def _str_or_none(pk: Any) -> str | None:
+    return None if pk is None else str(pk)
+
+
+def _renamed(recorded: str, now: str | None) -> str | None:
+    """The user's name now when the row recorded another one (None: the same, or no name was
+    recorded)."""
+    return None if not recorded or now is None or now == recorded else now
 
 
 def audit_encounters(**options: Any) -> AuditReport:

@@ -32,6 +32,7 @@ CSV_HEADER = [
     *READABLE_FIELDS,
     "backdated",
     "overtaken",
+    "transitioned_by_now",
     "anomalies",
 ]
 
@@ -137,11 +138,12 @@ def write_csv(
                 row.reason,
                 "true" if row.backdated else "false",
                 "true" if row.overtaken else "false",
+                row.transitioned_by_now or "",
                 "; ".join(by_sequence.pop(row.sequence, [])),
             ]
             writer.writerow([csv_cell(cell) for cell in cells])
         for sequence, texts in sorted(by_sequence.items()):
-            cells = [*encounter, sequence, *blank, "", "", "; ".join(texts)]
+            cells = [*encounter, sequence, *blank, "", "", "", "; ".join(texts)]
             writer.writerow([csv_cell(cell) for cell in cells])
     return count
 
@@ -224,7 +226,7 @@ def _write_timeline(audit: EncounterAudit, out: IO[str]) -> None:
                 local_iso(row.effective_at) or "",
                 local_iso(row.transitioned_at) or "",
                 printable(f"{row.from_state} -> {row.to_state}"),
-                printable(row.transitioned_by or "-"),
+                printable(row.who or "-"),
                 printable(_one_line(row.reason)),
                 ", ".join(notes),
             ]

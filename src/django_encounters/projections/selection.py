@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,7 @@ from django.db import router
 from django.db.models import Exists, Model, OuterRef, QuerySet
 
 from ..arguments import encounter_ids, require_aware, require_positive_int
-from ..engine import Genesis, Rules
+from ..engine import Genesis, Rules, definition_version_hash
 from ..exceptions import DefinitionNotFoundError
 from ..models import (
     GENESIS_FACTS,
@@ -57,20 +58,76 @@ def effective_between(
 class RulesCache:
     """The rules of every definition version (``definition_id -> version -> Rules``) and every
     definition's code, loaded once — soft-deleted definitions included — and filled in lazily
-    for definitions and versions created while a long run is going."""
+    for definitions and versions created while a long run is going.
+
+    Each version's content hash is recomputed from the versions table, chained per definition
+    (:func:`~django_encounters.engine.hashing.version_chain`'s layout, each version chained to
+    the stored hash of the one before it): ``Rules.content_hash`` is what a row decided under
+    it must commit to, and ``Rules.problem`` says why the stored version is not what its chain
+    vouches for (changed, inserted, chain broken)."""
 
     def __init__(self, using: str) -> None:
         self._using = using
-        self._codes: dict[Any, str] = dict(
-            EncounterDefinition.all_objects.using(using).values_list("pk", "code")
+        definitions = EncounterDefinition.all_objects.using(using).values_list(
+            "pk", "code", "version"
         )
+        self._codes: dict[Any, str] = {}
+        self._pointers: dict[Any, int] = {}
+        for pk, code, pointer in definitions:
+            self._codes[pk] = code
+            self._pointers[pk] = pointer
         self._versions: dict[Any, dict[int, Rules]] = {}
-        self._load(EncounterDefinitionVersion.objects.using(using))
+        self._load(EncounterDefinitionVersion.objects.using(using).order_by("number"))
 
     def _load(self, versions: Any) -> None:
+        by_definition: dict[Any, list[Any]] = {}
         for machine in versions:
-            rules = machine.rules(code=self.code(machine.definition_id))
-            self._versions.setdefault(machine.definition_id, {})[machine.number] = rules
+            by_definition.setdefault(machine.definition_id, []).append(machine)
+        for definition_id, machines in by_definition.items():
+            known = self._versions.setdefault(definition_id, {})
+            code = self.code(definition_id)
+            for rules in chained_rules(definition_id, code, machines):
+                known[rules.version] = rules
+
+    def rules_of(self, definition_id: Any) -> Callable[[int], Rules | None]:
+        """``version -> Rules`` (None for a version that does not exist) of a definition."""
+
+        def lookup(number: int) -> Rules | None:
+            known = self._versions.get(definition_id, {})
+            if number not in known:  # created since this cache was filled: look once more
+                self._load(
+                    EncounterDefinitionVersion.objects.using(self._using)
+                    .filter(definition_id=definition_id)
+                    .order_by("number")
+                )
+                known = self._versions.get(definition_id, {})
+            return known.get(number)
+
+        return lookup
+
+    def problems(self) -> list[tuple[Any, int, str]]:
+        """What is wrong with the definitions' versions, ``(definition id, version number,
+        why)`` each: a version whose stored content is not its chain's, and a definition
+        whose ``version`` pointer does not name its last version (number 0 then: the
+        definition itself)."""
+        found = []
+        for definition_id, known in self._versions.items():
+            code = self.code(definition_id)
+            for number in sorted(known):
+                if known[number].problem:
+                    found.append((definition_id, number, f"{known[number].name} {known[number].problem}"))
+            last = max(known, default=None)
+            pointer = self._pointers.get(definition_id)
+            if pointer is not None and pointer != last:
+                found.append(
+                    (
+                        definition_id,
+                        0,
+                        f"definition '{code}' points to version {pointer} but its last version "
+                        f"is {last}: its pointer was moved behind the library's back",
+                    )
+                )
+        return found
 
     def rules_of(self, definition_id: Any) -> Callable[[int], Rules | None]:
         """``version -> Rules`` (None for a version that does not exist) of a definition."""
@@ -99,6 +156,40 @@ class RulesCache:
 
     def ids_for_code(self, code: str) -> list[Any]:
         return [pk for pk, known in self._codes.items() if known == code]
+
+
+def chained_rules(definition_id: Any, code: str, machines: Iterable[Any]) -> list[Rules]:
+    """The :class:`Rules` of a definition's versions (``EncounterDefinitionVersion``
+    instances, in number order), each with its recomputed ``content_hash`` (chained to the
+    stored hash of the version before it, or to its recomputed one while that has none) and
+    its ``problem``: a stored hash that is not the recomputed one (its machine or number
+    changed, or it was inserted with a forged hash), no stored hash after a version that has
+    one (inserted behind the library's back), or no version before it (its chain is broken)."""
+    found: list[Rules] = []
+    previous_number, previous_stored, previous_hash = 0, "", ""
+    for machine in machines:
+        number, stored = machine.number, machine.content_hash
+        chained_to = previous_stored or previous_hash
+        expected = definition_version_hash(definition_id, number, machine.machine(), chained_to)
+        problem = ""
+        if number != previous_number + 1:
+            problem = f"follows no version {number - 1}: its chain of versions is broken"
+        elif stored and stored != expected:
+            problem = (
+                "does not hash to its stored content hash: its machine was changed, or it was "
+                "inserted with a forged hash, after the fact"
+            )
+        elif not stored and previous_stored:
+            problem = (
+                f"has no content hash though version {previous_number} has one: it was "
+                "inserted behind the library's back"
+            )
+        rules = dataclasses.replace(
+            machine.rules(code=code), content_hash=expected, problem=problem
+        )
+        found.append(rules)
+        previous_number, previous_stored, previous_hash = number, stored, expected
+    return found
 
 
 #: The encounter columns :func:`genesis_of` reads, in its order.

@@ -23,7 +23,7 @@ from ..engine import (
     row_hash,
     stored_precision,
 )
-from ..models import Encounter
+from ..models import Encounter, EncounterDefinitionVersion, recorded_name, seal_of
 from .converters import convert_row, speed_up_cursor
 from .loading import load
 from .mapping import row_of_record
@@ -135,11 +135,17 @@ def prove_projection(locked: Any, head: LogHead) -> None:
 
 
 def insert_row(
-    record: Any, using: str, *, previous_hash: str | None = None, seen_by_others: bool = True
+    record: Any,
+    using: str,
+    *,
+    previous_hash: str | None = None,
+    version_hash: str | None = None,
+    seen_by_others: bool = True,
 ) -> None:
     """INSERT one new transition row; ``pre_save``/``post_save`` are sent as ``save()`` would.
 
-    With ``previous_hash``, the row was decided and hashed before the signals ran: a receiver
+    With ``previous_hash`` (and ``version_hash``, the content hash of the version it was
+    decided under), the row was decided and hashed before the signals ran: a receiver
     that changed its content is refused (``EncounterError``) rather than store a row its hash
     does not cover. The hash is computed again to find out only when some code outside the
     package could have changed the record: a ``pre_save`` receiver, or (``seen_by_others``,
@@ -153,7 +159,8 @@ def insert_row(
     if (
         previous_hash is not None
         and (seen_by_others or signals.pre_save.has_listeners(model))
-        and row_hash(record.encounter_id, row_of_record(record), previous_hash) != record.hash
+        and row_hash(record.encounter_id, row_of_record(record), previous_hash, version_hash)
+        != record.hash
     ):
         raise EncounterError(
             f"Transition {record.sequence} of encounter {record.encounter_id} was changed by a "
@@ -259,15 +266,36 @@ def append_record(record: Any, using: str) -> None:
             f"Encounter {locked.pk}: sequence {record.sequence} would leave a gap (the log is at "
             f"version {timeline.version})"
         )
-    previous_hash = None
+    previous_hash = version_hash = None
+    if not record.transitioned_by_name and record.transitioned_by_id is not None:
+        record.transitioned_by_name = recorded_name(record.transitioned_by)
     if not record.hash:
         previous_hash = timeline.head_hash
-        record.hash = row_hash(locked.pk, row_of_record(record), previous_hash)
-    insert_row(record, using, previous_hash=previous_hash)  # an older sequence clashes here
+        version_hash = _version_hash(locked, record.definition_version, using)
+        record.hash = row_hash(locked.pk, row_of_record(record), previous_hash, version_hash)
+        if not record.seal:
+            record.seal = seal_of("row", record.hash)
+    # an older sequence clashes here
+    insert_row(record, using, previous_hash=previous_hash, version_hash=version_hash)
     EncounterTimeline.event(locked.pk, row_of_record(record)).mutate(timeline)
     projection = projection_of(timeline)
     projection["updated_at"] = timezone.now()
     update_projection(locked, projection, using, after_sequence=record.sequence - 1)
+
+
+def _version_hash(locked: Any, number: int, using: str) -> str:
+    """The stored content hash of version ``number`` of the locked encounter's definition (the
+    pinned version is joined to the lock; another one costs a query)."""
+    machine = getattr(locked, "_machine", None)
+    if machine is not None and machine.number == number:
+        return str(machine.content_hash)
+    found = (
+        EncounterDefinitionVersion.objects.using(using)
+        .filter(definition_id=locked.definition_id, number=number)
+        .values_list("content_hash", flat=True)
+        .first()
+    )
+    return found or ""
 
 
 def save_record(record: Any, using: str) -> None:

@@ -249,6 +249,8 @@ class TimelineRowSerializer(serializers.Serializer):
     effective_at = serializers.DateTimeField()
     transitioned_at = serializers.DateTimeField()
     transitioned_by = serializers.CharField(allow_null=True)
+    #: the user row's name now, when it is not the one recorded with the row (else null)
+    transitioned_by_now = serializers.CharField(allow_null=True)
     reason = serializers.CharField()
     context = serializers.SerializerMethodField()
     backdated = serializers.BooleanField()
@@ -282,5 +284,8 @@ class TransitionRowSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_transitioned_by(self, row: EncounterTransition) -> str | None:
+        """The name recorded with the row (a row recorded before names were: the user's)."""
+        if row.transitioned_by_name:
+            return str(row.transitioned_by_name)
         user = row.transitioned_by
         return None if user is None else user.get_username()
