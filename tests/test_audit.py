@@ -25,13 +25,13 @@ from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.projections.rendering import CSV_HEADER
 from django_encounters.services import create_encounter, get_state_at, transition
 from tests.helpers import (
-    version_hash_of,
     delete_rows,
     recording_moment,
     reference_genesis_hash,
     reference_row_hash,
     rewrite_row,
     run_command,
+    version_hash_of,
 )
 
 TABLE = EncounterTransition._meta.db_table
@@ -431,7 +431,12 @@ def test_rehashed_row_breaks_the_chain_at_the_next_row(office):
     )
     forged = row_hash(visit.pk, forged_row, previous.hash, version_hash_of(visit))
     rewrite_row(
-        visit, 2, transitioned_by=None, transitioned_by_name="", reason="nobody did this", hash=forged
+        visit,
+        2,
+        transitioned_by=None,
+        transitioned_by_name="",
+        reason="nobody did this",
+        hash=forged,
     )
 
     assert _anomalies(visit) == [(3, "hash")]

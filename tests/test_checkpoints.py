@@ -34,7 +34,6 @@ from django_encounters.projections.checkpoints import reading as checkpoint_read
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import create_encounter, transition
 from tests.helpers import (
-    version_hash_of,
     delete_encounter,
     delete_rows,
     forge_projection,
@@ -43,6 +42,7 @@ from tests.helpers import (
     reload,
     rewrite_row,
     run_command,
+    version_hash_of,
 )
 
 pytestmark = pytest.mark.django_db

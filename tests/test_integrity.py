@@ -65,7 +65,6 @@ from django_encounters.services import (
     upgrade_encounter,
 )
 from tests.helpers import (
-    version_hash_of,
     IS_POSTGRES,
     delete_rows,
     insert_row_raw,
@@ -74,6 +73,7 @@ from tests.helpers import (
     run_command,
     snapshot,
     triggers_off,
+    version_hash_of,
     work_queries,
 )
 

@@ -33,7 +33,6 @@ from tests.helpers import (
     reload,
     run_command,
     triggers_off,
-    version_hash_of,
     work_queries,
 )
 
@@ -67,14 +66,14 @@ def test_every_record_is_sealed_when_written_with_keys(sealed, make_definition, 
     definition = make_definition()
     version = definition.latest_version()
     assert version.content_hash.startswith("v3:")
-    assert version.content_hash == definition_version_hash(
-        definition.pk, 1, version.machine(), ""
-    )
+    assert version.content_hash == definition_version_hash(definition.pk, 1, version.machine(), "")
     assert version.seal.startswith("k1:") and seal_ok("version", version.content_hash, version.seal)
 
     encounter = create_encounter(definition, patient)
     fresh = reload(encounter)
-    assert fresh.genesis_hash.startswith("v3:") and fresh.genesis_hash == fresh.compute_genesis_hash()
+    assert (
+        fresh.genesis_hash.startswith("v3:") and fresh.genesis_hash == fresh.compute_genesis_hash()
+    )
     assert seal_ok("genesis", fresh.genesis_hash, fresh.genesis_seal)
 
     row = transition(encounter, "checked_in", transitioned_by=user)
@@ -107,7 +106,9 @@ def test_unsealed_without_keys_and_the_low_level_append_seals_too(
     assert row.seal == "" and reload(encounter).genesis_seal.startswith("k1:")
     settings.ENCOUNTERS_SEAL_KEYS = KEYS
     appended = EncounterTransition(
-        encounter=reload(encounter), from_state="checked_in", to_state="in_progress",
+        encounter=reload(encounter),
+        from_state="checked_in",
+        to_state="in_progress",
         transitioned_by=user,
     )
     appended.save()
@@ -198,7 +199,9 @@ def test_an_edited_version_is_caught_for_the_version_and_every_row_under_it(
     assert run_command("audit_encounters")[0] == 1
 
     # The owner also stores the recomputed hash: the rows still committed to the old one.
-    forged = definition_version_hash(visit_definition.pk, 1, {**version.machine(), "transitions": permissive}, "")
+    forged = definition_version_hash(
+        visit_definition.pk, 1, {**version.machine(), "transitions": permissive}, ""
+    )
     with triggers_off(VERSIONS):
         raw_update(EncounterDefinitionVersion, version.pk, content_hash=forged)
     found = anomalies(encounter)
@@ -229,7 +232,9 @@ def test_a_permissive_version_inserted_with_the_triggers_on_and_a_forged_upgrade
     ]
     # The definition's pointer still names version 1: reported, and new encounters refused.
     assert any(number == 0 and "points to version 1" in why for _, number, why in problems)
-    with pytest.raises(DefinitionVersionError, match="points to version 1 but its last version is 2"):
+    with pytest.raises(
+        DefinitionVersionError, match="points to version 1 but its last version is 2"
+    ):
         create_encounter(visit_definition, patient)
     assert v1.content_hash
 
@@ -310,7 +315,9 @@ def test_seal_encounters_adopts_a_log_written_by_the_previous_release(
     assert code == 0, out
     assert "sealed under key 'k1': 4 row(s), 3 genesis, 1 version(s) (1 given" in out
     version = visit_definition.latest_version()
-    assert version.content_hash == definition_version_hash(visit_definition.pk, 1, version.machine(), "")
+    assert version.content_hash == definition_version_hash(
+        visit_definition.pk, 1, version.machine(), ""
+    )
     assert seal_ok("version", version.content_hash, version.seal)
     for encounter in encounters:
         fresh = reload(encounter)

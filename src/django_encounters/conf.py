@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 
@@ -127,9 +128,25 @@ def seal_key_id(keys: dict[str, bytes] | None = None) -> str | None:
     return str(value)
 
 
+#: ``(ENCOUNTERS_SEAL_KEYS, ENCOUNTERS_SEAL_KEY_ID, their Sealer)`` last built: every write
+#: asks, and checking the keys again costs more than the seal itself.
+_sealer_built: tuple[Any, Any, Sealer | None] | None = None
+
+
 def sealer() -> Sealer | None:
-    """The configured seal keys (None when there are none: the log is not sealed)."""
+    """The configured seal keys (None when there are none: the log is not sealed). Read when
+    called; built again only when either setting's value changed since the last call."""
+    global _sealer_built
+    keys_setting = getattr(settings, "ENCOUNTERS_SEAL_KEYS", None)
+    key_id_setting = getattr(settings, "ENCOUNTERS_SEAL_KEY_ID", None)
+    built = _sealer_built
+    if built is not None and built[0] == keys_setting and built[1] == key_id_setting:
+        return built[2]
     keys = seal_keys()
-    if not keys:
-        return None
-    return Sealer(keys, seal_key_id(keys))
+    found = Sealer(keys, seal_key_id(keys)) if keys else None
+    _sealer_built = (
+        dict(keys_setting) if isinstance(keys_setting, dict) else keys_setting,
+        key_id_setting,
+        found,
+    )
+    return found

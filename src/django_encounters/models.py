@@ -997,9 +997,7 @@ class EncounterTransition(AppendOnlyModel):
         definition version it names, looked up)."""
         version_hash = (
             EncounterDefinitionVersion.objects.using(self._state.db or "default")
-            .filter(
-                definition__encounters=self.encounter_id, number=self.definition_version
-            )
+            .filter(definition__encounters=self.encounter_id, number=self.definition_version)
             .values_list("content_hash", flat=True)
             .first()
         )

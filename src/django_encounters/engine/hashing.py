@@ -277,7 +277,9 @@ def version_chain(definition_id: Any, machines: Iterable[tuple[int, Any]]) -> di
     order, each chained to the one before it (a missing number chains to "")."""
     chain: dict[int, str] = {}
     for number, machine in sorted(machines, key=lambda item: item[0]):
-        chain[number] = definition_version_hash(definition_id, number, machine, chain.get(number - 1, ""))
+        chain[number] = definition_version_hash(
+            definition_id, number, machine, chain.get(number - 1, "")
+        )
     return chain
 
 

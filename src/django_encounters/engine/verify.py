@@ -139,8 +139,7 @@ def verify_stream(
         genesis_format = find_hash_format(stored_genesis_hash)
         if (
             genesis_format is None
-            or genesis_format.hash_genesis(genesis, encounter_text, versions)
-            != stored_genesis_hash
+            or genesis_format.hash_genesis(genesis, encounter_text, versions) != stored_genesis_hash
         ):
             anomalies.append(
                 Anomaly(
@@ -310,9 +309,7 @@ def _placement(
             (AnomalyKind.VERSION, f"decided under definition version {version}, which {why}"),
         ]
     if rules.problem:
-        found.append(
-            (AnomalyKind.DEFINITION, f"decided under {rules.name}, which {rules.problem}")
-        )
+        found.append((AnomalyKind.DEFINITION, f"decided under {rules.name}, which {rules.problem}"))
     edge = f"'{row.from_state}' -> '{row.to_state}' under {rules.name}"
     found.extend(
         (kind, f"{edge}: {reason}")

@@ -35,6 +35,7 @@ from ..models import (
     EncounterDefinitionVersion,
     EncounterTransition,
 )
+from ..store.schema import field as model_field
 from .replay import Replays, Verified
 from .selection import RulesCache, Selection, chained_rules, write_alias
 
@@ -227,8 +228,8 @@ def _seal_batch(
         summary.genesis += len(genesis)
     if rows:
         meta = EncounterTransition._meta
-        encounter = meta.get_field("encounter").column
-        sequence = meta.get_field("sequence").column
+        encounter = model_field(EncounterTransition, "encounter").column
+        sequence = model_field(EncounterTransition, "sequence").column
         with connection.cursor() as cursor:
             cursor.executemany(
                 f"UPDATE {qn(meta.db_table)} SET {qn('seal')} = %s "

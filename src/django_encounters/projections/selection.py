@@ -115,7 +115,9 @@ class RulesCache:
             code = self.code(definition_id)
             for number in sorted(known):
                 if known[number].problem:
-                    found.append((definition_id, number, f"{known[number].name} {known[number].problem}"))
+                    found.append(
+                        (definition_id, number, f"{known[number].name} {known[number].problem}")
+                    )
             last = max(known, default=None)
             pointer = self._pointers.get(definition_id)
             if pointer is not None and pointer != last:
@@ -128,22 +130,6 @@ class RulesCache:
                     )
                 )
         return found
-
-    def rules_of(self, definition_id: Any) -> Callable[[int], Rules | None]:
-        """``version -> Rules`` (None for a version that does not exist) of a definition."""
-
-        def lookup(number: int) -> Rules | None:
-            known = self._versions.get(definition_id, {})
-            if number not in known:  # created since this cache was filled: look once more
-                self._load(
-                    EncounterDefinitionVersion.objects.using(self._using).filter(
-                        definition_id=definition_id, number=number
-                    )
-                )
-                known = self._versions.get(definition_id, {})
-            return known.get(number)
-
-        return lookup
 
     def code(self, definition_id: Any) -> str:
         if definition_id not in self._codes:

@@ -56,9 +56,13 @@ class Command(BaseCommand):
             if options["verbosity"] >= 2:
                 for anomaly in exc.anomalies:
                     self.stderr.write(f"  {anomaly}")
-            count = len(exc.anomalies)
+            standing = plural(
+                len(exc.anomalies),
+                "unacknowledged anomaly stands",
+                "unacknowledged anomalies stand",
+            )
             raise CommandError(
-                f"{plural(count, 'unacknowledged anomaly stands', 'unacknowledged anomalies stand')}"
+                f"{standing}"
                 "; nothing was sealed. See them with `manage.py audit_encounters` (definition "
                 "versions: `manage.py check_encounter_definitions`; or run this with -v 2) and "
                 "acknowledge what was examined with `manage.py acknowledge_anomaly`",
