@@ -131,8 +131,9 @@ class SealingRefusedError(EncounterError):
         super().__init__(
             f"{count} unacknowledged anomal{'y stands' if count == 1 else 'ies stand'} "
             f"(first: {anomalies[0]}); nothing was sealed. See them with `manage.py "
-            "audit_encounters` (and `manage.py check_encounter_definitions` for definition "
-            "versions); acknowledge what was examined with `manage.py acknowledge_anomaly`"
+            "audit_encounters` (all of them, definition versions included: `manage.py "
+            "seal_encounters -v 2`); acknowledge what was examined with `manage.py "
+            "acknowledge_anomaly`"
         )
 
 

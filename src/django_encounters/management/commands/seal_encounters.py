@@ -63,9 +63,9 @@ class Command(BaseCommand):
             )
             raise CommandError(
                 f"{standing}"
-                "; nothing was sealed. See them with `manage.py audit_encounters` (definition "
-                "versions: `manage.py check_encounter_definitions`; or run this with -v 2) and "
-                "acknowledge what was examined with `manage.py acknowledge_anomaly`",
+                "; nothing was sealed. See them with `manage.py audit_encounters` (all of them, "
+                "definition versions included: run this with -v 2) and acknowledge what was "
+                "examined with `manage.py acknowledge_anomaly`",
                 returncode=1,
             ) from exc
         with quiet_broken_pipe(self):
