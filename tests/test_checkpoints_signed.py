@@ -568,6 +568,9 @@ def test_a_forged_row_claiming_an_earlier_recording_time_is_caught(clinic, tmp_p
     (anomaly,) = report["encounters"][-1]["anomalies"]
     assert f"row {sequence} claims to have been recorded at " in anomaly["detail"]
     assert f"which has the stream at version {sequence - 1}" in anomaly["detail"]
+    assert f"more than 300 s (the clock tolerance) before the checkpoint of {created}" in (
+        anomaly["detail"]
+    )
     assert report["checkpoint"]["created_at"] == created
     # Whatever the selection: another definition, another encounter.
     for selection in (("--definition", "VISIT"), ("--encounter", str(clinic["seen"].pk))):
@@ -643,7 +646,8 @@ def test_a_checkpoint_of_one_definition_vouches_for_that_definition_only(
     assert code == 1 and found(report) == [(str(job.pk), 0, "uncheckpointed")]
     (audit,) = [e for e in report["encounters"] if e["anomalies"]]
     detail = audit["anomalies"][0]["detail"]
-    assert "of definition EMPLOYMENT, which does not have it" in detail
+    assert "before the checkpoint of definition EMPLOYMENT of " in detail
+    assert "which does not have it" in detail
     assert report["checkpoint"]["definition"] == "EMPLOYMENT"
 
 

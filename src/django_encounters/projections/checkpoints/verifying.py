@@ -80,7 +80,7 @@ def verify_checkpoint(
                 checkpoint.begin()  # the header (a checkpoint without entries: read now)
                 assert checkpoint.created_at is not None
                 scope = _Scope(
-                    using, checkpoint.created_at - tolerance, checkpoint.fields["definition"]
+                    using, checkpoint.created_at, tolerance, checkpoint.fields["definition"]
                 )
             if batch:
                 checked += _compare(batch, using, anomalies)
@@ -107,13 +107,16 @@ def _then_end(entries: Iterator[CheckpointEntry]) -> Iterator[CheckpointEntry | 
 @dataclass
 class _Scope:
     """What a checkpoint vouches for — every encounter, or those of its definition — and the
-    time before which everything recorded must be in it (``cutoff``)."""
+    time before which everything recorded must be in it (``cutoff``: its time less the
+    clock tolerance)."""
 
     using: str
-    cutoff: datetime
+    created_at: datetime
+    tolerance: timedelta
     definition: str | None
 
     def __post_init__(self) -> None:
+        self.cutoff = self.created_at - self.tolerance
         self.definition_ids: list[Any] | None = None
         if self.definition is not None:
             self.definition_ids = list(
@@ -175,16 +178,19 @@ class _Scope:
                         0,
                         AnomalyKind.UNCHECKPOINTED,
                         f"the encounter claims to have been created at {utc_iso(created_at)}, "
-                        f"before the checkpoint (recorded before {utc_iso(self.cutoff)}, its "
-                        f"time less the clock tolerance){self._of_scope()}, which does not "
-                        "have it: it was added afterwards with an earlier time",
+                        f"{self._before()}, which does not have it: it was added afterwards "
+                        "with an earlier time",
                     )
                 )
             for sequence, recorded in rows.get(pk, []):
                 found.append(self._unrecorded(pk, sequence, recorded, None))
 
-    def _of_scope(self) -> str:
-        return "" if self.definition is None else f" of definition {self.definition}"
+    def _before(self) -> str:
+        scope = "" if self.definition is None else f" of definition {self.definition}"
+        return (
+            f"more than {self.tolerance.total_seconds():g} s (the clock tolerance) before the "
+            f"checkpoint{scope} of {utc_iso(self.created_at)}"
+        )
 
     def _unrecorded(
         self, pk: UUID, sequence: int, recorded: datetime, version: int | None
@@ -198,10 +204,9 @@ class _Scope:
             pk,
             sequence,
             AnomalyKind.UNRECORDED,
-            f"row {sequence} claims to have been recorded at {utc_iso(recorded)}, before the "
-            f"checkpoint (recorded before {utc_iso(self.cutoff)}, its time less the clock "
-            f"tolerance){self._of_scope()}, {has}: it was appended afterwards with an earlier "
-            "recording time",
+            f"row {sequence} claims to have been recorded at {utc_iso(recorded)}, "
+            f"{self._before()}, {has}: it was appended afterwards with an earlier recording "
+            "time",
         )
 
 
