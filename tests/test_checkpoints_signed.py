@@ -568,8 +568,9 @@ def test_a_forged_row_claiming_an_earlier_recording_time_is_caught(clinic, tmp_p
     (anomaly,) = report["encounters"][-1]["anomalies"]
     assert f"row {sequence} claims to have been recorded at " in anomaly["detail"]
     assert f"which has the stream at version {sequence - 1}" in anomaly["detail"]
-    assert f"more than 300 s (the clock tolerance) before the checkpoint of {created}" in (
-        anomaly["detail"]
+    assert (
+        f"more than 300 s (the clock tolerance) before the checkpoint of {created}"
+        in (anomaly["detail"])
     )
     assert report["checkpoint"]["created_at"] == created
     # Whatever the selection: another definition, another encounter.
@@ -687,3 +688,27 @@ def test_the_definition_code_of_a_checkpoint_must_be_printable(clinic, tmp_path)
     with pytest.raises(CheckpointError, match="is not printable text"):
         write_checkpoint(tmp_path / "cp.json", definition="EMPLOY\nMENT")
     assert not (tmp_path / "cp.json").exists()
+
+
+def test_a_finding_outside_the_selection_is_acknowledged_for_its_own_encounter_only(
+    clinic, tmp_path, employment_definition, patient
+):
+    """The audit of one encounter against a checkpoint reports the others' findings too: an
+    acknowledgement names the encounter whose finding it is, never another's."""
+    from django_encounters.exceptions import AnomalyNotReportedError
+    from django_encounters.projections.audit import acknowledge_reported_anomaly
+
+    path = tmp_path / "cp.json"
+    write_checkpoint(path)
+    backdated = create_encounter(employment_definition, patient)
+    backdate_creation(backdated, timedelta(days=1))
+    fresh = clinic["fresh"]
+
+    with pytest.raises(AnomalyNotReportedError):
+        acknowledge_reported_anomaly(fresh.pk, 0, "uncheckpointed", "not this one", against=path)
+    recorded, anomaly = acknowledge_reported_anomaly(
+        backdated.pk, 0, "uncheckpointed", "imported from the old system", against=path
+    )
+    assert (anomaly.encounter_id, anomaly.kind) == (backdated.pk, "uncheckpointed")
+    code, report, _ = against(path)
+    assert code == 0 and report["acknowledged_count"] == 1
