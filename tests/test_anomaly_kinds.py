@@ -42,8 +42,19 @@ def test_a_kind_is_its_text_wherever_it_is_shown():
 def test_every_kind_has_a_meaning_and_the_checkpoint_kinds_are_marked():
     assert len({kind.value for kind in AnomalyKind}) == len(AnomalyKind)
     assert all(kind.meaning and (kind.stream or kind.checkpoint) for kind in AnomalyKind)
-    assert AnomalyKind.checkpoint_kinds() == ("truncated", "rewritten", "missing")
-    assert [k for k in AnomalyKind.checkpoint_kinds() if not k.stream] == ["rewritten", "missing"]
+    assert AnomalyKind.checkpoint_kinds() == (
+        "truncated",
+        "rewritten",
+        "missing",
+        "unrecorded",
+        "uncheckpointed",
+    )
+    assert [k for k in AnomalyKind.checkpoint_kinds() if not k.stream] == [
+        "rewritten",
+        "missing",
+        "unrecorded",
+        "uncheckpointed",
+    ]
     # The stream's kinds, by their text, as ANOMALY_KINDS always listed them.
     assert list(ANOMALY_KINDS) == [
         "genesis",

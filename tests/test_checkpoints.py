@@ -119,8 +119,17 @@ def test_the_checkpoint_lists_every_head_and_the_root_is_the_last_line(clinic, t
     data = json.loads(path.read_text(encoding="utf-8"))
     assert out.splitlines()[-1] == data["root"]
     assert f"checkpoint of 4 encounter(s) written to {path}" in out
-    assert set(data) == {"format", "created_at", "definition", "encounters", "count", "root"}
+    assert list(data) == [
+        "format",
+        "created_at",
+        "definition",
+        "encounters",
+        "count",
+        "root",
+        "signature",
+    ]
     assert (data["format"], data["definition"], data["count"]) == (CHECKPOINT_FORMAT, None, 4)
+    assert data["signature"] is None
     expected = sorted((str(e.pk), e.version, e.head_hash) for e in map(reload, clinic.values()))
     assert [(e["id"], e["version"], e["head_hash"]) for e in data["encounters"]] == expected
     by_id = {e["id"]: e for e in data["encounters"]}
@@ -135,32 +144,36 @@ def test_the_checkpoint_lists_every_head_and_the_root_is_the_last_line(clinic, t
 
 
 def test_the_root_follows_the_documented_formula(checkpoint):
-    """Anyone can recompute the root without the library: SHA-256 over the format line and
-    one "id version head" line per entry, in file order."""
+    """Anyone can recompute the root without the library: SHA-256 over the format line, the
+    created_at and definition lines, one "id version head" line per entry, in file order, and
+    the count line — every field of the file but the root and the signature."""
     data = json.loads(checkpoint.read_text(encoding="utf-8"))
     text = (
-        CHECKPOINT_FORMAT
-        + "\n"
+        f"{CHECKPOINT_FORMAT}\ncreated_at {data['created_at']}\ndefinition null\n"
         + "".join(f"{e['id']} {e['version']} {e['head_hash']}\n" for e in data["encounters"])
+        + f"count {data['count']}\n"
     )
 
     assert hashlib.sha256(text.encode("utf-8")).hexdigest() == data["root"]
     entries = [
         CheckpointEntry(UUID(e["id"]), e["version"], e["head_hash"]) for e in data["encounters"]
     ]
-    assert root_digest(entries) == data["root"]
+    assert root_digest(entries, created_at=data["created_at"]) == data["root"]
 
 
 def test_batches_do_not_change_the_checkpoint(clinic, tmp_path):
+    """The same entries whatever the batch size (the roots differ by their created_at)."""
     roots = {
         size: write_checkpoint(tmp_path / f"cp{size}.json", batch_size=size).root
         for size in (1, 2, 3, 1000)
     }
-    assert len(set(roots.values())) == 1
-    entries = {
-        size: json.loads((tmp_path / f"cp{size}.json").read_text())["encounters"] for size in roots
-    }
-    assert all(found == entries[1000] for found in entries.values())
+    files = {size: json.loads((tmp_path / f"cp{size}.json").read_text()) for size in roots}
+    assert all(data["encounters"] == files[1000]["encounters"] for data in files.values())
+    for size, data in files.items():
+        entries = [
+            CheckpointEntry(UUID(e["id"]), e["version"], e["head_hash"]) for e in data["encounters"]
+        ]
+        assert root_digest(entries, created_at=data["created_at"]) == roots[size]
 
 
 def test_definition_option_and_api(clinic, tmp_path):
@@ -263,16 +276,22 @@ def test_an_intact_log_extends_its_checkpoint(clinic, checkpoint, visit_definiti
     assert data["checkpoint"] == {
         "file": str(checkpoint),
         "format": CHECKPOINT_FORMAT,
-        "created_at": data["checkpoint"]["created_at"],
+        "created_at": json.loads(checkpoint.read_text())["created_at"],
+        "created_at_covered": True,
         "definition": None,
         "root": root,
+        "signature": None,
         "entries": 4,
         "checked": 4,
+        "tolerance_seconds": 300.0,
     }
     code, out, _ = run_command("audit_encounters", "--against", str(checkpoint))
     assert code == 0
-    assert out.startswith(f"Against checkpoint {checkpoint} of ")
-    assert f"root {root}: 4 of its 4 encounter(s) compared with the log, 0 no longer" in out
+    assert out.startswith(f"Against checkpoint {checkpoint} ({CHECKPOINT_FORMAT}) of ")
+    assert "(not covered by the root)" not in out
+    assert (
+        f"root {root}, unsigned: 4 of its 4 encounter(s) compared with the log, 0 finding(s)" in out
+    )
 
 
 def test_a_fully_recomputed_chain_is_caught(clinic, checkpoint):
@@ -381,7 +400,9 @@ def test_a_row_gone_from_the_middle_is_rewritten(clinic, checkpoint):
     assert (str(job.pk), 3, "gap") in found(data)  # the chain says so too
 
 
-def test_the_selection_limits_what_is_compared_but_missing_is_always_reported(clinic, checkpoint):
+def test_the_selection_picks_the_timelines_but_the_checkpoint_is_compared_whole(clinic, checkpoint):
+    """A selection cannot leave an encounter of the checkpoint out: the findings of the ones
+    outside it are reported after the selected ones, marked, then the missing ones."""
     seen, job = clinic["seen"], clinic["job"]
     rewrite_row(seen, 3, reason="forged")
     rehash_from(seen, 3)
@@ -390,19 +411,34 @@ def test_the_selection_limits_what_is_compared_but_missing_is_always_reported(cl
     rehash_from(job, 2)
     forge_projection(job)
     delete_encounter(clinic["gone"])
+    everything = sorted(
+        [
+            (str(job.pk), 2, "rewritten"),
+            (str(seen.pk), 3, "rewritten"),
+            (str(clinic["gone"].pk), 0, "missing"),
+        ]
+    )
 
     code, data, _ = against(checkpoint, "--definition", "EMPLOYMENT")
-    assert sorted(found(data)) == sorted(
-        [(str(job.pk), 2, "rewritten"), (str(clinic["gone"].pk), 0, "missing")]
-    )
-    assert data["checkpoint"]["checked"] == 1
+    assert code == 1 and sorted(found(data)) == everything
+    assert [(e["id"], e.get("outside_selection", False)) for e in data["encounters"]] == [
+        (str(job.pk), False),
+        (str(seen.pk), True),
+        (str(clinic["gone"].pk), False),
+    ]
+    assert data["encounters"][1]["timeline"] != []  # audited in full
+    assert data["checkpoint"]["checked"] == 3
     code, data, _ = against(checkpoint, "--encounter", str(seen.pk))
-    assert found(data) == [(str(seen.pk), 3, "rewritten")]
-    assert data["checkpoint"]["checked"] == 1
+    assert sorted(found(data)) == everything
+    assert data["encounters"][0]["id"] == str(seen.pk)
+    code, out, _ = run_command(
+        "audit_encounters", "--against", str(checkpoint), "--encounter", str(seen.pk)
+    )
+    assert f"Encounter {job.pk}  [EMPLOYMENT] (outside the selection: " in out
     # An id that is gone but in the checkpoint is reported missing, not refused.
     code, data, err = against(checkpoint, "--encounter", str(clinic["gone"].pk))
     assert code == 1
-    assert found(data) == [(str(clinic["gone"].pk), 0, "missing")]
+    assert (str(clinic["gone"].pk), 0, "missing") in found(data)
     code, out, err = run_command("audit_encounters", "--encounter", str(clinic["gone"].pk))
     assert code == 2 and out == ""
     assert f"--encounter {clinic['gone'].pk}: no encounter has this id" in err
@@ -418,6 +454,11 @@ def test_the_api_beside_the_command(clinic, checkpoint):
     assert [(a.encounter_id, a.sequence, a.kind) for a in check.anomalies] == [
         (seen.pk, 3, "rewritten")
     ]
+    assert (check.format, check.covers_created_at, check.signed_by) == (
+        CHECKPOINT_FORMAT,
+        True,
+        None,
+    )
     assert (check.count, check.checked, check.definition) == (4, 4, None)
     data = json.loads(checkpoint.read_text())
     assert check.root == data["root"] and check.path == str(checkpoint)
@@ -426,8 +467,11 @@ def test_the_api_beside_the_command(clinic, checkpoint):
     report = audit_encounters(against=str(checkpoint))
     assert report.anomaly_count == 1 and report.checkpoint.root == data["root"]
     stream = iter_audit(against=checkpoint, encounters=[clinic["job"].pk])
-    assert stream.checkpoint.checked == 1
-    assert [a.anomalies for a in stream] == [[]]
+    assert stream.checkpoint.checked == 4
+    assert [(a.id, a.outside_selection, a.anomalies) for a in stream] == [
+        (clinic["job"].pk, False, []),
+        (seen.pk, True, check.anomalies),
+    ]
     description, entries = read_checkpoint(checkpoint)
     assert [str(e.id) for e in entries] == [e["id"] for e in data["encounters"]]
     assert description.created_at.isoformat() == data["created_at"]
@@ -473,7 +517,9 @@ def _edit(data: dict, change: Any) -> dict:
 def _rehashed(data: dict) -> dict:
     """Keep the root consistent with edited entries (to reach the checks behind it)."""
     data["root"] = root_digest(
-        CheckpointEntry(UUID(e["id"]), e["version"], e["head_hash"]) for e in data["encounters"]
+        (CheckpointEntry(UUID(e["id"]), e["version"], e["head_hash"]) for e in data["encounters"]),
+        created_at=data["created_at"],
+        definition=data["definition"],
     )
     data["count"] = len(data["encounters"])
     return data
@@ -503,7 +549,7 @@ MALFORMED = {
                 data, lambda d: d["encounters"][0].update(version=d["encounters"][0]["version"] + 1)
             )
         ),
-        "does not match its entries",
+        "does not match its fields",
     ),
     "a dropped entry": (
         lambda text, data: json.dumps(_edit(data, lambda d: d["encounters"].pop())),
@@ -513,7 +559,7 @@ MALFORMED = {
         lambda text, data: json.dumps(
             _edit(data, lambda d: (d["encounters"].pop(), d.update(count=3)))
         ),
-        "does not match its entries",
+        "does not match its fields",
     ),
     "entries out of order": (
         lambda text, data: json.dumps(_rehashed(_edit(data, _swap_first_two))),
@@ -635,7 +681,8 @@ def test_a_large_checkpoint_is_verified_in_batches(tmp_path, encounter):
                 "definition": None,
                 "encounters": [e.as_dict() for e in entries],
                 "count": len(entries),
-                "root": root_digest(entries),
+                "root": root_digest(entries, created_at="2026-01-01T00:00:00+00:00"),
+                "signature": None,
             },
             indent=1,
         )

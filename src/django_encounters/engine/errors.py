@@ -232,6 +232,21 @@ class AnomalyKind(str, enum.Enum):
         True,
     )
     MISSING = ("missing", "an encounter a checkpoint has is gone", False, True)
+    UNRECORDED = (
+        "unrecorded",
+        "a row the checkpoint does not have (after its version of the encounter, or of an "
+        "encounter it does not have) claims to have been recorded before the checkpoint was "
+        "taken, less the clock tolerance: it was appended afterwards with an earlier time",
+        False,
+        True,
+    )
+    UNCHECKPOINTED = (
+        "uncheckpointed",
+        "an encounter of the checkpoint's scope claims to have been created before the "
+        "checkpoint was taken, less the clock tolerance, but the checkpoint does not have it",
+        False,
+        True,
+    )
 
     def __str__(self) -> str:
         return self._value_

@@ -13,8 +13,12 @@ stream with the timeline engine (``verify_stream``) and report, per encounter:
 * its state as of a given time, optionally as it was known at a given time (bitemporal: only
   rows recorded by then), replayed by the engine from the rows it lists;
 * with ``against`` (a checkpoint, :mod:`.checkpoints`), whether its log still extends the
-  prefix the checkpoint recorded (``rewritten``, ``truncated``; encounters of the checkpoint
-  that are gone are reported ``missing``, after the others);
+  prefix the checkpoint recorded (``rewritten``, ``truncated``), and whether a row or an
+  encounter the checkpoint does not have claims to have been recorded before it
+  (``unrecorded``, ``uncheckpointed``). The checkpoint is compared whole, whatever the
+  selection: an encounter outside the selection with a finding against it is reported after
+  the selected ones (``outside_selection``), and encounters of the checkpoint that are gone
+  (``missing``) last;
 * which anomalies a reviewer acknowledged (who, when, why): they are still listed, marked,
   and no longer counted in ``anomaly_count``.
 
@@ -25,6 +29,7 @@ number of encounters); ``audit_encounters()`` collects them into an ``AuditRepor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -111,6 +116,8 @@ class EncounterAudit:
     current_state: str = ""  # the stored projection, for reference
     deleted: bool = False  # soft-deleted (its log is kept and audited all the same)
     missing: bool = False  # in the checkpoint audited against, gone from the database
+    #: not selected, reported for its findings against the checkpoint audited against
+    outside_selection: bool = False
     #: (sequence, kind) -> how that anomaly was acknowledged
     acknowledged: dict[tuple[int, str], Acknowledged] = field(default_factory=dict)
     #: the facts it was created with (subject, origin state, created_at); None when missing
@@ -154,6 +161,8 @@ class EncounterAudit:
         }
         if self.missing:
             data["missing"] = True
+        if self.outside_selection:
+            data["outside_selection"] = True
         return data
 
 
@@ -215,6 +224,7 @@ def iter_audit(
     known_at: datetime | None = None,
     against: Any = None,
     root: str | None = None,
+    verify_key: Any = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     using: str | None = None,
 ) -> AuditStream:
@@ -230,10 +240,13 @@ def iter_audit(
             ``since``: in ``[since, until)``).
         as_of: business time of ``state_as_of`` (default: now).
         known_at: report ``state_as_of`` as it was known then (rows recorded by then only).
-        against: a checkpoint (a file path, or its parsed JSON): each selected encounter in it
-            must still extend its checkpointed prefix; encounters of it that are gone are
-            reported (``missing``) after the others, whatever the selection but ``encounters``.
+        against: a checkpoint (a file path, or its parsed JSON), compared whole whatever the
+            selection (``verify_checkpoint``): the selected encounters' findings are in their
+            audits; an encounter outside the selection with a finding is audited after them
+            (``outside_selection``), and encounters of it that are gone (``missing``) last.
         root: with ``against``, the root that was published: the checkpoint's must be it.
+        verify_key: with ``against``, an Ed25519 public key (a PEM file's path, its bytes, or
+            the key object): the checkpoint must be signed with it.
         batch_size: encounters per batch.
 
     Soft-deleted encounters are included: their history is part of the record.
@@ -245,7 +258,8 @@ def iter_audit(
         ValueError / TypeError: naive or non-datetime times, ``since >= until``, bad ids.
         EncounterError: no definition has the code ``definition``.
         EncounterNotFoundError: an id of ``encounters`` names no encounter.
-        CheckpointError: ``against`` cannot be read, is malformed, or its root does not match.
+        CheckpointError: ``against`` cannot be read, is malformed, its root does not match,
+            or (with ``verify_key``) it is unsigned or its signature does not verify.
     """
     require_aware(as_of, "as_of", optional=True)
     selection = Selection.of(
@@ -260,6 +274,8 @@ def iter_audit(
     )
     if root is not None and against is None:
         raise ValueError("root is the published root of a checkpoint: give against too")
+    if verify_key is not None and against is None:
+        raise ValueError("verify_key checks a checkpoint's signature: give against too")
     if as_of is None:
         as_of = timezone.now()
 
@@ -273,8 +289,7 @@ def iter_audit(
             against,
             using=selection.using,
             root=root,
-            selected=selection.queryset() if selection.narrowed else None,
-            encounters=selection.encounters,
+            verify_key=verify_key,
             batch_size=max(batch_size, 100),
         )
         gone = {a.encounter_id for a in check.anomalies if a.kind == AnomalyKind.MISSING}
@@ -290,13 +305,40 @@ def iter_audit(
 def _audits(
     replays: Replays, as_of: datetime, pending: dict[Any, list[Anomaly]]
 ) -> Iterator[EncounterAudit]:
-    """The audits of the selected encounters, in the reader's order; then the encounters of
-    the checkpoint that are gone (``pending``: the checkpoint's anomalies not yet added to an
-    encounter that was read)."""
+    """The audits of the selected encounters, in the reader's order; then those of the
+    encounters outside the selection with a finding against the checkpoint, and the
+    encounters of the checkpoint that are gone (``pending``: the checkpoint's anomalies not
+    yet added to an encounter that was read)."""
     for verified in replays:
         yield _audit_of(verified, replays.rules, replays.users, as_of)
+    selection = replays.selection
+    batch_size = selection.batch_size
+    outside = sorted(
+        (
+            pk
+            for pk, found in pending.items()
+            if not any(a.kind == AnomalyKind.MISSING for a in found)
+        ),
+        key=str,
+    )
+    for start in range(0, len(outside), batch_size):
+        more = Replays(
+            Selection.of(
+                encounters=outside[start : start + batch_size],
+                known_at=selection.known_at,
+                batch_size=batch_size,
+                using=selection.using,
+            ),
+            order="created",
+            extra=("deleted_at",),
+            users=True,
+            rules=replays.rules,
+            added=pending,
+        )
+        for verified in more:
+            audit = _audit_of(verified, more.rules, more.users, as_of)
+            yield dataclasses.replace(audit, outside_selection=True)
     left = sorted(pending.items(), key=lambda item: str(item[0]))
-    batch_size = replays.selection.batch_size
     for start in range(0, len(left), batch_size):
         audits = [
             EncounterAudit(
@@ -416,7 +458,7 @@ def acknowledge_reported_anomaly(
         encounter_id, sequence, kind, reason, acknowledged_by
     )
     audits = iter_audit(encounters=[encounter_uuid], against=against, root=root, using=using)
-    reported = [anomaly for audit in audits for anomaly in audit.anomalies]
+    reported = [a for audit in audits if audit.id == encounter_uuid for a in audit.anomalies]
     matching = [a for a in reported if (a.sequence, a.kind) == (sequence, kind)]
     if not matching:
         raise AnomalyNotReportedError(encounter_uuid, sequence, kind, reported)

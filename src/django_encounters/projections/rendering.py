@@ -80,12 +80,7 @@ def write_table(
     if known_at is not None:
         when += f", as known at {local_iso(known_at)}"
     if checkpoint is not None:
-        out.write(
-            f"Against checkpoint {printable(str(checkpoint.path or '(data)'))} of "
-            f"{local_iso(checkpoint.created_at)}, root {checkpoint.root}: "
-            f"{checkpoint.checked} of its {checkpoint.count} encounter(s) compared with the log, "
-            f"{len(checkpoint.anomalies)} no longer extending it\n\n"
-        )
+        out.write(checkpoint_header(checkpoint))
     encounters = rows = count = acknowledged = 0
     for audit in audits:
         encounters += 1
@@ -175,6 +170,24 @@ def write_json(
     return count
 
 
+def checkpoint_header(checkpoint: CheckpointCheck) -> str:
+    """The table's first lines against a checkpoint: the file, its time — said not covered by
+    the root for a ``/1`` file —, its root, its signature, what was compared."""
+    covered = "" if checkpoint.covers_created_at else " (not covered by the root)"
+    if checkpoint.signed_by is None:
+        signature = "unsigned"
+    elif checkpoint.signature_verified:
+        signature = f"signature verified with the key {checkpoint.signed_by}"
+    else:
+        signature = f"signed by the key {checkpoint.signed_by}, not checked (no verify key given)"
+    return (
+        f"Against checkpoint {printable(str(checkpoint.path or '(data)'))} "
+        f"({checkpoint.format}) of {local_iso(checkpoint.created_at)}{covered}, root "
+        f"{checkpoint.root}, {signature}: {checkpoint.checked} of its {checkpoint.count} "
+        f"encounter(s) compared with the log, {len(checkpoint.anomalies)} finding(s)\n\n"
+    )
+
+
 def _anomaly_text(audit: EncounterAudit, anomaly: Anomaly) -> str:
     text = f"{anomaly.kind}: {anomaly.detail}"
     acknowledged = audit.acknowledgement(anomaly)
@@ -188,6 +201,8 @@ def _write_encounter(audit: EncounterAudit, out: IO[str], when: str) -> None:
         out.write(f"Encounter {audit.id}  (missing: in the checkpoint, not in the database)\n")
     else:
         flags = " (soft-deleted)" if audit.deleted else ""
+        if audit.outside_selection:
+            flags += " (outside the selection: a finding against the checkpoint)"
         out.write(
             f"Encounter {audit.id}  [{printable(audit.definition)}]{flags}\n"
             f"  state {when}: {printable(audit.state_as_of)}\n"

@@ -146,7 +146,8 @@ class Replays:
         rules: the definitions' rules (default: loaded here).
         added: anomalies found elsewhere (a checkpoint's), by encounter id; each is added to
             its encounter's and removed from the mapping when that encounter is read.
-        after, upto: with ``order="pk"``, only encounters with ``after < pk <= upto``.
+        after: with ``order="pk"``, only encounters with ``after < pk``.
+        upto: with ``order="pk"``, only encounters with ``pk <= upto``.
     """
 
     def __init__(

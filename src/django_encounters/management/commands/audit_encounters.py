@@ -2,12 +2,14 @@
 
 Reports per encounter its timeline (who, when, why; backdated and overtaken rows), its
 anomalies (the genesis, gaps, hash chain, from_state, edges, re-chains, system time, the
-projection's head; with ``--against FILE``: whether the log still extends a checkpoint) with
+projection's head; with ``--against FILE``: whether the log still extends a checkpoint and
+holds nothing that claims to be older than it, with ``--verify-key`` its signature checked) with
 the acknowledgements reviewers recorded, and its state as of ``--as-of`` (as known at
 ``--known-at``), as a table, CSV or JSON.
 
 Exit status: 0 when no anomaly is left unacknowledged, 1 when one is, 2 for invalid options or
-an unusable checkpoint (nothing written), 141 when standard output was closed early
+an unusable checkpoint — unreadable, altered, another root than ``--root``, unsigned or
+not verifying with ``--verify-key`` — (nothing written), 141 when standard output was closed early
 (``| head``). See ``docs/operations.md``.
 """
 
@@ -70,14 +72,24 @@ class Command(BaseCommand):
             "--against",
             metavar="FILE",
             help=(
-                "a checkpoint written by checkpoint_encounters: report every encounter whose "
-                "log no longer extends it (rewritten, truncated, missing)"
+                "a checkpoint written by checkpoint_encounters, compared whole whatever the "
+                "selection: report every encounter whose log no longer extends it (rewritten, "
+                "truncated, missing), every row and encounter it does not have that claims to "
+                "have been recorded before it (unrecorded, uncheckpointed)"
             ),
         )
         checkpoint.add_argument(
             "--root",
             metavar="HEX",
             help="the root published for that checkpoint: refuse a checkpoint with another one",
+        )
+        checkpoint.add_argument(
+            "--verify-key",
+            metavar="PUB.pem",
+            help=(
+                "the Ed25519 public key (PEM) the checkpoint was signed with: refuse a "
+                "checkpoint that is unsigned or whose signature does not verify with it"
+            ),
         )
         output = parser.add_argument_group("output")
         output.add_argument("--format", choices=formats("audit"), default="table")
@@ -91,6 +103,10 @@ class Command(BaseCommand):
             raise CommandError(
                 "--root is the published root of a checkpoint: give --against", returncode=2
             )
+        if options["verify_key"] is not None and options["against"] is None:
+            raise CommandError(
+                "--verify-key checks the signature of a checkpoint: give --against", returncode=2
+            )
         subject = parse_subject(options["subject"]) if options["subject"] else None
         try:  # arguments, the ids and the checkpoint are checked here, before anything is written
             audits = iter_audit(
@@ -99,6 +115,7 @@ class Command(BaseCommand):
                 subject=subject,
                 against=options["against"],
                 root=options["root"],
+                verify_key=options["verify_key"],
                 batch_size=options["batch_size"],
                 using=options["database"],
                 **times,

@@ -18,8 +18,16 @@ from ...engine import Anomaly, AnomalyKind
 from ...exceptions import CheckpointError, EncounterError
 from ..output import get_format, register_format, utc_iso, write_atomically
 from ..selection import Selection
-from .entries import CHECKPOINT_FORMAT, DEFAULT_BATCH_SIZE, HASH_TEXT, CheckpointEntry, RootDigest
+from .entries import (
+    CHECKPOINT_FORMAT,
+    DEFAULT_BATCH_SIZE,
+    HASH_TEXT,
+    CheckpointEntry,
+    RootDigest,
+    check_definition,
+)
 from .heads import log_ends, row_hashes
+from .signing import load_signing_key, sign
 
 
 def iter_heads(
@@ -108,6 +116,9 @@ class WrittenCheckpoint:
     definition: str | None
     #: Encounters whose projection disagreed with their log (their log's head was written).
     corrected: list[Anomaly] = field(default_factory=list)
+    #: The signing key's fingerprint ("sha256:<hex>"), None when unsigned.
+    signed_by: str | None = None
+    format: str = CHECKPOINT_FORMAT
 
 
 def write_checkpoint(
@@ -117,28 +128,40 @@ def write_checkpoint(
     using: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     overwrite: bool = False,
+    signing_key: Any = None,
 ) -> WrittenCheckpoint:
-    """Write a checkpoint of every encounter (or those of ``definition``) to ``path``; returns
-    its root (``.root``) and counts.
+    """Write a checkpoint (format ``django-encounters-checkpoint/2``) of every encounter (or
+    those of ``definition``) to ``path``; returns its root (``.root``) and counts.
+
+    With ``signing_key`` — an Ed25519 private key: a PKCS#8 PEM file's path, its bytes, or a
+    ``cryptography`` ``Ed25519PrivateKey`` — the root is signed and the signature stored in
+    the file (:mod:`.signing`).
 
     The file is written under a temporary name in the same directory and moved into place when
     complete: ``path`` never holds half a checkpoint. An existing ``path`` is refused unless
     ``overwrite`` (a checkpoint is evidence).
 
     Raises:
-        CheckpointError: ``path`` exists (without ``overwrite``) or cannot be written.
+        CheckpointError: ``path`` exists (without ``overwrite``) or cannot be written; a
+            signing key that cannot be used (nothing is written then).
         DefinitionNotFoundError: no definition has the code ``definition``.
         ValueError: a bad ``batch_size``.
     """
     target = os.fspath(path)
+    problem = check_definition(definition)
+    if problem is not None:
+        raise CheckpointError(target, problem)
+    key = None if signing_key is None else load_signing_key(signing_key, name=target)
     heads = iter_heads(definition=definition, using=using, batch_size=batch_size)
+    # Taken before the first encounter is read: every row and encounter recorded before it
+    # (less the clock tolerance) is in the checkpoint.
     created_at = timezone.now()
     result = WrittenCheckpoint(target, "", 0, created_at, definition)
     writer = get_format("checkpoint", "json")
     try:
         with write_atomically(target, newline=writer.newline, overwrite=overwrite) as out:
-            result.root, result.count = writer.write(
-                out, heads, created_at, definition, result.corrected
+            result.root, result.count, result.signed_by = writer.write(
+                out, heads, created_at, definition, result.corrected, key
             )
     except FileExistsError as exc:
         raise CheckpointError(
@@ -156,22 +179,29 @@ def write_checkpoint_json(
     created_at: datetime,
     definition: str | None,
     corrected: list[Anomaly],
-) -> tuple[str, int]:
+    signing_key: Any = None,
+) -> tuple[str, int, str | None]:
+    """The checkpoint as JSON, one entry per line; returns ``(root, count, signing key's
+    fingerprint or None)``."""
     header: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "created_at": utc_iso(created_at),
         "definition": definition,
     }
     out.write("{\n")
-    for key, value in header.items():
-        out.write(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)},\n")
+    for name, value in header.items():
+        out.write(f"  {json.dumps(name)}: {json.dumps(value, ensure_ascii=False)},\n")
     out.write('  "encounters": [')
-    root = RootDigest()
+    root = RootDigest(CHECKPOINT_FORMAT, header["created_at"], definition)
     for entry, anomaly in heads:
         out.write(("," if root.count else "") + "\n    " + json.dumps(entry.as_dict()))
         root.add(entry)
         if anomaly is not None:
             corrected.append(anomaly)
     digest = root.hexdigest()
-    out.write(f'\n  ],\n  "count": {root.count},\n  "root": "{digest}"\n}}\n')
-    return digest, root.count
+    signature = None if signing_key is None else sign(signing_key, digest)
+    out.write(
+        f'\n  ],\n  "count": {root.count},\n  "root": "{digest}",\n'
+        f'  "signature": {json.dumps(signature)}\n}}\n'
+    )
+    return digest, root.count, None if signature is None else signature["key"]

@@ -1,20 +1,26 @@
-"""What a checkpoint holds — its format name, one entry per encounter, the root digest over the
-entries — and the description of a checkpoint read back (:class:`CheckpointCheck`)."""
+"""What a checkpoint holds — its formats, one entry per encounter, the root digest over every
+field — and the description of a checkpoint read back (:class:`CheckpointCheck`)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from ...engine import Anomaly
 from ..output import utc_iso
 
-CHECKPOINT_FORMAT = "django-encounters-checkpoint/1"
+#: The format new checkpoints are written in: its root covers every field of the file.
+CHECKPOINT_FORMAT = "django-encounters-checkpoint/2"
+#: The first format, still read: its root covers the entries only (not ``created_at``, not
+#: ``definition``).
+CHECKPOINT_FORMAT_1 = "django-encounters-checkpoint/1"
+CHECKPOINT_FORMATS = (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1)
 DEFAULT_BATCH_SIZE = 1000
 #: A stored hash: printable ASCII without spaces (it is one word of a root line).
 HASH_TEXT = re.compile(r"[!-~]{1,200}")
@@ -37,11 +43,45 @@ class CheckpointEntry:
         return {"id": str(self.id), "version": self.version, "head_hash": self.head_hash}
 
 
-class RootDigest:
-    """The root digest, fed one entry at a time."""
+def definition_text(definition: str | None) -> str:
+    """The ``definition`` field as its root line writes it: its JSON (``null`` or the code
+    in double quotes), what ``jq``'s ``tojson`` prints for it too (a code is printable text:
+    :func:`check_definition`)."""
+    return json.dumps(definition, ensure_ascii=False)
 
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256(f"{CHECKPOINT_FORMAT}\n".encode())
+
+def check_definition(definition: Any) -> str | None:
+    """Why ``definition`` cannot be a checkpoint's ``definition`` field, or None."""
+    if definition is None:
+        return None
+    if not isinstance(definition, str) or not definition:
+        return f"definition {definition!r} is neither null nor a code"
+    if not definition.isprintable():
+        return f"definition {definition!r} is not printable text"
+    return None
+
+
+class RootDigest:
+    """The root digest, fed the header first, then one entry at a time.
+
+    Format ``/2``: SHA-256 over the format line, ``created_at <text>``, ``definition
+    <JSON>``, the entry lines, ``count <n>``. Format ``/1``: over the format line and the entry
+    lines only.
+    """
+
+    def __init__(
+        self,
+        fmt: str = CHECKPOINT_FORMAT,
+        created_at: str | None = None,
+        definition: str | None = None,
+    ) -> None:
+        self.format = fmt
+        self._sha = hashlib.sha256(f"{fmt}\n".encode())
+        if fmt == CHECKPOINT_FORMAT:
+            if created_at is None:
+                raise ValueError("a /2 root covers created_at: give it")
+            self._sha.update(f"created_at {created_at}\n".encode())
+            self._sha.update(f"definition {definition_text(definition)}\n".encode())
         self.count = 0
 
     def add(self, entry: CheckpointEntry) -> None:
@@ -49,12 +89,23 @@ class RootDigest:
         self.count += 1
 
     def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+        sha = self._sha.copy()
+        if self.format == CHECKPOINT_FORMAT:
+            sha.update(f"count {self.count}\n".encode())
+        return sha.hexdigest()
 
 
-def root_digest(entries: Iterable[CheckpointEntry]) -> str:
-    """The root of ``entries`` (which must be in ascending id order, as in a file)."""
-    root = RootDigest()
+def root_digest(
+    entries: Iterable[CheckpointEntry],
+    *,
+    created_at: str | None = None,
+    definition: str | None = None,
+    fmt: str = CHECKPOINT_FORMAT,
+) -> str:
+    """The root of a checkpoint of ``entries`` (in ascending id order, as in a file): for
+    format ``/2`` (the default) with ``created_at`` (the text as in the file) and
+    ``definition``; for ``/1`` over the entries only."""
+    root = RootDigest(fmt, created_at, definition)
     for entry in entries:
         root.add(entry)
     return root.hexdigest()
@@ -62,24 +113,46 @@ def root_digest(entries: Iterable[CheckpointEntry]) -> str:
 
 @dataclass
 class CheckpointCheck:
-    """A checkpoint (its file, time, scope and root) and what comparing it with the log found."""
+    """A checkpoint (its file, format, time, scope, root and signature) and what comparing it
+    with the log found."""
 
     path: str | None
     created_at: datetime
     definition: str | None
     root: str
     count: int  # entries in the checkpoint
-    checked: int = 0  # entries compared with the log (the selected encounters that exist)
-    anomalies: list[Anomaly] = field(default_factory=list)  # rewritten, truncated, missing
+    format: str = CHECKPOINT_FORMAT
+    #: The signing key's fingerprint ("sha256:<hex>"), None for an unsigned file.
+    signed_by: str | None = None
+    #: Whether the signature was verified with a key the caller gave (``verify_key``).
+    signature_verified: bool = False
+    checked: int = 0  # entries compared with the log (those whose encounter exists)
+    #: What "recorded before the checkpoint" allows for: rows and encounters recorded before
+    #: ``created_at - tolerance`` must be in it.
+    tolerance: timedelta = timedelta(0)
+    #: rewritten, truncated, missing, unrecorded, uncheckpointed
+    anomalies: list[Anomaly] = field(default_factory=list)
+
+    @property
+    def covers_created_at(self) -> bool:
+        """Whether the root covers ``created_at`` and ``definition`` (format ``/2``)."""
+        return self.format == CHECKPOINT_FORMAT
 
     def as_dict(self) -> dict[str, Any]:
         """The checkpoint's description in the audit's JSON."""
         return {
             "file": self.path,
-            "format": CHECKPOINT_FORMAT,
+            "format": self.format,
             "created_at": utc_iso(self.created_at),
+            "created_at_covered": self.covers_created_at,
             "definition": self.definition,
             "root": self.root,
+            "signature": (
+                None
+                if self.signed_by is None
+                else {"key": self.signed_by, "verified": self.signature_verified}
+            ),
             "entries": self.count,
             "checked": self.checked,
+            "tolerance_seconds": self.tolerance.total_seconds(),
         }

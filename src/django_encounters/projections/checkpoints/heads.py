@@ -1,7 +1,9 @@
-"""The log's hashes at given versions, as writing and verifying a checkpoint read them."""
+"""The log's hashes at given versions, as writing and verifying a checkpoint read them, and the
+rows after given versions."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from uuid import UUID
 
 from django.db.models import Max, Q
@@ -45,3 +47,23 @@ def log_ends(using: str, ids: list[UUID]) -> dict[UUID, int]:
         .values_list("encounter_id", "end")
     )
     return {pk: ends.get(pk, 0) for pk in ids}
+
+
+def rows_after(
+    using: str, versions: dict[UUID, int], before: datetime
+) -> list[tuple[UUID, int, datetime]]:
+    """``(encounter id, sequence, transitioned_at)`` of the rows after ``versions`` (each
+    encounter's checkpointed version) recorded before ``before``, in encounter and sequence
+    order: one query per ``_OR_TERMS`` distinct versions."""
+    by_version: dict[int, list[UUID]] = {}
+    for encounter_id, version in versions.items():
+        by_version.setdefault(version, []).append(encounter_id)
+    groups = sorted(by_version.items())
+    rows = EncounterTransition.objects.using(using).filter(transitioned_at__lt=before)
+    found: list[tuple[UUID, int, datetime]] = []
+    for start in range(0, len(groups), _OR_TERMS):
+        where = Q()
+        for version, ids in groups[start : start + _OR_TERMS]:
+            where |= Q(encounter_id__in=ids, sequence__gt=version)
+        found.extend(rows.filter(where).values_list("encounter_id", "sequence", "transitioned_at"))
+    return sorted(found, key=lambda row: (str(row[0]), row[1]))

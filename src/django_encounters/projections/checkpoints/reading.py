@@ -7,18 +7,34 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from typing import IO, Any
 
 from django.utils.dateparse import parse_datetime
 
 from ...arguments import encounter_id as as_encounter_id
 from ...exceptions import CheckpointError
-from .entries import CHECKPOINT_FORMAT, HASH_TEXT, CheckpointCheck, CheckpointEntry, RootDigest
+from .entries import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_1,
+    CHECKPOINT_FORMATS,
+    HASH_TEXT,
+    CheckpointCheck,
+    CheckpointEntry,
+    RootDigest,
+    check_definition,
+)
+from .signing import check_signature_field, load_verify_key, verify_signature
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 #: The name of a checkpoint given as parsed data (in messages).
 _DATA = "<data>"
-_FIELDS = ("format", "created_at", "definition", "encounters", "count", "root")
+_HEADER = ("format", "created_at", "definition")
+#: Each format's fields, in the order they are written.
+_FIELDS = {
+    CHECKPOINT_FORMAT: (*_HEADER, "encounters", "count", "root", "signature"),
+    CHECKPOINT_FORMAT_1: (*_HEADER, "encounters", "count", "root"),
+}
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
@@ -116,20 +132,48 @@ class _Reader:
 
 
 class _Checkpoint:
-    """One checkpoint being read: :meth:`entries` streams its entries, checked one by one
-    (well-formed, ascending ids) and hashed into the root; :meth:`finish` then checks the rest
-    (format, count, root)."""
+    """One checkpoint being read: its header (format, created_at, definition: they come
+    before the entries, which the root covers after them), then :meth:`entries`, checked one
+    by one (well-formed, ascending ids) and hashed into the root; :meth:`finish` then checks
+    the rest (count, root, signature)."""
 
     def __init__(self, name: Any) -> None:
         self.name = name
         self.fields: dict[str, Any] = {}
-        self.root = RootDigest()
+        self.root: RootDigest | None = None
+        self.created_at: datetime | None = None
         self._last: str | None = None
 
     def error(self, reason: str) -> CheckpointError:
         return CheckpointError(self.name, reason)
 
+    @property
+    def format(self) -> str:
+        return self.fields["format"]
+
+    def begin(self) -> RootDigest:
+        """The header is read: check it and start the root (at the first entry)."""
+        if self.root is not None:
+            return self.root
+        missing = [k for k in _HEADER if k not in self.fields]
+        if missing:
+            raise self.error(
+                f"not a valid checkpoint: {', '.join(missing)} missing (format, created_at and "
+                "definition come before the encounters)"
+            )
+        created_text = self.fields["created_at"]
+        created_at = parse_datetime(created_text) if isinstance(created_text, str) else None
+        if created_at is None or created_at.tzinfo is None:
+            raise self.error(f"created_at {created_text!r} is not an ISO-8601 time with offset")
+        problem = check_definition(self.fields["definition"])
+        if problem is not None:
+            raise self.error(problem)
+        self.created_at = created_at
+        self.root = RootDigest(self.format, created_text, self.fields["definition"])
+        return self.root
+
     def entry(self, index: int, value: Any) -> CheckpointEntry:
+        root = self.begin()
         where = f"encounters[{index}]"
         if not isinstance(value, dict) or set(value) != {"id", "version", "head_hash"}:
             raise self.error(f"{where} must be an object with id, version and head_hash")
@@ -150,50 +194,55 @@ class _Checkpoint:
             raise self.error(f"{where}: id {raw_id} is not after {self._last} (ascending ids)")
         self._last = raw_id
         entry = CheckpointEntry(encounter_id, version, head)
-        self.root.add(entry)
+        root.add(entry)
         return entry
 
     def set(self, key: Any, value: Any) -> None:
-        if key not in _FIELDS or key == "encounters":
+        if key not in _FIELDS[CHECKPOINT_FORMAT] or key == "encounters":
             raise self.error(f"unexpected key {key!r}")
         if key in self.fields:
             raise self.error(f"the key {key!r} appears twice")
+        if self.root is not None and key in _HEADER:
+            raise self.error(
+                f"{key} comes after the encounters (format, created_at and definition come "
+                "before them)"
+            )
         self.fields[key] = value
         if key == "format":
             self._check_format()
 
     def _check_format(self) -> None:
         found = self.fields.get("format")
-        if found != CHECKPOINT_FORMAT:
+        if found not in CHECKPOINT_FORMATS:
             raise self.error(
                 f"not a django-encounters checkpoint (format {found!r}; expected "
-                f"{CHECKPOINT_FORMAT!r})"
+                f"{CHECKPOINT_FORMAT!r} or {CHECKPOINT_FORMAT_1!r})"
             )
 
-    def finish(self, expected_root: str | None) -> CheckpointCheck:
-        missing = [k for k in _FIELDS if k != "encounters" and k not in self.fields]
+    def finish(self, expected_root: str | None, verify_key: Any = None) -> CheckpointCheck:
+        """Check the rest of the file (with ``verify_key``, a loaded public key: its
+        signature too) and describe it."""
+        root = self.begin()  # a checkpoint without entries
+        assert self.created_at is not None
+        fields = _FIELDS[self.format]
+        unexpected = [k for k in self.fields if k not in fields]
+        if unexpected:
+            raise self.error(f"unexpected key {unexpected[0]!r} in a {self.format} file")
+        missing = [k for k in fields if k != "encounters" and k not in self.fields]
         if missing:
             raise self.error(f"not a valid checkpoint: {', '.join(missing)} missing")
-        self._check_format()
-        created_text = self.fields["created_at"]
-        created_at = parse_datetime(created_text) if isinstance(created_text, str) else None
-        if created_at is None or created_at.tzinfo is None:
-            raise self.error(f"created_at {created_text!r} is not an ISO-8601 time with offset")
-        definition = self.fields["definition"]
-        if definition is not None and not isinstance(definition, str):
-            raise self.error(f"definition {definition!r} is neither null nor a code")
         count = self.fields["count"]
-        if count != self.root.count or isinstance(count, bool):
+        if isinstance(count, bool) or not isinstance(count, int) or count != root.count:
             raise self.error(
-                f"count {count!r} does not match its {self.root.count} entries: the file was "
-                "altered"
+                f"count {count!r} does not match its {root.count} entries: the file was altered"
             )
-        stated, computed = self.fields["root"], self.root.hexdigest()
+        stated, computed = self.fields["root"], root.hexdigest()
         if not isinstance(stated, str) or not _HEX64.fullmatch(stated):
             raise self.error(f"root {stated!r} is not 64 lower-case hex digits")
         if stated != computed:
+            covered = "its fields" if self.format == CHECKPOINT_FORMAT else "its entries"
             raise self.error(
-                f"the root {stated} does not match its entries (they hash to {computed}): the "
+                f"the root {stated} does not match {covered} (they hash to {computed}): the "
                 "file was altered"
             )
         if expected_root is not None and expected_root.strip().lower() != stated:
@@ -201,12 +250,22 @@ class _Checkpoint:
                 f"its root {stated} is not the published root {expected_root.strip()}: this is "
                 "not the checkpoint that was published"
             )
+        signature = self.fields.get("signature")
+        problem = check_signature_field(signature)
+        if problem is not None:
+            raise self.error(problem)
+        signed_by = None if signature is None else signature["key"]
+        if verify_key is not None:
+            signed_by = verify_signature(signature, stated, verify_key, name=self.name)
         return CheckpointCheck(
             path=None if self.name == _DATA else self.name,
-            created_at=created_at,
-            definition=definition,
+            created_at=self.created_at,
+            definition=self.fields["definition"],
             root=stated,
             count=count,
+            format=self.format,
+            signed_by=signed_by,
+            signature_verified=verify_key is not None,
         )
 
 
@@ -249,7 +308,7 @@ def _stream_entries(reader: _Reader, checkpoint: _Checkpoint) -> Iterator[Checkp
 def _data_entries(data: Any, checkpoint: _Checkpoint) -> Iterator[CheckpointEntry]:
     if not isinstance(data, dict):
         raise checkpoint.error("not a valid checkpoint: not a JSON object")
-    for key, value in data.items():
+    for key, value in data.items():  # a parsed object: its header whatever the key order
         if key != "encounters":
             checkpoint.set(key, value)
     if "encounters" not in data:
@@ -277,19 +336,27 @@ def open_checkpoint(source: Any) -> tuple[Any, _Checkpoint, Iterator[CheckpointE
 
 
 def read_checkpoint(
-    source: str | os.PathLike[str] | dict[str, Any], *, root: str | None = None
+    source: str | os.PathLike[str] | dict[str, Any],
+    *,
+    root: str | None = None,
+    verify_key: Any = None,
 ) -> tuple[CheckpointCheck, list[CheckpointEntry]]:
     """Read and check a whole checkpoint into memory (for small checkpoints and tests; the
     verification streams instead): ``(its description, its entries)``.
 
+    ``verify_key`` (an Ed25519 public key: a PEM file's path, its bytes or the key object):
+    the checkpoint must be signed with it.
+
     Raises:
-        CheckpointError: unreadable, malformed, or a root that does not match (or is not
-            ``root``).
+        CheckpointError: unreadable, malformed, a root that does not match (or is not
+            ``root``); with ``verify_key``: unsigned, or a signature that does not verify
+            with it.
     """
-    _, checkpoint, entries, handle = open_checkpoint(source)
+    name, checkpoint, entries, handle = open_checkpoint(source)
+    key = None if verify_key is None else load_verify_key(verify_key, name=name)
     try:
         found = list(entries)
     finally:
         if handle is not None:
             handle.close()
-    return checkpoint.finish(root), found
+    return checkpoint.finish(root, key), found
