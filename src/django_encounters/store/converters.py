@@ -273,9 +273,8 @@ def read_times_in_utc(sender: Any, connection: Any, **kwargs: Any) -> None:
     if connection.vendor != "postgresql" or connection.timezone is not _UTC:
         return
     adapters = getattr(connection.connection, "adapters", None)
-    loader = _pg_loader() if adapters is not None else None  # (psycopg2: none)
-    if loader is not None:
-        adapters.register_loader("timestamptz", loader)
+    if adapters is not None and _pg_loader() is not None:  # (psycopg2: no adapters)
+        adapters.register_loader("timestamptz", _pg_loader())
 
 
 def speed_up_cursor(connection: Any, cursor: Any) -> None:
