@@ -246,13 +246,14 @@ def session_zone(zone: str | None):
     timezone`` read after connecting does. Nothing on SQLite."""
     if zone is not None and connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL TIME ZONE %s", [zone])
+            # SET LOCAL TIME ZONE, also with server-side binding (no parameters in SET).
+            cursor.execute("SELECT set_config('TimeZone', %s, true)", [zone])
     try:
         yield
     finally:
         if zone is not None and connection.vendor == "postgresql":
             with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL TIME ZONE 'UTC'")
+                cursor.execute("SELECT set_config('TimeZone', 'UTC', true)")
 
 
 ZONES = [
