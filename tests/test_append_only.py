@@ -207,6 +207,62 @@ def test_sqlite_other_clients_are_refused_too(encounter, tmp_path):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(IS_POSTGRES, reason="SQLite: a client other than Django")
+def test_sqlite_any_client_that_can_write_the_file_can_delete_and_update(encounter, tmp_path):
+    """The triggers are no barrier to whoever can write the file: a client registers the guard
+    function returning 1 and deletes, or drops the triggers and updates. What is left to catch
+    it is outside the file: seals (a key the file does not hold) and checkpoints."""
+    transition(encounter, "checked_in")
+    transition(encounter, "in_progress")
+    path = tmp_path / "copy.sqlite3"
+    target = sqlite3.connect(path)
+    connection.ensure_connection()
+    connection.connection.backup(target)
+    target.close()
+
+    other = sqlite3.connect(path)
+    try:
+        other.create_function("encounters_flush_in_progress", 0, lambda: 1)
+        other.execute(f"DELETE FROM {TABLE} WHERE sequence = 2")
+        other.commit()
+        assert other.execute(f"SELECT sequence FROM {TABLE}").fetchall() == [(1,)]
+        for (name,) in other.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", [TABLE]
+        ).fetchall():
+            other.execute(f'DROP TRIGGER "{name}"')
+        other.execute(f"UPDATE {TABLE} SET reason = 'rewritten'")
+        other.commit()
+        assert other.execute(f"SELECT reason FROM {TABLE}").fetchall() == [("rewritten",)]
+    finally:
+        other.close()
+
+
+@pytest.mark.django_db
+@pytest.mark.skipif(IS_POSTGRES, reason="SQLite: the flush guard function")
+def test_sqlite_a_delete_through_the_guard_function_is_caught_by_a_checkpoint(encounter, tmp_path):
+    """Django's own connection, the guard function re-registered by a client's code: the last
+    row goes, the projection is put back to match, the chain agrees with itself — and the
+    audit against a checkpoint taken before reports the encounter truncated."""
+    from django_encounters.apps import _install_sqlite_flush_guard
+    from tests.helpers import forge_projection, run_command
+
+    transition(encounter, "checked_in")
+    transition(encounter, "in_progress")
+    checkpoint = tmp_path / "before.json"
+    assert run_command("checkpoint_encounters", "--output", str(checkpoint))[0] == 0
+    connection.connection.create_function("encounters_flush_in_progress", 0, lambda: 1)
+    try:
+        _raw(f"DELETE FROM {TABLE} WHERE sequence = 2")
+    finally:
+        _install_sqlite_flush_guard(None, connection)  # the app's guard back
+    forge_projection(encounter)
+    assert run_command("audit_encounters")[0] == 0  # the log agrees with itself
+    code, out, _ = run_command("audit_encounters", "--against", str(checkpoint))
+    assert code == 1
+    assert "truncated" in out
+
+
+@pytest.mark.django_db(transaction=True)
 def test_migration_is_reversible():
     from django.db.migrations.executor import MigrationExecutor
 

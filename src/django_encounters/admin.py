@@ -22,7 +22,7 @@ from django.contrib.admin.utils import quote, unquote
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Max, Min, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -53,9 +53,6 @@ from .projections.diagrams import (
 from .projections.output import in_zone
 from .services import create_encounter, get_state_at, transition
 
-#: Times on the admin's timeline: to the second, with the time zone's name.
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S %Z"
-
 
 class ReadOnlyMixin:
     """Facts: shown, never added, changed or deleted from the admin."""
@@ -76,10 +73,40 @@ def short_id(pk: Any) -> str:
 
 
 def local_time(value: datetime | None) -> str:
-    """``value`` in the admin's time zone, to the second ("" for None)."""
+    """``value`` in the admin's time zone, to the second, with the zone's abbreviation:
+    ``2024-03-31 23:59:59 AEST`` ("" for None). (``strftime("%Y")`` would write year 1 as
+    "1" on some platforms.)"""
     if value is None:
         return ""
-    return in_zone(value).strftime(TIME_FORMAT)
+    local = in_zone(value)
+    return f"{local.replace(tzinfo=None).isoformat(' ', 'seconds')} {local.tzname()}"
+
+
+class ZoneSafeDateHierarchyMixin:
+    """Django's date hierarchy turns the first and last times of its field into the current
+    time zone: a stored time that zone cannot express (year 1 west of UTC, the end of year 9999
+    east of it) would fail the whole list. The hierarchy is left out of such a list instead."""
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)  # type: ignore[misc]
+        name = changelist.date_hierarchy
+        # Drilled down to a year, month or day, the list holds only times of that period.
+        if name and not any(key.startswith(f"{name}__") for key in changelist.params):
+            bounds = changelist.queryset.aggregate(first=Min(name), last=Max(name))
+            if not all(_expressible(value) for value in bounds.values()):
+                changelist.date_hierarchy = None
+        return changelist
+
+
+def _expressible(value: datetime | None) -> bool:
+    """Whether the current time zone can express ``value``."""
+    if value is None or timezone.is_naive(value):
+        return True
+    try:
+        timezone.localtime(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def subject_html(
@@ -647,8 +674,14 @@ ADD_FIELDS = (
 FACT_FIELDS = ("definition", "subject_content_type", "subject_id")
 
 
+#: The projection's times, shown by :func:`local_time` (Django's display of a time its zone
+#: cannot express fails the page).
+_DERIVED_TIMES = {"timeline_end_at": "timeline_end", "last_transitioned_at": "last_transitioned"}
+_DERIVED_SHOWN = tuple(_DERIVED_TIMES.get(name, name) for name in Encounter.LOG_DERIVED_FIELDS)
+
+
 @admin.register(Encounter)
-class EncounterAdmin(SoftDeleteAdmin):
+class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
     form = EncounterForm
     list_display = (
         "short_id",
@@ -666,7 +699,7 @@ class EncounterAdmin(SoftDeleteAdmin):
     search_fields = ("=subject_id", "notes", "transitions__reason")
     search_help_text = "Search by subject id (exact), notes or a transition's reason."
     date_hierarchy = "created_at"
-    readonly_fields = ("subject_link", *Encounter.LOG_DERIVED_FIELDS, "deleted_at")
+    readonly_fields = ("subject_link", *_DERIVED_SHOWN, "deleted_at")
 
     # -- queryset and permissions -----------------------------------------------------------
 
@@ -683,6 +716,14 @@ class EncounterAdmin(SoftDeleteAdmin):
     @admin.display(description="encounter", ordering="id")
     def short_id(self, obj: Encounter) -> str:
         return short_id(obj.pk)
+
+    @admin.display(description="timeline end at")
+    def timeline_end(self, obj: Encounter) -> str:
+        return local_time(obj.timeline_end_at)
+
+    @admin.display(description="last transitioned at")
+    def last_transitioned(self, obj: Encounter) -> str:
+        return local_time(obj.last_transitioned_at)
 
     @admin.display(description="subject")
     def subject_link(self, obj: Encounter) -> Any:
@@ -722,7 +763,7 @@ class EncounterAdmin(SoftDeleteAdmin):
             ("Record", {"fields": ("created_by", "metadata", "deleted_at")}),
             (
                 "Projection and genesis (derived from the transition log)",
-                {"fields": Encounter.LOG_DERIVED_FIELDS, "classes": ("collapse",)},
+                {"fields": _DERIVED_SHOWN, "classes": ("collapse",)},
             ),
         ]
 
@@ -925,7 +966,7 @@ _TO_THE_SECOND = {"effective_at": "effective", "transitioned_at": "recorded"}
 
 
 @admin.register(EncounterTransition)
-class EncounterTransitionAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class EncounterTransitionAdmin(ZoneSafeDateHierarchyMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = (
         "encounter_link",
         "subject",

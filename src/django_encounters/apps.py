@@ -56,3 +56,7 @@ class DjangoEncountersConfig(AppConfig):
         connection_created.connect(
             _install_sqlite_flush_guard, dispatch_uid="django_encounters.sqlite_flush_guard"
         )
+        # PostgreSQL: times read right whatever zone a statement moves the session to.
+        connection_created.connect(
+            store.converters.read_times_in_utc, dispatch_uid="django_encounters.pg_times"
+        )

@@ -7,6 +7,7 @@ from .errors import (
     ANOMALY_KINDS,
     AnomalyKind,
     ConcurrentTransitionError,
+    EffectiveAtOutOfRangeError,
     EncounterError,
     EncounterNotFoundError,
     InvalidStateError,
@@ -31,6 +32,7 @@ from .intervals import intervals, time_in_states
 from .rows import READABLE_FIELDS, ROW_FIELDS, Genesis, StreamRow, stored_precision
 from .rules import Rules
 from .timeline import (
+    EARLIEST_EFFECTIVE_AT,
     TIMELINE_ORDER,
     TIMELINE_ORDER_DESC,
     EncounterTimeline,
@@ -53,10 +55,12 @@ __all__ = [
     "stored_precision",
     "READABLE_FIELDS",
     "ROW_FIELDS",
+    "EARLIEST_EFFECTIVE_AT",
     "TIMELINE_ORDER",
     "TIMELINE_ORDER_DESC",
     "Anomaly",
     "ConcurrentTransitionError",
+    "EffectiveAtOutOfRangeError",
     "EncounterError",
     "EncounterNotFoundError",
     "EncounterTimeline",

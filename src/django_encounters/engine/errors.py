@@ -14,10 +14,12 @@ caller holds. Adding a kind is adding a member.
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 from typing import Any
 
 __all__ = [
     "ConcurrentTransitionError",
+    "EffectiveAtOutOfRangeError",
     "EncounterError",
     "EncounterNotFoundError",
     "InvalidStateError",
@@ -53,6 +55,39 @@ class InvalidTransitionError(EncounterError):
         if encounter_id is not None:
             message += f" [encounter {encounter_id}]"
         super().__init__(message)
+
+
+class EffectiveAtOutOfRangeError(InvalidTransitionError, ValueError):
+    """An ``effective_at`` outside the business times a transition may be recorded at: from
+    ``earliest`` (1900-01-01 UTC) to ``latest`` (now plus ``ENCOUNTERS_FUTURE_TOLERANCE``).
+    Also a ``ValueError``; ``effective_at``, ``earliest`` and ``latest`` are kept."""
+
+    def __init__(
+        self,
+        from_state: str,
+        to_state: str,
+        effective_at: datetime,
+        earliest: datetime,
+        latest: datetime | None,
+        *,
+        encounter_id: Any = None,
+    ) -> None:
+        self.effective_at = effective_at
+        self.earliest = earliest
+        self.latest = latest
+        if effective_at < earliest:
+            where = "lies before the earliest allowed business time"
+        else:
+            where = "lies in the future beyond the allowed tolerance"
+        allowed = f"allowed from {earliest.isoformat()}"
+        if latest is not None:
+            allowed += f" to {latest.isoformat()}, now plus ENCOUNTERS_FUTURE_TOLERANCE"
+        super().__init__(
+            from_state,
+            to_state,
+            f"effective_at {effective_at.isoformat()} {where} ({allowed})",
+            encounter_id=encounter_id,
+        )
 
 
 class ValidationError(EncounterError):

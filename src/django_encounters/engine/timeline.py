@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -32,6 +32,7 @@ from eventsourcing.utils import get_topic
 
 from .errors import (
     AnomalyKind,
+    EffectiveAtOutOfRangeError,
     InvalidStateError,
     InvalidTransitionError,
     StreamGapError,
@@ -47,6 +48,10 @@ TIMELINE_ORDER = ("effective_at", "sequence")
 TIMELINE_ORDER_DESC = tuple(f"-{name}" for name in TIMELINE_ORDER)
 #: The smallest step of stored system time (see ``stored_precision``).
 SYSTEM_TIME_STEP = timedelta(milliseconds=1)
+#: The earliest business time a transition may be recorded at. Far enough back for any
+#: imported history, and far enough from year 1 that every time zone can express it: a log's
+#: times must survive any ``TIME_ZONE`` and any database session's zone.
+EARLIEST_EFFECTIVE_AT = datetime(1900, 1, 1, tzinfo=timezone.utc)
 
 
 class Entry(NamedTuple):
@@ -277,16 +282,20 @@ class EncounterTimeline(Aggregate):
 
         Returns the ``from_state`` (the timeline's state at ``effective_at``) or raises
         ``InvalidTransitionError`` naming the requested edge and the reason: an
-        ``effective_at`` beyond ``latest_allowed``, or the first of :func:`violations` (the
-        rules the verifier applies to a recorded row).
+        ``effective_at`` before :data:`EARLIEST_EFFECTIVE_AT` or beyond ``latest_allowed``
+        (``EffectiveAtOutOfRangeError``, also a ``ValueError``), or the first of
+        :func:`violations` (the rules the verifier applies to a recorded row).
         """
         from_state, successor = self.locate(effective_at)
-        if latest_allowed is not None and effective_at > latest_allowed:
-            raise InvalidTransitionError(
+        if effective_at < EARLIEST_EFFECTIVE_AT or (
+            latest_allowed is not None and effective_at > latest_allowed
+        ):
+            raise EffectiveAtOutOfRangeError(
                 from_state,
                 to_state,
-                f"effective_at {effective_at.isoformat()} lies in the future beyond the allowed "
-                f"tolerance (latest allowed {latest_allowed.isoformat()})",
+                effective_at,
+                EARLIEST_EFFECTIVE_AT,
+                latest_allowed,
                 encounter_id=self.id,
             )
         found = violations(rules, from_state, to_state, effective_at, successor)
@@ -476,7 +485,10 @@ def violations(
             Violation(AnomalyKind.EDGE, f"Allowed transitions: {rules.allowed(from_state)}")
         )
     if successor is not None and not follows(rules, to_state, successor):
-        when = successor.effective_at.astimezone(effective_at.tzinfo).isoformat()
+        try:  # in the caller's zone, unless that zone cannot express it
+            when = successor.effective_at.astimezone(effective_at.tzinfo).isoformat()
+        except OverflowError:
+            when = successor.effective_at.isoformat()
         found.append(
             Violation(
                 AnomalyKind.RECHAIN,

@@ -8,8 +8,9 @@ datetime text, JSON without a custom decoder, psycopg 3's C ``timestamptz`` load
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
 from uuid import UUID
@@ -151,10 +152,69 @@ def row_builder(
     return namespace["build"]  # type: ignore[no-any-return]
 
 
+#: PostgreSQL's ISO text of a ``timestamptz`` in the session's zone: ``2024-03-31
+#: 15:59:59.25+02``, ``0001-12-31 19:03:58-04:56:02 BC``, ``10000-01-01 13:00:00+14``.
+_PG_TIMESTAMPTZ = re.compile(
+    rb"(\d+)-(\d+)-(\d+)[ T](\d+):(\d+):(\d+)(?:\.(\d+))?"
+    rb"([-+])(\d+)(?::(\d+))?(?::(\d+))?( BC)?"
+)
+#: The Gregorian calendar repeats every 400 years, which are exactly this many days.
+_GREGORIAN_CYCLE_YEARS = 400
+_GREGORIAN_CYCLE = timedelta(days=146097)
+
+
+def parse_pg_timestamptz(data: Any) -> datetime:
+    """PostgreSQL's text of a ``timestamptz`` (``DateStyle`` ISO), whatever the session's
+    zone, as an aware datetime in UTC — the instant the text names, also where that zone puts
+    it before year 1 (``… BC``) or after year 9999, which Python cannot hold as local times.
+
+    Raises:
+        ValueError: not such a text, or an instant outside Python's years 1 to 9999 in UTC.
+    """
+    text = bytes(data)
+    found = _PG_TIMESTAMPTZ.fullmatch(text)
+    if found is None:
+        raise ValueError(f"not a timestamptz in ISO style: {text!r}")
+    year, month, day, hour, minute, second, fraction, sign, oh, om, os_, bc = found.groups()
+    number = 1 - int(year) if bc else int(year)  # 1 BC is year 0
+    # Move the local time into years Python has by whole 400-year cycles, and back after.
+    cycles = 0
+    if number < 1:
+        cycles = (1 - number + _GREGORIAN_CYCLE_YEARS - 1) // _GREGORIAN_CYCLE_YEARS
+    elif number > 9999:
+        cycles = -((number - 9999 + _GREGORIAN_CYCLE_YEARS - 1) // _GREGORIAN_CYCLE_YEARS)
+    micros = int((fraction or b"0").ljust(6, b"0")[:6])
+    offset = timedelta(hours=int(oh), minutes=int(om or 0), seconds=int(os_ or 0))
+    try:
+        local = datetime(
+            number + _GREGORIAN_CYCLE_YEARS * cycles,
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            micros,
+            tzinfo=_UTC,
+        )
+        return (local - offset if sign == b"+" else local + offset) - _GREGORIAN_CYCLE * cycles
+    except OverflowError:
+        raise ValueError(
+            f"timestamptz {text.decode('ascii', 'replace')!r} lies outside the years 1 to 9999 "
+            "(UTC) that Python can represent"
+        ) from None
+
+
 def _utc_timestamptz_loader() -> Any:
-    """psycopg 3: a ``timestamptz`` loader giving the same values as Django's (aware, UTC)
-    through psycopg's C loader. Django's own loader subclasses psycopg's pure-Python one and
-    costs several times more per value; streams read two per row. None without psycopg 3."""
+    """psycopg 3: a ``timestamptz`` loader giving aware datetimes in UTC — Django's values —
+    through psycopg's C loader, whatever the session's time zone.
+
+    Django's own loader subclasses psycopg's pure-Python one, costs several times more per
+    value (streams read two per row), and assumes the session is in UTC: in a session some
+    statement moved to another zone (``SET TIME ZONE``, a pooler's shared session) it labels
+    local times as UTC, and a stored time that zone shows before year 1 or after 9999 fails
+    to load (``DataError``). This one reads the instant the text names, in any zone (the C
+    loader, or :func:`parse_pg_timestamptz` for the years it cannot hold). None without
+    psycopg 3."""
     try:
         import psycopg
         from psycopg.adapt import Loader
@@ -165,8 +225,13 @@ def _utc_timestamptz_loader() -> Any:
     base: Any = psycopg.adapters.get_loader(oid, Format.TEXT)
     if base is None:  # pragma: no cover
         return None
+    data_error = psycopg.DataError
 
     class UTCTimestamptzLoader(Loader):
+        #: The zone of the values; Django's cursors keep a loader whose ``timezone`` is the
+        #: connection's (UTC) instead of registering their own.
+        timezone = _UTC
+
         def __init__(self, oid: int, context: Any = None) -> None:
             super().__init__(oid, context)
             self._load = base(oid, context).load
@@ -177,7 +242,13 @@ def _utc_timestamptz_loader() -> Any:
                 self.load = self._load  # type: ignore[method-assign]
 
         def load(self, data: Any) -> Any:
-            value = self._load(data)
+            try:
+                value = self._load(data)
+            except data_error:
+                try:
+                    return parse_pg_timestamptz(data)
+                except ValueError as exc:
+                    raise data_error(str(exc)) from None
             return value if value.tzinfo is _UTC else value.astimezone(_UTC)
 
     return UTCTimestamptzLoader
@@ -186,18 +257,35 @@ def _utc_timestamptz_loader() -> Any:
 _PG_LOADER: Any = False
 
 
+def _pg_loader() -> Any:
+    global _PG_LOADER
+    if _PG_LOADER is False:
+        _PG_LOADER = _utc_timestamptz_loader()
+    return _PG_LOADER
+
+
+def read_times_in_utc(sender: Any, connection: Any, **kwargs: Any) -> None:
+    """On every new PostgreSQL connection (psycopg 3, ``USE_TZ``): read ``timestamptz``
+    columns — the ORM's reads included — with the loader of :func:`_utc_timestamptz_loader`,
+    so that a session moved to another time zone neither shifts the times read nor fails on
+    one that zone cannot express. In a UTC session (what Django sets) the values are the
+    same as Django's own."""
+    if connection.vendor != "postgresql" or connection.timezone is not _UTC:
+        return
+    adapters = getattr(connection.connection, "adapters", None)
+    if adapters is not None and _pg_loader() is not None:  # (psycopg2: no adapters)
+        adapters.register_loader("timestamptz", _pg_loader())
+
+
 def speed_up_cursor(connection: Any, cursor: Any) -> None:
     """On psycopg 3, give ``cursor`` the C ``timestamptz`` loader (same values as Django's)."""
-    global _PG_LOADER
     if connection.vendor != "postgresql" or connection.timezone is not _UTC:
         return  # (Django's loader gives naive or other-zone times then)
     adapters = getattr(getattr(cursor, "cursor", None), "adapters", None)
     if adapters is None:  # psycopg2
         return
-    if _PG_LOADER is False:
-        _PG_LOADER = _utc_timestamptz_loader()
-    if _PG_LOADER is not None:
-        adapters.register_loader("timestamptz", _PG_LOADER)
+    if _pg_loader() is not None:
+        adapters.register_loader("timestamptz", _pg_loader())
 
 
 # -- the other direction: Python values to what the driver is sent ----------------------------

@@ -13,14 +13,30 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import models
+from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from ... import arguments
 from ...models import Encounter, EncounterDefinition, EncounterTransition
+from ...projections.output import in_zone
 
 
-class AwareDateTimeField(serializers.DateTimeField):
+class ZonedDateTimeField(serializers.DateTimeField):
+    """DRF's ``DateTimeField`` in the current time zone, except for a time that zone cannot
+    express (the first hours of year 1 west of UTC, the last of year 9999 east of it), which
+    stays in UTC instead of failing the response (or the request) with "out of range"."""
+
+    def enforce_timezone(self, value: Any) -> Any:
+        if timezone.is_aware(value):
+            zone = self.timezone if hasattr(self, "timezone") else self.default_timezone()
+            if zone is not None:
+                return in_zone(value, zone)
+        return super().enforce_timezone(value)
+
+
+class AwareDateTimeField(ZonedDateTimeField):
     """An ISO-8601 datetime with a UTC offset (``Z`` allowed); a naive one is refused."""
 
     default_error_messages = {
@@ -67,6 +83,11 @@ def subject_type_label(content_type: ContentType) -> str:
 class EncounterSerializer(serializers.ModelSerializer):
     """An encounter as the API shows it in a list: its definition by code, its subject by
     ``"app_label.model"`` and id; with ``?as_of=``, ``state_at`` too."""
+
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.DateTimeField: ZonedDateTimeField,
+    }
 
     definition = serializers.CharField(source="definition.code", read_only=True)
     subject_type = serializers.SerializerMethodField()
@@ -246,8 +267,8 @@ class TimelineRowSerializer(serializers.Serializer):
     sequence = serializers.IntegerField()
     from_state = serializers.CharField()
     to_state = serializers.CharField()
-    effective_at = serializers.DateTimeField()
-    transitioned_at = serializers.DateTimeField()
+    effective_at = ZonedDateTimeField()
+    transitioned_at = ZonedDateTimeField()
     transitioned_by = serializers.CharField(allow_null=True)
     #: the user row's name now, when it is not the one recorded with the row (else null)
     transitioned_by_now = serializers.CharField(allow_null=True)
@@ -263,6 +284,8 @@ class TimelineRowSerializer(serializers.Serializer):
 
 class TransitionRowSerializer(serializers.ModelSerializer):
     """The row a transition just recorded."""
+
+    serializer_field_mapping = EncounterSerializer.serializer_field_mapping
 
     transitioned_by = serializers.SerializerMethodField()
     context = serializers.JSONField(source="metadata")

@@ -27,7 +27,6 @@ from typing import Any
 from django.http import Http404
 from django.urls import NoReverseMatch
 from django.utils.http import parse_etags
-from rest_framework import serializers as drf_serializers
 from rest_framework import viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -49,9 +48,10 @@ from .serializers import (
     TimelineRowSerializer,
     TransitionRowSerializer,
     TransitionSerializer,
+    ZonedDateTimeField,
 )
 
-_TIME = drf_serializers.DateTimeField()
+_TIME = ZonedDateTimeField()
 
 
 _VERSION_TAG = re.compile(r'"(0|[1-9][0-9]{0,18})"')
