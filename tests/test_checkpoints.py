@@ -270,7 +270,9 @@ def test_an_intact_log_extends_its_checkpoint(clinic, checkpoint, visit_definiti
     }
     code, out, _ = run_command("audit_encounters", "--against", str(checkpoint))
     assert code == 0
-    assert out.startswith(f"Against checkpoint {checkpoint} of ")
+    assert out.startswith(
+        f"Seals: not checked (ENCOUNTERS_SEAL_KEYS is not set)\nAgainst checkpoint {checkpoint} of "
+    )
     assert f"root {root}: 4 of its 4 encounter(s) compared with the log, 0 no longer" in out
 
 

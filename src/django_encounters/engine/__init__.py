@@ -36,7 +36,7 @@ from .timeline import (
     Entry,
     known_prefix,
 )
-from .verify import Anomaly, Replay, verify_stream
+from .verify import Anomaly, Replay, evidence_of, verify_stream
 
 __all__ = [
     "ANOMALY_KINDS",
@@ -70,6 +70,7 @@ __all__ = [
     "StreamRow",
     "ValidationError",
     "canonical_json",
+    "evidence_of",
     "intervals",
     "row_hash",
     "time_in_states",

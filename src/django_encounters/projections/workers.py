@@ -63,6 +63,12 @@ def describe_setup(using: str) -> dict[str, Any]:
     return {
         "module": module,
         "settings": configured,
+        # Read when used, so overridden (tests, override_settings): given to the workers as
+        # they are now, so they check seals as this process would.
+        "seal_settings": {
+            name: getattr(settings, name, None)
+            for name in ("ENCOUNTERS_SEAL_KEYS", "ENCOUNTERS_SEAL_KEY_ID")
+        },
         "alias": using,
         "database": dict(connection.settings_dict),
     }
@@ -78,6 +84,8 @@ def _setup_django(setup: dict[str, Any]) -> None:
         else:
             settings.configure(**setup["settings"])
     django.setup()
+    for name, value in setup.get("seal_settings", {}).items():
+        setattr(settings, name, value)
     alias = setup["alias"]
     connections.settings[alias] = setup["database"]
     for connection in connections.all(initialized_only=True):

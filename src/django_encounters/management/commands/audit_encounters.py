@@ -110,6 +110,9 @@ class Command(BaseCommand):
         except (ValueError, TypeError, EncounterError) as exc:
             raise CommandError(str(exc), returncode=2) from exc
         writer = get_format("audit", options["format"])
+        if audits.seals != "checked" and options["format"] == "csv":
+            # A CSV's first line is its header: the note goes first to stderr.
+            self.stderr.write(f"Seals: {audits.seals}")
         path = options["output"]
         tally = _Tally()
 

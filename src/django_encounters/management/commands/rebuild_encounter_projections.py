@@ -115,6 +115,8 @@ class Command(BaseCommand):
     def report(self, result: RebuildResult, verbosity: int) -> None:
         if verbosity < 1:
             return
+        if result.seals != "checked":
+            self.stdout.write(self.style.WARNING(f"Seals: {result.seals}"))
         label = "drift" if result.check else "fixed"
         shown = result.drift if verbosity >= 2 else result.drift[:SHOWN_AT_VERBOSITY_1]
         for drift in shown:

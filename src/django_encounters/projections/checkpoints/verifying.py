@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from django.db.models import QuerySet
 
 from ...arguments import encounter_ids, require_positive_int
-from ...engine import Anomaly, AnomalyKind
+from ...engine import Anomaly, AnomalyKind, evidence_of
 from ...models import Encounter
 from ..selection import read_alias
 from .entries import DEFAULT_BATCH_SIZE, CheckpointCheck, CheckpointEntry
@@ -68,7 +69,11 @@ def verify_checkpoint(
             handle.close()
     result = checkpoint.finish(root)  # the root proves the entries compared above
     result.checked = checked
-    result.anomalies = anomalies
+    # Each finding's evidence: the root it was found against, then what was found (an
+    # acknowledgement given against one checkpoint covers nothing found against another).
+    result.anomalies = [
+        replace(a, evidence=evidence_of(result.root, a.evidence)) for a in anomalies
+    ]
     return result
 
 
@@ -99,6 +104,7 @@ def _compare(
                     AnomalyKind.MISSING,
                     f"the encounter is gone: the checkpoint has it at version {version} "
                     f"(head {expected[:15]}…)",
+                    "gone",
                 )
             )
         elif pk not in chosen:
@@ -112,6 +118,7 @@ def _compare(
                         AnomalyKind.REWRITTEN,
                         f"the genesis hash is {genesis[pk][:15]}…, the checkpoint has "
                         f"{expected[:15]}…: the creation facts were rewritten",
+                        genesis[pk],
                     )
                 )
         elif (pk, version) in hashes:
@@ -124,6 +131,7 @@ def _compare(
                         f"row {version} has the hash {hashes[(pk, version)][:15]}…, the "
                         f"checkpoint has {expected[:15]}…: the stream was rewritten at or "
                         f"before row {version}",
+                        hashes[(pk, version)],
                     )
                 )
         elif ends[pk] < version:
@@ -134,6 +142,7 @@ def _compare(
                     AnomalyKind.TRUNCATED,
                     f"the log ends at row {ends[pk]} but the checkpoint has it at version "
                     f"{version}: rows {ends[pk] + 1}..{version} are gone",
+                    f"ends at {ends[pk]}",
                 )
             )
         else:
@@ -144,6 +153,7 @@ def _compare(
                     AnomalyKind.REWRITTEN,
                     f"row {version}, checkpointed with the hash {expected[:15]}…, is gone "
                     f"(the log goes on to row {ends[pk]})",
+                    f"gone, ends at {ends[pk]}",
                 )
             )
     return len(compared)
