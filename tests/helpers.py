@@ -537,7 +537,7 @@ SEAL_KEYS = {"k1": "k1-secret-" + "x" * 30, "k2": "k2-secret-" + "y" * 30}
 def seal_everything(using: str = "default") -> None:
     """Seal every transition row, genesis, definition version and acknowledgement that has a
     hash under the configured current key, with raw ``UPDATE … SET seal`` (which the
-    append-only triggers allow), re-sealing what is sealed already; a version with no content
+    append-only triggers allow), re-sealing what is sealed otherwise; a version with no content
     hash gets a stand-in one first (its empty ``content_hash`` may be set once). What
     ``manage.py seal_encounters --rekey`` does (issue 19, another part); the tests call this
     until it lands."""
@@ -564,7 +564,8 @@ def seal_everything(using: str = "default") -> None:
     with db.cursor() as cursor:
         for model, tag, hashed, sealed in records:
             table, pk = qn(model._meta.db_table), model._meta.pk
-            for key, digest in model._base_manager.using(using).values_list("pk", hashed):
+            rows = model._base_manager.using(using).values_list("pk", hashed, sealed)
+            for key, digest, seal in rows:
                 where = pk.get_db_prep_value(key, db)
                 if not digest and model is EncounterDefinitionVersion:
                     digest = f"test:{key}"
@@ -572,7 +573,8 @@ def seal_everything(using: str = "default") -> None:
                         f"UPDATE {table} SET {qn(hashed)} = %s WHERE {qn(pk.column)} = %s",
                         [digest, where],
                     )
-                if digest:
+                # (only when it changes: PostgreSQL's trigger refuses a no-op UPDATE)
+                if digest and sealer.seal(tag, digest) != seal:
                     cursor.execute(
                         f"UPDATE {table} SET {qn(sealed)} = %s WHERE {qn(pk.column)} = %s",
                         [sealer.seal(tag, digest), where],

@@ -2,9 +2,11 @@
 
 Reports per encounter its timeline (who, when, why; backdated and overtaken rows), its
 anomalies (the genesis, gaps, hash chain, from_state, edges, re-chains, system time, the
-projection's head; with ``--against FILE``: whether the log still extends a checkpoint) with
-the acknowledgements reviewers recorded, and its state as of ``--as-of`` (as known at
-``--known-at``), as a table, CSV or JSON.
+projection's head; with ``ENCOUNTERS_SEAL_KEYS``: the seals of its rows, genesis, definition
+versions and acknowledgements; with ``--against FILE``: whether the log still extends a
+checkpoint) with the acknowledgements reviewers recorded, and its state as of ``--as-of`` (as
+known at ``--known-at``), as a table, CSV or JSON. Without seal keys, the first line (the JSON's
+first key; for CSV, stderr) says seals were not checked.
 
 Exit status: 0 when no anomaly is left unacknowledged, 1 when one is, 2 for invalid options or
 an unusable checkpoint (nothing written), 141 when standard output was closed early
