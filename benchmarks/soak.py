@@ -454,7 +454,7 @@ def naive_fold(origin: str, rows: list[tuple[int, str, Any]]) -> str:
 
 def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Report) -> None:
     """Compare the database with what the workers committed; append problems to ``report``."""
-    from django_encounters.engine import StreamRow, verify_stream
+    from django_encounters.engine import ROW_FIELDS, StreamRow, verify_stream
     from django_encounters.models import Encounter, EncounterTransition
     from django_encounters.store.schema import ROW_COLUMNS
 
@@ -498,7 +498,7 @@ def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Re
             problems.append(f"encounter {pk}: anomalies {[str(a) for a in replay.anomalies[:3]]}")
         expected_state = naive_fold(enc.origin_state, [(v[0], v[2], v[3]) for v in stream])
         end_at = max((v[3] for v in stream), default=None)
-        head = stream[-1][-1] if stream else enc.genesis_hash
+        head = stream[-1][ROW_FIELDS.index("hash")] if stream else enc.genesis_hash
         actual = (enc.state, enc.version, enc.timeline_end_at, enc.head_hash)
         if actual != (
             replay.state,

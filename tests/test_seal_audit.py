@@ -276,3 +276,27 @@ def test_seals_add_no_query_per_batch(visit_definition, patient, keys, settings)
     unsealed = count()
     # 2 batches: 1 query for the versions' seals, 1 per batch for the acknowledgements.
     assert sealed == unsealed + 1 + 2
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_worker_processes_check_seals_as_one_process_does(visit_definition, patient, settings):
+    """The seal settings are read when used, so the spawned workers are given them as they
+    are now (here overridden by the test)."""
+    visits = []
+    for _ in range(4):
+        visit = create_encounter(visit_definition, patient)
+        transition(visit, "checked_in")
+        visits.append(visit)
+    settings.ENCOUNTERS_SEAL_KEYS = {"k1": SEAL_KEYS["k1"]}
+    seal_everything()
+    forged = EncounterTransition.objects.get(encounter=visits[3], sequence=1)
+    raw_update(EncounterTransition, forged.pk, seal="k1:" + "e" * 64)
+
+    one = rebuild_projections(check=True, batch_size=1)
+    many = rebuild_projections(check=True, batch_size=1, jobs=2)
+
+    assert [(a.encounter_id, a.sequence, a.kind) for a in one.anomalies] == [
+        (visits[3].pk, 1, "seal")
+    ]
+    assert (many.anomalies, many.seals) == (one.anomalies, "checked")
