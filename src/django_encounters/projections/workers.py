@@ -26,7 +26,7 @@ def describe_setup(using: str) -> dict[str, Any]:
     Raises:
         ValueError: the database cannot be shared with worker processes.
     """
-    from django.conf import settings
+    from django.conf import UserSettingsHolder, settings
 
     connection: Any = connections[using]
     if connection.vendor == "sqlite" and connection.is_in_memory_db():
@@ -50,7 +50,12 @@ def describe_setup(using: str) -> dict[str, Any]:
             "jobs > 1 cannot run inside a transaction: the workers use their own connections "
             "and would not see (or would wait for) this one's uncommitted work"
         )
-    module = getattr(settings, "SETTINGS_MODULE", None)
+    # Under override_settings (the pytest settings fixture), the settings module is that of
+    # the settings being overridden (an override's holder says None).
+    base = cast(Any, settings)._wrapped
+    while isinstance(base, UserSettingsHolder):
+        base = base.default_settings
+    module = getattr(base, "SETTINGS_MODULE", None)
     configured: dict[str, Any] = {}
     if not module:
         for name, value in vars(cast(Any, settings)._wrapped).items():
