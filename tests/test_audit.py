@@ -199,8 +199,11 @@ def test_json_output_has_the_pinned_shape(office):
 
     assert code == 0
     data = json.loads(out)
-    # Issue 8: anomalies can be acknowledged; the report counts those apart.
-    assert set(data) == {"encounters", "anomaly_count", "acknowledged_count"}
+    # Issue 8: anomalies can be acknowledged; the report counts those apart. Issue 19: the
+    # first key says whether seals were checked.
+    assert set(data) == {"seals", "encounters", "anomaly_count", "acknowledged_count"}
+    assert list(data)[0] == "seals"
+    assert data["seals"] == "not checked (ENCOUNTERS_SEAL_KEYS is not set)"
     assert data["anomaly_count"] == 0
     assert data["acknowledged_count"] == 0
     job = data["encounters"][0]
@@ -397,9 +400,17 @@ def test_altered_row_is_named_by_encounter_and_sequence(office):
     assert data["anomaly_count"] == 1
     (tampered,) = [e for e in data["encounters"] if e["anomalies"]]
     assert tampered["id"] == str(job.pk)
-    assert tampered["anomalies"] == [
-        {"sequence": 2, "kind": "hash", "detail": "content or chain does not match the stored hash"}
-    ]
+    # Issue 19: each anomaly names its evidence — the stored hash, then what the content
+    # hashes to now.
+    stored = EncounterTransition.objects.get(encounter=job, sequence=2).hash
+    (found,) = tampered["anomalies"]
+    assert found == {
+        "sequence": 2,
+        "kind": "hash",
+        "detail": "content or chain does not match the stored hash",
+        "evidence": found["evidence"],
+    }
+    assert found["evidence"].startswith(f"{stored} v") and len(found["evidence"]) > len(stored) + 5
     code, out, _ = run()
     assert code == 1
     assert "ANOMALIES (1):\n    sequence 2: hash:" in out

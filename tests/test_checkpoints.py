@@ -287,7 +287,10 @@ def test_an_intact_log_extends_its_checkpoint(clinic, checkpoint, visit_definiti
     }
     code, out, _ = run_command("audit_encounters", "--against", str(checkpoint))
     assert code == 0
-    assert out.startswith(f"Against checkpoint {checkpoint} ({CHECKPOINT_FORMAT}) of ")
+    assert out.startswith(
+        "Seals: not checked (ENCOUNTERS_SEAL_KEYS is not set)\n"
+        f"Against checkpoint {checkpoint} ({CHECKPOINT_FORMAT}) of "
+    )
     assert "(not covered by the root)" not in out
     assert (
         f"root {root}, unsigned: 4 of its 4 encounter(s) compared with the log, 0 finding(s)" in out

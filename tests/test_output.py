@@ -235,7 +235,10 @@ def test_the_audit_writes_a_year_one_row_in_a_zone_west_of_utc(
     forge_projection(encounter)
     settings.TIME_ZONE = "America/New_York"
     code, out, err = run_command("audit_encounters", "--format", fmt)
-    assert (code, err) == (0, "")
+    assert (code, err) == (
+        0,
+        "Seals: not checked (ENCOUNTERS_SEAL_KEYS is not set)\n" if fmt == "csv" else "",
+    )
     assert "0001-01-01T03:00:00+00:00" in out
     if fmt == "json":
         row = json.loads(out)["encounters"][0]["timeline"][0]

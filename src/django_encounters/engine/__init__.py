@@ -39,7 +39,7 @@ from .timeline import (
     Entry,
     known_prefix,
 )
-from .verify import Anomaly, Replay, verify_stream
+from .verify import Anomaly, Replay, evidence_of, verify_stream
 
 __all__ = [
     "ANOMALY_KINDS",
@@ -76,6 +76,7 @@ __all__ = [
     "ValidationError",
     "canonical_json",
     "definition_version_hash",
+    "evidence_of",
     "intervals",
     "row_hash",
     "time_in_states",

@@ -282,6 +282,16 @@ class AnomalyKind(str, enum.Enum):
         False,
         True,
     )
+    SEAL = (
+        "seal",
+        "with seal keys configured: a record's seal (a row, the genesis, a definition version "
+        "the encounter uses, an acknowledgement) is missing, does not match, or names a key "
+        "that is not configured",
+    )
+    ACKNOWLEDGEMENT = (
+        "acknowledgement",
+        "an acknowledgement's hash or its chain (per encounter) is broken: it covers nothing",
+    )
 
     def __str__(self) -> str:
         return self._value_

@@ -7,23 +7,58 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
+from hashlib import sha256
 from uuid import UUID
 
 from eventsourcing.domain import OriginatorVersionError
 
 from .errors import ANOMALY_KINDS, AnomalyKind
-from .hashing import HashFormat, VersionHashes, find_hash_format, hash_format, no_version_hashes
+from .hashing import (
+    HashFormat,
+    VersionHashes,
+    find_hash_format,
+    genesis_hash,
+    hash_format,
+    no_version_hashes,
+    row_hash,
+)
 from .rows import Genesis, StreamRow
 from .rules import Rules
 from .timeline import EncounterTimeline, Entry, known_prefix, violations
 
-__all__ = ["ANOMALY_KINDS", "Anomaly", "AnomalyKind", "Replay", "verify_stream"]
+__all__ = [
+    "ANOMALY_KINDS",
+    "EVIDENCE_MAX_LENGTH",
+    "Anomaly",
+    "AnomalyKind",
+    "Replay",
+    "evidence_of",
+    "verify_stream",
+]
+
+#: The longest evidence stored with an acknowledgement; longer evidence is kept as its digest.
+EVIDENCE_MAX_LENGTH = 255
+
+
+def evidence_of(*parts: str) -> str:
+    """An anomaly's evidence from its parts (the stored hash it was found on, what its content
+    hashes to when that differs, a seal, a checkpoint's root…), joined by spaces; evidence
+    longer than :data:`EVIDENCE_MAX_LENGTH` (a stored value no column bounds, on SQLite) is
+    ``"sha256:<hex digest of it>"``."""
+    text = " ".join(parts)
+    if len(text) <= EVIDENCE_MAX_LENGTH:
+        return text
+    return "sha256:" + sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True, init=False)
 class Anomaly:
     """Something wrong in a stream, found by replay (``kind``: an :class:`AnomalyKind`, given
-    as a member or its text; ``sequence`` 0 for the encounter itself).
+    as a member or its text; ``sequence`` 0 for the encounter itself). ``evidence`` is what it
+    was found on — the stored hash of the row (followed by what the row's content hashes to
+    when that differs), the genesis hash, the projection's head, a seal, or the root of the
+    checkpoint it was found against: an acknowledgement covers a finding with the same
+    evidence only (:func:`evidence_of`; "" for a finding that names none).
 
     Raises:
         ValueError: ``kind`` is no anomaly kind.
@@ -33,9 +68,15 @@ class Anomaly:
     sequence: int
     kind: AnomalyKind
     detail: str
+    evidence: str
 
     def __init__(
-        self, encounter_id: UUID | str, sequence: int, kind: AnomalyKind | str, detail: str
+        self,
+        encounter_id: UUID | str,
+        sequence: int,
+        kind: AnomalyKind | str,
+        detail: str,
+        evidence: str = "",
     ) -> None:
         object.__setattr__(self, "encounter_id", encounter_id)
         object.__setattr__(self, "sequence", sequence)
@@ -44,6 +85,7 @@ class Anomaly:
             kind = AnomalyKind(kind)  # type: ignore[call-arg]
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "detail", detail)
+        object.__setattr__(self, "evidence", evidence)
 
     def __str__(self) -> str:
         return f"encounter {self.encounter_id} sequence {self.sequence}: {self.kind}: {self.detail}"
@@ -80,9 +122,11 @@ class Replay:
                     AnomalyKind.TRUNCATED,
                     f"the projection is at version {version} but the log ends at "
                     f"{self.version}: rows {self.version + 1}..{version} are missing",
+                    evidence_of(head_hash, self.timeline.head_hash),
                 )
             ]
-        if self.hashes.get(version) != head_hash:
+        named = self.hashes.get(version)
+        if named != head_hash:
             return [
                 Anomaly(
                     encounter_id,
@@ -90,6 +134,7 @@ class Replay:
                     AnomalyKind.HEAD,
                     f"the projection's head hash {head_hash[:15]!r}… is not the hash of "
                     f"{'the genesis' if version == 0 else f'row {version}'}",
+                    evidence_of(head_hash, str(named)),
                 )
             ]
         return []
@@ -135,12 +180,18 @@ def verify_stream(
     anomalies, backdated, hashes = result.anomalies, result.backdated, result.hashes
     encounter_text = str(encounter_id)
     versions = _version_hashes(rules, version_hashes)
+    genesis_evidence = stored_genesis_hash
     if check_hashes:
         genesis_format = find_hash_format(stored_genesis_hash)
-        if (
-            genesis_format is None
-            or genesis_format.hash_genesis(genesis, encounter_text, versions) != stored_genesis_hash
-        ):
+        facts_hash = (
+            None
+            if genesis_format is None
+            else genesis_format.hash_genesis(genesis, encounter_text, versions)
+        )
+        if facts_hash != stored_genesis_hash:
+            # (in no known format: what the current format makes of the facts)
+            now = facts_hash if facts_hash is not None else genesis_hash(genesis)
+            genesis_evidence = evidence_of(stored_genesis_hash, now)
             anomalies.append(
                 Anomaly(
                     encounter_id,
@@ -148,6 +199,7 @@ def verify_stream(
                     AnomalyKind.GENESIS,
                     "the creation facts (definition and version, subject, origin state, "
                     "created_at) do not hash to the stored genesis hash",
+                    genesis_evidence,
                 )
             )
     if rules is not None:
@@ -159,6 +211,7 @@ def verify_stream(
                     0,
                     AnomalyKind.DEFINITION,
                     f"created under {origin.name}, which {origin.problem}",
+                    evidence_of(stored_genesis_hash, origin.content_hash),
                 )
             )
     # Once per stream, not per row: the event builder, the rules of the version last seen, and
@@ -171,11 +224,13 @@ def verify_stream(
     hashers: dict[str, Hasher] = {}
     for row in rows if known_at is None else known_prefix(rows, known_at):
         found: list[tuple[AnomalyKind, str]] | None = None
+        stored = row.hash
+        computed: str | None = stored
         if check_hashes:
-            stored = row.hash
             if not stored.startswith(prefix):
                 prefix, hash_row = _hasher(stored, encounter_text, hashers, versions)
-            if hash_row(row, timeline.head_hash) != stored:
+            computed = hash_row(row, timeline.head_hash)
+            if computed != stored:
                 found = [_hash_mismatch(stored)]
         recorded_until = timeline.recorded_until
         if recorded_until is not None and row.transitioned_at < recorded_until:
@@ -219,8 +274,15 @@ def verify_stream(
             found.append(_gap(timeline, event))
         hashes[row.sequence] = row.hash
         if found:
+            # What the row was found as: its stored hash and, when its content (or chain) no
+            # longer hashes to it, what it hashes to now (None: no known format), so an
+            # acknowledgement does not cover a later, different change to the same row.
+            if computed is None:  # in no known format: what the current format makes of it
+                computed = row_hash(encounter_text, row, timeline.head_hash)
+            row_evidence = stored if computed == stored else evidence_of(stored, computed)
             anomalies.extend(
-                Anomaly(encounter_id, row.sequence, kind, detail) for kind, detail in found
+                Anomaly(encounter_id, row.sequence, kind, detail, row_evidence)
+                for kind, detail in found
             )
     if backdated:  # only a row inserted before a later one can overtake it
         result.overtaken = _overtaken(timeline.entries or [])

@@ -19,8 +19,12 @@ stream with the timeline engine (``verify_stream``) and report, per encounter:
   selection: an encounter outside the selection with a finding against it is reported after
   the selected ones (``outside_selection``), and encounters of the checkpoint that are gone
   (``missing``) last;
+* with seal keys configured (``ENCOUNTERS_SEAL_KEYS``), the seals of its rows, its genesis,
+  the definition versions it uses and its acknowledgements (``seal``; without keys the report
+  says seals were ``not checked``);
 * which anomalies a reviewer acknowledged (who, when, why): they are still listed, marked,
-  and no longer counted in ``anomaly_count``.
+  and no longer counted in ``anomaly_count``. An acknowledgement covers a finding with the
+  evidence it was given for only; a broken one covers nothing and is reported.
 
 ``iter_audit()`` streams ``EncounterAudit`` objects in batches (memory per batch, whatever the
 number of encounters); ``audit_encounters()`` collects them into an ``AuditReport``;
@@ -44,10 +48,17 @@ from ..arguments import require_aware
 from ..engine import Anomaly, AnomalyKind, Genesis
 from ..exceptions import AnomalyNotReportedError, EncounterNotFoundError
 from ..models import AnomalyAcknowledgement
-from .acknowledgements import Acknowledged, acknowledge_anomaly, acknowledgement_arguments
+from .acknowledgements import (
+    Acknowledged,
+    MarkKey,
+    acknowledge_anomaly,
+    acknowledgement_arguments,
+    mark_key,
+)
 from .checkpoints import CheckpointCheck, verify_checkpoint
 from .output import local_iso
 from .replay import Replays, Usernames, Verified, mark_acknowledged, timeline_order
+from .seals import seal_status
 from .selection import Selection, write_alias
 
 _STATE = store.PROJECTION_FIELDS.index("state")
@@ -118,18 +129,18 @@ class EncounterAudit:
     missing: bool = False  # in the checkpoint audited against, gone from the database
     #: not selected, reported for its findings against the checkpoint audited against
     outside_selection: bool = False
-    #: (sequence, kind) -> how that anomaly was acknowledged
-    acknowledged: dict[tuple[int, str], Acknowledged] = field(default_factory=dict)
+    #: (sequence, kind, evidence) -> how that anomaly was acknowledged
+    acknowledged: dict[MarkKey, Acknowledged] = field(default_factory=dict)
     #: the facts it was created with (subject, origin state, created_at); None when missing
     genesis: Genesis | None = None
 
     def acknowledgement(self, anomaly: Anomaly) -> Acknowledged | None:
         """How ``anomaly`` (one of :attr:`anomalies`) was acknowledged, if it was."""
-        return self.acknowledged.get((anomaly.sequence, anomaly.kind))
+        return self.acknowledged.get(mark_key(anomaly))
 
     @property
     def unacknowledged(self) -> list[Anomaly]:
-        return [a for a in self.anomalies if (a.sequence, a.kind) not in self.acknowledged]
+        return [a for a in self.anomalies if mark_key(a) not in self.acknowledged]
 
     @property
     def anomaly_count(self) -> int:
@@ -145,6 +156,7 @@ class EncounterAudit:
             "sequence": anomaly.sequence,
             "kind": anomaly.kind,
             "detail": anomaly.detail,
+            "evidence": anomaly.evidence,
         }
         acknowledged = self.acknowledgement(anomaly)
         if acknowledged is not None:
@@ -172,6 +184,8 @@ class AuditReport:
     known_at: datetime | None
     encounters: list[EncounterAudit] = field(default_factory=list)
     checkpoint: CheckpointCheck | None = None  # the checkpoint audited against, if any
+    #: "checked", or why seals were not checked (``seals.seal_status``)
+    seals: str = "checked"
 
     @property
     def anomaly_count(self) -> int:
@@ -184,6 +198,7 @@ class AuditReport:
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
+            "seals": self.seals,
             "encounters": [e.as_dict() for e in self.encounters],
             "anomaly_count": self.anomaly_count,
             "acknowledged_count": self.acknowledged_count,
@@ -194,12 +209,19 @@ class AuditReport:
 
 
 class AuditStream(Iterator[EncounterAudit]):
-    """What :func:`iter_audit` returns: the audits, read lazily, and the checkpoint they are
-    compared with (``checkpoint``; None without ``against``)."""
+    """What :func:`iter_audit` returns: the audits, read lazily, the checkpoint they are
+    compared with (``checkpoint``; None without ``against``) and whether seals are checked
+    (``seals``: ``"checked"`` or why not)."""
 
-    def __init__(self, audits: Iterator[EncounterAudit], checkpoint: CheckpointCheck | None):
+    def __init__(
+        self,
+        audits: Iterator[EncounterAudit],
+        checkpoint: CheckpointCheck | None,
+        seals: str = "checked",
+    ):
         self._audits = audits
         self.checkpoint = checkpoint
+        self.seals = seals
 
     def __iter__(self) -> AuditStream:
         return self
@@ -299,7 +321,7 @@ def iter_audit(
         for anomaly in check.anomalies:
             pending.setdefault(anomaly.encounter_id, []).append(anomaly)
     replays = Replays(selection, order="created", extra=("deleted_at",), users=True, added=pending)
-    return AuditStream(_audits(replays, as_of, pending), check)
+    return AuditStream(_audits(replays, as_of, pending), check, seal_status(replays.sealer))
 
 
 def _audits(
@@ -351,7 +373,9 @@ def _audits(
             )
             for encounter_id, anomalies in left[start : start + batch_size]
         ]
-        mark_acknowledged(((a.anomalies, a.acknowledged) for a in audits), replays.using)
+        mark_acknowledged(
+            ((a.id, a.anomalies, a.acknowledged) for a in audits), replays.using, replays.sealer
+        )
         yield from audits
 
 
@@ -409,7 +433,10 @@ def audit_encounters(**options: Any) -> AuditReport:
         options["as_of"] = timezone.now()
     audits = iter_audit(**options)
     report = AuditReport(
-        as_of=options["as_of"], known_at=options.get("known_at"), checkpoint=audits.checkpoint
+        as_of=options["as_of"],
+        known_at=options.get("known_at"),
+        checkpoint=audits.checkpoint,
+        seals=audits.seals,
     )
     report.encounters.extend(audits)
     return report
@@ -444,8 +471,10 @@ def acknowledge_reported_anomaly(
     using: str | None = None,
 ) -> tuple[AnomalyAcknowledgement, Anomaly]:
     """Acknowledge an anomaly that the audit of the encounter reports now (with ``against``:
-    compared with that checkpoint too, for ``rewritten``/``truncated``/``missing``); returns
-    the acknowledgement recorded and the anomaly it acknowledges.
+    compared with that checkpoint too, for ``rewritten``/``truncated``/``missing``), bound to
+    the evidence it was found on; returns the acknowledgement recorded and the anomaly it
+    acknowledges (the first, when the audit reports several of that kind at that sequence:
+    each is acknowledged, see :func:`acknowledge_reported_anomalies`).
 
     Raises:
         ValueError / TypeError: as ``acknowledgements.acknowledge_anomaly``.
@@ -453,16 +482,54 @@ def acknowledge_reported_anomaly(
         CheckpointError: ``against`` cannot be used.
         AnomalyNotReportedError: the audit does not report that anomaly (nothing written).
     """
+    return acknowledge_reported_anomalies(
+        encounter_id,
+        sequence,
+        kind,
+        reason,
+        acknowledged_by,
+        against=against,
+        root=root,
+        using=using,
+    )[0]
+
+
+def acknowledge_reported_anomalies(
+    encounter_id: Any,
+    sequence: int,
+    kind: str,
+    reason: str,
+    acknowledged_by: Any = None,
+    *,
+    against: Any = None,
+    root: str | None = None,
+    using: str | None = None,
+) -> list[tuple[AnomalyAcknowledgement, Anomaly]]:
+    """Acknowledge every anomaly of ``kind`` at ``sequence`` that the audit of the encounter
+    reports now and nobody acknowledged yet (several when they were found on different
+    evidence: say, the seals of the genesis and of the definition version it was created
+    under, both at sequence 0), each bound to its evidence; returns what was recorded, in the
+    audit's order. Raises as :func:`acknowledge_reported_anomaly`."""
     using = write_alias(using)
     encounter_uuid = acknowledgement_arguments(
         encounter_id, sequence, kind, reason, acknowledged_by
     )
-    audits = iter_audit(encounters=[encounter_uuid], against=against, root=root, using=using)
+    audits = list(iter_audit(encounters=[encounter_uuid], against=against, root=root, using=using))
     reported = [a for audit in audits if audit.id == encounter_uuid for a in audit.anomalies]
     matching = [a for a in reported if (a.sequence, a.kind) == (sequence, kind)]
     if not matching:
         raise AnomalyNotReportedError(encounter_uuid, sequence, kind, reported)
-    recorded = acknowledge_anomaly(
-        encounter_uuid, sequence, kind, reason, acknowledged_by, using=using
-    )
-    return recorded, matching[0]
+    open_ = {mark_key(a): a for audit in audits for a in audit.unacknowledged if a in matching}
+    recorded = []
+    for anomaly in list(open_.values()) or matching[:1]:
+        ack = acknowledge_anomaly(
+            encounter_uuid,
+            sequence,
+            kind,
+            reason,
+            acknowledged_by,
+            evidence=anomaly.evidence,
+            using=using,
+        )
+        recorded.append((ack, anomaly))
+    return recorded

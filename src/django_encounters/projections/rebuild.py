@@ -41,8 +41,9 @@ from .. import store
 from ..arguments import require_positive_int
 from ..engine import Anomaly, hash_format
 from ..exceptions import EncounterNotFoundError, RebuildWorkerError
-from .acknowledgements import Acknowledged
+from .acknowledgements import Acknowledged, mark_key
 from .replay import Replays, Verified
+from .seals import seal_status
 from .selection import Selection
 from .workers import describe_setup, run_in_workers
 
@@ -119,6 +120,8 @@ class RebuildResult:
     drift: list[Drift] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
     acknowledged: list[AcknowledgedAnomaly] = field(default_factory=list)
+    #: "checked", or why the seals were not checked (``seals.seal_status``)
+    seals: str = "checked"
 
     @property
     def ok(self) -> bool:
@@ -224,6 +227,7 @@ def rebuild_range(
     using = selection.using
     result = RebuildResult(check=check)
     replays = Replays(selection, after=after, upto=upto)
+    result.seals = seal_status(replays.sealer)
     if progress is not None and count_total:
         counted = selection.queryset()
         if after is not None:
@@ -280,13 +284,13 @@ def _compare(batch: list[Verified], result: RebuildResult, max_reported: int) ->
 def _count_anomalies(verified: Verified, result: RebuildResult, max_reported: int) -> None:
     """Add one encounter's anomalies to ``result``, acknowledged ones apart."""
     marks = verified.acknowledged
-    open_ = [a for a in verified.anomalies if (a.sequence, a.kind) not in marks]
+    open_ = [a for a in verified.anomalies if mark_key(a) not in marks]
     if open_:
         result.anomalous_encounters += 1
         result.anomaly_count += len(open_)
         result.anomalies.extend(open_[: max(0, max_reported - len(result.anomalies))])
     for anomaly in verified.anomalies:
-        mark = marks.get((anomaly.sequence, anomaly.kind))
+        mark = marks.get(mark_key(anomaly))
         if mark is None:
             continue
         result.acknowledged_count += 1
@@ -383,5 +387,7 @@ def _rebuild_in_workers(
         merged.drift.extend(part.drift[: max_reported - len(merged.drift)])
         merged.anomalies.extend(part.anomalies[: max_reported - len(merged.anomalies)])
         merged.acknowledged.extend(part.acknowledged[: max_reported - len(merged.acknowledged)])
+    if parts:
+        merged.seals = parts[0].seals
     merged.seconds = time.perf_counter() - started
     return merged

@@ -24,6 +24,7 @@ from ..engine import READABLE_FIELDS, Anomaly
 from .audit import EncounterAudit
 from .checkpoints import CheckpointCheck
 from .output import local_iso, register_format
+from .seals import seal_status
 
 CSV_HEADER = [
     "encounter_id",
@@ -74,8 +75,9 @@ def write_table(
     known_at: datetime | None = None,
     checkpoint: CheckpointCheck | None = None,
 ) -> int:
-    """A readable report, one block per encounter; returns the count of anomalies nobody
-    acknowledged."""
+    """A readable report, one block per encounter, after a first line saying whether seals
+    were checked; returns the count of anomalies nobody acknowledged."""
+    out.write(f"Seals: {seal_status()}\n")
     when = f"as of {local_iso(as_of)}"
     if known_at is not None:
         when += f", as known at {local_iso(known_at)}"
@@ -152,11 +154,12 @@ def write_json(
     known_at: datetime | None = None,
     checkpoint: CheckpointCheck | None = None,
 ) -> int:
-    """Stream the audit as one JSON object (indented, one encounter at a time; the shape is in
-    docs/operations.md); returns the count of anomalies nobody acknowledged. (``as_of`` and
-    ``known_at`` are in each encounter's ``state_as_of``.)"""
+    """Stream the audit as one JSON object (indented, one encounter at a time, its first key
+    ``seals`` saying whether seals were checked; the shape is in docs/operations.md); returns
+    the count of anomalies nobody acknowledged. (``as_of`` and ``known_at`` are in each
+    encounter's ``state_as_of``.)"""
     count = acknowledged = 0
-    out.write('{\n  "encounters": [')
+    out.write('{\n  "seals": ' + json.dumps(seal_status()) + ',\n  "encounters": [')
     for index, audit in enumerate(audits):
         count += audit.anomaly_count
         acknowledged += audit.acknowledged_count

@@ -3,9 +3,12 @@
 :class:`Replays` reads a :class:`~.selection.Selection` batch by batch — the encounters (keyset
 pagination, in primary-key or ``(created_at, id)`` order), their streams (one query per batch),
 each stream replayed and verified by the engine (``verify_stream``: genesis, gaps, hash chain,
-system time, ``from_state``, edges, re-chains), the projection's head compared with the log's,
-the acknowledgements of what was found (one query per batch, none without anomalies) and, when
-asked, the names of the users who recorded the rows. Rebuild, audit, event log, process map,
+system time, ``from_state``, edges, re-chains), with seal keys configured its seals checked
+(:mod:`.seals`: rows, genesis, the definition versions it uses; the genesis seal is read with
+the encounter's columns, the rows' with the stream, so no query is added), the projection's
+head compared with the log's, the acknowledgements of what was found, checked (one query per
+batch; without seal keys, none for a batch without anomalies) and, when asked, the names of
+the users who recorded the rows. Rebuild, audit, event log, process map,
 the admin's and the REST API's timelines all consume it; nothing else replays a selection.
 
 A consumer that writes (the rebuild) asks for each batch with :meth:`Replays.next_batch`
@@ -25,7 +28,7 @@ from django.contrib.auth import get_user_model
 from django.db import connections
 from django.db.models import Q, QuerySet
 
-from .. import store
+from .. import conf, store
 from ..engine import (
     TIMELINE_ORDER,
     Anomaly,
@@ -35,8 +38,10 @@ from ..engine import (
     known_prefix,
     verify_stream,
 )
+from ..engine.seals import Sealer
 from ..store import sharding
-from .acknowledgements import Acknowledged, acknowledgements_of, key_of
+from .acknowledgements import Acknowledged, MarkKey, check_acknowledgements, key_of, mark_key
+from .seals import SealCheck
 from .selection import GENESIS_COLUMNS, RulesCache, Selection, genesis_of
 
 __all__ = [
@@ -72,8 +77,8 @@ class Verified:
     #: the head check's anomalies: the projection's head is evidence (a deleted tail, a
     #: replaced head), which a rebuild keeps as it is
     evidence: list[Anomaly] = field(default_factory=list)
-    #: (sequence, kind) -> how that anomaly was acknowledged
-    acknowledged: dict[tuple[int, str], Acknowledged] = field(default_factory=dict)
+    #: (sequence, kind, evidence) -> how that anomaly was acknowledged (``mark_key``)
+    acknowledged: dict[MarkKey, Acknowledged] = field(default_factory=dict)
 
     @property
     def id(self) -> UUID:
@@ -116,19 +121,32 @@ class Usernames:
 
 
 def mark_acknowledged(
-    items: Iterable[tuple[list[Anomaly], dict[tuple[int, str], Acknowledged]]], using: str
+    items: Iterable[tuple[Any, list[Anomaly], dict[MarkKey, Acknowledged]]],
+    using: str,
+    sealer: Sealer | None = None,
 ) -> None:
-    """Fill in, for each ``(anomalies, acknowledged)`` pair, how its anomalies were
-    acknowledged: one query for all of them, none when there is no anomaly."""
+    """For each ``(encounter id, anomalies, acknowledged)``, add the broken acknowledgements
+    of the encounter to its ``anomalies`` and fill in how they were acknowledged (by a valid
+    acknowledgement with the same evidence): one query for all of them. Without ``sealer``
+    (no seal keys) only the encounters with anomalies are read, and none when there is no
+    anomaly; with it, every encounter's acknowledgements are (a forged one is reported
+    wherever it is)."""
     items = list(items)
-    found = acknowledgements_of((a for anomalies, _ in items for a in anomalies), using)
-    if not found:
+    if sealer is None:
+        items = [item for item in items if item[1]]
+    check = check_acknowledgements((pk for pk, _, _ in items), using, sealer)
+    if not check.marks and not check.problems:
         return
-    for anomalies, acknowledged in items:
+    for encounter_id, anomalies, acknowledged in items:
+        anomalies.extend(check.problems.get(key_of_id(encounter_id), ()))
         for anomaly in anomalies:
-            mark = found.get(key_of(anomaly))
+            mark = check.marks.get(key_of(anomaly))
             if mark is not None:
-                acknowledged[(anomaly.sequence, anomaly.kind)] = mark
+                acknowledged[mark_key(anomaly)] = mark
+
+
+def key_of_id(encounter_id: Any) -> UUID:
+    return encounter_id if isinstance(encounter_id, UUID) else UUID(str(encounter_id))
 
 
 class Replays:
@@ -172,11 +190,20 @@ class Replays:
         self.rules = rules if rules is not None or not verify else RulesCache(using)
         self.users = Usernames(using) if users else None
         self.added = added if added is not None else {}
+        #: the seal keys the seals are checked with (None: seals are not checked)
+        self.sealer = conf.sealer() if verify else None
+        self.seals: SealCheck | None = None
+        if self.sealer is not None:
+            assert self.rules is not None
+            self.seals = SealCheck(self.sealer, using, self.rules.code)
         selected = selection.queryset()
         if upto is not None:
             selected = selected.filter(pk__lte=upto)
         ordering = ("pk",) if order == "pk" else ("created_at", "pk")
-        self._page = selected.order_by(*ordering).values_list(*ENCOUNTER_COLUMNS, *extra)
+        # With seal keys, the genesis seal is read last, and taken off before the consumer
+        # sees the values.
+        sealed = ("genesis_seal",) if self.seals is not None else ()
+        self._page = selected.order_by(*ordering).values_list(*ENCOUNTER_COLUMNS, *extra, *sealed)
         self._transitions = selection.transitions()
         self._sharded = sharding.is_sharded(connections[using])
         # In primary-key order, a batch selected by definition or ids only is (nearly) every
@@ -255,10 +282,15 @@ class Replays:
         if self.users is not None:
             self.users.load(row.transitioned_by for v in result for row in v.stream)
         if self.verify:
-            mark_acknowledged(((v.anomalies, v.acknowledged) for v in result), self.using)
+            mark_acknowledged(
+                ((v.id, v.anomalies, v.acknowledged) for v in result), self.using, self.sealer
+            )
         return result
 
     def _one(self, values: tuple, stream: list[StreamRow]) -> Verified:
+        genesis_seal = ""
+        if self.seals is not None:
+            genesis_seal, values = values[-1], values[:-1]
         genesis, stored_genesis = genesis_of(
             values[: len(GENESIS_COLUMNS)], self.using, self._subject_types
         )
@@ -274,7 +306,17 @@ class Replays:
         )
         # The projection is today's: it is compared with the whole log only.
         evidence = replay.check_head(values[_VERSION], values[_HEAD]) if known_at is None else []
-        anomalies = [*replay.anomalies, *evidence, *self.added.pop(genesis.encounter_id, [])]
+        sealing = (
+            []
+            if self.seals is None
+            else self.seals.anomalies(genesis, stored_genesis, genesis_seal, stream)
+        )
+        anomalies = [
+            *replay.anomalies,
+            *sealing,
+            *evidence,
+            *self.added.pop(genesis.encounter_id, []),
+        ]
         return Verified(values, genesis, stream, replay, anomalies, evidence)
 
 

@@ -26,7 +26,7 @@ def describe_setup(using: str) -> dict[str, Any]:
     Raises:
         ValueError: the database cannot be shared with worker processes.
     """
-    from django.conf import settings
+    from django.conf import UserSettingsHolder, settings
 
     connection: Any = connections[using]
     if connection.vendor == "sqlite" and connection.is_in_memory_db():
@@ -50,7 +50,12 @@ def describe_setup(using: str) -> dict[str, Any]:
             "jobs > 1 cannot run inside a transaction: the workers use their own connections "
             "and would not see (or would wait for) this one's uncommitted work"
         )
-    module = getattr(settings, "SETTINGS_MODULE", None)
+    # Under override_settings (the pytest settings fixture), the settings module is that of
+    # the settings being overridden (an override's holder says None).
+    base = cast(Any, settings)._wrapped
+    while isinstance(base, UserSettingsHolder):
+        base = base.default_settings
+    module = getattr(base, "SETTINGS_MODULE", None)
     configured: dict[str, Any] = {}
     if not module:
         for name, value in vars(cast(Any, settings)._wrapped).items():
@@ -63,6 +68,12 @@ def describe_setup(using: str) -> dict[str, Any]:
     return {
         "module": module,
         "settings": configured,
+        # Read when used, so overridden (tests, override_settings): given to the workers as
+        # they are now, so they check seals as this process would.
+        "seal_settings": {
+            name: getattr(settings, name, None)
+            for name in ("ENCOUNTERS_SEAL_KEYS", "ENCOUNTERS_SEAL_KEY_ID")
+        },
         "alias": using,
         "database": dict(connection.settings_dict),
     }
@@ -78,6 +89,8 @@ def _setup_django(setup: dict[str, Any]) -> None:
         else:
             settings.configure(**setup["settings"])
     django.setup()
+    for name, value in setup.get("seal_settings", {}).items():
+        setattr(settings, name, value)
     alias = setup["alias"]
     connections.settings[alias] = setup["database"]
     for connection in connections.all(initialized_only=True):

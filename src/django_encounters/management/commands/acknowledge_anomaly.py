@@ -1,8 +1,10 @@
 """``manage.py acknowledge_anomaly ENCOUNTER_ID SEQUENCE KIND --reason TEXT``: record that a
-reviewer examined an anomaly the audit reports (who, when, why; append-only). Acknowledged
-anomalies are still listed by the audit and the rebuild, marked, but no longer fail their exit
-status. Anomalies found against a checkpoint (``rewritten``, ``truncated``, ``missing``) need
-the same ``--against FILE`` to be confirmed.
+reviewer examined an anomaly the audit reports (who, when, why; append-only), bound to the
+evidence it was found on (the stored hash, or the checkpoint's root): a later finding with
+other evidence is not covered. Acknowledged anomalies are still listed by the audit and the
+rebuild, marked, but no longer fail their exit status. Anomalies found against a checkpoint
+(``rewritten``, ``truncated``, ``missing``) need the same ``--against FILE`` to be confirmed.
+With seal keys configured the acknowledgement is sealed.
 
 Exit status: 0 when recorded; 2 when nothing was recorded: invalid arguments, an unknown user
 or encounter, an unusable checkpoint, or an anomaly the audit does not report now. See
@@ -21,7 +23,7 @@ from django_encounters.engine import AnomalyKind
 from django_encounters.exceptions import EncounterError, EncounterNotFoundError
 from django_encounters.projections.audit import (
     AnomalyNotReportedError,
-    acknowledge_reported_anomaly,
+    acknowledge_reported_anomalies,
 )
 from django_encounters.projections.checkpoints import CheckpointError
 
@@ -76,7 +78,7 @@ class Command(BaseCommand):
                 "--root is the published root of a checkpoint: give --against", returncode=2
             )
         try:
-            recorded, anomaly = acknowledge_reported_anomaly(
+            recorded = acknowledge_reported_anomalies(
                 options["encounter_id"],
                 sequence,
                 options["kind"],
@@ -102,7 +104,8 @@ class Command(BaseCommand):
             raise CommandError(str(exc), returncode=2) from exc
         with quiet_broken_pipe(self):
             who = options["user"] if user is not None else "nobody recorded"
-            self.stdout.write(
-                f"acknowledged: {anomaly} (by {who} at {recorded.acknowledged_at.isoformat()}: "
-                f"{recorded.reason})"
-            )
+            for ack, anomaly in recorded:
+                self.stdout.write(
+                    f"acknowledged: {anomaly} (by {who} at {ack.acknowledged_at.isoformat()}: "
+                    f"{ack.reason})"
+                )

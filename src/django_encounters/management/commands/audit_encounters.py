@@ -2,10 +2,12 @@
 
 Reports per encounter its timeline (who, when, why; backdated and overtaken rows), its
 anomalies (the genesis, gaps, hash chain, from_state, edges, re-chains, system time, the
-projection's head; with ``--against FILE``: whether the log still extends a checkpoint and
-holds nothing that claims to be older than it, with ``--verify-key`` its signature checked) with
-the acknowledgements reviewers recorded, and its state as of ``--as-of`` (as known at
-``--known-at``), as a table, CSV or JSON.
+projection's head; with ``ENCOUNTERS_SEAL_KEYS``: the seals of its rows, genesis, definition
+versions and acknowledgements; with ``--against FILE``: whether the log still extends a
+checkpoint and holds nothing that claims to be older than it, with ``--verify-key`` its
+signature checked) with the acknowledgements reviewers recorded, and its state as of
+``--as-of`` (as known at ``--known-at``), as a table, CSV or JSON. Without seal keys, the first
+line (the JSON's first key; for CSV, stderr) says seals were not checked.
 
 Exit status: 0 when no anomaly is left unacknowledged, 1 when one is, 2 for invalid options or
 an unusable checkpoint — unreadable, altered, another root than ``--root``, unsigned or
@@ -127,6 +129,9 @@ class Command(BaseCommand):
         except (ValueError, TypeError, EncounterError) as exc:
             raise CommandError(str(exc), returncode=2) from exc
         writer = get_format("audit", options["format"])
+        if audits.seals != "checked" and options["format"] == "csv":
+            # A CSV's first line is its header: the note goes first to stderr.
+            self.stderr.write(f"Seals: {audits.seals}")
         path = options["output"]
         tally = _Tally()
 

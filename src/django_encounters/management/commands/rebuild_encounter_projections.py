@@ -1,5 +1,7 @@
 """``manage.py rebuild_encounter_projections``: recompute every encounter's projection from its
 transition log, in batches, writing only what differs; or ``--check`` it without writing.
+With ``ENCOUNTERS_SEAL_KEYS`` the seals are checked too (a ``seal`` anomaly is never "fixed":
+a rebuild writes no seal); without, the first line of the output says they were not checked.
 
 Exit status: 0 when the run completed and no stream has an anomaly nobody acknowledged (drift
 it fixed included); 1 when one has (reported, never repaired; a projection whose version or
@@ -115,6 +117,8 @@ class Command(BaseCommand):
     def report(self, result: RebuildResult, verbosity: int) -> None:
         if verbosity < 1:
             return
+        if result.seals != "checked":
+            self.stdout.write(self.style.WARNING(f"Seals: {result.seals}"))
         label = "drift" if result.check else "fixed"
         shown = result.drift if verbosity >= 2 else result.drift[:SHOWN_AT_VERBOSITY_1]
         for drift in shown:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from ... import conf
 from ...arguments import require_positive_int
-from ...engine import Anomaly, AnomalyKind
+from ...engine import Anomaly, AnomalyKind, evidence_of
 from ...models import Encounter, EncounterDefinition, EncounterTransition
 from ..output import utc_iso
 from ..selection import read_alias
@@ -95,7 +95,11 @@ def verify_checkpoint(
     scope.after_last(after, batch_size, anomalies)
     result.checked = checked
     result.tolerance = tolerance
-    result.anomalies = anomalies
+    # Each finding's evidence: the root it was found against, then what was found (an
+    # acknowledgement given against one checkpoint covers nothing found against another).
+    result.anomalies = [
+        replace(a, evidence=evidence_of(result.root, a.evidence)) for a in anomalies
+    ]
     return result
 
 
@@ -231,6 +235,7 @@ def _compare(batch: list[CheckpointEntry], using: str, found: list[Anomaly]) -> 
                     AnomalyKind.MISSING,
                     f"the encounter is gone: the checkpoint has it at version {version} "
                     f"(head {expected[:15]}…)",
+                    "gone",
                 )
             )
         elif version == 0:
@@ -242,6 +247,7 @@ def _compare(batch: list[CheckpointEntry], using: str, found: list[Anomaly]) -> 
                         AnomalyKind.REWRITTEN,
                         f"the genesis hash is {genesis[pk][:15]}…, the checkpoint has "
                         f"{expected[:15]}…: the creation facts were rewritten",
+                        genesis[pk],
                     )
                 )
         elif (pk, version) in hashes:
@@ -254,6 +260,7 @@ def _compare(batch: list[CheckpointEntry], using: str, found: list[Anomaly]) -> 
                         f"row {version} has the hash {hashes[(pk, version)][:15]}…, the "
                         f"checkpoint has {expected[:15]}…: the stream was rewritten at or "
                         f"before row {version}",
+                        hashes[(pk, version)],
                     )
                 )
         elif ends[pk] < version:
@@ -264,6 +271,7 @@ def _compare(batch: list[CheckpointEntry], using: str, found: list[Anomaly]) -> 
                     AnomalyKind.TRUNCATED,
                     f"the log ends at row {ends[pk]} but the checkpoint has it at version "
                     f"{version}: rows {ends[pk] + 1}..{version} are gone",
+                    f"ends at {ends[pk]}",
                 )
             )
         else:
@@ -274,6 +282,7 @@ def _compare(batch: list[CheckpointEntry], using: str, found: list[Anomaly]) -> 
                     AnomalyKind.REWRITTEN,
                     f"row {version}, checkpointed with the hash {expected[:15]}…, is gone "
                     f"(the log goes on to row {ends[pk]})",
+                    f"gone, ends at {ends[pk]}",
                 )
             )
     return len(compared)
