@@ -554,9 +554,9 @@ def seal_everything(using: str = "default") -> None:
     """Seal every transition row, genesis, definition version and acknowledgement that has a
     hash under the configured current key, with raw ``UPDATE … SET seal`` (which the
     append-only triggers allow), re-sealing what is sealed otherwise; a version with no content
-    hash gets a stand-in one first (its empty ``content_hash`` may be set once). What
-    ``manage.py seal_encounters --rekey`` does (issue 19, another part); the tests call this
-    until it lands."""
+    hash gets a stand-in one first (its empty ``content_hash`` may be set once). Unlike
+    ``manage.py seal_encounters`` it verifies nothing first: the tests that check seals use it
+    to seal a log in a known state, tampered or not."""
     from django.db import connections
 
     from django_encounters import conf

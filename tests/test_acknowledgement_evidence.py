@@ -15,7 +15,7 @@ import pytest
 from django.db import connection
 
 from django_encounters.engine import AnomalyKind
-from django_encounters.models import AnomalyAcknowledgement, EncounterTransition
+from django_encounters.models import AnomalyAcknowledgement, Encounter, EncounterTransition
 from django_encounters.projections.acknowledgements import (
     acknowledge_anomaly,
     acknowledgement_hash,
@@ -341,7 +341,12 @@ def test_seal_anomalies_at_the_same_sequence_are_acknowledged_each_by_its_eviden
 ):
     """The genesis seal and the version seal are both at sequence 0: acknowledging `seal` at
     0 records one acknowledgement for each, each bound to its own evidence."""
+    from tests.helpers import raw_update
+
     visit = create_encounter(visit_definition, patient)
+    # Written before adoption: the version (created before the keys) and, here, the genesis
+    # are unsealed.
+    raw_update(Encounter, visit.pk, genesis_seal="")
     code, out, err = run_command(
         "acknowledge_anomaly", str(visit.pk), "0", "seal", "--reason", "before adoption"
     )
