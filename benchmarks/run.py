@@ -299,6 +299,8 @@ def generate(
                     "metadata": "{}",
                     "definition_version": version,
                     "hash": digest,
+                    "transitioned_by_name": "",
+                    "seal": "",
                 }
                 rows.append([schema.db(values[n]) for n in schema.tr_fields])
                 state, previous = to, digest
@@ -313,6 +315,7 @@ def generate(
                 "timeline_end_at": eff if rows_per else None,
                 "head_hash": previous,
                 "genesis_hash": genesis,
+                "genesis_seal": "",
                 "origin_version": version,
                 "definition_version": version,
                 "last_transitioned_at": eff if rows_per else None,
@@ -476,6 +479,8 @@ def bench_transition(schema: Schema, definition: Any, total: int, pool: int = 10
                 "metadata": "{}",
                 "definition_version": 1,
                 "hash": digest,
+                "transitioned_by_name": "",
+                "seal": "",
             }
             cur.execute(insert, [schema.db(values[n]) for n in schema.tr_fields])
             stamp = schema.db(now)
@@ -907,6 +912,17 @@ def run_backend(backend: str, sizes: dict) -> dict:
         _synchronous("NORMAL")
         log(f"transition() x {sizes['transitions']}")
         results["figures"].append(bench_transition(schema, definition, sizes["transitions"]))
+        # The same with the log sealed (ENCOUNTERS_SEAL_KEYS: an HMAC per row and genesis,
+        # issue 19), beside the figure above; the floor is the same raw transaction.
+        log(f"transition() x {sizes['transitions']}, seals on")
+        from django.test import override_settings
+
+        with override_settings(
+            ENCOUNTERS_SEAL_KEYS={"bench": "b" * 48}, ENCOUNTERS_SEAL_KEY_ID="bench"
+        ):
+            sealed = bench_transition(schema, definition, sizes["transitions"])
+        sealed["name"] = "transition() (seals on)"
+        results["figures"].append(sealed)
         log(f"get_state_at() x {sizes['reads']}")
         results["figures"].append(bench_get_state_at(schema, definition, sizes["reads"]))
         log(f"get_encounter_history() x {sizes['reads'] // 2}")

@@ -121,3 +121,9 @@ DATABASES["replica"] = {
         )
     },
 }
+
+
+# A child process of the backup tests audits a restored database with the seal key it was sealed
+# with (or another one): the key comes from the environment, as the docs advise.
+if os.environ.get("ENCOUNTERS_TEST_SEAL_KEY"):
+    ENCOUNTERS_SEAL_KEYS = {"k1": os.environ["ENCOUNTERS_TEST_SEAL_KEY"]}

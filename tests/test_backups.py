@@ -31,6 +31,9 @@ from django_encounters.services import create_encounter, get_state_at, transitio
 from tests.helpers import child_env, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The seal key of the sealed round trips, and another one with the same key id.
+SEAL_KEY = "backup-seal-key-" + "s" * 32
+OTHER_KEY = "another-seal-key-" + "o" * 32
 EXCLUDED = ["contenttypes", "auth.permission", "admin.logentry", "sessions"]
 
 
@@ -71,11 +74,28 @@ def _facts() -> dict[str, Any]:
     }
 
 
+def _seal_the_world(settings: Any) -> None:
+    """Configure the seal key and seal what was written before it (the fixtures' versions)."""
+    settings.ENCOUNTERS_SEAL_KEYS = {"k1": SEAL_KEY}
+    code, out, err = run_command("seal_encounters")
+    assert code == 0, err
+    assert audit_encounters().as_dict()["anomaly_count"] == 0
+
+
+def _seal_findings(report: dict[str, Any]) -> int:
+    return sum(a["kind"] == "seal" for e in report["encounters"] for a in e["anomalies"])
+
+
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("sealed", [False, True], ids=["unsealed", "sealed"])
 def test_dumpdata_loaddata_round_trip_keeps_the_audit_clean(
-    visit_definition, employment_definition, patient, user, tmp_path
+    sealed, visit_definition, employment_definition, patient, user, tmp_path, settings
 ):
+    if sealed:
+        settings.ENCOUNTERS_SEAL_KEYS = {"k1": SEAL_KEY}
     _world(visit_definition, employment_definition, patient, user)
+    if sealed:
+        _seal_the_world(settings)
     before = _facts()
     assert before["audit"]["anomaly_count"] == 0
     patient_type = ContentType.objects.get_for_model(type(patient)).pk
@@ -103,6 +123,15 @@ def test_dumpdata_loaddata_round_trip_keeps_the_audit_clean(
     code, out, err = run_command("audit_encounters", "--format", "json")
     assert code == 0, err
     assert json.loads(out)["anomaly_count"] == 0
+    if sealed:
+        # The same backup audited with another secret under the same key id: every seal is
+        # reported (nothing in the backup proves it came from the keys' holder).
+        settings.ENCOUNTERS_SEAL_KEYS = {"k1": OTHER_KEY}
+        code, out, err = run_command("audit_encounters", "--format", "json")
+        assert code == 1
+        report = json.loads(out)
+        assert _seal_findings(report) >= EncounterTransition.objects.count()
+        assert "does not match its content" in out
 
 
 def test_millisecond_precision_is_what_the_serialiser_keeps():
@@ -126,10 +155,15 @@ def _pg_tool(name: str) -> str:
 
 @pytest.mark.postgres_only
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("sealed", [False, True], ids=["unsealed", "sealed"])
 def test_pg_dump_pg_restore_round_trip_keeps_the_audit_clean(
-    visit_definition, employment_definition, patient, user, tmp_path
+    sealed, visit_definition, employment_definition, patient, user, tmp_path, settings
 ):
+    if sealed:
+        settings.ENCOUNTERS_SEAL_KEYS = {"k1": SEAL_KEY}
     _world(visit_definition, employment_definition, patient, user)
+    if sealed:
+        _seal_the_world(settings)
     before = audit_encounters(as_of=timezone.now()).as_dict()
     assert before["anomaly_count"] == 0
     settings = connection.settings_dict
@@ -153,6 +187,8 @@ def test_pg_dump_pg_restore_round_trip_keeps_the_audit_clean(
             check=True,
         )
         child = child_env() | {"PGDATABASE": restored}
+        if sealed:
+            child["ENCOUNTERS_TEST_SEAL_KEY"] = SEAL_KEY
         done = subprocess.run(
             [sys.executable, "-m", "django", "audit_encounters", "--format", "json"],
             cwd=ROOT,
@@ -162,6 +198,17 @@ def test_pg_dump_pg_restore_round_trip_keeps_the_audit_clean(
         )
         assert done.returncode == 0, done.stderr
         restored_report = json.loads(done.stdout)
+        if sealed:
+            assert restored_report["seals"] == "checked"
+            other = subprocess.run(
+                [sys.executable, "-m", "django", "audit_encounters", "--format", "json"],
+                cwd=ROOT,
+                env=child | {"ENCOUNTERS_TEST_SEAL_KEY": OTHER_KEY},
+                capture_output=True,
+                text=True,
+            )
+            assert other.returncode == 1, other.stderr
+            assert _seal_findings(json.loads(other.stdout)) >= EncounterTransition.objects.count()
         assert restored_report["anomaly_count"] == 0
         assert [e["id"] for e in restored_report["encounters"]] == [
             e["id"] for e in before["encounters"]
