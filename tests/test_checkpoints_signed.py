@@ -274,8 +274,8 @@ def test_a_format_1_checkpoint_still_verifies_and_says_created_at_is_not_covered
     assert report["checkpoint"]["signature"] is None
     code, out, _ = run_command("audit_encounters", "--against", str(path))
     assert code == 0
-    assert f"({CHECKPOINT_FORMAT_1}) of " in out.splitlines()[0]
-    assert "(not covered by the root), root " in out.splitlines()[0]
+    assert f"({CHECKPOINT_FORMAT_1}) of " in out.splitlines()[1]
+    assert "(not covered by the root), root " in out.splitlines()[1]
 
     # What /1 cannot prove: its time is not covered, an edited one passes the root.
     data["created_at"] = "2001-01-01T00:00:00+00:00"
@@ -331,12 +331,12 @@ def test_a_signed_checkpoint_verifies_with_its_public_key(clinic, tmp_path, keys
     code, out, _ = run_command(
         "audit_encounters", "--against", str(path), "--verify-key", str(keys.own_pub)
     )
-    assert f"signature verified with the key {own}:" in out.splitlines()[0]
+    assert f"signature verified with the key {own}:" in out.splitlines()[1]
     # Without --verify-key the signature is reported, not checked.
     code, report, _ = against(path)
     assert code == 0 and report["checkpoint"]["signature"] == {"key": own, "verified": False}
     code, out, _ = run_command("audit_encounters", "--against", str(path))
-    assert f"signed by the key {own}, not checked (no verify key given)" in out.splitlines()[0]
+    assert f"signed by the key {own}, not checked (no verify key given)" in out.splitlines()[1]
 
 
 def test_the_documented_openssl_recipe_verifies_the_signature(clinic, tmp_path, keys):

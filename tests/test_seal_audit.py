@@ -133,7 +133,7 @@ def test_an_unsealed_log_is_reported_record_by_record(visit, keys):
     found = seal_findings(visit)
     assert found == [
         (0, "the genesis: it is not sealed"),
-        (0, "definition VISIT version 1: it is not sealed (and has no content hash)"),
+        (0, "definition VISIT version 1: it is not sealed"),
         (1, "row 1: it is not sealed"),
         (2, "row 2: it is not sealed"),
     ]

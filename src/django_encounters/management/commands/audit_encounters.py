@@ -135,7 +135,7 @@ class Command(BaseCommand):
         path = options["output"]
         tally = _Tally()
 
-        def render(out: IO[str]) -> int:
+        def render(out: IO[str] | Unended) -> int:
             return writer.write(
                 tally.count(audits),
                 out,
