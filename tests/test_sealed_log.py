@@ -349,6 +349,18 @@ def test_seal_encounters_refuses_while_an_anomaly_stands_and_writes_nothing(
     assert EncounterTransition.objects.get(pk=row.pk).seal == ""
     with pytest.raises(SealingRefusedError, match="hash"):
         seal_encounters()
+    # Once a reviewer acknowledged the finding (bound to its evidence), sealing goes on: the
+    # forged row is sealed as it stands and its finding stays listed, acknowledged.
+    code, _, err = run_command(
+        "acknowledge_anomaly", str(encounter.pk), "1", "hash", "--reason", "examined: ticket 7"
+    )
+    assert code == 0, err
+    code, out, err = run_command("seal_encounters")
+    assert code == 0, err
+    assert EncounterTransition.objects.get(pk=row.pk).seal.startswith("k1:")
+    report = audit_encounters(encounters=[encounter.pk])
+    assert [(a.sequence, a.kind) for a in report.encounters[0].anomalies] == [(1, "hash")]
+    assert report.anomaly_count == 0
 
 
 def test_seal_encounters_rekeys_after_a_rotation(sealed, settings, encounter, user):

@@ -36,6 +36,7 @@ from ..models import (
     EncounterTransition,
 )
 from ..store.schema import field as model_field
+from .acknowledgements import mark_key
 from .replay import Replays, Verified
 from .selection import RulesCache, Selection, chained_rules, write_alias
 
@@ -108,7 +109,7 @@ def _standing(verified: Verified, sealer: Sealer) -> list[str]:
         str(anomaly)
         for anomaly in verified.anomalies
         if anomaly.kind != _SEAL_KIND
-        and (anomaly.sequence, anomaly.kind) not in verified.acknowledged
+        and mark_key(anomaly) not in verified.acknowledged
     ]
     (genesis_seal,) = verified.extra
     genesis_hash = verified.replay.hashes[0]  # the stored genesis hash
