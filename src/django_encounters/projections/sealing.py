@@ -108,8 +108,7 @@ def _standing(verified: Verified, sealer: Sealer) -> list[str]:
     found = [
         str(anomaly)
         for anomaly in verified.anomalies
-        if anomaly.kind != _SEAL_KIND
-        and mark_key(anomaly) not in verified.acknowledged
+        if anomaly.kind != _SEAL_KIND and mark_key(anomaly) not in verified.acknowledged
     ]
     (genesis_seal,) = verified.extra
     genesis_hash = verified.replay.hashes[0]  # the stored genesis hash
