@@ -24,6 +24,7 @@ from django_encounters.models import (
     EncounterTransition,
 )
 from django_encounters.projections.audit import audit_encounters, encounter_timeline
+from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.projections.sealing import seal_encounters
 from django_encounters.projections.selection import RulesCache
 from django_encounters.services import create_encounter, transition, upgrade_encounter
@@ -384,3 +385,43 @@ def test_a_forged_seal_is_never_resealed(sealed, encounter, user):
     with pytest.raises(SealingRefusedError, match="forged or changed"):
         seal_encounters(rekey=True)
     assert EncounterTransition.objects.get(pk=row.pk).seal == "k1:" + "0" * 64
+
+
+def test_a_changed_version_is_reported_once_for_itself_and_can_be_acknowledged(
+    sealed, visit_definition, patient, user
+):
+    """Besides the finding on every encounter and row decided under it, the version itself
+    is an entry of the audit (``definition_version``), counted by ``rebuild --check``,
+    standing in ``seal_encounters``' way until a reviewer acknowledges it — bound to its
+    evidence, the stored content hash."""
+    version = visit_definition.latest_version()
+    permissive = {state: list(visit_definition.states) for state in visit_definition.states}
+    with triggers_off(VERSIONS):  # the database owner, before any encounter used it
+        raw_update(EncounterDefinitionVersion, version.pk, transitions=permissive)
+
+    code, out, _ = run_command("audit_encounters", "--format", "json")
+    assert code == 1
+    (entry,) = json.loads(out)["encounters"]
+    assert (entry["id"], entry["definition"], entry["definition_version"]) == (
+        str(version.pk),
+        "VISIT",
+        1,
+    )
+    (finding,) = entry["anomalies"]
+    assert finding["kind"] == "definition" and "does not hash" in finding["detail"]
+    code, out, _ = run_command("audit_encounters")
+    assert f"Definition VISIT, version 1  (id {version.pk})" in out
+    assert rebuild_projections(check=True).anomaly_count == 1
+    assert run_command("seal_encounters")[0] == 1
+
+    code, _, err = run_command(
+        "acknowledge_anomaly", str(version.pk), "1", "definition", "--reason", "restored: #12"
+    )
+    assert code == 0, err
+    assert run_command("audit_encounters")[0] == 0
+    assert rebuild_projections(check=True).ok
+    assert run_command("seal_encounters")[0] == 0
+    # Edited again: other evidence, not covered.
+    with triggers_off(VERSIONS):
+        raw_update(EncounterDefinitionVersion, version.pk, initial_state="checked_in")
+    assert run_command("audit_encounters")[0] == 1

@@ -43,11 +43,12 @@ from uuid import UUID
 from django.db.models import Model
 from django.utils import timezone
 
-from .. import store
+from .. import conf, store
+from ..arguments import encounter_id as as_encounter_id
 from ..arguments import require_aware
-from ..engine import Anomaly, AnomalyKind, Genesis
+from ..engine import Anomaly, AnomalyKind, Genesis, evidence_of
 from ..exceptions import AnomalyNotReportedError, EncounterNotFoundError
-from ..models import AnomalyAcknowledgement
+from ..models import AnomalyAcknowledgement, EncounterDefinition, EncounterDefinitionVersion
 from .acknowledgements import (
     Acknowledged,
     MarkKey,
@@ -59,7 +60,7 @@ from .checkpoints import CheckpointCheck, verify_checkpoint
 from .output import local_iso
 from .replay import Replays, Usernames, Verified, mark_acknowledged, timeline_order
 from .seals import seal_status
-from .selection import Selection, write_alias
+from .selection import RulesCache, Selection, write_alias
 
 _STATE = store.PROJECTION_FIELDS.index("state")
 
@@ -129,6 +130,9 @@ class EncounterAudit:
     missing: bool = False  # in the checkpoint audited against, gone from the database
     #: not selected, reported for its findings against the checkpoint audited against
     outside_selection: bool = False
+    #: set when the entry is a definition version's, not an encounter's: ``id`` is the
+    #: version's (0: the definition's own, for its version pointer)
+    definition_version: int | None = None
     #: (sequence, kind, evidence) -> how that anomaly was acknowledged
     acknowledged: dict[MarkKey, Acknowledged] = field(default_factory=dict)
     #: the facts it was created with (subject, origin state, created_at); None when missing
@@ -173,6 +177,8 @@ class EncounterAudit:
         }
         if self.missing:
             data["missing"] = True
+        if self.definition_version is not None:
+            data["definition_version"] = self.definition_version
         if self.outside_selection:
             data["outside_selection"] = True
         return data
@@ -360,6 +366,7 @@ def _audits(
         for verified in more:
             audit = _audit_of(verified, more.rules, more.users, as_of)
             yield dataclasses.replace(audit, outside_selection=True)
+    yield from _definition_audits(replays)
     left = sorted(pending.items(), key=lambda item: str(item[0]))
     for start in range(0, len(left), batch_size):
         audits = [
@@ -377,6 +384,75 @@ def _audits(
             ((a.id, a.anomalies, a.acknowledged) for a in audits), replays.using, replays.sealer
         )
         yield from audits
+
+
+def definition_findings(
+    rules: RulesCache, using: str, definition_ids: Iterable[Any] | None = None
+) -> list[tuple[str, Anomaly]]:
+    """What is wrong with the definitions' versions themselves (``rules.problems()``: a
+    version whose stored content is not its chain's — edited, or inserted behind the
+    library's back —, a definition whose version pointer was moved), each as the definition's
+    code and an anomaly of kind ``definition`` on the version (its id, its number; evidence:
+    the stored content hash and what its content hashes to now) or, for the pointer, on the
+    definition (number 0). Reported once per version, besides the ``definition`` finding on
+    every encounter and row decided under it."""
+    problems = rules.problems()
+    if definition_ids is not None:
+        wanted = set(definition_ids)
+        problems = [p for p in problems if p[0] in wanted]
+    if not problems:
+        return []
+    versions = {
+        (definition_id, number): (pk, content_hash)
+        for definition_id, number, pk, content_hash in EncounterDefinitionVersion.objects.using(
+            using
+        )
+        .filter(definition_id__in={p[0] for p in problems})
+        .values_list("definition_id", "number", "pk", "content_hash")
+    }
+    found = []
+    for definition_id, number, why in problems:
+        if number:  # evidence: the stored content hash, then what the content hashes to now
+            pk, stored = versions[(definition_id, number)]
+            now = rules.rules_of(definition_id)(number)
+            evidence = evidence_of(stored, now.content_hash if now is not None else "")
+        else:  # the pointer: what it and the chain say
+            pk, evidence = definition_id, evidence_of(why)
+        found.append(
+            (rules.code(definition_id), Anomaly(pk, number, AnomalyKind.DEFINITION, why, evidence))
+        )
+    return found
+
+
+def _definition_audits(replays: Replays) -> Iterator[EncounterAudit]:
+    """An entry per definition version (or version pointer) found wrong, when the selection
+    names no encounter ids: after the encounters."""
+    selection = replays.selection
+    if selection.encounters is not None or replays.rules is None:
+        return
+    yield from definition_audits(
+        replays.rules, replays.using, selection.definition_ids, replays.sealer
+    )
+
+
+def definition_audits(
+    rules: RulesCache, using: str, definition_ids: Iterable[Any] | None, sealer: Any
+) -> list[EncounterAudit]:
+    """:func:`definition_findings` as audit entries (``definition_version`` set), with the
+    acknowledgements they have."""
+    audits = [
+        EncounterAudit(
+            id=as_encounter_id(anomaly.encounter_id),
+            definition=code,
+            state_as_of="",
+            timeline=[],
+            anomalies=[anomaly],
+            definition_version=anomaly.sequence,
+        )
+        for code, anomaly in definition_findings(rules, using, definition_ids)
+    ]
+    mark_acknowledged(((a.id, a.anomalies, a.acknowledged) for a in audits), using, sealer)
+    return audits
 
 
 def _audit_of(
@@ -494,6 +570,13 @@ def acknowledge_reported_anomaly(
     )[0]
 
 
+def _names_a_definition(pk: UUID, using: str) -> bool:
+    return (
+        EncounterDefinitionVersion.objects.using(using).filter(pk=pk).exists()
+        or EncounterDefinition.all_objects.using(using).filter(pk=pk).exists()
+    )
+
+
 def acknowledge_reported_anomalies(
     encounter_id: Any,
     sequence: int,
@@ -514,7 +597,17 @@ def acknowledge_reported_anomalies(
     encounter_uuid = acknowledgement_arguments(
         encounter_id, sequence, kind, reason, acknowledged_by
     )
-    audits = list(iter_audit(encounters=[encounter_uuid], against=against, root=root, using=using))
+    if _names_a_definition(encounter_uuid, using):
+        # A definition version's (or pointer's) finding: the id is the version's.
+        audits = [
+            audit
+            for audit in definition_audits(RulesCache(using), using, None, conf.sealer())
+            if audit.id == encounter_uuid
+        ]
+    else:
+        audits = list(
+            iter_audit(encounters=[encounter_uuid], against=against, root=root, using=using)
+        )
     reported = [a for audit in audits if audit.id == encounter_uuid for a in audit.anomalies]
     matching = [a for a in reported if (a.sequence, a.kind) == (sequence, kind)]
     if not matching:

@@ -37,14 +37,15 @@ from uuid import UUID
 from django.db import transaction
 from django.utils import timezone
 
-from .. import store
+from .. import conf, store
 from ..arguments import require_positive_int
 from ..engine import Anomaly, hash_format
 from ..exceptions import EncounterNotFoundError, RebuildWorkerError
 from .acknowledgements import Acknowledged, mark_key
+from .audit import EncounterAudit, definition_audits
 from .replay import Replays, Verified
 from .seals import seal_status
-from .selection import Selection
+from .selection import RulesCache, Selection
 from .workers import describe_setup, run_in_workers
 
 __all__ = [
@@ -207,8 +208,16 @@ def rebuild_projections(
         "max_reported": max_reported,
     }
     if jobs > 1:
-        return _rebuild_in_workers(options, progress=progress, jobs=jobs)
-    return rebuild_range(**options, progress=progress)
+        result = _rebuild_in_workers(options, progress=progress, jobs=jobs)
+    else:
+        result = rebuild_range(**options, progress=progress)
+    if selection.encounters is None:
+        # What is wrong with a definition version itself, reported once (as the audit does).
+        for entry in definition_audits(
+            RulesCache(selection.using), selection.using, selection.definition_ids, conf.sealer()
+        ):
+            _count_anomalies(entry, result, max_reported)
+    return result
 
 
 def rebuild_range(
@@ -281,8 +290,11 @@ def _compare(batch: list[Verified], result: RebuildResult, max_reported: int) ->
     return fixes
 
 
-def _count_anomalies(verified: Verified, result: RebuildResult, max_reported: int) -> None:
-    """Add one encounter's anomalies to ``result``, acknowledged ones apart."""
+def _count_anomalies(
+    verified: Verified | EncounterAudit, result: RebuildResult, max_reported: int
+) -> None:
+    """Add one encounter's (or definition version's) anomalies to ``result``, acknowledged
+    ones apart."""
     marks = verified.acknowledged
     open_ = [a for a in verified.anomalies if mark_key(a) not in marks]
     if open_:

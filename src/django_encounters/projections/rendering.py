@@ -202,6 +202,13 @@ def _anomaly_text(audit: EncounterAudit, anomaly: Anomaly) -> str:
 def _write_encounter(audit: EncounterAudit, out: IO[str], when: str) -> None:
     if audit.missing:
         out.write(f"Encounter {audit.id}  (missing: in the checkpoint, not in the database)\n")
+    elif audit.definition_version is not None:
+        what = (
+            f"version {audit.definition_version}"
+            if audit.definition_version
+            else "its version pointer"
+        )
+        out.write(f"Definition {printable(audit.definition)}, {what}  (id {audit.id})\n")
     else:
         flags = " (soft-deleted)" if audit.deleted else ""
         if audit.outside_selection:

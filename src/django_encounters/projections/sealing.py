@@ -37,6 +37,7 @@ from ..models import (
 )
 from ..store.schema import field as model_field
 from .acknowledgements import mark_key
+from .audit import definition_audits
 from .replay import Replays, Verified
 from .selection import RulesCache, Selection, chained_rules, write_alias
 
@@ -128,7 +129,12 @@ def _replays(using: str, batch_size: int, rules: RulesCache) -> Replays:
 
 
 def _version_problems(rules: RulesCache, sealer: Sealer, using: str) -> list[str]:
-    found = [why for _, _, why in rules.problems()]
+    # A definition version's own finding stands until it is acknowledged, like any other.
+    found = [
+        f"definition {entry.definition}: {anomaly.detail}"
+        for entry in definition_audits(rules, using, None, sealer)
+        for anomaly in entry.unacknowledged
+    ]
     for version in EncounterDefinitionVersion.objects.using(using).exclude(seal=""):
         problem = _bad_seal(sealer, "version", version.content_hash, version.seal)
         if problem:
