@@ -149,7 +149,7 @@ def _postgres_install(apps):
 def _sqlite_restore(apps):
     """0002's triggers (every UPDATE refused, naming no column, so the columns can go)."""
     statements = []
-    for model_name, (stem, what, clash, sealable) in APPEND_ONLY.items():
+    for model_name, (stem, what, _clash, sealable) in APPEND_ONLY.items():
         table, _ = _columns(apps, model_name)
         statements += [f"DROP TRIGGER IF EXISTS {stem}_{column}_once" for column in sealable] + [
             f"DROP TRIGGER IF EXISTS {stem}_no_update",
@@ -193,6 +193,14 @@ def _execute(schema_editor, statements):
         schema_editor.execute(sql, params=None)
 
 
+def citus_sequential(apps, schema_editor):
+    """On Citus (distributed tables: docs/scaling.md), before the columns are added: a
+    transaction that changed distributed tables in parallel may not create a function
+    afterwards (the trigger function below), so their DDL runs shard by shard here."""
+    if schema_editor.connection.vendor == "postgresql":
+        _execute(schema_editor, [])
+
+
 def install(apps, schema_editor):
     vendor = schema_editor.connection.vendor
     if vendor == "sqlite":
@@ -221,6 +229,7 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        migrations.RunPython(citus_sequential, citus_sequential, elidable=False),
         migrations.AddField("anomalyacknowledgement", "acknowledged_by_name", field(255)),
         migrations.AddField("anomalyacknowledgement", "evidence", field(255)),
         migrations.AddField("anomalyacknowledgement", "hash", field(100)),
