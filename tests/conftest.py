@@ -221,3 +221,16 @@ def past() -> Any:
         return base - timedelta(hours=hours)
 
     return at
+
+
+@pytest.fixture
+def tampered(visit_definition, patient, user):
+    """A visit (3 rows) whose row 2 was edited behind the triggers: a `hash` anomaly at 2."""
+    from django_encounters.services import create_encounter, transition
+    from tests.helpers import rewrite_row
+
+    visit = create_encounter(visit_definition, patient)
+    for state in ("checked_in", "in_progress", "completed"):
+        transition(visit, state, transitioned_by=user, reason=f"to {state}")
+    rewrite_row(visit, 2, reason="edited")
+    return visit

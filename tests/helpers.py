@@ -595,3 +595,23 @@ def seal_everything(using: str = "default") -> None:
                         f"UPDATE {table} SET {qn(sealed)} = %s WHERE {qn(pk.column)} = %s",
                         [sealer.seal(tag, digest), where],
                     )
+
+
+def plain_audit_is_clean() -> bool:
+    """What the hash chain alone says: no anomaly in any stream, no drift."""
+    from django_encounters.projections.audit import audit_encounters
+    from django_encounters.projections.rebuild import rebuild_projections
+
+    report = audit_encounters()
+    check = rebuild_projections(check=True)
+    return report.anomaly_count == 0 and check.ok and check.projections_drifted == 0
+
+
+def audit_against(path: Any, *args: str) -> tuple[int, dict, str]:
+    """``audit_encounters --against PATH --format json ARGS``: (exit status, the report, stderr)."""
+    import json
+
+    code, out, err = run_command(
+        "audit_encounters", "--against", str(path), "--format", "json", *args
+    )
+    return code, (json.loads(out) if out else {}), err

@@ -39,16 +39,6 @@ pytestmark = pytest.mark.django_db
 ACKS = AnomalyAcknowledgement._meta.db_table
 
 
-@pytest.fixture
-def tampered(visit_definition, patient, user):
-    """A visit (3 rows) whose row 2 was edited behind the triggers: a `hash` anomaly at 2."""
-    visit = create_encounter(visit_definition, patient)
-    for state in ("checked_in", "in_progress", "completed"):
-        transition(visit, state, transitioned_by=user, reason=f"to {state}")
-    rewrite_row(visit, 2, reason="edited")
-    return visit
-
-
 def audit(*args: str) -> tuple[int, str, str]:
     return run_command("audit_encounters", *args)
 

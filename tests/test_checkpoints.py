@@ -31,12 +31,13 @@ from django_encounters.projections.checkpoints import (
 )
 from django_encounters.projections.checkpoints import building as checkpoint_building
 from django_encounters.projections.checkpoints import reading as checkpoint_reading
-from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import create_encounter, transition
+from tests.helpers import audit_against as against
 from tests.helpers import (
     delete_encounter,
     delete_rows,
     forge_projection,
+    plain_audit_is_clean,
     raw_update,
     rehash_from,
     reload,
@@ -51,20 +52,6 @@ pytestmark = pytest.mark.django_db
 # ---------------------------------------------------------------------------------------------
 # What the audit says (the attacks themselves are in tests/helpers.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def plain_audit_is_clean() -> bool:
-    """What the hash chain alone says: no anomaly in any stream, no drift."""
-    report = audit_encounters()
-    check = rebuild_projections(check=True)
-    return report.anomaly_count == 0 and check.ok and check.projections_drifted == 0
-
-
-def against(path: Any, *args: str) -> tuple[int, dict, str]:
-    code, out, err = run_command(
-        "audit_encounters", "--against", str(path), "--format", "json", *args
-    )
-    return code, (json.loads(out) if out else {}), err
 
 
 def found(data: dict) -> list[tuple[str, int, str]]:

@@ -40,11 +40,12 @@ from django_encounters.projections.checkpoints import (
 )
 from django_encounters.projections.checkpoints import building as checkpoint_building
 from django_encounters.projections.checkpoints.signing import sign
-from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import create_encounter, get_state_at, transition
+from tests.helpers import audit_against as against
 from tests.helpers import (
     forge_projection,
     insert_row_raw,
+    plain_audit_is_clean,
     raw_update,
     rehash_from,
     reload,
@@ -53,19 +54,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.django_db
-
-
-def plain_audit_is_clean() -> bool:
-    report = audit_encounters()
-    check = rebuild_projections(check=True)
-    return report.anomaly_count == 0 and check.ok and check.projections_drifted == 0
-
-
-def against(path: Any, *args: str) -> tuple[int, dict, str]:
-    code, out, err = run_command(
-        "audit_encounters", "--against", str(path), "--format", "json", *args
-    )
-    return code, (json.loads(out) if out else {}), err
 
 
 def found(data: dict) -> list[tuple[str, int, str]]:
