@@ -29,6 +29,7 @@ from django.db import connections
 from django.db.models import Q, QuerySet
 
 from .. import conf, store
+from ..arguments import encounter_id as as_encounter_id
 from ..engine import (
     TIMELINE_ORDER,
     Anomaly,
@@ -138,15 +139,11 @@ def mark_acknowledged(
     if not check.marks and not check.problems:
         return
     for encounter_id, anomalies, acknowledged in items:
-        anomalies.extend(check.problems.get(key_of_id(encounter_id), ()))
+        anomalies.extend(check.problems.get(as_encounter_id(encounter_id), ()))
         for anomaly in anomalies:
             mark = check.marks.get(key_of(anomaly))
             if mark is not None:
                 acknowledged[mark_key(anomaly)] = mark
-
-
-def key_of_id(encounter_id: Any) -> UUID:
-    return encounter_id if isinstance(encounter_id, UUID) else UUID(str(encounter_id))
 
 
 class Replays:
@@ -187,7 +184,9 @@ class Replays:
         self.using = using = selection.using
         self.order = order
         self.verify = verify
-        self.rules = rules if rules is not None or not verify else RulesCache(using)
+        if rules is None and verify:
+            rules = RulesCache(using)
+        self.rules = rules
         self.users = Usernames(using) if users else None
         self.added = added if added is not None else {}
         #: the seal keys the seals are checked with (None: seals are not checked)
