@@ -199,6 +199,7 @@ def test_an_existing_file_is_kept_unless_overwrite(checkpoint):
 
     assert code == 2 and out == ""
     assert f"checkpoint {checkpoint}: the file exists" in err
+    assert "choose a new name, or replace it on purpose with --overwrite" in err
     assert checkpoint.read_text() == before
     assert sorted(os.listdir(checkpoint.parent)) == ["checkpoint.json"]  # no temporary left
     code, out, _ = run_command("checkpoint_encounters", "--output", str(checkpoint), "--overwrite")

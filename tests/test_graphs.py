@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from datetime import timedelta
 from pathlib import Path
 
+import django
 import pytest
 from django.utils import timezone
 
@@ -251,10 +252,12 @@ def test_version_n_draws_an_older_version(visit_definition):
     assert code == 0
     assert "%% definition 'VISIT' v2" in current
     assert 's5((("no_show")))' in current and "s0 --> s5" in current
-    code, older, err = run_command("encounter_graph", "VISIT", "--version", "1")
+    code, older, err = run_command("encounter_graph", "VISIT", "--definition-version", "1")
     assert (code, err) == (0, "")
     assert older == VISIT_MERMAID
-    code, older_dot, _ = run_command("encounter_graph", "VISIT", "--version=1", "--format=dot")
+    code, older_dot, _ = run_command(
+        "encounter_graph", "VISIT", "--definition-version=1", "--format=dot"
+    )
     assert (code, older_dot) == (0, VISIT_DOT)
     assert draw("VISIT", "mermaid", version=1) == VISIT_MERMAID
 
@@ -550,7 +553,9 @@ def test_process_map_counts_rows_of_every_version_against_the_chosen_one(
     older = process_map("VISIT", version=1)
     assert older.edge("scheduled", "no_show").anomalous
     assert older.node("no_show").declared is False
-    code, out, _ = run_command("encounter_graph", "VISIT", "--from-log", "--version", "1")
+    code, out, _ = run_command(
+        "encounter_graph", "VISIT", "--from-log", "--definition-version", "1"
+    )
     assert code == 0
     assert "compared with 'VISIT' v1" in out
     assert mermaid_line(out, "linkStyle") == "linkStyle 7 stroke:red,stroke-width:2px"
@@ -601,9 +606,18 @@ def test_output_into_a_directory_is_refused(visit_definition, tmp_path):
     ("args", "message"),
     [
         (["NOPE"], "no encounter definition has the code 'NOPE'"),
-        (["VISIT", "--version", "9"], "definition 'VISIT' has no version 9 (its versions: 1..1)"),
-        (["VISIT", "--version", "0"], "--version: a definition version is a positive integer"),
-        (["VISIT", "--version", "two"], "--version: a definition version is a positive integer"),
+        (
+            ["VISIT", "--definition-version", "9"],
+            "definition 'VISIT' has no version 9 (its versions: 1..1)",
+        ),
+        (
+            ["VISIT", "--definition-version", "0"],
+            "--definition-version: a definition version is a positive integer",
+        ),
+        (
+            ["VISIT", "--definition-version", "two"],
+            "--definition-version: a definition version is a positive integer",
+        ),
         (
             ["VISIT", "--from-log", "--since", "2026-01-01T00:00:00"],
             "--since: '2026-01-01T00:00:00' has no UTC offset",
@@ -688,32 +702,35 @@ def test_the_python_api_refuses_bad_arguments(visit_definition):
         draw("NOPE", "png")  # the format is refused before anything is read
 
 
-def test_the_command_line_refuses_an_unknown_format_and_keeps_version_for_definitions(tmp_path):
-    """As a shell runs it: argparse's own usage errors exit 2, and ``--version`` is the
-    definition version's option here, not Django's."""
+def test_the_command_line_refuses_an_unknown_format_and_the_old_version_spelling(tmp_path):
+    """As a shell runs it: argparse's own usage errors exit 2; ``--version`` prints Django's
+    version as for every command, and ``--version N`` (the definition version before 0.2) is a
+    usage error naming ``--definition-version N``."""
     env = child_env(tmp_path / "unused.sqlite3")
-    done = subprocess.run(
-        [sys.executable, "-m", "django", "encounter_graph", "VISIT", "--format", "png"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "django", "encounter_graph", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
+
+    done = run("VISIT", "--format", "png")
     assert done.returncode == 2
     assert "invalid choice: 'png'" in done.stderr
-    shown = subprocess.run(
-        [sys.executable, "-m", "django", "encounter_graph", "--help"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-        check=True,
-    )
-    assert "--version N" in shown.stdout
+    shown = run("--help")
+    assert shown.returncode == 0
+    assert "--definition-version N" in shown.stdout
     assert "draw (or compare with) this definition version" in shown.stdout
+    version = run("VISIT", "--version")
+    assert (version.returncode, version.stdout) == (0, django.get_version() + "\n")
+    old = run("VISIT", "--version", "2")
+    assert old.returncode == 2 and old.stdout == ""
+    assert "the definition version to draw is --definition-version 2" in old.stderr
 
 
 # ---------------------------------------------------------------------------------------------

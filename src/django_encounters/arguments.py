@@ -25,7 +25,12 @@ def require_aware(value: Any, name: str, *, optional: bool = False) -> None:
     if value.tzinfo is dt_timezone.utc:  # the usual case, aware and in UTC already
         return
     if timezone.is_naive(value):
-        raise ValueError(f"{name} must be timezone-aware, got naive datetime {value!r}")
+        raise ValueError(
+            f"{name} must be timezone-aware, got naive datetime {value!r}: use "
+            "django.utils.timezone.now() for the current time, or "
+            "django.utils.timezone.make_aware(value) for a naive time meant in the current "
+            "time zone (value.replace(tzinfo=...) for another one)"
+        )
     try:
         value.astimezone(dt_timezone.utc)
     except OverflowError as exc:

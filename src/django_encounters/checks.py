@@ -8,11 +8,14 @@
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
   unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
+* ``django_encounters.E006`` (error): a SQLite database sets ``OPTIONS["transaction_mode"]`` or
+  ``OPTIONS["init_command"]`` on Django < 5.1, which has neither (``migrate`` would crash);
+* ``django_encounters.E007`` (error): ``ENCOUNTERS_ALLOW_DROPPING_LOG`` is not a bool;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
 * ``django_encounters.W002`` (warning): a SQLite database without
-  ``transaction_mode="IMMEDIATE"``;
+  ``transaction_mode="IMMEDIATE"`` (nor, before Django 5.1, a backend that begins immediate);
 * ``django_encounters.W003`` (warning): an ``ENCOUNTERS_*`` setting the package does not know.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 import django
@@ -37,6 +41,7 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
     "ENCOUNTERS_SEAL_KEYS",
     "ENCOUNTERS_SEAL_KEY_ID",
+    "ENCOUNTERS_ALLOW_DROPPING_LOG",
 )
 
 
@@ -44,15 +49,7 @@ KNOWN_SETTINGS = (
 def check_use_tz(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
     if getattr(settings, "USE_TZ", False):
         return []
-    return [
-        checks.Error(
-            "USE_TZ is off: django-encounters stores business and system times as aware UTC "
-            "datetimes, compares them across app servers and hashes them into the audit "
-            "chain; naive local times would be ambiguous (and shift at every DST change).",
-            hint="Set USE_TZ = True.",
-            id="django_encounters.E001",
-        )
-    ]
+    return [checks.Error(conf.USE_TZ_OFF, hint=conf.USE_TZ_FIX, id="django_encounters.E001")]
 
 
 @checks.register(checks.Tags.security, deploy=True)
@@ -120,6 +117,13 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             "django_encounters.E004",
             "Set it to True or False, or remove it for the default (False).",
         ),
+        (
+            "ENCOUNTERS_ALLOW_DROPPING_LOG",
+            conf.allow_dropping_log,
+            "django_encounters.E007",
+            "Set it to True or False, or remove it for the default (False: a backwards "
+            "migration that would drop a log holding transitions is refused).",
+        ),
     ]
     found: list[checks.CheckMessage] = []
     for name, read, check_id, hint in readers:
@@ -148,29 +152,62 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
     return found
 
 
+#: The SQLite ``OPTIONS`` Django 5.1 introduced; older releases hand every option to
+#: ``sqlite3.connect()``, which fails with ``TypeError`` at the first connection (``migrate``).
+SQLITE_OPTIONS_SINCE_5_1 = ("transaction_mode", "init_command")
+
+
 @checks.register()  # settings only, no connection: not tagged "database" (run without --database)
 def check_sqlite_transaction_mode(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
     """SQLite's default deferred transactions take the write lock only at the first write: a
     ``transition()`` that waited would fail with "database is locked" instead of waiting its
-    turn. ``transaction_mode="IMMEDIATE"`` (Django 5.1+) takes it at ``BEGIN``."""
+    turn. ``transaction_mode="IMMEDIATE"`` (Django 5.1+) takes it at ``BEGIN``; on older Django
+    that option (and ``init_command``) is an error."""
+    return sqlite_messages(settings.DATABASES, django.VERSION)
+
+
+def sqlite_messages(
+    databases: dict[str, dict[str, Any]], django_version: tuple[Any, ...]
+) -> list[checks.CheckMessage]:
+    """W002 and E006 for the SQLite aliases of ``databases`` under Django ``django_version``
+    (a parameter, so that both sides of the 5.1 boundary are tested on any release)."""
     found: list[checks.CheckMessage] = []
-    databases: dict[str, dict[str, Any]] = settings.DATABASES
+    modern = tuple(django_version[:2]) >= (5, 1)
+    release = ".".join(str(part) for part in django_version[:2])
     for alias, database in databases.items():
         if not str(database.get("ENGINE", "")).endswith("sqlite3"):
             continue
         options: dict[str, Any] = database.get("OPTIONS") or {}
-        mode = str(options.get("transaction_mode") or "DEFERRED")
-        if mode.upper() == "IMMEDIATE":
+        unsupported = [name for name in SQLITE_OPTIONS_SINCE_5_1 if name in options]
+        if unsupported and not modern:
+            names = " and ".join(f'OPTIONS["{name}"]' for name in unsupported)
+            found.append(
+                checks.Error(
+                    f"database {alias!r} sets {names}, which Django {release} does not know: "
+                    "it passes every option to sqlite3.connect(), so the first connection (e.g. "
+                    "migrate) fails with TypeError.",
+                    hint=f"Remove {names} from DATABASES[{alias!r}] (Django 5.1 or later "
+                    "supports them); for writers that wait for each other on this Django, use a "
+                    "backend whose transactions begin with BEGIN IMMEDIATE (docs: SQLite or "
+                    "PostgreSQL, 'SQLite on Django 4.2').",
+                    obj=f"DATABASES[{alias!r}]",
+                    id="django_encounters.E006",
+                )
+            )
             continue
-        if django.VERSION >= (5, 1):
+        mode = str(options.get("transaction_mode") or "DEFERRED")
+        if mode.upper() == "IMMEDIATE" or _begins_immediate(database):
+            continue
+        if modern:
             hint = (
                 f'Add "transaction_mode": "IMMEDIATE" to DATABASES["{alias}"]["OPTIONS"], so '
                 "that concurrent writers wait for each other."
             )
         else:
             hint = (
-                "Django 5.1 or later offers OPTIONS['transaction_mode'] = 'IMMEDIATE'; with "
-                f"Django {django.get_version()}, serialise writers yourself or use PostgreSQL."
+                f"Django {release} has no OPTIONS['transaction_mode'] (5.1+ has): use a backend "
+                "whose transactions begin with BEGIN IMMEDIATE (docs: SQLite or PostgreSQL, "
+                "'SQLite on Django 4.2'), upgrade Django, or use PostgreSQL."
             )
         found.append(
             checks.Warning(
@@ -184,3 +221,13 @@ def check_sqlite_transaction_mode(app_configs: Any, **kwargs: Any) -> list[check
             )
         )
     return found
+
+
+def _begins_immediate(database: dict[str, Any]) -> bool:
+    """Whether the alias's backend says its transactions begin with ``BEGIN IMMEDIATE`` (the
+    Django 4.2 recipe sets ``begins_immediate = True`` on its ``DatabaseWrapper``)."""
+    try:
+        backend = import_module(f"{database['ENGINE']}.base")
+    except ImportError:
+        return False
+    return bool(getattr(getattr(backend, "DatabaseWrapper", None), "begins_immediate", False))

@@ -19,6 +19,14 @@
 ``ENCOUNTERS_REST_REQUIRE_IF_MATCH``
     Whether the REST API (``django_encounters.contrib.rest_framework``) refuses a transition
     POST without an ``If-Match`` header (``428 Precondition Required``). Default: ``False``.
+``ENCOUNTERS_ALLOW_DROPPING_LOG``
+    Whether unapplying the package's migrations (``manage.py migrate django_encounters zero``,
+    or back to any earlier migration) may proceed on a database that holds transitions: it
+    drops the log's seals, its append-only triggers and, at ``zero``, the log itself. ``True``
+    or ``False``. Default: ``False`` (refused with ``LogDropRefusedError``, nothing changed).
+
+``USE_TZ`` must be on (system check ``django_encounters.E001``); with the checks skipped, the
+write path refuses with the same message (:func:`require_use_tz`).
 """
 
 from __future__ import annotations
@@ -35,6 +43,36 @@ from .exceptions import EncounterConfigurationError
 DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
 #: The largest future tolerance accepted: it is for clock skew, not for scheduling.
 MAX_FUTURE_TOLERANCE = timedelta(days=1)
+
+
+#: What is wrong with ``USE_TZ = False``: system check E001 and :func:`require_use_tz` say it.
+USE_TZ_OFF = (
+    "USE_TZ is off: django-encounters stores business and system times as aware UTC datetimes, "
+    "compares them across app servers and hashes them into the audit chain; naive local times "
+    "would be ambiguous (and shift at every DST change)."
+)
+USE_TZ_FIX = "Set USE_TZ = True."
+
+
+def require_use_tz() -> None:
+    """Refuse to write when ``USE_TZ`` is off: system check ``django_encounters.E001`` says so,
+    but checks can be skipped (``--skip-checks``, a script, a test) or silenced, and the hash
+    chain cannot take a naive time."""
+    if not settings.USE_TZ:
+        raise EncounterConfigurationError(
+            f"{USE_TZ_OFF} {USE_TZ_FIX} (system check django_encounters.E001; nothing was written)"
+        )
+
+
+def allow_dropping_log() -> bool:
+    """``ENCOUNTERS_ALLOW_DROPPING_LOG``: whether a backwards migration may drop a log that
+    holds transitions (default False)."""
+    value = getattr(settings, "ENCOUNTERS_ALLOW_DROPPING_LOG", False)
+    if not isinstance(value, bool):
+        raise EncounterConfigurationError(
+            f"ENCOUNTERS_ALLOW_DROPPING_LOG must be True or False, not {value!r}"
+        )
+    return value
 
 
 def future_tolerance() -> timedelta:

@@ -11,17 +11,19 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import django
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models.deletion import ProtectedError
 
 from .engine import errors as _engine_errors
 from .engine.errors import *  # noqa: F403 - the domain's errors, re-exported
-from .engine.errors import EncounterError
+from .engine.errors import ConcurrentTransitionError, EncounterError
 
 __all__ = [
     *_engine_errors.__all__,
     "AnomalyNotReportedError",
     "CheckpointError",
+    "DatabaseLockedError",
     "DefinitionNotFoundError",
     "DefinitionVersionError",
     "DefinitionVersionNotFoundError",
@@ -33,6 +35,7 @@ __all__ = [
     "GraphvizError",
     "GraphvizNotFoundError",
     "HardDeleteRefusedError",
+    "LogDropRefusedError",
     "RebuildWorkerError",
     "SealingRefusedError",
     "UnknownFormatError",
@@ -43,6 +46,70 @@ __all__ = [
 class EncounterConfigurationError(EncounterError, ImproperlyConfigured):
     """A setting of django-encounters has a value it cannot use (also an
     ``ImproperlyConfigured``)."""
+
+
+class DatabaseLockedError(ConcurrentTransitionError):
+    """SQLite refused the write lock to ``transition()`` (or ``upgrade_encounter()``, or the
+    low-level append) of encounter ``encounter_id``: another connection was writing the database
+    file (``database`` names its alias). The encounter itself was not changed by anyone, and
+    nothing was written; the same call may succeed once the other writer is done.
+
+    ``transaction_mode`` is the alias's mode (``"DEFERRED"`` when unset). In Django's default
+    deferred mode a transaction that read first cannot wait for the write lock (SQLite would
+    deadlock, so it refuses at once, whatever the ``timeout``): the message names the fix,
+    ``OPTIONS["transaction_mode"] = "IMMEDIATE"`` (Django 5.1+), or on older Django a backend
+    whose transactions begin with ``BEGIN IMMEDIATE`` (docs: "SQLite or PostgreSQL"). In
+    ``IMMEDIATE`` mode it means the writer waited its whole ``OPTIONS["timeout"]`` (``timeout``,
+    seconds) for the lock.
+
+    A subclass of ``ConcurrentTransitionError`` (another writer got in the way; retrying is
+    safe), which code written for earlier releases, that caught the lock under that name, still
+    catches."""
+
+    def __init__(
+        self,
+        encounter_id: Any,
+        *,
+        database: str,
+        transaction_mode: str,
+        timeout: float | None,
+        django_version: tuple[int, ...] = django.VERSION,
+        detail: str = "database is locked",
+    ) -> None:
+        self.database = database
+        self.transaction_mode = transaction_mode
+        self.timeout = timeout
+        super().__init__(encounter_id, detail=detail)
+        waited = "the default 5" if timeout is None else f"{timeout:g}"
+        if transaction_mode.upper() == "IMMEDIATE":
+            fix = (
+                f"it waited {waited} seconds for the write lock (DATABASES[{database!r}]"
+                '["OPTIONS"]["timeout"]) while another connection held it: raise the timeout, '
+                "keep transactions that write short, or use PostgreSQL for many concurrent "
+                "writers"
+            )
+        elif django_version >= (5, 1):
+            fix = (
+                f"in SQLite's {transaction_mode} transaction mode a writer that read first cannot "
+                "wait for the lock (a larger timeout does not help): set "
+                f'DATABASES[{database!r}]["OPTIONS"]["transaction_mode"] = "IMMEDIATE" so that '
+                "writers wait their turn"
+            )
+        else:
+            fix = (
+                f"in SQLite's {transaction_mode} transaction mode a writer that read first cannot "
+                "wait for the lock (a larger timeout does not help). Django "
+                f"{'.'.join(map(str, django_version[:2]))} has no "
+                'OPTIONS["transaction_mode"] (Django 5.1+ has): use a database backend whose '
+                "transactions begin with BEGIN IMMEDIATE (the recipe is in the docs' "
+                '"SQLite or PostgreSQL" guide), or upgrade Django'
+            )
+        EncounterError.__init__(
+            self,
+            f"Encounter {encounter_id}: nothing was written, the SQLite database {database!r} "
+            f"is locked by another writer ({detail}; not necessarily one of this encounter). "
+            f"{fix[0].upper()}{fix[1:]}.",
+        )
 
 
 class ValidatorConfigurationError(EncounterConfigurationError):
@@ -248,3 +315,24 @@ class GraphvizError(EncounterError):
         self.detail = detail
         status = "did not finish" if returncode is None else f"exited with status {returncode}"
         super().__init__(f"Graphviz ({program}) {status}: {detail or 'no message'}")
+
+
+class LogDropRefusedError(EncounterError):
+    """A backwards migration of ``django_encounters`` refused: the database ``database`` holds
+    ``transitions`` rows of the append-only, tamper-evident log, and unapplying the package's
+    migrations drops its protections (the seals of ``0003``, the triggers of ``0002``) and, at
+    ``zero``, the log itself. Nothing was changed. Set ``ENCOUNTERS_ALLOW_DROPPING_LOG = True``
+    for the one run that must do it (after a backup)."""
+
+    def __init__(self, database: str, transitions: int) -> None:
+        self.database = database
+        self.transitions = transitions
+        rows = f"{transitions} transition{'' if transitions == 1 else 's'}"
+        super().__init__(
+            f"refusing to unapply django_encounters' migrations on database {database!r}: it "
+            f"holds {rows} of the append-only, tamper-evident log, and going back drops the "
+            "log's seals (0003), its append-only triggers (0002) and, at zero, the log itself "
+            "(0001) — destroyed, with no way for an audit to tell what was there. Nothing was "
+            "changed. If that is really meant (a backup taken: docs' Operations, 'Backups'), "
+            "set ENCOUNTERS_ALLOW_DROPPING_LOG = True in the settings for this one run"
+        )

@@ -753,6 +753,7 @@ class Encounter(UUIDModel, BaseModel):
         definition or subject): pinned to its definition's latest version, in ``state`` (the
         initial state by default), created at the stored precision, its genesis hashed, and
         its projection the origin."""
+        conf.require_use_tz()  # the genesis hash needs an aware created_at
         machine = self.definition.latest_version()
         state = machine.initial_state if state is None else state
         if not machine.is_valid_state(state):
@@ -976,6 +977,7 @@ class EncounterTransition(AppendOnlyModel):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         self.refuse_change()
+        conf.require_use_tz()
         # The low-level append (transition() does not come through here): the row is numbered,
         # chained and inserted by the store, and the projection follows the log. No
         # state-machine checks: that is transition()'s job; the audit reports what this lets

@@ -83,6 +83,7 @@ def create_encounter(
 
     Raises:
         TypeError / ValueError: for a definition, subject or datetime of the wrong kind.
+        EncounterConfigurationError: ``USE_TZ`` is off (system check E001); nothing written.
     """
     arguments.require_instance(definition, EncounterDefinition, "definition")
     if definition.deleted_at is not None:
@@ -139,6 +140,9 @@ def transition(
 
     Raises:
         ValueError / TypeError: naive datetime, wrong argument types (nothing touched).
+        EncounterConfigurationError: ``USE_TZ`` is off (system check E001), nothing touched.
+        DatabaseLockedError: SQLite refused the write lock (another writer; the message names
+            the setting that makes writers wait instead), nothing written.
         EncounterNotFoundError: the encounter does not exist or is soft-deleted.
         ConcurrentTransitionError: ``expected_version`` is stale, or another writer appended
             the same sequence first.
@@ -149,11 +153,12 @@ def transition(
         ValidatorConfigurationError: a validator entry cannot be loaded.
     """
     arguments.require_instance(encounter, Encounter, "encounter")
+    conf.require_use_tz()
     stored_context = arguments.transition_arguments(
         to_state, transitioned_by, reason, context, effective_at, expected_version, skip_validation
     )
     using = router.db_for_write(Encounter, instance=encounter)
-    with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
+    with store.writer_errors(encounter.pk, using), db_transaction.atomic(using=using):
         # 1. Lock the encounter row, its definition and pinned version joined, and prove the
         #    projection against the log.
         locked = _lock(encounter.pk, using, expected_version)
@@ -234,10 +239,11 @@ def upgrade_encounter(
         EncounterError: it is already at the latest version.
     """
     arguments.require_instance(encounter, Encounter, "encounter")
+    conf.require_use_tz()
     arguments.require_user(transitioned_by, "transitioned_by")
     arguments.require_text(reason, "reason")
     using = router.db_for_write(Encounter, instance=encounter)
-    with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
+    with store.writer_errors(encounter.pk, using), db_transaction.atomic(using=using):
         locked = _lock(encounter.pk, using, None)
         definition = locked.definition
         if locked.definition_version >= definition.version:

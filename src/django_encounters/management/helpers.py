@@ -1,8 +1,9 @@
-"""What the package's management commands share: argument parsing, the selection options,
-output helpers (a report file written whole or not at all; a reader that closes the pipe
-early) and the progress display. Every command exits through ``CommandError`` with its
-documented status (1: a problem found, 2: invalid options), or with 141 when its standard
-output was closed early."""
+"""What the package's management commands share: their base class (a database the package's
+migrations were not applied to is a one-line "run migrate first", not a traceback), argument
+parsing, the selection options, output helpers (a report file written whole or not at all; a
+reader that closes the pipe early) and the progress display. Every command exits through
+``CommandError`` with its documented status (1: a problem found, 2: invalid options), or with
+141 when its standard output was closed early."""
 
 from __future__ import annotations
 
@@ -16,12 +17,58 @@ from datetime import datetime
 from typing import IO, Any
 
 from django.apps import apps
-from django.core.management.base import CommandError
-from django.db import DEFAULT_DB_ALIAS
+from django.core.management.base import BaseCommand, CommandError
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db.migrations.loader import MigrationLoader
 from django.utils.dateparse import parse_datetime
 
 from ..projections.output import write_atomically
 from ..projections.rebuild import RebuildResult
+
+
+#: The exit status of a command run on a database without the package's tables.
+EXIT_NOT_MIGRATED = 2
+
+
+class EncounterCommand(BaseCommand):
+    """The base of the package's commands. A database error raised while the database
+    (``--database``, else ``default``) lacks migrations of the package — the tables or columns
+    the command reads do not exist yet — becomes a one-line ``CommandError`` (exit status 2)
+    naming them and saying to run ``migrate`` first. Any other error passes unchanged."""
+
+    def execute(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super().execute(*args, **options)
+        except DatabaseError as exc:
+            alias = options.get("database") or DEFAULT_DB_ALIAS
+            missing = unapplied_migrations(alias)
+            if not missing:
+                raise
+            raise CommandError(
+                f"database {alias!r} lacks django_encounters' migrations "
+                f"({', '.join(missing)}): run `python manage.py migrate"
+                f"{'' if alias == DEFAULT_DB_ALIAS else f' --database {alias}'}` first "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''})",
+                returncode=EXIT_NOT_MIGRATED,
+            ) from exc
+
+
+def unapplied_migrations(alias: str) -> list[str]:
+    """The package's migrations not applied to database ``alias`` ([] when all are, or when
+    that cannot be read: the error it met was not about migrations then)."""
+    connection = connections[alias]
+    try:
+        if connection.in_atomic_block and connection.needs_rollback:
+            return []  # a broken transaction cannot be asked; the caller's error stands
+        loader = MigrationLoader(connection)
+    except DatabaseError:
+        return []
+    label = apps.get_app_config("django_encounters").label
+    return sorted(
+        name
+        for app_label, name in loader.disk_migrations
+        if app_label == label and (app_label, name) not in loader.applied_migrations
+    )
 
 
 def positive_int(text: str) -> int:

@@ -23,6 +23,7 @@ from ..engine import (
     row_hash,
     stored_precision,
 )
+from ..exceptions import DatabaseLockedError
 from ..models import Encounter, EncounterDefinitionVersion, recorded_name, seal_of
 from .converters import convert_row, speed_up_cursor
 from .loading import load
@@ -301,7 +302,7 @@ def _version_hash(locked: Any, number: int, using: str) -> str:
 def save_record(record: Any, using: str) -> None:
     """``EncounterTransition.save()``: :func:`append_record` in a transaction of its own (a
     savepoint inside the caller's), SQLite's "database is locked" translated."""
-    with writer_errors(record.encounter_id), transaction.atomic(using=using):
+    with writer_errors(record.encounter_id, using), transaction.atomic(using=using):
         append_record(record, using)
 
 
@@ -360,18 +361,29 @@ def _pg_array(values: tuple) -> Any:
 
 
 @contextmanager
-def writer_errors(encounter_pk: Any) -> Iterator[None]:
-    """SQLite without ``transaction_mode="IMMEDIATE"`` (Django < 5.1): a writer that cannot
-    upgrade its read lock gets "database is locked" — another writer got there first. That is
-    a ``ConcurrentTransitionError``, not a raw ``OperationalError``."""
+def writer_errors(encounter_pk: Any, using: str) -> Iterator[None]:
+    """SQLite's "database is locked" as a :class:`DatabaseLockedError` naming the fix (not a
+    raw ``OperationalError``). In deferred mode (Django's default before 5.1's
+    ``transaction_mode``) a writer that read first cannot upgrade its lock while another writer
+    holds it, and SQLite refuses at once; in ``IMMEDIATE`` mode the writer waited its
+    ``timeout`` out. Either way nothing was written."""
     try:
         yield
     except OperationalError as exc:
-        if "database is locked" in str(exc):
-            raise ConcurrentTransitionError(
-                encounter_pk, detail=f"another writer holds the database ({exc})"
-            ) from exc
-        raise
+        if "database is locked" not in str(exc):
+            raise
+        connection = connections[using]
+        options = connection.settings_dict.get("OPTIONS") or {}
+        mode = str(options.get("transaction_mode") or "DEFERRED").upper()
+        if getattr(connection, "begins_immediate", False):  # the Django 4.2 recipe's backend
+            mode = "IMMEDIATE"
+        raise DatabaseLockedError(
+            encounter_pk,
+            database=using,
+            transaction_mode=mode,
+            timeout=options.get("timeout"),
+            detail=str(exc),
+        ) from exc
 
 
 def _is_sequence_clash(exc: IntegrityError) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS
 
 from django_encounters.engine import AnomalyKind
@@ -27,10 +27,10 @@ from django_encounters.projections.audit import (
 )
 from django_encounters.projections.checkpoints import CheckpointError
 
-from ..helpers import quiet_broken_pipe
+from ..helpers import EncounterCommand, quiet_broken_pipe
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Acknowledge an anomaly the audit reports (who, when, why): it stays listed, marked, "
         "and no longer fails audit_encounters or rebuild_encounter_projections --check."

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from django_encounters.exceptions import EncounterError, EncounterNotFoundError
@@ -28,6 +28,7 @@ from django_encounters.projections.audit import DEFAULT_BATCH_SIZE, EncounterAud
 from django_encounters.projections.output import formats, get_format
 
 from ..helpers import (
+    EncounterCommand,
     Unended,
     add_selection_arguments,
     parse_subject,
@@ -38,7 +39,7 @@ from ..helpers import (
 )
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Replay encounter streams for an audit: timeline with who/when/why, backdated and "
         "overtaken rows, anomalies (tamper evidence, optionally against a checkpoint), state "

@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from django_encounters.models import EncounterDefinition
 
-from ..helpers import plural
+from ..helpers import EncounterCommand, plural
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Validate encounter definitions and list structural warnings "
         "(unreachable states, exits from final states, dead ends)."

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from django_encounters.exceptions import EncounterError
 from django_encounters.projections.checkpoints import (
@@ -26,10 +26,10 @@ from django_encounters.projections.checkpoints import (
     write_checkpoint,
 )
 
-from ..helpers import add_run_arguments, plain, quiet_broken_pipe
+from ..helpers import EncounterCommand, add_run_arguments, plain, quiet_broken_pipe
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Write a checkpoint (every encounter's id, version and head hash) to FILE and print "
         "its root digest as the last line: publish it (optionally sign it with --signing-key), "

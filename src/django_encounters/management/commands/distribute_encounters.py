@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS
 
 from django_encounters.store import distribution
 
-from ..helpers import plain, plural
+from ..helpers import EncounterCommand, plain, plural
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Distribute the encounter tables on Citus: encounters by id, their transitions and "
         "acknowledgements co-located by encounter, definitions (and the user and content-type "

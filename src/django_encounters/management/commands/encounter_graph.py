@@ -1,11 +1,15 @@
 """``manage.py encounter_graph CODE``: draw a definition, or the process map mined from its log.
 
-Without ``--from-log``: the definition version's machine (``--version N``, default the current
-one) — the initial state marked, final states double-circled, states nothing reaches greyed.
+Without ``--from-log``: the definition version's machine (``--definition-version N``, default
+the current one) — the initial state marked, final states double-circled, states nothing reaches greyed.
 With ``--from-log``: every edge its encounters' rows took (rows effective in ``[--since,
 --until)``), labelled with its count and the median time spent before it, compared with that
 version's machine (allowed but untaken edges dashed, anomalies red). ``--format`` mermaid or
 dot (text), or svg (through Graphviz's ``dot``).
+
+``--version`` prints Django's version, as for every command; ``--version N``, this command's
+spelling of ``--definition-version N`` before 0.2, is refused (exit 2) with a message naming the
+new option.
 
 Exit status: 0 when drawn; 1 when Graphviz failed on the drawing; 2 for invalid options (an
 unknown CODE or version, a bad time, ``--since`` not before ``--until``, ``--since``/``--until``
@@ -15,9 +19,10 @@ closed early. See ``docs/diagrams.md``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS
 
 from django_encounters.exceptions import EncounterError
@@ -28,25 +33,36 @@ from django_encounters.projections.diagrams import (
     graphviz_program,
 )
 
-from ..helpers import Unended, parse_times, quiet_broken_pipe, report_file
+from ..helpers import EncounterCommand, Unended, parse_times, quiet_broken_pipe, report_file
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Draw an encounter definition (or, with --from-log, the process map mined from its "
         "rows) as Mermaid, DOT or SVG."
     )
 
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
-        # Django gives every command a --version (its own release); here --version N names a
-        # definition version, so the later option replaces Django's.
-        kwargs.setdefault("conflict_handler", "resolve")
-        return super().create_parser(prog_name, subcommand, **kwargs)
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> Any:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        parse_args = parser.parse_args
+
+        def parse_refusing_the_old_version(args: Any = None, namespace: Any = None) -> Any:
+            given = list(sys.argv[2:] if args is None else args)
+            old = _old_version_spelling(given)
+            if old is not None:  # before Django's --version action prints and exits
+                parser.error(
+                    f"--version {old}: --version prints Django's version and takes no value; "
+                    f"the definition version to draw is --definition-version {old}"
+                )
+            return parse_args(given, namespace)
+
+        parser.parse_args = parse_refusing_the_old_version  # type: ignore[method-assign]
+        return parser
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("code", metavar="CODE", help="the definition's code")
         parser.add_argument(
-            "--version",
+            "--definition-version",
             metavar="N",
             help="draw (or compare with) this definition version (default: the current one)",
         )
@@ -66,7 +82,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        version = _version(options["version"])
+        version = _version(options["definition_version"])
         if (options["since"] is not None or options["until"] is not None) and not options[
             "from_log"
         ]:
@@ -111,6 +127,24 @@ def _version(text: str | None) -> int | None:
         value = 0
     if value < 1:
         raise CommandError(
-            f"--version: a definition version is a positive integer, not {text!r}", returncode=2
+            f"--definition-version: a definition version is a positive integer, not {text!r}",
+            returncode=2,
         )
     return value
+
+
+
+def _old_version_spelling(args: list[str]) -> str | None:
+    """N when ``args`` hold ``--version N`` or ``--version=N`` with an integer N (this
+    command's ``--definition-version N`` before 0.2), else None."""
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return None
+        value = None
+        if arg.startswith("--version="):
+            value = arg.partition("=")[2]
+        elif arg == "--version" and index + 1 < len(args):
+            value = args[index + 1]
+        if value is not None and value.strip().lstrip("+-").isdigit():
+            return value
+    return None

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from django_encounters.exceptions import EncounterError
 from django_encounters.projections.audit import DEFAULT_BATCH_SIZE
 from django_encounters.projections.event_log import export_event_log
 from django_encounters.projections.output import formats
 
-from ..helpers import Unended, add_run_arguments, parse_times, plural, quiet_broken_pipe
+from ..helpers import EncounterCommand, Unended, add_run_arguments, parse_times, plural, quiet_broken_pipe
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Export the encounters' logs as an event log for process-mining tools: XES "
         "(IEEE 1849-2016) or CSV (pm4py's column names), one trace per encounter."

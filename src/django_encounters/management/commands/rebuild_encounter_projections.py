@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from django_encounters.exceptions import EncounterError, EncounterNotFoundError
 from django_encounters.projections.rebuild import (
@@ -25,13 +25,13 @@ from django_encounters.projections.rebuild import (
     rebuild_projections,
 )
 
-from ..helpers import Progress, add_selection_arguments, plural, positive_int, quiet_broken_pipe
+from ..helpers import EncounterCommand, Progress, add_selection_arguments, plural, positive_int, quiet_broken_pipe
 
 #: Drifts listed at verbosity 1 (all kept ones at verbosity 2).
 SHOWN_AT_VERBOSITY_1 = 20
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Recompute encounter projections (state, version, timeline end, head hash) from the "
         "transition log, verifying every stream. Writes only the encounters that differ."

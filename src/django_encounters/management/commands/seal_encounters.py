@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS
 
 from django_encounters.exceptions import EncounterConfigurationError, SealingRefusedError
 from django_encounters.projections.sealing import DEFAULT_BATCH_SIZE, seal_encounters
 
-from ..helpers import plural, positive_int, quiet_broken_pipe
+from ..helpers import EncounterCommand, plural, positive_int, quiet_broken_pipe
 
 
-class Command(BaseCommand):
+class Command(EncounterCommand):
     help = (
         "Verify the log, then seal what is unsealed under the current seal key "
         "(ENCOUNTERS_SEAL_KEYS); --rekey re-seals what an older key sealed."

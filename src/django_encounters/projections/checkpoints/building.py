@@ -165,7 +165,9 @@ def write_checkpoint(
             )
     except FileExistsError as exc:
         raise CheckpointError(
-            target, "the file exists; a checkpoint is evidence: choose a new name (or overwrite)"
+            target,
+            "the file exists and a checkpoint is evidence, so it is kept: choose a new name, or "
+            "replace it on purpose with --overwrite (overwrite=True in Python)",
         ) from exc
     except OSError as exc:
         raise CheckpointError(target, f"cannot write: {exc}") from exc
