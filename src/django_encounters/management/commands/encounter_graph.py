@@ -8,7 +8,7 @@ version's machine (allowed but untaken edges dashed, anomalies red). ``--format`
 dot (text), or svg (through Graphviz's ``dot``).
 
 ``--version`` prints Django's version, as for every command; ``--version N``, this command's
-spelling of ``--definition-version N`` before 0.2, is refused (exit 2) with a message naming the
+spelling of ``--definition-version N`` in 0.1.0, is refused (exit 2) with a message naming the
 new option.
 
 Exit status: 0 when drawn; 1 when Graphviz failed on the drawing; 2 for invalid options (an
@@ -136,7 +136,7 @@ def _version(text: str | None) -> int | None:
 
 def _old_version_spelling(args: list[str]) -> str | None:
     """N when ``args`` hold ``--version N`` or ``--version=N`` with an integer N (this
-    command's ``--definition-version N`` before 0.2), else None."""
+    command's ``--definition-version N`` in 0.1.0), else None."""
     for index, arg in enumerate(args):
         if arg == "--":
             return None
