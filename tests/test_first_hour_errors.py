@@ -148,7 +148,7 @@ def test_deferred_sqlite_writers_fail_with_database_locked_naming_the_fix(
     assert "the SQLite database 'default' is locked by another writer" in message
     assert "changed concurrently" not in message
     if django.VERSION >= (5, 1):
-        assert "DATABASES['default'][\"OPTIONS\"][\"transaction_mode\"] = \"IMMEDIATE\"" in message
+        assert 'DATABASES[\'default\']["OPTIONS"]["transaction_mode"] = "IMMEDIATE"' in message
     else:
         assert "BEGIN IMMEDIATE" in message and "Django 5.1+" in message
     assert (error.database, error.transaction_mode, error.timeout) == ("default", "DEFERRED", 5)
@@ -191,9 +191,7 @@ def test_database_locked_messages_for_each_mode_and_django_release():
     deferred_old = DatabaseLockedError(
         "e1", database="main", transaction_mode="DEFERRED", timeout=None, django_version=(4, 2)
     )
-    assert "Django 4.2 has no OPTIONS[\"transaction_mode\"] (Django 5.1+ has)" in str(
-        deferred_old
-    )
+    assert 'Django 4.2 has no OPTIONS["transaction_mode"] (Django 5.1+ has)' in str(deferred_old)
     assert "BEGIN IMMEDIATE" in str(deferred_old)
     deferred_new = DatabaseLockedError(
         "e1", database="main", transaction_mode="DEFERRED", timeout=None, django_version=(5, 2)

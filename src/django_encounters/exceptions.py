@@ -73,7 +73,7 @@ class DatabaseLockedError(ConcurrentTransitionError):
         database: str,
         transaction_mode: str,
         timeout: float | None,
-        django_version: tuple[int, ...] = django.VERSION,
+        django_version: tuple[Any, ...] = django.VERSION,
         detail: str = "database is locked",
     ) -> None:
         self.database = database

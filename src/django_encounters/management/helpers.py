@@ -25,7 +25,6 @@ from django.utils.dateparse import parse_datetime
 from ..projections.output import write_atomically
 from ..projections.rebuild import RebuildResult
 
-
 #: The exit status of a command run on a database without the package's tables.
 EXIT_NOT_MIGRATED = 2
 

@@ -1,11 +1,11 @@
 """``manage.py encounter_graph CODE``: draw a definition, or the process map mined from its log.
 
 Without ``--from-log``: the definition version's machine (``--definition-version N``, default
-the current one) — the initial state marked, final states double-circled, states nothing reaches greyed.
-With ``--from-log``: every edge its encounters' rows took (rows effective in ``[--since,
---until)``), labelled with its count and the median time spent before it, compared with that
-version's machine (allowed but untaken edges dashed, anomalies red). ``--format`` mermaid or
-dot (text), or svg (through Graphviz's ``dot``).
+the current one) — the initial state marked, final states double-circled, states nothing
+reaches greyed. With ``--from-log``: every edge its encounters' rows took (rows effective in
+``[--since, --until)``), labelled with its count and the median time spent before it, compared
+with that version's machine (allowed but untaken edges dashed, anomalies red). ``--format``
+mermaid or dot (text), or svg (through Graphviz's ``dot``).
 
 ``--version`` prints Django's version, as for every command; ``--version N``, this command's
 spelling of ``--definition-version N`` in 0.1.0, is refused (exit 2) with a message naming the
@@ -131,7 +131,6 @@ def _version(text: str | None) -> int | None:
             returncode=2,
         )
     return value
-
 
 
 def _old_version_spelling(args: list[str]) -> str | None:

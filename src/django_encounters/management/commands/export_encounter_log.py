@@ -25,7 +25,14 @@ from django_encounters.projections.audit import DEFAULT_BATCH_SIZE
 from django_encounters.projections.event_log import export_event_log
 from django_encounters.projections.output import formats
 
-from ..helpers import EncounterCommand, Unended, add_run_arguments, parse_times, plural, quiet_broken_pipe
+from ..helpers import (
+    EncounterCommand,
+    Unended,
+    add_run_arguments,
+    parse_times,
+    plural,
+    quiet_broken_pipe,
+)
 
 
 class Command(EncounterCommand):

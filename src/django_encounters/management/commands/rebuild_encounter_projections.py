@@ -25,7 +25,14 @@ from django_encounters.projections.rebuild import (
     rebuild_projections,
 )
 
-from ..helpers import EncounterCommand, Progress, add_selection_arguments, plural, positive_int, quiet_broken_pipe
+from ..helpers import (
+    EncounterCommand,
+    Progress,
+    add_selection_arguments,
+    plural,
+    positive_int,
+    quiet_broken_pipe,
+)
 
 #: Drifts listed at verbosity 1 (all kept ones at verbosity 2).
 SHOWN_AT_VERBOSITY_1 = 20
