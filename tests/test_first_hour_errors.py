@@ -417,3 +417,58 @@ def test_a_database_error_of_a_migrated_database_is_not_hidden():
 
     with pytest.raises(DatabaseError, match="no_such"):
         call_command(_BrokenQuery(), stdout=io.StringIO(), stderr=io.StringIO())
+
+
+@pytest.mark.skipif(IS_POSTGRES, reason="SQLite's transaction modes")
+@pytest.mark.django_db(transaction=True)
+def test_the_rest_api_answers_a_locked_database_with_503(
+    visit_definition, patient, tmp_path, monkeypatch, caplog
+):
+    """Another connection holds the write lock past the writer's timeout: the REST API answers
+    503 ``database-locked`` with ``Retry-After`` (the fix goes to the log), nothing written."""
+    from django.contrib.auth.models import Permission, User
+    from rest_framework.test import APIClient
+
+    encounter = create_encounter(visit_definition, patient)
+    user = User.objects.create_user(username="nurse")
+    user.user_permissions.set(
+        Permission.objects.filter(
+            content_type__app_label="django_encounters",
+            codename__in=["view_encounter", "change_encounter", "transition_encounter"],
+        )
+    )
+    db_file = _file_copy(tmp_path)
+    monkeypatch.setitem(connection.settings_dict, "NAME", str(db_file))
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", {"timeout": 0.2})
+    holder = sqlite3.connect(db_file, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, held by another connection
+    answers: list[Any] = []
+
+    def post() -> None:
+        try:
+            client = APIClient()
+            client.force_authenticate(User.objects.get(pk=user.pk))
+            answers.append(
+                client.post(
+                    f"/api/encounters/{encounter.pk}/transition/", {"to_state": "checked_in"}
+                )
+            )
+        finally:
+            connections["default"].close()
+
+    try:
+        thread = threading.Thread(target=post)
+        thread.start()
+        thread.join(60)
+    finally:
+        holder.rollback()
+        holder.close()
+    [response] = answers
+    assert response.status_code == 503, response.content
+    assert response["Retry-After"] == "1"
+    body = response.json()
+    assert body["type"] == "urn:django-encounters:problem:database-locked"
+    assert body["encounter"] == str(encounter.pk)
+    assert "transaction_mode" not in body["detail"]
+    assert "transaction_mode" in caplog.text  # the operator's part, in the log
+    assert _rows_in_file(db_file) == {}

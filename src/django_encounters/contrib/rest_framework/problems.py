@@ -20,6 +20,7 @@ from rest_framework.response import Response
 
 from ...exceptions import (
     ConcurrentTransitionError,
+    DatabaseLockedError,
     EncounterConfigurationError,
     EncounterError,
     EncounterNotFoundError,
@@ -87,6 +88,18 @@ def encounter_problem(exc: EncounterError) -> Problem:
     """What one of the library's errors means over HTTP."""
     if isinstance(exc, EncounterNotFoundError):
         return Problem(404, None, str(exc), encounter=str(exc.encounter_id))
+    if isinstance(exc, DatabaseLockedError):
+        # The database, not the encounter, was busy: retry later. The fix (a setting) is for
+        # the operator: logged, not sent to the client.
+        logger.warning("%s", exc)
+        return Problem(
+            503,
+            "database-locked",
+            "The database was locked by another writer; nothing was written. Try again.",
+            title="The database is busy",
+            headers={"Retry-After": "1"},
+            encounter=str(exc.encounter_id),
+        )
     if isinstance(exc, ConcurrentTransitionError):
         if exc.expected_version is not None:  # If-Match named a version the stream left
             return Problem(
