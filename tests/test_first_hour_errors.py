@@ -419,51 +419,70 @@ def test_a_database_error_of_a_migrated_database_is_not_hidden():
         call_command(_BrokenQuery(), stdout=io.StringIO(), stderr=io.StringIO())
 
 
-@pytest.mark.skipif(IS_POSTGRES, reason="SQLite's transaction modes")
-@pytest.mark.django_db(transaction=True)
-def test_the_rest_api_answers_a_locked_database_with_503(
-    visit_definition, patient, tmp_path, monkeypatch, caplog
-):
-    """Another connection holds the write lock past the writer's timeout: the REST API answers
-    503 ``database-locked`` with ``Retry-After`` (the fix goes to the log), nothing written."""
-    from django.contrib.auth.models import Permission, User
-    from rest_framework.test import APIClient
-
-    encounter = create_encounter(visit_definition, patient)
-    user = User.objects.create_user(username="nurse")
-    user.user_permissions.set(
-        Permission.objects.filter(
-            content_type__app_label="django_encounters",
-            codename__in=["view_encounter", "change_encounter", "transition_encounter"],
-        )
-    )
-    db_file = _file_copy(tmp_path)
-    monkeypatch.setitem(connection.settings_dict, "NAME", str(db_file))
-    monkeypatch.setitem(connection.settings_dict, "OPTIONS", {"timeout": 0.2})
-    holder = sqlite3.connect(db_file, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # the write lock, held by another connection
+def _while_locked(db_file: Path, request: Any, prepare: Any = None) -> Any:
+    """In a thread whose connection opens ``db_file`` (deferred mode, a 0.2 s busy timeout):
+    ``prepare()`` (e.g. a login, which writes), then ``request(prepared)`` while another
+    connection holds the database's write lock; returns what ``request`` returned."""
+    ready, locked = threading.Event(), threading.Event()
     answers: list[Any] = []
 
-    def post() -> None:
+    def run() -> None:
         try:
-            client = APIClient()
-            client.force_authenticate(User.objects.get(pk=user.pk))
-            answers.append(
-                client.post(
-                    f"/api/encounters/{encounter.pk}/transition/", {"to_state": "checked_in"}
-                )
-            )
+            prepared = prepare() if prepare else None
+            ready.set()
+            locked.wait(30)
+            answers.append(request(prepared))
         finally:
+            ready.set()
             connections["default"].close()
 
+    thread = threading.Thread(target=run)
+    thread.start()
+    ready.wait(30)
+    holder = sqlite3.connect(db_file, isolation_level=None)
     try:
-        thread = threading.Thread(target=post)
-        thread.start()
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held by another connection
+        locked.set()
         thread.join(60)
     finally:
         holder.rollback()
         holder.close()
-    [response] = answers
+    [answer] = answers
+    return answer
+
+
+@pytest.fixture
+def locked_clinic(visit_definition, patient, tmp_path, monkeypatch) -> tuple[Encounter, Any, Path]:
+    """An encounter and a staff user with every permission, committed and copied to a file
+    database that connections opened from now on use (deferred mode, 0.2 s timeout)."""
+    from django.contrib.auth.models import User
+
+    encounter = create_encounter(visit_definition, patient)
+    user = User.objects.create_superuser("nurse", "nurse@example.com", "pw")
+    db_file = _file_copy(tmp_path)
+    monkeypatch.setitem(connection.settings_dict, "NAME", str(db_file))
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", {"timeout": 0.2})
+    return encounter, user, db_file
+
+
+@pytest.mark.skipif(IS_POSTGRES, reason="SQLite's transaction modes")
+@pytest.mark.django_db(transaction=True)
+def test_the_rest_api_answers_a_locked_database_with_503(locked_clinic, caplog):
+    """Another connection holds the write lock past the writer's timeout: the REST API answers
+    503 ``database-locked`` with ``Retry-After`` (the fix goes to the log), nothing written."""
+    from rest_framework.test import APIClient
+
+    encounter, user, db_file = locked_clinic
+
+    def post(_: Any) -> Any:
+        client = APIClient()
+        client.force_authenticate(user)
+        return client.post(
+            f"/api/encounters/{encounter.pk}/transition/", {"to_state": "checked_in"}
+        )
+
+    response = _while_locked(db_file, post)
+
     assert response.status_code == 503, response.content
     assert response["Retry-After"] == "1"
     body = response.json()
@@ -471,4 +490,35 @@ def test_the_rest_api_answers_a_locked_database_with_503(
     assert body["encounter"] == str(encounter.pk)
     assert "transaction_mode" not in body["detail"]
     assert "transaction_mode" in caplog.text  # the operator's part, in the log
+    assert _rows_in_file(db_file) == {}
+
+
+@pytest.mark.skipif(IS_POSTGRES, reason="SQLite's transaction modes")
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_says_the_database_was_locked_not_that_the_page_was_stale(locked_clinic):
+    from django.test import Client
+    from django.urls import reverse
+
+    encounter, user, db_file = locked_clinic
+
+    def login() -> Client:
+        client = Client()
+        client.force_login(user)  # writes last_login: before the lock is taken
+        return client
+
+    def post(client: Client) -> Any:
+        return client.post(
+            reverse("admin:django_encounters_encounter_transition", args=[encounter.pk]),
+            {"to_state": "checked_in", "expected_version": 0, "reason": "", "effective_at": ""},
+            follow=True,
+        )
+
+    with override_settings(SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies"):
+        page = _while_locked(db_file, post, login)
+
+    assert page.status_code == 200
+    [message] = [str(m) for m in page.context["messages"]]
+    assert message.startswith("Refused, nothing was changed: Encounter ")
+    assert "locked by another writer" in message and "transaction_mode" in message
+    assert "out of date" not in message
     assert _rows_in_file(db_file) == {}

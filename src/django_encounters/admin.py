@@ -32,7 +32,7 @@ from django.utils.http import urlencode
 
 from .engine import READABLE_FIELDS
 from .engine.graphs import Graph
-from .exceptions import ConcurrentTransitionError, EncounterError
+from .exceptions import ConcurrentTransitionError, DatabaseLockedError, EncounterError
 from .models import (
     MACHINE_FIELDS,
     TRANSITION_PERMISSION,
@@ -901,6 +901,8 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
                         effective_at=data["effective_at"],
                         expected_version=data["expected_version"],
                     )
+                except DatabaseLockedError as exc:  # the database was busy, the page not stale
+                    messages.error(request, f"Refused, nothing was changed: {exc}")
                 except ConcurrentTransitionError as exc:
                     obj.refresh_from_db()
                     messages.error(
