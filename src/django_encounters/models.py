@@ -30,6 +30,7 @@ from .engine import (
     stored_precision,
 )
 from .exceptions import (
+    DefinitionError,
     DefinitionVersionError,
     EncounterConfigurationError,
     EncounterError,
@@ -219,8 +220,8 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
     # -- validation -------------------------------------------------------------------------
 
     def clean(self) -> None:
-        """Check the state machine and validators; raise ``ValidationError`` naming every
-        offending entry. Also run by :meth:`save`."""
+        """Check the state machine and validators; raise ``DefinitionError`` (also Django's
+        ``ValidationError``) naming every offending entry. Also run by :meth:`save`."""
         errors: dict[str, list[str]] = {}
         for name in ("name", "code"):
             _check_label(self, name, errors)
@@ -233,7 +234,18 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
         _check_transitions(self.transitions, known, errors)
         _check_validators(self.validators, errors)
         if errors:
-            raise DjangoValidationError(errors)
+            raise DefinitionError(errors, definition_code=self.code)
+
+    def full_clean(self, *args: Any, **kwargs: Any) -> None:
+        """Django's ``full_clean()`` (fields, :meth:`clean`, uniqueness), raising
+        ``DefinitionError`` (also Django's ``ValidationError``) with every message it found."""
+        try:
+            super().full_clean(*args, **kwargs)
+        except DefinitionError:
+            raise
+        except DjangoValidationError as exc:
+            errors = exc.error_dict if hasattr(exc, "error_dict") else exc.error_list
+            raise DefinitionError(errors, definition_code=self.code) from exc
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         """Validate, save, and record the machine as a new version when it changed."""
