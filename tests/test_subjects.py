@@ -234,6 +234,7 @@ def test_a_plain_generic_relation_cascades_into_the_encounters(visit_definition)
 # The admin's delete page
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def admin_client_here(client):
     staff = User.objects.create_superuser("boss", "boss@example.com", "pw")
@@ -354,9 +355,10 @@ def test_output_check_and_acknowledgement(visit_definition, user):
 
     code, out, _ = run_command("audit_encounters", "--format", "csv")
     assert code == 1
-    assert "subject_missing" in {
-        value for row in csv.reader(io.StringIO(out)) for value in row
-    } or "subject_missing" in out
+    assert (
+        "subject_missing" in {value for row in csv.reader(io.StringIO(out)) for value in row}
+        or "subject_missing" in out
+    )
 
     code, out, _ = run_command("audit_encounters")
     assert code == 1 and "subject_missing" in out

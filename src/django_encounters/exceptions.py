@@ -115,7 +115,7 @@ class SubjectProtectedError(EncounterError, ProtectedError):
         if len(subjects) == 1:
             what = f"{meta.label} {subjects[0].pk!r} cannot be deleted"
         else:
-            pks = ", ".join(repr(subject.pk) for subject in subjects[:SubjectProtectedError.SHOWN])
+            pks = ", ".join(repr(subject.pk) for subject in subjects[: SubjectProtectedError.SHOWN])
             what = f"{len(subjects)} {meta.label} ({pks}) cannot be deleted"
         message = (
             f"{what}: {count} encounter(s) are about it: {listed}. Their logs are kept for "
@@ -124,7 +124,8 @@ class SubjectProtectedError(EncounterError, ProtectedError):
             f"register the model with protect_subjects({meta.object_name}, "
             'on_delete="soft_delete") to do that on every delete. Nothing was deleted.'
         )
-        ProtectedError.__init__(self, message, encounters)
+        # In the message's order (Django's own stubs say a set; any iterable of models works).
+        ProtectedError.__init__(self, message, encounters)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         return str(self.args[0])

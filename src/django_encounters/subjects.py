@@ -116,7 +116,7 @@ def unprotect_subjects(*subject_models: Any) -> None:
             model._meta.private_fields.remove(guard)
         if guards:
             delattr(model, GUARD_NAME)
-            model._meta._expire_cache()
+            model._meta._expire_cache()  # type: ignore[attr-defined]
 
 
 def protected_subjects() -> dict[type[models.Model], str]:
@@ -198,8 +198,8 @@ def _refuse(model: type[models.Model], objs: list[models.Model], using: str) -> 
 def _soft_delete(sender: Any, instance: models.Model, using: str, **kwargs: Any) -> None:
     """``pre_delete`` of a subject guarded with ``on_delete="soft_delete"``: inside the
     delete's transaction, one UPDATE."""
-    model = type(instance)._meta.concrete_model
-    if _registry.get(model) == SOFT_DELETE:  # type: ignore[arg-type]
+    model = type(instance)._meta.concrete_model or type(instance)
+    if _registry.get(model) == SOFT_DELETE:
         _about(model, [instance.pk], using).delete()  # the soft delete: deleted_at set
 
 

@@ -9,8 +9,9 @@ the encounter's columns, the rows' with the stream, so no query is added), the p
 head compared with the log's, the subjects of the encounters that are not soft-deleted looked up
 (one query per batch: an encounter whose subject is gone is a ``subject_missing`` anomaly), the
 acknowledgements of what was found, checked (one query per batch; without seal keys, none for a
-batch without anomalies) and, when asked, the names of the users who recorded the rows. Rebuild, audit, event log, process map,
-the admin's and the REST API's timelines all consume it; nothing else replays a selection.
+batch without anomalies) and, when asked, the names of the users who recorded the rows.
+Rebuild, audit, event log, process map, the admin's and the REST API's timelines all consume
+it; nothing else replays a selection.
 
 A consumer that writes (the rebuild) asks for each batch with :meth:`Replays.next_batch`
 inside its own transaction, ``lock=True``: the batch's encounter rows are then locked before
