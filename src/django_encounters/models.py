@@ -306,16 +306,17 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
 def version_content_hash(
     definition: EncounterDefinition, previous: EncounterDefinitionVersion | None
 ) -> tuple[str, str]:
-    """``(content hash, seal)`` of the version ``definition`` is about to record (its machine,
-    number ``definition.version``), chained to ``previous`` (its latest version, None for the
+    """``(content hash, seal)`` of the version ``definition`` (the model, or a migration's
+    historical one) is about to record (its machine, number ``definition.version``), chained
+    to ``previous`` (its latest version, None for the
     first). Both "" while ``previous`` has no content hash (written before versions were
     hashed: ``seal_encounters`` hashes the chain in order); the seal "" without seal keys."""
     previous_hash = "" if previous is None else previous.content_hash
     if previous is not None and not previous_hash:
         return "", ""
-    content_hash = definition_version_hash(
-        definition.pk, definition.version, definition.machine(), previous_hash
-    )
+    # The machine read field by field: a migration's historical model has no machine().
+    machine = {name: getattr(definition, name) for name in MACHINE_FIELDS}
+    content_hash = definition_version_hash(definition.pk, definition.version, machine, previous_hash)
     return content_hash, seal_of("version", content_hash)
 
 
