@@ -391,3 +391,12 @@ def test_soft_deleting_the_orphan_clears_the_finding(visit_definition):
     assert audit_encounters().anomaly_count == 1
     Encounter.objects.get(pk=visit.pk).delete()
     assert audit_encounters().anomaly_count == 0
+
+
+def test_the_guide_declares_the_relation_as_the_test_app_does():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    line = 'encounters = EncounterRelation(related_query_name="patient")'
+    assert line in (root.parent / "docs" / "guides" / "subjects.md").read_text()
+    assert line in (root / "testapp" / "models.py").read_text()
