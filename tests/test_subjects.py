@@ -400,3 +400,11 @@ def test_the_guide_declares_the_relation_as_the_test_app_does():
     line = 'encounters = EncounterRelation(related_query_name="patient")'
     assert line in (root.parent / "docs" / "guides" / "subjects.md").read_text()
     assert line in (root / "testapp" / "models.py").read_text()
+
+
+def test_a_guarded_model_passes_the_system_checks(guarded):
+    from django.core import checks
+
+    found = [m for m in checks.run_checks() if m.is_serious()]
+    assert found == []
+    assert "_encounters_subject_guard" in {f.name for f in Patient._meta.private_fields}

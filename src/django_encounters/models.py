@@ -316,7 +316,9 @@ def version_content_hash(
         return "", ""
     # The machine read field by field: a migration's historical model has no machine().
     machine = {name: getattr(definition, name) for name in MACHINE_FIELDS}
-    content_hash = definition_version_hash(definition.pk, definition.version, machine, previous_hash)
+    content_hash = definition_version_hash(
+        definition.pk, definition.version, machine, previous_hash
+    )
     return content_hash, seal_of("version", content_hash)
 
 

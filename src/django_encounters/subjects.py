@@ -115,8 +115,10 @@ def unprotect_subjects(*subject_models: Any) -> None:
         for guard in guards:
             model._meta.private_fields.remove(guard)
         if guards:
+            from django.apps import apps
+
             delattr(model, GUARD_NAME)
-            model._meta._expire_cache()  # type: ignore[attr-defined]
+            apps.clear_cache()  # every model's field caches (the encounters' reverse ones too)
 
 
 def protected_subjects() -> dict[type[models.Model], str]:
