@@ -90,7 +90,7 @@ $(VENV)/.stamp-runtime: pyproject.toml | $(PY)
 	touch $@
 
 admin-demo: $(VENV)/.stamp-runtime
-	$(PY) example/manage.py migrate --noinput
+	$(PY) example/manage.py migrate --noinput --verbosity 0
 	$(PY) example/manage.py seed_clinic --url http://$(HOST):$(PORT)/admin/
 	$(PY) example/manage.py runserver $(HOST):$(PORT)
 

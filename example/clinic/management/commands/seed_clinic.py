@@ -220,7 +220,7 @@ class Command(BaseCommand):
                 continue
             patient = Patient.objects.create(name=name)
             made += 1
-            visits = Visits(definition, patient, staff, random.Random(index), now)
+            visits = Visits(definition, patient, staff, random.Random(f"clinic-{index}"), now)
             for _ in range(visits.rng.randint(0, 3)):
                 states[visits.past()] += 1
             states[visits.today(TODAY[index % len(TODAY)])] += 1
