@@ -189,10 +189,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def clinic(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+@pytest.fixture(scope="module")
+def clinic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """The example clinic served as ``make admin-demo`` serves it (migrate, seed_clinic,
     runserver), on a fresh database: its URL and the database file."""
+    tmp_path = tmp_path_factory.mktemp("clinic")
     database = tmp_path / "clinic.sqlite3"
     manage(database, "migrate", "--noinput", "-v", "0")
     manage(database, "seed_clinic", "--patients", "12")
@@ -230,10 +231,13 @@ def clinic(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         log.close()
 
 
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)",
 )
+
+
+@needs_chromium
 def test_find_a_patient_by_name_and_move_the_visit_on(
     driver: Any,  # noqa: F811 - the browser of tests/test_admin_browser.py
     clinic: tuple[str, Path],
@@ -304,3 +308,35 @@ def test_find_a_patient_by_name_and_move_the_visit_on(
     assert len(driver.find_elements("css selector", "#result_list tbody tr")) == visits
     assert len(subjects) == 1 and next(iter(subjects)).startswith("Amara Okafor")
     person.screenshot("clinic-06-patient-encounter-list")
+
+
+@needs_chromium
+def test_without_the_encounter_permissions_the_patient_shows_no_visits(
+    driver: Any,  # noqa: F811 - the browser of tests/test_admin_browser.py
+    clinic: tuple[str, Path],
+) -> None:
+    """Someone who may see patients but not encounters finds the patient by name but is shown
+    neither the visit columns nor the visits, and is told which permission it needs."""
+    url, database = clinic
+    manage(
+        database,
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import Permission, User\n"
+        "intern = User.objects.create_user('intern', password='intern-pw', is_staff=True)\n"
+        "intern.user_permissions.add(Permission.objects.get(\n"
+        "    content_type__app_label='clinic', codename='view_patient'))\n",
+    )
+    driver.delete_all_cookies()
+    person = Person(driver, url)
+    person.log_in("intern", "intern-pw")
+
+    person.open("/admin/clinic/patient/?q=Okafor", expect="#result_list")
+    names = driver.find_elements("css selector", "#result_list th.field-name")
+    assert [cell.text for cell in names] == ["Amara Okafor"]
+    assert not driver.find_elements("css selector", "#result_list .field-visits")
+    assert not driver.find_elements("css selector", "#result_list .field-latest_visit")
+    person.find("#result_list th.field-name a").click()
+    assert "Can view encounter" in person.text("#patient-visits-hidden")
+    assert not driver.find_elements("css selector", "#patient-visits a")
+    person.screenshot("clinic-07-patient-without-encounter-permissions")

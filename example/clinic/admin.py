@@ -117,29 +117,44 @@ class PatientAdmin(admin.ModelAdmin):
             extra_context = {**(extra_context or {}), **self._visits_context(request, patient)}
         return super().change_view(request, object_id, form_url, extra_context)
 
+    def _encounter_admin(self) -> admin.ModelAdmin | None:
+        # (AdminSite.get_model_admin() is Django >= 5.0's name for this lookup.)
+        return self.admin_site._registry.get(Encounter)
+
+    def _can_view_encounters(self, request: HttpRequest) -> bool:
+        encounter_admin = self._encounter_admin()
+        return encounter_admin is not None and encounter_admin.has_view_or_change_permission(
+            request
+        )
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        """The visit columns only for those who may see encounters."""
+        if self._can_view_encounters(request):
+            return self.list_display
+        return ("name",)
+
     def _visits_context(self, request: HttpRequest, patient: Patient) -> dict[str, Any]:
         """The "Visits" panel of the patient's page (its template is
         ``clinic/templates/admin/clinic/patient/change_form.html``): each visit linked to its
-        encounter page when the user may see encounters."""
-        # (AdminSite.get_model_admin() is Django >= 5.0's name for this lookup.)
-        encounter_admin = self.admin_site._registry[Encounter]
-        can_view = encounter_admin.has_view_or_change_permission(request)
+        encounter page, for those who may see encounters."""
+        if not self._can_view_encounters(request):
+            return {"can_view_encounters": False}
+        encounter_admin = self._encounter_admin()
+        assert encounter_admin is not None
         visits = [
             {
                 "encounter": encounter,
                 "short_id": str(encounter.pk)[:8],
                 "url": reverse(
                     "admin:django_encounters_encounter_change", args=[quote(encounter.pk)]
-                )
-                if can_view
-                else None,
+                ),
             }
             for encounter in encounters_of(patient)
         ]
         return {
+            "can_view_encounters": True,
             "patient_visits": visits,
-            "can_view_encounters": can_view,
-            "encounter_list_url": encounter_list_url(patient.pk) if can_view else None,
+            "encounter_list_url": encounter_list_url(patient.pk),
             "new_encounter_url": new_encounter_url(patient)
             if encounter_admin.has_add_permission(request)
             else None,
