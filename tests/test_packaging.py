@@ -59,7 +59,11 @@ def _readme_sections() -> dict[str, str]:
 
 
 def _python_blocks(section: str) -> list[str]:
-    return [code for language, code in FENCE.findall(_readme_sections()[section]) if language == "python"]
+    return [
+        code
+        for language, code in FENCE.findall(_readme_sections()[section])
+        if language == "python"
+    ]
 
 
 def _links(text: str) -> list[str]:
@@ -96,6 +100,9 @@ def test_every_readme_link_is_absolute_and_leads_somewhere():
     assert dead == [], f"README.md links to pages or files that do not exist: {dead}"
     contributing = f"{REPOSITORY}/blob/main/CONTRIBUTING.md"
     assert DOCS_SITE in links and contributing in links, links
+    # The documentation site is built for the address the README links to.
+    mkdocs = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert f"\nsite_url: {DOCS_SITE}\n" in mkdocs and f"\nrepo_url: {REPOSITORY}\n" in mkdocs
 
 
 def test_the_readme_quickstart_takes_nothing_for_granted():
@@ -122,9 +129,19 @@ def _matrix() -> list[tuple[str, str, str]]:
     """The Makefile's MATRIX as (name, python, django spec), read by make itself."""
     env = {k: v for k, v in os.environ.items() if k not in ("MATRIX", "MAKEFLAGS", "MFLAGS")}
     out = subprocess.run(
-        ["make", "-s", "--no-print-directory", "--eval", "print-matrix: ; @: $(info $(MATRIX))",
-         "print-matrix"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+        [
+            "make",
+            "-s",
+            "--no-print-directory",
+            "--eval",
+            "print-matrix: ; @: $(info $(MATRIX))",
+            "print-matrix",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     combos = [tuple(combo.split(":", 2)) for combo in out]
     assert combos and all(len(c) == 3 for c in combos), f"the Makefile's MATRIX is {out}"
@@ -168,7 +185,9 @@ def _classifier_problems(classifiers: list[str]) -> list[str]:
     from trove_classifiers import classifiers as known
 
     djangos, pythons = _tested()
-    claimed_djangos = {c.rsplit(" :: ", 1)[1] for c in classifiers if c.startswith("Framework :: Django :: ")}
+    claimed_djangos = {
+        c.rsplit(" :: ", 1)[1] for c in classifiers if c.startswith("Framework :: Django :: ")
+    }
     claimed_pythons = {
         c.rsplit(" :: ", 1)[1]
         for c in classifiers
@@ -197,6 +216,19 @@ def test_the_installed_classifiers_equal_the_ci_matrix():
     from importlib.metadata import metadata
 
     assert _classifier_problems(metadata("django-encounters").get_all("Classifier") or []) == []
+
+
+def test_a_classifier_missing_or_extra_is_reported():
+    from importlib.metadata import metadata
+
+    classifiers = metadata("django-encounters").get_all("Classifier") or []
+    fewer = [c for c in classifiers if c != "Programming Language :: Python :: 3.13"]
+    (problem,) = _classifier_problems(fewer)
+    assert "Python classifiers" in problem and "'3.13'" in problem
+    more = [*classifiers, "Framework :: Django :: 5.1"]
+    (problem,) = _classifier_problems(more)
+    assert "Django classifiers" in problem and "'5.1'" in problem
+    assert any("PyPI does not know" in p for p in _classifier_problems([*classifiers, "Nope"]))
 
 
 def test_a_matrix_spec_admitting_two_django_releases_is_refused():
@@ -234,7 +266,9 @@ def _run(*command: str | Path, cwd: Path, stdout_only: bool = False) -> str:
         timeout=600,
     )
     output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(map(str, command))} exited {result.returncode}:\n{output}"
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, command))} exited {result.returncode}:\n{output}"
+    )
     return result.stdout if stdout_only else output
 
 
@@ -271,7 +305,9 @@ def test_the_distributions_carry_the_license_and_the_metadata(dist):
     with zipfile.ZipFile(wheel) as archive:
         (dist_info,) = {n.split("/", 1)[0] for n in archive.namelist() if ".dist-info/" in n}
         assert archive.read(f"{dist_info}/licenses/LICENSE").decode() == license_text
-        meta: email.message.Message = email.message_from_bytes(archive.read(f"{dist_info}/METADATA"))
+        meta: email.message.Message = email.message_from_bytes(
+            archive.read(f"{dist_info}/METADATA")
+        )
 
     assert meta["License-Expression"] == "MIT"
     assert meta.get_all("License-File") == ["LICENSE"]
@@ -288,7 +324,9 @@ def test_the_distributions_carry_the_license_and_the_metadata(dist):
 @pytest.mark.slow
 def test_twine_check_strict_accepts_them(dist):
     sdist, wheel, _log = dist
-    output = _run(sys.executable, "-m", "twine", "check", "--strict", sdist, wheel, cwd=sdist.parent)
+    output = _run(
+        sys.executable, "-m", "twine", "check", "--strict", sdist, wheel, cwd=sdist.parent
+    )
     assert output.count("PASSED") == 2, output
 
 
@@ -335,4 +373,6 @@ def test_the_wheel_runs_the_readme_quickstart_in_a_fresh_project(dist, tmp_path)
             ["2", "checked_in", "->", "in_progress"],
             ["3", "in_progress", "->", "completed"],
         ], f"run {run}:\n{output}"
-        assert "Cannot transition from 'completed' to 'scheduled'" in output, f"run {run}:\n{output}"
+        assert "Cannot transition from 'completed' to 'scheduled'" in output, (
+            f"run {run}:\n{output}"
+        )
