@@ -20,11 +20,13 @@
 #                             in .venv-matrix/<name>; fails when an interpreter is missing
 #   make bench | soak | docs | lint | clean
 #
-# The supported versions are the main venv's (Python 3.11 from `python3`, the newest Django it
-# installs: 5.2) plus MATRIX below; pyproject.toml's classifiers name exactly these
-# (tests/test_packaging.py checks it).
+# The supported versions are MAIN_PAIR (the main venv's) plus MATRIX, below; pyproject.toml's
+# classifiers name exactly these (tests/test_packaging.py checks it).
 
 PYTHON ?= python3
+# The pair the main venv runs, "name:python:django-spec": `python3` (3.11 on this machine and CI's)
+# with the newest Django it installs. tests/test_packaging.py checks that .venv runs it.
+MAIN_PAIR := main:3.11:Django>=5.2,<6.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=

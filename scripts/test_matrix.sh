@@ -67,7 +67,8 @@ for combo in $MATRIX; do
         continue
     fi
     echo "   $("$venv/bin/python" -c 'import django, eventsourcing; print("Django", django.get_version(), "/ eventsourcing", eventsourcing.__version__ if hasattr(eventsourcing, "__version__") else "")')"
-    if PY="$venv/bin/python" bash scripts/run_tests.sh "$@"; then
+    # ENCOUNTERS_TEST_MATRIX: tests/test_packaging.py checks this venv runs the pair it names.
+    if ENCOUNTERS_TEST_MATRIX="$name" PY="$venv/bin/python" bash scripts/run_tests.sh "$@"; then
         passed+=("$name")
     else
         failed+=("$name")

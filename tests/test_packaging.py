@@ -3,8 +3,9 @@
 * The README is the project's page on the package index: every link in it is absolute (a relative
   one is dead there) and leads to a page of the documentation site or a file of the repository
   that exists.
-* The classifiers name exactly the Django and Python versions CI tests: the running
-  interpreter's (the main virtualenv, or a matrix one) and every pair of the Makefile's MATRIX.
+* The classifiers name exactly the Django and Python versions CI tests: the Makefile's MAIN_PAIR
+  (the main virtualenv) and every pair of its MATRIX, read by make; and each virtualenv runs the
+  pair the Makefile names for it.
 * The built sdist and wheel carry the LICENSE, PEP 639 metadata (``License-Expression: MIT``),
   the project URLs and those classifiers, and ``twine check --strict`` accepts them.
 * The wheel installs into a fresh virtualenv with its runtime dependencies only, and in a project
@@ -125,27 +126,29 @@ def test_the_readme_quickstart_takes_nothing_for_granted():
 # --- the classifiers and the CI matrix --------------------------------------------------------
 
 
-def _matrix() -> list[tuple[str, str, str]]:
-    """The Makefile's MATRIX as (name, python, django spec), read by make itself."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MATRIX", "MAKEFLAGS", "MFLAGS")}
-    out = subprocess.run(
-        [
-            "make",
-            "-s",
-            "--no-print-directory",
-            "--eval",
-            "print-matrix: ; @: $(info $(MATRIX))",
-            "print-matrix",
-        ],
+def _make_variable(name: str) -> str:
+    """A variable of the Makefile, as make itself reads it (not the environment's)."""
+    env = {k: v for k, v in os.environ.items() if k not in (name, "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(
+        ["make", "-s", "--no-print-directory", "--eval", f"print: ; @: $(info $({name}))", "print"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.split()
-    combos = [tuple(combo.split(":", 2)) for combo in out]
-    assert combos and all(len(c) == 3 for c in combos), f"the Makefile's MATRIX is {out}"
-    return combos  # type: ignore[return-value]
+    ).stdout.strip()
+
+
+def _pairs() -> dict[str, tuple[str, str]]:
+    """What CI tests, by name: the main venv's pair (the Makefile's MAIN_PAIR) and every pair of
+    its MATRIX, as (Python, Django feature release)."""
+    combos = [_make_variable("MAIN_PAIR"), *_make_variable("MATRIX").split()]
+    pairs = {}
+    for combo in combos:
+        name, python, spec = combo.split(":", 2)
+        pairs[name] = (python, _django_release(spec))
+    assert len(pairs) >= 2 and "main" in pairs, f"the Makefile's MAIN_PAIR and MATRIX: {combos}"
+    return pairs
 
 
 def _django_release(spec: str) -> str:
@@ -170,15 +173,9 @@ def _django_release(spec: str) -> str:
 
 
 def _tested() -> tuple[set[str], set[str]]:
-    """The Django and Python versions CI tests: this interpreter's and the matrix's."""
-    import django
-
-    djangos = {"{}.{}".format(*django.VERSION[:2])}
-    pythons = {"{}.{}".format(*sys.version_info[:2])}
-    for _name, python, spec in _matrix():
-        djangos.add(_django_release(spec))
-        pythons.add(python)
-    return djangos, pythons
+    """The Django and the Python versions CI tests."""
+    pairs = _pairs().values()
+    return {django for _python, django in pairs}, {python for python, _django in pairs}
 
 
 def _classifier_problems(classifiers: list[str]) -> list[str]:
@@ -210,6 +207,21 @@ def _classifier_problems(classifiers: list[str]) -> list[str]:
     if "Development Status :: 4 - Beta" not in classifiers:
         problems.append("no 'Development Status :: 4 - Beta'")
     return problems
+
+
+def test_this_virtualenv_runs_the_pair_the_makefile_names():
+    """The suite runs under the pair the Makefile says it does: MAIN_PAIR in the main virtualenv,
+    its own entry of MATRIX in a matrix one (scripts/test_matrix.sh names it)."""
+    import django
+
+    name = os.environ.get("ENCOUNTERS_TEST_MATRIX", "main")
+    running = ("{}.{}".format(*sys.version_info[:2]), "{}.{}".format(*django.VERSION[:2]))
+    expected = _pairs()[name]
+    assert running == expected, (
+        f"this virtualenv ({name}) runs Python {running[0]} with Django {running[1]}, but the "
+        f"Makefile says Python {expected[0]} with Django {expected[1]}: CI would test a pair the "
+        "classifiers do not name; correct MAIN_PAIR/MATRIX and pyproject.toml's classifiers"
+    )
 
 
 def test_the_installed_classifiers_equal_the_ci_matrix():
