@@ -354,6 +354,9 @@ def test_the_wheel_runs_the_readme_quickstart_in_a_fresh_project(dist, tmp_path)
     installed = _run(python, "-m", "pip", "list", "--format=freeze", cwd=tmp_path)
     assert "django-encounters==0.1.0" in installed.lower().replace("_", "-")
     assert "pytest" not in installed.lower()
+    # What a new user gets: the newest Django for this Python, which must be one CI tests.
+    (django_version,) = re.findall(r"(?im)^django==(\d+\.\d+)", installed)
+    assert django_version in _tested()[0], installed
 
     project = tmp_path / "project"
     project.mkdir()
