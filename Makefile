@@ -3,8 +3,8 @@
 # its runtime dependencies, Django and eventsourcing, nothing else). The install is redone only
 # when pyproject.toml changes (stamp files inside the venv).
 #
-#   make demo                 the example on a fresh SQLite database (runtime only, ~20 s from a
-#                             fresh clone)
+#   make demo                 the example on a fresh SQLite database; installs the runtime only
+#                             (8 packages, about 20 s of CPU from a fresh clone)
 #   make test                 whole suite on SQLite, then on a throwaway PostgreSQL cluster
 #                             (every test, the slow ones included: what CI runs)
 #   make test-sqlite          the quick loop: SQLite only, without the tests marked slow
