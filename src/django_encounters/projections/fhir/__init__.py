@@ -407,9 +407,9 @@ def _periods(
     status_map: Mapping[str, str] | None,
     known_at: datetime | None,
     using: str | None,
-) -> list[tuple[str, str | None, datetime, datetime | None]]:
+) -> tuple[list[tuple[str, str | None, datetime, datetime | None]], str]:
     """``(status code, subjectStatus code or None, start, end or None)`` per interval, merged
-    while both codes stay the same."""
+    while both codes stay the same; and the state the timeline ends in."""
     codes = _status_codes(
         encounter,
         status_map_for(encounter, fhir_version) if status_map is None else status_map,
@@ -417,13 +417,15 @@ def _periods(
     )
     subject_codes = _mapping(encounter).get("subjectStatus", {}) if fhir_version == "R5" else {}
     merged: list[tuple[str, str | None, datetime, datetime | None]] = []
+    last = encounter.origin_state
     for state, start, end in _state_intervals(encounter, known_at, using):
         key = (codes(state), subject_codes.get(state))
         if merged and merged[-1][:2] == key and merged[-1][3] == start:
             merged[-1] = (*key, merged[-1][2], end)
         else:
             merged.append((*key, start, end))
-    return merged
+        last = state
+    return merged, last
 
 
 def encounter_resource(
@@ -465,7 +467,7 @@ def encounter_resource(
     """
     arguments.require_instance(encounter, Encounter, "encounter")
     _check_version(version)
-    periods = _periods(encounter, version, status_map, known_at, using)
+    periods, last_state = _periods(encounter, version, status_map, known_at, using)
     resource: dict[str, Any] = {"resourceType": "Encounter", "id": str(encounter.pk)}
     recorded = encounter.last_transitioned_at or encounter.created_at
     if known_at is not None and recorded > known_at:
@@ -486,19 +488,10 @@ def encounter_resource(
     begun = [p for p in periods if p[0] not in _NOT_BEGUN]
     if begun:
         period = {"start": fhir_datetime(begun[0][2], tz)}
-        if periods[-1][3] is None and _is_final(encounter, _last_state(encounter, known_at, using)):
+        if periods[-1][3] is None and last_state in (encounter.machine.final_states or []):
             period["end"] = fhir_datetime(periods[-1][2], tz)
         resource["period" if version == "R4" else "actualPeriod"] = period
     return resource
-
-
-def _last_state(encounter: Encounter, known_at: datetime | None, using: str | None) -> str:
-    found = _state_intervals(encounter, known_at, using)
-    return found[-1][0] if found else encounter.origin_state
-
-
-def _is_final(encounter: Encounter, state: str) -> bool:
-    return state in (encounter.machine.final_states or [])
 
 
 def encounter_history_resources(
@@ -516,7 +509,7 @@ def encounter_history_resources(
     reference to the ``Encounter`` (``Encounter/<id>``). Codes, class and subject as
     :func:`encounter_resource`; raises as it does."""
     arguments.require_instance(encounter, Encounter, "encounter")
-    periods = _periods(encounter, "R5", status_map, known_at, using)
+    periods, _ = _periods(encounter, "R5", status_map, known_at, using)
     class_ = [{"coding": [_class_coding(encounter)]}]
     subject = _subject(encounter)
     resources = []
