@@ -34,6 +34,8 @@ from typing import Any
 
 from collections.abc import Iterable
 from urllib.parse import quote
+
+from asgiref.sync import sync_to_async
 from uuid import UUID, uuid5
 
 from ... import arguments, conf, store
@@ -46,6 +48,8 @@ from ..output import in_zone, utc_iso
 __all__ = [
     "FHIR_VERSIONS",
     "SUBJECT_STATUS_SYSTEM",
+    "aencounter_bundle",
+    "aencounter_resource",
     "encounter_bundle",
     "encounter_history_resources",
     "encounter_identifier",
@@ -580,3 +584,35 @@ def _entry(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
             "url": _search(resource["resourceType"], resource["identifier"][0]),
         },
     }
+
+
+async def aencounter_resource(
+    encounter: Encounter,
+    version: str = "R4",
+    status_map: Mapping[str, str] | None = None,
+    *,
+    tz: tzinfo | None = None,
+    known_at: datetime | None = None,
+    using: str | None = None,
+) -> dict[str, Any]:
+    """:func:`encounter_resource` for async code (same arguments, result and errors), run in
+    one thread-sensitive call."""
+    return await sync_to_async(encounter_resource, thread_sensitive=True)(
+        encounter, version, status_map, tz=tz, known_at=known_at, using=using
+    )
+
+
+async def aencounter_bundle(
+    encounters: Iterable[Encounter],
+    version: str = "R4",
+    status_map: Mapping[str, str] | None = None,
+    *,
+    tz: tzinfo | None = None,
+    known_at: datetime | None = None,
+    using: str | None = None,
+) -> dict[str, Any]:
+    """:func:`encounter_bundle` for async code (same arguments, result and errors); a
+    queryset of encounters is evaluated in the same thread-sensitive call."""
+    return await sync_to_async(encounter_bundle, thread_sensitive=True)(
+        encounters, version, status_map, tz=tz, known_at=known_at, using=using
+    )
