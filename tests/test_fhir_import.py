@@ -184,10 +184,17 @@ def test_an_exported_r5_bundle_imports_with_its_history(ed: EncounterDefinition,
 
     # subjectStatus told waiting, triage and treatment (all R5 in-progress) apart.
     history = EncounterTransition.objects.filter(encounter=copy_).order_by("sequence")
-    assert [row.to_state for row in history] == ["waiting", "triage", "treatment", "away", "treatment"]
-    assert encounter_resource(copy_, "R4", tz=BRISBANE)["statusHistory"] == _example(R4_EXAMPLE)[
-        "statusHistory"
+    assert [row.to_state for row in history] == [
+        "waiting",
+        "triage",
+        "treatment",
+        "away",
+        "treatment",
     ]
+    assert (
+        encounter_resource(copy_, "R4", tz=BRISBANE)["statusHistory"]
+        == _example(R4_EXAMPLE)["statusHistory"]
+    )
     assert import_fhir_encounters(foreign, definition="ED").created == []
 
 

@@ -90,7 +90,7 @@ def test_pm4py_reads_the_objects_events_and_relations(clinic: dict[str, Any], tm
     ocel = read_ocel(ocel_text(), tmp_path)
 
     first, second, third = clinic["encounters"]
-    objects = dict(zip(ocel.objects["ocel:oid"], ocel.objects["ocel:type"]))
+    objects = dict(zip(ocel.objects["ocel:oid"], ocel.objects["ocel:type"], strict=True))
     assert objects == {
         f"encounter:{first.pk}": "encounter",
         f"encounter:{second.pk}": "encounter",
@@ -113,7 +113,7 @@ def test_pm4py_reads_the_objects_events_and_relations(clinic: dict[str, Any], tm
     # Event-to-object relations, qualified.
     relations = ocel.relations
     seen = relations[relations["ocel:eid"] == f"{first.pk}:2"]
-    assert dict(zip(seen["ocel:oid"], seen["ocel:qualifier"])) == {
+    assert dict(zip(seen["ocel:oid"], seen["ocel:qualifier"], strict=True)) == {
         f"encounter:{first.pk}": "encounter",
         f"subject:testapp.patient:{clinic['patient'].pk}": "subject",
         "user:doctor": "transitioned by",
@@ -123,15 +123,13 @@ def test_pm4py_reads_the_objects_events_and_relations(clinic: dict[str, Any], tm
     assert "definition:CLINIC:v2" in set(upgrade["ocel:oid"])
     # Object-to-object: the encounter is about its subject and follows its version.
     o2o = ocel.o2o[ocel.o2o["ocel:oid"] == f"encounter:{second.pk}"]
-    assert dict(zip(o2o["ocel:oid_2"], o2o["ocel:qualifier"])) == {
+    assert dict(zip(o2o["ocel:oid_2"], o2o["ocel:qualifier"], strict=True)) == {
         f"subject:testapp.patient:{clinic['patient'].pk}": "about",
         "definition:CLINIC:v1": "follows",
     }
 
 
-def test_the_object_centric_dfg_has_the_edges_the_rows_took(
-    clinic: dict[str, Any], tmp_path: Path
-):
+def test_the_object_centric_dfg_has_the_edges_the_rows_took(clinic: dict[str, Any], tmp_path: Path):
     ocel = read_ocel(ocel_text(), tmp_path)
 
     ocdfg = pm4py.discover_ocdfg(ocel)
@@ -195,7 +193,7 @@ def test_lifecycle_pairs_put_the_time_in_each_state_in_the_log(
 
     frame = pm4py.read_xes(str(path))
     trace = frame[frame["case:concept:name"] == str(first.pk)]
-    assert list(zip(trace["concept:name"], trace["lifecycle:transition"])) == [
+    assert list(zip(trace["concept:name"], trace["lifecycle:transition"], strict=True)) == [
         ("booked", "start"),
         ("booked", "complete"),
         ("arrived", "start"),

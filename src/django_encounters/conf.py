@@ -139,8 +139,7 @@ def fhir_status_maps() -> dict[str, dict[str, Any]]:
             and set(coding) <= {"system", "code", "display"}
         ):
             raise EncounterConfigurationError(
-                f"{where}['class'] must be a Coding {{'system', 'code', 'display'}}, not "
-                f"{coding!r}"
+                f"{where}['class'] must be a Coding {{'system', 'code', 'display'}}, not {coding!r}"
             )
         subject_type = entry.get("subject_type")
         if subject_type is not None and not (
@@ -157,8 +156,7 @@ def fhir_subject_resolver() -> str | None:
     value = getattr(settings, "ENCOUNTERS_FHIR_SUBJECT_RESOLVER", None)
     if value is not None and (not isinstance(value, str) or "." not in value):
         raise EncounterConfigurationError(
-            "ENCOUNTERS_FHIR_SUBJECT_RESOLVER must be the dotted path of a function, not "
-            f"{value!r}"
+            f"ENCOUNTERS_FHIR_SUBJECT_RESOLVER must be the dotted path of a function, not {value!r}"
         )
     return value
 

@@ -520,9 +520,7 @@ async def atime_in_states(
     encounter: Encounter, until: datetime | None = None, *, using: str | None = None
 ) -> dict[str, Decimal]:
     """:func:`time_in_states` for async code (same arguments, result and errors)."""
-    return await sync_to_async(time_in_states, thread_sensitive=True)(
-        encounter, until, using=using
-    )
+    return await sync_to_async(time_in_states, thread_sensitive=True)(encounter, until, using=using)
 
 
 async def aduration_in_state(
@@ -534,9 +532,7 @@ async def aduration_in_state(
     )
 
 
-def _as_of_list(
-    timestamp: datetime, known_at: datetime | None, queryset: Any
-) -> list[Encounter]:
+def _as_of_list(timestamp: datetime, known_at: datetime | None, queryset: Any) -> list[Encounter]:
     base = Encounter.objects.all() if queryset is None else queryset
     if getattr(base, "model", None) is not Encounter or not hasattr(base, "as_of"):
         raise TypeError(f"queryset must be a queryset of Encounter, not {base!r}")

@@ -173,7 +173,9 @@ def write_ocel2_json(
             events += len(trace.events)
             anomalous += trace.anomalies > 0
         out.write('\n],"objects":[')
-        others = [{"id": oid, "type": kind} for oid, kind in sorted(subjects.items())]
+        others: list[dict[str, Any]] = [
+            {"id": oid, "type": kind} for oid, kind in sorted(subjects.items())
+        ]
         others += [{"id": user_object_id(u), "type": USER} for u in sorted(users)]
         others += [
             {
@@ -199,7 +201,10 @@ def write_ocel2_json(
         {"name": USER, "attributes": []},
         {
             "name": DEFINITION_VERSION,
-            "attributes": [{"name": "definition", "type": "string"}, {"name": "version", "type": "integer"}],
+            "attributes": [
+                {"name": "definition", "type": "string"},
+                {"name": "version", "type": "integer"},
+            ],
         },
         *({"name": kind, "attributes": []} for kind in sorted(subject_types)),
     ]
@@ -207,7 +212,5 @@ def write_ocel2_json(
         {"name": kind, "attributes": [{"name": n, "type": t} for n, t in EVENT_ATTRIBUTES]}
         for kind in sorted(event_types)
     ]
-    out.write(
-        '\n],"objectTypes":' + _dump(object_types) + ',"eventTypes":' + _dump(types) + "}\n"
-    )
+    out.write('\n],"objectTypes":' + _dump(object_types) + ',"eventTypes":' + _dump(types) + "}\n")
     return EventLogCounts(count, events, anomalous)

@@ -27,16 +27,14 @@ states mapped to one code) are one interval. See ``docs/guides/fhir.md``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, tzinfo
 from datetime import timezone as dt_timezone
 from typing import Any
-
-from collections.abc import Iterable
 from urllib.parse import quote
+from uuid import UUID, uuid5
 
 from asgiref.sync import sync_to_async
-from uuid import UUID, uuid5
 
 from ... import arguments, conf, store
 from ...engine.intervals import intervals

@@ -256,6 +256,12 @@ def _time(value: Any, label: str, what: str) -> datetime:
     return parsed
 
 
+def _status(value: Any, label: str, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise FhirImportError(label, f"{what} has no status")
+    return value
+
+
 def _subject_code(element: Any) -> str | None:
     for coding in (element or {}).get("coding") or []:
         if isinstance(coding, dict) and coding.get("code"):
@@ -274,8 +280,11 @@ def _steps(
     if version == "R4":
         entries = resource.get("statusHistory") or []
         for number, entry in enumerate(entries, 1):
-            start = _time((entry.get("period") or {}).get("start"), label, f"statusHistory[{number}]")
-            steps.append(_Step(entry.get("status"), None, start))
+            start = _time(
+                (entry.get("period") or {}).get("start"), label, f"statusHistory[{number}]"
+            )
+            code = _status(entry.get("status"), label, f"statusHistory[{number}]")
+            steps.append(_Step(code, None, start))
         period = resource.get("period") or {}
         end_of_last = (entries[-1].get("period") or {}).get("end") if entries else None
         current = _Step(status, None, datetime.min)
@@ -283,11 +292,12 @@ def _steps(
     else:
         for history in histories:
             start = _time(
-                (history.get("actualPeriod") or {}).get("start"), label, "an EncounterHistory's start"
+                (history.get("actualPeriod") or {}).get("start"),
+                label,
+                "an EncounterHistory's start",
             )
-            steps.append(
-                _Step(history.get("status"), _subject_code(history.get("subjectStatus")), start)
-            )
+            code = _status(history.get("status"), label, "an EncounterHistory")
+            steps.append(_Step(code, _subject_code(history.get("subjectStatus")), start))
         when = (resource.get("actualPeriod") or {}).get("start")
         current = _Step(status, _subject_code(resource.get("subjectStatus")), datetime.min)
     steps.sort(key=lambda step: step.start)
@@ -298,7 +308,9 @@ def _steps(
         if when is None:
             steps.append(current)  # dated when needed: only the creation can take no time
         else:
-            steps.append(_Step(current.code, current.subject_code, _time(when, label, "the period")))
+            steps.append(
+                _Step(current.code, current.subject_code, _time(when, label, "the period"))
+            )
     return steps
 
 
