@@ -47,7 +47,7 @@ def _names_for(name: str) -> dict[str, Any]:
             some_past_time=now - timedelta(days=1),
             quarter_end=now,
         )
-    if name in ("docs/guides/fhir.md", "docs/guides/async.md"):
+    if name in ("docs/guides/fhir.md", "docs/guides/async.md", "docs/guides/process-mining.md"):
         names.update(patient=Patient.objects.create(name="Grace Hopper"))
     if name in (
         "docs/operations.md",
