@@ -175,6 +175,13 @@ def test_an_exported_r5_bundle_imports_with_its_history(ed: EncounterDefinition,
     (source,) = import_fhir_encounters(R4_EXAMPLE, definition="ED").created
     bundle = encounter_bundle([source], "R5", tz=BRISBANE)
     R5Bundle.model_validate(bundle)
+    models = {"Encounter": R5Encounter, "EncounterHistory": EncounterHistory}
+    for entry in bundle["entry"]:  # the Bundle model does not check its entries' resources
+        models[entry["resource"]["resourceType"]].model_validate(entry["resource"])
+    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == [
+        "Encounter",
+        *["EncounterHistory"] * 5,
+    ]
     # As another installation would receive it: its own identifier system.
     foreign = json.loads(json.dumps(bundle).replace("urn:ietf:rfc:3986", "https://a.example/e"))
     for entry in foreign["entry"]:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from django.db import router
 from django.db import transaction as db_transaction
@@ -218,12 +219,12 @@ def _already_imported(resource: dict[str, Any], key: str) -> bool:
     for identifier in resource.get("identifier") or []:
         if not isinstance(identifier, dict) or identifier.get("system") != ours["system"]:
             continue
-        value = str(identifier.get("value", "")).removeprefix("urn:uuid:")
         try:
-            if Encounter.all_objects.filter(pk=value).exists():
-                return True
-        except (ValueError, TypeError, Exception):  # not a UUID: not one of ours
+            pk = UUID(str(identifier.get("value", "")).removeprefix("urn:uuid:"))
+        except ValueError:  # not an encounter id: not one of ours
             continue
+        if Encounter.all_objects.filter(pk=pk).exists():
+            return True
     return False
 
 
