@@ -33,6 +33,7 @@ from django_encounters.projections.fhir import (
     encounter_resource,
 )
 from django_encounters.projections.fhir.importing import import_fhir_encounters
+from tests.helpers import run_command
 from tests.testapp.models import Patient
 
 DATA = Path(__file__).resolve().parent / "data" / "fhir"
@@ -359,3 +360,26 @@ def test_a_malformed_status_map_setting_is_refused(settings: Any, value: Any, me
     settings.ENCOUNTERS_FHIR_STATUS_MAPS = value
     with pytest.raises(EncounterConfigurationError, match=message):
         conf.fhir_status_maps()
+
+
+def test_what_cannot_be_read_or_resolved_is_refused_typed(ed: EncounterDefinition, tmp_path):
+    def failing(reference: dict[str, Any], definition: Any) -> Any:
+        return Patient.objects.get(name="nobody")
+
+    with pytest.raises(FhirImportError, match="the subject resolver failed") as failed:
+        import_fhir_encounters(R4_EXAMPLE, definition="ED", resolve_subject=failing)
+    assert isinstance(failed.value.__cause__, Patient.DoesNotExist)
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    code, _, err = run_command("import_fhir_encounters", str(broken), "--definition", "ED")
+    assert code == 1 and "not JSON" in err
+    code, _, err = run_command(
+        "import_fhir_encounters", str(tmp_path / "missing.json"), "--definition", "ED"
+    )
+    assert code == 1 and "cannot read it" in err
+
+    ed.delete()  # soft-deleted: no new encounters follow it
+    code, _, err = run_command("import_fhir_encounters", str(R4_EXAMPLE), "--definition", "ED")
+    assert code == 2 and "no encounter definition has the code 'ED'" in err
+    assert Encounter.all_objects.count() == 0

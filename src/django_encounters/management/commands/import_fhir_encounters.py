@@ -6,8 +6,9 @@ Idempotent: a resource imported before (its identifier, else its id) is skipped.
 nothing: the file is imported in one transaction; a resource the definition refuses names
 itself and the move, and nothing is written.
 
-Exit status: 0 when imported (or all skipped); 1 when a resource was refused (nothing written);
-2 for invalid options (an unknown definition, an unreadable file). See ``docs/guides/fhir.md``.
+Exit status: 0 when imported (or all skipped); 1 when the file or a resource was refused
+(nothing written); 2 for invalid options (an unknown or soft-deleted definition, an unusable
+setting). See ``docs/guides/fhir.md``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from django_encounters.exceptions import DefinitionNotFoundError, FhirImportError
+from django_encounters.exceptions import EncounterError, FhirImportError
 from django_encounters.projections.fhir import FHIR_VERSIONS
 from django_encounters.projections.fhir.importing import import_fhir_encounters
 
@@ -66,10 +67,10 @@ class Command(BaseCommand):
                 fhir_version=options["fhir_version"],
                 created_by=user,
             )
-        except DefinitionNotFoundError as exc:
-            raise CommandError(str(exc), returncode=2) from exc
         except FhirImportError as exc:
             raise CommandError(str(exc), returncode=1) from exc
+        except (ValueError, TypeError, EncounterError) as exc:  # DefinitionNotFoundError too
+            raise CommandError(str(exc), returncode=2) from exc
         if options["verbosity"] >= 1:
             self.stdout.write(
                 f"{plural(len(result.created), 'encounter', 'encounters')} imported, "

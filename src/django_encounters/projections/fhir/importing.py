@@ -42,7 +42,7 @@ from django.db import transaction as db_transaction
 from django.utils.module_loading import import_string
 
 from ... import conf
-from ...exceptions import EncounterError, FhirImportError
+from ...exceptions import DefinitionNotFoundError, EncounterError, FhirImportError
 from ...models import Encounter, EncounterDefinition
 from ...services import create_encounter, transition
 from . import (
@@ -144,9 +144,15 @@ def import_fhir_encounters(
         DefinitionNotFoundError: no definition has the code.
     """
     if isinstance(definition, str):
-        from ..diagrams import machine
-
-        definition, _ = machine(definition)
+        code = definition
+        found = EncounterDefinition.objects.filter(code=code).first()  # not soft-deleted
+        if found is None:
+            raise DefinitionNotFoundError(code)
+        definition = found
+    if not isinstance(definition, EncounterDefinition):
+        raise TypeError(
+            f"definition must be an EncounterDefinition or its code, not {definition!r}"
+        )
     name, resources = read_resources(source)
     resolver = _resolver(resolve_subject, name)
     if fhir_version is not None and fhir_version not in _STATUSES:
@@ -329,7 +335,12 @@ def _import_one(
     reference = resource.get("subject")
     if not isinstance(reference, dict):
         raise FhirImportError(label, "it has no subject")
-    subject = resolver(reference, definition)
+    try:
+        subject = resolver(reference, definition)
+    except Exception as exc:  # the project's code: reported as this resource's refusal
+        raise FhirImportError(
+            label, f"the subject resolver failed on {reference}: {type(exc).__name__}: {exc}"
+        ) from exc
     if subject is None:
         raise FhirImportError(label, f"the subject resolver found no subject for {reference}")
     entry = conf.fhir_status_maps().get(definition.code, {})
@@ -349,9 +360,12 @@ def _import_one(
     }
     if isinstance(class_, dict):
         kept["class"] = {k: class_[k] for k in ("system", "code", "display") if k in class_}
-    encounter = create_encounter(
-        definition, subject, created_by=created_by, metadata={"fhir": kept}
-    )
+    try:
+        encounter = create_encounter(
+            definition, subject, created_by=created_by, metadata={"fhir": kept}
+        )
+    except (TypeError, ValueError, EncounterError) as exc:
+        raise FhirImportError(label, f"cannot create its encounter: {exc}") from exc
     rules = encounter.machine.rules()
     for step in steps:
         state = _state_for(step, encounter.state, definition, codes, subject_codes, rules, label)
