@@ -216,3 +216,26 @@ def test_without_lifecycle_every_event_is_complete(clinic: dict[str, Any], tmp_p
     frame = pm4py.read_xes(str(path))
     assert set(frame["lifecycle:transition"]) == {"complete"}
     assert len(frame) == 8
+
+
+def test_lifecycle_logs_stay_valid_xes_and_csv(clinic: dict[str, Any], tmp_path: Path):
+    import csv
+
+    etree = pytest.importorskip("lxml.etree")
+    xsd = Path(__file__).resolve().parent / "data" / "xes-ieee-1849-2016.xsd"
+    xes = io.StringIO()
+    counts = export_event_log("xes", xes, lifecycle=True)
+    schema = etree.XMLSchema(etree.parse(str(xsd)))
+    assert schema.validate(etree.fromstring(xes.getvalue().encode("utf-8"))), schema.error_log
+    # Per encounter: one start per stay, one complete per stay that was left.
+    assert (counts.traces, counts.events) == (3, 2 * 8 - 3)
+
+    text = io.StringIO(newline="")
+    export_event_log("csv", text, lifecycle=True)
+    rows = list(csv.DictReader(io.StringIO(text.getvalue())))
+    second = str(clinic["encounters"][1].pk)
+    assert [
+        (r["concept:name"], r["lifecycle:transition"], r["org:resource"])
+        for r in rows
+        if r["case:concept:name"] == second
+    ] == [("booked", "start", ""), ("booked", "complete", "nurse"), ("left", "start", "nurse")]
