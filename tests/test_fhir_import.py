@@ -383,3 +383,19 @@ def test_what_cannot_be_read_or_resolved_is_refused_typed(ed: EncounterDefinitio
     code, _, err = run_command("import_fhir_encounters", str(R4_EXAMPLE), "--definition", "ED")
     assert code == 2 and "no encounter definition has the code 'ED'" in err
     assert Encounter.all_objects.count() == 0
+
+
+def test_a_malformed_fhir_setting_is_a_system_check_error(settings: Any):
+    from django_encounters.checks import check_settings
+
+    settings.ENCOUNTERS_FHIR_STATUS_MAPS = {"ED": {"R4": ["planned"]}}
+    settings.ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM = "not a uri"
+    errors = check_settings(None)
+    assert sorted((e.id, e.obj) for e in errors) == [
+        ("django_encounters.E007", "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM"),
+        ("django_encounters.E007", "ENCOUNTERS_FHIR_STATUS_MAPS"),
+    ]
+    settings.ENCOUNTERS_FHIR_STATUS_MAPS = STATUS_MAPS
+    settings.ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM = "https://hospital.example/encounter-id"
+    settings.ENCOUNTERS_FHIR_SUBJECT_RESOLVER = RESOLVER
+    assert check_settings(None) == []
