@@ -41,7 +41,7 @@ def _names_for(name: str) -> dict[str, Any]:
         # `django-admin startproject` writes defines; the quickstart takes nothing for granted
         # (tests/test_packaging.py runs it in a fresh project).
         names.update(BASE_DIR=ROOT)
-    if name in ("docs/guides/fhir.md", "docs/guides/async.md"):
+    if name in ("docs/guides/fhir.md", "docs/guides/async.md", "docs/guides/process-mining.md"):
         names.update(patient=Patient.objects.create(name="Grace Hopper"))
     if name in (
         "docs/operations.md",

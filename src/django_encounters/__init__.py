@@ -37,6 +37,10 @@ _EXPORTS = {
     "atransition": "services",
     "aget_state_at": "services",
     "aget_encounter_history": "services",
+    "aupgrade_encounter": "services",
+    "atime_in_states": "services",
+    "aduration_in_state": "services",
+    "aas_of": "services",
     # Exceptions
     "EncounterError": "exceptions",
     "InvalidTransitionError": "exceptions",

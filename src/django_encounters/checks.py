@@ -8,6 +8,7 @@
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
   unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
+* ``django_encounters.E007`` (error): an ``ENCOUNTERS_FHIR_*`` setting of the wrong shape;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
@@ -37,6 +38,9 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
     "ENCOUNTERS_SEAL_KEYS",
     "ENCOUNTERS_SEAL_KEY_ID",
+    "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM",
+    "ENCOUNTERS_FHIR_STATUS_MAPS",
+    "ENCOUNTERS_FHIR_SUBJECT_RESOLVER",
     "ENCOUNTERS_SUBJECT_MODELS",
 )
 
@@ -120,6 +124,26 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             conf.rest_require_if_match,
             "django_encounters.E004",
             "Set it to True or False, or remove it for the default (False).",
+        ),
+        (
+            "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM",
+            conf.fhir_identifier_system,
+            "django_encounters.E007",
+            "Set it to a URI naming your encounter ids, or remove it for the default.",
+        ),
+        (
+            "ENCOUNTERS_FHIR_STATUS_MAPS",
+            conf.fhir_status_maps,
+            "django_encounters.E007",
+            'Set it to {"<definition code>": {"R4": {state: code}, "R5": {...}, '
+            '"subjectStatus": {...}, "class": {...}, "subject_type": "Patient"}} '
+            "(docs/guides/fhir.md), or remove it.",
+        ),
+        (
+            "ENCOUNTERS_FHIR_SUBJECT_RESOLVER",
+            conf.fhir_subject_resolver,
+            "django_encounters.E007",
+            "Set it to the dotted path of a function (reference, definition) -> subject.",
         ),
     ]
     found: list[checks.CheckMessage] = []

@@ -19,6 +19,19 @@
 ``ENCOUNTERS_REST_REQUIRE_IF_MATCH``
     Whether the REST API (``django_encounters.contrib.rest_framework``) refuses a transition
     POST without an ``If-Match`` header (``428 Precondition Required``). Default: ``False``.
+``ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM``
+    The ``system`` of the ``identifier`` every exported FHIR ``Encounter`` carries (a URI naming
+    your installation's encounter ids); its ``value`` is the encounter's id. Default:
+    ``"urn:ietf:rfc:3986"``, with the value then written as ``urn:uuid:<id>``.
+``ENCOUNTERS_FHIR_STATUS_MAPS``
+    Per definition code, how its states are written in FHIR: ``{"CODE": {"R4": {state: code},
+    "R5": {state: code}, "subjectStatus": {state: code}, "class": {"system", "code",
+    "display"}, "subject_type": "Patient"}}``, every key optional (``docs/guides/fhir.md``).
+    Default: ``{}`` (state names must then be FHIR codes themselves).
+``ENCOUNTERS_FHIR_SUBJECT_RESOLVER``
+    The dotted path of a function ``(reference: dict, definition) -> model instance | None``
+    that ``import_fhir_encounters`` asks for the subject of each imported encounter. Default:
+    ``None`` (the import needs ``--subject-resolver``).
 ``ENCOUNTERS_SUBJECT_MODELS``
     The subject models whose deletes the subject guard checks (``django_encounters.subjects``):
     a list of ``"app_label.Model"`` (each refuses while encounters are about the subject), or a
@@ -82,6 +95,78 @@ def rest_require_if_match() -> bool:
     if not isinstance(value, bool):
         raise EncounterConfigurationError(
             f"ENCOUNTERS_REST_REQUIRE_IF_MATCH must be True or False, not {value!r}"
+        )
+    return value
+
+
+DEFAULT_FHIR_IDENTIFIER_SYSTEM = "urn:ietf:rfc:3986"
+#: The keys a definition's entry of ``ENCOUNTERS_FHIR_STATUS_MAPS`` may have.
+FHIR_MAP_KEYS = ("R4", "R5", "subjectStatus", "class", "subject_type")
+
+
+def fhir_identifier_system() -> str:
+    value = getattr(settings, "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM", DEFAULT_FHIR_IDENTIFIER_SYSTEM)
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM must be a URI without spaces (e.g. "
+            f"'https://hospital.example/fhir/encounter-id'), not {value!r}"
+        )
+    return value
+
+
+def fhir_status_maps() -> dict[str, dict[str, Any]]:
+    """``ENCOUNTERS_FHIR_STATUS_MAPS``, its shape checked (whether each code is one of its FHIR
+    version's is checked when used, naming the encounter: ``FhirStatusError``)."""
+    value = getattr(settings, "ENCOUNTERS_FHIR_STATUS_MAPS", None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_FHIR_STATUS_MAPS must be a dict {definition code: {...}}, not "
+            f"{type(value).__name__}"
+        )
+    for code, entry in value.items():
+        where = f"ENCOUNTERS_FHIR_STATUS_MAPS[{code!r}]"
+        if not isinstance(code, str) or not isinstance(entry, dict):
+            raise EncounterConfigurationError(f"{where} must be a dict keyed by a definition code")
+        unknown = sorted(str(key) for key in entry if key not in FHIR_MAP_KEYS)
+        if unknown:
+            raise EncounterConfigurationError(
+                f"{where} has unknown keys {unknown} (known: {', '.join(FHIR_MAP_KEYS)})"
+            )
+        for key in ("R4", "R5", "subjectStatus"):
+            states = entry.get(key, {})
+            if not isinstance(states, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in states.items()
+            ):
+                raise EncounterConfigurationError(
+                    f"{where}[{key!r}] must map state names to codes (text), not {states!r}"
+                )
+        coding = entry.get("class")
+        if coding is not None and not (
+            isinstance(coding, dict)
+            and isinstance(coding.get("code"), str)
+            and set(coding) <= {"system", "code", "display"}
+        ):
+            raise EncounterConfigurationError(
+                f"{where}['class'] must be a Coding {{'system', 'code', 'display'}}, not {coding!r}"
+            )
+        subject_type = entry.get("subject_type")
+        if subject_type is not None and not (
+            isinstance(subject_type, str) and subject_type.isalpha()
+        ):
+            raise EncounterConfigurationError(
+                f"{where}['subject_type'] must be a FHIR resource type such as 'Patient', not "
+                f"{subject_type!r}"
+            )
+    return value
+
+
+def fhir_subject_resolver() -> str | None:
+    value = getattr(settings, "ENCOUNTERS_FHIR_SUBJECT_RESOLVER", None)
+    if value is not None and (not isinstance(value, str) or "." not in value):
+        raise EncounterConfigurationError(
+            f"ENCOUNTERS_FHIR_SUBJECT_RESOLVER must be the dotted path of a function, not {value!r}"
         )
     return value
 

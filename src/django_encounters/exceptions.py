@@ -36,6 +36,7 @@ __all__ = [
     "EncounterConfigurationError",
     "EventLogError",
     "EventLogWriteError",
+    "FhirImportError",
     "FhirStatusError",
     "GraphvizError",
     "GraphvizNotFoundError",
@@ -288,6 +289,27 @@ class FhirStatusError(EncounterError, ValueError):
             f"Encounter {encounter_id}: state {state!r} has no FHIR {fhir_version} "
             f"encounter-status code ({how}; valid codes: {', '.join(self.valid_codes)})"
         )
+
+
+class FhirImportError(EncounterError, ValueError):
+    """A FHIR resource could not be imported (``resource``: what it is, e.g. ``Encounter/emerg``
+    in ``visits.json``; ``reason``: why; ``from_state``/``to_state``: the transition refused,
+    when one was). Nothing of the file was written. Also a ``ValueError``."""
+
+    def __init__(
+        self,
+        resource: str,
+        reason: str,
+        *,
+        from_state: str | None = None,
+        to_state: str | None = None,
+    ) -> None:
+        self.resource = resource
+        self.reason = reason
+        self.from_state = from_state
+        self.to_state = to_state
+        move = f" ({from_state!r} -> {to_state!r})" if to_state is not None else ""
+        super().__init__(f"cannot import {resource}{move}: {reason}; nothing was imported")
 
 
 class DistributionError(EncounterError):

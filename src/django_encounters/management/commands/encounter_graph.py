@@ -5,7 +5,8 @@ one) — the initial state marked, final states double-circled, states nothing r
 With ``--from-log``: every edge its encounters' rows took (rows effective in ``[--since,
 --until)``), labelled with its count and the median time spent before it, compared with that
 version's machine (allowed but untaken edges dashed, anomalies red). ``--format`` mermaid or
-dot (text), or svg (through Graphviz's ``dot``).
+dot (text), svg (through Graphviz's ``dot``), or pnml (a definition's Petri net, which
+pm4py's and ProM's conformance checking replay the event log on).
 
 Exit status: 0 when drawn; 1 when Graphviz failed on the drawing; 2 for invalid options (an
 unknown CODE or version, a bad time, ``--since`` not before ``--until``, ``--since``/``--until``
@@ -34,7 +35,7 @@ from ..helpers import Unended, parse_times, quiet_broken_pipe, report_file
 class Command(BaseCommand):
     help = (
         "Draw an encounter definition (or, with --from-log, the process map mined from its "
-        "rows) as Mermaid, DOT or SVG."
+        "rows) as Mermaid, DOT or SVG; or a definition as a Petri net (PNML)."
     )
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
