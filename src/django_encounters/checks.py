@@ -8,6 +8,8 @@
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
   unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
+* ``django_encounters.E006`` (error): ``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` names a model
+  that is not installed or a field it does not have;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
@@ -37,6 +39,7 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
     "ENCOUNTERS_SEAL_KEYS",
     "ENCOUNTERS_SEAL_KEY_ID",
+    "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
 )
 
 
@@ -119,6 +122,13 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             conf.rest_require_if_match,
             "django_encounters.E004",
             "Set it to True or False, or remove it for the default (False).",
+        ),
+        (
+            "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
+            conf.admin_subject_search_fields,
+            "django_encounters.E006",
+            'Set it to {"app_label.model": ["field", ...]} naming installed subject models and '
+            "their fields as ModelAdmin.search_fields would, or remove it.",
         ),
     ]
     found: list[checks.CheckMessage] = []

@@ -19,6 +19,13 @@
 ``ENCOUNTERS_REST_REQUIRE_IF_MATCH``
     Whether the REST API (``django_encounters.contrib.rest_framework``) refuses a transition
     POST without an ``If-Match`` header (``428 Precondition Required``). Default: ``False``.
+``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS``
+    ``{"app_label.model": ["field", ...]}``: the fields of a subject model the encounter admin's
+    search box (and its subject search on "Add encounter") looks in, written as a
+    ``ModelAdmin.search_fields`` entry (``"name"``, ``"^name"``, ``"=code"``, ``"owner__email"``).
+    A model named here is searched by these fields; a model not named here is searched by the
+    ``search_fields`` of its own admin when it is registered in the same admin site, else not by
+    its fields at all. Default: ``{}``.
 """
 
 from __future__ import annotations
@@ -74,6 +81,55 @@ def rest_require_if_match() -> bool:
             f"ENCOUNTERS_REST_REQUIRE_IF_MATCH must be True or False, not {value!r}"
         )
     return value
+
+
+def admin_subject_search_fields() -> dict[Any, list[str]]:
+    """``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` as ``model class -> search fields``, checked:
+    every key names an installed model, every field path names fields of it."""
+    from django.apps import apps
+    from django.core.exceptions import FieldDoesNotExist
+    from django.db.models.constants import LOOKUP_SEP
+
+    name = "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS"
+    value = getattr(settings, name, None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EncounterConfigurationError(
+            f'{name} must be a dict {{"app_label.model": ["field", ...]}}, not {value!r}'
+        )
+    found: dict[Any, list[str]] = {}
+    for label, fields in value.items():
+        try:
+            model = apps.get_model(label) if isinstance(label, str) else None
+        except (LookupError, ValueError):
+            model = None
+        if model is None:
+            raise EncounterConfigurationError(
+                f"{name}: {label!r} is not an installed model ('app_label.model', e.g. "
+                "'clinic.patient')"
+            )
+        if isinstance(fields, str) or not isinstance(fields, (list, tuple)) or not fields:
+            raise EncounterConfigurationError(
+                f"{name}[{label!r}] must be a non-empty list of field names, not {fields!r}"
+            )
+        for entry in fields:
+            path = entry.lstrip("^=@") if isinstance(entry, str) else ""
+            opts = model._meta
+            try:
+                if not path:
+                    raise FieldDoesNotExist(entry)
+                for part in path.split(LOOKUP_SEP):
+                    field = opts.get_field(part)
+                    if field.is_relation and field.related_model is not None:
+                        opts = field.related_model._meta
+            except FieldDoesNotExist:
+                raise EncounterConfigurationError(
+                    f"{name}[{label!r}]: {entry!r} does not name a field of "
+                    f"{model._meta.label} (write it as in ModelAdmin.search_fields)"
+                ) from None
+        found[model] = list(fields)
+    return found
 
 
 def seal_keys() -> dict[str, bytes]:
