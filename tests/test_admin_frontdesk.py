@@ -7,7 +7,10 @@ definition editor with a row per state."""
 
 from __future__ import annotations
 
+import html
+import json
 from datetime import timedelta
+from html.parser import HTMLParser
 
 import pytest
 from django.contrib.admin.models import LogEntry
@@ -508,3 +511,180 @@ def test_the_subject_search_needs_the_permissions(client, django_user_model, fro
     assert client.get(subjects_url(), query).status_code == 403  # may not view patients
     user.user_permissions.add(Permission.objects.get(codename="view_patient"))
     assert len(client.get(subjects_url(), query).json()["results"]) == 2
+
+
+# -- the definition editor --------------------------------------------------------------------
+
+
+def definition_url(definition):
+    return reverse("admin:django_encounters_encounterdefinition_change", args=[definition.pk])
+
+
+class _Inputs(HTMLParser):
+    """What a browser posts for the page's main form: its inputs, text areas and selects as
+    rendered (checked boxes only, the selected options)."""
+
+    def __init__(self, form_id):
+        super().__init__()
+        self.form_id, self.inside, self.data = form_id, False, []
+        self._textarea = self._select = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form":
+            self.inside = a.get("id") == self.form_id
+        if not self.inside or "name" not in a and tag != "option":
+            return
+        if tag == "input" and a.get("type") not in ("submit", "button", "file"):
+            if a.get("type") in ("checkbox", "radio") and "checked" not in a:
+                return
+            self.data.append((a["name"], a.get("value", "on" if a.get("type") == "checkbox" else "")))
+        elif tag == "textarea":
+            self._textarea = [a["name"], ""]
+        elif tag == "select":
+            self._select = a["name"]
+        elif tag == "option" and self._select and "selected" in a:
+            self.data.append((self._select, a.get("value", "")))
+
+    def handle_data(self, data):
+        if self._textarea is not None:
+            self._textarea[1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "textarea" and self._textarea is not None:
+            self.data.append((self._textarea[0], html.unescape(self._textarea[1]).lstrip("\n")))
+            self._textarea = None
+        elif tag == "select":
+            self._select = None
+        elif tag == "form":
+            self.inside = False
+
+
+def as_posted(page, form_id):
+    parser = _Inputs(form_id)
+    parser.feed(page.content.decode())
+    data = {}
+    for name, value in parser.data:
+        data.setdefault(name, []).append(value)
+    return data
+
+
+def definition_page(client, definition):
+    return client.get(definition_url(definition))
+
+
+def save_as_shown(client, definition, **changes):
+    data = as_posted(definition_page(client, definition), "encounterdefinition_form")
+    for name, value in changes.items():
+        data[name] = [value] if not isinstance(value, list) else value
+    return client.post(definition_url(definition), data)
+
+
+ODD_MACHINES = {
+    "visit": {},
+    "self_loop": {
+        "states": ["open", "closed"],
+        "initial_state": "open",
+        "final_states": ["closed"],
+        "transitions": {"open": ["open", "closed"]},
+    },
+    "explicit_empty_and_unordered": {
+        "states": ["a", "b", "c"],
+        "initial_state": "b",
+        "final_states": ["c", "a"],
+        "transitions": {"c": [], "b": ["c", "a"]},
+    },
+    "names_with_spaces_and_commas": {
+        "states": ["new, unread", "read"],
+        "initial_state": "new, unread",
+        "final_states": ["read"],
+        "transitions": {"new, unread": ["read"]},
+    },
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ODD_MACHINES))
+def test_a_definition_saved_as_shown_keeps_its_machine_and_version(
+    admin_client, make_definition, kind
+):
+    definition = make_definition(
+        validators=["django_encounters.validators.FinalStateValidator"], **ODD_MACHINES[kind]
+    )
+    before = EncounterDefinition.objects.get(pk=definition.pk)
+    response = save_as_shown(admin_client, definition, description="edited")
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    after = EncounterDefinition.objects.get(pk=definition.pk)
+    assert after.machine() == before.machine()
+    assert after.version == before.version == 1
+    assert after.description == "edited"
+    page = definition_page(admin_client, definition).content.decode()
+    if kind == "names_with_spaces_and_commas":
+        assert 'id="state-rows"' not in page  # edited as JSON only
+    else:
+        assert 'id="state-rows"' in page and "States as JSON" in page
+
+
+def test_the_rows_edit_the_machine(admin_client, visit_definition):
+    data = as_posted(definition_page(admin_client, visit_definition), "encounterdefinition_form")
+    assert data["state_rows-0-name"] == ["scheduled"] and data["state_rows-0-initial"] == ["on"]
+    assert data["state_rows-0-next_states"] == ["checked_in, cancelled"]
+    n = len(visit_definition.states)
+    data[f"state_rows-{n}-name"] = ["no_show"]
+    data[f"state_rows-{n}-final"] = ["on"]
+    data["state_rows-0-next_states"] = ["checked_in, cancelled, no_show"]
+    response = admin_client.post(definition_url(visit_definition), data)
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    fresh = EncounterDefinition.objects.get(pk=visit_definition.pk)
+    assert fresh.version == 2
+    assert fresh.states == [*visit_definition.states, "no_show"]
+    assert fresh.final_states == ["completed", "cancelled", "no_show"]
+    assert fresh.transitions["scheduled"] == ["checked_in", "cancelled", "no_show"]
+    assert fresh.transitions["checked_in"] == visit_definition.transitions["checked_in"]
+
+
+def test_json_is_still_accepted_and_the_rows_say_what_is_wrong(admin_client, visit_definition):
+    states = json.dumps([*visit_definition.states, "no_show"])
+    response = save_as_shown(admin_client, visit_definition, states=states)
+    assert response.status_code == 302
+    assert EncounterDefinition.objects.get(pk=visit_definition.pk).states[-1] == "no_show"
+
+    data = as_posted(definition_page(admin_client, visit_definition), "encounterdefinition_form")
+    data["state_rows-0-next_states"] = ["checked_in, nowhere"]
+    data["state_rows-1-initial"] = ["on"]
+    page = admin_client.post(definition_url(visit_definition), data)
+    text = page.content.decode()
+    assert "States: tick exactly one initial state (ticked: scheduled, checked_in)." in text
+    assert "States: next states that are not a state of the rows: nowhere." in text
+
+    data = as_posted(definition_page(admin_client, visit_definition), "encounterdefinition_form")
+    data["state_rows-0-next_states"] = ["checked_in"]
+    data["final_states"] = ['["completed"]']
+    page = admin_client.post(definition_url(visit_definition), data)
+    assert "changed both in the rows and in the JSON boxes (final_states)" in page.content.decode()
+    assert EncounterDefinition.objects.get(pk=visit_definition.pk).version == 2
+
+
+def test_a_new_definition_from_rows(admin_client):
+    page = admin_client.get(reverse("admin:django_encounters_encounterdefinition_add"))
+    data = as_posted(page, "encounterdefinition_form")
+    data.update(
+        {
+            "name": ["Triage"],
+            "code": ["TRIAGE"],
+            "state_rows-0-name": ["waiting"],
+            "state_rows-0-initial": ["on"],
+            "state_rows-0-next_states": ["seen"],
+            "state_rows-1-name": ["seen"],
+            "state_rows-1-final": ["on"],
+        }
+    )
+    response = admin_client.post(reverse("admin:django_encounters_encounterdefinition_add"), data)
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    created = EncounterDefinition.objects.get(code="TRIAGE")
+    assert created.machine() == {
+        "states": ["waiting", "seen"],
+        "initial_state": "waiting",
+        "final_states": ["seen"],
+        "transitions": {"waiting": ["seen"]},
+        "validators": [],
+    }
