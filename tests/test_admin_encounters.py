@@ -514,7 +514,10 @@ def test_change_refuses_a_subject_that_does_not_exist(admin_client, encounter, v
 
     page = admin_client.post(
         change_url(encounter),
-        {**add_payload(visit_definition, Patient, "424242"), **seen_payload(admin_client, encounter)},
+        {
+            **add_payload(visit_definition, Patient, "424242"),
+            **seen_payload(admin_client, encounter),
+        },
     )
     assert page.status_code == 200
     assert "There is no patient with id" in page.content.decode()

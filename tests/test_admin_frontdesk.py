@@ -410,7 +410,9 @@ def test_a_refused_transition_writes_none_of_its_fields(admin_client, validated_
         timezone.localtime(started).strftime("%H:%M:%S"),
     ]
     text = page.content.decode()
-    assert "Recorded since your page was loaded" in text and "scheduled → <strong>checked_in" in text
+    assert (
+        "Recorded since your page was loaded" in text and "scheduled → <strong>checked_in" in text
+    )
 
 
 def test_a_validator_refusal_names_the_field_by_its_label_and_keeps_the_reason(
@@ -538,7 +540,9 @@ class _Inputs(HTMLParser):
         if tag == "input" and a.get("type") not in ("submit", "button", "file"):
             if a.get("type") in ("checkbox", "radio") and "checked" not in a:
                 return
-            self.data.append((a["name"], a.get("value", "on" if a.get("type") == "checkbox" else "")))
+            self.data.append(
+                (a["name"], a.get("value", "on" if a.get("type") == "checkbox" else ""))
+            )
         elif tag == "textarea":
             self._textarea = [a["name"], ""]
         elif tag == "select":
@@ -626,11 +630,11 @@ def test_a_definition_saved_as_shown_keeps_its_machine_and_version(
 
 def test_the_rows_edit_the_machine(admin_client, visit_definition):
     data = as_posted(definition_page(admin_client, visit_definition), "encounterdefinition_form")
-    assert data["state_rows-0-name"] == ["scheduled"] and data["state_rows-0-initial"] == ["on"]
+    assert data["state_rows-0-name"] == ["scheduled"] and data["state_rows-0-is_initial"] == ["on"]
     assert data["state_rows-0-next_states"] == ["checked_in, cancelled"]
     n = len(visit_definition.states)
     data[f"state_rows-{n}-name"] = ["no_show"]
-    data[f"state_rows-{n}-final"] = ["on"]
+    data[f"state_rows-{n}-is_final"] = ["on"]
     data["state_rows-0-next_states"] = ["checked_in, cancelled, no_show"]
     response = admin_client.post(definition_url(visit_definition), data)
     assert response.status_code == 302, response.context["adminform"].form.errors
@@ -650,7 +654,7 @@ def test_json_is_still_accepted_and_the_rows_say_what_is_wrong(admin_client, vis
 
     data = as_posted(definition_page(admin_client, visit_definition), "encounterdefinition_form")
     data["state_rows-0-next_states"] = ["checked_in, nowhere"]
-    data["state_rows-1-initial"] = ["on"]
+    data["state_rows-1-is_initial"] = ["on"]
     page = admin_client.post(definition_url(visit_definition), data)
     text = page.content.decode()
     assert "States: tick exactly one initial state (ticked: scheduled, checked_in)." in text
@@ -672,10 +676,10 @@ def test_a_new_definition_from_rows(admin_client):
             "name": ["Triage"],
             "code": ["TRIAGE"],
             "state_rows-0-name": ["waiting"],
-            "state_rows-0-initial": ["on"],
+            "state_rows-0-is_initial": ["on"],
             "state_rows-0-next_states": ["seen"],
             "state_rows-1-name": ["seen"],
-            "state_rows-1-final": ["on"],
+            "state_rows-1-is_final": ["on"],
         }
     )
     response = admin_client.post(reverse("admin:django_encounters_encounterdefinition_add"), data)

@@ -48,10 +48,10 @@ class StateRowForm(forms.Form):
         max_length=STATE_MAX_LENGTH,
         widget=forms.TextInput(attrs={"size": 18, "aria-label": "state name"}),
     )
-    initial = forms.BooleanField(
+    is_initial = forms.BooleanField(
         required=False, widget=forms.CheckboxInput(attrs={"aria-label": "initial state"})
     )
-    final = forms.BooleanField(
+    is_final = forms.BooleanField(
         required=False, widget=forms.CheckboxInput(attrs={"aria-label": "final state"})
     )
     next_states = forms.CharField(
@@ -86,8 +86,8 @@ def machine_rows(machine: dict[str, Any]) -> list[dict[str, Any]] | None:
     return [
         {
             "name": state,
-            "initial": state == machine.get("initial_state"),
-            "final": state in finals,
+            "is_initial": state == machine.get("initial_state"),
+            "is_final": state in finals,
             "next_states": ", ".join(str(t) for t in transitions.get(state, [])),
         }
         for state in states
@@ -99,8 +99,8 @@ def _row_key(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [
         (
             row.get("name") or "",
-            bool(row.get("initial")),
-            bool(row.get("final")),
+            bool(row.get("is_initial")),
+            bool(row.get("is_final")),
             tuple(t.strip() for t in (row.get("next_states") or "").split(",") if t.strip()),
         )
         for row in rows
@@ -119,14 +119,13 @@ def machine_from_rows(
     states = [name for name, *_ in keyed]
     initials = [name for name, initial, *_ in keyed if initial]
     if len(initials) != 1:
-        problems.append(
-            f"tick exactly one initial state (ticked: {', '.join(initials) or 'none'})"
-        )
+        problems.append(f"tick exactly one initial state (ticked: {', '.join(initials) or 'none'})")
     finals = [name for name, _, final, _ in keyed if final]
     previous_finals = before.get("final_states")
     if isinstance(previous_finals, list) and sorted(map(str, previous_finals)) == sorted(finals):
         finals = list(previous_finals)
-    previous = before.get("transitions") if isinstance(before.get("transitions"), dict) else {}
+    stored = before.get("transitions")
+    previous: dict[str, Any] = stored if isinstance(stored, dict) else {}
     transitions: dict[str, list[str]] = {}
     unknown = []
     for name, _, _, targets in keyed:
@@ -194,7 +193,7 @@ class DefinitionForm(forms.ModelForm):
             )
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        cleaned: dict[str, Any] = super().clean() or self.cleaned_data
         for name, empty in (("final_states", list), ("transitions", dict), ("validators", list)):
             if name in self.fields and cleaned.get(name) is None and name not in self.errors:
                 cleaned[name] = empty()
@@ -271,7 +270,7 @@ class EncounterDefinitionAdmin(SoftDeleteAdmin):
             ),
         ]
 
-    def _json_fieldsets(self, fields: list[str], obj: Any) -> list[Any]:
+    def _json_fieldsets(self, fields: list[Any], obj: Any) -> list[Any]:
         """The definition's fields; with the rows editor (every machine it can show), the
         machine's JSON boxes folded apart, still editable."""
         if obj is not None and machine_rows({n: getattr(obj, n) for n in ROW_FIELDS}) is None:

@@ -518,8 +518,9 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
                             encounter_id=obj.pk, sequence__gt=exc.expected_version or 0
                         ).order_by("sequence")
                     )
-                    form.data = form.data.copy()
-                    form.data["expected_version"] = str(obj.version)
+                    posted = form.data.copy()  # type: ignore[attr-defined]  # a QueryDict
+                    posted["expected_version"] = str(obj.version)
+                    form.data = posted
                     messages.error(request, self._stale_message(obj, data["to_state"], exc))
                 except EncounterNotFoundError:
                     obj.refresh_from_db()
@@ -601,7 +602,9 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
                 if name in form.same_step:
                     label = form.field_label(name)
                     text = text.replace(f"'{name}'", f"“{label}” ({name})")
-                    form.add_error(form.same_step[name], f"Required for '{form.data.get('to_state')}'.")
+                    form.add_error(
+                        form.same_step[name], f"Required for '{form.data.get('to_state')}'."
+                    )
         return f"Refused, nothing was changed ({encounter_title(obj)}): {text}"
 
     def _deleted(self, request: HttpRequest, obj: Encounter) -> HttpResponse:

@@ -50,7 +50,9 @@ def canonical(value: Any) -> Any:
 def _python_value(field: forms.Field, value: Any) -> Any:
     """A value :func:`canonical` wrote, back as the form field compares it (datetimes parsed,
     without the microseconds a widget that cannot show them dropped)."""
-    if isinstance(value, str) and isinstance(field, (forms.DateTimeField, forms.SplitDateTimeField)):
+    if isinstance(value, str) and isinstance(
+        field, (forms.DateTimeField, forms.SplitDateTimeField)
+    ):
         parsed = parse_datetime(value)
         if parsed is not None:
             value = parsed
@@ -68,9 +70,10 @@ def widget_data(field: forms.Field, html_name: str, value: Any) -> dict[str, str
     prepared = field.prepare_value(value)
     if isinstance(widget, forms.MultiWidget):
         parts = prepared if isinstance(prepared, (list, tuple)) else widget.decompress(prepared)
+        names = getattr(widget, "widgets_names", [f"_{i}" for i in range(len(widget.widgets))])
         return {
             html_name + suffix: _formatted(sub.format_value(part))
-            for suffix, sub, part in zip(widget.widgets_names, widget.widgets, parts, strict=False)
+            for suffix, sub, part in zip(names, widget.widgets, parts or [], strict=False)
         }
     return {html_name: _formatted(widget.format_value(prepared))}
 
@@ -81,13 +84,20 @@ def _formatted(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def model_field(name: str) -> models.Field:
+    """The encounter's model field ``name`` (a concrete field, never a reverse relation)."""
+    field = Encounter._meta.get_field(name)
+    assert isinstance(field, models.Field)
+    return field
+
+
 def shown_value(encounter: Encounter, name: str, value: Any) -> str:
     """A field's value as a message names it."""
     if value in (None, ""):
         return "(empty)"
     if isinstance(value, datetime):
         return local_time(value)
-    field = encounter._meta.get_field(name)
+    field = model_field(name)
     if field.is_relation and field.related_model is not None:
         related = field.related_model._default_manager.filter(pk=value).first()
         return str(related) if related is not None else f"#{value}"
@@ -133,7 +143,7 @@ class EncounterForm(forms.ModelForm):
     def stored_values(self) -> dict[str, Any]:
         """The editable fields' values as stored now (as loaded with the form's instance)."""
         return {
-            name: canonical(Encounter._meta.get_field(name).value_from_object(self.instance))
+            name: canonical(model_field(name).value_from_object(self.instance))
             for name in self.editable_names()
         }
 
@@ -217,11 +227,11 @@ class EncounterForm(forms.ModelForm):
                 f"it moved on from version {version} to {self.instance.version} ({moves}); it "
                 f"is now in '{self.instance.state}'"
             )
-        data = self.data.copy()
+        data = self.data.copy()  # type: ignore[attr-defined]  # a QueryDict
         for name in theirs:
             label = self.fields[name].label or name
             seen_value = _python_value(self.fields[name], seen[name])
-            stored = Encounter._meta.get_field(name).value_from_object(self.instance)
+            stored = model_field(name).value_from_object(self.instance)
             self.changed_since[name] = (seen_value, stored)
             change = (
                 f"{label} was changed from {shown_value(self.instance, name, seen_value)} to "
@@ -235,7 +245,7 @@ class EncounterForm(forms.ModelForm):
         data[SEEN_VERSION] = str(self.instance.version)
         data[SEEN_FIELDS] = self.seen_fields()
         self.data = data
-        yours = ", ".join(self.fields[n].label or n for n in mine) or "none"
+        yours = ", ".join(str(self.fields[n].label or n) for n in mine) or "none"
         self.add_error(
             None,
             "Not saved, nothing was written: this encounter changed after you opened this "
@@ -251,7 +261,7 @@ class EncounterForm(forms.ModelForm):
             for name in self.editable_names():
                 if name not in changed:
                     self.cleaned_data.pop(name, None)
-        super()._post_clean()
+        super()._post_clean()  # type: ignore[misc]  # ModelForm's, not in the stubs
 
     def changed_model_fields(self) -> list[str]:
         return [name for name in self.changed_data if name in self.editable_names()]
@@ -271,7 +281,7 @@ class EffectiveAtWidget(AdminSplitDateTime):
             return data.get(name)
         return super().value_from_datadict(data, files, name)
 
-    def decompress(self, value: Any) -> list[Any]:
+    def decompress(self, value: Any) -> Any:
         if isinstance(value, str):
             try:
                 parsed = parse_datetime(value)
@@ -280,7 +290,7 @@ class EffectiveAtWidget(AdminSplitDateTime):
             if parsed is None:
                 return [value, ""]
             value = parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed)
-        return super().decompress(value)  # type: ignore[no-any-return]
+        return super().decompress(value)
 
 
 class EffectiveAtField(forms.SplitDateTimeField):
@@ -358,19 +368,19 @@ class TransitionForm(forms.Form):
         #: The encounter fields set in the same step: model field name -> form field name.
         self.same_step: dict[str, str] = {}
         for name in fields:
-            model_field = Encounter._meta.get_field(name)
-            if isinstance(model_field, models.DateTimeField):
+            stored = model_field(name)
+            if isinstance(stored, models.DateTimeField):
                 field: forms.Field = forms.SplitDateTimeField(
                     widget=AdminSplitDateTime, required=False
                 )
             else:
-                field = model_field.formfield(required=False)  # type: ignore[assignment]
-            field.label = str(model_field.verbose_name).capitalize()
+                field = stored.formfield(required=False) or forms.CharField(required=False)
+            field.label = str(stored.verbose_name).capitalize()
             field.help_text = "Required in the target state by this definition's validators; " + (
                 "written together with the transition (not at all if it is refused)."
             )
             if encounter is not None:
-                field.initial = model_field.value_from_object(encounter)
+                field.initial = stored.value_from_object(encounter)
             self.same_step[name] = FIELD_PREFIX + name
             self.fields[FIELD_PREFIX + name] = field
 
@@ -404,8 +414,7 @@ class TransitionForm(forms.Form):
         }
 
     def field_label(self, name: str) -> str:
-        model_field = Encounter._meta.get_field(name)
-        return str(model_field.verbose_name).capitalize()
+        return str(model_field(name).verbose_name).capitalize()
 
 
 class StateAtForm(forms.Form):

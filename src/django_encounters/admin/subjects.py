@@ -110,5 +110,5 @@ def subject_name(encounter: Encounter) -> str:
 
 
 def encounter_title(encounter: Encounter) -> str:
-    """"Patient Visit for Ada Okafor": the definition and the subject."""
+    """ "Patient Visit for Ada Okafor": the definition and the subject."""
     return f"{encounter.definition.name} for {subject_name(encounter)}"
