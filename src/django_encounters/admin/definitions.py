@@ -275,8 +275,11 @@ class EncounterDefinitionAdmin(SoftDeleteAdmin):
         machine's JSON boxes folded apart, still editable."""
         if obj is not None and machine_rows({n: getattr(obj, n) for n in ROW_FIELDS}) is None:
             return [(None, {"fields": fields})]
+        first = [name for name in fields if name in ("name", "code", "description")]
+        rest = [name for name in fields if name not in (*first, *ROW_FIELDS)]
         return [
-            (None, {"fields": [name for name in fields if name not in ROW_FIELDS]}),
+            (None, {"fields": first}),  # the template shows the state rows after it
+            (None, {"fields": rest}),
             (
                 "States as JSON",
                 {

@@ -140,7 +140,7 @@ class SubjectPickerWidget(forms.TextInput):
             "django_encounters/subject_picker.html",
             {"element_id": element_id, "search_url": self.search_url},
         )
-        return mark_safe(f"{box}{picker}")
+        return mark_safe(f'<div class="subject-picker-field">{box}{picker}</div>')
 
 
 #: The projection's times, shown by :func:`local_time` (Django's display of a time its zone

@@ -121,8 +121,7 @@ class EncounterForm(forms.ModelForm):
         help_texts = {
             "definition": "Can change only while no transition is recorded; the encounter then "
             "starts over in that definition's initial state.",
-            "subject_id": "The primary key of the subject (an object of the content type); "
-            "type a name in the search box to find it.",
+            "subject_id": "The primary key of the subject (an object of the content type).",
         }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
