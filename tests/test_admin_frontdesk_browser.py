@@ -16,15 +16,14 @@ from django.utils import timezone
 
 from django_encounters.models import Encounter, EncounterDefinition
 from django_encounters.services import create_encounter, transition
+from tests import test_admin_browser as browser_tests
 from tests.helpers import reload
-from tests.test_admin_browser import (  # noqa: F401 - the fixtures are used by name
-    CHROMEDRIVER,
-    CHROMIUM,
-    change_path,
-    driver,
-    person,
-)
+from tests.test_admin_browser import CHROMEDRIVER, CHROMIUM, change_path
 from tests.testapp.models import Patient
+
+#: The browser and the logged-in person of the admin's browser tests (fixtures, used by name).
+driver = browser_tests.driver
+person = browser_tests.person
 
 pytestmark = [
     pytest.mark.skipif(
