@@ -22,7 +22,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from django_encounters import conf
+from django_encounters.admin.common import configured_subject_search
 from django_encounters.exceptions import EncounterConfigurationError
 from django_encounters.models import Encounter, EncounterDefinition, EncounterTransition
 from django_encounters.services import create_encounter, transition
@@ -134,7 +134,7 @@ def test_the_setting_names_the_search_fields_of_a_model_without_them(
 def test_a_bad_search_fields_setting_is_a_clear_error_and_a_check(settings, value, complaint):
     settings.ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS = value
     with pytest.raises(EncounterConfigurationError, match="ENCOUNTERS_ADMIN_SUBJECT_SEARCH"):
-        conf.admin_subject_search_fields()
+        configured_subject_search()
     from django.core.management.base import SystemCheckError
 
     with pytest.raises(SystemCheckError) as raised:
@@ -145,7 +145,7 @@ def test_a_bad_search_fields_setting_is_a_clear_error_and_a_check(settings, valu
 def test_a_good_search_fields_setting_passes_the_check(settings):
     settings.ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS = {"testapp.patient": ["^name", "=id"]}
     call_command("check")
-    assert conf.admin_subject_search_fields() == {Patient: ["^name", "=id"]}
+    assert configured_subject_search() == {Patient: ["^name", "=id"]}
 
 
 def _list_queries(client, **params):

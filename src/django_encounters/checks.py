@@ -125,7 +125,7 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
         ),
         (
             "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
-            conf.admin_subject_search_fields,
+            _subject_search_fields,
             "django_encounters.E006",
             'Set it to {"app_label.model": ["field", ...]} naming installed subject models and '
             "their fields as ModelAdmin.search_fields would, or remove it.",
@@ -156,6 +156,18 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
                 )
             )
     return found
+
+
+def _subject_search_fields() -> Any:
+    """``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` resolved as the admin resolves it (models
+    and fields), when the admin is installed; else its shape only."""
+    from django.apps import apps
+
+    if not apps.is_installed("django.contrib.admin"):
+        return conf.admin_subject_search_fields()
+    from .admin.common import configured_subject_search
+
+    return configured_subject_search()
 
 
 @checks.register()  # settings only, no connection: not tagged "database" (run without --database)

@@ -42,9 +42,16 @@ from .common import (
     DeletedFilter,
     SoftDeleteAdmin,
     ZoneSafeDateHierarchyMixin,
+    encounter_title,
     local_time,
+    matching_subjects,
+    search_fields_of,
     short_id,
     subject_html,
+    subject_match,
+    subject_name,
+    subject_of,
+    subject_types,
 )
 from .forms import (
     SEEN_FIELDS,
@@ -53,15 +60,6 @@ from .forms import (
     StateAtForm,
     TransitionForm,
     required_fields,
-)
-from .subjects import (
-    encounter_title,
-    matching_subjects,
-    search_fields_of,
-    subject_match,
-    subject_name,
-    subject_of,
-    subject_types,
 )
 from .timeline import encounter_timeline
 
