@@ -199,6 +199,8 @@ def test_pages_and_messages_name_the_definition_and_the_subject(
         "Patient Visit for Ada Okafor: Moved from 'scheduled' to 'checked_in' (sequence 1): "
         "arrived."
     ]
+    logged = LogEntry.objects.get(object_id=str(visit.pk))
+    assert logged.object_repr == "Patient Visit for Ada Okafor"  # History, "Recent actions"
 
     saved = admin_client.post(
         change_url(visit), {**edit_payload(admin_client, visit), "notes": "x"}, follow=True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import contextmanager
 from typing import Any
@@ -9,6 +10,7 @@ from uuid import UUID
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.contrib.admin.utils import quote, unquote
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
@@ -326,10 +328,10 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
         ]
 
     def _deleted_label(self, obj_id: Any, obj_display: str) -> str:
-        found = self.get_queryset_for_label(obj_id)
+        found = self._encounter_for_label(obj_id)
         return self._label(found) if found is not None else f"{short_id(obj_id)} ({obj_display})"
 
-    def get_queryset_for_label(self, obj_id: Any) -> Encounter | None:
+    def _encounter_for_label(self, obj_id: Any) -> Encounter | None:
         return (
             Encounter.all_objects.select_related("definition", "subject_content_type")
             .prefetch_related("subject")
@@ -358,6 +360,26 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             else:
                 message = str(message).replace(old, new)
         super().message_user(request, message, *args, **kwargs)
+
+    def log_addition(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        return self._log(request, obj, ADDITION, message)
+
+    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        return self._log(request, obj, CHANGE, message)
+
+    def _log(self, request: HttpRequest, obj: Encounter, flag: int, message: Any) -> Any:
+        """The admin's log entry (History, "Recent actions") naming the encounter by its
+        definition and subject."""
+        if isinstance(message, list):
+            message = json.dumps(message)
+        return LogEntry.objects.create(
+            user_id=request.user.pk,
+            content_type_id=ContentType.objects.get_for_model(obj, for_concrete_model=False).pk,
+            object_id=str(obj.pk),
+            object_repr=encounter_title(obj)[:200],
+            action_flag=flag,
+            change_message=message,
+        )
 
     def response_add(self, request: HttpRequest, obj: Any, post_url_continue: Any = None) -> Any:
         with self._naming(request, obj):
@@ -568,7 +590,6 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             "encounter_label": self._label(obj),
             "encounter_title": title,
             "since": since,
-            "same_step": [form[name] for name in form.same_step.values()],
             "has_view_permission": True,
             "media": self.media + form.media,
         }

@@ -5,6 +5,7 @@ page was rendered), a transition (with the fields its target state's validators 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
@@ -356,7 +357,7 @@ class TransitionForm(forms.Form):
         *args: Any,
         needs_context: bool = True,
         encounter: Encounter | None = None,
-        fields: list[str] = (),  # type: ignore[assignment]
+        fields: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
