@@ -15,6 +15,7 @@
 #                             only slow tests runs them, a -m of your own replaces "not slow"
 #   make test-matrix          the suite under Django 4.2 and 6.x as well
 #   make demo | bench | soak | docs | lint | clean
+#   make admin-demo [PORT=8000] [HOST=127.0.0.1]   the example clinic's admin, login admin / admin
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,7 +30,7 @@ STAMP_DOCS := $(VENV)/.stamp-docs
 STAMP_BENCH := $(VENV)/.stamp-bench
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-sqlite test-postgres test-citus test-matrix demo bench soak docs lint clean
+.PHONY: venv test test-sqlite test-postgres test-citus test-matrix demo admin-demo bench soak docs lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +78,21 @@ test-matrix:
 # The example project on a fresh SQLite database (see example/demo.py).
 demo: $(STAMP_TEST)
 	$(PY) example/demo.py
+
+# The example clinic in Django's admin (example/, docs/admin.md): migrate example/demo.sqlite3
+# (kept between runs), seed it (seed_clinic adds only what is missing, and the superuser
+# admin / admin when there is none), then serve it on http://$(HOST):$(PORT)/admin/.
+# Needs only the runtime: the package and Django.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+$(VENV)/.stamp-runtime: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+admin-demo: $(VENV)/.stamp-runtime
+	$(PY) example/manage.py migrate --noinput --verbosity 0
+	$(PY) example/manage.py seed_clinic --url http://$(HOST):$(PORT)/admin/
+	$(PY) example/manage.py runserver $(HOST):$(PORT)
 
 # Benchmarks on SQLite (WAL file), a throwaway PostgreSQL cluster and a throwaway 3-node Citus
 # cluster (built when missing; BENCH_CITUS=0 leaves it out); BENCH_ARGS='--quick' for a smoke

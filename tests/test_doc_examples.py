@@ -84,6 +84,14 @@ def _names_for(name: str) -> dict[str, Any]:
             )
         )
         names.update(nurse=nurse, patient=Patient.objects.create(name="Ada Lovelace"))
+    if name == "docs/guides/subjects.md":
+        from django_encounters.models import EncounterDefinition
+        from tests.conftest import visit_definition_kwargs
+
+        names.update(
+            Patient=Patient,
+            visit_def=EncounterDefinition.objects.create(**visit_definition_kwargs()),
+        )
     if name == "docs/operations.md":
         from django_encounters.projections.checkpoints import write_checkpoint
 

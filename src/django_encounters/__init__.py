@@ -47,6 +47,11 @@ _EXPORTS = {
     "InvalidStateError": "exceptions",
     "HardDeleteRefusedError": "exceptions",
     "ProjectionDriftError": "exceptions",
+    "DefinitionError": "exceptions",
+    "SubjectProtectedError": "exceptions",
+    # Subjects (what a subject's delete does to its encounters)
+    "protect_subjects": "subjects",
+    "EncounterRelation": "subjects",
     # Signals
     "pre_transition": "signals",
     "post_transition": "signals",

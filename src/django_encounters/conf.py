@@ -19,6 +19,11 @@
 ``ENCOUNTERS_REST_REQUIRE_IF_MATCH``
     Whether the REST API (``django_encounters.contrib.rest_framework``) refuses a transition
     POST without an ``If-Match`` header (``428 Precondition Required``). Default: ``False``.
+``ENCOUNTERS_SUBJECT_MODELS``
+    The subject models whose deletes the subject guard checks (``django_encounters.subjects``):
+    a list of ``"app_label.Model"`` (each refuses while encounters are about the subject), or a
+    dict ``{"app_label.Model": "refuse" | "soft_delete"}``. Read once, when the app is ready.
+    Default: none (``protect_subjects()`` registers models in code).
 ``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS``
     ``{"app_label.model": ["field", ...]}``: the fields of a subject model the encounter admin's
     search box (and its subject search on "Add encounter") looks in, written as a
@@ -40,6 +45,11 @@ from .engine.seals import KEY_ID, MIN_SECRET_BYTES, Sealer
 from .exceptions import EncounterConfigurationError
 
 DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
+#: What the subject guard does when encounters are about a subject being deleted: refuse (the
+#: default), or soft-delete them and let the subject go (``django_encounters.subjects``).
+REFUSE = "refuse"
+SOFT_DELETE = "soft_delete"
+ON_DELETE_CHOICES = (REFUSE, SOFT_DELETE)
 #: The largest future tolerance accepted: it is for clock skew, not for scheduling.
 MAX_FUTURE_TOLERANCE = timedelta(days=1)
 
@@ -189,3 +199,19 @@ def sealer() -> Sealer | None:
         found,
     )
     return found
+
+
+def subject_models() -> dict[str, str]:
+    """``ENCOUNTERS_SUBJECT_MODELS`` as ``{"app_label.Model": on_delete}`` ({} when unset)."""
+    value = getattr(settings, "ENCOUNTERS_SUBJECT_MODELS", None) or {}
+    if isinstance(value, (list, tuple)):
+        value = dict.fromkeys(value, REFUSE)
+    if not isinstance(value, dict) or not all(
+        isinstance(label, str) and on_delete in ON_DELETE_CHOICES
+        for label, on_delete in value.items()
+    ):
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_SUBJECT_MODELS must be a list of 'app_label.Model' or a dict "
+            f"{{'app_label.Model': one of {ON_DELETE_CHOICES}}}, not {value!r}"
+        )
+    return value

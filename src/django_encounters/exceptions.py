@@ -2,8 +2,13 @@
 of them is importable from here: this module is the list.
 
 The domain's errors live in :mod:`django_encounters.engine.errors` (no Django import) and are
-re-exported here; the others are defined below (two of them also subclass a Django exception so
-that Django's own handling of those applies to them).
+re-exported here; the others are defined below (some of them also subclass a Django exception
+so that Django's own handling of those applies to them).
+
+Two errors concern validation, and their names say which: ``ValidationError`` (the engine's) is
+a *transition* a ``StateValidator`` refused, and is not Django's; ``DefinitionError`` is a
+*definition* that is not a valid state machine, and is both an ``EncounterError`` and Django's
+``ValidationError`` (forms and the admin show it on the fields it names).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models.deletion import ProtectedError
 
 from .engine import errors as _engine_errors
@@ -22,6 +28,7 @@ __all__ = [
     *_engine_errors.__all__,
     "AnomalyNotReportedError",
     "CheckpointError",
+    "DefinitionError",
     "DefinitionNotFoundError",
     "DefinitionVersionError",
     "DefinitionVersionNotFoundError",
@@ -35,6 +42,7 @@ __all__ = [
     "HardDeleteRefusedError",
     "RebuildWorkerError",
     "SealingRefusedError",
+    "SubjectProtectedError",
     "UnknownFormatError",
     "ValidatorConfigurationError",
 ]
@@ -76,6 +84,66 @@ class HardDeleteRefusedError(EncounterError, ProtectedError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class SubjectProtectedError(EncounterError, ProtectedError):
+    """Subjects (the objects encounters are about) were not deleted: their model is guarded by
+    ``protect_subjects()`` (or ``ENCOUNTERS_SUBJECT_MODELS``) and encounters that are not
+    soft-deleted are about them. Raised while Django collects what to delete: nothing was
+    deleted, and no transaction was touched.
+
+    Both an ``EncounterError`` and Django's ``ProtectedError`` (the admin's delete page lists
+    ``protected_objects``). ``model`` is the subjects' model, ``subjects`` the instances held,
+    ``count`` how many encounters are about them, ``protected_objects`` the first of those (at
+    most ``SHOWN``, oldest first), which the message names with their definition and state.
+    """
+
+    #: How many encounters the message names (all are counted).
+    SHOWN = 10
+
+    def __init__(self, model: Any, subjects: list[Any], encounters: list[Any], count: int):
+        self.model = model
+        self.subjects = subjects
+        self.count = count
+        meta = model._meta
+        listed = ", ".join(
+            f"{encounter.pk} ({encounter.definition.code}, {encounter.state!r})"
+            for encounter in encounters
+        )
+        if count > len(encounters):
+            listed += f" and {count - len(encounters)} more"
+        if len(subjects) == 1:
+            what = f"{meta.label} {subjects[0].pk!r} cannot be deleted"
+        else:
+            pks = ", ".join(repr(subject.pk) for subject in subjects[: SubjectProtectedError.SHOWN])
+            what = f"{len(subjects)} {meta.label} ({pks}) cannot be deleted"
+        message = (
+            f"{what}: {count} encounter(s) are about it: {listed}. Their logs are kept for "
+            "good and would lose their subject. Soft-delete the encounters first "
+            "(encounter.delete(): they stay in the audit, and the subject may then go), or "
+            f"register the model with protect_subjects({meta.object_name}, "
+            'on_delete="soft_delete") to do that on every delete. Nothing was deleted.'
+        )
+        # In the message's order (Django's own stubs say a set; any iterable of models works).
+        ProtectedError.__init__(self, message, encounters)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DefinitionError(EncounterError, DjangoValidationError):
+    """An encounter definition is not a valid state machine (a state named nowhere, a
+    malformed or unloadable validator entry, an unusable name or code, …): raised by
+    ``EncounterDefinition.clean()``, ``full_clean()`` and ``save()``; nothing was saved.
+
+    Both an ``EncounterError`` and Django's ``ValidationError``: ``message_dict`` maps each
+    offending field to its messages, so model forms and the admin show them on the fields.
+    (The library's ``ValidationError`` is another error: a validator refusing a transition.)
+    """
+
+    def __init__(self, errors: Any, *, definition_code: Any = None) -> None:
+        self.definition_code = definition_code
+        DjangoValidationError.__init__(self, errors)
 
 
 # ---------------------------------------------------------------------------------------------

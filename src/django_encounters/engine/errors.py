@@ -294,6 +294,11 @@ class AnomalyKind(str, enum.Enum):
         "acknowledgement",
         "an acknowledgement's hash or its chain (per encounter) is broken: it covers nothing",
     )
+    SUBJECT_MISSING = (
+        "subject_missing",
+        "the encounter (not soft-deleted) is about a subject that no longer exists: it was "
+        "deleted without the subject guard (protect_subjects), or behind its back",
+    )
 
     def __str__(self) -> str:
         return self._value_
