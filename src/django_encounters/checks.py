@@ -8,6 +8,8 @@
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
   unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
+* ``django_encounters.E006`` (error): ``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` names a model
+  that is not installed or a field it does not have;
 * ``django_encounters.E007`` (error): an ``ENCOUNTERS_FHIR_*`` setting of the wrong shape;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
@@ -42,6 +44,7 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_FHIR_STATUS_MAPS",
     "ENCOUNTERS_FHIR_SUBJECT_RESOLVER",
     "ENCOUNTERS_SUBJECT_MODELS",
+    "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
 )
 
 
@@ -145,6 +148,13 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             "django_encounters.E007",
             "Set it to the dotted path of a function (reference, definition) -> subject.",
         ),
+        (
+            "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
+            _subject_search_fields,
+            "django_encounters.E006",
+            'Set it to {"app_label.model": ["field", ...]} naming installed subject models and '
+            "their fields as ModelAdmin.search_fields would, or remove it.",
+        ),
     ]
     found: list[checks.CheckMessage] = []
     for name, read, check_id, hint in readers:
@@ -171,6 +181,18 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
                 )
             )
     return found
+
+
+def _subject_search_fields() -> Any:
+    """``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` resolved as the admin resolves it (models
+    and fields), when the admin is installed; else its shape only."""
+    from django.apps import apps
+
+    if not apps.is_installed("django.contrib.admin"):
+        return conf.admin_subject_search_fields()
+    from .admin.common import configured_subject_search
+
+    return configured_subject_search()
 
 
 @checks.register()  # settings only, no connection: not tagged "database" (run without --database)

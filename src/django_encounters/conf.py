@@ -32,6 +32,13 @@
     The dotted path of a function ``(reference: dict, definition) -> model instance | None``
     that ``import_fhir_encounters`` asks for the subject of each imported encounter. Default:
     ``None`` (the import needs ``--subject-resolver``).
+``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS``
+    ``{"app_label.model": ["field", ...]}``: the fields of a subject model the encounter admin's
+    search box (and its subject search on "Add encounter") looks in, written as a
+    ``ModelAdmin.search_fields`` entry (``"name"``, ``"^name"``, ``"=code"``, ``"owner__email"``).
+    A model named here is searched by these fields; a model not named here is searched by the
+    ``search_fields`` of its own admin when it is registered in the same admin site, else not by
+    its fields at all. Default: ``{}``.
 ``ENCOUNTERS_SUBJECT_MODELS``
     The subject models whose deletes the subject guard checks (``django_encounters.subjects``):
     a list of ``"app_label.Model"`` (each refuses while encounters are about the subject), or a
@@ -169,6 +176,38 @@ def fhir_subject_resolver() -> str | None:
             f"ENCOUNTERS_FHIR_SUBJECT_RESOLVER must be the dotted path of a function, not {value!r}"
         )
     return value
+
+
+def admin_subject_search_fields() -> dict[str, list[str]]:
+    """``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` as ``"app_label.model" -> search fields``
+    (labels lower-cased), its shape checked; the admin checks that each names an installed
+    model and fields of it (``admin.common.configured_subject_search``)."""
+    name = "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS"
+    value = getattr(settings, name, None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EncounterConfigurationError(
+            f'{name} must be a dict {{"app_label.model": ["field", ...]}}, not {value!r}'
+        )
+    found: dict[str, list[str]] = {}
+    for label, fields in value.items():
+        if not isinstance(label, str) or label.count(".") != 1:
+            raise EncounterConfigurationError(
+                f"{name}: {label!r} is not an installed model ('app_label.model', e.g. "
+                "'clinic.patient')"
+            )
+        if (
+            isinstance(fields, str)
+            or not isinstance(fields, (list, tuple))
+            or not fields
+            or not all(isinstance(f, str) and f.lstrip("^=@") for f in fields)
+        ):
+            raise EncounterConfigurationError(
+                f"{name}[{label!r}] must be a non-empty list of field names, not {fields!r}"
+            )
+        found[label.lower()] = list(fields)
+    return found
 
 
 def seal_keys() -> dict[str, bytes]:

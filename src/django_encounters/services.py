@@ -284,7 +284,8 @@ def _record(
 ) -> None:
     """Insert the decided row (a sequence clash is a ``ConcurrentTransitionError``), update the
     projection columns that changed (and ``ended_at`` when the timeline ends in a final state
-    under ``rules``; an upgrade, which keeps the state, passes None and leaves it alone;
+    under ``rules`` and ``ended_at`` is still empty: a time someone set is never rewritten; an
+    upgrade, which keeps the state, passes None and leaves it alone;
     ``version_hash``: the content hash of the version it was decided under),
     and show the whole new projection on the caller's instance (its copy may be older than the
     locked row), so that a later ``save()`` is harmless."""
@@ -300,6 +301,7 @@ def _record(
         rules is not None
         and timeline.end_at == record.effective_at
         and rules.is_final(timeline.state)
+        and locked.ended_at is None
     ):
         projection["ended_at"] = record.effective_at
     projection["updated_at"] = record.transitioned_at

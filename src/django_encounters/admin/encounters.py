@@ -2,36 +2,67 @@
 
 from __future__ import annotations
 
+import json
+import re
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.contrib.admin.utils import quote, unquote
+from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
-from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.db import router
+from django.db import transaction as db_transaction
+from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import escape
 from django.utils.http import urlencode
+from django.utils.safestring import SafeData, mark_safe
+from django.utils.text import smart_split, unescape_string_literal
 
-from ..exceptions import ConcurrentTransitionError, EncounterError
+from ..exceptions import (
+    ConcurrentTransitionError,
+    EncounterError,
+    EncounterNotFoundError,
+    ValidationError,
+)
 from ..models import (
     TRANSITION_PERMISSION,
     Encounter,
     EncounterDefinitionVersion,
+    EncounterTransition,
 )
 from ..services import create_encounter, get_state_at, transition
 from .common import (
     DeletedFilter,
     SoftDeleteAdmin,
     ZoneSafeDateHierarchyMixin,
+    encounter_title,
     local_time,
+    matching_subjects,
+    search_fields_of,
     short_id,
     subject_html,
+    subject_match,
+    subject_name,
+    subject_of,
+    subject_types,
 )
-from .forms import EncounterForm, StateAtForm, TransitionForm
+from .forms import (
+    SEEN_FIELDS,
+    SEEN_VERSION,
+    EncounterForm,
+    StateAtForm,
+    TransitionForm,
+    required_fields,
+)
 from .timeline import encounter_timeline
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +114,35 @@ ADD_FIELDS = (
 FACT_FIELDS = ("definition", "subject_content_type", "subject_id")
 
 
+#: What the admin keeps on the form of an existing encounter without letting it be edited: who
+#: created it and its metadata are part of its record, not of the visit.
+RECORD_FIELDS = ("created_by", "metadata", "created_at", "updated_at", "deleted_at")
+
+#: A search term that is an id: digits (an integer key), "#3", a UUID, or the 8 hex digits of
+#: an encounter's short id. It matches ids only, never notes ("3" is not "Room 3").
+_DIGITS = re.compile(r"#?\d+")
+_SHORT_ID = re.compile(r"#?[0-9a-fA-F]{8}")
+
+
+class SubjectPickerWidget(forms.TextInput):
+    """The subject id box with a search beside it: typing a name lists the matching subjects
+    of the chosen content type (the subject search of the encounter list), and choosing one
+    fills in its id. The id box still takes an id typed by hand."""
+
+    def __init__(self, search_url: str, attrs: Any = None) -> None:
+        super().__init__(attrs)
+        self.search_url = search_url
+
+    def render(self, name: str, value: Any, attrs: Any = None, renderer: Any = None) -> Any:
+        box = super().render(name, value, attrs, renderer)
+        element_id = (attrs or {}).get("id") or f"id_{name}"
+        picker = render_to_string(
+            "django_encounters/subject_picker.html",
+            {"element_id": element_id, "search_url": self.search_url},
+        )
+        return mark_safe(f'<div class="subject-picker-field">{box}{picker}</div>')
+
+
 #: The projection's times, shown by :func:`local_time` (Django's display of a time its zone
 #: cannot express fails the page).
 _DERIVED_TIMES = {"timeline_end_at": "timeline_end", "last_transitioned_at": "last_transitioned"}
@@ -105,15 +165,67 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
     list_display_links = ("short_id",)
     list_filter = (DeletedFilter, DefinitionStateFilter, "definition")
     list_select_related = ("definition", "subject_content_type")
-    search_fields = ("=subject_id", "notes", "transitions__reason")
-    search_help_text = "Search by subject id (exact), notes or a transition's reason."
+    #: Searched by :meth:`get_search_results`: the subject's own fields, ids, notes, reasons.
+    search_fields = ("notes",)
+    search_help_text = (
+        "Search by the subject (its name or the other fields its admin searches), an id (the "
+        "subject's, or an encounter's 8-digit short id — ids match exactly, nothing else), "
+        "notes or a transition's reason."
+    )
     date_hierarchy = "created_at"
-    readonly_fields = ("subject_link", *_DERIVED_SHOWN, "deleted_at")
+    readonly_fields = ("subject_link", *_DERIVED_SHOWN, *RECORD_FIELDS)
 
     # -- queryset and permissions -----------------------------------------------------------
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
-        return super().get_queryset(request).prefetch_related("subject")
+        queryset = super().get_queryset(request).prefetch_related("subject")
+        if getattr(request, "_encounter_edit_lock", False):
+            # The edit form's save: compared with what the page showed, then written, while no
+            # transition can move the encounter on in between.
+            queryset = queryset.select_for_update()
+        return queryset
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet, search_term: str
+    ) -> tuple[QuerySet, bool]:
+        """Every word must match: an id word matches the subject's id or the encounter's (short)
+        id exactly; any other word the subject's own search fields, the notes or a
+        transition's reason. One query per subject model (the ids it matches), none per row."""
+        for word in smart_split(search_term):
+            if word[:1] in "\"'" and word[-1:] == word[:1] and len(word) > 1:
+                try:
+                    word = unescape_string_literal(word)
+                except ValueError:
+                    pass
+            if word:
+                queryset = queryset.filter(self._word_filter(request, word))
+        return queryset, False
+
+    def _word_filter(self, request: HttpRequest, word: str) -> Q:
+        types = subject_types(request)
+        found = Q(subject_content_type_id__in=types, subject_id=word)
+        bare = word.removeprefix("#")
+        try:
+            uuid = UUID(bare)
+        except ValueError:
+            uuid = None
+        if uuid is not None:
+            return found | Q(pk=uuid) | Q(subject_content_type_id__in=types, subject_id=str(uuid))
+        is_digits, is_short = _DIGITS.fullmatch(word), _SHORT_ID.fullmatch(word)
+        if is_digits or is_short:
+            found |= Q(subject_content_type_id__in=types, subject_id=bare)
+            if is_short:
+                found |= Q(pk__startswith=bare.lower())
+            return found
+        reasons = EncounterTransition.objects.filter(
+            encounter_id=OuterRef("pk"), reason__icontains=word
+        )
+        return (
+            found
+            | Q(notes__icontains=word)
+            | Q(Exists(reasons))
+            | subject_match(request, self.admin_site, word)
+        )
 
     def has_transition_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm(TRANSITION_PERMISSION) and self.has_change_permission(
@@ -138,15 +250,8 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
     def subject_link(self, obj: Encounter) -> Any:
         if not obj.pk:
             return "-"
-        try:
-            subject = obj.subject
-        except (ValueError, DjangoValidationError):  # an id its model's key cannot hold
-            subject = None
-        label = (
-            f"{subject} (#{obj.subject_id})"
-            if subject is not None
-            else f"missing {obj.subject_content_type.name} #{obj.subject_id}"
-        )
+        subject = subject_of(obj)
+        label = f"{subject} (#{obj.subject_id})" if subject is not None else subject_name(obj)
         return subject_html(self.admin_site, obj.subject_content_type_id, obj.subject_id, label)
 
     # -- forms ------------------------------------------------------------------------------
@@ -169,7 +274,7 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
                     )
                 },
             ),
-            ("Record", {"fields": ("created_by", "metadata", "deleted_at")}),
+            ("Record", {"fields": RECORD_FIELDS}),
             (
                 "Projection and genesis (derived from the transition log)",
                 {"fields": _DERIVED_SHOWN, "classes": ("collapse",)},
@@ -184,9 +289,19 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             fields += FACT_FIELDS  # its log is decided and hashed under them
         return fields
 
+    def formfield_for_dbfield(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "subject_id":
+            kwargs["widget"] = SubjectPickerWidget(
+                reverse(f"{self.admin_site.name}:django_encounters_encounter_subjects")
+            )
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         if change:
-            super().save_model(request, obj, form, change)
+            # Only the fields the person changed (see EncounterForm); nothing when none did.
+            changed = form.changed_model_fields()
+            if changed:
+                obj.save(update_fields=[*changed, "updated_at"])
             return
         data = form.cleaned_data
         created = create_encounter(
@@ -213,7 +328,66 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
         ]
 
     def _deleted_label(self, obj_id: Any, obj_display: str) -> str:
-        return f"{short_id(obj_id)} ({obj_display})"
+        found = self._encounter_for_label(obj_id)
+        return self._label(found) if found is not None else f"{short_id(obj_id)} ({obj_display})"
+
+    def _encounter_for_label(self, obj_id: Any) -> Encounter | None:
+        return (
+            Encounter.all_objects.select_related("definition", "subject_content_type")
+            .prefetch_related("subject")
+            .filter(pk=obj_id)
+            .first()
+        )
+
+    # -- messages name the subject ------------------------------------------------------------
+
+    @contextmanager
+    def _naming(self, request: HttpRequest, obj: Encounter) -> Any:
+        """Within it, Django's own messages about ``obj`` ("The encounter “…” was changed")
+        name it by its definition and subject instead of ``str(obj)``."""
+        request._encounter_names = (str(obj), encounter_title(obj))  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            del request._encounter_names  # type: ignore[attr-defined]
+
+    def message_user(self, request: HttpRequest, message: Any, *args: Any, **kwargs: Any) -> None:
+        names = getattr(request, "_encounter_names", None)
+        if names is not None:
+            old, new = names
+            if isinstance(message, SafeData):
+                message = mark_safe(str(message).replace(escape(old), escape(new)))
+            else:
+                message = str(message).replace(old, new)
+        super().message_user(request, message, *args, **kwargs)
+
+    def log_addition(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        return self._log(request, obj, ADDITION, message)
+
+    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        return self._log(request, obj, CHANGE, message)
+
+    def _log(self, request: HttpRequest, obj: Encounter, flag: int, message: Any) -> Any:
+        """The admin's log entry (History, "Recent actions") naming the encounter by its
+        definition and subject."""
+        if isinstance(message, list):
+            message = json.dumps(message)
+        return LogEntry.objects.create(
+            user_id=request.user.pk,
+            content_type_id=ContentType.objects.get_for_model(obj, for_concrete_model=False).pk,
+            object_id=str(obj.pk),
+            object_repr=encounter_title(obj)[:200],
+            action_flag=flag,
+            change_message=message,
+        )
+
+    def response_add(self, request: HttpRequest, obj: Any, post_url_continue: Any = None) -> Any:
+        with self._naming(request, obj):
+            return super().response_add(request, obj, post_url_continue)
+
+    def response_change(self, request: HttpRequest, obj: Any) -> Any:
+        with self._naming(request, obj):
+            return super().response_change(request, obj)
 
     # -- the encounter page -----------------------------------------------------------------
 
@@ -225,6 +399,11 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
                 self.admin_site.admin_view(self.transition_view),
                 name="{}_{}_transition".format(*info),
             ),
+            path(
+                "subjects/",
+                self.admin_site.admin_view(self.subject_search_view),
+                name="{}_{}_subjects".format(*info),
+            ),
             *super().get_urls(),
         ]
 
@@ -234,7 +413,32 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
         obj = self.get_object(request, unquote(object_id))
         if obj is not None:
             extra_context = {**(extra_context or {}), **self._page_context(request, obj)}
+        if request.method == "POST":
+            request._encounter_edit_lock = True  # type: ignore[attr-defined]
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def render_change_form(
+        self,
+        request: Any,
+        context: Any,
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Any = None,
+    ) -> Any:
+        form = context["adminform"].form
+        if change and obj is not None and isinstance(form, EncounterForm):
+            context["seen"] = {
+                "version_name": SEEN_VERSION,
+                "version": form.data.get(SEEN_VERSION, form.seen_version())
+                if form.is_bound
+                else form.seen_version(),
+                "fields_name": SEEN_FIELDS,
+                "fields": form.data.get(SEEN_FIELDS, form.seen_fields())
+                if form.is_bound
+                else form.seen_fields(),
+            }
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     def history_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
         obj = self.get_object(request, unquote(object_id))
@@ -270,8 +474,8 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
                 state_at["when"] = local_time(when)
                 state_at["known_at"] = local_time(known_at)
         return {
-            "subtitle": f"Encounter {short_id(obj.pk)} · {obj.definition.name} · "
-            f"{obj.subject_content_type.name} #{obj.subject_id}",
+            "subtitle": f"{encounter_title(obj)} · encounter {short_id(obj.pk)}",
+            "encounter_title": encounter_title(obj),
             "encounter": obj,
             "latest_definition_version": obj.definition.version,
             "is_final": obj.is_final,
@@ -289,60 +493,93 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
 
     def transition_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """The small form behind a transition button: reason, optional ``effective_at``,
-        context; calls ``transition()`` with the user and the version the page showed."""
+        context, and the fields the target state's validators require; writes those fields and
+        calls ``transition()`` (with the user and the version the page showed) in one
+        transaction, so a refused transition writes neither. A refusal shows the form again,
+        with everything typed kept."""
         obj = self.get_object(request, unquote(object_id))
         if obj is None:
             return self._missing(request, object_id)
         if not self.has_transition_permission(request, obj):
             raise PermissionDenied
-        needs_context = bool(obj.machine.validators)
+        if obj.is_deleted:
+            return self._deleted(request, obj)
+        to_state = request.POST.get("to_state") or request.GET.get("to_state", "")
+        options = {
+            "needs_context": bool(obj.machine.validators),
+            "encounter": obj,
+            "fields": required_fields(obj, to_state),
+        }
+        since: list[EncounterTransition] = []
         if request.method == "POST":
-            form = TransitionForm(request.POST, needs_context=needs_context)
+            form = TransitionForm(request.POST, **options)
             if form.is_valid():
                 data = form.cleaned_data
                 try:
-                    row = transition(
-                        obj,
-                        data["to_state"],
-                        transitioned_by=request.user,
-                        reason=data["reason"],
-                        context=data.get("context"),
-                        effective_at=data["effective_at"],
-                        expected_version=data["expected_version"],
-                    )
+                    with db_transaction.atomic(using=router.db_for_write(Encounter, instance=obj)):
+                        changed = form.changed_fields()
+                        for name, value in changed.items():
+                            setattr(obj, name, value)
+                        if changed:
+                            obj.save(update_fields=[*changed, "updated_at"])
+                        row = transition(
+                            obj,
+                            data["to_state"],
+                            transitioned_by=request.user,
+                            reason=data["reason"],
+                            context=data.get("context"),
+                            effective_at=data["effective_at"],
+                            expected_version=data["expected_version"],
+                        )
                 except ConcurrentTransitionError as exc:
                     obj.refresh_from_db()
-                    messages.error(
-                        request,
-                        f"Refused: the page you acted from was out of date. {exc}. The "
-                        f"encounter is now in '{obj.state}' (version {obj.version}); nothing "
-                        "was changed. Look at the timeline below and try again.",
+                    since = list(
+                        EncounterTransition.objects.filter(
+                            encounter_id=obj.pk, sequence__gt=exc.expected_version or 0
+                        ).order_by("sequence")
                     )
-                    return HttpResponseRedirect(self._change_url(obj))
+                    posted = form.data.copy()  # type: ignore[attr-defined]  # a QueryDict
+                    posted["expected_version"] = str(obj.version)
+                    form.data = posted
+                    messages.error(request, self._stale_message(obj, data["to_state"], exc))
+                except EncounterNotFoundError:
+                    obj.refresh_from_db()
+                    if obj.is_deleted:
+                        return self._deleted(request, obj)
+                    raise
+                except ValidationError as exc:
+                    obj.refresh_from_db()
+                    messages.error(request, self._refusal(obj, exc, form))
                 except (EncounterError, ValueError, TypeError) as exc:
-                    messages.error(request, f"Refused, nothing was changed: {exc}")
+                    obj.refresh_from_db()
+                    messages.error(request, self._refusal(obj, exc, form))
                 else:
                     message = (
                         f"Moved from '{row.from_state}' to '{row.to_state}' "
                         f"(sequence {row.sequence})"
                     )
+                    if changed:
+                        message += ", setting " + ", ".join(
+                            f"{form.field_label(name)} to {_shown(value)}"
+                            for name, value in changed.items()
+                        )
                     if data["reason"]:
                         message += f": {data['reason']}"
                     self.log_change(request, obj, message)
-                    messages.success(request, message + ".")
+                    messages.success(request, f"{encounter_title(obj)}: {message}.")
                     return HttpResponseRedirect(self._change_url(obj))
         else:
             form = TransitionForm(
                 initial={
-                    "to_state": request.GET.get("to_state", ""),
+                    "to_state": to_state,
                     "expected_version": request.GET.get("expected_version", obj.version),
                 },
-                needs_context=needs_context,
+                **options,
             )
-        to_state = form["to_state"].value()
+        title = encounter_title(obj)
         context = {
             **self.admin_site.each_context(request),
-            "title": f"Move encounter {short_id(obj.pk)} to '{to_state}'",
+            "title": f"{title}: move to '{to_state}'",
             "subtitle": None,
             "opts": self.opts,
             "original": obj,
@@ -351,6 +588,8 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             "validators": obj.machine.validators,
             "change_url": self._change_url(obj),
             "encounter_label": self._label(obj),
+            "encounter_title": title,
+            "since": since,
             "has_view_permission": True,
             "media": self.media + form.media,
         }
@@ -358,8 +597,77 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             request, "admin/django_encounters/encounter/transition_form.html", context
         )
 
+    def _stale_message(self, obj: Encounter, to_state: str, exc: ConcurrentTransitionError) -> str:
+        allowed = (
+            f"'{to_state}' is still allowed from there: press the button again to move it"
+            if to_state in obj.allowed_transitions
+            else f"'{to_state}' is not allowed from there"
+        )
+        return (
+            f"Refused, nothing was changed: {encounter_title(obj)} moved on after your page was "
+            f"loaded (your page showed version {exc.expected_version}; it is now at version "
+            f"{obj.version}, in '{obj.state}'). What was recorded since is listed below, and "
+            f"what you typed is kept; {allowed}."
+        )
+
+    def _refusal(self, obj: Encounter, exc: Exception, form: TransitionForm) -> str:
+        """The library's refusal, readable: the encounter named by its definition and subject
+        (not its UUID), the fields a validator names by their labels (and marked on the
+        form)."""
+        text = str(exc).replace(f" [encounter {obj.pk}]", "").replace(str(obj.pk), "it")
+        if isinstance(exc, ValidationError):
+            text = f"{exc.validator} says: {exc.message}"
+            for name in exc.fields:
+                if name in form.same_step:
+                    label = form.field_label(name)
+                    text = text.replace(f"'{name}'", f"“{label}” ({name})")
+                    form.add_error(
+                        form.same_step[name], f"Required for '{form.data.get('to_state')}'."
+                    )
+        return f"Refused, nothing was changed ({encounter_title(obj)}): {text}"
+
+    def _deleted(self, request: HttpRequest, obj: Encounter) -> HttpResponse:
+        messages.error(
+            request,
+            f"{encounter_title(obj)} was deleted (soft-deleted at {local_time(obj.deleted_at)}): "
+            "a deleted encounter cannot move on, and nothing was changed. Restore it first "
+            "(the Restore button on its page) if it should go on.",
+        )
+        return HttpResponseRedirect(self._change_url(obj))
+
+    # -- the subject search of the add form ---------------------------------------------------
+
+    def subject_search_view(self, request: HttpRequest) -> JsonResponse:
+        """``?content_type=<id>&term=<text>``: up to 20 subjects of that content type whose
+        search fields match, as ``{"results": [{"id", "text"}], "searchable": bool}``. Needs
+        the permission to add or change encounters, and, for a subject model registered in
+        this admin, the permission to view its objects."""
+        if not (self.has_add_permission(request) or self.has_change_permission(request)):
+            raise PermissionDenied
+        try:
+            content_type = ContentType.objects.get_for_id(int(request.GET.get("content_type", "")))
+        except (ValueError, ContentType.DoesNotExist):
+            return JsonResponse({"results": [], "searchable": False})
+        model = content_type.model_class()
+        registered = self.admin_site._registry.get(model) if model is not None else None
+        if registered is not None and not registered.has_view_permission(request):
+            raise PermissionDenied
+        term = request.GET.get("term", "").strip()
+        if model is None or not search_fields_of(self.admin_site, model):
+            return JsonResponse({"results": [], "searchable": False})
+        found = matching_subjects(request, self.admin_site, model, term) if term else None
+        results = [
+            {"id": str(subject.pk), "text": f"{subject} (#{subject.pk})"}
+            for subject in (found[:20] if found is not None else [])
+        ]
+        return JsonResponse({"results": results, "searchable": True})
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _label(self, obj: Encounter) -> str:
-        """How the admin names an encounter: its short id, definition and state."""
-        return f"{short_id(obj.pk)} ({obj.definition.name}, {obj.state})"
+        """How the admin names an encounter: its definition and subject, short id and state."""
+        return f"{encounter_title(obj)} ({short_id(obj.pk)}, {obj.state})"
+
+
+def _shown(value: Any) -> str:
+    return local_time(value) if hasattr(value, "tzinfo") and value.tzinfo else repr(value)

@@ -93,9 +93,11 @@ class EffectiveAtOutOfRangeError(InvalidTransitionError, ValueError):
 class ValidationError(EncounterError):
     """Raised when a transition fails validation by a ``StateValidator``."""
 
-    def __init__(self, validator: str, message: str) -> None:
+    def __init__(self, validator: str, message: str, fields: tuple[str, ...] = ()) -> None:
         self.validator = validator
         self.message = message
+        #: The encounter fields the refusal is about (a form can mark them and name them).
+        self.fields = tuple(fields)
         super().__init__(f"Validation failed ({validator}): {message}")
 
 
