@@ -1,40 +1,57 @@
 # Every target sets up what it needs from a fresh clone: a virtualenv in $(VENV) with the package
-# installed in editable mode plus the extras the target needs. The install is redone only when
-# pyproject.toml changes (stamp files inside the venv).
+# installed in editable mode plus only the extras the target needs (`make demo`: the package and
+# its runtime dependencies, Django and eventsourcing, nothing else). The install is redone only
+# when pyproject.toml changes (stamp files inside the venv).
 #
+#   make demo                 the example on a fresh SQLite database; installs the runtime only
+#                             (8 packages, about 20 s of CPU from a fresh clone)
 #   make test                 whole suite on SQLite, then on a throwaway PostgreSQL cluster
-#                             (every test, the slow ones included: what CI and the README run)
+#                             (every test, the slow ones included: what CI runs)
 #   make test-sqlite          the quick loop: SQLite only, without the tests marked slow
 #                             (pytest -m "not slow"; about 5 s or more each: subprocesses, the
-#                             browser tests, the biggest Hypothesis property)
+#                             browser tests, the packaging test, the biggest Hypothesis property)
 #   make test-sqlite SLOW=1   SQLite only, every test
 #   make test-postgres        PostgreSQL only (every test)
 #   make test-citus           the suite on a throwaway 3-node Citus cluster (every test)
 #   make test PYTEST_ARGS='-x -k history'
 #   make test-sqlite PYTEST_ARGS='-k history'   still without the slow ones; a -k that selects
 #                             only slow tests runs them, a -m of your own replaces "not slow"
-#   make test-matrix          the suite under Django 4.2 and 6.x as well
-#   make demo | bench | soak | docs | lint | clean
+#   make test-matrix          the suite under every other Django/Python pair of $(MATRIX), each
+#                             in .venv-matrix/<name>; fails when an interpreter is missing
+#   make admin-demo [PORT=8000] [HOST=127.0.0.1]   the example clinic's admin, login admin / admin
+#   make bench | soak | docs | lint | clean
+#
+# The supported versions are MAIN_PAIR (the main venv's) plus MATRIX, below; pyproject.toml's
+# classifiers name exactly these (tests/test_packaging.py checks it).
 
 PYTHON ?= python3
+# The pair the main venv runs, "name:python:django-spec": `python3` (3.11 on this machine and CI's)
+# with the newest Django it installs. tests/test_packaging.py checks that .venv runs it.
+MAIN_PAIR := main:3.11:Django>=5.2,<6.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # SLOW=1: `make test-sqlite` runs the tests marked slow too (scripts/run_tests.sh's SKIP_SLOW).
 SLOW ?=
 
+STAMP_RUNTIME := $(VENV)/.stamp-runtime
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_LINT := $(VENV)/.stamp-lint
 STAMP_DOCS := $(VENV)/.stamp-docs
 STAMP_BENCH := $(VENV)/.stamp-bench
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-sqlite test-postgres test-citus test-matrix demo bench soak docs lint clean
+.PHONY: venv test test-sqlite test-postgres test-citus test-matrix demo admin-demo bench soak docs lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 venv: $(STAMP_TEST)
+
+# The package and its runtime dependencies only (what `pip install django-encounters` brings).
+$(STAMP_RUNTIME): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
 
 $(STAMP_TEST): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
@@ -68,15 +85,30 @@ test-postgres: $(STAMP_TEST)
 test-citus: $(STAMP_TEST)
 	PY=$(abspath $(PY)) BACKENDS=citus SKIP_SLOW=0 bash scripts/run_tests.sh $(PYTEST_ARGS)
 
-# Django 4.2 (Python 3.10) and 6.x (Python 3.12) in their own virtualenvs, both databases;
-# a combination whose interpreter is missing is skipped (scripts/test_matrix.sh).
+# The other supported Django/Python pairs, "name:python:django-spec" each, in their own
+# virtualenvs, both databases (scripts/test_matrix.sh). Every interpreter must be installed
+# (pyenv's ~/.pyenv/versions/3.X.*, /usr/bin/python3.X or python3.X on PATH): a missing one fails
+# the target, it is never skipped. Python 3.13 runs Django 5.2, the LTS release (supported to
+# April 2028), on the newest Python; Django 6.0 runs on 3.12.
+MATRIX ?= django42-py310:3.10:Django>=4.2,<5.0 django6-py312:3.12:Django>=6.0,<6.1 \
+	django52-py313:3.13:Django>=5.2,<6.0
 test-matrix:
-	MATRIX="django42-py310:3.10:Django>=4.2,<5.0 django6-py312:3.12:Django>=6.0,<7.0" SKIP_SLOW=0 \
-		bash scripts/test_matrix.sh $(PYTEST_ARGS)
+	MATRIX="$(MATRIX)" SKIP_SLOW=0 bash scripts/test_matrix.sh $(PYTEST_ARGS)
 
-# The example project on a fresh SQLite database (see example/demo.py).
-demo: $(STAMP_TEST)
+# The example project on a fresh SQLite database (see example/demo.py); needs the runtime only.
+demo: $(STAMP_RUNTIME)
 	$(PY) example/demo.py
+
+# The example clinic in Django's admin (example/, docs/admin.md): migrate example/demo.sqlite3
+# (kept between runs), seed it (seed_clinic adds only what is missing, and the superuser
+# admin / admin when there is none), then serve it on http://$(HOST):$(PORT)/admin/.
+# Needs only the runtime: the package and Django.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+admin-demo: $(STAMP_RUNTIME)
+	$(PY) example/manage.py migrate --noinput --verbosity 0
+	$(PY) example/manage.py seed_clinic --url http://$(HOST):$(PORT)/admin/
+	$(PY) example/manage.py runserver $(HOST):$(PORT)
 
 # Benchmarks on SQLite (WAL file), a throwaway PostgreSQL cluster and a throwaway 3-node Citus
 # cluster (built when missing; BENCH_CITUS=0 leaves it out); BENCH_ARGS='--quick' for a smoke

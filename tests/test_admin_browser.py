@@ -206,8 +206,9 @@ def test_stale_page_in_a_second_tab_is_refused(person, encounter):
     person.submit_transition(reason="no-show")
 
     message = person.text("ul.messagelist")
-    assert "out of date" in message and "expected version 0, found 1" in message
-    assert person.text("#encounter-state") == "checked_in"
+    assert "moved on after your page was loaded" in message
+    assert "your page showed version 0; it is now at version 1, in 'checked_in'" in message
+    assert person.find("#id_reason").get_attribute("value") == "no-show"  # kept
     person.screenshot("08-stale-page-refused")
     stored = Encounter.objects.get(pk=encounter.pk)
     assert (stored.state, stored.version) == ("checked_in", 1)

@@ -84,7 +84,7 @@ def test_a_button_opens_the_form_carrying_the_version_the_page_showed(admin_clie
     assert page.status_code == 200
     assert 'name="expected_version" value="0"' in text
     assert 'name="to_state" value="checked_in"' in text
-    assert 'name="reason"' in text and 'name="effective_at"' in text
+    assert 'name="reason"' in text and 'name="effective_at_0"' in text
     assert 'name="context"' not in text  # no validator of this definition reads one
 
 
@@ -129,13 +129,16 @@ def test_a_backdated_transition_from_the_admin_uses_the_admins_time_zone(
 def test_stale_page_is_refused_with_a_clear_message_and_nothing_changes(admin_client, encounter):
     transition(encounter, "checked_in")
     before = snapshot(encounter)
-    page = post_transition(admin_client, encounter, "cancelled", version=0)
+    page = post_transition(admin_client, encounter, "cancelled", version=0, reason="no-show")
     assert snapshot(encounter) == before
     (message,) = messages_of(page)
-    assert "out of date" in message
-    assert "expected version 0, found 1" in message
-    assert "now in 'checked_in'" in message
-    assert page.redirect_chain[-1][0] == change_url(encounter)
+    assert "moved on after your page was loaded" in message
+    assert "your page showed version 0; it is now at version 1, in 'checked_in'" in message
+    assert str(encounter.pk) not in message
+    # The form again, the reason kept, carrying the version it now shows.
+    assert page.status_code == 200 and not page.redirect_chain
+    assert page.context["form"]["reason"].value() == "no-show"
+    assert page.context["form"]["expected_version"].value() == "1"
 
 
 def test_invalid_transition_is_refused_with_the_librarys_message(admin_client, encounter):
@@ -433,6 +436,12 @@ def test_definition_page_shows_machine_versions_warnings_and_count(admin_client,
 # -- the add form ------------------------------------------------------------------------------
 
 
+def seen_payload(client, encounter):
+    """The hidden fields the edit page of ``encounter`` carries: what it was rendered with."""
+    seen = client.get(change_url(encounter)).context["seen"]
+    return {seen["version_name"]: seen["version"], seen["fields_name"]: seen["fields"]}
+
+
 def add_payload(definition, subject_type, subject_id, **extra):
     return {
         "definition": definition.pk,
@@ -488,7 +497,11 @@ def test_definition_and_subject_of_an_encounter_with_history_are_read_only(
 
     response = admin_client.post(
         change_url(encounter),
-        {**add_payload(other, Patient, patient.pk), "notes": "changed"},
+        {
+            **add_payload(other, Patient, patient.pk),
+            "notes": "changed",
+            **seen_payload(admin_client, encounter),
+        },
     )
     assert response.status_code == 302  # no 500: the facts are simply not part of the form
     stored = Encounter.objects.get(pk=encounter.pk)
@@ -500,7 +513,11 @@ def test_change_refuses_a_subject_that_does_not_exist(admin_client, encounter, v
     from tests.testapp.models import Patient
 
     page = admin_client.post(
-        change_url(encounter), add_payload(visit_definition, Patient, "424242")
+        change_url(encounter),
+        {
+            **add_payload(visit_definition, Patient, "424242"),
+            **seen_payload(admin_client, encounter),
+        },
     )
     assert page.status_code == 200
     assert "There is no patient with id" in page.content.decode()
@@ -518,7 +535,10 @@ def test_moving_an_encounter_without_history_starts_it_in_the_new_initial_state(
         final_states=["done"],
         transitions={"open": ["done"]},
     )
-    response = admin_client.post(change_url(encounter), add_payload(other, Patient, patient.pk))
+    response = admin_client.post(
+        change_url(encounter),
+        {**add_payload(other, Patient, patient.pk), **seen_payload(admin_client, encounter)},
+    )
     assert response.status_code == 302
     stored = Encounter.objects.get(pk=encounter.pk)
     assert (stored.definition_id, stored.state) == (other.pk, "open")
@@ -534,7 +554,10 @@ def delete_url(encounter):
 def test_delete_confirmation_is_honest_about_a_soft_delete(admin_client, encounter):
     transition(encounter, "checked_in")
     text = admin_client.get(delete_url(encounter)).content.decode()
-    assert f"Soft-delete the encounter <strong>{str(encounter.pk)[:8]} (Patient Visit" in text
+    assert (
+        f"Soft-delete the encounter <strong>Patient Visit for Ada Lovelace ({str(encounter.pk)[:8]}"
+        in text
+    )
     assert "1 transition(s)" in text and "are kept" in text
     assert "Restore" in text
     assert "would require deleting" not in text
@@ -610,7 +633,8 @@ def test_a_soft_deleted_encounter_cannot_be_transitioned_from_the_admin(admin_cl
     page = post_transition(admin_client, encounter, "checked_in")
     assert snapshot(encounter) == before
     (message,) = messages_of(page)
-    assert "not found" in message
+    assert "Patient Visit for Ada Lovelace was deleted" in message
+    assert "not found" not in message
 
 
 def test_unknown_encounter_redirects_with_a_message(admin_client, visit_definition):

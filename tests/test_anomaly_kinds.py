@@ -71,6 +71,7 @@ def test_every_kind_has_a_meaning_and_the_checkpoint_kinds_are_marked():
         "definition",
         "seal",
         "acknowledgement",
+        "subject_missing",
     ]
     assert all(type(text) is str for text in ANOMALY_KINDS)
     assert list(ANOMALY_KINDS) == list(AnomalyKind.stream_kinds())

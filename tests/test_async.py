@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
@@ -265,3 +266,248 @@ def test_racing_blind_appends_in_separate_threads_all_land_in_order(counter_defi
         f"w{n}" for n in range(writers)
     )
     assert reload(encounter).version == writers
+
+
+# -- the twins of upgrade_encounter, time in state, as_of and the exports -----------------------
+
+
+def test_the_newer_twins_give_what_the_sync_functions_give(visit_definition, patient, user):
+    from django_encounters import (
+        aas_of,
+        aduration_in_state,
+        atime_in_states,
+        aupgrade_encounter,
+        duration_in_state,
+        time_in_states,
+    )
+    from django_encounters.projections.fhir import (
+        aencounter_bundle,
+        aencounter_resource,
+        encounter_bundle,
+        encounter_resource,
+    )
+
+    encounter = create_encounter(visit_definition, patient)
+    start = encounter.created_at
+    transition(encounter, "checked_in", effective_at=start + timedelta(seconds=30))
+    later = start + timedelta(hours=2)
+    visit_definition.states = [*visit_definition.states, "no_show"]
+    visit_definition.save()  # version 2
+    status_map = {"scheduled": "planned", "checked_in": "arrived"}
+
+    async def twins() -> tuple[Any, ...]:
+        upgraded = await aupgrade_encounter(encounter, user, "new rules")
+        return (
+            upgraded,
+            await atime_in_states(encounter, later),
+            await aduration_in_state(encounter, "checked_in", later),
+            await aas_of(start + timedelta(seconds=10)),
+            await aas_of(later, queryset=Encounter.objects.filter(pk=encounter.pk)),
+            await aencounter_resource(encounter, "R4", status_map),
+            await aencounter_bundle(Encounter.objects.filter(pk=encounter.pk), "R4", status_map),
+        )
+
+    upgraded, hours, checked_in, before, after, resource, bundle = run(twins)
+
+    assert (upgraded.sequence, upgraded.to_state, upgraded.reason) == (2, "checked_in", "new rules")
+    assert upgraded.definition_version == 2
+    assert (encounter.version, encounter.definition_version) == (2, 2)  # the instance moved on
+    assert hours == time_in_states(encounter, later)
+    assert checked_in == duration_in_state(encounter, "checked_in", later) > 0
+    assert [(e.pk, e.state_at) for e in before] == [(encounter.pk, "scheduled")]
+    assert [(e.pk, e.state_at) for e in after] == [(encounter.pk, "checked_in")]
+    assert resource == encounter_resource(encounter, "R4", status_map)
+    assert bundle == encounter_bundle([encounter], "R4", status_map)
+
+
+def test_the_newer_twins_raise_the_sync_functions_typed_errors(visit_definition, patient):
+    from django_encounters import aas_of, atime_in_states, aupgrade_encounter
+    from django_encounters.exceptions import (
+        EncounterError,
+        FhirStatusError,
+        UnknownFormatError,
+    )
+    from django_encounters.projections.event_log import aexport_event_log
+    from django_encounters.projections.fhir import aencounter_resource
+
+    encounter = create_encounter(visit_definition, patient)
+
+    async def refused(coroutine: Any) -> BaseException:
+        try:
+            await coroutine
+        except Exception as error:
+            return error
+        raise AssertionError("not refused")
+
+    async def attempts() -> list[BaseException]:
+        return [
+            await refused(aupgrade_encounter(encounter)),  # already at the latest version
+            await refused(atime_in_states(encounter, datetime(2020, 1, 1))),
+            await refused(aas_of(datetime(2020, 1, 1))),
+            await refused(aas_of(timezone.now(), queryset=EncounterTransition.objects.all())),
+            await refused(aencounter_resource(encounter, "R4")),  # "scheduled" is no R4 code
+            await refused(aexport_event_log("bogus", "never-written.xes")),
+        ]
+
+    errors = run(attempts)
+
+    assert [type(e) for e in errors] == [
+        EncounterError,
+        ValueError,
+        ValueError,
+        TypeError,
+        FhirStatusError,
+        UnknownFormatError,
+    ]
+    assert "already at the latest version" in str(errors[0])
+    assert reload(encounter).version == 0
+
+
+def _thread_of_every_query(coroutine_function: Any) -> tuple[int, set[int], Any]:
+    """Run ``coroutine_function`` from the test's thread; (the event loop's thread, the threads
+    every SQL statement ran in, its result)."""
+    threads: set[int] = set()
+
+    def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        threads.add(threading.get_ident())
+        return execute(sql, params, many, context)
+
+    async def observed() -> tuple[int, Any]:
+        return threading.get_ident(), await coroutine_function()
+
+    with connections["default"].execute_wrapper(wrapper):
+        loop_thread, result = run(observed)
+    return loop_thread, threads, result
+
+
+def test_no_twin_runs_sql_in_the_event_loop_s_thread(visit_definition, patient, tmp_path):
+    from django_encounters import aas_of, atime_in_states, aupgrade_encounter
+    from django_encounters.projections.event_log import aexport_event_log
+    from django_encounters.projections.fhir import aencounter_bundle, aencounter_resource
+
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "cancelled")
+    visit_definition.states = [*visit_definition.states, "no_show"]
+    visit_definition.save()  # version 2
+    status_map = {"scheduled": "planned"}
+    calls = [
+        lambda: aupgrade_encounter(encounter),
+        lambda: atime_in_states(encounter),
+        lambda: aas_of(timezone.now()),
+        lambda: aencounter_resource(encounter, "R4", status_map),
+        lambda: aencounter_bundle([encounter], "R5", status_map),
+        lambda: aexport_event_log("xes", tmp_path / "log.xes"),
+        lambda: aexport_event_log("ocel2-json", tmp_path / "log.jsonocel"),
+    ]
+    for call in calls:
+        loop_thread, threads, _ = _thread_of_every_query(call)
+        assert threads, "no SQL observed"
+        assert loop_thread not in threads  # the loop's thread never waits on the database
+    assert (tmp_path / "log.xes").read_text().count("<trace>") == 1
+
+
+class _SlowStream:
+    """A text stream whose every write takes a while (a slow disk, a slow client)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        time.sleep(0.02)
+        self.parts.append(text)
+        return len(text)
+
+
+def test_a_slow_export_does_not_block_the_event_loop(visit_definition, patient):
+    from django_encounters.projections.event_log import aexport_event_log
+
+    for _ in range(10):
+        transition(create_encounter(visit_definition, patient), "checked_in")
+    out = _SlowStream()
+
+    async def export_while_ticking() -> tuple[int, Any]:
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(ticker())
+        counts = await aexport_event_log("xes", out)
+        done.set()
+        await task
+        return ticks, counts
+
+    ticks, counts = run(export_while_ticking)
+
+    assert (counts.traces, counts.events) == (10, 20)
+    assert len(out.parts) == 12  # header, ten traces, end: 0.24 s of writing
+    assert ticks >= 20  # the loop went on ticking meanwhile
+
+
+@pytest.mark.django_db(transaction=True)
+def test_twins_on_committed_data_from_another_thread(visit_definition, patient, tmp_path):
+    """``asyncio.run`` from the test: the calls run in asgiref's executor thread, with its own
+    connection, on committed rows (SQLite's in-memory test database is shared between them)."""
+    from django_encounters import aas_of, atime_in_states, aupgrade_encounter
+    from django_encounters.projections.event_log import aexport_event_log
+
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "checked_in")
+    visit_definition.states = [*visit_definition.states, "no_show"]
+    visit_definition.save()  # version 2
+
+    async def in_turn() -> tuple[Any, ...]:
+        main = threading.get_ident()
+        worker = await sync_to_async(threading.get_ident, thread_sensitive=True)()
+        try:
+            return (
+                main != worker,
+                await aupgrade_encounter(encounter, None, "up"),
+                await atime_in_states(encounter),
+                await aas_of(timezone.now() + timedelta(seconds=1)),
+                await aexport_event_log("csv", tmp_path / "log.csv"),
+            )
+        finally:
+            await sync_to_async(connections.close_all, thread_sensitive=True)()
+
+    elsewhere, upgraded, hours, census, counts = asyncio.run(in_turn())
+
+    assert elsewhere
+    assert (upgraded.sequence, upgraded.definition_version) == (2, 2)
+    assert set(hours) == {"scheduled", "checked_in"}
+    assert [(e.pk, e.state_at) for e in census] == [(encounter.pk, "checked_in")]
+    assert (counts.traces, counts.events) == (1, 3)
+    assert reload(encounter).definition_version == 2
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_twins_gathered_on_committed_data_each_in_its_own_thread(visit_definition, patient):
+    """As under ASGI: each call in a thread (and connection) of its own, on committed rows."""
+    from django_encounters import aas_of, atime_in_states, aupgrade_encounter
+
+    encounters = [create_encounter(visit_definition, patient) for _ in range(3)]
+    for encounter in encounters:
+        transition(encounter, "checked_in")
+    visit_definition.states = [*visit_definition.states, "no_show"]
+    visit_definition.save()  # version 2
+    copies = [Encounter.objects.get(pk=e.pk) for e in encounters]
+
+    async def everyone() -> list[tuple[int, Any]]:
+        return await asyncio.gather(
+            *(_in_own_thread(aupgrade_encounter, copy, None, "up") for copy in copies),
+            _in_own_thread(atime_in_states, copies[0]),
+            _in_own_thread(aas_of, timezone.now() + timedelta(seconds=1)),
+        )
+
+    results = asyncio.run(everyone())
+
+    outcomes = [outcome for _, outcome in results]
+    assert [type(o).__name__ for o in outcomes[:3]] == ["EncounterTransition"] * 3, outcomes
+    assert set(outcomes[3]) == {"scheduled", "checked_in"}
+    assert {e.pk: e.state_at for e in outcomes[4]} == {e.pk: "checked_in" for e in encounters}
+    assert [reload(e).definition_version for e in encounters] == [2, 2, 2]

@@ -12,7 +12,6 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -38,16 +37,11 @@ def _names_for(name: str) -> dict[str, Any]:
     now = timezone.now()
     names: dict[str, Any] = {}
     if name == "README.md":
-        names.update(
-            patient=Patient.objects.create(name="Ada Lovelace"),
-            request=SimpleNamespace(user=User.objects.create(username="reception")),
-            receptionist=User.objects.create(username="receptionist"),
-            doctor=User.objects.create(username="doctor"),
-            appointment_time=now + timedelta(hours=1),
-            some_past_time=now - timedelta(days=1),
-            quarter_end=now,
-        )
-    if name in ("docs/guides/fhir.md", "docs/guides/async.md"):
+        # Only the settings example's BASE_DIR, which the settings.py that
+        # `django-admin startproject` writes defines; the quickstart takes nothing for granted
+        # (tests/test_packaging.py runs it in a fresh project).
+        names.update(BASE_DIR=ROOT)
+    if name in ("docs/guides/fhir.md", "docs/guides/async.md", "docs/guides/process-mining.md"):
         names.update(patient=Patient.objects.create(name="Grace Hopper"))
     if name in (
         "docs/operations.md",
@@ -84,6 +78,14 @@ def _names_for(name: str) -> dict[str, Any]:
             )
         )
         names.update(nurse=nurse, patient=Patient.objects.create(name="Ada Lovelace"))
+    if name == "docs/guides/subjects.md":
+        from django_encounters.models import EncounterDefinition
+        from tests.conftest import visit_definition_kwargs
+
+        names.update(
+            Patient=Patient,
+            visit_def=EncounterDefinition.objects.create(**visit_definition_kwargs()),
+        )
     if name == "docs/operations.md":
         from django_encounters.projections.checkpoints import write_checkpoint
 

@@ -463,3 +463,71 @@ def test_the_export_needs_no_fhir_library():
         check=True,
     )
     assert done.stdout.strip() == "[]"
+
+
+# -- whole resources -----------------------------------------------------------------------------
+
+
+def test_the_whole_r4_resource_of_the_example_validates_and_holds_its_history(emerg: Any):
+    from django_encounters.projections.fhir import encounter_resource
+
+    resource = encounter_resource(emerg, "R4", tz=BRISBANE)
+
+    assert resource["resourceType"] == "Encounter"
+    assert resource["id"] == str(emerg.pk)
+    assert resource["identifier"] == [
+        {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{emerg.pk}"}
+    ]
+    assert resource["status"] == "in-progress"
+    assert resource["statusHistory"] == PUBLISHED_STATUS_HISTORY
+    assert resource["period"] == {"start": "2017-02-01T07:15:00+10:00"}
+    assert resource["subject"] == {"reference": f"Patient/{emerg.subject_id}"}
+    assert resource["class"] == UNKNOWN_CLASS["coding"][0]  # the store does not know it
+    recorded = EncounterTransition.objects.filter(encounter=emerg).order_by("-sequence")[0]
+    assert resource["meta"] == {"lastUpdated": fhir_datetime(recorded.transitioned_at, BRISBANE)}
+    parsed = R4BEncounter.model_validate(resource)
+    assert parsed.identifier[0].value == f"urn:uuid:{emerg.pk}"
+
+
+def test_the_whole_r5_resource_has_no_history_and_its_own_codes(emerg: Any):
+    from fhir.resources.encounter import Encounter as R5Encounter
+
+    from django_encounters.projections.fhir import encounter_resource
+
+    r5_map = {"arrived": "in-progress", "triaged": "in-progress", "onleave": "on-hold"}
+    resource = encounter_resource(emerg, "R5", r5_map, tz=BRISBANE)
+
+    assert "statusHistory" not in resource and "subjectStatus" not in resource  # no map for it
+    assert resource["actualPeriod"] == {"start": "2017-02-01T07:15:00+10:00"}
+    assert resource["class"] == [UNKNOWN_CLASS]
+    R5Encounter.model_validate(resource)
+
+
+def test_the_whole_resource_refuses_what_the_status_history_refuses(emerg: Any):
+    from django_encounters.projections.fhir import encounter_resource
+
+    with pytest.raises(FhirStatusError) as refused:
+        encounter_resource(emerg, "R5")  # "arrived" is no R5 code
+    assert (refused.value.state, refused.value.fhir_version) == ("arrived", "R5")
+    with pytest.raises(ValueError, match="fhir_version must be one of"):
+        encounter_resource(emerg, "R3")
+    emerg.delete()
+    with pytest.raises(EncounterNotFoundError):
+        encounter_resource(emerg, "R4")
+
+
+def test_the_whole_resource_as_known_at_a_time(emerg: Any):
+    from django_encounters.projections.fhir import encounter_resource
+
+    rows = EncounterTransition.objects.filter(encounter=emerg).order_by("sequence")
+    before_triage = rows[3].transitioned_at  # the triage (sequence 5) was recorded after
+
+    resource = encounter_resource(emerg, "R4", tz=BRISBANE, known_at=before_triage)
+
+    assert [h["status"] for h in resource["statusHistory"]] == [
+        "arrived",
+        "in-progress",
+        "onleave",
+        "in-progress",
+    ]
+    assert resource["meta"]["lastUpdated"] == fhir_datetime(before_triage, BRISBANE)

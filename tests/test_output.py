@@ -35,7 +35,7 @@ from tests.helpers import forge_projection, insert_row_raw, run_command
 
 def test_every_report_lists_its_formats():
     assert formats("audit") == ("table", "csv", "json")
-    assert formats("event-log") == ("xes", "csv")
+    assert formats("event-log") == ("xes", "csv", "ocel2-json")
     assert formats("checkpoint") == ("json",)
     assert get_format("event-log", "csv").newline == ""  # csv ends its own lines
     assert get_format("audit", "json").content_type == "application/json"

@@ -37,6 +37,10 @@ _EXPORTS = {
     "atransition": "services",
     "aget_state_at": "services",
     "aget_encounter_history": "services",
+    "aupgrade_encounter": "services",
+    "atime_in_states": "services",
+    "aduration_in_state": "services",
+    "aas_of": "services",
     # Exceptions
     "EncounterError": "exceptions",
     "InvalidTransitionError": "exceptions",
@@ -47,6 +51,11 @@ _EXPORTS = {
     "InvalidStateError": "exceptions",
     "HardDeleteRefusedError": "exceptions",
     "ProjectionDriftError": "exceptions",
+    "DefinitionError": "exceptions",
+    "SubjectProtectedError": "exceptions",
+    # Subjects (what a subject's delete does to its encounters)
+    "protect_subjects": "subjects",
+    "EncounterRelation": "subjects",
     # Signals
     "pre_transition": "signals",
     "post_transition": "signals",

@@ -52,6 +52,9 @@ class DjangoEncountersConfig(AppConfig):
             checks,  # noqa: F401 - registers the system checks
             store,  # noqa: F401 - hands the models the store's operations
         )
+        from .subjects import protect_configured_subjects
+
+        protect_configured_subjects()  # ENCOUNTERS_SUBJECT_MODELS' guards
 
         connection_created.connect(
             _install_sqlite_flush_guard, dispatch_uid="django_encounters.sqlite_flush_guard"

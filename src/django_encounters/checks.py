@@ -8,9 +8,12 @@
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
   unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
-* ``django_encounters.E006`` (error): a SQLite database sets ``OPTIONS["transaction_mode"]`` or
+* ``django_encounters.E006`` (error): ``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` names a model
+  that is not installed or a field it does not have;
+* ``django_encounters.E007`` (error): an ``ENCOUNTERS_FHIR_*`` setting of the wrong shape;
+* ``django_encounters.E008`` (error): a SQLite database sets ``OPTIONS["transaction_mode"]`` or
   ``OPTIONS["init_command"]`` on Django < 5.1, which has neither (``migrate`` would crash);
-* ``django_encounters.E007`` (error): ``ENCOUNTERS_ALLOW_DROPPING_LOG`` is not a bool;
+* ``django_encounters.E009`` (error): ``ENCOUNTERS_ALLOW_DROPPING_LOG`` is not a bool;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
@@ -29,6 +32,7 @@ from typing import Any
 import django
 from django.conf import settings
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 
 from . import conf
 from .exceptions import EncounterConfigurationError
@@ -41,6 +45,11 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
     "ENCOUNTERS_SEAL_KEYS",
     "ENCOUNTERS_SEAL_KEY_ID",
+    "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM",
+    "ENCOUNTERS_FHIR_STATUS_MAPS",
+    "ENCOUNTERS_FHIR_SUBJECT_RESOLVER",
+    "ENCOUNTERS_SUBJECT_MODELS",
+    "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
     "ENCOUNTERS_ALLOW_DROPPING_LOG",
 )
 
@@ -118,9 +127,36 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             "Set it to True or False, or remove it for the default (False).",
         ),
         (
+            "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM",
+            conf.fhir_identifier_system,
+            "django_encounters.E007",
+            "Set it to a URI naming your encounter ids, or remove it for the default.",
+        ),
+        (
+            "ENCOUNTERS_FHIR_STATUS_MAPS",
+            conf.fhir_status_maps,
+            "django_encounters.E007",
+            'Set it to {"<definition code>": {"R4": {state: code}, "R5": {...}, '
+            '"subjectStatus": {...}, "class": {...}, "subject_type": "Patient"}} '
+            "(docs/guides/fhir.md), or remove it.",
+        ),
+        (
+            "ENCOUNTERS_FHIR_SUBJECT_RESOLVER",
+            conf.fhir_subject_resolver,
+            "django_encounters.E007",
+            "Set it to the dotted path of a function (reference, definition) -> subject.",
+        ),
+        (
+            "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
+            _subject_search_fields,
+            "django_encounters.E006",
+            'Set it to {"app_label.model": ["field", ...]} naming installed subject models and '
+            "their fields as ModelAdmin.search_fields would, or remove it.",
+        ),
+        (
             "ENCOUNTERS_ALLOW_DROPPING_LOG",
             conf.allow_dropping_log,
-            "django_encounters.E007",
+            "django_encounters.E009",
             "Set it to True or False, or remove it for the default (False: a backwards "
             "migration that would drop a log holding transitions is refused).",
         ),
@@ -152,6 +188,18 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
     return found
 
 
+def _subject_search_fields() -> Any:
+    """``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` resolved as the admin resolves it (models
+    and fields), when the admin is installed; else its shape only."""
+    from django.apps import apps
+
+    if not apps.is_installed("django.contrib.admin"):
+        return conf.admin_subject_search_fields()
+    from .admin.common import configured_subject_search
+
+    return configured_subject_search()
+
+
 #: The SQLite ``OPTIONS`` Django 5.1 introduced; older releases hand every option to
 #: ``sqlite3.connect()``, which fails with ``TypeError`` at the first connection (``migrate``).
 SQLITE_OPTIONS_SINCE_5_1 = ("transaction_mode", "init_command")
@@ -169,13 +217,14 @@ def check_sqlite_transaction_mode(app_configs: Any, **kwargs: Any) -> list[check
 def sqlite_messages(
     databases: dict[str, dict[str, Any]], django_version: tuple[Any, ...]
 ) -> list[checks.CheckMessage]:
-    """W002 and E006 for the SQLite aliases of ``databases`` under Django ``django_version``
+    """W002 and E008 for the SQLite aliases of ``databases`` under Django ``django_version``
     (a parameter, so that both sides of the 5.1 boundary are tested on any release)."""
     found: list[checks.CheckMessage] = []
     modern = tuple(django_version[:2]) >= (5, 1)
     release = ".".join(str(part) for part in django_version[:2])
     for alias, database in databases.items():
-        if not str(database.get("ENGINE", "")).endswith("sqlite3"):
+        wrapper = _sqlite_backend(database)
+        if wrapper is None:
             continue
         options: dict[str, Any] = database.get("OPTIONS") or {}
         unsupported = [name for name in SQLITE_OPTIONS_SINCE_5_1 if name in options]
@@ -191,12 +240,12 @@ def sqlite_messages(
                     "backend whose transactions begin with BEGIN IMMEDIATE (docs: SQLite or "
                     "PostgreSQL, 'SQLite on Django 4.2').",
                     obj=f"DATABASES[{alias!r}]",
-                    id="django_encounters.E006",
+                    id="django_encounters.E008",
                 )
             )
             continue
         mode = str(options.get("transaction_mode") or "DEFERRED")
-        if mode.upper() == "IMMEDIATE" or _begins_immediate(database):
+        if mode.upper() == "IMMEDIATE" or getattr(wrapper, "begins_immediate", False):
             continue
         if modern:
             hint = (
@@ -223,11 +272,19 @@ def sqlite_messages(
     return found
 
 
-def _begins_immediate(database: dict[str, Any]) -> bool:
-    """Whether the alias's backend says its transactions begin with ``BEGIN IMMEDIATE`` (the
-    Django 4.2 recipe sets ``begins_immediate = True`` on its ``DatabaseWrapper``)."""
+def _sqlite_backend(database: dict[str, Any]) -> type | None:
+    """The ``DatabaseWrapper`` class of the alias when it is SQLite — Django's backend or one
+    derived from it, such as the Django 4.2 recipe whose ``begins_immediate = True`` says its
+    transactions begin with ``BEGIN IMMEDIATE`` — else None."""
+    engine = str(database.get("ENGINE", ""))
+    if engine.endswith("sqlite3"):
+        from django.db.backends.sqlite3.base import DatabaseWrapper
+
+        return DatabaseWrapper
     try:
-        backend = import_module(f"{database['ENGINE']}.base")
-    except ImportError:
-        return False
-    return bool(getattr(getattr(backend, "DatabaseWrapper", None), "begins_immediate", False))
+        wrapper = getattr(import_module(f"{engine}.base"), "DatabaseWrapper", None)
+    except (ImportError, ImproperlyConfigured):
+        return None
+    from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteWrapper
+
+    return wrapper if isinstance(wrapper, type) and issubclass(wrapper, SQLiteWrapper) else None

@@ -19,6 +19,31 @@
 ``ENCOUNTERS_REST_REQUIRE_IF_MATCH``
     Whether the REST API (``django_encounters.contrib.rest_framework``) refuses a transition
     POST without an ``If-Match`` header (``428 Precondition Required``). Default: ``False``.
+``ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM``
+    The ``system`` of the ``identifier`` every exported FHIR ``Encounter`` carries (a URI naming
+    your installation's encounter ids); its ``value`` is the encounter's id. Default:
+    ``"urn:ietf:rfc:3986"``, with the value then written as ``urn:uuid:<id>``.
+``ENCOUNTERS_FHIR_STATUS_MAPS``
+    Per definition code, how its states are written in FHIR: ``{"CODE": {"R4": {state: code},
+    "R5": {state: code}, "subjectStatus": {state: code}, "class": {"system", "code",
+    "display"}, "subject_type": "Patient"}}``, every key optional (``docs/guides/fhir.md``).
+    Default: ``{}`` (state names must then be FHIR codes themselves).
+``ENCOUNTERS_FHIR_SUBJECT_RESOLVER``
+    The dotted path of a function ``(reference: dict, definition) -> model instance | None``
+    that ``import_fhir_encounters`` asks for the subject of each imported encounter. Default:
+    ``None`` (the import needs ``--subject-resolver``).
+``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS``
+    ``{"app_label.model": ["field", ...]}``: the fields of a subject model the encounter admin's
+    search box (and its subject search on "Add encounter") looks in, written as a
+    ``ModelAdmin.search_fields`` entry (``"name"``, ``"^name"``, ``"=code"``, ``"owner__email"``).
+    A model named here is searched by these fields; a model not named here is searched by the
+    ``search_fields`` of its own admin when it is registered in the same admin site, else not by
+    its fields at all. Default: ``{}``.
+``ENCOUNTERS_SUBJECT_MODELS``
+    The subject models whose deletes the subject guard checks (``django_encounters.subjects``):
+    a list of ``"app_label.Model"`` (each refuses while encounters are about the subject), or a
+    dict ``{"app_label.Model": "refuse" | "soft_delete"}``. Read once, when the app is ready.
+    Default: none (``protect_subjects()`` registers models in code).
 ``ENCOUNTERS_ALLOW_DROPPING_LOG``
     Whether unapplying the package's migrations (``manage.py migrate django_encounters zero``,
     or back to any earlier migration) may proceed on a database that holds transitions: it
@@ -41,6 +66,11 @@ from .engine.seals import KEY_ID, MIN_SECRET_BYTES, Sealer
 from .exceptions import EncounterConfigurationError
 
 DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
+#: What the subject guard does when encounters are about a subject being deleted: refuse (the
+#: default), or soft-delete them and let the subject go (``django_encounters.subjects``).
+REFUSE = "refuse"
+SOFT_DELETE = "soft_delete"
+ON_DELETE_CHOICES = (REFUSE, SOFT_DELETE)
 #: The largest future tolerance accepted: it is for clock skew, not for scheduling.
 MAX_FUTURE_TOLERANCE = timedelta(days=1)
 
@@ -112,6 +142,110 @@ def rest_require_if_match() -> bool:
             f"ENCOUNTERS_REST_REQUIRE_IF_MATCH must be True or False, not {value!r}"
         )
     return value
+
+
+DEFAULT_FHIR_IDENTIFIER_SYSTEM = "urn:ietf:rfc:3986"
+#: The keys a definition's entry of ``ENCOUNTERS_FHIR_STATUS_MAPS`` may have.
+FHIR_MAP_KEYS = ("R4", "R5", "subjectStatus", "class", "subject_type")
+
+
+def fhir_identifier_system() -> str:
+    value = getattr(settings, "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM", DEFAULT_FHIR_IDENTIFIER_SYSTEM)
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM must be a URI without spaces (e.g. "
+            f"'https://hospital.example/fhir/encounter-id'), not {value!r}"
+        )
+    return value
+
+
+def fhir_status_maps() -> dict[str, dict[str, Any]]:
+    """``ENCOUNTERS_FHIR_STATUS_MAPS``, its shape checked (whether each code is one of its FHIR
+    version's is checked when used, naming the encounter: ``FhirStatusError``)."""
+    value = getattr(settings, "ENCOUNTERS_FHIR_STATUS_MAPS", None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_FHIR_STATUS_MAPS must be a dict {definition code: {...}}, not "
+            f"{type(value).__name__}"
+        )
+    for code, entry in value.items():
+        where = f"ENCOUNTERS_FHIR_STATUS_MAPS[{code!r}]"
+        if not isinstance(code, str) or not isinstance(entry, dict):
+            raise EncounterConfigurationError(f"{where} must be a dict keyed by a definition code")
+        unknown = sorted(str(key) for key in entry if key not in FHIR_MAP_KEYS)
+        if unknown:
+            raise EncounterConfigurationError(
+                f"{where} has unknown keys {unknown} (known: {', '.join(FHIR_MAP_KEYS)})"
+            )
+        for key in ("R4", "R5", "subjectStatus"):
+            states = entry.get(key, {})
+            if not isinstance(states, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in states.items()
+            ):
+                raise EncounterConfigurationError(
+                    f"{where}[{key!r}] must map state names to codes (text), not {states!r}"
+                )
+        coding = entry.get("class")
+        if coding is not None and not (
+            isinstance(coding, dict)
+            and isinstance(coding.get("code"), str)
+            and set(coding) <= {"system", "code", "display"}
+        ):
+            raise EncounterConfigurationError(
+                f"{where}['class'] must be a Coding {{'system', 'code', 'display'}}, not {coding!r}"
+            )
+        subject_type = entry.get("subject_type")
+        if subject_type is not None and not (
+            isinstance(subject_type, str) and subject_type.isalpha()
+        ):
+            raise EncounterConfigurationError(
+                f"{where}['subject_type'] must be a FHIR resource type such as 'Patient', not "
+                f"{subject_type!r}"
+            )
+    return value
+
+
+def fhir_subject_resolver() -> str | None:
+    value = getattr(settings, "ENCOUNTERS_FHIR_SUBJECT_RESOLVER", None)
+    if value is not None and (not isinstance(value, str) or "." not in value):
+        raise EncounterConfigurationError(
+            f"ENCOUNTERS_FHIR_SUBJECT_RESOLVER must be the dotted path of a function, not {value!r}"
+        )
+    return value
+
+
+def admin_subject_search_fields() -> dict[str, list[str]]:
+    """``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` as ``"app_label.model" -> search fields``
+    (labels lower-cased), its shape checked; the admin checks that each names an installed
+    model and fields of it (``admin.common.configured_subject_search``)."""
+    name = "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS"
+    value = getattr(settings, name, None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EncounterConfigurationError(
+            f'{name} must be a dict {{"app_label.model": ["field", ...]}}, not {value!r}'
+        )
+    found: dict[str, list[str]] = {}
+    for label, fields in value.items():
+        if not isinstance(label, str) or label.count(".") != 1:
+            raise EncounterConfigurationError(
+                f"{name}: {label!r} is not an installed model ('app_label.model', e.g. "
+                "'clinic.patient')"
+            )
+        if (
+            isinstance(fields, str)
+            or not isinstance(fields, (list, tuple))
+            or not fields
+            or not all(isinstance(f, str) and f.lstrip("^=@") for f in fields)
+        ):
+            raise EncounterConfigurationError(
+                f"{name}[{label!r}] must be a non-empty list of field names, not {fields!r}"
+            )
+        found[label.lower()] = list(fields)
+    return found
 
 
 def seal_keys() -> dict[str, bytes]:
@@ -188,3 +322,19 @@ def sealer() -> Sealer | None:
         found,
     )
     return found
+
+
+def subject_models() -> dict[str, str]:
+    """``ENCOUNTERS_SUBJECT_MODELS`` as ``{"app_label.Model": on_delete}`` ({} when unset)."""
+    value = getattr(settings, "ENCOUNTERS_SUBJECT_MODELS", None) or {}
+    if isinstance(value, (list, tuple)):
+        value = dict.fromkeys(value, REFUSE)
+    if not isinstance(value, dict) or not all(
+        isinstance(label, str) and on_delete in ON_DELETE_CHOICES
+        for label, on_delete in value.items()
+    ):
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_SUBJECT_MODELS must be a list of 'app_label.Model' or a dict "
+            f"{{'app_label.Model': one of {ON_DELETE_CHOICES}}}, not {value!r}"
+        )
+    return value

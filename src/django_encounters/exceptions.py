@@ -2,8 +2,13 @@
 of them is importable from here: this module is the list.
 
 The domain's errors live in :mod:`django_encounters.engine.errors` (no Django import) and are
-re-exported here; the others are defined below (two of them also subclass a Django exception so
-that Django's own handling of those applies to them).
+re-exported here; the others are defined below (some of them also subclass a Django exception
+so that Django's own handling of those applies to them).
+
+Two errors concern validation, and their names say which: ``ValidationError`` (the engine's) is
+a *transition* a ``StateValidator`` refused, and is not Django's; ``DefinitionError`` is a
+*definition* that is not a valid state machine, and is both an ``EncounterError`` and Django's
+``ValidationError`` (forms and the admin show it on the fields it names).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import django
 from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models.deletion import ProtectedError
 
 from .engine import errors as _engine_errors
@@ -24,6 +30,7 @@ __all__ = [
     "AnomalyNotReportedError",
     "CheckpointError",
     "DatabaseLockedError",
+    "DefinitionError",
     "DefinitionNotFoundError",
     "DefinitionVersionError",
     "DefinitionVersionNotFoundError",
@@ -31,6 +38,7 @@ __all__ = [
     "EncounterConfigurationError",
     "EventLogError",
     "EventLogWriteError",
+    "FhirImportError",
     "FhirStatusError",
     "GraphvizError",
     "GraphvizNotFoundError",
@@ -38,6 +46,7 @@ __all__ = [
     "LogDropRefusedError",
     "RebuildWorkerError",
     "SealingRefusedError",
+    "SubjectProtectedError",
     "UnknownFormatError",
     "ValidatorConfigurationError",
 ]
@@ -143,6 +152,66 @@ class HardDeleteRefusedError(EncounterError, ProtectedError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class SubjectProtectedError(EncounterError, ProtectedError):
+    """Subjects (the objects encounters are about) were not deleted: their model is guarded by
+    ``protect_subjects()`` (or ``ENCOUNTERS_SUBJECT_MODELS``) and encounters that are not
+    soft-deleted are about them. Raised while Django collects what to delete: nothing was
+    deleted, and no transaction was touched.
+
+    Both an ``EncounterError`` and Django's ``ProtectedError`` (the admin's delete page lists
+    ``protected_objects``). ``model`` is the subjects' model, ``subjects`` the instances held,
+    ``count`` how many encounters are about them, ``protected_objects`` the first of those (at
+    most ``SHOWN``, oldest first), which the message names with their definition and state.
+    """
+
+    #: How many encounters the message names (all are counted).
+    SHOWN = 10
+
+    def __init__(self, model: Any, subjects: list[Any], encounters: list[Any], count: int):
+        self.model = model
+        self.subjects = subjects
+        self.count = count
+        meta = model._meta
+        listed = ", ".join(
+            f"{encounter.pk} ({encounter.definition.code}, {encounter.state!r})"
+            for encounter in encounters
+        )
+        if count > len(encounters):
+            listed += f" and {count - len(encounters)} more"
+        if len(subjects) == 1:
+            what = f"{meta.label} {subjects[0].pk!r} cannot be deleted"
+        else:
+            pks = ", ".join(repr(subject.pk) for subject in subjects[: SubjectProtectedError.SHOWN])
+            what = f"{len(subjects)} {meta.label} ({pks}) cannot be deleted"
+        message = (
+            f"{what}: {count} encounter(s) are about it: {listed}. Their logs are kept for "
+            "good and would lose their subject. Soft-delete the encounters first "
+            "(encounter.delete(): they stay in the audit, and the subject may then go), or "
+            f"register the model with protect_subjects({meta.object_name}, "
+            'on_delete="soft_delete") to do that on every delete. Nothing was deleted.'
+        )
+        # In the message's order (Django's own stubs say a set; any iterable of models works).
+        ProtectedError.__init__(self, message, encounters)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DefinitionError(EncounterError, DjangoValidationError):
+    """An encounter definition is not a valid state machine (a state named nowhere, a
+    malformed or unloadable validator entry, an unusable name or code, …): raised by
+    ``EncounterDefinition.clean()``, ``full_clean()`` and ``save()``; nothing was saved.
+
+    Both an ``EncounterError`` and Django's ``ValidationError``: ``message_dict`` maps each
+    offending field to its messages, so model forms and the admin show them on the fields.
+    (The library's ``ValidationError`` is another error: a validator refusing a transition.)
+    """
+
+    def __init__(self, errors: Any, *, definition_code: Any = None) -> None:
+        self.definition_code = definition_code
+        DjangoValidationError.__init__(self, errors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +356,27 @@ class FhirStatusError(EncounterError, ValueError):
             f"Encounter {encounter_id}: state {state!r} has no FHIR {fhir_version} "
             f"encounter-status code ({how}; valid codes: {', '.join(self.valid_codes)})"
         )
+
+
+class FhirImportError(EncounterError, ValueError):
+    """A FHIR resource could not be imported (``resource``: what it is, e.g. ``Encounter/emerg``
+    in ``visits.json``; ``reason``: why; ``from_state``/``to_state``: the transition refused,
+    when one was). Nothing of the file was written. Also a ``ValueError``."""
+
+    def __init__(
+        self,
+        resource: str,
+        reason: str,
+        *,
+        from_state: str | None = None,
+        to_state: str | None = None,
+    ) -> None:
+        self.resource = resource
+        self.reason = reason
+        self.from_state = from_state
+        self.to_state = to_state
+        move = f" ({from_state!r} -> {to_state!r})" if to_state is not None else ""
+        super().__init__(f"cannot import {resource}{move}: {reason}; nothing was imported")
 
 
 class DistributionError(EncounterError):

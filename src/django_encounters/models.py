@@ -30,6 +30,7 @@ from .engine import (
     stored_precision,
 )
 from .exceptions import (
+    DefinitionError,
     DefinitionVersionError,
     EncounterConfigurationError,
     EncounterError,
@@ -219,8 +220,8 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
     # -- validation -------------------------------------------------------------------------
 
     def clean(self) -> None:
-        """Check the state machine and validators; raise ``ValidationError`` naming every
-        offending entry. Also run by :meth:`save`."""
+        """Check the state machine and validators; raise ``DefinitionError`` (also Django's
+        ``ValidationError``) naming every offending entry. Also run by :meth:`save`."""
         errors: dict[str, list[str]] = {}
         for name in ("name", "code"):
             _check_label(self, name, errors)
@@ -233,7 +234,18 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
         _check_transitions(self.transitions, known, errors)
         _check_validators(self.validators, errors)
         if errors:
-            raise DjangoValidationError(errors)
+            raise DefinitionError(errors, definition_code=self.code)
+
+    def full_clean(self, *args: Any, **kwargs: Any) -> None:
+        """Django's ``full_clean()`` (fields, :meth:`clean`, uniqueness), raising
+        ``DefinitionError`` (also Django's ``ValidationError``) with every message it found."""
+        try:
+            super().full_clean(*args, **kwargs)
+        except DefinitionError:
+            raise
+        except DjangoValidationError as exc:
+            errors = exc.error_dict if hasattr(exc, "error_dict") else exc.error_list
+            raise DefinitionError(errors, definition_code=self.code) from exc
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         """Validate, save, and record the machine as a new version when it changed."""
@@ -294,15 +306,18 @@ class EncounterDefinition(UUIDModel, BaseModel, StateMachine):
 def version_content_hash(
     definition: EncounterDefinition, previous: EncounterDefinitionVersion | None
 ) -> tuple[str, str]:
-    """``(content hash, seal)`` of the version ``definition`` is about to record (its machine,
-    number ``definition.version``), chained to ``previous`` (its latest version, None for the
+    """``(content hash, seal)`` of the version ``definition`` (the model, or a migration's
+    historical one) is about to record (its machine, number ``definition.version``), chained
+    to ``previous`` (its latest version, None for the
     first). Both "" while ``previous`` has no content hash (written before versions were
     hashed: ``seal_encounters`` hashes the chain in order); the seal "" without seal keys."""
     previous_hash = "" if previous is None else previous.content_hash
     if previous is not None and not previous_hash:
         return "", ""
+    # The machine read field by field: a migration's historical model has no machine().
+    machine = {name: getattr(definition, name) for name in MACHINE_FIELDS}
     content_hash = definition_version_hash(
-        definition.pk, definition.version, definition.machine(), previous_hash
+        definition.pk, definition.version, machine, previous_hash
     )
     return content_hash, seal_of("version", content_hash)
 

@@ -1,7 +1,7 @@
 """The public API: ``create_encounter``, ``transition``, ``run_validators``,
 ``get_encounter_history``, ``get_state_at``, ``duration_in_state``, ``time_in_states``, and for
-async code ``acreate_encounter``, ``atransition``, ``aget_state_at``,
-``aget_encounter_history``.
+async code ``acreate_encounter``, ``atransition``, ``aupgrade_encounter``, ``aget_state_at``,
+``aget_encounter_history``, ``atime_in_states``, ``aduration_in_state``, ``aas_of``.
 
 ``transition()`` is the only code that decides a new row; it orchestrates the engine (the
 decision), the validators and the store (the statements).
@@ -54,6 +54,10 @@ __all__ = [
     "atransition",
     "aget_state_at",
     "aget_encounter_history",
+    "aupgrade_encounter",
+    "atime_in_states",
+    "aduration_in_state",
+    "aas_of",
     # Re-exported for callers that import the exceptions from here.
     "InvalidTransitionError",
     "ValidationError",
@@ -286,7 +290,8 @@ def _record(
 ) -> None:
     """Insert the decided row (a sequence clash is a ``ConcurrentTransitionError``), update the
     projection columns that changed (and ``ended_at`` when the timeline ends in a final state
-    under ``rules``; an upgrade, which keeps the state, passes None and leaves it alone;
+    under ``rules`` and ``ended_at`` is still empty: a time someone set is never rewritten; an
+    upgrade, which keeps the state, passes None and leaves it alone;
     ``version_hash``: the content hash of the version it was decided under),
     and show the whole new projection on the caller's instance (its copy may be older than the
     locked row), so that a later ``save()`` is harmless."""
@@ -302,6 +307,7 @@ def _record(
         rules is not None
         and timeline.end_at == record.effective_at
         and rules.is_final(timeline.state)
+        and locked.ended_at is None
     ):
         projection["ended_at"] = record.effective_at
     projection["updated_at"] = record.transitioned_at
@@ -506,3 +512,53 @@ async def aget_encounter_history(
 ) -> list[EncounterTransition]:
     """:func:`get_encounter_history` for async code (same arguments, result and errors)."""
     return await sync_to_async(get_encounter_history, thread_sensitive=True)(encounter, using=using)
+
+
+async def aupgrade_encounter(
+    encounter: Encounter, transitioned_by: Any = None, reason: str = ""
+) -> EncounterTransition:
+    """:func:`upgrade_encounter` for async code: the same arguments, one transaction, the same
+    result (``encounter`` shows the new projection afterwards) and the same typed errors."""
+    return await sync_to_async(upgrade_encounter, thread_sensitive=True)(
+        encounter, transitioned_by, reason
+    )
+
+
+async def atime_in_states(
+    encounter: Encounter, until: datetime | None = None, *, using: str | None = None
+) -> dict[str, Decimal]:
+    """:func:`time_in_states` for async code (same arguments, result and errors)."""
+    return await sync_to_async(time_in_states, thread_sensitive=True)(encounter, until, using=using)
+
+
+async def aduration_in_state(
+    encounter: Encounter, state: str, until: datetime | None = None, *, using: str | None = None
+) -> Decimal:
+    """:func:`duration_in_state` for async code (same arguments, result and errors)."""
+    return await sync_to_async(duration_in_state, thread_sensitive=True)(
+        encounter, state, until, using=using
+    )
+
+
+def _as_of_list(timestamp: datetime, known_at: datetime | None, queryset: Any) -> list[Encounter]:
+    base = Encounter.objects.all() if queryset is None else queryset
+    if getattr(base, "model", None) is not Encounter or not hasattr(base, "as_of"):
+        raise TypeError(f"queryset must be a queryset of Encounter, not {base!r}")
+    return list(base.as_of(timestamp, known_at))
+
+
+async def aas_of(
+    timestamp: datetime, known_at: datetime | None = None, *, queryset: Any = None
+) -> list[Encounter]:
+    """``Encounter.objects.as_of(timestamp, known_at)`` for async code, evaluated: the
+    encounters of ``queryset`` (default: every encounter not soft-deleted; filter and order it
+    as you like, on ``state_at`` too once annotated by your own ``as_of``) as a list, each with
+    its ``state_at`` — one statement, run whole in one thread-sensitive call. (Iterating the
+    queryset with ``async for`` works as well: Django runs each chunk through
+    ``sync_to_async``.)
+
+    Raises:
+        ValueError: naive datetimes.
+        TypeError: ``queryset`` is not a queryset of encounters.
+    """
+    return await sync_to_async(_as_of_list, thread_sensitive=True)(timestamp, known_at, queryset)

@@ -48,6 +48,12 @@ class StateValidator(ABC):
             ValidationError: if the transition must not happen
         """
 
+    def required_fields(self, to_state: str) -> list[str]:
+        """The encounter fields this validator needs set before entering ``to_state``: a form
+        (the admin's transition form) offers them, to be written in the same step as the
+        transition. None by default; override when :meth:`validate` requires fields."""
+        return []
+
 
 class RequiredFieldsValidator(StateValidator):
     """Requires fields to be set before entering certain states.
@@ -63,12 +69,16 @@ class RequiredFieldsValidator(StateValidator):
             )
         self.state_requirements = state_requirements
 
+    def required_fields(self, to_state: str) -> list[str]:
+        return list(self.state_requirements.get(to_state, []))
+
     def validate(self, encounter, from_state, to_state, context=None):  # type: ignore[no-untyped-def]
-        for field_name in self.state_requirements.get(to_state, []):
+        for field_name in self.required_fields(to_state):
             if getattr(encounter, field_name, None) is None:
                 raise ValidationError(
                     self.__class__.__name__,
                     f"Field '{field_name}' is required for state '{to_state}'",
+                    fields=(field_name,),
                 )
 
 

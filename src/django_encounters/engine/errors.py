@@ -93,9 +93,11 @@ class EffectiveAtOutOfRangeError(InvalidTransitionError, ValueError):
 class ValidationError(EncounterError):
     """Raised when a transition fails validation by a ``StateValidator``."""
 
-    def __init__(self, validator: str, message: str) -> None:
+    def __init__(self, validator: str, message: str, fields: tuple[str, ...] = ()) -> None:
         self.validator = validator
         self.message = message
+        #: The encounter fields the refusal is about (a form can mark them and name them).
+        self.fields = tuple(fields)
         super().__init__(f"Validation failed ({validator}): {message}")
 
 
@@ -291,6 +293,11 @@ class AnomalyKind(str, enum.Enum):
     ACKNOWLEDGEMENT = (
         "acknowledgement",
         "an acknowledgement's hash or its chain (per encounter) is broken: it covers nothing",
+    )
+    SUBJECT_MISSING = (
+        "subject_missing",
+        "the encounter (not soft-deleted) is about a subject that no longer exists: it was "
+        "deleted without the subject guard (protect_subjects), or behind its back",
     )
 
     def __str__(self) -> str:

@@ -434,3 +434,83 @@ def to_dot(graph: Graph) -> str:
         lines.append(f"    {ids[edge.source]} -> {ids[edge.target]}{shown};")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# PNML: a definition as a Petri net
+# ---------------------------------------------------------------------------------------------
+
+#: The PNML net type of a place/transition net.
+PNML_NET_TYPE = "http://www.pnml.org/version-2009/grammar/pnmlcoremodel"
+
+
+def _xml(text: str) -> str:
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
+
+
+def to_pnml(graph: Graph) -> str:
+    """A definition drawing as a Petri net in PNML (ISO/IEC 15909-2), which pm4py, ProM and
+    other conformance checkers read: one *place* per state; a ``source`` place (the initial
+    marking) and a transition labelled with the initial state into it — the creation, which
+    the event log records as an event in the origin state; one *transition* per allowed move
+    ``a -> b``, labelled ``b`` like the event log's activity (the state entered), from place
+    ``a`` to place ``b``; from each final state an invisible transition into a ``sink`` place
+    (the final marking). A trace of the event log that the definition allows and that ends in a
+    final state replays on it with fitness 1; a move it does not allow, or an encounter not
+    (yet) in a final state, lowers the fitness."""
+    places = {node.name: f"p{index}" for index, node in enumerate(graph.nodes)}
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        "<pnml>",
+        f'  <net id="net" type="{PNML_NET_TYPE}">',
+        f"    <name><text>{_xml(graph.title)}</text></name>",
+        '    <page id="page">',
+        '      <place id="source"><name><text>source</text></name>'
+        "<initialMarking><text>1</text></initialMarking></place>",
+        '      <place id="sink"><name><text>sink</text></name></place>',
+    ]
+    lines += [
+        f'      <place id="{places[node.name]}"><name><text>{_xml(node.name)}</text></name></place>'
+        for node in graph.nodes
+    ]
+    arcs: list[tuple[str, str]] = []
+    transitions: list[tuple[str, str | None]] = []
+    initial = _initial(graph)
+    if initial is not None:
+        transitions.append(("start", initial.name))
+        arcs += [("source", "start"), ("start", places[initial.name])]
+    for number, edge in enumerate(e for e in graph.edges if e.allowed):
+        transition = f"t{number}"
+        transitions.append((transition, edge.target))
+        arcs += [(places[edge.source], transition), (transition, places[edge.target])]
+    for node in graph.nodes:
+        if node.final:
+            transition = f"end{places[node.name]}"
+            transitions.append((transition, None))
+            arcs += [(places[node.name], transition), (transition, "sink")]
+    for transition, label in transitions:
+        if label is None:
+            lines.append(
+                f'      <transition id="{transition}"><name><text>tau</text></name>'
+                '<toolspecific tool="ProM" version="6.4" activity="$invisible$" '
+                f'localNodeID="{transition}"/></transition>'
+            )
+        else:
+            lines.append(
+                f'      <transition id="{transition}"><name><text>{_xml(label)}</text></name>'
+                "</transition>"
+            )
+    lines += [
+        f'      <arc id="a{number}" source="{source}" target="{target}"/>'
+        for number, (source, target) in enumerate(arcs)
+    ]
+    lines += [
+        "    </page>",
+        '    <finalmarkings><marking><place idref="sink"><text>1</text></place></marking>'
+        "</finalmarkings>",
+        "  </net>",
+        "</pnml>",
+    ]
+    return "\n".join(lines) + "\n"

@@ -8,7 +8,9 @@
   median time spent in its source state before it, compared with the chosen version's machine:
   allowed edges nobody took dashed, edges it does not allow red.
 * :func:`render` — a graph as Mermaid or DOT text (no dependency) or as SVG, which runs
-  Graphviz's ``dot`` (an optional, external program: :func:`render_svg`).
+  Graphviz's ``dot`` (an optional, external program: :func:`render_svg`); a definition also
+  as a Petri net in PNML (:func:`~django_encounters.engine.graphs.to_pnml`), for conformance
+  checking of the event log with pm4py, ProM and others.
 
 See ``docs/diagrams.md`` for what each mark means and the exact syntax written.
 """
@@ -22,7 +24,14 @@ from datetime import datetime
 from typing import Any
 
 from ..engine import Rules
-from ..engine.graphs import Graph, definition_graph, process_map_graph, to_dot, to_mermaid
+from ..engine.graphs import (
+    Graph,
+    definition_graph,
+    process_map_graph,
+    to_dot,
+    to_mermaid,
+    to_pnml,
+)
 from ..exceptions import (
     DefinitionNotFoundError,
     DefinitionVersionNotFoundError,
@@ -34,7 +43,9 @@ from .process_map import DEFAULT_BATCH_SIZE, mine_edges
 from .selection import Selection, read_alias
 
 #: The formats :func:`render` writes.
-FORMATS = ("mermaid", "dot", "svg")
+FORMATS = ("mermaid", "dot", "svg", "pnml")
+#: The formats that draw a definition only (not a process map).
+DEFINITION_ONLY_FORMATS = ("pnml",)
 #: Graphviz's layout program, looked up on ``PATH``.
 GRAPHVIZ_PROGRAM = "dot"
 #: How long :func:`render_svg` waits for Graphviz.
@@ -164,12 +175,14 @@ _RENDERERS: dict[str, Callable[[Graph], str]] = {
     "mermaid": to_mermaid,
     "dot": to_dot,
     "svg": lambda graph: render_svg(to_dot(graph)),
+    "pnml": to_pnml,
 }
 
 
 def render(graph: Graph, format: str = "mermaid") -> str:
     """``graph`` as text in ``format``: ``"mermaid"`` (a Mermaid flowchart), ``"dot"``
-    (Graphviz DOT) or ``"svg"`` (DOT laid out by Graphviz, :func:`render_svg`).
+    (Graphviz DOT), ``"svg"`` (DOT laid out by Graphviz, :func:`render_svg`) or ``"pnml"`` (a
+    definition's Petri net; a process map's anomalous edges are left out).
 
     Raises:
         ValueError: an unknown format.
@@ -187,6 +200,11 @@ def draw(code: str, format: str = "mermaid", *, from_log: bool = False, **option
     An unknown format is refused before anything is read."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, not {format!r}")
+    if from_log and format in DEFINITION_ONLY_FORMATS:
+        raise ValueError(
+            f"{format} draws a definition (its Petri net, to check the event log against), "
+            "not a process map: leave out --from-log"
+        )
     if from_log:
         graph = process_map(code, **options)
     else:

@@ -11,6 +11,9 @@ the Python API behind ``manage.py export_encounter_log``.
   ``complete``; ``sequence``, ``from_state``, ``transitioned_at`` (system time), ``reason`` and
   the audit's ``backdated`` / ``overtaken`` marks (:class:`.audit.AuditRow`) are event
   attributes.
+* With ``lifecycle=True`` (:func:`with_lifecycle`), each *stay* in a state is a pair instead:
+  ``start`` when the state was entered, ``complete`` when it was left (by the next event), so
+  the time spent in each state is in the log; the last stay, not left, has a ``start`` only.
 * Before them, the **creation** as an event in the origin state (``sequence`` 0, no
   ``from_state``, ``transitioned_at`` = ``created_at``), timestamped ``created_at`` — or the first
   row's ``effective_at`` when that row is effective earlier (a row backdated before the
@@ -36,10 +39,12 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import IO, Any
 from uuid import UUID
+
+from asgiref.sync import sync_to_async
 
 from ..exceptions import EventLogWriteError
 from .audit import DEFAULT_BATCH_SIZE, iter_audit
@@ -123,6 +128,11 @@ class Event:
     backdated: bool = False
     overtaken: bool = False
     overtaken_by: int | None = None
+    #: the definition version it was decided under (the creation: the one it was created under)
+    definition_version: int | None = None
+    #: lifecycle:transition — ``complete`` (the state change), or with :func:`with_lifecycle`
+    #: ``start`` (entering the state) / ``complete`` (leaving it)
+    lifecycle: str = LIFECYCLE
 
 
 @dataclass(frozen=True)
@@ -223,6 +233,7 @@ def _traces(
                 from_state=None,
                 transitioned_at=created,
                 reason="",
+                definition_version=genesis.definition_version,
             )
         ]
         events.extend(
@@ -237,6 +248,7 @@ def _traces(
                 backdated=row.backdated,
                 overtaken=row.overtaken,
                 overtaken_by=row.overtaken_by,
+                definition_version=row.definition_version,
             )
             for row in audit.timeline
         )
@@ -249,6 +261,37 @@ def _traces(
             events=events,
             anomalies=audit.anomaly_count,
         )
+
+
+def with_lifecycle(trace: Trace) -> Trace:
+    """``trace`` with each stay in a state as a ``start`` event (when it was entered: the event
+    that entered it, as it is) and a ``complete`` event (when it was left: at the next event's
+    time, with the next event's resource, sequence, recorded time and reason — who and what
+    ended the stay), in time order (a stay's ``complete`` before the next one's ``start``). The
+    last stay, which nothing ended, has a ``start`` only."""
+    events: list[Event] = []
+    entered = trace.events
+    for number, event in enumerate(entered):
+        if number:
+            before = entered[number - 1]
+            events.append(
+                Event(
+                    activity=before.activity,
+                    timestamp=event.timestamp,
+                    resource=event.resource,
+                    sequence=event.sequence,
+                    from_state=None,
+                    transitioned_at=event.transitioned_at,
+                    reason=event.reason,
+                    backdated=event.backdated,
+                    overtaken=event.overtaken,
+                    overtaken_by=event.overtaken_by,
+                    definition_version=event.definition_version,
+                    lifecycle="complete",
+                )
+            )
+        events.append(replace(event, lifecycle="start"))
+    return replace(trace, events=events)
 
 
 def timestamp(value: datetime) -> str:
@@ -285,7 +328,10 @@ def _start(kind: str, key: str) -> str:
 
 _EVENT_NAME = "\t\t<event>\n\t\t\t" + _start("string", "concept:name")
 _EVENT_TIME = "/>\n\t\t\t" + _start("date", "time:timestamp")
-_EVENT_LIFECYCLE = "/>\n\t\t\t" + _attribute("string", "lifecycle:transition", LIFECYCLE)
+_EVENT_LIFECYCLE = {
+    name: "/>\n\t\t\t" + _attribute("string", "lifecycle:transition", name)
+    for name in ("start", "complete")
+}
 _EVENT_RESOURCE = "\n\t\t\t" + _start("string", "org:resource")
 _EVENT_SEQUENCE = "\n\t\t\t" + _start("int", "sequence")
 _EVENT_FROM = "/>\n\t\t\t" + _start("string", "from_state")
@@ -313,7 +359,7 @@ def _xes_event(event: Event) -> str:
         '"',
         timestamp(event.timestamp),
         '"',
-        _EVENT_LIFECYCLE,
+        _EVENT_LIFECYCLE[event.lifecycle],
     ]
     if event.resource is not None:
         parts += [_EVENT_RESOURCE, _quoted(event.resource), "/>"]
@@ -430,7 +476,7 @@ def write_csv_traces(
                 event.activity,
                 timestamp(event.timestamp),
                 event.resource or "",
-                LIFECYCLE,
+                event.lifecycle,
                 *case[1:],
                 _flag(trace.deleted),
                 event.sequence,
@@ -467,8 +513,16 @@ def write_csv(out: IO[str], **selection: Any) -> EventLogCounts:
     return export_event_log("csv", out, **selection)
 
 
+#: The formats that can write lifecycle start/complete pairs (``lifecycle=True``).
+LIFECYCLE_FORMATS = ("xes", "csv")
+
+
 def export_event_log(
-    format: str, out: str | os.PathLike[str] | IO[str], **selection: Any
+    format: str,
+    out: str | os.PathLike[str] | IO[str],
+    *,
+    lifecycle: bool = False,
+    **selection: Any,
 ) -> EventLogCounts:
     """Export the selected encounters' log as ``format`` (``"xes"`` or ``"csv"``, or any
     format registered for the ``"event-log"`` report) to ``out``: a file path, or a text
@@ -478,11 +532,13 @@ def export_event_log(
     Args:
         format: ``"xes"`` or ``"csv"``.
         out: a path, or a text stream (for CSV, opened with ``newline=""``).
+        lifecycle: each stay in a state as a ``start``/``complete`` pair
+            (:func:`with_lifecycle`; XES and CSV only).
         selection: the keyword arguments of :func:`iter_traces` (``definition``, ``since``,
             ``until``, ``known_at``, ``batch_size``, ``using``).
 
     Returns:
-        The numbers of traces (encounters) and events (rows plus one creation per trace).
+        The numbers of traces (encounters) and events written.
 
     Raises:
         UnknownFormatError: ``format`` is neither.
@@ -491,7 +547,16 @@ def export_event_log(
         EventLogWriteError: the file cannot be written (nothing is left at ``out``).
     """
     writer = get_format("event-log", format)
-    traces = iter_traces(**selection)  # the arguments are checked here, before any file is opened
+    if not isinstance(lifecycle, bool):
+        raise TypeError(f"lifecycle must be True or False, not {lifecycle!r}")
+    if lifecycle and format not in LIFECYCLE_FORMATS:
+        raise ValueError(
+            f"lifecycle start/complete pairs are written in {' and '.join(LIFECYCLE_FORMATS)} "
+            f"only, not in {format!r} (whose events are the state changes)"
+        )
+    traces: Iterable[Trace] = iter_traces(**selection)  # arguments checked before any file opens
+    if lifecycle:
+        traces = map(with_lifecycle, traces)
     name = _log_name(selection.get("definition"))
     if not isinstance(out, (str, os.PathLike)):
         return writer.write(traces, out, name=name)
@@ -501,3 +566,18 @@ def export_event_log(
     except OSError as exc:
         # The file named (through a symbolic link: the one linked to), not the temporary.
         raise EventLogWriteError(os.path.realpath(out), exc.strerror or str(exc)) from exc
+
+
+async def aexport_event_log(
+    format: str,
+    out: str | os.PathLike[str] | IO[str],
+    *,
+    lifecycle: bool = False,
+    **selection: Any,
+) -> EventLogCounts:
+    """:func:`export_event_log` for async code: the same arguments, result and errors; the
+    whole export (reading the log and writing ``out``) runs in one thread-sensitive call, off
+    the event loop, which goes on serving other tasks meanwhile."""
+    return await sync_to_async(export_event_log, thread_sensitive=True)(
+        format, out, lifecycle=lifecycle, **selection
+    )

@@ -47,6 +47,7 @@ __all__ = [
 WRITER_MODULES = (
     "django_encounters.projections.rendering",
     "django_encounters.projections.event_log",
+    "django_encounters.projections.ocel",
     "django_encounters.projections.checkpoints.building",
 )
 

@@ -6,10 +6,12 @@ each stream replayed and verified by the engine (``verify_stream``: genesis, gap
 system time, ``from_state``, edges, re-chains), with seal keys configured its seals checked
 (:mod:`.seals`: rows, genesis, the definition versions it uses; the genesis seal is read with
 the encounter's columns, the rows' with the stream, so no query is added), the projection's
-head compared with the log's, the acknowledgements of what was found, checked (one query per
-batch; without seal keys, none for a batch without anomalies) and, when asked, the names of
-the users who recorded the rows. Rebuild, audit, event log, process map,
-the admin's and the REST API's timelines all consume it; nothing else replays a selection.
+head compared with the log's, the subjects of the encounters that are not soft-deleted looked up
+(one query per batch: an encounter whose subject is gone is a ``subject_missing`` anomaly), the
+acknowledgements of what was found, checked (one query per batch; without seal keys, none for a
+batch without anomalies) and, when asked, the names of the users who recorded the rows.
+Rebuild, audit, event log, process map, the admin's and the REST API's timelines all consume
+it; nothing else replays a selection.
 
 A consumer that writes (the rebuild) asks for each batch with :meth:`Replays.next_batch`
 inside its own transaction, ``lock=True``: the batch's encounter rows are then locked before
@@ -39,8 +41,10 @@ from ..engine import (
     known_prefix,
     verify_stream,
 )
+from ..engine.errors import AnomalyKind
 from ..engine.seals import Sealer
 from ..store import sharding
+from ..subjects import absent_subjects
 from .acknowledgements import Acknowledged, MarkKey, check_acknowledgements, key_of, mark_key
 from .seals import SealCheck
 from .selection import GENESIS_COLUMNS, RulesCache, Selection, genesis_of
@@ -61,6 +65,8 @@ _EXTRA = len(ENCOUNTER_COLUMNS)
 _CREATED = GENESIS_COLUMNS.index("created_at")
 _VERSION = len(GENESIS_COLUMNS) + store.PROJECTION_FIELDS.index("version")
 _HEAD = len(GENESIS_COLUMNS) + store.PROJECTION_FIELDS.index("head_hash")
+_CONTENT_TYPE = GENESIS_COLUMNS.index("subject_content_type_id")
+_SUBJECT = GENESIS_COLUMNS.index("subject_id")
 _NO_ROWS: list[StreamRow] = []
 
 
@@ -161,6 +167,8 @@ class Replays:
         rules: the definitions' rules (default: loaded here).
         added: anomalies found elsewhere (a checkpoint's), by encounter id; each is added to
             its encounter's and removed from the mapping when that encounter is read.
+        subjects: with ``verify``, report the encounters (not soft-deleted) whose subject no
+            longer exists (``subject_missing``; one query per batch).
         after: with ``order="pk"``, only encounters with ``after < pk``.
         upto: with ``order="pk"``, only encounters with ``pk <= upto``.
     """
@@ -175,6 +183,7 @@ class Replays:
         users: bool = False,
         rules: RulesCache | None = None,
         added: dict[Any, list[Anomaly]] | None = None,
+        subjects: bool = True,
         after: Any = None,
         upto: Any = None,
     ) -> None:
@@ -202,7 +211,19 @@ class Replays:
         # With seal keys, the genesis seal is read last, and taken off before the consumer
         # sees the values.
         sealed = ("genesis_seal",) if self.seals is not None else ()
-        self._page = selected.order_by(*ordering).values_list(*ENCOUNTER_COLUMNS, *extra, *sealed)
+        # The subjects are looked up for the encounters that are not soft-deleted: their
+        # deleted_at is read among the extra columns (added last when the reader did not ask).
+        self._subjects = subjects and verify
+        extra = tuple(extra)
+        if self._subjects and "deleted_at" not in extra:
+            self._extra = (*extra, "deleted_at")
+        else:
+            self._extra = extra
+        self._dropped = len(self._extra) - len(extra)
+        self._deleted_at = _EXTRA + self._extra.index("deleted_at") if self._subjects else 0
+        self._page = selected.order_by(*ordering).values_list(
+            *ENCOUNTER_COLUMNS, *self._extra, *sealed
+        )
         self._transitions = selection.transitions()
         self._sharded = sharding.is_sharded(connections[using])
         # In primary-key order, a batch selected by definition or ids only is (nearly) every
@@ -271,6 +292,12 @@ class Replays:
         return store.iter_streams(rows)
 
     def _fold(self, batch: list[tuple]) -> list[Verified]:
+        missing: dict[Any, str] = {}
+        if self._subjects:
+            missing = self._missing_subjects(batch)
+            if self._dropped:  # the deleted_at the reader did not ask for
+                at = self._deleted_at
+                batch = [(*values[:at], *values[at + 1 :]) for values in batch]
         by_id = {values[0]: values for values in batch}
         folded: dict[Any, Verified] = {}
         for encounter_id, stream in self._streams(batch):
@@ -278,6 +305,10 @@ class Replays:
             if values is not None:  # in the id range but not selected: skipped
                 folded[encounter_id] = self._one(values, stream)
         result = [folded.get(values[0]) or self._one(values, _NO_ROWS) for values in batch]
+        for verified in result if missing else ():
+            why = missing.get(verified.id)
+            if why is not None:
+                verified.anomalies.append(_subject_missing(verified.genesis, why))
         if self.users is not None:
             self.users.load(row.transitioned_by for v in result for row in v.stream)
         if self.verify:
@@ -285,6 +316,22 @@ class Replays:
                 ((v.id, v.anomalies, v.acknowledged) for v in result), self.using, self.sealer
             )
         return result
+
+    def _missing_subjects(self, batch: list[tuple]) -> dict[Any, str]:
+        """encounter id -> why its subject is gone, for the batch's encounters that are not
+        soft-deleted and whose subject no longer exists (one query)."""
+        live = [values for values in batch if values[self._deleted_at] is None]
+        gone = absent_subjects(
+            ((values[_CONTENT_TYPE], str(values[_SUBJECT])) for values in live), self.using
+        )
+        if not gone:
+            return {}
+        found = {}
+        for values in live:
+            why = gone.get((values[_CONTENT_TYPE], str(values[_SUBJECT])))
+            if why is not None:
+                found[values[0]] = why
+        return found
 
     def _one(self, values: tuple, stream: list[StreamRow]) -> Verified:
         genesis_seal = ""
@@ -317,6 +364,22 @@ class Replays:
             *self.added.pop(genesis.encounter_id, []),
         ]
         return Verified(values, genesis, stream, replay, anomalies, evidence)
+
+
+def _subject_missing(genesis: Genesis, why: str) -> Anomaly:
+    """The ``subject_missing`` anomaly of an encounter (sequence 0; evidence: the subject's
+    reference, so an acknowledgement covers that subject only)."""
+    reference = f"{genesis.subject_type}:{genesis.subject_id}"
+    return Anomaly(
+        genesis.encounter_id,
+        0,
+        AnomalyKind.SUBJECT_MISSING,
+        f"its subject {reference} no longer exists ({why}); the encounter and its log are "
+        "kept. Soft-delete the encounter (encounter.delete()) if it should go too, or "
+        "acknowledge this finding; guard the subject model with protect_subjects() so that "
+        "it cannot happen again",
+        reference,
+    )
 
 
 def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -> list[tuple]:

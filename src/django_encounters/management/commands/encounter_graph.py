@@ -5,7 +5,8 @@ the current one) — the initial state marked, final states double-circled, stat
 reaches greyed. With ``--from-log``: every edge its encounters' rows took (rows effective in
 ``[--since, --until)``), labelled with its count and the median time spent before it, compared
 with that version's machine (allowed but untaken edges dashed, anomalies red). ``--format``
-mermaid or dot (text), or svg (through Graphviz's ``dot``).
+mermaid or dot (text), svg (through Graphviz's ``dot``), or pnml (a definition's Petri net,
+which pm4py's and ProM's conformance checking replay the event log on).
 
 ``--version`` prints Django's version, as for every command; ``--version N``, this command's
 spelling of ``--definition-version N`` in 0.1.0, is refused (exit 2) with a message naming the
@@ -39,7 +40,7 @@ from ..helpers import EncounterCommand, Unended, parse_times, quiet_broken_pipe,
 class Command(EncounterCommand):
     help = (
         "Draw an encounter definition (or, with --from-log, the process map mined from its "
-        "rows) as Mermaid, DOT or SVG."
+        "rows) as Mermaid, DOT or SVG; or a definition as a Petri net (PNML)."
     )
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> Any:

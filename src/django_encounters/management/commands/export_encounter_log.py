@@ -1,5 +1,6 @@
 """``manage.py export_encounter_log``: the encounters' logs as an event log for process-mining
-tools (ProM, pm4py, Disco, Celonis, …), as XES (IEEE 1849-2016) or CSV.
+tools (ProM, pm4py, Disco, Celonis, …), as XES (IEEE 1849-2016), CSV, or OCEL 2.0 JSON
+(``ocel2-json``: encounters, subjects, users and definition versions as objects).
 
 One trace per encounter (its id, definition code and subject), one event per row in
 business-time order (the state entered, ``effective_at``, who, ``complete``; the sequence, the
@@ -7,7 +8,8 @@ state left, when it was recorded, why, and the audit's backdated/overtaken marks
 event for the creation in the origin state. ``--definition`` narrows to one definition;
 ``--since``/``--until`` to the encounters with a row effective in ``[--since, --until)``
 (whole traces); ``--known-at`` exports the log as it was known at that time (rows recorded by
-then).
+then). ``--lifecycle`` (XES, CSV) writes each stay in a state as a ``start``/``complete`` pair,
+so the time spent in each state is in the log.
 
 Exit status: 0 when written; 2 for invalid options (an unknown format or definition code, a bad
 time, ``--since`` not before ``--until``, an output file that cannot be written), nothing
@@ -38,7 +40,8 @@ from ..helpers import (
 class Command(EncounterCommand):
     help = (
         "Export the encounters' logs as an event log for process-mining tools: XES "
-        "(IEEE 1849-2016) or CSV (pm4py's column names), one trace per encounter."
+        "(IEEE 1849-2016) or CSV (pm4py's column names), one trace per encounter; or an "
+        "object-centric OCEL 2.0 JSON log."
     )
 
     def add_arguments(self, parser: Any) -> None:
@@ -63,6 +66,11 @@ class Command(EncounterCommand):
             help="the log as it was known at TIME (only rows recorded by then)",
         )
         parser.add_argument(
+            "--lifecycle",
+            action="store_true",
+            help="each stay in a state as a start/complete pair (xes, csv)",
+        )
+        parser.add_argument(
             "--output",
             metavar="FILE",
             help="write to FILE (whole or not at all) instead of stdout",
@@ -78,6 +86,8 @@ class Command(EncounterCommand):
             "using": options["database"],
             **times,
         }
+        if options["lifecycle"]:
+            selection["lifecycle"] = True
         if path:
             try:
                 counts = export_event_log(options["format"], path, **selection)

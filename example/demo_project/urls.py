@@ -1,0 +1,11 @@
+"""The example project's URLs: Django's admin, where django-encounters and the clinic register
+their models."""
+
+from django.contrib import admin
+from django.urls import path
+from django.views.generic import RedirectView
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+]
