@@ -121,8 +121,9 @@ def test_a_backdated_transition_from_the_admin_uses_the_admins_time_zone(
     rows = list(EncounterTransition.objects.filter(encounter=encounter).order_by("sequence"))
     assert len(rows) == 2
     assert abs(rows[1].effective_at - when) < timedelta(seconds=1)
-    assert [row.sequence for row in page.context["timeline"]] == [2, 1]
-    assert page.context["timeline"][0].backdated
+    # newest business time first (ENCOUNTERS_ADMIN_TIMELINE_ORDER's default)
+    assert [row.sequence for row in page.context["timeline"]] == [1, 2]
+    assert page.context["timeline"][1].backdated
     assert local.strftime("%Y-%m-%d %H:%M:%S CET") in page.content.decode()
 
 
@@ -295,7 +296,7 @@ def test_timeline_is_in_business_time_order_to_the_second_with_marks(
 ):
     page = admin_client.get(change_url(backdated_employment))
     text = page.content.decode()
-    rows = page.context["timeline"]
+    rows = page.context["timeline"][::-1]  # shown newest first
     assert [row.sequence for row in rows] == [1, 3, 2]
     assert rows[1].backdated and not rows[1].overtaken
     assert rows[2].overtaken and rows[2].overtaken_by == 3
@@ -308,7 +309,7 @@ def test_timeline_is_in_business_time_order_to_the_second_with_marks(
     assert effective in text
     assert "backdated</span>" in text
     assert "overtaken by #3" in text
-    assert text.index('data-sequence="3"') < text.index('data-sequence="2"')
+    assert text.index('data-sequence="3"') > text.index('data-sequence="2"')
 
 
 def test_state_at_box_answers_get_state_at_and_as_known_at(

@@ -8,6 +8,9 @@
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
   unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
+* ``django_encounters.E008`` (error): an admin display setting (``ENCOUNTERS_ADMIN_TIMELINE_*``,
+  ``ENCOUNTERS_LATE_ENTRY_TOLERANCE``, ``ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS``) has a value it
+  cannot use;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
@@ -37,6 +40,11 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
     "ENCOUNTERS_SEAL_KEYS",
     "ENCOUNTERS_SEAL_KEY_ID",
+    # The admin's timeline and process map (issue 21)
+    "ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE",
+    "ENCOUNTERS_ADMIN_TIMELINE_ORDER",
+    "ENCOUNTERS_LATE_ENTRY_TOLERANCE",
+    "ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS",
 )
 
 
@@ -119,6 +127,15 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             conf.rest_require_if_match,
             "django_encounters.E004",
             "Set it to True or False, or remove it for the default (False).",
+        ),
+        *(
+            (name, read, "django_encounters.E008", "Remove it for the default, or see docs/admin.md.")
+            for name, read in (
+                ("ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE", conf.admin_timeline_page_size),
+                ("ENCOUNTERS_ADMIN_TIMELINE_ORDER", conf.admin_timeline_order),
+                ("ENCOUNTERS_LATE_ENTRY_TOLERANCE", conf.late_entry_tolerance),
+                ("ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS", conf.admin_process_map_days),
+            )
         ),
     ]
     found: list[checks.CheckMessage] = []

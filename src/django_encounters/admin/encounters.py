@@ -32,7 +32,15 @@ from .common import (
     subject_html,
 )
 from .forms import EncounterForm, StateAtForm, TransitionForm
-from .timeline import encounter_timeline
+from .timeline import (
+    ORDER_PARAMETER,
+    PAGE_PARAMETER,
+    TimelinePage,
+    backdate_options,
+    encounter_timeline,
+    existed_at,
+    page_request,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Encounters: list filters
@@ -239,36 +247,83 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
     def history_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
         obj = self.get_object(request, unquote(object_id))
         if obj is not None and self.has_view_or_change_permission(request, obj):
-            timeline, anomalies = encounter_timeline(obj)
+            page = self._timeline_page(request, obj)
             extra_context = {
                 **(extra_context or {}),
-                "timeline": timeline,
-                "anomalies": anomalies,
+                **self._timeline_context(request, page),
                 "encounter_label": self._label(obj),
             }
         return super().history_view(request, object_id, extra_context)
 
+    def _timeline_page(self, request: HttpRequest, obj: Encounter) -> TimelinePage:
+        number, newest_first = page_request(request.GET)
+        return encounter_timeline(obj, page=number, newest_first=newest_first)
+
+    def _timeline_context(self, request: HttpRequest, page: TimelinePage) -> dict[str, Any]:
+        """The timeline's page and its links (pages, "show all", the order), each keeping the
+        page's other query parameters."""
+
+        def link(**changes: Any) -> str:
+            query = request.GET.copy()
+            for name, value in changes.items():
+                query[name] = value
+            return "?" + query.urlencode()
+
+        numbers = range(1, page.pages + 1) if page.paginated else range(0)
+        return {
+            "timeline": page.rows,
+            "anomalies": page.anomalies,
+            "timeline_page": page,
+            "timeline_page_links": [
+                (n, link(**{PAGE_PARAMETER: n}), n == page.number) for n in numbers
+            ],
+            "timeline_all_link": link(**{PAGE_PARAMETER: "all"}) if page.paginated else "",
+            "timeline_paged_link": link(**{PAGE_PARAMETER: 1}) if page.show_all else "",
+            "timeline_order_link": link(
+                **{ORDER_PARAMETER: "oldest" if page.newest_first else "newest", PAGE_PARAMETER: 1}
+            ),
+        }
+
     def _page_context(self, request: HttpRequest, obj: Encounter) -> dict[str, Any]:
-        """The status panel (state, definition version, transition buttons), the timeline and
-        the "state at" box."""
+        """The status panel (state, definition version, transition buttons, the backdates the
+        timeline admits), the timeline's page and the "state at" box."""
         can_transition = not obj.is_deleted and self.has_transition_permission(request, obj)
         buttons = []
+        backdates = []
+        page = self._timeline_page(request, obj)
         if can_transition:
             url = reverse("admin:django_encounters_encounter_transition", args=[quote(obj.pk)])
             buttons = [
                 (state, f"{url}?{urlencode({'to_state': state, 'expected_version': obj.version})}")
                 for state in obj.allowed_transitions
             ]
-        timeline, anomalies = encounter_timeline(obj)
+            backdates = [
+                (
+                    option,
+                    f"{url}?"
+                    + urlencode(
+                        {
+                            "to_state": option.state,
+                            "expected_version": obj.version,
+                            "backdate": "1",
+                        }
+                    ),
+                )
+                for option in (backdate_options(obj, page.audit) if not buttons else [])
+            ]
         state_at: dict[str, Any] = {"form": StateAtForm()}
         if "state_at" in request.GET:
             form = StateAtForm(request.GET)
             state_at["form"] = form
             if form.is_valid():
                 when, known_at = form.cleaned_data["state_at"], form.cleaned_data["known_at"]
-                state_at["answer"] = get_state_at(obj, when, known_at)
                 state_at["when"] = local_time(when)
                 state_at["known_at"] = local_time(known_at)
+                not_yet = existed_at(page.audit, obj, when, known_at)
+                if not_yet is not None:
+                    state_at["not_yet"] = not_yet
+                else:
+                    state_at["answer"] = get_state_at(obj, when, known_at)
         return {
             "subtitle": f"Encounter {short_id(obj.pk)} · {obj.definition.name} · "
             f"{obj.subject_content_type.name} #{obj.subject_id}",
@@ -276,9 +331,9 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             "latest_definition_version": obj.definition.version,
             "is_final": obj.is_final,
             "transition_buttons": buttons,
+            "backdate_buttons": backdates,
             "can_transition": can_transition,
-            "timeline": timeline,
-            "anomalies": anomalies,
+            **self._timeline_context(request, page),
             "encounter_label": self._label(obj),
             "state_at": state_at,
             "restore_url": self._restore_url(obj),

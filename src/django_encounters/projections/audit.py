@@ -87,6 +87,8 @@ class AuditRow:
     context: Any = None  # the row's context (its metadata), as recorded
     #: the user row's name now, when it is not the name recorded (renamed since); else None
     transitioned_by_now: str | None = None
+    #: the definition version the row was decided under (None: not given)
+    definition_version: int | None = None
 
     @property
     def who(self) -> str | None:
@@ -475,6 +477,7 @@ def _audit_of(
             overtaken_by=replay.overtaken.get(row.sequence),
             transitioned_by_id=row.transitioned_by,
             context=row.metadata,
+            definition_version=row.definition_version,
         )
         for row in timeline_order(verified.stream)
     ]
