@@ -37,7 +37,7 @@ def load_encounters(
     encounters' ids in creation order."""
     import random
 
-    from django.db import connections
+    from django.db import connections, transaction
 
     from django_encounters.engine import Genesis, StreamRow
     from django_encounters.engine.hashing import genesis_hash, row_hash
@@ -72,7 +72,9 @@ def load_encounters(
             subject_id = str(subject_ids[i % len(subject_ids)])
             origin = definition.initial_state
             genesis = genesis_hash(
-                Genesis(eid, definition.pk, version.number, subject_name, subject_id, origin, created),
+                Genesis(
+                    eid, definition.pk, version.number, subject_name, subject_id, origin, created
+                ),
                 version_hash,
             )
             state, previous, at = origin, genesis, created
@@ -135,7 +137,7 @@ def load_encounters(
                     },
                 )
             )
-        with connection.cursor() as cursor:
+        with transaction.atomic(using=using), connection.cursor() as cursor:
             cursor.executemany(enc_sql, encounters)
             if rows:
                 cursor.executemany(tr_sql, rows)

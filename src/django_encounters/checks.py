@@ -129,7 +129,12 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             "Set it to True or False, or remove it for the default (False).",
         ),
         *(
-            (name, read, "django_encounters.E008", "Remove it for the default, or see docs/admin.md.")
+            (
+                name,
+                read,
+                "django_encounters.E008",
+                "Remove it for the default, or see docs/admin.md.",
+            )
             for name, read in (
                 ("ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE", conf.admin_timeline_page_size),
                 ("ENCOUNTERS_ADMIN_TIMELINE_ORDER", conf.admin_timeline_order),
