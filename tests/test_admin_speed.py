@@ -11,14 +11,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from benchmarks.loading import load_encounters
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from benchmarks.loading import load_encounters
-from django_encounters.models import EncounterDefinition
 from django_encounters.projections.audit import audit_encounters
 
 pytestmark = pytest.mark.django_db
