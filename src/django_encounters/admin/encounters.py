@@ -9,12 +9,14 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.http import urlencode
+from django.utils.text import capfirst
 
 from ..exceptions import ConcurrentTransitionError, EncounterError
 from ..models import (
@@ -25,11 +27,13 @@ from ..models import (
 from ..services import create_encounter, get_state_at, transition
 from .common import (
     DeletedFilter,
+    LabelledSplitDateTime,
     SoftDeleteAdmin,
     ZoneSafeDateHierarchyMixin,
     local_time,
     short_id,
     subject_html,
+    two_line_time,
 )
 from .forms import EncounterForm, StateAtForm, TransitionForm
 from .timeline import (
@@ -100,17 +104,22 @@ _DERIVED_SHOWN = tuple(_DERIVED_TIMES.get(name, name) for name in Encounter.LOG_
 @admin.register(Encounter)
 class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
     form = EncounterForm
+    # Fits a 1280 px window beside the admin's navigation and the filters: times as a date
+    # over a time, the version on the encounter's page, "deleted" only when deleted ones are
+    # listed (get_list_display).
     list_display = (
         "short_id",
         "subject_link",
         "definition",
         "state",
-        "version",
-        "scheduled_at",
-        "created_at",
+        "scheduled",
+        "created",
         "deleted",
     )
     list_display_links = ("short_id",)
+    list_per_page = 50
+    # A user is picked by id (with the admin's lookup), not from a list of every user.
+    raw_id_fields = ("assigned_to", "created_by")
     list_filter = (DeletedFilter, DefinitionStateFilter, "definition")
     list_select_related = ("definition", "subject_content_type")
     search_fields = ("=subject_id", "notes", "transitions__reason")
@@ -129,6 +138,25 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
         )
 
     # -- columns ----------------------------------------------------------------------------
+
+    def formfield_for_dbfield(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if isinstance(db_field, models.DateTimeField) and "widget" not in kwargs:
+            kwargs["widget"] = LabelledSplitDateTime(capfirst(db_field.verbose_name))
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        shown = list(super().get_list_display(request))
+        if request.GET.get(DeletedFilter.parameter_name) not in ("yes", "all"):
+            shown = [name for name in shown if name != "deleted"]
+        return shown
+
+    @admin.display(description="scheduled at", ordering="scheduled_at")
+    def scheduled(self, obj: Encounter) -> Any:
+        return two_line_time(obj.scheduled_at)
+
+    @admin.display(description="created at", ordering="created_at")
+    def created(self, obj: Encounter) -> Any:
+        return two_line_time(obj.created_at)
 
     @admin.display(description="encounter", ordering="id")
     def short_id(self, obj: Encounter) -> str:
