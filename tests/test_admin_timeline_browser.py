@@ -115,8 +115,12 @@ def test_the_encounter_list_fits_1280_px(person, visit_definition, patient):
             transition(visit, "checked_in")
         if number % 7 == 0:
             visit.delete()
-    for query in ("", "?deleted=all"):
+    for query, shot in (
+        ("", "21-encounter-list-1280"),
+        ("?deleted=all", "21b-all-encounters-1280"),
+    ):
         person.open(f"/admin/django_encounters/encounter/{query}", expect="#result_list")
+        person.screenshot(shot)
         overflow = person.driver.execute_script(
             "var table = document.getElementById('result_list');"
             "var box = table.parentElement;"
@@ -126,7 +130,6 @@ def test_the_encounter_list_fits_1280_px(person, visit_definition, patient):
         table_width, box_width, page_width, window_width = overflow
         assert table_width <= box_width, (query, overflow)
         assert page_width <= window_width, (query, overflow)
-    person.screenshot("21-encounter-list-1280")
 
 
 def test_the_timeline_is_paginated_with_late_entries_marked(

@@ -60,12 +60,15 @@ def local_time(value: datetime | None) -> str:
     return f"{local.replace(tzinfo=None).isoformat(' ', 'seconds')} {local.tzname()}"
 
 
-def two_line_time(value: datetime | None) -> Any:
-    """:func:`local_time` as a date over the time and zone (a narrow list column); "-" for
-    None."""
+def two_line_time(value: datetime | None, *, seconds: bool = True) -> Any:
+    """:func:`local_time` as a date over the time and zone (a narrow list column; without
+    ``seconds``, to the minute); "-" for None."""
     if value is None:
         return "-"
     day, _, rest = local_time(value).partition(" ")
+    if not seconds:
+        clock, _, zone = rest.partition(" ")
+        rest = f"{clock[:5]} {zone}".strip()
     return format_html(
         '<span class="nowrap">{}</span><br><span class="nowrap">{}</span>', day, rest
     )

@@ -15,6 +15,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.text import capfirst
 
@@ -105,16 +106,15 @@ _DERIVED_SHOWN = tuple(_DERIVED_TIMES.get(name, name) for name in Encounter.LOG_
 class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
     form = EncounterForm
     # Fits a 1280 px window beside the admin's navigation and the filters: times as a date
-    # over a time, the version on the encounter's page, "deleted" only when deleted ones are
-    # listed (get_list_display).
+    # over a time (to the minute), the version on the encounter's page, a deleted encounter
+    # marked under its state.
     list_display = (
         "short_id",
         "subject_link",
         "definition",
-        "state",
+        "state_shown",
         "scheduled",
         "created",
-        "deleted",
     )
     list_display_links = ("short_id",)
     list_per_page = 50
@@ -144,19 +144,24 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             kwargs["widget"] = LabelledSplitDateTime(capfirst(db_field.verbose_name))
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 
-    def get_list_display(self, request: HttpRequest) -> Any:
-        shown = list(super().get_list_display(request))
-        if request.GET.get(DeletedFilter.parameter_name) not in ("yes", "all"):
-            shown = [name for name in shown if name != "deleted"]
-        return shown
+    @admin.display(description="state", ordering="state")
+    def state_shown(self, obj: Encounter) -> Any:
+        if obj.deleted_at is None:
+            return obj.state
+        return format_html(
+            '{}<br><span class="deleted-mark" title="soft-deleted at {}">deleted {}</span>',
+            obj.state,
+            local_time(obj.deleted_at),
+            local_time(obj.deleted_at).partition(" ")[0],
+        )
 
     @admin.display(description="scheduled at", ordering="scheduled_at")
     def scheduled(self, obj: Encounter) -> Any:
-        return two_line_time(obj.scheduled_at)
+        return two_line_time(obj.scheduled_at, seconds=False)
 
     @admin.display(description="created at", ordering="created_at")
     def created(self, obj: Encounter) -> Any:
-        return two_line_time(obj.created_at)
+        return two_line_time(obj.created_at, seconds=False)
 
     @admin.display(description="encounter", ordering="id")
     def short_id(self, obj: Encounter) -> str:
