@@ -702,6 +702,10 @@ def test_soft_deleted_definitions_can_be_listed_opened_and_restored(admin_client
     assert not EncounterDefinition.objects.get(pk=kept.pk).is_deleted
 
 
+def process_map_url(definition):
+    return reverse("admin:django_encounters_encounterdefinition_process_map", args=[definition.pk])
+
+
 def _image_svg(text, element_id):
     """The SVG document shown as the image inside the element ``element_id`` of the page."""
     import base64
@@ -722,6 +726,8 @@ def test_definition_page_draws_the_machine_and_the_process_map(
     transition(encounter, "checked_in")
     transition(encounter, "in_progress")
     text = admin_client.get(definition_url(visit_definition)).content.decode()
+    # The process map is loaded apart (issue 21), from its own URL.
+    text += admin_client.get(process_map_url(visit_definition)).content.decode()
     machine = _image_svg(text, "definition-diagram")
     assert machine.lstrip().startswith("<?xml") and "<svg" in machine
     for state in visit_definition.states:
@@ -732,7 +738,7 @@ def test_definition_page_draws_the_machine_and_the_process_map(
     assert [t.split(",")[0] for t in texts if "×" in t] == ["1×", "1×"]
     assert all(t.startswith("1×, median ") for t in texts if "×" in t)
     assert "stroke-dasharray" in mined
-    assert "process map of &#x27;VISIT&#x27;: 2 transitions of 1 encounter, compared with" in text
+    assert "process map of &#x27;VISIT&#x27;: 2 transitions of 1 encounter effective from" in text
 
 
 def test_definition_page_without_graphviz_shows_the_mermaid_source_with_a_copy_button(
@@ -743,6 +749,7 @@ def test_definition_page_without_graphviz_shows_the_mermaid_source_with_a_copy_b
 
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no Graphviz on it
     text = admin_client.get(definition_url(visit_definition)).content.decode()
+    text += admin_client.get(process_map_url(visit_definition)).content.decode()
     assert 'id="definition-diagram-copy"' in text and 'id="process-map-copy"' in text
     assert "Graphviz" in text and "Mermaid source" in text
     source = html.unescape(

@@ -27,6 +27,7 @@ from ..projections.diagrams import (
     GraphvizError,
     GraphvizNotFoundError,
     render,
+    graphviz_program,
     render_svg,
 )
 from ..projections.output import in_zone
@@ -137,9 +138,11 @@ DIAGRAM_STYLE = (
 
 
 @lru_cache(maxsize=64)
-def _svg(dot_source: str) -> str:
-    """``dot_source`` laid out by Graphviz, remembered: a page opened again (a definition's
-    machine changes only with a new version) does not run ``dot`` again."""
+def _svg(program: str, dot_source: str) -> str:
+    """``dot_source`` laid out by Graphviz (``program``, the ``dot`` found on ``PATH``: part
+    of the key, so a server without it never shows a remembered picture), remembered: a page
+    opened again (a definition's machine changes only with a new version) does not run
+    ``dot`` again."""
     return render_svg(dot_source)
 
 
@@ -148,7 +151,7 @@ def diagram_html(graph: Graph, element_id: str) -> Any:
     runs on the page) on a white ground (:data:`DIAGRAM_STYLE`, readable in dark mode too);
     without Graphviz, its Mermaid source with a copy button."""
     try:
-        svg = _svg(render(graph, "dot"))
+        svg = _svg(graphviz_program(), render(graph, "dot"))
     except (GraphvizNotFoundError, GraphvizError) as exc:
         return format_html(
             '<div class="encounter-diagram" id="{}"><p>{} {}</p><pre id="{}-source">{}</pre>'
