@@ -144,3 +144,22 @@ def test_encounter_list_reads_the_same_queries_for_40_encounters_as_for_400(admi
     many, response = queries_of(admin_client, url)
     assert many == few
     assert response.context["cl"].result_count == 400
+
+
+def test_the_lists_years_are_the_years_with_encounters(admin_client, load):
+    """The date hierarchy's years, probed one by one (not one truncated time per row): a
+    year in between with no encounter is not offered."""
+    now = timezone.now()
+    load(3, ["checked_in"], first_created=now - timedelta(days=3 * 366), spacing=timedelta(0))
+    load(3, ["checked_in"], first_created=now - timedelta(days=1), spacing=timedelta(0))
+    page = admin_client.get(reverse("admin:django_encounters_encounter_changelist"))
+    text = page.content.decode()
+    first, last = (now - timedelta(days=3 * 366)).year, (now - timedelta(days=1)).year
+    for year in (first, last):
+        assert f"created_at__year={year}" in text
+    for year in range(first + 1, last):
+        assert f"created_at__year={year}" not in text
+    drilled = admin_client.get(
+        reverse("admin:django_encounters_encounter_changelist"), {"created_at__year": last}
+    )
+    assert drilled.status_code == 200 and drilled.context["cl"].result_count == 3
