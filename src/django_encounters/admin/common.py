@@ -26,8 +26,8 @@ from ..engine.graphs import Graph
 from ..projections.diagrams import (
     GraphvizError,
     GraphvizNotFoundError,
-    render,
     graphviz_program,
+    render,
     render_svg,
 )
 from ..projections.output import in_zone

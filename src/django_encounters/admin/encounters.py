@@ -141,7 +141,7 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
 
     def formfield_for_dbfield(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if isinstance(db_field, models.DateTimeField) and "widget" not in kwargs:
-            kwargs["widget"] = LabelledSplitDateTime(capfirst(db_field.verbose_name))
+            kwargs["widget"] = LabelledSplitDateTime(str(capfirst(db_field.verbose_name)))
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     @admin.display(description="state", ordering="state")
@@ -337,7 +337,7 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
                     + urlencode(
                         {
                             "to_state": option.state,
-                            "expected_version": obj.version,
+                            "expected_version": str(obj.version),
                             "backdate": "1",
                         }
                     ),

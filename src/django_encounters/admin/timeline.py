@@ -216,7 +216,7 @@ def backdate_options(encounter: Encounter, audit: EncounterAudit) -> list[Backda
     if not timeline:
         return []
     entries = []
-    version = encounter.origin_version
+    version: int | None = encounter.origin_version
     for row in sorted(timeline, key=lambda r: r.sequence):  # recording order: upgrades
         upgrade = row.definition_version != version
         version = row.definition_version
