@@ -13,7 +13,6 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from django_encounters.admin.timeline import duration_words
 from django_encounters.models import EncounterTransition
 from django_encounters.services import create_encounter, transition
 
@@ -151,6 +150,8 @@ def test_a_row_recorded_long_after_its_effective_time_is_a_late_entry(
 
 
 def test_duration_words():
+    from django_encounters.admin.timeline import duration_words
+
     assert duration_words(timedelta(days=3, hours=2, minutes=5)) == "3 days 2 hours"
     assert duration_words(timedelta(hours=1, seconds=5)) == "1 hour 5 seconds"
     assert duration_words(timedelta(minutes=40)) == "40 minutes"
