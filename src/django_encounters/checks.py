@@ -11,6 +11,9 @@
 * ``django_encounters.E006`` (error): ``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` names a model
   that is not installed or a field it does not have;
 * ``django_encounters.E007`` (error): an ``ENCOUNTERS_FHIR_*`` setting of the wrong shape;
+* ``django_encounters.E008`` (error): an admin display setting (``ENCOUNTERS_ADMIN_TIMELINE_*``,
+  ``ENCOUNTERS_LATE_ENTRY_TOLERANCE``, ``ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS``) has a value it
+  cannot use;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
@@ -45,6 +48,11 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_FHIR_SUBJECT_RESOLVER",
     "ENCOUNTERS_SUBJECT_MODELS",
     "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
+    # The admin's timeline and process map (issue 21)
+    "ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE",
+    "ENCOUNTERS_ADMIN_TIMELINE_ORDER",
+    "ENCOUNTERS_LATE_ENTRY_TOLERANCE",
+    "ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS",
 )
 
 
@@ -154,6 +162,20 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             "django_encounters.E006",
             'Set it to {"app_label.model": ["field", ...]} naming installed subject models and '
             "their fields as ModelAdmin.search_fields would, or remove it.",
+        ),
+        *(
+            (
+                name,
+                read,
+                "django_encounters.E008",
+                "Remove it for the default, or see docs/admin.md.",
+            )
+            for name, read in (
+                ("ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE", conf.admin_timeline_page_size),
+                ("ENCOUNTERS_ADMIN_TIMELINE_ORDER", conf.admin_timeline_order),
+                ("ENCOUNTERS_LATE_ENTRY_TOLERANCE", conf.late_entry_tolerance),
+                ("ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS", conf.admin_process_map_days),
+            )
         ),
     ]
     found: list[checks.CheckMessage] = []
