@@ -8,6 +8,9 @@
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
   unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
+* ``django_encounters.E006`` (error): ``ENCOUNTERS_MAX_REASON_LENGTH``,
+  ``ENCOUNTERS_MAX_CONTEXT_BYTES`` or ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` is not a positive int
+  (the depth at most 500);
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
@@ -37,6 +40,9 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_REST_REQUIRE_IF_MATCH",
     "ENCOUNTERS_SEAL_KEYS",
     "ENCOUNTERS_SEAL_KEY_ID",
+    "ENCOUNTERS_MAX_REASON_LENGTH",
+    "ENCOUNTERS_MAX_CONTEXT_BYTES",
+    "ENCOUNTERS_MAX_CONTEXT_DEPTH",
 )
 
 
@@ -119,6 +125,24 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             conf.rest_require_if_match,
             "django_encounters.E004",
             "Set it to True or False, or remove it for the default (False).",
+        ),
+        (
+            "ENCOUNTERS_MAX_REASON_LENGTH",
+            conf.max_reason_length,
+            "django_encounters.E006",
+            "Set it to a positive int (characters), or remove it for the default (10000).",
+        ),
+        (
+            "ENCOUNTERS_MAX_CONTEXT_BYTES",
+            conf.max_context_bytes,
+            "django_encounters.E006",
+            "Set it to a positive int (bytes), or remove it for the default (65536).",
+        ),
+        (
+            "ENCOUNTERS_MAX_CONTEXT_DEPTH",
+            conf.max_context_depth,
+            "django_encounters.E006",
+            "Set it to an int from 1 to 500, or remove it for the default (20).",
         ),
     ]
     found: list[checks.CheckMessage] = []

@@ -23,7 +23,8 @@ exported whole — cutting events out of a trace would make a miner invent edges
 took), ``known_at`` (the log as it was known at that system time: only rows recorded by then,
 backdated/overtaken marks as they stood then, no encounter created after it; with a period,
 the encounters with a row effective in it among the rows known then). Soft-deleted
-encounters are exported (their history is part of the record), marked ``deleted``.
+encounters are exported (their history is part of the record), marked ``deleted``, unless
+``exclude_deleted`` leaves them out.
 
 Streaming: encounters are read in keyset batches (:func:`.audit.iter_audit`) and written as
 they come; memory holds one batch, whatever the size of the log. :func:`export_event_log`
@@ -41,6 +42,7 @@ from datetime import datetime
 from typing import IO, Any
 from uuid import UUID
 
+from .. import arguments
 from ..exceptions import EventLogWriteError
 from .audit import DEFAULT_BATCH_SIZE, iter_audit
 from .output import get_format, register_format, utc_iso, write_atomically
@@ -159,6 +161,7 @@ def iter_traces(
     known_at: datetime | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     using: str | None = None,
+    exclude_deleted: bool = False,
 ) -> Iterator[Trace]:
     """The selected encounters as :class:`Trace` objects, in ``(created_at, id)`` order, read
     in batches of ``batch_size`` encounters.
@@ -171,6 +174,8 @@ def iter_traces(
             encounter created after it.
         batch_size: encounters per batch.
         using: the database alias (default: the router's choice for reading encounters).
+        exclude_deleted: leave soft-deleted encounters out (by default they are exported,
+            marked ``deleted``: their history is part of the record).
 
     The arguments are checked when this is called; the traces are read lazily.
 
@@ -187,6 +192,9 @@ def iter_traces(
         batch_size=batch_size,
         using=using,
     )
+    arguments.require_bool(exclude_deleted, "exclude_deleted")
+    if exclude_deleted:
+        audits = (audit for audit in audits if not audit.deleted)
     return _traces(audits, known_at, since, until)
 
 
@@ -385,6 +393,10 @@ def _log_name(definition: str | None) -> str:
     return "django-encounters" + (f" {definition}" if definition is not None else "")
 
 
+#: The name of a log of a definition (or of every definition): XES's ``concept:name``.
+log_name = _log_name
+
+
 @register_format("event-log", "xes", content_type="application/xml", newline="\n")
 def write_xes_traces(
     traces: Iterable[Trace], out: IO[str], *, name: str = "django-encounters"
@@ -479,7 +491,7 @@ def export_event_log(
         format: ``"xes"`` or ``"csv"``.
         out: a path, or a text stream (for CSV, opened with ``newline=""``).
         selection: the keyword arguments of :func:`iter_traces` (``definition``, ``since``,
-            ``until``, ``known_at``, ``batch_size``, ``using``).
+            ``until``, ``known_at``, ``batch_size``, ``using``, ``exclude_deleted``).
 
     Returns:
         The numbers of traces (encounters) and events (rows plus one creation per trace).
