@@ -130,7 +130,11 @@ def test_the_command_has_exclude_deleted_too(visits):
     [
         ({}, "format", "This field is required."),
         ({"format": "pdf"}, "format", '"pdf" is not a valid choice.'),
-        ({"format": "xes", "definition": "NOPE"}, "definition", "No definition has the code 'NOPE'."),
+        (
+            {"format": "xes", "definition": "NOPE"},
+            "definition",
+            "No definition has the code 'NOPE'.",
+        ),
         (
             {"format": "xes", "since": "2024-05-02T00:00:00Z", "until": "2024-05-01T00:00:00Z"},
             "until",
@@ -268,8 +272,9 @@ def test_the_streamed_log_keeps_memory_flat_from_2k_to_20k_encounters():
     small = {fmt: _peak_while_streaming(client, fmt) for fmt in ("xes", "csv")}
     _load(18_000, 2_000)
     for fmt in ("xes", "csv"):
-        (small_size, small_peak), (large_size, large_peak) = small[fmt], _peak_while_streaming(
-            client, fmt
+        (small_size, small_peak), (large_size, large_peak) = (
+            small[fmt],
+            _peak_while_streaming(client, fmt),
         )
         assert large_size > 9 * small_size  # ten times the log…
         # …in about the same memory: one batch of encounters and one chunk, not the whole log.

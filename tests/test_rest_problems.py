@@ -82,10 +82,10 @@ def test_a_context_deeper_than_the_limit_is_refused_naming_the_setting(nurse, en
 
 def test_a_context_larger_than_the_limit_is_refused(nurse, encounter):
     context = {"scan": "x" * 70_000}
-    response = nurse.post(url(encounter, "transition"), {"to_state": "checked_in", "context": context})
-    problem = assert_problem(
-        response, 400, LIMIT, argument="context", limit="size", maximum=65_536
+    response = nurse.post(
+        url(encounter, "transition"), {"to_state": "checked_in", "context": context}
     )
+    problem = assert_problem(response, 400, LIMIT, argument="context", limit="size", maximum=65_536)
     assert problem["detail"].startswith("context is too large: 70012 bytes of JSON, at most 65536")
     assert counts() == (1, 0)
 
@@ -167,7 +167,10 @@ def test_a_body_that_is_not_utf8_is_a_parse_error(nurse, encounter):
 def test_an_unknown_path_under_the_api_is_a_404_problem(nurse):
     response = nurse.get("/api/no-such-thing/")
     assert_problem(
-        response, 404, "about:blank", detail="No endpoint of the encounters API at /api/no-such-thing/."
+        response,
+        404,
+        "about:blank",
+        detail="No endpoint of the encounters API at /api/no-such-thing/.",
     )
     response = nurse.post("/api/encounters", {})
     assert_problem(
@@ -217,7 +220,11 @@ def test_throttling_is_a_429_problem_with_retry_after(encounter):
     assert second["Content-Type"] == PROBLEM
     assert int(second["Retry-After"]) > 0
     body = json.loads(second.content)
-    assert (body["type"], body["title"], body["status"]) == ("about:blank", "Too Many Requests", 429)
+    assert (body["type"], body["title"], body["status"]) == (
+        "about:blank",
+        "Too Many Requests",
+        429,
+    )
     assert body["detail"].startswith("Request was throttled.")
     cache.clear()
 
@@ -228,8 +235,10 @@ def test_throttling_is_a_429_problem_with_retry_after(encounter):
 
 
 def test_an_unknown_state_filter_is_400_naming_the_known_states(nurse, encounter, make_definition):
-    make_definition(code="OTHER", states=["scheduled", "checked_in", "in_progress", "completed",
-                                          "cancelled", "no_show"])
+    make_definition(
+        code="OTHER",
+        states=["scheduled", "checked_in", "in_progress", "completed", "cancelled", "no_show"],
+    )
     problem = assert_problem(
         nurse.get(url(), {"state": "bogus"}), 400, "urn:django-encounters:problem:invalid-input"
     )

@@ -193,9 +193,10 @@ def iter_traces(
         using=using,
     )
     arguments.require_bool(exclude_deleted, "exclude_deleted")
+    selected: Iterable[Any] = audits
     if exclude_deleted:
-        audits = (audit for audit in audits if not audit.deleted)
-    return _traces(audits, known_at, since, until)
+        selected = (audit for audit in audits if not audit.deleted)
+    return _traces(selected, known_at, since, until)
 
 
 def _in_period(row: Any, since: datetime | None, until: datetime | None) -> bool:

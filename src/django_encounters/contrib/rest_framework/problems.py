@@ -249,7 +249,6 @@ def problem_response(exc: Exception, context: dict[str, Any]) -> Response | None
     return None
 
 
-
 @csrf_exempt
 def not_found_view(request: HttpRequest, unmatched: str = "") -> JsonResponse:
     """The last route of the API's URLs: any other path under them, whatever the method, is a

@@ -145,7 +145,10 @@ OPERATIONS: dict[str, Operation] = {
     "list": Operation(
         "listEncounters",
         "List encounters (newest first), filtered by state, definition, or the state at a time.",
-        {200: Reply("A page of encounters.", EncounterSerializer, many=True), **_problems(400, 403)},
+        {
+            200: Reply("A page of encounters.", EncounterSerializer, many=True),
+            **_problems(400, 403),
+        },
         query=ListQuerySerializer,
     ),
     "create": Operation(
@@ -226,7 +229,10 @@ OPERATIONS: dict[str, Operation] = {
     "event-log": Operation(
         "exportEventLog",
         "The selected encounters' event log (export_encounter_log), streamed.",
-        {200: Reply("The event log in the format asked for.", _event_log_media), **_problems(400, 403)},
+        {
+            200: Reply("The event log in the format asked for.", _event_log_media),
+            **_problems(400, 403),
+        },
         query=EventLogQuerySerializer,
         query_examples={"format": "csv"},
     ),
@@ -376,7 +382,10 @@ def _annotation_schema(field_: serializers.SerializerMethodField) -> dict[str, A
     if nullable:
         hint = next(arg for arg in args if arg is not type(None))
     if typing.get_origin(hint) is list:
-        schema: dict[str, Any] = {"type": "array", "items": _PLAIN.get(typing.get_args(hint)[0], {})}
+        schema: dict[str, Any] = {
+            "type": "array",
+            "items": _PLAIN.get(typing.get_args(hint)[0], {}),
+        }
     else:
         schema = dict(_PLAIN.get(hint, {}))
     if nullable:
@@ -477,9 +486,7 @@ def _spectacular_class() -> type | None:
                 elif callable(reply.body):
                     for media in reply.body():
                         found[(code, media)] = OpenApiResponse(
-                            OpenApiTypes.STR
-                            if "fhir" not in media
-                            else OpenApiTypes.OBJECT,
+                            OpenApiTypes.STR if "fhir" not in media else OpenApiTypes.OBJECT,
                             reply.description,
                         )
                 else:

@@ -261,11 +261,14 @@ class ListQuerySerializer(serializers.Serializer):
             versions = EncounterDefinitionVersion.objects.all()
             if "definition" in attrs:
                 versions = versions.filter(definition__code=attrs["definition"])
-            known = sorted({state for states in versions.values_list("states", flat=True)
-                            for state in states})
+            known = sorted(
+                {state for states in versions.values_list("states", flat=True) for state in states}
+            )
             if attrs["state"] not in known:
                 where = (
-                    f"definition {attrs['definition']!r}" if "definition" in attrs else "any definition"
+                    f"definition {attrs['definition']!r}"
+                    if "definition" in attrs
+                    else "any definition"
                 )
                 raise serializers.ValidationError(
                     {"state": f"{attrs['state']!r} is not a state of {where} (known: {known})."}
