@@ -291,3 +291,5 @@ def test_drf_schema_view_serves_the_same_schema(admin_client):
     served = json.loads(response.content)
     validate(served)
     assert served["paths"] == drf_schema()["paths"]
+    transition = served["paths"]["/api/encounters/{id}/transition/"]["post"]
+    assert "If-Match" in {p["name"] for p in transition["parameters"]}

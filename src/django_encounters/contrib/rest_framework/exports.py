@@ -33,10 +33,6 @@ _END = object()  # no more traces
 _STOP = object()  # the response was closed early: stop the writer
 
 
-class _Stopped(Exception):
-    """Raised in the writer's thread when the response is closed before the end."""
-
-
 class _Sink:
     """The text stream the writer writes to: each piece goes to the serving thread."""
 
@@ -63,17 +59,13 @@ def stream_report(
         while True:
             pieces.put(_NEED)
             item = requests.get()
-            if item is _END:
+            if item is _END or item is _STOP:  # stopped: the writer ends, nobody reads it
                 return
-            if item is _STOP:
-                raise _Stopped
             yield item
 
     def run() -> None:
         try:
             write(pulled(), _Sink(pieces), **kwargs)
-        except _Stopped:
-            pass
         except BaseException as exc:  # handed to the serving thread, raised there
             pieces.put(exc)
             return
