@@ -356,8 +356,24 @@ class OpenAPIEncounterSchema(AutoSchema):
         return dict(super().map_field(field_))
 
 
+#: What each query parameter means (times: ISO 8601 with a UTC offset, ``Z`` allowed).
+PARAMETER_HELP = {
+    "state": "Only encounters in this state (with as_of: in it then). Must be a state of the "
+    "definition (or of any definition): 400 otherwise.",
+    "definition": "Only encounters of the definition with this code.",
+    "as_of": "A business time: each encounter's state then (state_at), filtered by state.",
+    "known_at": "A system time: only what had been recorded by then.",
+    "at": "The business time the state is asked for.",
+    "format": "The event log's format: one registered for the event-log report.",
+    "since": "Only encounters with a row effective at or after this time (whole traces).",
+    "until": "Only encounters with a row effective before this time (whole traces).",
+    "exclude_deleted": "Leave soft-deleted encounters out (by default exported, marked).",
+    "version": "The FHIR version: R4 (an Encounter) or R5 (a Bundle of EncounterHistory).",
+}
+
+
 def _describe(query: type, name: str) -> str:
-    return f"see {query.__name__}"
+    return PARAMETER_HELP.get(name, "")
 
 
 def _user_key_schema() -> dict[str, Any]:
