@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from django.db import connections
+
 from ...models import Encounter
 from ...projections import fhir
 
@@ -69,6 +71,10 @@ def stream_report(
         except BaseException as exc:  # handed to the serving thread, raised there
             pieces.put(exc)
             return
+        finally:
+            # A writer that reads the database itself would have opened this thread's own
+            # connections: closed with the thread, never left behind.
+            connections.close_all()
         pieces.put(_DONE)
 
     thread = threading.Thread(target=run, name="django-encounters-export", daemon=True)
