@@ -330,6 +330,6 @@ def test_create_and_upgrade_enforce_the_limits(visit_definition, patient, settin
 )
 def test_unusable_limits_are_reported_by_the_checks(settings, name, value):
     setattr(settings, name, value)
-    found = [m for m in checks.run_checks() if m.id == "django_encounters.E006"]
+    found = [m for m in checks.run_checks() if m.id == "django_encounters.E010"]
     assert [(m.obj, m.level) for m in found] == [(name, checks.ERROR)]
     assert name in found[0].msg and repr(value) in found[0].msg

@@ -8,7 +8,7 @@
 * ``django_encounters.E004`` (error): ``ENCOUNTERS_REST_REQUIRE_IF_MATCH`` is not a bool;
 * ``django_encounters.E005`` (error): ``ENCOUNTERS_SEAL_KEYS`` / ``ENCOUNTERS_SEAL_KEY_ID``
   unusable (a secret shorter than 32 bytes, a malformed key id, an unknown current key);
-* ``django_encounters.E006`` (error): ``ENCOUNTERS_MAX_REASON_LENGTH``,
+* ``django_encounters.E010`` (error): ``ENCOUNTERS_MAX_REASON_LENGTH``,
   ``ENCOUNTERS_MAX_CONTEXT_BYTES`` or ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` is not a positive int
   (the depth at most 500);
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
@@ -129,19 +129,19 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
         (
             "ENCOUNTERS_MAX_REASON_LENGTH",
             conf.max_reason_length,
-            "django_encounters.E006",
+            "django_encounters.E010",
             "Set it to a positive int (characters), or remove it for the default (10000).",
         ),
         (
             "ENCOUNTERS_MAX_CONTEXT_BYTES",
             conf.max_context_bytes,
-            "django_encounters.E006",
+            "django_encounters.E010",
             "Set it to a positive int (bytes), or remove it for the default (65536).",
         ),
         (
             "ENCOUNTERS_MAX_CONTEXT_DEPTH",
             conf.max_context_depth,
-            "django_encounters.E006",
+            "django_encounters.E010",
             "Set it to an int from 1 to 500, or remove it for the default (20).",
         ),
     ]
