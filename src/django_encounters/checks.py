@@ -14,6 +14,9 @@
 * ``django_encounters.E008`` (error): an admin display setting (``ENCOUNTERS_ADMIN_TIMELINE_*``,
   ``ENCOUNTERS_LATE_ENTRY_TOLERANCE``, ``ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS``) has a value it
   cannot use;
+* ``django_encounters.E010`` (error): ``ENCOUNTERS_MAX_REASON_LENGTH``,
+  ``ENCOUNTERS_MAX_CONTEXT_BYTES`` or ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` is not a positive int
+  (the depth at most 500);
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
@@ -53,6 +56,9 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_ADMIN_TIMELINE_ORDER",
     "ENCOUNTERS_LATE_ENTRY_TOLERANCE",
     "ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS",
+    "ENCOUNTERS_MAX_REASON_LENGTH",
+    "ENCOUNTERS_MAX_CONTEXT_BYTES",
+    "ENCOUNTERS_MAX_CONTEXT_DEPTH",
 )
 
 
@@ -176,6 +182,24 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
                 ("ENCOUNTERS_LATE_ENTRY_TOLERANCE", conf.late_entry_tolerance),
                 ("ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS", conf.admin_process_map_days),
             )
+        ),
+        (
+            "ENCOUNTERS_MAX_REASON_LENGTH",
+            conf.max_reason_length,
+            "django_encounters.E010",
+            "Set it to a positive int (characters), or remove it for the default (10000).",
+        ),
+        (
+            "ENCOUNTERS_MAX_CONTEXT_BYTES",
+            conf.max_context_bytes,
+            "django_encounters.E010",
+            "Set it to a positive int (bytes), or remove it for the default (65536).",
+        ),
+        (
+            "ENCOUNTERS_MAX_CONTEXT_DEPTH",
+            conf.max_context_depth,
+            "django_encounters.E010",
+            "Set it to an int from 1 to 500, or remove it for the default (20).",
         ),
     ]
     found: list[checks.CheckMessage] = []

@@ -57,6 +57,15 @@
     The window of the process map a definition's admin page loads (apart from the page, when
     it has been shown): the rows effective in the last this many days; ``None`` for the whole
     log. The page offers the other windows. Default: 30.
+``ENCOUNTERS_MAX_REASON_LENGTH``
+    The longest ``reason`` ``transition()`` and ``upgrade_encounter()`` store, in characters
+    (a positive int). Default: 10,000.
+``ENCOUNTERS_MAX_CONTEXT_BYTES``
+    The largest ``context`` of a transition (and ``metadata`` of a new encounter), as UTF-8
+    JSON, in bytes (a positive int). Default: 65,536 (64 KiB).
+``ENCOUNTERS_MAX_CONTEXT_DEPTH``
+    The deepest nesting of objects and arrays in that ``context``/``metadata`` (``{}`` is
+    depth 1; an int from 1 to 500). Default: 20.
 """
 
 from __future__ import annotations
@@ -282,6 +291,42 @@ def admin_subject_search_fields() -> dict[str, list[str]]:
             )
         found[label.lower()] = list(fields)
     return found
+
+
+DEFAULT_MAX_REASON_LENGTH = 10_000
+DEFAULT_MAX_CONTEXT_BYTES = 64 * 1024
+DEFAULT_MAX_CONTEXT_DEPTH = 20
+#: The deepest ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` accepted: deeper JSON reaches Python's
+#: recursion limit in the JSON encoder and in the databases' JSON functions.
+MAX_CONTEXT_DEPTH = 500
+
+
+def _limit(name: str, default: int, ceiling: int | None = None) -> int:
+    value = getattr(settings, name, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 1
+        or (ceiling is not None and value > ceiling)
+    ):
+        bound = "a positive int" if ceiling is None else f"an int from 1 to {ceiling}"
+        raise EncounterConfigurationError(f"{name} must be {bound}, not {value!r}")
+    return value
+
+
+def max_reason_length() -> int:
+    """``ENCOUNTERS_MAX_REASON_LENGTH``: the longest reason stored, in characters."""
+    return _limit("ENCOUNTERS_MAX_REASON_LENGTH", DEFAULT_MAX_REASON_LENGTH)
+
+
+def max_context_bytes() -> int:
+    """``ENCOUNTERS_MAX_CONTEXT_BYTES``: the largest context/metadata, UTF-8 JSON bytes."""
+    return _limit("ENCOUNTERS_MAX_CONTEXT_BYTES", DEFAULT_MAX_CONTEXT_BYTES)
+
+
+def max_context_depth() -> int:
+    """``ENCOUNTERS_MAX_CONTEXT_DEPTH``: the deepest nesting of context/metadata."""
+    return _limit("ENCOUNTERS_MAX_CONTEXT_DEPTH", DEFAULT_MAX_CONTEXT_DEPTH, MAX_CONTEXT_DEPTH)
 
 
 def seal_keys() -> dict[str, bytes]:

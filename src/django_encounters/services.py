@@ -87,6 +87,8 @@ def create_encounter(
 
     Raises:
         TypeError / ValueError: for a definition, subject or datetime of the wrong kind.
+        InputLimitError: ``metadata`` is larger or deeper than ``ENCOUNTERS_MAX_CONTEXT_BYTES``
+            / ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` allow.
     """
     arguments.require_instance(definition, EncounterDefinition, "definition")
     if definition.deleted_at is not None:
@@ -97,7 +99,7 @@ def create_encounter(
     arguments.require_aware(scheduled_at, "scheduled_at", optional=True)
     arguments.require_text(notes, "notes")
     if metadata is not None:
-        arguments.json_copy(metadata, "metadata")
+        arguments.bounded_json_copy(metadata, "metadata")
     return Encounter.objects.create(
         definition=definition,
         subject=subject,
@@ -143,6 +145,9 @@ def transition(
 
     Raises:
         ValueError / TypeError: naive datetime, wrong argument types (nothing touched).
+        InputLimitError: ``reason`` longer than ``ENCOUNTERS_MAX_REASON_LENGTH``, ``context``
+            larger or deeper than ``ENCOUNTERS_MAX_CONTEXT_BYTES`` / ``_DEPTH`` (nothing
+            touched).
         EncounterNotFoundError: the encounter does not exist or is soft-deleted.
         ConcurrentTransitionError: ``expected_version`` is stale, or another writer appended
             the same sequence first.
@@ -239,7 +244,7 @@ def upgrade_encounter(
     """
     arguments.require_instance(encounter, Encounter, "encounter")
     arguments.require_user(transitioned_by, "transitioned_by")
-    arguments.require_text(reason, "reason")
+    arguments.require_reason(reason, "reason")
     using = router.db_for_write(Encounter, instance=encounter)
     with store.writer_errors(encounter.pk), db_transaction.atomic(using=using):
         locked = _lock(encounter.pk, using, None)
