@@ -35,6 +35,9 @@ SQLite's per-call figures run with ``synchronous=NORMAL`` and ``transition()`` o
 the default ``FULL``; ``BENCH_PG_PREPARED=1`` makes PostgreSQL's connection use server-side
 binding with prepared statements (``docs/guides/databases.md``), the floor's cursor included.
 
+``--only admin`` runs only the admin's pages (``benchmarks/admin_pages.py``, its own data and
+process per backend; also part of a full run).
+
 ``--only export`` generates the data and measures the export alone (no rebuild, no per-call
 figures); ``--only rebuild`` the rebuilds alone (both sizes, and ``--jobs 2`` at the big one),
 ``--rebuild-rounds N`` (BENCH_REBUILD_ROUNDS, 1) running each rebuild and its floor N times,
@@ -1109,6 +1112,24 @@ def run_peers(backends: list[str], sizes: dict, env: dict) -> list[dict]:
     return results
 
 
+def run_admin_pages(backends: list[str], env: dict) -> list[dict]:
+    """``benchmarks/admin_pages.py`` for SQLite and, when it is measured, PostgreSQL: each in
+    its own process and database (Django configured with the admin)."""
+    results = []
+    for backend in [b for b in backends if b in ("sqlite", "postgres")]:
+        with tempfile.TemporaryDirectory(prefix="encounters-admin-") as tmp:
+            out = os.path.join(tmp, "admin.json")
+            cmd = [sys.executable, "-m", "benchmarks.admin_pages", "--backend", backend]
+            print(f"[admin] {backend}", file=sys.stderr, flush=True)
+            proc = subprocess.run(
+                [*cmd, "--json", out], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"admin pages on {backend} failed (exit {proc.returncode})")
+            results.append(json.loads(Path(out).read_text()))
+    return results
+
+
 def peers_table(results: list[dict]) -> str:
     from benchmarks.peers import TABLE_HEAD, table_rows
 
@@ -1209,11 +1230,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=("all", "export", "rebuild", "peers"),
+        choices=("all", "export", "rebuild", "peers", "admin"),
         default="all",
         help="export: measure the event-log export alone (generates the data, skips the rest); "
         "rebuild: the verified rebuilds alone (both sizes, and --jobs 2 at the big one); "
-        "peers: only django-encounters beside django-fsm-2 + django-fsm-log (benchmarks/peers.py)",
+        "peers: only django-encounters beside django-fsm-2 + django-fsm-log (benchmarks/peers.py); "
+        "admin: only the admin's pages at 15,000/20,000 encounters (benchmarks/admin_pages.py)",
     )
     parser.add_argument(
         "--rebuild-rounds",
@@ -1270,7 +1292,7 @@ def main(argv: list[str] | None = None) -> int:
             backends.remove(backend)
     all_results = []
     env = child_env()
-    for backend in backends if only != "peers" else []:
+    for backend in backends if only not in ("peers", "admin") else []:
         # each backend in its own process: Django is configured once
         cmd = [sys.executable, "-m", "benchmarks.run", "--child", "--backend", backend]
         for key, value in sizes.items():
@@ -1283,13 +1305,16 @@ def main(argv: list[str] | None = None) -> int:
         all_results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
     peer_results = run_peers(backends, sizes, env) if only in ("all", "peers") else []
+    admin_results = run_admin_pages(backends, env) if only in ("all", "admin") else []
 
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     if os.environ.get("BENCH_VIA_MAKE"):
         command = "make bench"
     else:
         command = " ".join(["python -m benchmarks.run", *argv])
-    servers = list(dict.fromkeys(r["server"] for r in [*all_results, *peer_results]))
+    servers = list(
+        dict.fromkeys(r["server"] for r in [*all_results, *peer_results, *admin_results])
+    )
     header = (
         f"Measured {stamp} on {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, {', '.join(servers)}; sizes "
@@ -1300,6 +1325,14 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(table(all_results))
     if peer_results:
         parts.append(peers_table(peer_results))
+    if admin_results:
+        from benchmarks.admin_pages import table as admin_table
+
+        parts.append(
+            "The admin's pages (benchmarks/admin_pages.py: 15,000 encounters of the definition "
+            "shown, 20,000 in the list, a 500-row history), through Django's test client:\n\n"
+            + admin_table(admin_results)
+        )
     text = "\n\n".join(parts)
     print(text)
     if args.json:

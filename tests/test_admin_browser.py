@@ -276,7 +276,7 @@ def test_definition_page_shows_the_machine_and_the_process_map(person, visit_def
         expect="#definition-diagram",
     )
     for element in ("#definition-diagram img", "#process-map img"):
-        image = person.find(element)
+        image = person.wait_for(element)  # the process map is loaded after the page
         width = person.driver.execute_script(
             "return arguments[0].complete ? arguments[0].naturalWidth : 0;", image
         )

@@ -121,8 +121,9 @@ def test_a_backdated_transition_from_the_admin_uses_the_admins_time_zone(
     rows = list(EncounterTransition.objects.filter(encounter=encounter).order_by("sequence"))
     assert len(rows) == 2
     assert abs(rows[1].effective_at - when) < timedelta(seconds=1)
-    assert [row.sequence for row in page.context["timeline"]] == [2, 1]
-    assert page.context["timeline"][0].backdated
+    # newest business time first (ENCOUNTERS_ADMIN_TIMELINE_ORDER's default)
+    assert [row.sequence for row in page.context["timeline"]] == [1, 2]
+    assert page.context["timeline"][1].backdated
     assert local.strftime("%Y-%m-%d %H:%M:%S CET") in page.content.decode()
 
 
@@ -298,7 +299,7 @@ def test_timeline_is_in_business_time_order_to_the_second_with_marks(
 ):
     page = admin_client.get(change_url(backdated_employment))
     text = page.content.decode()
-    rows = page.context["timeline"]
+    rows = page.context["timeline"][::-1]  # shown newest first
     assert [row.sequence for row in rows] == [1, 3, 2]
     assert rows[1].backdated and not rows[1].overtaken
     assert rows[2].overtaken and rows[2].overtaken_by == 3
@@ -311,7 +312,7 @@ def test_timeline_is_in_business_time_order_to_the_second_with_marks(
     assert effective in text
     assert "backdated</span>" in text
     assert "overtaken by #3" in text
-    assert text.index('data-sequence="3"') < text.index('data-sequence="2"')
+    assert text.index('data-sequence="3"') > text.index('data-sequence="2"')
 
 
 def test_state_at_box_answers_get_state_at_and_as_known_at(
@@ -725,6 +726,10 @@ def test_soft_deleted_definitions_can_be_listed_opened_and_restored(admin_client
     assert not EncounterDefinition.objects.get(pk=kept.pk).is_deleted
 
 
+def process_map_url(definition):
+    return reverse("admin:django_encounters_encounterdefinition_process_map", args=[definition.pk])
+
+
 def _image_svg(text, element_id):
     """The SVG document shown as the image inside the element ``element_id`` of the page."""
     import base64
@@ -745,6 +750,8 @@ def test_definition_page_draws_the_machine_and_the_process_map(
     transition(encounter, "checked_in")
     transition(encounter, "in_progress")
     text = admin_client.get(definition_url(visit_definition)).content.decode()
+    # The process map is loaded apart (issue 21), from its own URL.
+    text += admin_client.get(process_map_url(visit_definition)).content.decode()
     machine = _image_svg(text, "definition-diagram")
     assert machine.lstrip().startswith("<?xml") and "<svg" in machine
     for state in visit_definition.states:
@@ -755,7 +762,7 @@ def test_definition_page_draws_the_machine_and_the_process_map(
     assert [t.split(",")[0] for t in texts if "×" in t] == ["1×", "1×"]
     assert all(t.startswith("1×, median ") for t in texts if "×" in t)
     assert "stroke-dasharray" in mined
-    assert "process map of &#x27;VISIT&#x27;: 2 transitions of 1 encounter, compared with" in text
+    assert "process map of &#x27;VISIT&#x27;: 2 transitions of 1 encounter effective from" in text
 
 
 def test_definition_page_without_graphviz_shows_the_mermaid_source_with_a_copy_button(
@@ -766,6 +773,7 @@ def test_definition_page_without_graphviz_shows_the_mermaid_source_with_a_copy_b
 
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no Graphviz on it
     text = admin_client.get(definition_url(visit_definition)).content.decode()
+    text += admin_client.get(process_map_url(visit_definition)).content.decode()
     assert 'id="definition-diagram-copy"' in text and 'id="process-map-copy"' in text
     assert "Graphviz" in text and "Mermaid source" in text
     source = html.unescape(

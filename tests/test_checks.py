@@ -99,11 +99,11 @@ def test_sqlite_without_immediate_transactions_is_a_warning_naming_the_alias() -
     )
     with override_settings(DATABASES=databases):
         warnings = check_sqlite_transaction_mode(None)
-    if django.VERSION < (5, 1):  # transaction_mode itself is an error there (E008)
+    if django.VERSION < (5, 1):  # transaction_mode itself is an error there (E011)
         assert _ids(warnings) == [
-            "django_encounters.E008",
+            "django_encounters.E011",
             "django_encounters.W002",
-            "django_encounters.E008",
+            "django_encounters.E011",
         ]
         reports = warnings[1]
         assert reports.obj == "DATABASES['reports']"

@@ -4,7 +4,7 @@
   database: ``DatabaseLockedError`` naming ``OPTIONS["transaction_mode"] = "IMMEDIATE"`` (or, on
   Django < 5.1, the backend recipe), not "was changed concurrently"; with either fix every
   transition succeeds;
-* ``transaction_mode``/``init_command`` on Django < 5.1 is system check error E008 (``migrate``
+* ``transaction_mode``/``init_command`` on Django < 5.1 is system check error E011 (``migrate``
   would crash with ``TypeError``), tested on both sides of the boundary by passing the version;
 * ``USE_TZ = False`` with the checks skipped: E001's message as ``EncounterConfigurationError``;
 * a naive datetime names ``timezone.now()`` and ``timezone.make_aware``;
@@ -206,7 +206,7 @@ def test_database_locked_messages_for_each_mode_and_django_release():
 
 
 # ---------------------------------------------------------------------------------------------
-# System checks: E008 (Django < 5.1 SQLite options), W002 with the recipe, E009
+# System checks: E011 (Django < 5.1 SQLite options), W002 with the recipe, E012
 # ---------------------------------------------------------------------------------------------
 
 SQLITE = "django.db.backends.sqlite3"
@@ -226,7 +226,7 @@ def test_sqlite_options_of_django_5_1_are_an_error_before_it(options):
 
     [error] = sqlite_messages(databases, (4, 2, 20, "final", 0))
 
-    assert error.id == "django_encounters.E008"
+    assert error.id == "django_encounters.E011"
     assert error.obj == "DATABASES['default']"
     [name] = options
     assert f'sets OPTIONS["{name}"], which Django 4.2 does not know' in error.msg
@@ -238,9 +238,9 @@ def test_sqlite_options_of_django_5_1_are_an_error_before_it(options):
 
 
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
-def test_the_running_django_gets_e008_only_before_5_1():
+def test_the_running_django_gets_e011_only_before_5_1():
     databases = {"default": {"ENGINE": SQLITE, "OPTIONS": {"transaction_mode": "IMMEDIATE"}}}
-    expected = [] if django.VERSION >= (5, 1) else ["django_encounters.E008"]
+    expected = [] if django.VERSION >= (5, 1) else ["django_encounters.E011"]
     with override_settings(DATABASES=databases):
         from django_encounters.checks import check_sqlite_transaction_mode
 
@@ -266,7 +266,7 @@ def test_the_backend_recipe_silences_w002_and_deferred_mode_warns(version):
 def test_allow_dropping_log_must_be_a_bool(value):
     with override_settings(ENCOUNTERS_ALLOW_DROPPING_LOG=value):
         [error] = check_settings(None)
-    assert (error.id, error.obj) == ("django_encounters.E009", "ENCOUNTERS_ALLOW_DROPPING_LOG")
+    assert (error.id, error.obj) == ("django_encounters.E012", "ENCOUNTERS_ALLOW_DROPPING_LOG")
     assert repr(value) in error.msg
 
 

@@ -14,6 +14,9 @@ from django.contrib.auth import get_user_model
 from django.db import models
 from django.utils import timezone
 
+from . import conf
+from .exceptions import InputLimitError
+
 
 def require_aware(value: Any, name: str, *, optional: bool = False) -> None:
     """``value`` must be a timezone-aware datetime that can be expressed in UTC (None is
@@ -124,14 +127,68 @@ def transition_arguments(
     if not isinstance(to_state, str):
         raise TypeError(f"to_state must be a str, not {type(to_state).__name__} {to_state!r}")
     require_user(transitioned_by, "transitioned_by")
-    require_text(reason, "reason")
+    require_reason(reason, "reason")
     if context is not None and not isinstance(context, dict):
         raise TypeError(f"context must be a dict, not {type(context).__name__}")
-    stored_context = {} if context is None else json_copy(context, "context")
+    stored_context = {} if context is None else bounded_json_copy(context, "context")
     require_version(expected_version, "expected_version")
     require_aware(effective_at, "effective_at", optional=True)
     require_bool(skip_validation, "skip_validation")
     return stored_context
+
+
+def require_reason(value: Any, name: str) -> None:
+    """Storable text (:func:`require_text`) of at most ``ENCOUNTERS_MAX_REASON_LENGTH``
+    characters (``InputLimitError`` otherwise)."""
+    require_text(value, name)
+    maximum = conf.max_reason_length()
+    if len(value) > maximum:
+        raise InputLimitError(name, "length", len(value), maximum, "ENCOUNTERS_MAX_REASON_LENGTH")
+
+
+def json_depth_exceeds(value: Any, maximum: int) -> bool:
+    """Whether ``value`` nests dicts and lists/tuples deeper than ``maximum`` (``{}`` is depth
+    1, a scalar 0). Walked with a stack, not recursion: a value nested thousands deep is
+    answered, never a ``RecursionError``; the walk stops at the first container too deep."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > maximum:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def bounded_json_copy(value: Any, name: str) -> Any:
+    """:func:`json_copy` of a value that must also fit the store's limits: nesting at most
+    ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` deep (checked first, without recursion) and at most
+    ``ENCOUNTERS_MAX_CONTEXT_BYTES`` as UTF-8 JSON. ``InputLimitError`` (a ``ValueError``)
+    naming the limit and its setting otherwise."""
+    depth = conf.max_context_depth()
+    if json_depth_exceeds(value, depth):
+        raise InputLimitError(name, "depth", depth + 1, depth, "ENCOUNTERS_MAX_CONTEXT_DEPTH")
+    text = _json_text(value, name)
+    size, maximum = len(text.encode("utf-8")), conf.max_context_bytes()
+    if size > maximum:
+        raise InputLimitError(name, "size", size, maximum, "ENCOUNTERS_MAX_CONTEXT_BYTES")
+    if _contains_nul(value):
+        raise ValueError(f"{name} contains a NUL character (\\x00), which cannot be stored")
+    return json.loads(text)
+
+
+def _json_text(value: Any, name: str) -> str:
+    try:
+        text = json.dumps(value, sort_keys=True, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{name} is not JSON-serialisable: {exc}") from exc
+    return text
 
 
 def json_copy(value: Any, name: str) -> Any:
@@ -140,11 +197,7 @@ def json_copy(value: Any, name: str) -> Any:
     valid UTF-8 without NUL (PostgreSQL refuses both; SQLite would store them).
 
     Returns the value's JSON copy (keys as JSON writes them): what is stored and hashed."""
-    try:
-        text = json.dumps(value, sort_keys=True, allow_nan=False, ensure_ascii=False)
-        text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise TypeError(f"{name} is not JSON-serialisable: {exc}") from exc
+    text = _json_text(value, name)
     if _contains_nul(value):
         raise ValueError(f"{name} contains a NUL character (\\x00), which cannot be stored")
     return json.loads(text)

@@ -11,9 +11,15 @@
 * ``django_encounters.E006`` (error): ``ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS`` names a model
   that is not installed or a field it does not have;
 * ``django_encounters.E007`` (error): an ``ENCOUNTERS_FHIR_*`` setting of the wrong shape;
-* ``django_encounters.E008`` (error): a SQLite database sets ``OPTIONS["transaction_mode"]`` or
+* ``django_encounters.E008`` (error): an admin display setting (``ENCOUNTERS_ADMIN_TIMELINE_*``,
+  ``ENCOUNTERS_LATE_ENTRY_TOLERANCE``, ``ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS``) has a value it
+  cannot use;
+* ``django_encounters.E010`` (error): ``ENCOUNTERS_MAX_REASON_LENGTH``,
+  ``ENCOUNTERS_MAX_CONTEXT_BYTES`` or ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` is not a positive int
+  (the depth at most 500);
+* ``django_encounters.E011`` (error): a SQLite database sets ``OPTIONS["transaction_mode"]`` or
   ``OPTIONS["init_command"]`` on Django < 5.1, which has neither (``migrate`` would crash);
-* ``django_encounters.E009`` (error): ``ENCOUNTERS_ALLOW_DROPPING_LOG`` is not a bool;
+* ``django_encounters.E012`` (error): ``ENCOUNTERS_ALLOW_DROPPING_LOG`` is not a bool;
 * ``django_encounters.W001`` (warning, ``--deploy``): ``ENCOUNTERS_VALIDATOR_MODULES`` is unset;
 * ``django_encounters.W004`` (warning, ``--deploy``): ``ENCOUNTERS_SEAL_KEYS`` is unset: the
   log is not sealed;
@@ -50,6 +56,14 @@ KNOWN_SETTINGS = (
     "ENCOUNTERS_FHIR_SUBJECT_RESOLVER",
     "ENCOUNTERS_SUBJECT_MODELS",
     "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS",
+    # The admin's timeline and process map (issue 21)
+    "ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE",
+    "ENCOUNTERS_ADMIN_TIMELINE_ORDER",
+    "ENCOUNTERS_LATE_ENTRY_TOLERANCE",
+    "ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS",
+    "ENCOUNTERS_MAX_REASON_LENGTH",
+    "ENCOUNTERS_MAX_CONTEXT_BYTES",
+    "ENCOUNTERS_MAX_CONTEXT_DEPTH",
     "ENCOUNTERS_ALLOW_DROPPING_LOG",
 )
 
@@ -153,10 +167,42 @@ def check_settings(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]
             'Set it to {"app_label.model": ["field", ...]} naming installed subject models and '
             "their fields as ModelAdmin.search_fields would, or remove it.",
         ),
+        *(
+            (
+                name,
+                read,
+                "django_encounters.E008",
+                "Remove it for the default, or see docs/admin.md.",
+            )
+            for name, read in (
+                ("ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE", conf.admin_timeline_page_size),
+                ("ENCOUNTERS_ADMIN_TIMELINE_ORDER", conf.admin_timeline_order),
+                ("ENCOUNTERS_LATE_ENTRY_TOLERANCE", conf.late_entry_tolerance),
+                ("ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS", conf.admin_process_map_days),
+            )
+        ),
+        (
+            "ENCOUNTERS_MAX_REASON_LENGTH",
+            conf.max_reason_length,
+            "django_encounters.E010",
+            "Set it to a positive int (characters), or remove it for the default (10000).",
+        ),
+        (
+            "ENCOUNTERS_MAX_CONTEXT_BYTES",
+            conf.max_context_bytes,
+            "django_encounters.E010",
+            "Set it to a positive int (bytes), or remove it for the default (65536).",
+        ),
+        (
+            "ENCOUNTERS_MAX_CONTEXT_DEPTH",
+            conf.max_context_depth,
+            "django_encounters.E010",
+            "Set it to an int from 1 to 500, or remove it for the default (20).",
+        ),
         (
             "ENCOUNTERS_ALLOW_DROPPING_LOG",
             conf.allow_dropping_log,
-            "django_encounters.E009",
+            "django_encounters.E012",
             "Set it to True or False, or remove it for the default (False: a backwards "
             "migration that would drop a log holding transitions is refused).",
         ),
@@ -217,7 +263,7 @@ def check_sqlite_transaction_mode(app_configs: Any, **kwargs: Any) -> list[check
 def sqlite_messages(
     databases: dict[str, dict[str, Any]], django_version: tuple[Any, ...]
 ) -> list[checks.CheckMessage]:
-    """W002 and E008 for the SQLite aliases of ``databases`` under Django ``django_version``
+    """W002 and E011 for the SQLite aliases of ``databases`` under Django ``django_version``
     (a parameter, so that both sides of the 5.1 boundary are tested on any release)."""
     found: list[checks.CheckMessage] = []
     modern = tuple(django_version[:2]) >= (5, 1)
@@ -240,7 +286,7 @@ def sqlite_messages(
                     "backend whose transactions begin with BEGIN IMMEDIATE (docs: SQLite or "
                     "PostgreSQL, 'SQLite on Django 4.2').",
                     obj=f"DATABASES[{alias!r}]",
-                    id="django_encounters.E008",
+                    id="django_encounters.E011",
                 )
             )
             continue

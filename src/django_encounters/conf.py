@@ -44,6 +44,28 @@
     a list of ``"app_label.Model"`` (each refuses while encounters are about the subject), or a
     dict ``{"app_label.Model": "refuse" | "soft_delete"}``. Read once, when the app is ready.
     Default: none (``protect_subjects()`` registers models in code).
+``ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE``
+    Rows per page of an encounter's timeline in the admin (its page and History; "show all"
+    shows every row). A whole number from 1 to 10,000. Default: 50.
+``ENCOUNTERS_ADMIN_TIMELINE_ORDER``
+    ``"newest"`` (newest business time first, the default) or ``"oldest"``: the order the
+    admin shows a timeline in (a link on the page flips it).
+``ENCOUNTERS_LATE_ENTRY_TOLERANCE``
+    How long after its effective (business) time a row may be recorded before the admin marks
+    it a *late entry*. A ``timedelta`` or seconds, not negative. Default: 1 hour.
+``ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS``
+    The window of the process map a definition's admin page loads (apart from the page, when
+    it has been shown): the rows effective in the last this many days; ``None`` for the whole
+    log. The page offers the other windows. Default: 30.
+``ENCOUNTERS_MAX_REASON_LENGTH``
+    The longest ``reason`` ``transition()`` and ``upgrade_encounter()`` store, in characters
+    (a positive int). Default: 10,000.
+``ENCOUNTERS_MAX_CONTEXT_BYTES``
+    The largest ``context`` of a transition (and ``metadata`` of a new encounter), as UTF-8
+    JSON, in bytes (a positive int). Default: 65,536 (64 KiB).
+``ENCOUNTERS_MAX_CONTEXT_DEPTH``
+    The deepest nesting of objects and arrays in that ``context``/``metadata`` (``{}`` is
+    depth 1; an int from 1 to 500). Default: 20.
 ``ENCOUNTERS_ALLOW_DROPPING_LOG``
     Whether unapplying the package's migrations (``manage.py migrate django_encounters zero``,
     or back to any earlier migration) may proceed on a database that holds transitions: it
@@ -122,6 +144,67 @@ def future_tolerance() -> timedelta:
             f"allows for clock skew between app servers), not {value!r}"
         )
     return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
+
+
+DEFAULT_ADMIN_TIMELINE_PAGE_SIZE = 50
+MAX_ADMIN_TIMELINE_PAGE_SIZE = 10_000
+DEFAULT_LATE_ENTRY_TOLERANCE = timedelta(hours=1)
+DEFAULT_ADMIN_PROCESS_MAP_DAYS = 30
+
+
+def admin_timeline_page_size() -> int:
+    value = getattr(
+        settings, "ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE", DEFAULT_ADMIN_TIMELINE_PAGE_SIZE
+    )
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 1 <= value <= MAX_ADMIN_TIMELINE_PAGE_SIZE
+    ):
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_ADMIN_TIMELINE_PAGE_SIZE must be a whole number from 1 to "
+            f"{MAX_ADMIN_TIMELINE_PAGE_SIZE:,}, not {value!r}"
+        )
+    return value
+
+
+def admin_timeline_order() -> str:
+    value = getattr(settings, "ENCOUNTERS_ADMIN_TIMELINE_ORDER", "newest")
+    if value not in ("newest", "oldest"):
+        raise EncounterConfigurationError(
+            f"ENCOUNTERS_ADMIN_TIMELINE_ORDER must be 'newest' or 'oldest', not {value!r}"
+        )
+    return str(value)
+
+
+def late_entry_tolerance() -> timedelta:
+    value = getattr(settings, "ENCOUNTERS_LATE_ENTRY_TOLERANCE", DEFAULT_LATE_ENTRY_TOLERANCE)
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = value
+    else:
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_LATE_ENTRY_TOLERANCE must be a timedelta or a finite number of seconds, "
+            f"not {value!r}"
+        )
+    if seconds < 0:
+        raise EncounterConfigurationError(
+            f"ENCOUNTERS_LATE_ENTRY_TOLERANCE must not be negative, not {value!r}"
+        )
+    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
+
+
+def admin_process_map_days() -> int | None:
+    value = getattr(settings, "ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS", DEFAULT_ADMIN_PROCESS_MAP_DAYS)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 36_500:
+        raise EncounterConfigurationError(
+            "ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS must be a whole number of days from 1 to 36,500 "
+            f"or None (the whole log), not {value!r}"
+        )
+    return value
 
 
 def validator_modules() -> list[str] | None:
@@ -246,6 +329,42 @@ def admin_subject_search_fields() -> dict[str, list[str]]:
             )
         found[label.lower()] = list(fields)
     return found
+
+
+DEFAULT_MAX_REASON_LENGTH = 10_000
+DEFAULT_MAX_CONTEXT_BYTES = 64 * 1024
+DEFAULT_MAX_CONTEXT_DEPTH = 20
+#: The deepest ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` accepted: deeper JSON reaches Python's
+#: recursion limit in the JSON encoder and in the databases' JSON functions.
+MAX_CONTEXT_DEPTH = 500
+
+
+def _limit(name: str, default: int, ceiling: int | None = None) -> int:
+    value = getattr(settings, name, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 1
+        or (ceiling is not None and value > ceiling)
+    ):
+        bound = "a positive int" if ceiling is None else f"an int from 1 to {ceiling}"
+        raise EncounterConfigurationError(f"{name} must be {bound}, not {value!r}")
+    return value
+
+
+def max_reason_length() -> int:
+    """``ENCOUNTERS_MAX_REASON_LENGTH``: the longest reason stored, in characters."""
+    return _limit("ENCOUNTERS_MAX_REASON_LENGTH", DEFAULT_MAX_REASON_LENGTH)
+
+
+def max_context_bytes() -> int:
+    """``ENCOUNTERS_MAX_CONTEXT_BYTES``: the largest context/metadata, UTF-8 JSON bytes."""
+    return _limit("ENCOUNTERS_MAX_CONTEXT_BYTES", DEFAULT_MAX_CONTEXT_BYTES)
+
+
+def max_context_depth() -> int:
+    """``ENCOUNTERS_MAX_CONTEXT_DEPTH``: the deepest nesting of context/metadata."""
+    return _limit("ENCOUNTERS_MAX_CONTEXT_DEPTH", DEFAULT_MAX_CONTEXT_DEPTH, MAX_CONTEXT_DEPTH)
 
 
 def seal_keys() -> dict[str, bytes]:

@@ -43,6 +43,7 @@ __all__ = [
     "GraphvizError",
     "GraphvizNotFoundError",
     "HardDeleteRefusedError",
+    "InputLimitError",
     "LogDropRefusedError",
     "RebuildWorkerError",
     "SealingRefusedError",
@@ -377,6 +378,28 @@ class FhirImportError(EncounterError, ValueError):
         self.to_state = to_state
         move = f" ({from_state!r} -> {to_state!r})" if to_state is not None else ""
         super().__init__(f"cannot import {resource}{move}: {reason}; nothing was imported")
+
+
+class InputLimitError(EncounterError, ValueError):
+    """An argument exceeds a size limit of the store (also a ``ValueError``): ``argument``
+    (``"reason"``, ``"context"``, ``"metadata"``) is ``actual`` where ``limit`` allows at most
+    ``maximum`` (``limit``: ``"length"`` in characters, ``"size"`` in UTF-8 JSON bytes,
+    ``"depth"`` of nesting), set by the setting ``setting``. Nothing was written."""
+
+    UNITS = {"length": "characters", "size": "bytes of JSON", "depth": "levels of nesting"}
+
+    def __init__(self, argument: str, limit: str, actual: int, maximum: int, setting: str) -> None:
+        self.argument = argument
+        self.limit = limit
+        self.actual = actual
+        self.maximum = maximum
+        self.setting = setting
+        units = self.UNITS.get(limit, "")
+        shown = f"more than {maximum}" if limit == "depth" else str(actual)
+        super().__init__(
+            f"{argument} is too large: {shown} {units}, at most {maximum} allowed ({setting}); "
+            f"shorten it (or raise {setting}). Nothing was written."
+        )
 
 
 class DistributionError(EncounterError):

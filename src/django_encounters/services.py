@@ -88,6 +88,8 @@ def create_encounter(
     Raises:
         TypeError / ValueError: for a definition, subject or datetime of the wrong kind.
         EncounterConfigurationError: ``USE_TZ`` is off (system check E001); nothing written.
+        InputLimitError: ``metadata`` is larger or deeper than ``ENCOUNTERS_MAX_CONTEXT_BYTES``
+            / ``ENCOUNTERS_MAX_CONTEXT_DEPTH`` allow.
     """
     arguments.require_instance(definition, EncounterDefinition, "definition")
     if definition.deleted_at is not None:
@@ -98,7 +100,7 @@ def create_encounter(
     arguments.require_aware(scheduled_at, "scheduled_at", optional=True)
     arguments.require_text(notes, "notes")
     if metadata is not None:
-        arguments.json_copy(metadata, "metadata")
+        arguments.bounded_json_copy(metadata, "metadata")
     return Encounter.objects.create(
         definition=definition,
         subject=subject,
@@ -147,6 +149,9 @@ def transition(
         EncounterConfigurationError: ``USE_TZ`` is off (system check E001), nothing touched.
         DatabaseLockedError: SQLite refused the write lock (another writer; the message names
             the setting that makes writers wait instead), nothing written.
+        InputLimitError: ``reason`` longer than ``ENCOUNTERS_MAX_REASON_LENGTH``, ``context``
+            larger or deeper than ``ENCOUNTERS_MAX_CONTEXT_BYTES`` / ``_DEPTH`` (nothing
+            touched).
         EncounterNotFoundError: the encounter does not exist or is soft-deleted.
         ConcurrentTransitionError: ``expected_version`` is stale, or another writer appended
             the same sequence first.
@@ -245,7 +250,7 @@ def upgrade_encounter(
     arguments.require_instance(encounter, Encounter, "encounter")
     conf.require_use_tz()
     arguments.require_user(transitioned_by, "transitioned_by")
-    arguments.require_text(reason, "reason")
+    arguments.require_reason(reason, "reason")
     using = router.db_for_write(Encounter, instance=encounter)
     with store.writer_errors(encounter.pk, using), db_transaction.atomic(using=using):
         locked = _lock(encounter.pk, using, None)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.options import IS_POPUP_VAR
 from django.contrib.admin.templatetags.admin_urls import add_preserved_filters
 from django.contrib.admin.utils import quote, unquote
+from django.contrib.admin.widgets import AdminSplitDateTime
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import FieldDoesNotExist, PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -29,7 +31,9 @@ from ..models import Encounter
 from ..projections.diagrams import (
     GraphvizError,
     GraphvizNotFoundError,
+    graphviz_program,
     render,
+    render_svg,
 )
 from ..projections.output import in_zone
 
@@ -60,6 +64,30 @@ def local_time(value: datetime | None) -> str:
         return ""
     local = in_zone(value)
     return f"{local.replace(tzinfo=None).isoformat(' ', 'seconds')} {local.tzname()}"
+
+
+def two_line_time(value: datetime | None, *, seconds: bool = True) -> Any:
+    """:func:`local_time` as a date over the time and zone (a narrow list column; without
+    ``seconds``, to the minute); "-" for None."""
+    if value is None:
+        return "-"
+    day, _, rest = local_time(value).partition(" ")
+    if not seconds:
+        clock, _, zone = rest.partition(" ")
+        rest = f"{clock[:5]} {zone}".strip()
+    return format_html(
+        '<span class="nowrap">{}</span><br><span class="nowrap">{}</span>', day, rest
+    )
+
+
+class LabelledSplitDateTime(AdminSplitDateTime):
+    """The admin's date and time boxes, each named for assistive technology ("Scheduled at:
+    date"): Django's label points at neither box of a split widget (axe-core: label)."""
+
+    def __init__(self, label: str, attrs: Any = None) -> None:
+        super().__init__(attrs)
+        self.widgets[0].attrs["aria-label"] = f"{label}: date"
+        self.widgets[1].attrs["aria-label"] = f"{label}: time"
 
 
 class ZoneSafeDateHierarchyMixin:
@@ -248,11 +276,28 @@ def encounter_title(encounter: Encounter) -> str:
     return f"{encounter.definition.name} for {subject_name(encounter)}"
 
 
+#: How a diagram's image is shown: Graphviz draws black on transparent, so it gets a white
+#: ground of its own, readable in the admin's dark mode (``prefers-color-scheme: dark``) too.
+DIAGRAM_STYLE = (
+    "max-width: 100%; background: #fff; color-scheme: light; padding: 8px; border-radius: 4px"
+)
+
+
+@lru_cache(maxsize=64)
+def _svg(program: str, dot_source: str) -> str:
+    """``dot_source`` laid out by Graphviz (``program``, the ``dot`` found on ``PATH``: part
+    of the key, so a server without it never shows a remembered picture), remembered: a page
+    opened again (a definition's machine changes only with a new version) does not run
+    ``dot`` again."""
+    return render_svg(dot_source)
+
+
 def diagram_html(graph: Graph, element_id: str) -> Any:
     """``graph`` as a picture: an SVG laid out by Graphviz, shown as an image (so nothing in it
-    runs on the page); without Graphviz, its Mermaid source with a copy button."""
+    runs on the page) on a white ground (:data:`DIAGRAM_STYLE`, readable in dark mode too);
+    without Graphviz, its Mermaid source with a copy button."""
     try:
-        svg = render(graph, "svg")
+        svg = _svg(graphviz_program(), render(graph, "dot"))
     except (GraphvizNotFoundError, GraphvizError) as exc:
         return format_html(
             '<div class="encounter-diagram" id="{}"><p>{} {}</p><pre id="{}-source">{}</pre>'
@@ -271,10 +316,11 @@ def diagram_html(graph: Graph, element_id: str) -> Any:
     image = base64.b64encode(svg.encode("utf-8")).decode("ascii")
     return format_html(
         '<div class="encounter-diagram" id="{}"><img src="data:image/svg+xml;base64,{}" '
-        'alt="{}" style="max-width: 100%"><p class="help">{}</p></div>',
+        'alt="{}" style="{}"><p class="help">{}</p></div>',
         element_id,
         image,
         graph.summary,
+        DIAGRAM_STYLE,
         graph.summary,
     )
 
@@ -334,8 +380,8 @@ class SoftDeleteAdmin(admin.ModelAdmin):
         return super().has_delete_permission(request, obj)
 
     @admin.display(description="deleted", ordering="deleted_at")
-    def deleted(self, obj: Any) -> str:
-        return local_time(obj.deleted_at)
+    def deleted(self, obj: Any) -> Any:
+        return two_line_time(obj.deleted_at) if obj.deleted_at is not None else ""
 
     def _label(self, obj: Any) -> str:
         raise NotImplementedError

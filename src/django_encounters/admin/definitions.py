@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.utils import unquote
+from django.contrib.admin.utils import quote, unquote
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import Http404, HttpRequest, HttpResponse
+from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
+from .. import conf
 from ..models import (
     MACHINE_FIELDS,
     STATE_MAX_LENGTH,
@@ -28,6 +34,10 @@ from .common import DeletedFilter, ReadOnlyMixin, SoftDeleteAdmin, diagram_html
 # ---------------------------------------------------------------------------------------------
 # Definitions
 # ---------------------------------------------------------------------------------------------
+
+
+def _window_words(days: int | None) -> str:
+    return "the whole log" if days is None else f"the last {days} days"
 
 
 class VersionInline(ReadOnlyMixin, admin.TabularInline):
@@ -263,9 +273,10 @@ class EncounterDefinitionAdmin(SoftDeleteAdmin):
                     "description": "What the encounters of this definition really did: each "
                     "edge with how often it was taken and the median time spent in its source "
                     "state before it; edges the machine allows but nobody took are dashed, "
-                    "edges it does not allow red. Reads every transition of this definition's "
-                    "encounters; for a period use manage.py encounter_graph --from-log "
-                    "--since/--until.",
+                    "edges it does not allow red. Loaded once the page is shown, for the rows "
+                    "effective in a window (the last ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS days by "
+                    "default; the links choose another); for any period use manage.py "
+                    "encounter_graph --from-log --since/--until.",
                 },
             ),
         ]
@@ -316,9 +327,99 @@ class EncounterDefinitionAdmin(SoftDeleteAdmin):
 
     @admin.display(description="process map")
     def process_map_diagram(self, obj: EncounterDefinition) -> Any:
+        """A panel the process map is loaded into once the page is shown (it mines the log:
+        the page itself reads nothing of it), from :meth:`process_map_view`."""
         if not obj.pk:
             return "-"
-        return diagram_html(process_map(obj.code), "process-map")
+        url = reverse(
+            "admin:django_encounters_encounterdefinition_process_map", args=[quote(obj.pk)]
+        )
+        return format_html(
+            '<div id="process-map-panel" data-url="{}" aria-live="polite">'
+            "<p>Loading the process map ({})…</p>"
+            '<noscript><a href="{}">Open the process map</a></noscript></div>'
+            "<script>(function () {{"
+            " var panel = document.getElementById('process-map-panel');"
+            " function load(url) {{"
+            "  fetch(url, {{credentials: 'same-origin'}}).then(function (response) {{"
+            "   return response.text(); }}).then(function (text) {{ panel.innerHTML = text; }});"
+            " }}"
+            " panel.addEventListener('click', function (event) {{"
+            "  var link = event.target.closest('a.process-map-window');"
+            "  if (link) {{ event.preventDefault(); load(link.href); }}"
+            " }});"
+            " load(panel.dataset.url);"
+            "}})();</script>",
+            url,
+            _window_words(conf.admin_process_map_days()),
+            url,
+        )
+
+    def process_map_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The process map of the definition as an HTML fragment (the diagram and the windows
+        it can be drawn for): the rows effective in the last ``window`` days (a query
+        parameter; ``all`` for the whole log; default ``ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS``)."""
+        definition = self.get_object(request, unquote(object_id))
+        if definition is None:
+            raise Http404(f"No encounter definition with id {object_id!r}")
+        if not self.has_view_or_change_permission(request, definition):
+            raise PermissionDenied
+        default = conf.admin_process_map_days()
+        raw = request.GET.get("window")
+        days: int | None
+        if raw == "all":
+            days = None
+        elif raw is None:
+            days = default
+        else:
+            try:
+                days = max(1, min(36_500, int(raw)))
+            except ValueError:
+                days = default
+        since = None
+        if days is not None:
+            # From the start of the day, in UTC: the window's rows do not change every second.
+            today = (
+                timezone.now()
+                .astimezone(dt_timezone.utc)
+                .replace(hour=0, minute=0, second=0, microsecond=0)
+            )
+            since = today - timedelta(days=days)
+        graph = process_map(definition.code, since=since)
+        choices = [(30, "last 30 days"), (365, "last year"), (None, "all time")]
+        if default not in [c[0] for c in choices]:
+            choices.insert(0, (default, _window_words(default)))
+        links = format_html_join(
+            " · ",
+            '<a class="process-map-window{}" href="{}?window={}"{}>{}</a>',
+            (
+                (
+                    " current" if value == days else "",
+                    request.path,
+                    "all" if value is None else value,
+                    mark_safe(' aria-current="true"') if value == days else "",
+                    label,
+                )
+                for value, label in choices
+            ),
+        )
+        return HttpResponse(
+            format_html(
+                '<p class="process-map-windows">Rows effective in: {}</p>{}',
+                links,
+                diagram_html(graph, "process-map"),
+            )
+        )
+
+    def get_urls(self) -> list[Any]:
+        return [
+            path(
+                "<path:object_id>/process-map/",
+                self.admin_site.admin_view(self.process_map_view),
+                name="django_encounters_encounterdefinition_process_map",
+            ),
+            *super().get_urls(),
+        ]
 
     def _label(self, obj: EncounterDefinition) -> str:
         return f"{obj.name} ({obj.code})"

@@ -14,7 +14,7 @@ from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.contrib.admin.utils import quote, unquote
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
-from django.db import router
+from django.db import models, router
 from django.db import transaction as db_transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
@@ -22,10 +22,10 @@ from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import escape
+from django.utils.html import escape, format_html
 from django.utils.http import urlencode
 from django.utils.safestring import SafeData, mark_safe
-from django.utils.text import smart_split, unescape_string_literal
+from django.utils.text import capfirst, smart_split, unescape_string_literal
 
 from ..exceptions import (
     ConcurrentTransitionError,
@@ -43,6 +43,7 @@ from ..models import (
 from ..services import create_encounter, get_state_at, transition
 from .common import (
     DeletedFilter,
+    LabelledSplitDateTime,
     SoftDeleteAdmin,
     ZoneSafeDateHierarchyMixin,
     encounter_title,
@@ -55,6 +56,7 @@ from .common import (
     subject_name,
     subject_of,
     subject_types,
+    two_line_time,
 )
 from .forms import (
     SEEN_FIELDS,
@@ -64,7 +66,15 @@ from .forms import (
     TransitionForm,
     required_fields,
 )
-from .timeline import encounter_timeline
+from .timeline import (
+    ORDER_PARAMETER,
+    PAGE_PARAMETER,
+    TimelinePage,
+    backdate_options,
+    encounter_timeline,
+    existed_at,
+    page_request,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Encounters: list filters
@@ -153,17 +163,21 @@ _DERIVED_SHOWN = tuple(_DERIVED_TIMES.get(name, name) for name in Encounter.LOG_
 @admin.register(Encounter)
 class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
     form = EncounterForm
+    # Fits a 1280 px window beside the admin's navigation and the filters: times as a date
+    # over a time (to the minute), the version on the encounter's page, a deleted encounter
+    # marked under its state.
     list_display = (
         "short_id",
         "subject_link",
         "definition",
-        "state",
-        "version",
-        "scheduled_at",
-        "created_at",
-        "deleted",
+        "state_shown",
+        "scheduled",
+        "created",
     )
     list_display_links = ("short_id",)
+    list_per_page = 50
+    # A user is picked by id (with the admin's lookup), not from a list of every user.
+    raw_id_fields = ("assigned_to", "created_by")
     list_filter = (DeletedFilter, DefinitionStateFilter, "definition")
     list_select_related = ("definition", "subject_content_type")
     #: Searched by :meth:`get_search_results`: the subject's own fields, ids, notes, reasons.
@@ -235,6 +249,25 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
 
     # -- columns ----------------------------------------------------------------------------
 
+    @admin.display(description="state", ordering="state")
+    def state_shown(self, obj: Encounter) -> Any:
+        if obj.deleted_at is None:
+            return obj.state
+        return format_html(
+            '{}<br><span class="deleted-mark" title="soft-deleted at {}">deleted {}</span>',
+            obj.state,
+            local_time(obj.deleted_at),
+            local_time(obj.deleted_at).partition(" ")[0],
+        )
+
+    @admin.display(description="scheduled at", ordering="scheduled_at")
+    def scheduled(self, obj: Encounter) -> Any:
+        return two_line_time(obj.scheduled_at, seconds=False)
+
+    @admin.display(description="created at", ordering="created_at")
+    def created(self, obj: Encounter) -> Any:
+        return two_line_time(obj.created_at, seconds=False)
+
     @admin.display(description="encounter", ordering="id")
     def short_id(self, obj: Encounter) -> str:
         return short_id(obj.pk)
@@ -295,6 +328,9 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             kwargs["widget"] = SubjectPickerWidget(
                 reverse(f"{self.admin_site.name}:django_encounters_encounter_subjects")
             )
+        elif isinstance(db_field, models.DateTimeField) and "widget" not in kwargs:
+            # The admin's date and time boxes, each with an accessible name.
+            kwargs["widget"] = LabelledSplitDateTime(str(capfirst(db_field.verbose_name)))
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
@@ -444,36 +480,83 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
     def history_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
         obj = self.get_object(request, unquote(object_id))
         if obj is not None and self.has_view_or_change_permission(request, obj):
-            timeline, anomalies = encounter_timeline(obj)
+            page = self._timeline_page(request, obj)
             extra_context = {
                 **(extra_context or {}),
-                "timeline": timeline,
-                "anomalies": anomalies,
+                **self._timeline_context(request, page),
                 "encounter_label": self._label(obj),
             }
         return super().history_view(request, object_id, extra_context)
 
+    def _timeline_page(self, request: HttpRequest, obj: Encounter) -> TimelinePage:
+        number, newest_first = page_request(request.GET)
+        return encounter_timeline(obj, page=number, newest_first=newest_first)
+
+    def _timeline_context(self, request: HttpRequest, page: TimelinePage) -> dict[str, Any]:
+        """The timeline's page and its links (pages, "show all", the order), each keeping the
+        page's other query parameters."""
+
+        def link(**changes: Any) -> str:
+            query = request.GET.copy()
+            for name, value in changes.items():
+                query[name] = value
+            return "?" + query.urlencode()
+
+        numbers = range(1, page.pages + 1) if page.paginated else range(0)
+        return {
+            "timeline": page.rows,
+            "anomalies": page.anomalies,
+            "timeline_page": page,
+            "timeline_page_links": [
+                (n, link(**{PAGE_PARAMETER: n}), n == page.number) for n in numbers
+            ],
+            "timeline_all_link": link(**{PAGE_PARAMETER: "all"}) if page.paginated else "",
+            "timeline_paged_link": link(**{PAGE_PARAMETER: 1}) if page.show_all else "",
+            "timeline_order_link": link(
+                **{ORDER_PARAMETER: "oldest" if page.newest_first else "newest", PAGE_PARAMETER: 1}
+            ),
+        }
+
     def _page_context(self, request: HttpRequest, obj: Encounter) -> dict[str, Any]:
-        """The status panel (state, definition version, transition buttons), the timeline and
-        the "state at" box."""
+        """The status panel (state, definition version, transition buttons, the backdates the
+        timeline admits), the timeline's page and the "state at" box."""
         can_transition = not obj.is_deleted and self.has_transition_permission(request, obj)
         buttons = []
+        backdates = []
+        page = self._timeline_page(request, obj)
         if can_transition:
             url = reverse("admin:django_encounters_encounter_transition", args=[quote(obj.pk)])
             buttons = [
                 (state, f"{url}?{urlencode({'to_state': state, 'expected_version': obj.version})}")
                 for state in obj.allowed_transitions
             ]
-        timeline, anomalies = encounter_timeline(obj)
+            backdates = [
+                (
+                    option,
+                    f"{url}?"
+                    + urlencode(
+                        {
+                            "to_state": option.state,
+                            "expected_version": str(obj.version),
+                            "backdate": "1",
+                        }
+                    ),
+                )
+                for option in (backdate_options(obj, page.audit) if not buttons else [])
+            ]
         state_at: dict[str, Any] = {"form": StateAtForm()}
         if "state_at" in request.GET:
             form = StateAtForm(request.GET)
             state_at["form"] = form
             if form.is_valid():
                 when, known_at = form.cleaned_data["state_at"], form.cleaned_data["known_at"]
-                state_at["answer"] = get_state_at(obj, when, known_at)
                 state_at["when"] = local_time(when)
                 state_at["known_at"] = local_time(known_at)
+                not_yet = existed_at(page.audit, obj, when, known_at)
+                if not_yet is not None:
+                    state_at["not_yet"] = not_yet
+                else:
+                    state_at["answer"] = get_state_at(obj, when, known_at)
         return {
             "subtitle": f"{encounter_title(obj)} · encounter {short_id(obj.pk)}",
             "encounter_title": encounter_title(obj),
@@ -481,9 +564,9 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             "latest_definition_version": obj.definition.version,
             "is_final": obj.is_final,
             "transition_buttons": buttons,
+            "backdate_buttons": backdates,
             "can_transition": can_transition,
-            "timeline": timeline,
-            "anomalies": anomalies,
+            **self._timeline_context(request, page),
             "encounter_label": self._label(obj),
             "state_at": state_at,
             "restore_url": self._restore_url(obj),

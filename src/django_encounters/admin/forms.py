@@ -12,7 +12,7 @@ from typing import Any
 from uuid import UUID
 
 from django import forms
-from django.contrib.admin.widgets import AdminSplitDateTime, RelatedFieldWidgetWrapper
+from django.contrib.admin.widgets import RelatedFieldWidgetWrapper
 from django.core.exceptions import ObjectDoesNotExist
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import models
@@ -24,7 +24,7 @@ from ..models import (
     EncounterTransition,
 )
 from ..validators import get_validator_instance, parse_validator_entry
-from .common import local_time
+from .common import LabelledSplitDateTime, local_time
 
 # ---------------------------------------------------------------------------------------------
 # Encounters: the edit form, refused when the encounter changed since it was rendered
@@ -272,9 +272,12 @@ class EncounterForm(forms.ModelForm):
 # ---------------------------------------------------------------------------------------------
 
 
-class EffectiveAtWidget(AdminSplitDateTime):
-    """The admin's date and time boxes; a single ``effective_at`` value (ISO 8601, with an
-    offset if wanted) is still read, for scripts and for anyone who pastes one."""
+class EffectiveAtWidget(LabelledSplitDateTime):
+    """The admin's date and time boxes, each named; a single ``effective_at`` value (ISO 8601,
+    with an offset if wanted) is still read, for scripts and for anyone who pastes one."""
+
+    def __init__(self, attrs: Any = None) -> None:
+        super().__init__("Effective at", attrs)
 
     def value_from_datadict(self, data: Any, files: Any, name: str) -> Any:
         if name in data:
@@ -371,7 +374,8 @@ class TransitionForm(forms.Form):
             stored = model_field(name)
             if isinstance(stored, models.DateTimeField):
                 field: forms.Field = forms.SplitDateTimeField(
-                    widget=AdminSplitDateTime, required=False
+                    widget=LabelledSplitDateTime(str(stored.verbose_name).capitalize()),
+                    required=False,
                 )
             else:
                 field = stored.formfield(required=False) or forms.CharField(required=False)

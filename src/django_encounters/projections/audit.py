@@ -87,7 +87,7 @@ class AuditRow:
     context: Any = None  # the row's context (its metadata), as recorded
     #: the user row's name now, when it is not the name recorded (renamed since); else None
     transitioned_by_now: str | None = None
-    #: the definition version the row was decided under
+    #: the definition version the row was decided under (None: not given)
     definition_version: int | None = None
 
     @property

@@ -26,7 +26,8 @@ exported whole — cutting events out of a trace would make a miner invent edges
 took), ``known_at`` (the log as it was known at that system time: only rows recorded by then,
 backdated/overtaken marks as they stood then, no encounter created after it; with a period,
 the encounters with a row effective in it among the rows known then). Soft-deleted
-encounters are exported (their history is part of the record), marked ``deleted``.
+encounters are exported (their history is part of the record), marked ``deleted``, unless
+``exclude_deleted`` leaves them out.
 
 Streaming: encounters are read in keyset batches (:func:`.audit.iter_audit`) and written as
 they come; memory holds one batch, whatever the size of the log. :func:`export_event_log`
@@ -46,6 +47,7 @@ from uuid import UUID
 
 from asgiref.sync import sync_to_async
 
+from .. import arguments
 from ..exceptions import EventLogWriteError
 from .audit import DEFAULT_BATCH_SIZE, iter_audit
 from .output import get_format, register_format, utc_iso, write_atomically
@@ -169,6 +171,7 @@ def iter_traces(
     known_at: datetime | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     using: str | None = None,
+    exclude_deleted: bool = False,
 ) -> Iterator[Trace]:
     """The selected encounters as :class:`Trace` objects, in ``(created_at, id)`` order, read
     in batches of ``batch_size`` encounters.
@@ -181,6 +184,8 @@ def iter_traces(
             encounter created after it.
         batch_size: encounters per batch.
         using: the database alias (default: the router's choice for reading encounters).
+        exclude_deleted: leave soft-deleted encounters out (by default they are exported,
+            marked ``deleted``: their history is part of the record).
 
     The arguments are checked when this is called; the traces are read lazily.
 
@@ -197,7 +202,11 @@ def iter_traces(
         batch_size=batch_size,
         using=using,
     )
-    return _traces(audits, known_at, since, until)
+    arguments.require_bool(exclude_deleted, "exclude_deleted")
+    selected: Iterable[Any] = audits
+    if exclude_deleted:
+        selected = (audit for audit in audits if not audit.deleted)
+    return _traces(selected, known_at, since, until)
 
 
 def _in_period(row: Any, since: datetime | None, until: datetime | None) -> bool:
@@ -431,6 +440,10 @@ def _log_name(definition: str | None) -> str:
     return "django-encounters" + (f" {definition}" if definition is not None else "")
 
 
+#: The name of a log of a definition (or of every definition): XES's ``concept:name``.
+log_name = _log_name
+
+
 @register_format("event-log", "xes", content_type="application/xml", newline="\n")
 def write_xes_traces(
     traces: Iterable[Trace], out: IO[str], *, name: str = "django-encounters"
@@ -535,7 +548,7 @@ def export_event_log(
         lifecycle: each stay in a state as a ``start``/``complete`` pair
             (:func:`with_lifecycle`; XES and CSV only).
         selection: the keyword arguments of :func:`iter_traces` (``definition``, ``since``,
-            ``until``, ``known_at``, ``batch_size``, ``using``).
+            ``until``, ``known_at``, ``batch_size``, ``using``, ``exclude_deleted``).
 
     Returns:
         The numbers of traces (encounters) and events written.

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from rest_framework.permissions import DjangoModelPermissions
+from rest_framework.permissions import BasePermission, DjangoModelPermissions
 
 from ...models import TRANSITION_PERMISSION
+
+#: What the exports need (``GET event-log/``, ``GET encounters/{id}/fhir/``): to view
+#: encounters *and* their transitions — an export is every row of the selected logs (reasons,
+#: who, when), soft-deleted encounters included unless left out.
+EXPORT_PERMISSIONS = (
+    "django_encounters.view_encounter",
+    "django_encounters.view_encountertransition",
+)
 
 
 class EncounterPermissions(DjangoModelPermissions):
@@ -23,7 +31,18 @@ class EncounterPermissions(DjangoModelPermissions):
     transition_perms = ("django_encounters.change_encounter", TRANSITION_PERMISSION)
 
     def has_permission(self, request: Any, view: Any) -> bool:
-        if getattr(view, "action", None) == "transition":
+        action = getattr(view, "action", None)
+        if action in ("transition", "fhir"):
+            needed = self.transition_perms if action == "transition" else EXPORT_PERMISSIONS
             user = request.user
-            return bool(user and user.is_authenticated and user.has_perms(self.transition_perms))
+            return bool(user and user.is_authenticated and user.has_perms(needed))
         return bool(super().has_permission(request, view))
+
+
+class ExportPermission(BasePermission):
+    """The exports: an authenticated user holding :data:`EXPORT_PERMISSIONS`
+    (``view_encounter`` and ``view_encountertransition``)."""
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        user = request.user
+        return bool(user and user.is_authenticated and user.has_perms(EXPORT_PERMISSIONS))

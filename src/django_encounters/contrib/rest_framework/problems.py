@@ -13,8 +13,11 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
-from django.http import Http404
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
+from django.http import Http404, HttpRequest, JsonResponse
+from django.urls import Resolver404, resolve
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 from rest_framework.response import Response
 
@@ -24,6 +27,8 @@ from ...exceptions import (
     EncounterConfigurationError,
     EncounterError,
     EncounterNotFoundError,
+    FhirStatusError,
+    InputLimitError,
     InvalidTransitionError,
     ProjectionDriftError,
     StreamGapError,
@@ -164,6 +169,28 @@ def encounter_problem(exc: EncounterError) -> Problem:
             title="The encounter's stored history needs repair",
             encounter=str(exc.encounter_id),
         )
+    if isinstance(exc, InputLimitError):
+        return Problem(
+            400,
+            "input-too-large",
+            str(exc),
+            title="The request's input exceeds a limit of the store",
+            argument=exc.argument,
+            limit=exc.limit,
+            maximum=exc.maximum,
+            setting=exc.setting,
+        )
+    if isinstance(exc, FhirStatusError):
+        return Problem(
+            409,
+            "no-fhir-status",
+            str(exc),
+            title="A state of the encounter has no FHIR status code",
+            encounter=str(exc.encounter_id),
+            state=exc.state,
+            fhir_version=exc.fhir_version,
+            valid_codes=list(exc.valid_codes),
+        )
     if isinstance(exc, EncounterConfigurationError):
         logger.error("django-encounters is misconfigured: %s", exc)
         return Problem(
@@ -203,12 +230,29 @@ def _summary(detail: Any) -> str:
     return str(detail)
 
 
+def request_problem(exc: SuspiciousOperation) -> Problem:
+    """What Django refuses while reading a request: a body over
+    ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (413), too many form fields or files (400)."""
+    if isinstance(exc, RequestDataTooBig):
+        return Problem(
+            413,
+            "body-too-large",
+            str(exc) or "The request body exceeds DATA_UPLOAD_MAX_MEMORY_SIZE.",
+            title="The request body is too large",
+            maximum=settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
+            setting="DATA_UPLOAD_MAX_MEMORY_SIZE",
+        )
+    return Problem(400, None, str(exc) or "The request was refused as suspicious.")
+
+
 def problem_response(exc: Exception, context: dict[str, Any]) -> Response | None:
     """The exception handler of this package's views: a Problem Details response, or None
     (DRF then re-raises: a bug is a 500 as ever)."""
     request = context.get("request")
     if isinstance(exc, EncounterError):
         return encounter_problem(exc).response(request)
+    if isinstance(exc, SuspiciousOperation):
+        return request_problem(exc).response(request)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
@@ -216,3 +260,20 @@ def problem_response(exc: Exception, context: dict[str, Any]) -> Response | None
     if isinstance(exc, exceptions.APIException):
         return api_problem(exc).response(request)
     return None
+
+
+@csrf_exempt
+def not_found_view(request: HttpRequest, unmatched: str = "") -> JsonResponse:
+    """The last route of the API's URLs: any other path under them, whatever the method, is a
+    ``404`` Problem (not the project's HTML page), naming the path and, when it only lacks its
+    trailing slash, the one that exists."""
+    detail = f"No endpoint of the encounters API at {request.path}."
+    if not request.path.endswith("/"):
+        try:
+            match = resolve(request.path + "/")
+        except Resolver404:
+            match = None
+        if match is not None and match.func is not not_found_view:
+            detail += f" Did you mean {request.path}/ (with a trailing slash)?"
+    body = Problem(404, None, detail).body(request.path)
+    return JsonResponse(body, status=404, content_type=CONTENT_TYPE)

@@ -19,8 +19,14 @@ from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from ... import arguments
-from ...models import Encounter, EncounterDefinition, EncounterTransition
-from ...projections.output import in_zone
+from ...exceptions import InputLimitError
+from ...models import (
+    Encounter,
+    EncounterDefinition,
+    EncounterDefinitionVersion,
+    EncounterTransition,
+)
+from ...projections.output import formats, in_zone
 
 
 class ZonedDateTimeField(serializers.DateTimeField):
@@ -70,7 +76,9 @@ def _storable_json(value: Any, name: str) -> Any:
             f"{name} must be a JSON object, not {type(value).__name__} {value!r}"
         )
     try:
-        return arguments.json_copy(value, name)
+        return arguments.bounded_json_copy(value, name)
+    except InputLimitError:
+        raise  # a typed Problem naming the limit and its setting
     except (TypeError, ValueError) as exc:
         raise serializers.ValidationError(str(exc)) from exc
 
@@ -220,6 +228,15 @@ class TransitionSerializer(serializers.Serializer):
     effective_at = AwareDateTimeField(required=False, allow_null=True, default=None)
     context = serializers.JSONField(required=False, default=None)
 
+    def validate_reason(self, value: str) -> str:
+        try:
+            arguments.require_reason(value, "reason")
+        except InputLimitError:
+            raise  # a typed Problem naming the limit and its setting
+        except (TypeError, ValueError) as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return value
+
     def validate_context(self, value: Any) -> Any:
         _storable_json(value, "context")
         return value
@@ -240,6 +257,22 @@ class ListQuerySerializer(serializers.Serializer):
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "state" in attrs:
+            versions = EncounterDefinitionVersion.objects.all()
+            if "definition" in attrs:
+                versions = versions.filter(definition__code=attrs["definition"])
+            known = sorted(
+                {state for states in versions.values_list("states", flat=True) for state in states}
+            )
+            if attrs["state"] not in known:
+                where = (
+                    f"definition {attrs['definition']!r}"
+                    if "definition" in attrs
+                    else "any definition"
+                )
+                raise serializers.ValidationError(
+                    {"state": f"{attrs['state']!r} is not a state of {where} (known: {known})."}
+                )
         if "known_at" in attrs and "as_of" not in attrs:
             raise serializers.ValidationError(
                 {"known_at": "known_at needs as_of (the business time it is about)."}
@@ -312,3 +345,63 @@ class TransitionRowSerializer(serializers.ModelSerializer):
             return str(row.transitioned_by_name)
         user = row.transitioned_by
         return None if user is None else user.get_username()
+
+
+class TransitionResultSerializer(serializers.Serializer):
+    """The answer to a transition: the encounter as it is now, and the row recorded."""
+
+    encounter = EncounterDetailSerializer()
+    transition = TransitionRowSerializer()
+
+
+class HistorySerializer(serializers.Serializer):
+    """``GET …/{id}/history/``: the timeline and the audit's anomalies."""
+
+    encounter = serializers.UUIDField()
+    version = serializers.IntegerField()
+    known_at = ZonedDateTimeField(allow_null=True)
+    timeline = TimelineRowSerializer(many=True)
+    anomalies = serializers.ListField(child=serializers.DictField())
+
+
+class StateAtSerializer(serializers.Serializer):
+    """``GET …/{id}/state-at/``: the state at a business time (as known at a system time)."""
+
+    encounter = serializers.UUIDField()
+    at = ZonedDateTimeField()
+    known_at = ZonedDateTimeField(allow_null=True)
+    state = serializers.CharField()
+
+
+class EventLogQuerySerializer(serializers.Serializer):
+    """``GET event-log/``: a format of the event-log report, and the selection of
+    ``export_encounter_log``."""
+
+    format = serializers.ChoiceField(choices=())
+    definition = serializers.CharField(required=False, default=None)
+    since = AwareDateTimeField(required=False, default=None)
+    until = AwareDateTimeField(required=False, default=None)
+    known_at = AwareDateTimeField(required=False, default=None)
+    exclude_deleted = serializers.BooleanField(required=False, default=False)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The formats registered now (another module may have added one since import).
+        self.fields["format"].choices = formats("event-log")
+
+    def validate_definition(self, value: str | None) -> str | None:
+        if value is not None and not EncounterDefinition.all_objects.filter(code=value).exists():
+            raise serializers.ValidationError(f"No definition has the code {value!r}.")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        since, until = attrs["since"], attrs["until"]
+        if since is not None and until is not None and since >= until:
+            raise serializers.ValidationError({"until": "until must be later than since."})
+        return attrs
+
+
+class FhirQuerySerializer(serializers.Serializer):
+    """``GET …/{id}/fhir/``: the FHIR version (``R4``, the default, or ``R5``)."""
+
+    version = serializers.ChoiceField(choices=("R4", "R5"), required=False, default="R4")

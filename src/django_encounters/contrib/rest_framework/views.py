@@ -9,7 +9,14 @@
                                            marks), ``?known_at=``
 ``GET    encounters/{id}/state-at/``       ``get_state_at()``: ``?at=`` [``&known_at=``]
 ``POST   encounters/{id}/transition/``     ``transition()``; ``If-Match`` → ``expected_version``
+``GET    encounters/{id}/fhir/``           the encounter as FHIR (``?version=R4|R5``)
+``GET    event-log/``                      the event log, streamed (``?format=xes|csv|…``,
+                                           ``&definition=``, ``&since=``, ``&until=``,
+                                           ``&known_at=``, ``&exclude_deleted=``)
 =========================================  ==================================================
+
+The exports need ``view_encounter`` and ``view_encountertransition``
+(:data:`~.permissions.EXPORT_PERMISSIONS`).
 
 The ETag of an encounter is its stream version, strong: ``"3"`` once three rows are recorded.
 ``If-Match`` on a transition names the version the client read: when the stream has moved on,
@@ -24,24 +31,34 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from django.http import Http404
+from django.http import Http404, StreamingHttpResponse
 from django.urls import NoReverseMatch
 from django.utils.http import parse_etags
 from rest_framework import viewsets
 from rest_framework.decorators import action
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from ... import conf, services
 from ...exceptions import ConcurrentTransitionError, EncounterNotFoundError
 from ...models import Encounter
 from ...projections.audit import encounter_timeline
-from .permissions import EncounterPermissions
+from ...projections.event_log import iter_traces, log_name
+from ...projections.output import get_format
+from .exports import fhir_document, stream_report
+from .parsers import PARSER_CLASSES
+from .permissions import EncounterPermissions, ExportPermission
 from .problems import Problem, encounter_problem, problem_response
+from .schema import EncounterSchema, EventLogSchema
 from .serializers import (
     EncounterCreateSerializer,
     EncounterDetailSerializer,
     EncounterSerializer,
+    EventLogQuerySerializer,
+    FhirQuerySerializer,
     HistoryQuerySerializer,
     ListQuerySerializer,
     StateAtQuerySerializer,
@@ -71,13 +88,19 @@ class EncounterViewSet(viewsets.GenericViewSet):
     * ``subject_types``: the ``"app_label.model"`` labels an encounter may be created for
       (None, the default: any installed model);
     * ``require_if_match``: refuse a transition without ``If-Match`` (None, the default:
-      ``ENCOUNTERS_REST_REQUIRE_IF_MATCH``).
+      ``ENCOUNTERS_REST_REQUIRE_IF_MATCH``);
+    * ``fhir_status_map``: the ``status_map`` of the FHIR export (None: every state must be a
+      FHIR ``encounter-status`` code itself).
     """
 
     serializer_class = EncounterSerializer
     permission_classes = [EncounterPermissions]
+    parser_classes = PARSER_CLASSES
+    schema = EncounterSchema()
     subject_types: set[str] | None = None
     require_if_match: bool | None = None
+    #: our state name -> FHIR ``encounter-status`` code, for ``…/fhir/`` (None: identity)
+    fhir_status_map: dict[str, str] | None = None
 
     def get_queryset(self) -> Any:
         # Soft-deleted encounters are hidden (404); (created_at, id) keeps pages stable.
@@ -165,6 +188,21 @@ class EncounterViewSet(viewsets.GenericViewSet):
         }
         return Response(body, headers={"ETag": etag})
 
+    @action(detail=True, methods=["get"])
+    def fhir(self, request: Request, pk: Any = None) -> Response:
+        """The encounter as FHIR JSON (:func:`.exports.fhir_document`), ``?version=R4`` (the
+        default) or ``R5``; needs the export permissions."""
+        encounter = self.get_object()
+        query = FhirQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        version = query.validated_data["version"]
+        body = fhir_document(encounter, version, self.fhir_status_map)
+        return Response(
+            body,
+            headers={"ETag": etag_of(encounter)},
+            content_type=f"application/fhir+json; fhirVersion={FHIR_VERSIONS[version]}",
+        )
+
     # -- writes -----------------------------------------------------------------------------
 
     def create(self, request: Request) -> Response:
@@ -224,7 +262,7 @@ class EncounterViewSet(viewsets.GenericViewSet):
             effective_at=data["effective_at"],
             expected_version=expected_version,
         )
-        body = {
+        body = {  # TransitionResultSerializer
             "encounter": EncounterDetailSerializer(
                 encounter, context=self.get_serializer_context()
             ).data,
@@ -285,6 +323,63 @@ class EncounterViewSet(viewsets.GenericViewSet):
             encounter=str(encounter.pk),
             current_version=encounter.version,
         )
+
+
+#: The ``fhirVersion`` media-type parameter of each FHIR version the API writes.
+FHIR_VERSIONS = {"R4": "4.0", "R5": "5.0"}
+
+
+class _FirstRenderer(DefaultContentNegotiation):
+    """The view's first renderer, whatever ``?format=`` says (for the event log, ``format``
+    names the export's format, not a DRF renderer)."""
+
+    def select_renderer(self, request: Any, renderers: Any, format_suffix: Any = None) -> Any:
+        return renderers[0], renderers[0].media_type
+
+
+class EventLogView(APIView):
+    """``GET event-log/?format=…``: the selected encounters' event log in a format of the
+    ``event-log`` report (``xes``, ``csv`` and any format registered for it), streamed as it
+    is read — memory holds one batch of encounters whatever the size of the log. The
+    selection is ``export_encounter_log``'s: ``definition``, ``since``, ``until``,
+    ``known_at``, ``exclude_deleted``. Checked before the first byte (a bad one is a ``400``
+    Problem); an error while streaming cuts the response short (the status is sent already).
+
+    Class attributes: ``permission_classes`` (default :class:`~.permissions.ExportPermission`),
+    ``batch_size`` (encounters read per query).
+    """
+
+    permission_classes = [ExportPermission]
+    renderer_classes = [JSONRenderer]  # for the problems; the log itself is streamed
+    content_negotiation_class = _FirstRenderer
+    schema = EventLogSchema()
+    batch_size: int | None = None
+
+    def get_exception_handler(self) -> Any:
+        return problem_response
+
+    def get(self, request: Request) -> StreamingHttpResponse:
+        query = EventLogQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        selection = dict(query.validated_data)
+        writer = get_format("event-log", selection.pop("format"))
+        if self.batch_size is not None:
+            selection["batch_size"] = self.batch_size
+        traces = iter_traces(**selection)  # the selection is checked here, before streaming
+        name = log_name(selection["definition"])
+        response = StreamingHttpResponse(
+            stream_report(writer.write, traces, name=name),
+            content_type=f"{writer.content_type}; charset=utf-8",
+        )
+        extension = writer.name.replace("/", "-")
+        filename = "encounters" + (f"-{selection['definition']}" if selection["definition"] else "")
+        response["Content-Disposition"] = f'attachment; filename="{_safe(filename)}.{extension}"'
+        return response
+
+
+def _safe(name: str) -> str:
+    """A file name for ``Content-Disposition``: letters, digits, ``-``, ``_``, ``.``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def _user(request: Request) -> Any:

@@ -9,7 +9,8 @@ event for the creation in the origin state. ``--definition`` narrows to one defi
 ``--since``/``--until`` to the encounters with a row effective in ``[--since, --until)``
 (whole traces); ``--known-at`` exports the log as it was known at that time (rows recorded by
 then). ``--lifecycle`` (XES, CSV) writes each stay in a state as a ``start``/``complete`` pair,
-so the time spent in each state is in the log.
+so the time spent in each state is in the log; ``--exclude-deleted`` leaves soft-deleted
+encounters out.
 
 Exit status: 0 when written; 2 for invalid options (an unknown format or definition code, a bad
 time, ``--since`` not before ``--until``, an output file that cannot be written), nothing
@@ -65,6 +66,11 @@ class Command(EncounterCommand):
             metavar="TIME",
             help="the log as it was known at TIME (only rows recorded by then)",
         )
+        select.add_argument(
+            "--exclude-deleted",
+            action="store_true",
+            help="leave soft-deleted encounters out (by default exported, marked deleted)",
+        )
         parser.add_argument(
             "--lifecycle",
             action="store_true",
@@ -84,6 +90,7 @@ class Command(EncounterCommand):
             "definition": options["definition"],
             "batch_size": options["batch_size"],
             "using": options["database"],
+            "exclude_deleted": options["exclude_deleted"],
             **times,
         }
         if options["lifecycle"]:
