@@ -16,7 +16,7 @@ from typing import IO, Any
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from rest_framework.exceptions import ParseError
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser, get_encoding
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.utils import json
 
 
@@ -48,7 +48,8 @@ class BoundedJSONParser(JSONParser):
         raw = stream.read() if limit is None else stream.read(limit + 1)
         if limit is not None and len(raw) > limit:
             raise too_big(limit)
-        charset = get_encoding(parser_context)
+        # As DRF's parsers read it (its get_encoding() helper exists only from 3.16 on).
+        charset = (parser_context or {}).get("encoding") or settings.DEFAULT_CHARSET
         try:
             text = raw.decode(charset)
         except (LookupError, UnicodeDecodeError) as exc:
