@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A walk through django-encounters on a fresh SQLite database (``make demo``).
 
-1. The README's usage example, run as written: a patient visit goes
+1. A patient visit (the definition of the README's quickstart) goes
    scheduled -> checked_in -> in_progress -> completed; then its timeline and what
    ``get_state_at`` answers at a few moments.
 2. Backdated transitions on a second visit, a backdated transition that the history refuses,

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 
+import django
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.contrib.contenttypes.models import ContentType
@@ -207,7 +208,10 @@ def test_encounter_relation_queries_and_does_not_cascade(visit_definition, patie
     gone = create_encounter(visit_definition, patient)
     gone.delete()
     assert list(patient.encounters.all()) == [visit]  # soft-deleted ones hidden
-    assert list(Encounter.objects.filter(patient__name="Ada Lovelace")) == [visit]
+    if django.VERSION >= (5, 0) or connection.vendor != "postgresql":
+        # Before 5.0, Django compares the text subject id with the integer key uncast, which
+        # PostgreSQL refuses (Django ticket #16055; documented in docs/guides/subjects.md).
+        assert list(Encounter.objects.filter(patient__name="Ada Lovelace")) == [visit]
     # Unguarded, the delete orphans the encounter but never deletes it.
     patient.delete()
     assert Encounter.all_objects.filter(pk__in=[visit.pk, gone.pk]).count() == 2
@@ -220,7 +224,8 @@ def test_a_plain_generic_relation_cascades_into_the_encounters(visit_definition)
     bed = Bed.objects.create(ward=ward, label="E1")
     visit = create_encounter(visit_definition, bed)
     transition(visit, "checked_in")
-    assert list(Encounter.objects.filter(bed__label="E1")) == [visit]
+    if django.VERSION >= (5, 0) or connection.vendor != "postgresql":  # see above
+        assert list(Encounter.objects.filter(bed__label="E1")) == [visit]
     with pytest.raises(ProtectedError) as raw:
         bed.delete()
     assert not isinstance(raw.value, EncounterError)
