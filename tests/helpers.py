@@ -615,3 +615,30 @@ def audit_against(path: Any, *args: str) -> tuple[int, dict, str]:
         "audit_encounters", "--against", str(path), "--format", "json", *args
     )
     return code, (json.loads(out) if out else {}), err
+
+
+# ---------------------------------------------------------------------------------------------
+# The admin's pages, as the test client reaches them
+# ---------------------------------------------------------------------------------------------
+
+
+def change_url(encounter: Any) -> str:
+    from django.urls import reverse
+
+    return reverse("admin:django_encounters_encounter_change", args=[encounter.pk])
+
+
+def transition_url(encounter: Any) -> str:
+    from django.urls import reverse
+
+    return reverse("admin:django_encounters_encounter_transition", args=[encounter.pk])
+
+
+def changelist_url() -> str:
+    from django.urls import reverse
+
+    return reverse("admin:django_encounters_encounter_changelist")
+
+
+def messages_of(response: Any) -> list[str]:
+    return [str(m) for m in response.context["messages"]] if response.context else []

@@ -49,8 +49,9 @@ SCREENSHOT_DIR = Path(
 WAIT_SECONDS = 20
 
 
-@pytest.fixture(scope="module")
-def driver(request):
+def chromium(request, width=1600, height=1200):
+    """A headless Debian Chromium ``width`` x ``height`` for a module's tests (a generator for a
+    fixture to yield from): its own profile, removed afterwards, screenshots kept."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -68,7 +69,7 @@ def driver(request):
         "--disable-sync",
         "--no-first-run",
         f"--user-data-dir={profile}",
-        "--window-size=1600,1200",
+        f"--window-size={width},{height}",
     ):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -78,6 +79,11 @@ def driver(request):
     browser.quit()
     shutil.rmtree(profile, ignore_errors=True)
     request.config.stash[SCREENSHOTS] = SCREENSHOT_DIR
+
+
+@pytest.fixture(scope="module")
+def driver(request):
+    yield from chromium(request)
 
 
 class Person:

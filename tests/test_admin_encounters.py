@@ -18,25 +18,16 @@ from django.utils import timezone
 
 from django_encounters.models import Encounter, EncounterDefinition, EncounterTransition
 from django_encounters.services import create_encounter, transition
-from tests.helpers import rewrite_row, snapshot
+from tests.helpers import (
+    change_url,
+    changelist_url,
+    messages_of,
+    rewrite_row,
+    snapshot,
+    transition_url,
+)
 
 pytestmark = pytest.mark.django_db
-
-
-def change_url(encounter):
-    return reverse("admin:django_encounters_encounter_change", args=[encounter.pk])
-
-
-def transition_url(encounter):
-    return reverse("admin:django_encounters_encounter_transition", args=[encounter.pk])
-
-
-def changelist_url():
-    return reverse("admin:django_encounters_encounter_changelist")
-
-
-def messages_of(response):
-    return [str(m) for m in response.context["messages"]] if response.context else []
 
 
 @pytest.fixture

@@ -26,26 +26,10 @@ from django_encounters.admin.common import configured_subject_search
 from django_encounters.exceptions import EncounterConfigurationError
 from django_encounters.models import Encounter, EncounterDefinition, EncounterTransition
 from django_encounters.services import create_encounter, transition
-from tests.helpers import reload, snapshot
+from tests.helpers import change_url, changelist_url, messages_of, reload, snapshot, transition_url
 from tests.testapp.models import Device, Patient
 
 pytestmark = pytest.mark.django_db
-
-
-def change_url(encounter):
-    return reverse("admin:django_encounters_encounter_change", args=[encounter.pk])
-
-
-def transition_url(encounter):
-    return reverse("admin:django_encounters_encounter_transition", args=[encounter.pk])
-
-
-def changelist_url():
-    return reverse("admin:django_encounters_encounter_changelist")
-
-
-def messages_of(response):
-    return [str(m) for m in response.context["messages"]] if response.context else []
 
 
 @pytest.fixture

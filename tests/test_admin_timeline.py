@@ -15,12 +15,9 @@ from django.utils import timezone
 
 from django_encounters.models import EncounterTransition
 from django_encounters.services import create_encounter, transition
+from tests.helpers import change_url
 
 pytestmark = pytest.mark.django_db
-
-
-def change_url(encounter):
-    return reverse("admin:django_encounters_encounter_change", args=[encounter.pk])
 
 
 def history_url(encounter):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import pytest
 from django.utils import timezone
 
 from django_encounters.services import create_encounter, transition
-from tests.helpers import SCREENSHOTS
-from tests.test_admin_browser import CHROMEDRIVER, CHROMIUM, SCREENSHOT_DIR, Person
+from tests.test_admin_browser import CHROMEDRIVER, CHROMIUM, Person, chromium
 
 pytestmark = [
     pytest.mark.skipif(
@@ -39,32 +37,7 @@ WIDTH = 1280
 
 @pytest.fixture(scope="module")
 def narrow_driver(request):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="encounters-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        f"--window-size={WIDTH},1000",
-    ):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    browser.set_page_load_timeout(60)
-    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-    yield browser
-    browser.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-    request.config.stash[SCREENSHOTS] = SCREENSHOT_DIR
+    yield from chromium(request, WIDTH, 1000)
 
 
 @pytest.fixture

@@ -127,17 +127,21 @@ def allow_dropping_log() -> bool:
     return value
 
 
-def future_tolerance() -> timedelta:
-    value = getattr(settings, "ENCOUNTERS_FUTURE_TOLERANCE", DEFAULT_FUTURE_TOLERANCE)
+def _seconds_setting(name: str, default: timedelta) -> tuple[Any, float]:
+    """A duration setting as ``(value as given, seconds)``: a ``timedelta`` or a finite number
+    of seconds, else ``EncounterConfigurationError`` naming it."""
+    value = getattr(settings, name, default)
     if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        seconds = value
-    else:
-        raise EncounterConfigurationError(
-            "ENCOUNTERS_FUTURE_TOLERANCE must be a timedelta or a finite number of seconds, "
-            f"not {value!r}"
-        )
+        return value, value.total_seconds()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value, value
+    raise EncounterConfigurationError(
+        f"{name} must be a timedelta or a finite number of seconds, not {value!r}"
+    )
+
+
+def future_tolerance() -> timedelta:
+    value, seconds = _seconds_setting("ENCOUNTERS_FUTURE_TOLERANCE", DEFAULT_FUTURE_TOLERANCE)
     if not 0 <= seconds <= MAX_FUTURE_TOLERANCE.total_seconds():
         raise EncounterConfigurationError(
             f"ENCOUNTERS_FUTURE_TOLERANCE must lie between 0 and {MAX_FUTURE_TOLERANCE} (it "
@@ -178,16 +182,9 @@ def admin_timeline_order() -> str:
 
 
 def late_entry_tolerance() -> timedelta:
-    value = getattr(settings, "ENCOUNTERS_LATE_ENTRY_TOLERANCE", DEFAULT_LATE_ENTRY_TOLERANCE)
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        seconds = value
-    else:
-        raise EncounterConfigurationError(
-            "ENCOUNTERS_LATE_ENTRY_TOLERANCE must be a timedelta or a finite number of seconds, "
-            f"not {value!r}"
-        )
+    value, seconds = _seconds_setting(
+        "ENCOUNTERS_LATE_ENTRY_TOLERANCE", DEFAULT_LATE_ENTRY_TOLERANCE
+    )
     if seconds < 0:
         raise EncounterConfigurationError(
             f"ENCOUNTERS_LATE_ENTRY_TOLERANCE must not be negative, not {value!r}"
