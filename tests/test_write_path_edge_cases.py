@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from django_encounters.exceptions import EncounterError
+from django_encounters.exceptions import EncounterError, InputLimitError
 from django_encounters.models import Encounter, EncounterDefinition, EncounterTransition
 from django_encounters.projections.rebuild import rebuild_projections
 from django_encounters.services import (
@@ -161,11 +161,21 @@ def test_a_pre_save_receiver_cannot_alter_the_decided_row(encounter: Any, sender
     assert transition(encounter, "checked_in").to_state == "checked_in"  # none left connected
 
 
-def test_deeply_nested_context_is_a_type_error(encounter: Any) -> None:
+@pytest.mark.parametrize("allowed", [None, 500])
+def test_deeply_nested_context_is_refused_by_the_depth_limit(
+    encounter: Any, settings: Any, allowed: int | None
+) -> None:
+    """5,000 levels (past Python's recursion limit) are refused by ENCOUNTERS_MAX_CONTEXT_DEPTH
+    (default 20; at most 500) before any JSON is built: a typed error, nothing written."""
+    if allowed is not None:
+        settings.ENCOUNTERS_MAX_CONTEXT_DEPTH = allowed
     context: dict = {}
     node = context
     for _ in range(5000):
         node["x"] = {}
         node = node["x"]
-    with pytest.raises(TypeError, match="not JSON-serialisable"):
+    with pytest.raises(InputLimitError, match="ENCOUNTERS_MAX_CONTEXT_DEPTH") as refused:
         transition(encounter, "checked_in", context=context)
+    assert (refused.value.argument, refused.value.limit) == ("context", "depth")
+    assert refused.value.maximum == (allowed or 20)
+    assert EncounterTransition.objects.filter(encounter=encounter).count() == 0
