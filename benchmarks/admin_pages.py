@@ -186,7 +186,9 @@ def measure(client: Any, url: str, repeats: int) -> dict[str, Any]:
     }
 
 
-def run(backend: str, sizes: dict[str, int], repeats: int) -> dict[str, Any]:
+def run(
+    backend: str, sizes: dict[str, int], repeats: int, only: str | None = None
+) -> dict[str, Any]:
     from benchmarks.run import _pg_admin, database_for
 
     tmp = pg_name = None
@@ -234,6 +236,8 @@ def run(backend: str, sizes: dict[str, int], repeats: int) -> dict[str, Any]:
         if base is not None:
             pages["process map, default window (loaded apart)"] = base
             pages["process map, all time (loaded apart)"] = base + "?window=all"
+        if only:
+            pages = {name: url for name, url in pages.items() if only in name}
         figures = []
         for name, url in pages.items():
             print(f"[admin {backend}] {name}", file=sys.stderr, flush=True)
@@ -293,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument(
+        "--pages", metavar="TEXT", help="only the pages whose name contains TEXT (e.g. encounter)"
+    )
     args = parser.parse_args(argv)
     sizes = {"visits": args.visits, "others": args.others, "history": args.history}
-    result = run(args.backend, sizes, args.repeats)
+    result = run(args.backend, sizes, args.repeats, args.pages)
     print(table([result]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, default=str))
