@@ -495,6 +495,8 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
 
     def history_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
         obj = self.get_object(request, unquote(object_id))
+        if obj is not None:
+            request._encounter_shown = (unquote(object_id), obj)  # type: ignore[attr-defined]
         if obj is not None and self.has_view_or_change_permission(request, obj):
             page = self._timeline_page(request, obj)
             extra_context = {
@@ -541,6 +543,9 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
         backdates = []
         page = self._timeline_page(request, obj)
         if can_transition:
+            machine = obj.machine
+            if machine.definition_id == obj.definition_id:
+                machine.definition = obj.definition  # the same row: read once, not twice
             url = reverse("admin:django_encounters_encounter_transition", args=[quote(obj.pk)])
             buttons = [
                 (state, f"{url}?{urlencode({'to_state': state, 'expected_version': obj.version})}")
