@@ -136,6 +136,71 @@ def test_encounter_page_reads_the_same_queries_for_5_rows_as_for_500(
         assert response.context["timeline_page"].total == 500
 
 
+#: The encounter page's queries (session and user included) for a user who may transition it.
+ENCOUNTER_PAGE_QUERIES = 13
+
+
+def test_encounter_page_reads_the_encounter_and_its_definition_once(
+    admin_client, load, counter_definition
+):
+    """The status panel and Django's change form share the encounter read for the page, and
+    the pinned version's definition is the encounter's own: each row is read once (the
+    timeline's verifying replay reads the encounter's genesis and projection columns apart)."""
+    (long,) = load(1, ["open"] * 500, definition=counter_definition, step=timedelta(seconds=1))
+    url = reverse("admin:django_encounters_encounter_change", args=[long])
+    admin_client.get(url)
+    with CaptureQueriesContext(connection) as queries:
+        response = admin_client.get(url)
+    assert response.status_code == 200
+    encounter_rows = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].startswith('SELECT "django_encounters_encounter"."id", ')
+    ]
+    definition_rows = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].startswith('SELECT "django_encounters_encounterdefinition"."id", ')
+        and '"django_encounters_encounterdefinition"."created_at"' in q["sql"]
+    ]
+    assert len(encounter_rows) == 1, encounter_rows
+    assert len(definition_rows) == 1, definition_rows
+    assert len(queries) <= ENCOUNTER_PAGE_QUERIES, [q["sql"][:120] for q in queries]
+    assert [row.sequence for row in response.context["timeline"]][:2] == [500, 499]
+
+
+def test_encounter_history_reads_the_encounter_once(admin_client, load, counter_definition):
+    (long,) = load(1, ["open"] * 50, definition=counter_definition, step=timedelta(seconds=1))
+    url = reverse("admin:django_encounters_encounter_history", args=[long])
+    admin_client.get(url)
+    with CaptureQueriesContext(connection) as queries:
+        assert admin_client.get(url).status_code == 200
+    encounter_rows = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].startswith('SELECT "django_encounters_encounter"."id", ')
+    ]
+    assert len(encounter_rows) == 1, encounter_rows
+
+
+def test_a_saved_edit_reads_the_encounter_again_under_its_lock(
+    admin_client, load, counter_definition
+):
+    """The shared read is for a page that is only shown: a save is compared with the row read
+    under the edit form's lock (``SELECT … FOR UPDATE`` where the database has it)."""
+    (pk,) = load(1, ["open"] * 3, definition=counter_definition)
+    url = reverse("admin:django_encounters_encounter_change", args=[pk])
+    admin_client.get(url)
+    with CaptureQueriesContext(connection) as queries:
+        assert admin_client.post(url, {"notes": "x"}).status_code in (200, 302)
+    encounter_rows = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].startswith('SELECT "django_encounters_encounter"."id", ')
+    ]
+    assert len(encounter_rows) >= 2, encounter_rows
+
+
 def test_encounter_list_reads_the_same_queries_for_40_encounters_as_for_400(admin_client, load):
     url = reverse("admin:django_encounters_encounter_changelist")
     load(40, ["checked_in"])

@@ -444,10 +444,26 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             *super().get_urls(),
         ]
 
+    def get_object(self, request: HttpRequest, object_id: str, from_field: Any = None) -> Any:
+        """The encounter, read once per request for a page that is only shown (the change
+        view's status panel and Django's change form then share it); a save reads it again,
+        under the edit form's lock."""
+        shown = getattr(request, "_encounter_shown", None)
+        if (
+            shown is not None
+            and from_field is None
+            and shown[0] == object_id
+            and not getattr(request, "_encounter_edit_lock", False)
+        ):
+            return shown[1]
+        return super().get_object(request, object_id, from_field)
+
     def change_view(
         self, request: Any, object_id: str, form_url: str = "", extra_context: Any = None
     ) -> Any:
         obj = self.get_object(request, unquote(object_id))
+        if obj is not None and request.method in ("GET", "HEAD"):
+            request._encounter_shown = (unquote(object_id), obj)  # type: ignore[attr-defined]
         if obj is not None:
             extra_context = {**(extra_context or {}), **self._page_context(request, obj)}
         if request.method == "POST":
@@ -479,6 +495,8 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
 
     def history_view(self, request: Any, object_id: str, extra_context: Any = None) -> Any:
         obj = self.get_object(request, unquote(object_id))
+        if obj is not None:
+            request._encounter_shown = (unquote(object_id), obj)  # type: ignore[attr-defined]
         if obj is not None and self.has_view_or_change_permission(request, obj):
             page = self._timeline_page(request, obj)
             extra_context = {
@@ -525,6 +543,9 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
         backdates = []
         page = self._timeline_page(request, obj)
         if can_transition:
+            machine = obj.machine
+            if machine.definition_id == obj.definition_id:
+                machine.definition = obj.definition  # the same row: read once, not twice
             url = reverse("admin:django_encounters_encounter_transition", args=[quote(obj.pk)])
             buttons = [
                 (state, f"{url}?{urlencode({'to_state': state, 'expected_version': obj.version})}")

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
 from .. import conf
 from ..engine import Entry
 from ..engine.timeline import EARLIEST_EFFECTIVE_AT, violations
@@ -51,6 +54,77 @@ class TimelineRow:
     late: bool = False
     #: how long after its effective time it was recorded, in words ("" when not late)
     late_by: str = ""
+
+    def html(self) -> SafeString:
+        """The row as the timeline's table shows it (``<tr>``, escaped): built here rather
+        than in the template, whose per-variable lookups were a tenth of the page's time."""
+        classes = "timeline-row" + "".join(
+            f" {name}"
+            for name, on in (
+                ("backdated", self.backdated),
+                ("overtaken", self.overtaken),
+                ("late", self.late),
+            )
+            if on
+        )
+        recorded = (
+            format_html(
+                ' <span class="recorded-from-state" title="the from-state recorded with the '
+                "row; a row recorded later was inserted before it, so the timeline now reaches "
+                "this row from '{}'\">(recorded: {})</span>",
+                self.from_state,
+                self.recorded_from_state,
+            )
+            if self.recorded_from_state
+            else ""
+        )
+        marks = [
+            format_html(
+                '<span class="timeline-mark" title="inserted before a row that was already '
+                'recorded">backdated</span>'
+            )
+            if self.backdated
+            else "",
+            format_html(
+                '<span class="timeline-mark" title="a row recorded later was inserted before '
+                'it">overtaken by #{}</span>',
+                self.overtaken_by,
+            )
+            if self.overtaken
+            else "",
+            format_html(
+                '<span class="timeline-mark late-entry" title="recorded {} after its effective '
+                'time">late entry: {}</span>',
+                self.late_by,
+                self.late_by,
+            )
+            if self.late
+            else "",
+        ]
+        return format_html(
+            '<tr class="{}" data-sequence="{}">\n'
+            "      <td>{}</td>\n"
+            '      <td><span class="from-state">{}</span>{} → <strong>{}</strong></td>\n'
+            '      <td class="timeline-time">{}</td>\n'
+            '      <td class="timeline-time">{}</td>\n'
+            "      <td>{}</td>\n"
+            "      <td>{}</td>\n"
+            "      <td><code>{}</code></td>\n"
+            "      <td>\n        {}\n        {}\n        {}\n      </td>\n"
+            "    </tr>",
+            classes,
+            self.sequence,
+            self.sequence,
+            self.from_state,
+            recorded,
+            self.to_state,
+            self.effective_at,
+            self.transitioned_at,
+            self.transitioned_by or "—",
+            self.reason,
+            self.context,
+            *marks,
+        )
 
 
 @dataclass(frozen=True)

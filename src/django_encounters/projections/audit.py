@@ -462,25 +462,35 @@ def _audit_of(
 ) -> EncounterAudit:
     replay = verified.replay
     name = users.name if users is not None else _str_or_none
-    timeline = [
-        AuditRow(
-            sequence=row.sequence,
-            from_state=row.from_state,
-            to_state=row.to_state,
-            effective_at=row.effective_at,
-            transitioned_at=row.transitioned_at,
-            transitioned_by=row.transitioned_by_name or name(row.transitioned_by),
-            transitioned_by_now=_renamed(row.transitioned_by_name, name(row.transitioned_by)),
-            reason=row.reason,
-            backdated=row.sequence in replay.backdated,
-            overtaken=row.sequence in replay.overtaken,
-            overtaken_by=replay.overtaken.get(row.sequence),
-            transitioned_by_id=row.transitioned_by,
-            context=row.metadata,
-            definition_version=row.definition_version,
+    backdated, overtaken = replay.backdated, replay.overtaken
+    # (name recorded, user id) -> (who, the name now when renamed): once per user, not per row
+    who: dict[tuple[str, Any], tuple[str | None, str | None]] = {}
+    timeline = []
+    for row in timeline_order(verified.stream):
+        recorded, by = row.transitioned_by_name, row.transitioned_by
+        names = who.get((recorded, by))
+        if names is None:
+            now = name(by)
+            names = who[(recorded, by)] = (recorded or now, _renamed(recorded, now))
+        sequence = row.sequence
+        timeline.append(
+            AuditRow(
+                sequence=sequence,
+                from_state=row.from_state,
+                to_state=row.to_state,
+                effective_at=row.effective_at,
+                transitioned_at=row.transitioned_at,
+                transitioned_by=names[0],
+                transitioned_by_now=names[1],
+                reason=row.reason,
+                backdated=sequence in backdated,
+                overtaken=sequence in overtaken,
+                overtaken_by=overtaken.get(sequence),
+                transitioned_by_id=by,
+                context=row.metadata,
+                definition_version=row.definition_version,
+            )
         )
-        for row in timeline_order(verified.stream)
-    ]
     (deleted_at,) = verified.extra
     return EncounterAudit(
         id=verified.id,
