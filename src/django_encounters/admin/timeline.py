@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.utils.html import format_html
-from django.utils.safestring import SafeString
+from django.utils.safestring import SafeString, mark_safe
 
 from .. import conf
 from ..engine import Entry
@@ -79,7 +79,7 @@ class TimelineRow:
             else ""
         )
         marks = [
-            format_html(
+            mark_safe(
                 '<span class="timeline-mark" title="inserted before a row that was already '
                 'recorded">backdated</span>'
             )
