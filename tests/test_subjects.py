@@ -121,7 +121,11 @@ def test_a_cascade_from_a_parent_row_is_refused(unguard, visit_definition):
     encounter stops the whole delete (Django's collector re-raises the guard's refusal as its
     own ProtectedError for the parent, with the encounters as the protected objects)."""
     kind = ContentType.objects.create(app_label="clinic", model="room")
-    permission = Permission.objects.create(content_type=kind, codename="book", name="Book")
+    # An explicit id: on the Citus test cluster auth_permission's sequence is behind its rows.
+    next_id = (Permission.objects.order_by("-id").values_list("id", flat=True).first() or 0) + 1
+    permission = Permission.objects.create(
+        id=next_id, content_type=kind, codename="book", name="Book"
+    )
     protect_subjects(Permission)
     visit = create_encounter(visit_definition, permission)
     with pytest.raises(ProtectedError) as refused:

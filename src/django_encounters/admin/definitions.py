@@ -10,6 +10,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
+from django.db import connections, router, transaction
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import path, reverse
@@ -34,6 +35,14 @@ from .common import DeletedFilter, ReadOnlyMixin, SoftDeleteAdmin, diagram_html
 # ---------------------------------------------------------------------------------------------
 # Definitions
 # ---------------------------------------------------------------------------------------------
+
+#: On Citus only (a no-op elsewhere on PostgreSQL): the rest of the transaction runs over one
+#: connection per node, as Citus requires of a transaction that reads distributed tables in
+#: parallel and then writes a table they reference.
+CITUS_SEQUENTIAL = (
+    "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN "
+    "SET LOCAL citus.multi_shard_modify_mode TO 'sequential'; END IF; END $$"
+)
 
 
 def _window_words(days: int | None) -> str:
@@ -453,6 +462,27 @@ class EncounterDefinitionAdmin(SoftDeleteAdmin):
             "<tbody>{}</tbody></table>",
             body,
         )
+
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: Any = None,
+    ) -> Any:
+        if request.method != "POST":
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        using = router.db_for_write(self.model)
+        with transaction.atomic(using=using):
+            connection = connections[using]
+            if connection.vendor == "postgresql":
+                # On Citus the page reads the definition with its encounters counted (a
+                # parallel read of a distributed table); the definition's table, which they
+                # reference, may then be written in the same transaction only if its
+                # statements run over one connection per node.
+                with connection.cursor() as cursor:
+                    cursor.execute(CITUS_SEQUENTIAL)
+            return super().changeform_view(request, object_id, form_url, extra_context)
 
     def change_view(
         self, request: Any, object_id: str, form_url: str = "", extra_context: Any = None
