@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import django
 import pytest
 from benchmarks.loading import load_encounters
 from django.contrib.contenttypes.models import ContentType
@@ -24,6 +25,10 @@ pytestmark = pytest.mark.django_db
 
 #: Issue 21's bound for the definition page.
 DEFINITION_PAGE_QUERIES = 15
+
+#: How often the encounter's own row is read for its page: once; Django 4.2's change form
+#: reads the object a second time itself (a query the library does not make).
+ENCOUNTER_READS = 1 if django.VERSION >= (5, 0) else 2
 
 
 @pytest.fixture
@@ -136,8 +141,9 @@ def test_encounter_page_reads_the_same_queries_for_5_rows_as_for_500(
         assert response.context["timeline_page"].total == 500
 
 
-#: The encounter page's queries (session and user included) for a user who may transition it.
-ENCOUNTER_PAGE_QUERIES = 13
+#: The encounter page's queries (session and user included) for a user who may transition it;
+#: Django 4.2's change form makes two of its own more (the second read of the object above).
+ENCOUNTER_PAGE_QUERIES = 13 if django.VERSION >= (5, 0) else 15
 
 
 def test_encounter_page_reads_the_encounter_and_its_definition_once(
@@ -163,7 +169,7 @@ def test_encounter_page_reads_the_encounter_and_its_definition_once(
         if q["sql"].startswith('SELECT "django_encounters_encounterdefinition"."id", ')
         and '"django_encounters_encounterdefinition"."created_at"' in q["sql"]
     ]
-    assert len(encounter_rows) == 1, encounter_rows
+    assert len(encounter_rows) == ENCOUNTER_READS, encounter_rows
     assert len(definition_rows) == 1, definition_rows
     assert len(queries) <= ENCOUNTER_PAGE_QUERIES, [q["sql"][:120] for q in queries]
     assert [row.sequence for row in response.context["timeline"]][:2] == [500, 499]
@@ -180,7 +186,7 @@ def test_encounter_history_reads_the_encounter_once(admin_client, load, counter_
         for q in queries.captured_queries
         if q["sql"].startswith('SELECT "django_encounters_encounter"."id", ')
     ]
-    assert len(encounter_rows) == 1, encounter_rows
+    assert len(encounter_rows) == ENCOUNTER_READS, encounter_rows
 
 
 def test_a_saved_edit_reads_the_encounter_again_under_its_lock(
