@@ -337,7 +337,7 @@ def test_the_distributions_carry_the_license_and_the_metadata(dist):
     assert not [c for c in classifiers if c.startswith("License ::")]
     assert _classifier_problems(classifiers) == []
     runtime = [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
-    assert sorted(runtime) == ["Django>=4.2", "eventsourcing<9.6,>=9.5"]
+    assert sorted(runtime) == ["Django<6.1,>=4.2", "eventsourcing<9.6,>=9.5"]
 
 
 @pytest.mark.slow
