@@ -8,6 +8,7 @@ are enforced by the services themselves (``transition()``, ``create_encounter()`
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from django.contrib.auth.models import User
@@ -60,8 +61,13 @@ def test_a_body_nested_5000_deep_is_a_400_problem_not_a_500(nurse, encounter):
     body = deep_body(5000)
     assert 30_000 < len(body) < 31_000
     response = nurse.post(url(encounter, "transition"), body, content_type="application/json")
-    problem = assert_problem(response, 400, "about:blank", title="Bad Request")
-    assert problem["detail"] == "JSON parse error - the body is nested too deeply to be parsed"
+    if sys.version_info < (3, 13):
+        # The JSON parser reaches Python's recursion limit: a parse error.
+        problem = assert_problem(response, 400, "about:blank", title="Bad Request")
+        assert problem["detail"] == "JSON parse error - the body is nested too deeply to be parsed"
+    else:
+        # Python 3.13's parser reads it; the store's depth limit refuses it.
+        assert_problem(response, 400, LIMIT, limit="depth", setting="ENCOUNTERS_MAX_CONTEXT_DEPTH")
     assert counts() == (1, 0)
 
 
