@@ -281,7 +281,8 @@ def speed_up_cursor(connection: Any, cursor: Any) -> None:
     """On psycopg 3, give ``cursor`` the C ``timestamptz`` loader (same values as Django's)."""
     if connection.vendor != "postgresql" or connection.timezone is not _UTC:
         return  # (Django's loader gives naive or other-zone times then)
-    adapters = getattr(getattr(cursor, "cursor", None), "adapters", None)
+    # Django's cursor wrapper (its driver cursor as ``cursor``), or a driver cursor.
+    adapters = getattr(getattr(cursor, "cursor", cursor), "adapters", None)
     if adapters is None:  # psycopg2
         return
     if _pg_loader() is not None:

@@ -53,6 +53,10 @@ class Statements:
     lock_slices: tuple[slice, ...]  # where each of the four groups lies in a selected row
     lock_attnames: tuple[list[str], ...]  # the attnames of each group
     lock_models: tuple[Any, Any, Any]  # the encounter model, its and the version's definition fk
+    #: Where the lock's row holds the definition's code, the version's number and content hash,
+    #: then its states, initial state, final states and transitions (``Rules``' inputs)
+    lock_machine: tuple[int, ...]
+    lock_validators: int  # where it holds the version's validators
     insert_sql: str
     insert_fields: list[Any]
     insert_adapters: list[Adapter]  # each insert field's get_db_prep_save (converters.py)
@@ -208,6 +212,21 @@ def _build(connection: Any) -> Statements:
         lock_attnames=tuple(
             [f.attname for f in lock_fields[a:b]] for a, b in zip(bounds, bounds[1:], strict=False)
         ),
+        lock_machine=(
+            _position(lock_fields, bounds[1], bounds[2], "code"),
+            *(
+                _position(lock_fields, bounds[2], bounds[3], name)
+                for name in (
+                    "number",
+                    "content_hash",
+                    "states",
+                    "initial_state",
+                    "final_states",
+                    "transitions",
+                )
+            ),
+        ),
+        lock_validators=_position(lock_fields, bounds[2], bounds[3], "validators"),
         lock_models=(
             encounter,
             model_field(encounter, "definition"),
@@ -241,6 +260,11 @@ def _build(connection: Any) -> Statements:
         count_rows_sql=f"SELECT COUNT(*) {of_encounter}",
         projections_sql=_projections_sql(connection),
     )
+
+
+def _position(fields: list[Any], start: int, stop: int, name: str) -> int:
+    """Where the field ``name`` lies among ``fields[start:stop]`` (one model's group)."""
+    return start + [f.name for f in fields[start:stop]].index(name)
 
 
 def _selected_column(connection: Any) -> Any:
