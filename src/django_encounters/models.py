@@ -897,15 +897,17 @@ class Encounter(UUIDModel, BaseModel):
         if pending is not None and pending.rolled_back():
             pending.restore(self)
             pending = None
+        if using is None:
+            self.__dict__.update(values)
+            return
         if pending is not None and not pending.confirmed:
             before = pending.before  # an earlier uncommitted change: roll back to before it
         else:
             before = {name: self.__dict__.get(name, _UNLOADED) for name in values}
         self.__dict__.update(values)
-        if using is not None:
-            pending = _PendingProjection(connections[using], before)
-            self.__dict__[_PENDING] = pending
-            transaction.on_commit(pending.confirm, using=using)
+        pending = _PendingProjection(connections[using], before)
+        self.__dict__[_PENDING] = pending
+        transaction.on_commit(pending.confirm, using=using)
 
     def __getstate__(self) -> dict[str, Any]:
         materialize_lock(self)  # a copy or a pickle holds what the lock read, built

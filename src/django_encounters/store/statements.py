@@ -16,6 +16,7 @@ The encounter id is passed once however often the statement uses it.
 
 from __future__ import annotations
 
+import keyword
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Statements:
     insert_sql: str
     insert_fields: list[Any]
     insert_adapters: list[Adapter]  # each insert field's get_db_prep_save (converters.py)
+    insert_params: Any  # record -> the INSERT's parameters (:func:`_insert_params`)
     encounter_adapters: dict[str, Adapter]  # the same for the encounter's fields, by attname
     row_adapters: dict[str, Adapter]  # the same for the transition's fields, by attname
     state_at_sql: str
@@ -238,6 +240,7 @@ def _build(connection: Any) -> Statements:
         ),
         insert_fields=insert_fields,
         insert_adapters=[row_adapters[f.attname] for f in insert_fields],
+        insert_params=_insert_params(insert_fields, [row_adapters[f.attname] for f in insert_fields]),
         encounter_adapters={
             f.attname: value_adapter(connection, f) for f in encounter._meta.concrete_fields
         },
@@ -260,6 +263,34 @@ def _build(connection: Any) -> Statements:
         count_rows_sql=f"SELECT COUNT(*) {of_encounter}",
         projections_sql=_projections_sql(connection),
     )
+
+
+def _insert_params(fields: list[Any], adapters: list[Adapter]) -> Any:
+    """``record -> {attname: adapter(field.pre_save(record, True))}`` for the INSERT, generated
+    as one function (like ``converters.row_builder``): a field whose ``pre_save`` is Django's
+    plain one (the attribute's value; a date or time field without ``auto_now``/``auto_now_add``
+    too) is read as the attribute, any other through its ``pre_save``."""
+    from django.db.models import DateField, DateTimeField
+    from django.db.models import Field as ModelField
+
+    namespace: dict[str, Any] = {}
+    items = []
+    for index, (f, adapt) in enumerate(zip(fields, adapters, strict=True)):
+        namespace[f"adapt_{index}"] = adapt
+        pre_save = type(f).pre_save
+        plain = pre_save is ModelField.pre_save or (
+            pre_save in (DateField.pre_save, DateTimeField.pre_save)
+            and not (f.auto_now or f.auto_now_add)
+        )
+        if plain and f.attname.isidentifier() and not keyword.iskeyword(f.attname):
+            value = f"record.{f.attname}"
+        else:
+            namespace[f"field_{index}"] = f
+            value = f"field_{index}.pre_save(record, True)"
+        items.append(f"{f.attname!r}: adapt_{index}({value})")
+    source = f"def params(record):\n    return {{{', '.join(items)}}}\n"
+    exec(source, namespace)  # noqa: S102 - generated from the model's field names only
+    return namespace["params"]
 
 
 def _position(fields: list[Any], start: int, stop: int, name: str) -> int:

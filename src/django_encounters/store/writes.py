@@ -278,12 +278,8 @@ def insert_row(
             f"Transition {record.sequence} of encounter {record.encounter_id} was changed by a "
             "signal receiver after it was decided; rows cannot be altered before insert"
         )
-    params = {
-        f.attname: adapt(f.pre_save(record, True))
-        for f, adapt in zip(st.insert_fields, st.insert_adapters, strict=True)
-    }
     try:
-        cursors.execute(connection, st.insert_sql, params)
+        cursors.execute(connection, st.insert_sql, st.insert_params(record))
     except IntegrityError as exc:
         if _is_sequence_clash(exc):
             raise ConcurrentTransitionError(
