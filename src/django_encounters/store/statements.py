@@ -240,7 +240,9 @@ def _build(connection: Any) -> Statements:
         ),
         insert_fields=insert_fields,
         insert_adapters=[row_adapters[f.attname] for f in insert_fields],
-        insert_params=_insert_params(insert_fields, [row_adapters[f.attname] for f in insert_fields]),
+        insert_params=_insert_params(
+            insert_fields, [row_adapters[f.attname] for f in insert_fields]
+        ),
         encounter_adapters={
             f.attname: value_adapter(connection, f) for f in encounter._meta.concrete_fields
         },

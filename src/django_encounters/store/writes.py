@@ -20,11 +20,11 @@ from ..engine import (
     EncounterNotFoundError,
     EncounterTimeline,
     ProjectionDriftError,
+    Rules,
     row_hash,
     stored_precision,
 )
 from ..exceptions import DatabaseLockedError
-from ..engine import Rules
 from ..models import (
     LAZY_LOCK,
     Encounter,
@@ -137,8 +137,9 @@ class LockedMachine:
             key = (row[code], row[number], row[content_hash], *(row[i] for i in machine))
             try:
                 rules = _RULES.get(key)
+                cacheable = True
             except TypeError:  # a driver value that is not hashable: decoded each time
-                key = None
+                cacheable = False
             if rules is None:
                 convert = self._st.lock_converters
                 states, initial, finals, transitions = (_convert(convert, i, row) for i in machine)
@@ -151,7 +152,7 @@ class LockedMachine:
                     _convert(convert, number, row),
                     _convert(convert, content_hash, row),
                 )
-                if key is not None:
+                if cacheable:
                     if len(_RULES) >= _RULES_LIMIT:
                         _RULES.clear()
                     _RULES[key] = rules
@@ -191,7 +192,9 @@ class LockedMachine:
         if not definition_fk.is_cached(encounter):
             definition_fk.set_cached_value(encounter, definition)
         if self.exists and "_machine" not in encounter.__dict__:
-            machine = load(version_fk.model, self._using, v_names, convert_row(row[v], converters[v]))
+            machine = load(
+                version_fk.model, self._using, v_names, convert_row(row[v], converters[v])
+            )
             version_fk.set_cached_value(machine, definition)
             encounter._machine = machine
 
