@@ -316,6 +316,9 @@ def value_adapter(connection: Any, field: Any) -> Adapter:
                 return result
         return slow(value)
 
+    if shortcut is _as_is:
+        # What generated code may inline: a value of this type is sent as it is.
+        adapt.as_is_type = kind  # type: ignore[attr-defined]
     return adapt
 
 

@@ -289,7 +289,14 @@ def _insert_params(fields: list[Any], adapters: list[Adapter]) -> Any:
         else:
             namespace[f"field_{index}"] = f
             value = f"field_{index}.pre_save(record, True)"
-        items.append(f"{f.attname!r}: adapt_{index}({value})")
+        as_is = getattr(adapt, "as_is_type", None)
+        if as_is is None:
+            items.append(f"{f.attname!r}: adapt_{index}({value})")
+        else:  # the adapter's own shortcut, inlined: a value of its type as it is
+            namespace[f"type_{index}"] = as_is
+            items.append(
+                f"{f.attname!r}: (v if type(v := {value}) is type_{index} else adapt_{index}(v))"
+            )
     source = f"def params(record):\n    return {{{', '.join(items)}}}\n"
     exec(source, namespace)  # noqa: S102 - generated from the model's field names only
     return namespace["params"]
