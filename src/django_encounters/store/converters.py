@@ -377,5 +377,6 @@ def _aware_as_is(value: datetime) -> Any:
 
 def _sqlite_utc_text(value: datetime) -> Any:
     # Django: make_naive(value, UTC), then str(); for a value already in UTC that is dropping
-    # the tzinfo.
-    return str(value.replace(tzinfo=None)) if value.tzinfo is _UTC else _NO_SHORTCUT
+    # the tzinfo: its ISO text without the "+00:00" that UTC's offset always writes (no copy of
+    # the datetime made for it).
+    return value.isoformat(" ")[:-6] if value.tzinfo is _UTC else _NO_SHORTCUT
