@@ -260,6 +260,24 @@ def subject() -> Any:
     return user
 
 
+def subject_pool(size: int = 1000) -> list[str]:
+    """The ids (as stored in ``subject_id``) of ``size`` users the generated encounters are
+    about, created once."""
+    from django.contrib.auth.models import User
+
+    names = [f"bench-subject-{i:04d}" for i in range(size)]
+    have = set(User.objects.filter(username__in=names).values_list("username", flat=True))
+    User.objects.bulk_create(
+        User(username=name, password="!") for name in names if name not in have
+    )
+    return [
+        str(pk)
+        for pk in User.objects.filter(username__in=names)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    ]
+
+
 def generate(
     schema: Schema, definition: Any, start: int, count: int, rows_per: int, chunk: int = 10_000
 ) -> None:
@@ -272,6 +290,8 @@ def generate(
     from django_encounters.engine import Genesis, StreamRow, genesis_hash, row_hash
 
     ct = ContentType.objects.get_for_model(User).pk
+    # Existing subjects (a rebuild reports an encounter whose subject is gone: subject_missing).
+    subjects = subject_pool()
     rng = random.Random(start)
     base = datetime(2024, 1, 1, tzinfo=UTC)
     enc_cols = ", ".join(schema.e[n] for n in schema.enc_fields)
@@ -284,7 +304,15 @@ def generate(
             created = base + timedelta(seconds=i, milliseconds=1 + i % 997)
             version = definition.version
             genesis = genesis_hash(
-                Genesis(eid, definition.pk, version, "auth.user", str(i), "a", created)
+                Genesis(
+                    eid,
+                    definition.pk,
+                    version,
+                    "auth.user",
+                    subjects[i % len(subjects)],
+                    "a",
+                    created,
+                )
             )
             state, previous, eff = "a", genesis, created
             for seq in range(1, rows_per + 1):
@@ -314,7 +342,7 @@ def generate(
                 "id": eid,
                 "definition": definition.pk,
                 "subject_content_type": ct,
-                "subject_id": str(i),
+                "subject_id": subjects[i % len(subjects)],
                 "state": state,
                 "origin_state": "a",
                 "version": rows_per,
