@@ -10,9 +10,13 @@ Every figure is a ratio measured in the same run: ``ratio = floor time / our tim
 fast as raw SQL; higher is better). The floor uses the DB-API alone (the driver connection
 Django opened, a plain cursor, no ORM) on the same schema, indexes and triggers:
 
-* ``transition()``: one transaction of lock/select (encounter joined with its definition,
-  ``FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) + INSERT of the row + UPDATE of
-  the projection. The floor computes no hash and runs no state-machine logic: that is ours;
+* ``transition()``: visits made by ``create_encounter`` walked through the example clinic's
+  definition with its validators (``benchmarks/definitions.py``): the first step, then the later
+  ones (a sub-line each), and the ping-pong pool of earlier runs on a line of its own. The
+  floor: one transaction of lock/select (encounter joined with its definition, ``FOR UPDATE`` on
+  PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) + INSERT of the row + UPDATE of the projection, on
+  visits made the same way. The floor computes no hash, no seal and runs no state-machine logic
+  or validator: that is ours;
 * ``get_state_at()``: the single indexed ``ORDER BY effective_at DESC, sequence DESC LIMIT 1``;
 * ``get_encounter_history()``: the single indexed ``SELECT … ORDER BY sequence`` (``fetchall``);
 * rebuild of N transitions over N/5 encounters (every projection drifted first, so every one
@@ -30,6 +34,12 @@ Sizes (flags or environment): ``--transitions`` (BENCH_TRANSITIONS, default 2000
 (BENCH_READS, 5000), ``--encounters`` (BENCH_ENCOUNTERS, 200000: the as-of set and the big
 rebuild), ``--rows-per-encounter`` (BENCH_ROWS_PER_ENCOUNTER, 5), ``--small-encounters``
 (BENCH_SMALL_ENCOUNTERS, 20000: the first memory point). ``--quick`` divides them.
+
+Per-call figures: the floor, ours with seals off and ours with seals on (``SEALS``) in rotating
+chunks, wall-clock and CPU time (``time.process_time``) each. Output: one table per database
+(``backend_table``), each line with the floor, ours seals off and on, the CPU times and ratios,
+the peer (``benchmarks/peers.py``'s run, same database and mode) where it has the operation,
+the goal (``TARGETS``) and whether it is met in both measures (``verdict``).
 
 SQLite's per-call figures run with ``synchronous=NORMAL`` and ``transition()`` once more under
 the default ``FULL``; ``BENCH_PG_PREPARED=1`` makes PostgreSQL's connection use server-side
