@@ -10,7 +10,9 @@ its table. Each page is fetched through Django's test client as a logged-in supe
 warm up, then ``--repeats`` times (default 10): the median and the best time, and the number
 of queries (which the suite asserts, tests/test_admin_speed.py), and the median of the
 process's CPU time per request (steadier than the wall time on a shared machine). The data is
-bulk-loaded (benchmarks/loading.py), valid and hash-chained; the subjects are users.
+bulk-loaded (benchmarks/loading.py), valid and hash-chained; the subjects are users. The visit
+definition is the example clinic's, validators included (benchmarks/definitions.py); the
+database comes from ``benchmarks.run.bench_database``, as the other benchmarks' do.
 """
 
 from __future__ import annotations
