@@ -1158,6 +1158,11 @@ def run_backend(backend: str, sizes: dict) -> dict:
 
         schema = Schema()
         definition = make_definition()
+        # Every user the run needs exists before the tables are distributed on Citus: a user
+        # inserted after distribute_encounters made auth_user a reference table collided with
+        # an existing id (duplicate key auth_user_pkey, id=1; seen 2026-12-07).
+        subject()
+        subject_pool()
         results: dict[str, Any] = {
             "backend": backend,
             "server": _server_version(connection),
