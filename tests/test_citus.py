@@ -313,7 +313,9 @@ def _distribute_from_scratch(replica: Any) -> None:
     # An installation that already has users and definitions: after the move they get new ones.
     users = get_user_model().objects.db_manager("replica")
     users.create(username="before-the-move")
-    EncounterDefinition.objects.using("replica").create(**visit_definition_kwargs(name="Before", code="BEFORE"))
+    EncounterDefinition.objects.using("replica").create(
+        **visit_definition_kwargs(name="Before", code="BEFORE")
+    )
     with replica.cursor() as cursor:  # the deferred foreign key checks, before any ALTER TABLE
         cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
@@ -336,7 +338,9 @@ def _distribute_from_scratch(replica: Any) -> None:
     assert found == {ENCOUNTERS: "h", TRANSITIONS: "h"}
     # The reference tables' own id sequences go on after the rows they already hold.
     users.create(username="after-the-move")
-    EncounterDefinition.objects.using("replica").create(**visit_definition_kwargs(name="After", code="AFTER"))
+    EncounterDefinition.objects.using("replica").create(
+        **visit_definition_kwargs(name="After", code="AFTER")
+    )
     assert sorted(users.values_list("username", flat=True)) == [
         "after-the-move",
         "before-the-move",
