@@ -112,7 +112,9 @@ admin-demo: $(STAMP_RUNTIME)
 
 # Benchmarks on SQLite (WAL file), a throwaway PostgreSQL cluster and a throwaway 3-node Citus
 # cluster (built when missing; BENCH_CITUS=0 leaves it out); BENCH_ARGS='--quick' for a smoke
-# run, '--update-readme' to rewrite the table in benchmarks/README.md.
+# run, '--update-readme' to rewrite the tables in benchmarks/README.md. Prints one table per
+# database: the raw-SQL floor, ours with seals off and on, CPU time per call, the peer
+# (django-fsm-2 + django-fsm-log) and issue 23's goals (benchmarks/README.md explains them).
 BENCH_ARGS ?=
 BENCH_CITUS ?= 1
 bench: $(STAMP_BENCH)

@@ -10,40 +10,30 @@ its table. Each page is fetched through Django's test client as a logged-in supe
 warm up, then ``--repeats`` times (default 10): the median and the best time, and the number
 of queries (which the suite asserts, tests/test_admin_speed.py), and the median of the
 process's CPU time per request (steadier than the wall time on a shared machine). The data is
-bulk-loaded (benchmarks/loading.py), valid and hash-chained; the subjects are users.
+bulk-loaded (benchmarks/loading.py), valid and hash-chained; the subjects are users. The visit
+definition is the example clinic's, validators included (benchmarks/definitions.py); the
+database comes from ``benchmarks.run.bench_database``, as the other benchmarks' do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.definitions import VISIT
+
 #: Issue 21's targets: seconds (median) and queries.
 TARGETS = {
     "definition page": (0.300, 15),
     "encounter page (500-row history)": (0.100, None),
     "encounter list": (0.300, None),
-}
-VISIT = {
-    "name": "Patient Visit",
-    "code": "VISIT",
-    "states": ["scheduled", "checked_in", "in_progress", "completed", "cancelled"],
-    "initial_state": "scheduled",
-    "final_states": ["completed", "cancelled"],
-    "transitions": {
-        "scheduled": ["checked_in", "cancelled"],
-        "checked_in": ["in_progress", "cancelled"],
-        "in_progress": ["completed", "cancelled"],
-    },
 }
 LOOP = {
     "name": "Ward round",
@@ -195,26 +185,15 @@ def measure(client: Any, url: str, repeats: int) -> dict[str, Any]:
 def run(
     backend: str, sizes: dict[str, int], repeats: int, only: str | None = None
 ) -> dict[str, Any]:
-    from benchmarks.run import _pg_admin, database_for
+    from benchmarks.run import bench_database
 
-    tmp = pg_name = None
-    if backend == "sqlite":
-        tmp = tempfile.TemporaryDirectory(prefix="encounters-admin-bench-")
-        database = database_for("sqlite", os.path.join(tmp.name, "admin.sqlite3"))
-    else:
-        pg_name = f"encounters_admin_bench_{os.getpid()}"
-        _pg_admin(f'CREATE DATABASE "{pg_name}"')
-        database = database_for("postgresql", pg_name=pg_name)
-    try:
-        configure(database)
-        from django.core.management import call_command
+    with bench_database(backend, "encounters_admin_bench", setup=configure):
         from django.db import connection
         from django.test import Client
         from django.urls import reverse
 
         from benchmarks.run import _server_version
 
-        call_command("migrate", verbosity=0, interactive=False)
         started = time.perf_counter()
         data = build(sizes["visits"], sizes["others"], sizes["history"])
         loaded = time.perf_counter() - started
@@ -252,23 +231,13 @@ def run(
             if target is not None:
                 found["target_s"], found["target_queries"] = target
             figures.append({"name": name, **found})
-        result = {
+        return {
             "backend": backend,
             "server": _server_version(connection),
             "sizes": sizes,
             "load_s": loaded,
             "figures": figures,
         }
-        connection.close()
-        return result
-    finally:
-        if pg_name:
-            from django.db import connection
-
-            connection.close()
-            _pg_admin(f'DROP DATABASE IF EXISTS "{pg_name}"')
-        if tmp is not None:
-            tmp.cleanup()
 
 
 def table(results: list[dict]) -> str:

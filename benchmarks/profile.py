@@ -5,6 +5,7 @@ own, beside the raw-SQL floor of ``benchmarks.run`` measured in the same process
     python -m benchmarks.profile --synchronous FULL
     python -m benchmarks.profile --backend postgresql # PGHOST/PGPORT/PGUSER, as benchmarks.run
     python -m benchmarks.profile --json out.json
+    python -m benchmarks.profile --workload visit     # benchmarks.run's transition() line
 
 The steps are the package's own functions (``store.lock_encounter``, ``store.insert_row``, …),
 wrapped with a timer for the run; the transaction's ``COMMIT`` is timed on the connection; what
@@ -25,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 #: The steps timed, in the order a transition runs them: (label, module path, attribute).
@@ -109,14 +109,17 @@ def _instrument(spent: Counter, sql: Counter) -> None:
     connection.connection = Driver()
 
 
-def profile(backend: str, synchronous: str, total: int) -> dict:
+def profile(backend: str, synchronous: str, total: int, workload: str = "pingpong") -> dict:
     from benchmarks.run import (
         OTHER,
         Schema,
+        _visits,
         bench_transition,
+        bench_transition_visit,
         configure,
         database_for,
         make_definition,
+        make_visit_definition,
         subject,
     )
 
@@ -137,14 +140,32 @@ def profile(backend: str, synchronous: str, total: int) -> dict:
 
     definition, who = make_definition(), subject()
     # The floor and ours, alternating, as in benchmarks.run.
-    floor = bench_transition(Schema(), definition, total)
-    pool = [create_encounter(definition, who) for _ in range(100)]
+    if workload == "visit":
+        from benchmarks.definitions import VISIT_PATH
+
+        floor = bench_transition_visit(Schema(), total)[0]
+        made = _visits(make_visit_definition(), (total + 400) // len(VISIT_PATH) + 100)
+        # in blocks of 100 visits: every visit's first step, then the next, as a clinic
+        moves = [
+            (enc, to)
+            for start in range(0, len(made), 100)
+            for to in VISIT_PATH
+            for enc in made[start : start + 100]
+        ]
+    else:
+        floor = bench_transition(Schema(), definition, total)
+        pool = [create_encounter(definition, who) for _ in range(100)]
+    done = [0]
 
     def run(n: int) -> float:
         started = time.perf_counter()
         for i in range(n):
-            enc = pool[i % len(pool)]
-            transition(enc, OTHER[enc.state])
+            if workload == "visit":
+                transition(*moves[done[0] + i])
+            else:
+                enc = pool[i % len(pool)]
+                transition(enc, OTHER[enc.state])
+        done[0] += n
         return time.perf_counter() - started
 
     run(300)  # warm up
@@ -160,6 +181,7 @@ def profile(backend: str, synchronous: str, total: int) -> dict:
     result = {
         "backend": backend,
         "synchronous": synchronous if backend == "sqlite" else None,
+        "workload": workload,
         "transitions": total,
         "floor_us": floor["floor_per_op_us"],
         "ours_us": floor["ours_per_op_us"],
@@ -178,7 +200,8 @@ def report(result: dict) -> str:
         f" (WAL, synchronous={result['synchronous']})" if result["synchronous"] else ""
     )
     lines = [
-        f"transition() on {where}: {result['ours_us']:.0f} µs/op "
+        f"transition() on {where}, {result.get('workload', 'pingpong')} workload: "
+        f"{result['ours_us']:.0f} µs/op "
         f"(raw-SQL floor {result['floor_us']:.0f} µs/op, ratio "
         f"{result['floor_us'] / result['ours_us']:.2f}×; {result['instrumented_us']:.0f} µs/op "
         "with the timers below)",
@@ -208,9 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="NORMAL")
     parser.add_argument("--transitions", type=int, default=3000)
+    parser.add_argument(
+        "--workload",
+        choices=("pingpong", "visit"),
+        default="pingpong",
+        help="visit: visits through the example clinic's definition with its validators, "
+        "benchmarks.run's transition() line; pingpong: a pool of two-state encounters",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    result = profile(args.backend, args.synchronous, args.transitions)
+    result = profile(args.backend, args.synchronous, args.transitions, args.workload)
     print(report(result))
     if args.json:
         with open(args.json, "w") as out:

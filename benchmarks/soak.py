@@ -454,7 +454,7 @@ def naive_fold(origin: str, rows: list[tuple[int, str, Any]]) -> str:
 
 def check(encounter_ids: list[str], committed: list[tuple[str, int]], report: Report) -> None:
     """Compare the database with what the workers committed; append problems to ``report``."""
-    from django_encounters.engine import ROW_FIELDS, StreamRow, verify_stream
+    from django_encounters.engine import StreamRow, verify_stream
     from django_encounters.models import Encounter, EncounterTransition
     from django_encounters.store.schema import ROW_COLUMNS
 

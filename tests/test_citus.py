@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from django.contrib.auth import get_user_model
 from django.db import NotSupportedError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
@@ -32,6 +33,7 @@ from django_encounters.services import (
     transition,
 )
 from django_encounters.store import distribution, sharding
+from tests.conftest import visit_definition_kwargs
 from tests.helpers import IS_CITUS, run_command, work_queries
 
 citus_only = pytest.mark.skipif(not IS_CITUS, reason="needs the Citus cluster (make test-citus)")
@@ -308,6 +310,14 @@ def _distribute_from_scratch(replica: Any) -> None:
         distribution.plan("replica")
     with replica.cursor() as cursor:
         cursor.execute("DROP TABLE my_follow_ups")
+    # An installation that already has users and definitions: after the move they get new ones.
+    users = get_user_model().objects.db_manager("replica")
+    users.create(username="before-the-move")
+    EncounterDefinition.objects.using("replica").create(
+        **visit_definition_kwargs(name="Before", code="BEFORE")
+    )
+    with replica.cursor() as cursor:  # the deferred foreign key checks, before any ALTER TABLE
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
     layout = distribution.plan("replica")
     assert not layout.done
@@ -326,3 +336,12 @@ def _distribute_from_scratch(replica: Any) -> None:
         )
         found = dict(cursor.fetchall())
     assert found == {ENCOUNTERS: "h", TRANSITIONS: "h"}
+    # The reference tables' own id sequences go on after the rows they already hold.
+    users.create(username="after-the-move")
+    EncounterDefinition.objects.using("replica").create(
+        **visit_definition_kwargs(name="After", code="AFTER")
+    )
+    assert sorted(users.values_list("username", flat=True)) == [
+        "after-the-move",
+        "before-the-move",
+    ]

@@ -305,7 +305,7 @@ def test_statements_are_built_once_per_connection_and_kept_off_it():
     first = statements(connection)
     assert statements(connection) is first
     key = ("state", "version")
-    assert first.update_sql(key, guarded=True) is first.update_sql(key, guarded=True)
+    assert first.update_sql(key) is first.update_sql(key)
     assert [name for name in vars(connection) if "encounter" in name.lower()] == []
 
 

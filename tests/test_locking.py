@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from django.db import IntegrityError, connection
+from django.test.utils import CaptureQueriesContext
 
 from django_encounters.exceptions import (
     ConcurrentTransitionError,
@@ -34,6 +35,7 @@ from tests.helpers import (
     reload,
     run_in_threads,
     snapshot,
+    work_queries,
 )
 
 pytestmark = pytest.mark.django_db
@@ -154,6 +156,30 @@ def test_rows_inserted_below_the_library_give_concurrent_transition_error(encoun
     assert rebuild_projections(encounters=[encounter.pk]).projections_fixed == 1
     row = transition(encounter, "in_progress")
     assert (row.sequence, row.from_state) == (2, "checked_in")
+
+
+def test_a_row_below_the_library_dated_before_the_timeline_end_clashes_on_insert(encounter):
+    """A raw row at ``version + 1`` dated before the timeline's end leaves the log's head as the
+    projection says (the row at ``sequence = version`` and the last timeline row are unchanged):
+    the lock's proof passes, and the new row's INSERT clashes with it on ``(encounter,
+    sequence)``: ConcurrentTransitionError naming the rebuild, nothing written. (Issue 23 took
+    the guard off the projection UPDATE; this is the error it gives, as before.)"""
+    transition(encounter, "checked_in")
+    earlier = reload(encounter).timeline_end_at - timedelta(hours=1)
+    insert_row_raw(
+        encounter, sequence=2, from_state="scheduled", to_state="cancelled", effective_at=earlier
+    )
+    before = snapshot(encounter)
+    assert (before.version, before.row_count) == (1, 2)
+
+    with CaptureQueriesContext(connection) as captured:
+        with pytest.raises(ConcurrentTransitionError, match="sequence 2") as exc:
+            transition(encounter, "in_progress")
+
+    assert not isinstance(exc.value, ProjectionDriftError)
+    assert "rebuild_encounter_projections" in str(exc.value)
+    assert [q.split(None, 1)[0].upper() for q in work_queries(captured)] == ["SELECT", "INSERT"]
+    assert snapshot(encounter) == before
 
 
 def test_sequence_clash_becomes_concurrent_transition_error(encounter):

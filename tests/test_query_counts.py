@@ -10,7 +10,7 @@ transaction there (what production sees), not a savepoint.
 from __future__ import annotations
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -53,6 +53,9 @@ def test_every_ordinary_transition_of_a_stream_is_three_statements(encounter):
     for state in ("checked_in", "in_progress", "completed"):
         _, queries, _ = _count(transition, encounter, state)
         assert len(queries) <= 3, (state, queries)
+        # The UPDATE writes the projection and reads nothing: what it relies on (the new row's
+        # predecessor in the log) the lock statement proved under the row lock (issue 23).
+        assert "encountertransition" not in queries[-1].lower(), queries[-1]
     assert Encounter.objects.get(pk=encounter.pk).version == 3
 
 
@@ -161,3 +164,23 @@ def test_transition_in_a_real_transaction_is_three_statements(visit_definition, 
     assert not any("SAVEPOINT" in q["sql"].upper() for q in captured.captured_queries)
     assert Encounter.objects.get(pk=enc.pk).state == "checked_in"
     assert enc.version == 1 and enc.state == "checked_in"
+
+
+@pytest.mark.postgres_only
+def test_the_lock_statement_reads_the_log_twice_on_postgresql(encounter):
+    """The lock statement reads the log's head with two index lookups: the row at ``sequence =
+    version`` (a join) and the last timeline row, both of its columns through one LATERAL
+    subquery (issue 23: one reference to the log fewer to plan on every call)."""
+    from django_encounters.store.statements import PK, statements
+
+    transition(encounter, "checked_in")
+    st = statements(connections["default"])
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + st.lock_sql, {PK: encounter.pk})
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    log = [
+        line for line in plan.splitlines() if " on django_encounters_encountertransition" in line
+    ]
+    assert len(log) == 2, plan
+    assert all("Index" in line for line in log), plan
+    assert st.lock_sql.count("LATERAL") == 1

@@ -29,6 +29,7 @@ from typing import Any
 
 from django.db import connections, transaction
 from django.db.models import ForeignKey
+from django.db.models.fields import AutoFieldMixin
 
 from ..exceptions import DistributionError
 from ..models import Encounter
@@ -187,11 +188,18 @@ def plan(using: str) -> Plan:
                 "must be a reference table (undistribute_table() it first)"
             )
         else:
-            steps.append(
-                Step(
-                    f"{table}: make a reference table (a copy on every node)",
-                    (f"SELECT create_reference_table('{qn(table)}')",),
+            sql = [f"SELECT create_reference_table('{qn(table)}')"]
+            pk = model._meta.pk
+            if isinstance(pk, AutoFieldMixin):
+                # Citus starts an identity column's sequence afresh when it makes the table a
+                # reference table: the next row would reuse the id of the first one already
+                # there (``auth_user``'s, for an installation with users).
+                sql.append(
+                    f"SELECT setval(pg_get_serial_sequence('{qn(table)}', '{pk.column}'), "
+                    f"COALESCE(MAX({qn(pk.column)}), 0) + 1, false) FROM {qn(table)}"
                 )
+            steps.append(
+                Step(f"{table}: make a reference table (a copy on every node)", tuple(sql))
             )
     for model in distributed:
         table = model._meta.db_table

@@ -80,13 +80,12 @@ class Statements:
     def quote(self, name: str) -> str:
         return str(self.connection.ops.quote_name(name))
 
-    def update_sql(self, columns: Sequence[str], *, guarded: bool) -> str:
-        """``UPDATE encounter SET <columns> WHERE pk = %s`` (built once per column set); with
-        ``guarded``, ``AND EXISTS`` the row ``(encounter, sequence = %s)`` in the log."""
-        key = (*columns, "+guard" if guarded else "")
+    def update_sql(self, columns: Sequence[str]) -> str:
+        """``UPDATE encounter SET <columns> WHERE pk = %s``, built once per column set."""
+        key = tuple(columns)
         sql = self._updates.get(key)
         if sql is None:
-            sql = self._updates[key] = _update_sql(self, columns, guarded)
+            sql = self._updates[key] = _update_sql(self, columns)
         return sql
 
 
@@ -142,17 +141,30 @@ def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
 
     table = qn(transition._meta.db_table)
     last = " DESC, ".join(col("t", transition, name) for name in TIMELINE_ORDER) + " DESC"
-    # The last timeline row is read by subqueries filtered on the encounter id given as a
-    # parameter (not correlated with the outer row): on a sharded database (Citus) every table
-    # of the statement then has an equality filter on its distribution column, and the whole
+    # The last timeline row is filtered on the encounter id given as a parameter (not
+    # correlated with the outer row): on a sharded database (Citus) every table of the
+    # statement then has an equality filter on its distribution column, and the whole
     # statement, lock included, is routed to the one shard that holds the encounter.
-    for name in LOG_HEAD[3:]:
-        columns.append(
-            f"(SELECT {col('t', transition, name)} FROM {table} {qn('t')} "
-            f"WHERE {col('t', transition, 'encounter')} = %({PK})s "
-            f"ORDER BY {last} LIMIT 1)"
+    last_row = f"FROM {table} {qn('t')} WHERE {col('t', transition, 'encounter')} = %({PK})s"
+    lateral = ""
+    if connection.vendor == "postgresql":
+        # PostgreSQL: one LATERAL subquery reads both columns of that row, one reference to the
+        # log where two scalar subqueries made two. Under Django's default client-side binding
+        # the statement is planned on every call; this form plans about 6 % faster (issue 23,
+        # measured with EXPLAIN (SUMMARY)), the same plan: one backward index scan.
+        names = ", ".join(col("t", transition, name) for name in LOG_HEAD[3:])
+        lateral = (
+            f" LEFT JOIN LATERAL (SELECT {names} {last_row} ORDER BY {last} LIMIT 1) "
+            f"{qn('l')} ON TRUE"
         )
-        fields.append(model_field(transition, name))
+        columns.extend(col("l", transition, name) for name in LOG_HEAD[3:])
+    else:
+        # SQLite has no LATERAL: a scalar subquery per column.
+        columns.extend(
+            f"(SELECT {col('t', transition, name)} {last_row} ORDER BY {last} LIMIT 1)"
+            for name in LOG_HEAD[3:]
+        )
+    fields.extend(model_field(transition, name) for name in LOG_HEAD[3:])
     sql = (
         f"SELECT {', '.join(columns)} FROM {qn(encounter._meta.db_table)} {qn('e')} "
         f"INNER JOIN {qn(definition._meta.db_table)} {qn('d')} "
@@ -162,8 +174,8 @@ def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
         f"AND {col('v', version, 'number')} = {col('e', encounter, 'definition_version')} "
         f"LEFT JOIN {table} {qn('r')} "
         f"ON {col('r', transition, 'encounter')} = {qn('e')}.{qn(encounter._meta.pk.column)} "
-        f"AND {col('r', transition, 'sequence')} = {col('e', encounter, 'version')} "
-        f"WHERE {qn('e')}.{qn(encounter._meta.pk.column)} = %({PK})s"
+        f"AND {col('r', transition, 'sequence')} = {col('e', encounter, 'version')}"
+        f"{lateral} WHERE {qn('e')}.{qn(encounter._meta.pk.column)} = %({PK})s"
     )
     return sql, fields, offsets
 
@@ -325,21 +337,14 @@ def _selected_column(connection: Any) -> Any:
     return selected
 
 
-def _update_sql(st: Statements, columns: Sequence[str], guarded: bool) -> str:
-    encounter, transition = Encounter, EncounterTransition
+def _update_sql(st: Statements, columns: Sequence[str]) -> str:
+    encounter = Encounter
     qn = st.quote
     assignments = ", ".join(
         f"{qn(model_field(encounter, name).column)} = %({name})s" for name in columns
     )
     meta = encounter._meta
-    sql = f"UPDATE {qn(meta.db_table)} SET {assignments} WHERE {qn(meta.pk.column)} = %({PK})s"
-    if guarded:
-        sql += (
-            f" AND EXISTS (SELECT 1 FROM {qn(transition._meta.db_table)} "
-            f"WHERE {qn(model_field(transition, 'encounter').column)} = %({PK})s "
-            f"AND {qn(model_field(transition, 'sequence').column)} = %(after_sequence)s)"
-        )
-    return sql
+    return f"UPDATE {qn(meta.db_table)} SET {assignments} WHERE {qn(meta.pk.column)} = %({PK})s"
 
 
 def projection_write_fields() -> list[Any]:

@@ -37,7 +37,7 @@ from . import cursors
 from .converters import convert_row
 from .loading import load
 from .mapping import row_of_record
-from .reads import count_rows, load_timeline
+from .reads import load_timeline
 from .schema import projection_of
 from .statements import PK, projection_write_fields, statements
 
@@ -301,15 +301,20 @@ def insert_row(
 
 
 def update_projection(
-    locked: Any, values: dict[str, Any], using: str, *, after_sequence: int
+    locked: Any, values: dict[str, Any], using: str, *, after_sequence: int | None = None
 ) -> None:
     """Write the columns of ``values`` that differ from the locked instance's, in one UPDATE.
 
-    The projection doubles as the snapshot the decision used: the update happens only when row
-    ``after_sequence`` (the new row's predecessor) is in the log. It runs after the INSERT, so
-    (unlike anything read with the row lock) it sees every committed row; if the stored version
-    ran ahead of the log (written behind the library's back) the new row would leave a gap, and
-    ``ProjectionDriftError`` is raised instead.
+    The statement has no guard of its own: the new row's predecessor (``after_sequence``, the
+    row the projection points at) was proven in the log under the row lock before anything
+    was decided — by :func:`prove_projection` in ``transition()`` and ``upgrade_encounter()``,
+    by replaying the whole stream in :func:`append_record` — and rows are never deleted (the
+    append-only triggers; a ``TRUNCATE`` waits for this transaction). A row inserted below the
+    library at the new row's sequence makes the INSERT before this UPDATE fail
+    (``ConcurrentTransitionError``). Issue 23 dropped the ``AND EXISTS`` on row
+    ``after_sequence`` this UPDATE carried before the lock proved the log's head: it re-checked
+    what was proven, at a cost on every transition. ``after_sequence`` is accepted for the
+    callers and not used.
     """
     connection = connections[using]
     # The locked instance is the store's own (no pending projection on it): its __dict__ is read
@@ -319,22 +324,11 @@ def update_projection(
     changes = {name: value for name, value in values.items() if stored.get(name, _ABSENT) != value}
     if not changes:
         return
-    guarded = after_sequence > 0
     st = statements(connection)
     adapters = st.encounter_adapters
     params = {name: adapters[name](v) for name, v in changes.items()}
     params[PK] = adapters[type(locked)._meta.pk.attname](locked.pk)
-    if guarded:
-        # The guard's encounter id is the row's foreign key: the same value as the pk.
-        params["after_sequence"] = after_sequence
-    sql = st.update_sql(tuple(changes), guarded=guarded)
-    if not cursors.execute(connection, sql, params, cursors.ROWCOUNT):
-        raise ProjectionDriftError(
-            locked.pk,
-            locked.version,
-            count_rows(locked.pk, using) - 1,
-            detail=f"row {after_sequence} is missing from the log",
-        )
+    cursors.execute(connection, st.update_sql(tuple(changes)), params)
 
 
 def append_record(record: Any, using: str) -> None:

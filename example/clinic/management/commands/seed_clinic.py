@@ -32,33 +32,10 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, transaction
 from django.utils import timezone
 
+from clinic.definitions import VISIT
 from clinic.models import Patient
 from django_encounters import EncounterDefinition, create_encounter, transition
 from django_encounters.models import Encounter
-
-#: The definition of the README's usage example (and of ``example/demo.py``).
-VISIT = {
-    "name": "Patient Visit",
-    "code": "VISIT",
-    "description": "An outpatient visit: booked, the patient arrives, is seen, leaves.",
-    "states": ["scheduled", "checked_in", "in_progress", "completed", "cancelled"],
-    "initial_state": "scheduled",
-    "final_states": ["completed", "cancelled"],
-    "transitions": {
-        "scheduled": ["checked_in", "cancelled"],
-        "checked_in": ["in_progress", "cancelled"],
-        "in_progress": ["completed", "cancelled"],
-    },
-    "validators": [
-        "django_encounters.validators.FinalStateValidator",
-        {
-            "path": "django_encounters.validators.RequiredFieldsValidator",
-            "params": {
-                "state_requirements": {"completed": ["ended_at"], "in_progress": ["started_at"]}
-            },
-        },
-    ],
-}
 
 GIVEN_NAMES = (
     "Amara Erik Mei Santiago Priya Tomasz Aisha Kenji Ingrid Mateo Fatima Liam Yuki Olumide "
