@@ -310,3 +310,24 @@ def test_a_definition_set_on_the_locked_encounter_is_kept(encounter, visit_defin
     with receiver(pre_transition, swap):
         transition(encounter, "checked_in")
     assert seen == [other]
+
+
+def test_the_final_state_validator_reads_the_locked_rules_without_building_the_version(
+    visit_definition, patient
+):
+    from django_encounters.exceptions import ValidationError
+    from django_encounters.services import create_encounter
+
+    visit_definition.validators = ["django_encounters.validators.FinalStateValidator"]
+    # An exit from the final state the machine allows: only the validator refuses it.
+    visit_definition.transitions = {**visit_definition.transitions, "cancelled": ["scheduled"]}
+    visit_definition.save()
+    encounter = create_encounter(visit_definition, patient)
+    record = transition(encounter, "cancelled")
+    locked = record.encounter
+    assert "_machine" not in locked.__dict__  # nothing asked for the version's instance
+    assert "definition" not in locked._state.fields_cache
+    assert locked.machine_rules() is locked.machine_rules()  # the lock's, shared
+    assert locked.machine_rules() == locked.machine.rules()  # the same rules as the version's
+    with pytest.raises(ValidationError, match="Cannot transition from final state 'cancelled'"):
+        transition(encounter, "scheduled", effective_at=encounter.timeline_end_at)

@@ -885,6 +885,14 @@ class Encounter(UUIDModel, BaseModel):
             )
         return cached
 
+    def machine_rules(self) -> Rules:
+        """``self.machine.rules()``: on the encounter the write path locked, the rules it read
+        with the lock (no model instance built for them), else the pinned version's."""
+        lazy = self.__dict__.get(LAZY_LOCK)
+        if lazy is not None and lazy.current(self):
+            return cast(Rules, lazy.rules)
+        return self.machine.rules()
+
     def refresh_projection(self) -> None:
         """Reload the projection columns from the database."""
         self.refresh_from_db(fields=list(self.PROJECTION_FIELDS))

@@ -105,7 +105,10 @@ class FinalStateValidator(StateValidator):
     """Refuses transitions out of final states."""
 
     def validate(self, encounter, from_state, to_state, context=None):  # type: ignore[no-untyped-def]
-        if encounter.machine.is_final_state(from_state):
+        # The pinned version's rules (on the locked encounter, without building its version).
+        machine_rules = getattr(encounter, "machine_rules", None)
+        rules = machine_rules() if machine_rules is not None else encounter.machine.rules()
+        if rules.is_final(from_state):
             raise ValidationError(
                 self.__class__.__name__,
                 f"Cannot transition from final state '{from_state}'",
