@@ -22,6 +22,7 @@ from django_encounters.validators import (
     NoBackwardsTransitionValidator,
     RequiredFieldsValidator,
     StateValidator,
+    get_validator_class,
     get_validator_instance,
 )
 from tests import encounter_validators
@@ -343,3 +344,33 @@ def test_transition_refused_when_validator_leaves_allow_list(settings, make_defi
     # skip_validation does not load validators at all.
     transition(encounter, "checked_in", skip_validation=True)
     assert snapshot(encounter).state == "checked_in"
+
+
+# Resolved paths are remembered, never at the cost of an answer
+
+
+def test_a_remembered_path_still_meets_the_allow_list_read_at_call_time(settings):
+    path = "tests.encounter_validators.clinical.ClinicalValidator"
+    assert get_validator_class(path).__name__ == "ClinicalValidator"
+    settings.ENCOUNTERS_VALIDATOR_MODULES = ["myapp.validators"]
+    with pytest.raises(ValidatorConfigurationError, match="not in ENCOUNTERS_VALIDATOR_MODULES"):
+        get_validator_class(path)
+
+
+def test_a_class_replaced_in_its_module_is_resolved_again(monkeypatch):
+    from tests.encounter_validators import clinical
+
+    path = "tests.encounter_validators.clinical.ClinicalValidator"
+    original = get_validator_class(path)
+
+    class Replacement(StateValidator):
+        def validate(self, encounter, from_state, to_state, context=None):  # type: ignore[no-untyped-def]
+            pass
+
+    monkeypatch.setattr(clinical, "ClinicalValidator", Replacement)
+    assert get_validator_class(path) is Replacement
+    monkeypatch.setattr(clinical, "ClinicalValidator", len)  # not a validator now
+    with pytest.raises(ValidatorConfigurationError, match="not a subclass"):
+        get_validator_class(path)
+    monkeypatch.undo()
+    assert get_validator_class(path) is original

@@ -11,6 +11,7 @@ from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import connections, models, router, transaction
+from django.db.models.fields.related_descriptors import ForwardManyToOneDescriptor
 from django.db.models.query_utils import DeferredAttribute
 from django.utils import timezone
 
@@ -362,6 +363,28 @@ _PENDING = "_pending_projection"
 #: An encounter's definition and subject: its genesis facts an instance may change (a move).
 _FACTS = ("definition_id", "subject_content_type_id", "subject_id")
 _UNLOADED = object()
+#: Where the store's write path leaves, on an encounter it locked, what builds that encounter's
+#: definition and pinned version when something first asks for them (``store.writes``): an
+#: object whose ``materialize(instance)`` caches both on the instance, as the lock used to.
+LAZY_LOCK = "_lazy_lock"
+
+
+def materialize_lock(instance: Any) -> None:
+    """Build the definition and pinned version a locked encounter read with its lock, if not
+    done yet (see ``LAZY_LOCK``)."""
+    lazy = instance.__dict__.get(LAZY_LOCK)
+    if lazy is not None:
+        lazy.materialize(instance)
+
+
+class DefinitionAttribute(ForwardManyToOneDescriptor):
+    """``Encounter.definition``: Django's, except that on an encounter the write path locked,
+    the definition read with the lock is built on first access (no query, as before)."""
+
+    def __get__(self, instance: Any, cls: Any = None) -> Any:
+        if instance is not None and LAZY_LOCK in instance.__dict__:
+            instance.__dict__[LAZY_LOCK].materialize(instance)
+        return super().__get__(instance, cls)
 
 
 class _PendingProjection:
@@ -850,6 +873,8 @@ class Encounter(UUIDModel, BaseModel):
     @property
     def machine(self) -> EncounterDefinitionVersion:
         """The definition version this encounter is pinned to (its rules and validators)."""
+        if LAZY_LOCK in self.__dict__:
+            self.__dict__[LAZY_LOCK].materialize(self)
         cached = getattr(self, "_machine", None)
         if cached is None or (cached.definition_id, cached.number) != (
             self.definition_id,
@@ -859,6 +884,14 @@ class Encounter(UUIDModel, BaseModel):
                 definition_id=self.definition_id, number=self.definition_version
             )
         return cached
+
+    def machine_rules(self) -> Rules:
+        """``self.machine.rules()``: on the encounter the write path locked, the rules it read
+        with the lock (no model instance built for them), else the pinned version's."""
+        lazy = self.__dict__.get(LAZY_LOCK)
+        if lazy is not None and lazy.current(self):
+            return cast(Rules, lazy.rules)
+        return self.machine.rules()
 
     def refresh_projection(self) -> None:
         """Reload the projection columns from the database."""
@@ -872,19 +905,23 @@ class Encounter(UUIDModel, BaseModel):
         if pending is not None and pending.rolled_back():
             pending.restore(self)
             pending = None
+        if using is None:
+            self.__dict__.update(values)
+            return
         if pending is not None and not pending.confirmed:
             before = pending.before  # an earlier uncommitted change: roll back to before it
         else:
             before = {name: self.__dict__.get(name, _UNLOADED) for name in values}
         self.__dict__.update(values)
-        if using is not None:
-            pending = _PendingProjection(connections[using], before)
-            self.__dict__[_PENDING] = pending
-            transaction.on_commit(pending.confirm, using=using)
+        pending = _PendingProjection(connections[using], before)
+        self.__dict__[_PENDING] = pending
+        transaction.on_commit(pending.confirm, using=using)
 
     def __getstate__(self) -> dict[str, Any]:
+        materialize_lock(self)  # a copy or a pickle holds what the lock read, built
         state = super().__getstate__()
         state.pop(_PENDING, None)  # holds a database connection
+        state.pop(LAZY_LOCK, None)
         return state
 
     def timeline_snapshot(self) -> EncounterTimeline:
@@ -915,6 +952,10 @@ class Encounter(UUIDModel, BaseModel):
     def __str__(self) -> str:
         return f"{self.definition.name} - {self.state}"
 
+
+Encounter.definition = DefinitionAttribute(  # type: ignore[assignment]
+    cast(models.ForeignKey, Encounter._meta.get_field("definition"))
+)
 
 for _name in (*Encounter.PROJECTION_FIELDS, "ended_at", "updated_at"):
     setattr(

@@ -187,7 +187,9 @@ def transition(
 
         # 2. Load what the decision needs: the projection row is the snapshot; only a
         #    backdated transition needs the rows.
-        rules = locked.machine.rules()
+        # The pinned version's rules as the lock read them (no model instance built for them).
+        lazy = store.locked_machine(locked)
+        rules = lazy.rules if lazy is not None else locked.machine.rules()
         if not timeline.appends_at_end(effective_at):
             timeline = store.load_timeline(locked, using)
 
@@ -376,7 +378,9 @@ def run_validators(
             exception is chained as ``__cause__``).
         ValidatorConfigurationError: an entry cannot be loaded.
     """
-    for entry in encounter.machine.validators or []:
+    # The entries the write path's lock read, when it locked this instance; else the machine's.
+    lazy = store.locked_machine(encounter)
+    for entry in (lazy.validators() if lazy is not None else encounter.machine.validators) or []:
         validator: StateValidator = get_validator_instance(*parse_validator_entry(entry))
         try:
             validator.validate(encounter, from_state, to_state, context)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -104,7 +105,10 @@ class FinalStateValidator(StateValidator):
     """Refuses transitions out of final states."""
 
     def validate(self, encounter, from_state, to_state, context=None):  # type: ignore[no-untyped-def]
-        if encounter.machine.is_final_state(from_state):
+        # The pinned version's rules (on the locked encounter, without building its version).
+        machine_rules = getattr(encounter, "machine_rules", None)
+        rules = machine_rules() if machine_rules is not None else encounter.machine.rules()
+        if rules.is_final(from_state):
             raise ValidationError(
                 self.__class__.__name__,
                 f"Cannot transition from final state '{from_state}'",
@@ -139,6 +143,12 @@ def get_validator_class(validator_path: Any) -> type[StateValidator]:
             f"module '{module_path}' is not in ENCOUNTERS_VALIDATOR_MODULES "
             f"{conf.validator_modules()}",
         )
+    # A path resolved before, whose module still holds that class: the same answer as the
+    # checks below would give, without them (the module's attribute is looked at each time, so
+    # a class replaced or a module reloaded since is resolved again).
+    known = _RESOLVED.get(validator_path)
+    if known is not None and _still_resolves(known, module_path, class_name):
+        return known
     try:
         module = importlib.import_module(module_path)
     except Exception as exc:  # ImportError, or an error raised while importing the module
@@ -162,7 +172,26 @@ def get_validator_class(validator_path: Any) -> type[StateValidator]:
             validator_path,
             f"{validator_class.__name__} is abstract (it does not implement validate())",
         )
+    if len(_RESOLVED) >= _RESOLVED_LIMIT:
+        _RESOLVED.clear()
+    _RESOLVED[validator_path] = validator_class
     return validator_class
+
+
+def _still_resolves(known: type[StateValidator], module_path: str, class_name: str) -> bool:
+    """Whether the imported module ``module_path`` still holds ``known`` as ``class_name``
+    (and it is not abstract now)."""
+    module = sys.modules.get(module_path)
+    return (
+        module is not None
+        and module.__dict__.get(class_name) is known
+        and not inspect.isabstract(known)
+    )
+
+
+#: Validator classes by the path they were resolved from (:func:`get_validator_class`).
+_RESOLVED: dict[str, type[StateValidator]] = {}
+_RESOLVED_LIMIT = 1024
 
 
 def get_validator_instance(validator_path: str, config: dict | None = None) -> StateValidator:

@@ -281,7 +281,8 @@ def speed_up_cursor(connection: Any, cursor: Any) -> None:
     """On psycopg 3, give ``cursor`` the C ``timestamptz`` loader (same values as Django's)."""
     if connection.vendor != "postgresql" or connection.timezone is not _UTC:
         return  # (Django's loader gives naive or other-zone times then)
-    adapters = getattr(getattr(cursor, "cursor", None), "adapters", None)
+    # Django's cursor wrapper (its driver cursor as ``cursor``), or a driver cursor.
+    adapters = getattr(getattr(cursor, "cursor", cursor), "adapters", None)
     if adapters is None:  # psycopg2
         return
     if _pg_loader() is not None:
@@ -315,6 +316,9 @@ def value_adapter(connection: Any, field: Any) -> Adapter:
                 return result
         return slow(value)
 
+    if shortcut is _as_is:
+        # What generated code may inline: a value of this type is sent as it is.
+        adapt.as_is_type = kind  # type: ignore[attr-defined]
     return adapt
 
 
@@ -373,5 +377,6 @@ def _aware_as_is(value: datetime) -> Any:
 
 def _sqlite_utc_text(value: datetime) -> Any:
     # Django: make_naive(value, UTC), then str(); for a value already in UTC that is dropping
-    # the tzinfo.
-    return str(value.replace(tzinfo=None)) if value.tzinfo is _UTC else _NO_SHORTCUT
+    # the tzinfo: its ISO text without the "+00:00" that UTC's offset always writes (no copy of
+    # the datetime made for it).
+    return value.isoformat(" ")[:-6] if value.tzinfo is _UTC else _NO_SHORTCUT

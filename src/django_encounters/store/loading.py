@@ -18,7 +18,7 @@ from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttrib
 from django.db.models.query_utils import DeferredAttribute
 from django.db.models.signals import post_init, pre_init
 
-from ..models import Encounter, ProjectedAttribute
+from ..models import Encounter, EncounterTransition, ProjectedAttribute
 
 __all__ = ["load", "loader"]
 
@@ -37,6 +37,10 @@ _FROM_DB_ADDS: dict[Any, Callable[[Any], None] | None] = {
     models.Model.from_db.__func__: None,  # type: ignore[attr-defined]
     Encounter.from_db.__func__: Encounter.remember_loaded_facts,  # type: ignore[attr-defined]
 }
+
+#: ``__init__`` methods that, given every concrete field's value positionally, only set them:
+#: Django's, and ``EncounterTransition``'s (which notes a system time not given by keyword).
+_PLAIN_INITS = frozenset({models.Model.__init__, EncounterTransition.__init__})
 
 #: Per model class: its concrete fields' attribute names when a loaded row can be set straight
 #: into a new instance's ``__dict__``, else None.
@@ -96,6 +100,21 @@ def loader(cls: Any, db: Any, field_names: Sequence[str]) -> Callable[[Sequence[
     if adds is None:
         return partial(_plain_instance, cls, names, db=db)
     return partial(_plain_then, cls, names, db, adds)
+
+
+def new_instance_attnames(cls: Any) -> tuple[str, ...] | None:
+    """The attribute names ``cls(*values)`` sets from positional values (every concrete field,
+    in order) when a new instance can be made by setting them into its ``__dict__`` with the
+    same result — plain descriptors, no ``pre_init``/``post_init`` receiver, and no
+    ``__init__`` of its own beyond the one ``EncounterTransition`` has, which does nothing
+    for positional values; else None (call ``cls``)."""
+    if (
+        cls.__init__ not in _PLAIN_INITS
+        or pre_init.has_listeners(cls)
+        or post_init.has_listeners(cls)
+    ):
+        return None
+    return _plain_attnames(cls)
 
 
 def load(cls: Any, db: Any, field_names: Sequence[str], values: Sequence[Any]) -> Any:

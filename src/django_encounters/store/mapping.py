@@ -8,8 +8,11 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from django.db.models.base import ModelState
+
 from ..engine import ROW_FIELDS, StreamRow
 from ..models import ROW_COLUMNS, EncounterTransition, row_of_record
+from .loading import new_instance_attnames
 from .schema import field
 
 __all__ = ["record_from_row", "row_of_record"]
@@ -38,14 +41,19 @@ def record_from_row(row: StreamRow, *, encounter: Any, transitioned_by: Any) -> 
     from values: positionally, every column given (a new primary key from its default)."""
     model: Any = EncounterTransition  # called positionally, which django-stubs cannot check
     sources, pk, encounter_fk, user_fk = _record_layout(model)
-    record = model(
-        *(
-            getattr(row, name)
-            if name is not None
-            else (encounter.pk if f is encounter_fk else pk.get_default())
-            for name, f in zip(sources, model._meta.concrete_fields, strict=True)
-        )
-    )
+    values = [
+        getattr(row, name)
+        if name is not None
+        else (encounter.pk if f is encounter_fk else pk.get_default())
+        for name, f in zip(sources, model._meta.concrete_fields, strict=True)
+    ]
+    names = new_instance_attnames(model)
+    if names is None:
+        record = model(*values)
+    else:  # what Model.__init__ makes of positional values, without its per-field loop
+        record = model.__new__(model)
+        record.__dict__.update(zip(names, values, strict=True))
+        record._state = ModelState()
     encounter_fk.set_cached_value(record, encounter)
     if transitioned_by is not None:
         user_fk.set_cached_value(record, transitioned_by)

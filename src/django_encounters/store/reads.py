@@ -14,6 +14,7 @@ from django.db.models.functions import Cast, Coalesce
 
 from ..engine import TIMELINE_ORDER_DESC, EncounterTimeline, StreamRow
 from ..models import EncounterTransition
+from . import cursors
 from .converters import column_converters, convert_row, row_builder, speed_up_cursor
 from .loading import loader
 from .schema import ROW_COLUMNS, field
@@ -41,9 +42,7 @@ def last_state_at(encounter_pk: Any, timestamp: Any, known_at: Any, using: str) 
     if known_at is not None:
         params["known_at"] = adapt["transitioned_at"](known_at)
         sql = st.state_at_known_sql
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
+    row = cursors.execute(connection, sql, params, cursors.FETCH_ONE)
     return None if row is None else row[0]
 
 

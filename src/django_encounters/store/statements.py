@@ -16,6 +16,7 @@ The encounter id is passed once however often the statement uses it.
 
 from __future__ import annotations
 
+import keyword
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,9 +54,14 @@ class Statements:
     lock_slices: tuple[slice, ...]  # where each of the four groups lies in a selected row
     lock_attnames: tuple[list[str], ...]  # the attnames of each group
     lock_models: tuple[Any, Any, Any]  # the encounter model, its and the version's definition fk
+    #: Where the lock's row holds the definition's code, the version's number and content hash,
+    #: then its states, initial state, final states and transitions (``Rules``' inputs)
+    lock_machine: tuple[int, ...]
+    lock_validators: int  # where it holds the version's validators
     insert_sql: str
     insert_fields: list[Any]
     insert_adapters: list[Adapter]  # each insert field's get_db_prep_save (converters.py)
+    insert_params: Any  # record -> the INSERT's parameters (:func:`_insert_params`)
     encounter_adapters: dict[str, Adapter]  # the same for the encounter's fields, by attname
     row_adapters: dict[str, Adapter]  # the same for the transition's fields, by attname
     state_at_sql: str
@@ -220,6 +226,21 @@ def _build(connection: Any) -> Statements:
         lock_attnames=tuple(
             [f.attname for f in lock_fields[a:b]] for a, b in zip(bounds, bounds[1:], strict=False)
         ),
+        lock_machine=(
+            _position(lock_fields, bounds[1], bounds[2], "code"),
+            *(
+                _position(lock_fields, bounds[2], bounds[3], name)
+                for name in (
+                    "number",
+                    "content_hash",
+                    "states",
+                    "initial_state",
+                    "final_states",
+                    "transitions",
+                )
+            ),
+        ),
+        lock_validators=_position(lock_fields, bounds[2], bounds[3], "validators"),
         lock_models=(
             encounter,
             model_field(encounter, "definition"),
@@ -231,6 +252,9 @@ def _build(connection: Any) -> Statements:
         ),
         insert_fields=insert_fields,
         insert_adapters=[row_adapters[f.attname] for f in insert_fields],
+        insert_params=_insert_params(
+            insert_fields, [row_adapters[f.attname] for f in insert_fields]
+        ),
         encounter_adapters={
             f.attname: value_adapter(connection, f) for f in encounter._meta.concrete_fields
         },
@@ -253,6 +277,46 @@ def _build(connection: Any) -> Statements:
         count_rows_sql=f"SELECT COUNT(*) {of_encounter}",
         projections_sql=_projections_sql(connection),
     )
+
+
+def _insert_params(fields: list[Any], adapters: list[Adapter]) -> Any:
+    """``record -> {attname: adapter(field.pre_save(record, True))}`` for the INSERT, generated
+    as one function (like ``converters.row_builder``): a field whose ``pre_save`` is Django's
+    plain one (the attribute's value; a date or time field without ``auto_now``/``auto_now_add``
+    too) is read as the attribute, any other through its ``pre_save``."""
+    from django.db.models import DateField, DateTimeField
+    from django.db.models import Field as ModelField
+
+    namespace: dict[str, Any] = {}
+    items = []
+    for index, (f, adapt) in enumerate(zip(fields, adapters, strict=True)):
+        namespace[f"adapt_{index}"] = adapt
+        pre_save = type(f).pre_save
+        plain = pre_save is ModelField.pre_save or (
+            pre_save in (DateField.pre_save, DateTimeField.pre_save)
+            and not (f.auto_now or f.auto_now_add)
+        )
+        if plain and f.attname.isidentifier() and not keyword.iskeyword(f.attname):
+            value = f"record.{f.attname}"
+        else:
+            namespace[f"field_{index}"] = f
+            value = f"field_{index}.pre_save(record, True)"
+        as_is = getattr(adapt, "as_is_type", None)
+        if as_is is None:
+            items.append(f"{f.attname!r}: adapt_{index}({value})")
+        else:  # the adapter's own shortcut, inlined: a value of its type as it is
+            namespace[f"type_{index}"] = as_is
+            items.append(
+                f"{f.attname!r}: (v if type(v := {value}) is type_{index} else adapt_{index}(v))"
+            )
+    source = f"def params(record):\n    return {{{', '.join(items)}}}\n"
+    exec(source, namespace)  # noqa: S102 - generated from the model's field names only
+    return namespace["params"]
+
+
+def _position(fields: list[Any], start: int, stop: int, name: str) -> int:
+    """Where the field ``name`` lies among ``fields[start:stop]`` (one model's group)."""
+    return start + [f.name for f in fields[start:stop]].index(name)
 
 
 def _selected_column(connection: Any) -> Any:

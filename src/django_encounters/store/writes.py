@@ -20,12 +20,21 @@ from ..engine import (
     EncounterNotFoundError,
     EncounterTimeline,
     ProjectionDriftError,
+    Rules,
     row_hash,
     stored_precision,
 )
 from ..exceptions import DatabaseLockedError
-from ..models import Encounter, EncounterDefinitionVersion, recorded_name, seal_of
-from .converters import convert_row, speed_up_cursor
+from ..models import (
+    LAZY_LOCK,
+    Encounter,
+    EncounterDefinitionVersion,
+    materialize_lock,
+    recorded_name,
+    seal_of,
+)
+from . import cursors
+from .converters import convert_row
 from .loading import load
 from .mapping import row_of_record
 from .reads import load_timeline
@@ -78,24 +87,128 @@ def lock_encounter(
 def _read_locked(
     connection: Any, st: Any, sql: str, params: dict[str, Any], using: str
 ) -> tuple[Any, LogHead]:
-    with connection.cursor() as cursor:
-        speed_up_cursor(connection, cursor)
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
+    row = cursors.execute(connection, sql, params, cursors.FETCH_ONE, fast_times=True)
     if row is None:
         return None, LogHead(None, None, None, None, None)
-    values = convert_row(row, st.lock_converters)
-    (e, d, v, h), (e_names, d_names, v_names, _) = st.lock_slices, st.lock_attnames
-    encounter, definition_fk, version_fk = st.lock_models
-    locked = load(encounter, using, e_names, values[e])
-    definition = load(definition_fk.related_model, using, d_names, values[d])
-    definition_fk.set_cached_value(locked, definition)
-    version_values = values[v]
-    if version_values[0] is not None:  # the pinned version exists
-        machine = load(version_fk.model, using, v_names, version_values)
-        version_fk.set_cached_value(machine, definition)
-        locked._machine = machine
-    return locked, LogHead(*values[h])
+    e, d, v, h = st.lock_slices
+    converters = st.lock_converters
+    locked = load(
+        st.lock_models[0],
+        using,
+        st.lock_attnames[0],
+        convert_row(row[e], converters[e]),
+    )
+    # The definition and the pinned version stay as read until something asks for them.
+    locked.__dict__[LAZY_LOCK] = LockedMachine(st, using, row, locked)
+    return locked, LogHead(*convert_row(row[h], converters[h]))
+
+
+#: Rules per stored machine (the version's columns as read, and the definition's code): a
+#: version is immutable, and the same text decodes to the same rules.
+_RULES: dict[tuple[Any, ...], Rules] = {}
+_RULES_LIMIT = 512
+
+
+class LockedMachine:
+    """What the lock statement read of a locked encounter's definition and pinned version,
+    kept as the driver returned it: the version's :class:`Rules` (shared per stored machine),
+    its validator entries decoded when asked, and the model instances built only when
+    something asks for ``encounter.definition`` or ``encounter.machine``
+    (:meth:`materialize`, the same instances the lock built before)."""
+
+    __slots__ = ("_st", "_using", "_row", "definition_id", "number", "exists", "_rules", "done")
+
+    def __init__(self, st: Any, using: str, row: Any, locked: Any) -> None:
+        self._st, self._using, self._row = st, using, row
+        # The pinned version exists when its primary key was joined.
+        self.exists = row[st.lock_slices[2].start] is not None
+        # What the definition and the version were joined on.
+        self.definition_id = locked.__dict__["definition_id"]
+        self.number = locked.__dict__["definition_version"]
+        self._rules: Rules | None = None
+        self.done = False
+
+    @property
+    def rules(self) -> Rules:
+        """The pinned version's rules (the version must exist)."""
+        rules = self._rules
+        if rules is None:
+            row, (code, number, content_hash, *machine) = self._row, self._st.lock_machine
+            key = (row[code], row[number], row[content_hash], *(row[i] for i in machine))
+            try:
+                rules = _RULES.get(key)
+                cacheable = True
+            except TypeError:  # a driver value that is not hashable: decoded each time
+                cacheable = False
+            if rules is None:
+                convert = self._st.lock_converters
+                states, initial, finals, transitions = (_convert(convert, i, row) for i in machine)
+                rules = Rules.from_config(
+                    _convert(convert, code, row),
+                    states,
+                    transitions,
+                    finals,
+                    initial,
+                    _convert(convert, number, row),
+                    _convert(convert, content_hash, row),
+                )
+                if cacheable:
+                    if len(_RULES) >= _RULES_LIMIT:
+                        _RULES.clear()
+                    _RULES[key] = rules
+            self._rules = rules
+        return rules
+
+    def validators(self) -> Any:
+        """The pinned version's validator entries, decoded now (a fresh list per call)."""
+        return _convert(self._st.lock_converters, self._st.lock_validators, self._row)
+
+    def current(self, encounter: Any) -> bool:
+        """Whether this still describes ``encounter``'s pinned version (nothing replaced its
+        machine, reloaded it from elsewhere or moved its pin)."""
+        data = encounter.__dict__
+        return (
+            "_machine" not in data
+            and data.get("definition_id") == self.definition_id
+            and data.get("definition_version") == self.number
+        )
+
+    def materialize(self, encounter: Any) -> None:
+        """Cache the definition and the pinned version on ``encounter`` (once), as
+        ``Model.from_db`` builds them; what was set there since is kept."""
+        if self.done:
+            return
+        self.done = True
+        st, row = self._st, self._row
+        _, d, v, _ = st.lock_slices
+        _, d_names, v_names, _ = st.lock_attnames
+        _, definition_fk, version_fk = st.lock_models
+        converters = st.lock_converters
+        if encounter.__dict__.get("definition_id") != self.definition_id:
+            return  # reloaded or moved since: not what was locked
+        definition = load(
+            definition_fk.related_model, self._using, d_names, convert_row(row[d], converters[d])
+        )
+        if not definition_fk.is_cached(encounter):
+            definition_fk.set_cached_value(encounter, definition)
+        if self.exists and "_machine" not in encounter.__dict__:
+            machine = load(
+                version_fk.model, self._using, v_names, convert_row(row[v], converters[v])
+            )
+            version_fk.set_cached_value(machine, definition)
+            encounter._machine = machine
+
+
+def _convert(converters: Any, index: int, row: Any) -> Any:
+    convert = converters[index]
+    return row[index] if convert is None else convert(row[index])
+
+
+def locked_machine(locked: Any) -> LockedMachine | None:
+    """What the lock read of ``locked``'s pinned version, while it still describes it (else
+    None: ask ``locked.machine``)."""
+    lazy = locked.__dict__.get(LAZY_LOCK)
+    return lazy if lazy is not None and lazy.current(locked) else None
 
 
 def prove_projection(locked: Any, head: LogHead) -> None:
@@ -128,7 +241,8 @@ def prove_projection(locked: Any, head: LogHead) -> None:
             differs("definition_version", head.definition_version),
             differs("last_transitioned_at", head.transitioned_at),
         ]
-    if getattr(locked, "_machine", None) is None:
+    lazy = locked.__dict__.get(LAZY_LOCK)
+    if not (lazy.exists if lazy is not None else getattr(locked, "_machine", None) is not None):
         checks.append(f"its pinned definition version {locked.definition_version} does not exist")
     found = [check for check in checks if check]
     if found:
@@ -167,13 +281,8 @@ def insert_row(
             f"Transition {record.sequence} of encounter {record.encounter_id} was changed by a "
             "signal receiver after it was decided; rows cannot be altered before insert"
         )
-    params = {
-        f.attname: adapt(f.pre_save(record, True))
-        for f, adapt in zip(st.insert_fields, st.insert_adapters, strict=True)
-    }
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(st.insert_sql, params)
+        cursors.execute(connection, st.insert_sql, st.insert_params(record))
     except IntegrityError as exc:
         if _is_sequence_clash(exc):
             raise ConcurrentTransitionError(
@@ -219,8 +328,7 @@ def update_projection(
     adapters = st.encounter_adapters
     params = {name: adapters[name](v) for name, v in changes.items()}
     params[PK] = adapters[type(locked)._meta.pk.attname](locked.pk)
-    with connection.cursor() as cursor:
-        cursor.execute(st.update_sql(tuple(changes)), params)
+    cursors.execute(connection, st.update_sql(tuple(changes)), params)
 
 
 def append_record(record: Any, using: str) -> None:
@@ -280,6 +388,7 @@ def append_record(record: Any, using: str) -> None:
 def _version_hash(locked: Any, number: int, using: str) -> str:
     """The stored content hash of version ``number`` of the locked encounter's definition (the
     pinned version is joined to the lock; another one costs a query)."""
+    materialize_lock(locked)
     machine = getattr(locked, "_machine", None)
     if machine is not None and machine.number == number:
         return str(machine.content_hash)
