@@ -175,6 +175,8 @@ def main() -> None:  # noqa: PLR0915 - one measurement, read top to bottom
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(35)
         pstats.Stats(pr).sort_stats("cumulative").print_stats(45)
+        if os.environ.get("CALLERS"):
+            pstats.Stats(pr).sort_stats("tottime").print_callers(os.environ["CALLERS"])
         return
     fw = fc = ow = oc = 0.0
     for r in range(args.rounds):

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
 from functools import partial
+from typing import Any
 
 import pytest
 from django.db import connection, connections
@@ -273,3 +274,27 @@ def test_a_stored_uuid_converts_as_djangos_converter_does(raw):
         else:
             assert convert(raw) == expected
             assert type(convert(raw)) is uuid.UUID
+
+
+def test_the_packages_settings_are_read_again_when_django_says_they_changed(
+    settings: Any,
+) -> None:
+    """conf remembers what it read (an unset setting costs an exception inside django.conf on
+    every read); a change through the settings fixture or override_settings, a setting removed
+    included, is seen at once."""
+    from django.test import override_settings
+
+    from django_encounters import conf
+
+    assert conf.max_reason_length() == conf.DEFAULT_MAX_REASON_LENGTH
+    settings.ENCOUNTERS_MAX_REASON_LENGTH = 5
+    assert conf.max_reason_length() == 5
+    del settings.ENCOUNTERS_MAX_REASON_LENGTH
+    assert conf.max_reason_length() == conf.DEFAULT_MAX_REASON_LENGTH
+    with override_settings(ENCOUNTERS_FUTURE_TOLERANCE=0):
+        assert conf.future_tolerance() == timedelta(0)
+    assert conf.future_tolerance() == conf.DEFAULT_FUTURE_TOLERANCE
+    assert conf.sealer() is None
+    with override_settings(ENCOUNTERS_SEAL_KEYS={"k1": "s" * 48}):
+        assert conf.sealer() is not None
+    assert conf.sealer() is None

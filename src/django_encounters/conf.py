@@ -1,5 +1,7 @@
-"""Settings of django-encounters, each read when called (never at import time), so the pytest
-``settings`` fixture and ``override_settings`` work.
+"""Settings of django-encounters, each read when first asked for (never at import time) and
+read again after Django's ``setting_changed`` signal, so the pytest ``settings`` fixture and
+``override_settings`` work. Change them through those, not by assigning to
+``django.conf.settings`` at run time.
 
 ``ENCOUNTERS_FUTURE_TOLERANCE``
     How far in the future an ``effective_at`` may lie (clock skew between app servers).
@@ -83,6 +85,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 from .engine.seals import KEY_ID, MIN_SECRET_BYTES, Sealer
 from .exceptions import EncounterConfigurationError
@@ -95,6 +98,40 @@ SOFT_DELETE = "soft_delete"
 ON_DELETE_CHOICES = (REFUSE, SOFT_DELETE)
 #: The largest future tolerance accepted: it is for clock skew, not for scheduling.
 MAX_FUTURE_TOLERANCE = timedelta(days=1)
+
+
+_UNSET = object()
+#: The package's settings as read, by name (``_UNSET``: not set), and the settings object they
+#: were read from. Django caches a setting that is set, but asking for one that is not (the
+#: package's defaults, the usual case) raises and catches an ``AttributeError`` inside
+#: ``django.conf`` on every call, several times per transition. What was read is forgotten when
+#: the settings object is replaced (``override_settings`` and pytest-django's ``settings``
+#: fixture put a new one in place, deletions included) or Django says a setting changed.
+_read: dict[str, Any] = {}
+_read_from: list[Any] = [None]
+
+
+def _setting(name: str, default: Any = None) -> Any:
+    """``getattr(settings, name, default)``, the lookup remembered until the settings change."""
+    holder = settings.__dict__.get("_wrapped")
+    if holder is not _read_from[0]:
+        _read.clear()
+        value = getattr(settings, name, _UNSET)  # configures the settings on first use
+        _read_from[0] = settings.__dict__.get("_wrapped")
+        _read[name] = value
+    else:
+        try:
+            value = _read[name]
+        except KeyError:
+            value = _read[name] = getattr(settings, name, _UNSET)
+    return default if value is _UNSET else value
+
+
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    _read.pop(setting, None)
+
+
+setting_changed.connect(_forget, dispatch_uid="django_encounters.conf._forget")
 
 
 #: What is wrong with ``USE_TZ = False``: system check E001 and :func:`require_use_tz` say it.
@@ -119,7 +156,7 @@ def require_use_tz() -> None:
 def allow_dropping_log() -> bool:
     """``ENCOUNTERS_ALLOW_DROPPING_LOG``: whether a backwards migration may drop a log that
     holds transitions (default False)."""
-    value = getattr(settings, "ENCOUNTERS_ALLOW_DROPPING_LOG", False)
+    value = _setting("ENCOUNTERS_ALLOW_DROPPING_LOG", False)
     if not isinstance(value, bool):
         raise EncounterConfigurationError(
             f"ENCOUNTERS_ALLOW_DROPPING_LOG must be True or False, not {value!r}"
@@ -130,7 +167,7 @@ def allow_dropping_log() -> bool:
 def _seconds_setting(name: str, default: timedelta) -> tuple[Any, float]:
     """A duration setting as ``(value as given, seconds)``: a ``timedelta`` or a finite number
     of seconds, else ``EncounterConfigurationError`` naming it."""
-    value = getattr(settings, name, default)
+    value = _setting(name, default)
     if isinstance(value, timedelta):
         return value, value.total_seconds()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -173,7 +210,7 @@ def admin_timeline_page_size() -> int:
 
 
 def admin_timeline_order() -> str:
-    value = getattr(settings, "ENCOUNTERS_ADMIN_TIMELINE_ORDER", "newest")
+    value = _setting("ENCOUNTERS_ADMIN_TIMELINE_ORDER", "newest")
     if value not in ("newest", "oldest"):
         raise EncounterConfigurationError(
             f"ENCOUNTERS_ADMIN_TIMELINE_ORDER must be 'newest' or 'oldest', not {value!r}"
@@ -193,7 +230,7 @@ def late_entry_tolerance() -> timedelta:
 
 
 def admin_process_map_days() -> int | None:
-    value = getattr(settings, "ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS", DEFAULT_ADMIN_PROCESS_MAP_DAYS)
+    value = _setting("ENCOUNTERS_ADMIN_PROCESS_MAP_DAYS", DEFAULT_ADMIN_PROCESS_MAP_DAYS)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 36_500:
@@ -205,7 +242,7 @@ def admin_process_map_days() -> int | None:
 
 
 def validator_modules() -> list[str] | None:
-    value = getattr(settings, "ENCOUNTERS_VALIDATOR_MODULES", None)
+    value = _setting("ENCOUNTERS_VALIDATOR_MODULES", None)
     if value is None:
         return None
     if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
@@ -216,7 +253,7 @@ def validator_modules() -> list[str] | None:
 
 
 def rest_require_if_match() -> bool:
-    value = getattr(settings, "ENCOUNTERS_REST_REQUIRE_IF_MATCH", False)
+    value = _setting("ENCOUNTERS_REST_REQUIRE_IF_MATCH", False)
     if not isinstance(value, bool):
         raise EncounterConfigurationError(
             f"ENCOUNTERS_REST_REQUIRE_IF_MATCH must be True or False, not {value!r}"
@@ -230,7 +267,7 @@ FHIR_MAP_KEYS = ("R4", "R5", "subjectStatus", "class", "subject_type")
 
 
 def fhir_identifier_system() -> str:
-    value = getattr(settings, "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM", DEFAULT_FHIR_IDENTIFIER_SYSTEM)
+    value = _setting("ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM", DEFAULT_FHIR_IDENTIFIER_SYSTEM)
     if not isinstance(value, str) or not value or any(c.isspace() for c in value):
         raise EncounterConfigurationError(
             "ENCOUNTERS_FHIR_IDENTIFIER_SYSTEM must be a URI without spaces (e.g. "
@@ -242,7 +279,7 @@ def fhir_identifier_system() -> str:
 def fhir_status_maps() -> dict[str, dict[str, Any]]:
     """``ENCOUNTERS_FHIR_STATUS_MAPS``, its shape checked (whether each code is one of its FHIR
     version's is checked when used, naming the encounter: ``FhirStatusError``)."""
-    value = getattr(settings, "ENCOUNTERS_FHIR_STATUS_MAPS", None)
+    value = _setting("ENCOUNTERS_FHIR_STATUS_MAPS", None)
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -288,7 +325,7 @@ def fhir_status_maps() -> dict[str, dict[str, Any]]:
 
 
 def fhir_subject_resolver() -> str | None:
-    value = getattr(settings, "ENCOUNTERS_FHIR_SUBJECT_RESOLVER", None)
+    value = _setting("ENCOUNTERS_FHIR_SUBJECT_RESOLVER", None)
     if value is not None and (not isinstance(value, str) or "." not in value):
         raise EncounterConfigurationError(
             f"ENCOUNTERS_FHIR_SUBJECT_RESOLVER must be the dotted path of a function, not {value!r}"
@@ -301,7 +338,7 @@ def admin_subject_search_fields() -> dict[str, list[str]]:
     (labels lower-cased), its shape checked; the admin checks that each names an installed
     model and fields of it (``admin.common.configured_subject_search``)."""
     name = "ENCOUNTERS_ADMIN_SUBJECT_SEARCH_FIELDS"
-    value = getattr(settings, name, None)
+    value = _setting(name, None)
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -337,7 +374,7 @@ MAX_CONTEXT_DEPTH = 500
 
 
 def _limit(name: str, default: int, ceiling: int | None = None) -> int:
-    value = getattr(settings, name, default)
+    value = _setting(name, default)
     if (
         isinstance(value, bool)
         or not isinstance(value, int)
@@ -366,7 +403,7 @@ def max_context_depth() -> int:
 
 def seal_keys() -> dict[str, bytes]:
     """``ENCOUNTERS_SEAL_KEYS`` as ``key id -> secret bytes`` ({} when unset or empty)."""
-    value = getattr(settings, "ENCOUNTERS_SEAL_KEYS", None)
+    value = _setting("ENCOUNTERS_SEAL_KEYS", None)
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -400,7 +437,7 @@ def seal_key_id(keys: dict[str, bytes] | None = None) -> str | None:
     """``ENCOUNTERS_SEAL_KEY_ID``: the key new records are sealed with (the only key when
     there is one and it is unset; None without keys)."""
     keys = seal_keys() if keys is None else keys
-    value = getattr(settings, "ENCOUNTERS_SEAL_KEY_ID", None)
+    value = _setting("ENCOUNTERS_SEAL_KEY_ID", None)
     if value is None:
         if len(keys) > 1:
             raise EncounterConfigurationError(
@@ -425,8 +462,8 @@ def sealer() -> Sealer | None:
     """The configured seal keys (None when there are none: the log is not sealed). Read when
     called; built again only when either setting's value changed since the last call."""
     global _sealer_built
-    keys_setting = getattr(settings, "ENCOUNTERS_SEAL_KEYS", None)
-    key_id_setting = getattr(settings, "ENCOUNTERS_SEAL_KEY_ID", None)
+    keys_setting = _setting("ENCOUNTERS_SEAL_KEYS", None)
+    key_id_setting = _setting("ENCOUNTERS_SEAL_KEY_ID", None)
     built = _sealer_built
     if built is not None and built[0] == keys_setting and built[1] == key_id_setting:
         return built[2]
@@ -442,7 +479,7 @@ def sealer() -> Sealer | None:
 
 def subject_models() -> dict[str, str]:
     """``ENCOUNTERS_SUBJECT_MODELS`` as ``{"app_label.Model": on_delete}`` ({} when unset)."""
-    value = getattr(settings, "ENCOUNTERS_SUBJECT_MODELS", None) or {}
+    value = _setting("ENCOUNTERS_SUBJECT_MODELS", None) or {}
     if isinstance(value, (list, tuple)):
         value = dict.fromkeys(value, REFUSE)
     if not isinstance(value, dict) or not all(
