@@ -27,6 +27,7 @@ results are merged into one, the same as a single process's.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from .. import conf, store
@@ -244,6 +245,13 @@ def rebuild_range(
         if upto is not None:
             counted = counted.filter(pk__lte=upto)
         result.encounters_total = counted.count()
+    depth = _overlap(using)
+    if depth > 1:
+        _rebuild_overlapped(
+            replays, result, check, max_reported, progress, started, depth=depth
+        )
+        result.seconds = time.perf_counter() - started
+        return result
     while not replays.exhausted:
         with transaction.atomic(using=using):
             batch = replays.next_batch(lock=True)
@@ -258,6 +266,159 @@ def rebuild_range(
             progress(result)
     result.seconds = time.perf_counter() - started
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: batches overlapped in one process.
+# ---------------------------------------------------------------------------------------------
+
+#: How many batches a rebuild on PostgreSQL (and Citus) keeps in flight in one process: each
+#: in its own thread, on its own connection and transaction, so that the server locks, reads,
+#: writes and commits one batch while Python verifies another (the driver releases the GIL
+#: while it waits for the server). 1 turns the overlap off.
+OVERLAP = 2
+
+
+def _overlap(using: str) -> int:
+    """How many batches to keep in flight: :data:`OVERLAP` on PostgreSQL, 1 elsewhere (SQLite
+    has one writer at a time) and inside a transaction (the other threads' connections would
+    not see its work)."""
+    connection = connections[using]
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return 1
+    return max(1, OVERLAP)
+
+
+class _Overlapped:
+    """The shared state of an overlapped rebuild: batches are claimed (locked and read) one at
+    a time in primary-key order, replayed and written concurrently, committed in order."""
+
+    def __init__(self, replays: Replays, check: bool, max_reported: int, depth: int) -> None:
+        self.replays = replays
+        self.check = check
+        self.max_reported = max_reported
+        self.claiming = threading.Lock()
+        self.changed = threading.Condition()
+        self.claimed = 0  # batches claimed so far (the next one's index)
+        self.committed = 0  # batches committed, in order: 0 .. committed - 1
+        self.parts: dict[int, RebuildResult] = {}
+        self.failure: tuple[int, BaseException] | None = None
+        self.running = depth
+        self.stop = False
+
+    def work(self) -> None:
+        """A thread's loop: claim the next batch, replay it, write what differs, wait for the
+        batches before it to commit, commit."""
+        using = self.replays.using
+        index = -1
+        try:
+            while True:
+                with transaction.atomic(using=using):
+                    with self.claiming:
+                        if self.stop:
+                            return
+                        index = self.claimed
+                        batch = self.replays.claim(lock=True)
+                        if batch is None:
+                            return
+                        self.claimed += 1
+                    part = RebuildResult(check=self.check)
+                    fixes = _compare(self.replays.fold(batch), part, self.max_reported)
+                    if fixes and not self.check:
+                        store.write_projections(using, fixes, timezone.now())
+                        part.projections_fixed += len(fixes)
+                    with self.changed:  # commit in order: a failure leaves a prefix committed
+                        while self.committed < index and not self.stop:
+                            self.changed.wait()
+                        if self.stop:
+                            raise _Abandoned
+                with self.changed:
+                    self.committed = index + 1
+                    self.parts[index] = part
+                    self.changed.notify_all()
+        except _Abandoned:
+            pass
+        except BaseException as exc:
+            with self.changed:
+                if self.failure is None or index < self.failure[0]:
+                    self.failure = (index if index >= 0 else self.claimed, exc)
+                self.stop = True
+                self.changed.notify_all()
+        finally:
+            connections[using].close()
+            with self.changed:
+                self.running -= 1
+                self.changed.notify_all()
+
+    def next_part(self, index: int) -> RebuildResult | None:
+        """Batch ``index``'s result once committed; None when there is no such batch. Raises
+        what failed a batch before it."""
+        with self.changed:
+            while True:
+                if self.failure is not None and self.failure[0] <= index:
+                    raise self.failure[1]
+                if index in self.parts:
+                    return self.parts.pop(index)
+                if not self.running:
+                    if self.failure is not None:
+                        raise self.failure[1]
+                    return None
+                self.changed.wait()
+
+    def abandon(self) -> None:
+        with self.changed:
+            self.stop = True
+            self.changed.notify_all()
+
+
+class _Abandoned(Exception):
+    """Rolls a batch back when a batch before it failed."""
+
+
+def _rebuild_overlapped(
+    replays: Replays,
+    result: RebuildResult,
+    check: bool,
+    max_reported: int,
+    progress: Callable[[RebuildResult], None] | None,
+    started: float,
+    *,
+    depth: int,
+) -> None:
+    """The batches of ``replays`` rebuilt by ``depth`` threads, merged into ``result`` in batch
+    order: the same result as one at a time. Each batch is what a single process does (one
+    transaction: lock, read, replay, write), and commits after the one before it, so a failure
+    leaves the batches before it committed and none after it."""
+    shared = _Overlapped(replays, check, max_reported, depth)
+    threads = [
+        threading.Thread(target=shared.work, name=f"rebuild-batch-{n + 1}", daemon=True)
+        for n in range(depth)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        index = 0
+        while (part := shared.next_part(index)) is not None:
+            _merge(result, part, max_reported)
+            index += 1
+            if progress is not None:
+                result.seconds = time.perf_counter() - started
+                progress(result)
+    finally:
+        shared.abandon()
+        for thread in threads:
+            thread.join()
+
+
+def _merge(result: RebuildResult, part: RebuildResult, max_reported: int) -> None:
+    """Add ``part`` (the result of the batches after ``result``'s) to ``result``."""
+    for name in _COUNTERS:
+        setattr(result, name, getattr(result, name) + getattr(part, name))
+    result.drift.extend(part.drift[: max(0, max_reported - len(result.drift))])
+    result.anomalies.extend(part.anomalies[: max(0, max_reported - len(result.anomalies))])
+    result.acknowledged.extend(
+        part.acknowledged[: max(0, max_reported - len(result.acknowledged))]
+    )
 
 
 def _compare(batch: list[Verified], result: RebuildResult, max_reported: int) -> list[tuple]:
