@@ -291,7 +291,7 @@ def _overlap(using: str) -> int:
 
 class _Overlapped:
     """The shared state of an overlapped rebuild: batches are claimed (locked and read) one at
-    a time in primary-key order, replayed and written concurrently, committed in order."""
+    a time in primary-key order, replayed concurrently, written and committed in order."""
 
     def __init__(self, replays: Replays, check: bool, max_reported: int, depth: int) -> None:
         self.replays = replays
@@ -307,8 +307,8 @@ class _Overlapped:
         self.stop = False
 
     def work(self) -> None:
-        """A thread's loop: claim the next batch, replay it, write what differs, wait for the
-        batches before it to commit, commit."""
+        """A thread's loop: claim the next batch (lock and read it), replay it, wait for the
+        batches before it to commit, write what differs, commit."""
         using = self.replays.using
         index = -1
         try:
@@ -324,14 +324,16 @@ class _Overlapped:
                         self.claimed += 1
                     part = RebuildResult(check=self.check)
                     fixes = _compare(self.replays.fold(batch), part, self.max_reported)
-                    if fixes and not self.check:
-                        store.write_projections(using, fixes, timezone.now())
-                        part.projections_fixed += len(fixes)
-                    with self.changed:  # commit in order: a failure leaves a prefix committed
+                    # Written and committed in batch order, as one at a time would: a failure
+                    # (or a kill) leaves a prefix of the batches committed.
+                    with self.changed:
                         while self.committed < index and not self.stop:
                             self.changed.wait()
                         if self.stop:
                             raise _Abandoned
+                    if fixes and not self.check:
+                        store.write_projections(using, fixes, timezone.now())
+                        part.projections_fixed += len(fixes)
                 with self.changed:
                     self.committed = index + 1
                     self.parts[index] = part
@@ -387,8 +389,8 @@ def _rebuild_overlapped(
 ) -> None:
     """The batches of ``replays`` rebuilt by ``depth`` threads, merged into ``result`` in batch
     order: the same result as one at a time. Each batch is what a single process does (one
-    transaction: lock, read, replay, write), and commits after the one before it, so a failure
-    leaves the batches before it committed and none after it."""
+    transaction: lock, read, replay, write), and writes and commits after the one before it
+    committed, so a failure leaves the batches before it committed and none after it."""
     shared = _Overlapped(replays, check, max_reported, depth)
     threads = [
         threading.Thread(target=shared.work, name=f"rebuild-batch-{n + 1}", daemon=True)
