@@ -280,11 +280,16 @@ OVERLAP = 2
 
 
 def _overlap(using: str) -> int:
-    """How many batches to keep in flight: :data:`OVERLAP` on PostgreSQL, 1 elsewhere (SQLite
-    has one writer at a time) and inside a transaction (the other threads' connections would
-    not see its work)."""
+    """How many batches to keep in flight: :data:`OVERLAP` on PostgreSQL; 1 elsewhere (SQLite
+    has one writer at a time), inside a transaction (the other threads' connections would not
+    see its work) and while this connection's queries are logged (``DEBUG``, a
+    ``CaptureQueriesContext``): the statements then run, and are logged, here."""
     connection = connections[using]
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
+    if (
+        connection.vendor != "postgresql"
+        or connection.in_atomic_block
+        or connection.queries_logged
+    ):
         return 1
     return max(1, OVERLAP)
 
