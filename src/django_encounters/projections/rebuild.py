@@ -13,8 +13,12 @@ How it runs:
   lock statement per shard, see :mod:`.replay`), stream their rows ordered by
   ``(encounter, sequence)``, fold each stream, compare with the stored projection and ``UPDATE``
   only the encounters that differ;
-* memory is bounded by one batch of encounters and one stream at a time, whatever the number of
-  rows; killed at any point, a batch either committed or rolled back, and a re-run finishes the
+* on PostgreSQL, :data:`OVERLAP` batches are in flight at once, each in its own thread,
+  connection and transaction (the server works on one while Python verifies another); they are
+  claimed in primary-key order and written and committed in that order, so the result is the
+  same as one at a time (:func:`_rebuild_overlapped`);
+* memory is bounded by one batch of encounters (with the overlap, :data:`OVERLAP` batches) and
+  one stream at a time, whatever the number of rows; killed at any point, a batch either committed or rolled back, and a re-run finishes the
   job (the rebuild is idempotent: a second run finds nothing to fix).
 
 With ``jobs=N`` (``--jobs N``) the selected encounters are split into N primary-key ranges of
