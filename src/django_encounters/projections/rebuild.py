@@ -18,8 +18,9 @@ How it runs:
   claimed in primary-key order and written and committed in that order, so the result is the
   same as one at a time (:func:`_rebuild_overlapped`);
 * memory is bounded by one batch of encounters (with the overlap, :data:`OVERLAP` batches) and
-  one stream at a time, whatever the number of rows; killed at any point, a batch either committed or rolled back, and a re-run finishes the
-  job (the rebuild is idempotent: a second run finds nothing to fix).
+  one stream at a time, whatever the number of rows; killed at any point, a batch either
+  committed or rolled back, and a re-run finishes the job (the rebuild is idempotent: a second
+  run finds nothing to fix).
 
 With ``jobs=N`` (``--jobs N``) the selected encounters are split into N primary-key ranges of
 equal size, each rebuilt as above by its own worker process (``spawn``, own connection); the
@@ -251,9 +252,7 @@ def rebuild_range(
         result.encounters_total = counted.count()
     depth = _overlap(using)
     if depth > 1:
-        _rebuild_overlapped(
-            replays, result, check, max_reported, progress, started, depth=depth
-        )
+        _rebuild_overlapped(replays, result, check, max_reported, progress, started, depth=depth)
         result.seconds = time.perf_counter() - started
         return result
     while not replays.exhausted:
@@ -289,11 +288,7 @@ def _overlap(using: str) -> int:
     see its work) and while this connection's queries are logged (``DEBUG``, a
     ``CaptureQueriesContext``): the statements then run, and are logged, here."""
     connection = connections[using]
-    if (
-        connection.vendor != "postgresql"
-        or connection.in_atomic_block
-        or connection.queries_logged
-    ):
+    if connection.vendor != "postgresql" or connection.in_atomic_block or connection.queries_logged:
         return 1
     return max(1, OVERLAP)
 
@@ -427,9 +422,7 @@ def _merge(result: RebuildResult, part: RebuildResult, max_reported: int) -> Non
         setattr(result, name, getattr(result, name) + getattr(part, name))
     result.drift.extend(part.drift[: max(0, max_reported - len(result.drift))])
     result.anomalies.extend(part.anomalies[: max(0, max_reported - len(result.anomalies))])
-    result.acknowledged.extend(
-        part.acknowledged[: max(0, max_reported - len(result.acknowledged))]
-    )
+    result.acknowledged.extend(part.acknowledged[: max(0, max_reported - len(result.acknowledged))])
 
 
 def _compare(batch: list[Verified], result: RebuildResult, max_reported: int) -> list[tuple]:
