@@ -345,3 +345,38 @@ def _distribute_from_scratch(replica: Any) -> None:
         "after-the-move",
         "before-the-move",
     ]
+
+
+@citus_only
+@pytest.mark.django_db(transaction=True)
+def test_a_rebuild_writes_each_shards_projections_with_one_routed_statement(
+    visit_definition: Any, patient: Any
+) -> None:
+    """The batch write is one ``UPDATE`` per shard (one pipeline), each pruned to its shard by
+    the list of its ids, not one multi-shard ``UPDATE … FROM unnest()``."""
+    from django_encounters.projections.rebuild import rebuild_projections
+
+    encounters = [create_encounter(visit_definition, patient) for _ in range(12)]
+    for encounter in encounters:
+        transition(encounter, "checked_in")
+    with connection.cursor() as cursor:  # every projection drifted
+        cursor.execute(f"UPDATE {ENCOUNTERS} SET state = 'cancelled'")
+    shards: dict[int, set[str]] = {}
+    for encounter in encounters:
+        shards.setdefault(_shard_of(ENCOUNTERS, encounter.pk)[0], set()).add(str(encounter.pk))
+    # Every position once, each group on one shard.
+    pks = [e.pk for e in encounters]
+    groups = sharding.shard_groups("default", pks)
+    assert sorted(i for group in groups for i in group) == list(range(len(pks)))
+    assert sorted(map(sorted, ({str(pks[i]) for i in g} for g in groups))) == sorted(
+        map(sorted, shards.values())
+    )
+    with CaptureQueriesContext(connection) as captured:
+        result = rebuild_projections(batch_size=20)
+    assert result.ok and result.projections_fixed == 12
+    table = connection.ops.quote_name(ENCOUNTERS)
+    [write] = [q["sql"] for q in captured.captured_queries if f"UPDATE {table}" in q["sql"]]
+    times, sql = write.split(" times: ", 1)
+    assert int(times) == len(shards) > 1 and "= ANY(" in sql
+    assert set(Encounter.all_objects.values_list("state", flat=True)) == {"checked_in"}
+    assert rebuild_projections(check=True).projections_drifted == 0

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
@@ -873,3 +874,155 @@ def test_a_failing_worker_fails_the_run(visit_definition, employment_definition,
         in proc.stderr
     )
     assert "encounters scanned" not in proc.stdout  # no summary of a run that did not finish
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: batches overlapped in one process (each in its own thread and transaction)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rebuild_with(monkeypatch, overlap: int, threads: set[str] | None = None, **options):
+    """``rebuild_projections(**options)`` with ``overlap`` batches in flight; the names of the
+    threads that replayed batches go to ``threads``."""
+    from django_encounters.projections import rebuild as rebuild_module
+    from django_encounters.projections.replay import Replays
+
+    monkeypatch.setattr(rebuild_module, "OVERLAP", overlap)
+    fold = Replays.fold
+
+    def recording_fold(self, batch):
+        if threads is not None:
+            threads.add(threading.current_thread().name)
+            time.sleep(0.02)  # long enough for the other threads to claim the next batches
+        return fold(self, batch)
+
+    monkeypatch.setattr(Replays, "fold", recording_fold)
+    try:
+        return rebuild_projections(**options)
+    finally:
+        monkeypatch.setattr(Replays, "fold", fold)
+
+
+def _outcome(result) -> tuple:
+    return (
+        result.encounters_scanned,
+        result.rows_replayed,
+        result.projections_drifted,
+        result.projections_fixed,
+        result.anomaly_count,
+        result.anomalous_encounters,
+        [str(d) for d in result.drift],
+        [str(a) for a in result.anomalies],
+    )
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_overlapped_batches_give_exactly_the_sequential_result(
+    visit_definition, employment_definition, patient, monkeypatch
+):
+    ordered = _mixed_store(visit_definition, employment_definition, patient)
+    sequential = _rebuild_with(monkeypatch, 1, check=True, batch_size=2)
+    threads: set[str] = set()
+    calls: list[int] = []
+    overlapped = _rebuild_with(
+        monkeypatch,
+        3,
+        threads,
+        check=True,
+        batch_size=2,
+        progress=lambda r: calls.append(r.encounters_scanned),
+    )
+    assert len(threads) > 1  # batches were really replayed by several threads
+    assert _outcome(overlapped) == _outcome(sequential)
+    assert sequential.projections_drifted >= 10 and sequential.anomaly_count >= 2
+    assert calls == list(range(2, len(ordered) + 1, 2))  # progress after each batch, in order
+    # Capped lists are the first ones, as one at a time keeps them.
+    capped = _rebuild_with(monkeypatch, 2, set(), check=True, batch_size=2, max_reported=3)
+    assert [str(d) for d in capped.drift] == [str(d) for d in sequential.drift[:3]]
+
+    fixed = _rebuild_with(monkeypatch, 2, set(), batch_size=2)
+    assert fixed.projections_fixed == sequential.projections_drifted
+    assert [str(d) for d in fixed.drift] == [str(d) for d in sequential.drift]
+    for encounter in ordered:
+        assert projection(encounter.pk) == replayed(encounter.pk)
+    assert _rebuild_with(monkeypatch, 2, set(), batch_size=2).projections_fixed == 0
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_overlapped_rebuild_failure_leaves_a_prefix_committed(
+    visit_definition, patient, monkeypatch
+):
+    encounters = sorted(
+        (create_encounter(visit_definition, patient) for _ in range(12)), key=lambda e: e.pk
+    )
+    for encounter in encounters:
+        transition(encounter, "checked_in")
+        raw_update(Encounter, encounter.pk, state="cancelled")
+    write = store.write_projections
+    written: list[int] = []
+
+    def failing_write(using, fixes, now):
+        written.append(len(fixes))
+        if len(written) == 3:
+            raise RuntimeError("disk full")
+        write(using, fixes, now)
+
+    monkeypatch.setattr(store, "write_projections", failing_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _rebuild_with(monkeypatch, 3, set(), batch_size=2)
+    # Batches 1 and 2 committed; the third failed; none after it was written.
+    states = [Encounter.all_objects.get(pk=e.pk).state for e in encounters]
+    assert states == ["checked_in"] * 4 + ["cancelled"] * 8
+    assert written == [2, 2, 2]
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_transition_during_an_overlapped_rebuild_is_not_overwritten(
+    visit_definition, patient, monkeypatch
+):
+    encounters = sorted(
+        (create_encounter(visit_definition, patient) for _ in range(8)), key=lambda e: e.pk
+    )
+    for encounter in encounters:
+        raw_update(Encounter, encounter.pk, state="cancelled")  # every projection drifted
+    target = encounters[5]  # in the third batch of two
+    from django_encounters.projections.replay import Replays
+
+    fold = Replays.fold
+    moved: list[object] = []
+    errors: list[BaseException] = []
+
+    def move_target() -> None:
+        try:
+            moved.append(transition(Encounter.objects.get(pk=target.pk), "checked_in"))
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    mover = threading.Thread(target=move_target)
+
+    def fold_then_race(self, batch):
+        if mover.ident is None and any(values[0] == target.pk for values in batch):
+            # The batch holds the target's lock: the transition started now waits for it,
+            # and must not be overwritten by the projection replayed before it.
+            mover.start()
+            time.sleep(0.3)
+            assert not moved  # still waiting for the rebuild's lock
+        return fold(self, batch)
+
+    monkeypatch.setattr(Replays, "fold", fold_then_race)
+    monkeypatch.setattr(
+        __import__("django_encounters.projections.rebuild", fromlist=["x"]), "OVERLAP", 2
+    )
+    result = rebuild_projections(batch_size=2)
+    mover.join(timeout=30)
+    assert not errors and moved
+    assert result.projections_fixed == 8
+    stored = Encounter.all_objects.get(pk=target.pk)
+    assert (stored.state, stored.version) == ("checked_in", 1)
+    assert projection(target.pk) == replayed(target.pk)
+    assert rebuild_projections(check=True).projections_drifted == 0

@@ -13,9 +13,14 @@ How it runs:
   lock statement per shard, see :mod:`.replay`), stream their rows ordered by
   ``(encounter, sequence)``, fold each stream, compare with the stored projection and ``UPDATE``
   only the encounters that differ;
-* memory is bounded by one batch of encounters and one stream at a time, whatever the number of
-  rows; killed at any point, a batch either committed or rolled back, and a re-run finishes the
-  job (the rebuild is idempotent: a second run finds nothing to fix).
+* on PostgreSQL, :data:`OVERLAP` batches are in flight at once, each in its own thread,
+  connection and transaction (the server works on one while Python verifies another); they are
+  claimed in primary-key order and written and committed in that order, so the result is the
+  same as one at a time (:func:`_rebuild_overlapped`);
+* memory is bounded by one batch of encounters (with the overlap, :data:`OVERLAP` batches) and
+  one stream at a time, whatever the number of rows; killed at any point, a batch either
+  committed or rolled back, and a re-run finishes the job (the rebuild is idempotent: a second
+  run finds nothing to fix).
 
 With ``jobs=N`` (``--jobs N``) the selected encounters are split into N primary-key ranges of
 equal size, each rebuilt as above by its own worker process (``spawn``, own connection); the
@@ -27,6 +32,7 @@ results are merged into one, the same as a single process's.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,7 +40,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from .. import conf, store
@@ -244,6 +250,11 @@ def rebuild_range(
         if upto is not None:
             counted = counted.filter(pk__lte=upto)
         result.encounters_total = counted.count()
+    depth = _overlap(using)
+    if depth > 1:
+        _rebuild_overlapped(replays, result, check, max_reported, progress, started, depth=depth)
+        result.seconds = time.perf_counter() - started
+        return result
     while not replays.exhausted:
         with transaction.atomic(using=using):
             batch = replays.next_batch(lock=True)
@@ -258,6 +269,160 @@ def rebuild_range(
             progress(result)
     result.seconds = time.perf_counter() - started
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: batches overlapped in one process.
+# ---------------------------------------------------------------------------------------------
+
+#: How many batches a rebuild on PostgreSQL (and Citus) keeps in flight in one process: each
+#: in its own thread, on its own connection and transaction, so that the server locks, reads,
+#: writes and commits one batch while Python verifies another (the driver releases the GIL
+#: while it waits for the server). 1 turns the overlap off.
+OVERLAP = 2
+
+
+def _overlap(using: str) -> int:
+    """How many batches to keep in flight: :data:`OVERLAP` on PostgreSQL; 1 elsewhere (SQLite
+    has one writer at a time), inside a transaction (the other threads' connections would not
+    see its work) and while this connection's queries are logged (``DEBUG``, a
+    ``CaptureQueriesContext``): the statements then run, and are logged, here."""
+    connection = connections[using]
+    if connection.vendor != "postgresql" or connection.in_atomic_block or connection.queries_logged:
+        return 1
+    return max(1, OVERLAP)
+
+
+class _Overlapped:
+    """The shared state of an overlapped rebuild: batches are claimed (locked and read) one at
+    a time in primary-key order, replayed concurrently, written and committed in order."""
+
+    def __init__(self, replays: Replays, check: bool, max_reported: int, depth: int) -> None:
+        self.replays = replays
+        self.check = check
+        self.max_reported = max_reported
+        self.claiming = threading.Lock()
+        self.changed = threading.Condition()
+        self.claimed = 0  # batches claimed so far (the next one's index)
+        self.committed = 0  # batches committed, in order: 0 .. committed - 1
+        self.parts: dict[int, RebuildResult] = {}
+        self.failure: tuple[int, BaseException] | None = None
+        self.running = depth
+        self.stop = False
+
+    def work(self) -> None:
+        """A thread's loop: claim the next batch (lock and read it), replay it, wait for the
+        batches before it to commit, write what differs, commit."""
+        using = self.replays.using
+        index = -1
+        try:
+            while True:
+                with transaction.atomic(using=using):
+                    with self.claiming:
+                        if self.stop:
+                            return
+                        index = self.claimed
+                        batch = self.replays.claim(lock=True)
+                        if batch is None:
+                            return
+                        self.claimed += 1
+                    part = RebuildResult(check=self.check)
+                    fixes = _compare(self.replays.fold(batch), part, self.max_reported)
+                    # Written and committed in batch order, as one at a time would: a failure
+                    # (or a kill) leaves a prefix of the batches committed.
+                    with self.changed:
+                        while self.committed < index and not self.stop:
+                            self.changed.wait()
+                        if self.stop:
+                            raise _Abandoned
+                    if fixes and not self.check:
+                        store.write_projections(using, fixes, timezone.now())
+                        part.projections_fixed += len(fixes)
+                with self.changed:
+                    self.committed = index + 1
+                    self.parts[index] = part
+                    self.changed.notify_all()
+        except _Abandoned:
+            pass
+        except BaseException as exc:
+            with self.changed:
+                if self.failure is None or index < self.failure[0]:
+                    self.failure = (index if index >= 0 else self.claimed, exc)
+                self.stop = True
+                self.changed.notify_all()
+        finally:
+            connections[using].close()
+            with self.changed:
+                self.running -= 1
+                self.changed.notify_all()
+
+    def next_part(self, index: int) -> RebuildResult | None:
+        """Batch ``index``'s result once committed; None when there is no such batch. Raises
+        what failed a batch before it."""
+        with self.changed:
+            while True:
+                if self.failure is not None and self.failure[0] <= index:
+                    raise self.failure[1]
+                if index in self.parts:
+                    return self.parts.pop(index)
+                if not self.running:
+                    if self.failure is not None:
+                        raise self.failure[1]
+                    return None
+                self.changed.wait()
+
+    def abandon(self) -> None:
+        with self.changed:
+            self.stop = True
+            self.changed.notify_all()
+
+
+class _Abandoned(Exception):
+    """Rolls a batch back when a batch before it failed."""
+
+
+def _rebuild_overlapped(
+    replays: Replays,
+    result: RebuildResult,
+    check: bool,
+    max_reported: int,
+    progress: Callable[[RebuildResult], None] | None,
+    started: float,
+    *,
+    depth: int,
+) -> None:
+    """The batches of ``replays`` rebuilt by ``depth`` threads, merged into ``result`` in batch
+    order: the same result as one at a time. Each batch is what a single process does (one
+    transaction: lock, read, replay, write), and writes and commits after the one before it
+    committed, so a failure leaves the batches before it committed and none after it."""
+    shared = _Overlapped(replays, check, max_reported, depth)
+    threads = [
+        threading.Thread(target=shared.work, name=f"rebuild-batch-{n + 1}", daemon=True)
+        for n in range(depth)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        index = 0
+        while (part := shared.next_part(index)) is not None:
+            _merge(result, part, max_reported)
+            index += 1
+            if progress is not None:
+                result.seconds = time.perf_counter() - started
+                progress(result)
+    finally:
+        shared.abandon()
+        for thread in threads:
+            thread.join()
+
+
+def _merge(result: RebuildResult, part: RebuildResult, max_reported: int) -> None:
+    """Add ``part`` (the result of the batches after ``result``'s) to ``result``."""
+    for name in _COUNTERS:
+        setattr(result, name, getattr(result, name) + getattr(part, name))
+    result.drift.extend(part.drift[: max(0, max_reported - len(result.drift))])
+    result.anomalies.extend(part.anomalies[: max(0, max_reported - len(result.anomalies))])
+    result.acknowledged.extend(part.acknowledged[: max(0, max_reported - len(result.acknowledged))])
 
 
 def _compare(batch: list[Verified], result: RebuildResult, max_reported: int) -> list[tuple]:

@@ -254,6 +254,14 @@ class Replays:
     def next_batch(self, *, lock: bool = False) -> list[Verified] | None:
         """The next batch's verified replays, None after the last. With ``lock`` (call it in a
         transaction; ``order="pk"`` only) the batch's encounter rows are locked first."""
+        batch = self.claim(lock=lock)
+        return None if batch is None else self.fold(batch)
+
+    def claim(self, *, lock: bool = False) -> list[tuple] | None:
+        """The next batch's encounter rows (locked with ``lock``, as :meth:`next_batch`), not
+        yet replayed: :meth:`fold` replays them. Claims are taken in order, one at a time (a
+        caller that claims from several threads serializes its calls); the folds of claimed
+        batches may run concurrently, each on the connection of the thread that claimed it."""
         if self._done:
             return None
         batch = self._read(lock)
@@ -262,6 +270,11 @@ class Replays:
         if not batch:
             return None
         self._after = batch[-1][0] if self.order == "pk" else (batch[-1][_CREATED], batch[-1][0])
+        return batch
+
+    def fold(self, batch: list[tuple]) -> list[Verified]:
+        """The verified replays of a batch :meth:`claim` returned (its streams read, in the
+        calling thread's transaction)."""
         return self._fold(batch)
 
     # -----------------------------------------------------------------------------------------

@@ -70,12 +70,14 @@ class SealCheck:
     def _version(self, definition_id: Any, number: int) -> tuple[str | None, str] | None:
         key = (definition_id, number)
         if key not in self._versions:
-            self._versions[key] = None  # looked up once
             self._load(
                 EncounterDefinitionVersion.objects.using(self.using).filter(
                     definition_id=definition_id, number=number
                 )
             )
+            # Looked up once; marked absent only after the lookup, so a rebuild's other
+            # thread never reads "no such version" for one still being loaded.
+            self._versions.setdefault(key, None)
         return self._versions[key]
 
     def anomalies(

@@ -190,13 +190,14 @@ def plan(using: str) -> Plan:
         else:
             sql = [f"SELECT create_reference_table('{qn(table)}')"]
             pk = model._meta.pk
+            column = pk.column
             if isinstance(pk, AutoFieldMixin):
                 # Citus starts an identity column's sequence afresh when it makes the table a
                 # reference table: the next row would reuse the id of the first one already
                 # there (``auth_user``'s, for an installation with users).
                 sql.append(
-                    f"SELECT setval(pg_get_serial_sequence('{qn(table)}', '{pk.column}'), "
-                    f"COALESCE(MAX({qn(pk.column)}), 0) + 1, false) FROM {qn(table)}"
+                    f"SELECT setval(pg_get_serial_sequence('{qn(table)}', '{column}'), "
+                    f"COALESCE(MAX({qn(column)}), 0) + 1, false) FROM {qn(table)}"
                 )
             steps.append(
                 Step(f"{table}: make a reference table (a copy on every node)", tuple(sql))

@@ -19,7 +19,7 @@ from django.db import connections
 from ..models import Encounter
 from .statements import forget as forget_statements
 
-__all__ = ["distribution_of", "forget", "is_sharded", "lock_each"]
+__all__ = ["distribution_of", "forget", "is_sharded", "lock_each", "shard_groups"]
 
 _SHARDED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
@@ -70,6 +70,25 @@ def lock_each(using: str, pks: Iterable[Any]) -> None:
             f"SELECT 1 FROM {table} WHERE {qn(pk.column)} = ANY(%s::{cast}[]) FOR UPDATE",
             [(group,) for group in groups],
         )
+
+
+def shard_groups(using: str, pks: list[Any]) -> list[list[int]]:
+    """The positions in ``pks`` (0-based, ascending) of the encounters each shard holds, one
+    list per shard holding some of them (one query: Citus's own hash function, on the
+    coordinator)."""
+    connection = connections[using]
+    pk = Encounter._meta.pk
+    values = [pk.get_db_prep_value(value, connection) for value in pks]
+    if not values:
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT array_agg(i.n - 1 ORDER BY i.n) "
+            f"FROM unnest(%s::{pk.db_type(connection)}[]) WITH ORDINALITY AS i(id, n) "
+            "GROUP BY get_shard_id_for_distribution_column(%s, i.id) ORDER BY 1",
+            [values, connection.ops.quote_name(Encounter._meta.db_table)],
+        )
+        return [list(row[0]) for row in cursor.fetchall()]
 
 
 def distribution_of(connection: Any, table: str) -> tuple[str | None, str | None, str | None]:

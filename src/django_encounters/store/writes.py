@@ -39,6 +39,7 @@ from .loading import load
 from .mapping import row_of_record
 from .reads import load_timeline
 from .schema import projection_of
+from .sharding import is_sharded, shard_groups
 from .statements import PK, projection_write_fields, statements
 
 SEQUENCE_CONSTRAINT = "encounters_transition_unique_sequence"
@@ -410,12 +411,30 @@ def save_record(record: Any, using: str) -> None:
 
 def write_projections(using: str, fixes: list[tuple], now: datetime) -> None:
     """Write replayed projections — ``(pk, *PROJECTION_FIELDS values)`` each — and stamp
-    ``updated_at``: one statement per batch on PostgreSQL, ``executemany`` elsewhere."""
+    ``updated_at``: one statement per batch on PostgreSQL, one per shard on Citus (one
+    pipeline), ``executemany`` elsewhere."""
     connection = connections[using]
     st = statements(connection)
     sql = st.projections_sql
     fields = projection_write_fields()
     stamp = fields[-1].get_db_prep_save(now, connection)
+    if connection.vendor == "postgresql" and is_sharded(connection):
+        # Citus: one UPDATE per shard, its ids also given as a list the planner prunes with, so
+        # that each runs on its shard alone (a multi-shard UPDATE … FROM unnest() is planned by
+        # broadcasting the values to every shard, several times slower); sent as one pipeline.
+        pk = fields[0]
+        routed = (
+            f"{sql} AND e.{connection.ops.quote_name(pk.column)} "
+            f"= ANY(%s::{pk.db_type(connection)}[])"
+        )
+        params = []
+        for positions in shard_groups(using, [fix[0] for fix in fixes]):
+            group = [fixes[i] for i in positions]
+            columns = [_pg_array(column) for column in zip(*group, strict=True)]
+            params.append([stamp, *columns, columns[0]])
+        with connection.cursor() as cursor:
+            cursor.executemany(routed, params)
+        return
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             # The replayed values are already what psycopg adapts natively (UUID, str, int,
