@@ -949,14 +949,17 @@ def test_overlapped_batches_give_exactly_the_sequential_result(
     assert _rebuild_with(monkeypatch, 2, set(), batch_size=2).projections_fixed == 0
 
 
+def _encounters_in_pk_order(definition, subject, count):
+    """``count`` new encounters in primary-key order: the order the rebuild's batches take."""
+    return sorted((create_encounter(definition, subject) for _ in range(count)), key=lambda e: e.pk)
+
+
 @pytest.mark.postgres_only
 @pytest.mark.django_db(transaction=True)
 def test_overlapped_rebuild_failure_leaves_a_prefix_committed(
     visit_definition, patient, monkeypatch
 ):
-    encounters = sorted(
-        (create_encounter(visit_definition, patient) for _ in range(12)), key=lambda e: e.pk
-    )
+    encounters = _encounters_in_pk_order(visit_definition, patient, 12)
     for encounter in encounters:
         transition(encounter, "checked_in")
         raw_update(Encounter, encounter.pk, state="cancelled")
@@ -983,9 +986,7 @@ def test_overlapped_rebuild_failure_leaves_a_prefix_committed(
 def test_transition_during_an_overlapped_rebuild_is_not_overwritten(
     visit_definition, patient, monkeypatch
 ):
-    encounters = sorted(
-        (create_encounter(visit_definition, patient) for _ in range(8)), key=lambda e: e.pk
-    )
+    encounters = _encounters_in_pk_order(visit_definition, patient, 8)
     for encounter in encounters:
         raw_update(Encounter, encounter.pk, state="cancelled")  # every projection drifted
     target = encounters[5]  # in the third batch of two
