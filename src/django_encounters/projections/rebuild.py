@@ -45,7 +45,7 @@ from django.utils import timezone
 
 from .. import conf, store
 from ..arguments import require_positive_int
-from ..engine import Anomaly, hash_format
+from ..engine import Anomaly, EncounterError, hash_format
 from ..exceptions import EncounterNotFoundError, RebuildWorkerError
 from .acknowledgements import Acknowledged, mark_key
 from .audit import EncounterAudit, definition_audits
@@ -377,8 +377,9 @@ class _Overlapped:
             self.changed.notify_all()
 
 
-class _Abandoned(Exception):
-    """Rolls a batch back when a batch before it failed."""
+class _Abandoned(EncounterError):
+    """Rolls a batch back when a batch before it failed (never leaves the rebuild: the thread
+    that raises it catches it)."""
 
 
 def _rebuild_overlapped(
