@@ -17,7 +17,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, IntegrityError, OperationalError, connection, reset_queries
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    OperationalError,
+    connection,
+    connections,
+    reset_queries,
+)
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.utils import timezone
 
@@ -45,12 +52,16 @@ def _kinds(statements: list[str]) -> list[str]:
 @contextmanager
 def django_cursor_statements():
     """The statements that go through Django's cursor wrapper (``connection.cursor()``) while
-    the block runs, as a list of SQL texts (work statements only: no transaction control)."""
+    the block runs, as a list of SQL texts (work statements only: no transaction control).
+    The backend's class is patched, not the connection: a ``cursor`` set on the connection
+    itself is how django-debug-toolbar instruments it, which the store treats as observed."""
     seen: list[str] = []
-    real = connection.cursor
+    backend = type(connections["default"])
+    own = backend.__dict__.get("cursor")
+    real = backend.cursor
 
-    def cursor(*args: Any, **kwargs: Any) -> Any:
-        wrapper = real(*args, **kwargs)
+    def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
+        wrapper = real(self, *args, **kwargs)
         execute = wrapper.execute
 
         def recording(sql: str, params: Any = None) -> Any:
@@ -61,11 +72,14 @@ def django_cursor_statements():
         wrapper.execute = recording
         return wrapper
 
-    connection.cursor = cursor  # an instance attribute, over the method
+    backend.cursor = cursor
     try:
         yield seen
     finally:
-        del connection.cursor
+        if own is None:
+            del backend.cursor
+        else:
+            backend.cursor = own
 
 
 @contextmanager
@@ -331,3 +345,66 @@ def test_the_final_state_validator_reads_the_locked_rules_without_building_the_v
     assert locked.machine_rules() == locked.machine.rules()  # the same rules as the version's
     with pytest.raises(ValidationError, match="Cannot transition from final state 'cancelled'"):
         transition(encounter, "scheduled", effective_at=encounter.timeline_end_at)
+
+
+def test_a_cursor_set_on_the_connection_sees_every_statement(visit_definition, patient):
+    """django-debug-toolbar's SQL panel (and Django's SimpleTestCase refusal) replace the
+    connection's own ``cursor()``: the store's statements then go through it."""
+    from django_encounters.services import create_encounter
+
+    encounter = create_encounter(visit_definition, patient)
+    seen: list[str] = []
+    real = connection.cursor
+
+    def cursor(*args: Any, **kwargs: Any) -> Any:
+        wrapper = real(*args, **kwargs)
+        execute = wrapper.execute
+
+        def recording(sql: str, params: Any = None) -> Any:
+            seen.append(sql)
+            return execute(sql, params)
+
+        wrapper.execute = recording
+        return wrapper
+
+    connection.cursor = cursor
+    try:
+        transition(encounter, "checked_in")
+        get_state_at(encounter, timezone.now())
+    finally:
+        del connection.cursor
+    assert _kinds([s for s in seen if s.lstrip().upper().startswith(WORK)]) == [
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "SELECT",
+    ]
+
+
+def test_an_instrumented_cursor_wrapper_sees_every_statement(
+    visit_definition, patient, monkeypatch
+):
+    """APM agents (Sentry's Django integration, ...) replace ``CursorWrapper.execute``: the
+    store's statements then go through Django's cursor, and so through the agent."""
+    from django.db.backends.utils import CursorWrapper
+
+    from django_encounters.services import create_encounter
+
+    encounter = create_encounter(visit_definition, patient)
+    seen: list[str] = []
+    real = CursorWrapper.execute
+
+    def execute(self: Any, sql: str, params: Any = None) -> Any:
+        seen.append(sql)
+        return real(self, sql, params)
+
+    monkeypatch.setattr(CursorWrapper, "execute", execute)
+    transition(encounter, "checked_in")
+    get_state_at(encounter, timezone.now())
+    monkeypatch.undo()
+    assert _kinds([s for s in seen if s.lstrip().upper().startswith(WORK)]) == [
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "SELECT",
+    ]

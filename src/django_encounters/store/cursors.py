@@ -21,7 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from django.db.backends.utils import CursorWrapper
+
 from .converters import speed_up_cursor
+
+#: Where Django defines its cursor wrapper's ``execute`` (replaced: somebody instruments it).
+_DJANGO_CURSORS = "django.db.backends.utils"
 
 __all__ = ["FETCH_ALL", "FETCH_ONE", "NOTHING", "ROWCOUNT", "execute", "native", "observed"]
 
@@ -66,9 +71,17 @@ def native(sql: str) -> str:
 
 def observed(connection: Any) -> bool:
     """Whether a statement run on ``connection`` now could be seen by anyone: recorded
-    (``DEBUG``, ``CaptureQueriesContext``, ``assertNumQueries``) or passed to an
-    ``execute_wrapper()``."""
-    return bool(connection.queries_logged or connection.execute_wrappers)
+    (``DEBUG``, ``CaptureQueriesContext``, ``assertNumQueries``), passed to an
+    ``execute_wrapper()``, or instrumented by a tool that patches Django's cursor: the
+    connection's own ``cursor()`` replaced (django-debug-toolbar's SQL panel; Django's
+    ``SimpleTestCase``, which refuses queries that way) or ``CursorWrapper.execute`` replaced
+    (APM agents such as Sentry's Django integration)."""
+    return bool(
+        connection.queries_logged
+        or connection.execute_wrappers
+        or "cursor" in connection.__dict__
+        or CursorWrapper.execute.__module__ != _DJANGO_CURSORS
+    )
 
 
 def execute(
@@ -83,7 +96,7 @@ def execute(
     ``DatabaseWrapper``) and return ``result(cursor)`` (``FETCH_ONE``, ``FETCH_ALL``,
     ``ROWCOUNT``, ``NOTHING``). ``fast_times``: read ``timestamptz`` columns with psycopg's C
     loader (:func:`~.converters.speed_up_cursor`)."""
-    if connection.queries_logged or connection.execute_wrappers:
+    if observed(connection):
         with connection.cursor() as cursor:
             if fast_times:
                 speed_up_cursor(connection, cursor)
