@@ -49,6 +49,19 @@ def _kinds(statements: list[str]) -> list[str]:
     return [s.lstrip().split(None, 1)[0].upper() for s in statements]
 
 
+def _recording(wrapper: Any, seen: list[str]) -> Any:
+    """Django's cursor ``wrapper``, its work statements appended to ``seen`` as they run."""
+    execute = wrapper.execute
+
+    def recording(sql: str, params: Any = None) -> Any:
+        if sql.lstrip().upper().startswith(WORK):
+            seen.append(sql)
+        return execute(sql, params)
+
+    wrapper.execute = recording
+    return wrapper
+
+
 @contextmanager
 def django_cursor_statements():
     """The statements that go through Django's cursor wrapper (``connection.cursor()``) while
@@ -61,16 +74,7 @@ def django_cursor_statements():
     real = backend.cursor
 
     def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
-        wrapper = real(self, *args, **kwargs)
-        execute = wrapper.execute
-
-        def recording(sql: str, params: Any = None) -> Any:
-            if sql.lstrip().upper().startswith(WORK):
-                seen.append(sql)
-            return execute(sql, params)
-
-        wrapper.execute = recording
-        return wrapper
+        return _recording(real(self, *args, **kwargs), seen)
 
     backend.cursor = cursor
     try:
@@ -357,15 +361,7 @@ def test_a_cursor_set_on_the_connection_sees_every_statement(visit_definition, p
     real = connection.cursor
 
     def cursor(*args: Any, **kwargs: Any) -> Any:
-        wrapper = real(*args, **kwargs)
-        execute = wrapper.execute
-
-        def recording(sql: str, params: Any = None) -> Any:
-            seen.append(sql)
-            return execute(sql, params)
-
-        wrapper.execute = recording
-        return wrapper
+        return _recording(real(*args, **kwargs), seen)
 
     connection.cursor = cursor
     try:
@@ -373,7 +369,7 @@ def test_a_cursor_set_on_the_connection_sees_every_statement(visit_definition, p
         get_state_at(encounter, timezone.now())
     finally:
         del connection.cursor
-    assert _kinds([s for s in seen if s.lstrip().upper().startswith(WORK)]) == [
+    assert _kinds(seen) == [
         "SELECT",
         "INSERT",
         "UPDATE",
