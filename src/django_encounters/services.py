@@ -318,7 +318,7 @@ def _record(
     ):
         projection["ended_at"] = record.effective_at
     projection["updated_at"] = record.transitioned_at
-    store.update_projection(locked, projection, using, after_sequence=record.sequence - 1)
+    store.update_projection(locked, projection, using)
     projection.setdefault("ended_at", locked.ended_at)
     locked.set_projection(projection)
     encounter.set_projection(projection, using=using)

@@ -301,21 +301,18 @@ def insert_row(
     )
 
 
-def update_projection(
-    locked: Any, values: dict[str, Any], using: str, *, after_sequence: int | None = None
-) -> None:
+def update_projection(locked: Any, values: dict[str, Any], using: str) -> None:
     """Write the columns of ``values`` that differ from the locked instance's, in one UPDATE.
 
-    The statement has no guard of its own: the new row's predecessor (``after_sequence``, the
-    row the projection points at) was proven in the log under the row lock before anything
+    The statement has no guard of its own: the new row's predecessor (the row the projection
+    points at) was proven in the log under the row lock before anything
     was decided — by :func:`prove_projection` in ``transition()`` and ``upgrade_encounter()``,
     by replaying the whole stream in :func:`append_record` — and rows are never deleted (the
     append-only triggers; a ``TRUNCATE`` waits for this transaction). A row inserted below the
     library at the new row's sequence makes the INSERT before this UPDATE fail
-    (``ConcurrentTransitionError``). Issue 23 dropped the ``AND EXISTS`` on row
-    ``after_sequence`` this UPDATE carried before the lock proved the log's head: it re-checked
-    what was proven, at a cost on every transition. ``after_sequence`` is accepted for the
-    callers and not used.
+    (``ConcurrentTransitionError``). Issue 23 dropped the ``AND EXISTS`` on the predecessor row
+    this UPDATE carried before the lock proved the log's head: it re-checked what was proven, at
+    a cost on every transition.
     """
     connection = connections[using]
     # The locked instance is the store's own (no pending projection on it): its __dict__ is read
@@ -383,7 +380,7 @@ def append_record(record: Any, using: str) -> None:
     EncounterTimeline.event(locked.pk, row_of_record(record)).mutate(timeline)
     projection = projection_of(timeline)
     projection["updated_at"] = timezone.now()
-    update_projection(locked, projection, using, after_sequence=record.sequence - 1)
+    update_projection(locked, projection, using)
 
 
 def _version_hash(locked: Any, number: int, using: str) -> str:
