@@ -11,7 +11,6 @@ from ..models import StoreOperations, install_store
 from .mapping import record_from_row, row_of_record
 from .reads import (
     annotate_state_at,
-    count_rows,
     history,
     iter_streams,
     last_state_at,
@@ -35,7 +34,6 @@ __all__ = [
     "PROJECTION_FIELDS",
     "annotate_state_at",
     "append_record",
-    "count_rows",
     "history",
     "insert_row",
     "iter_streams",

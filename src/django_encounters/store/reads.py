@@ -100,15 +100,6 @@ def load_timeline(encounter: Any, using: str, *, known_at: Any = None) -> Encoun
     )
 
 
-def count_rows(encounter_pk: Any, using: str) -> int:
-    connection = connections[using]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            statements(connection).count_rows_sql, {PK: _encounter_param(encounter_pk, connection)}
-        )
-        return int(cursor.fetchone()[0])
-
-
 def values_rows(query: QuerySet) -> list[tuple]:
     """``list(query)`` of a ``values_list()`` queryset of model fields (no expressions): the
     same statement (its filters, slice and ``select_for_update()``), the same values, each

@@ -73,7 +73,6 @@ class Statements:
     stream_row: Any  # (ROW_COLUMNS values) -> StreamRow
     keyed_stream_row: Any  # (encounter id, *ROW_COLUMNS values) -> StreamRow
     encounter_key: Converter | None  # conversion of a selected encounter id
-    count_rows_sql: str
     projections_sql: str  # the rebuild's batch write of projections (see store.writes)
     _updates: dict[tuple[str, ...], str] = field(default_factory=dict)
 
@@ -207,6 +206,7 @@ def _build(connection: Any) -> Statements:
     selected = _selected_column(connection)
     # Each transition field's adapter, built once: by attname, and in INSERT order.
     row_adapters = {f.attname: value_adapter(connection, f) for f in insert_fields}
+    insert_adapters = [row_adapters[f.attname] for f in insert_fields]
     stream_fields = [row_meta.get_field(name) for name in ROW_COLUMNS]
     # "The last row of the timeline up to t": ordered by the engine's TIMELINE_ORDER.
     state_at_sql = (
@@ -251,10 +251,8 @@ def _build(connection: Any) -> Statements:
             f"VALUES ({', '.join(f'%({f.attname})s' for f in insert_fields)})"
         ),
         insert_fields=insert_fields,
-        insert_adapters=[row_adapters[f.attname] for f in insert_fields],
-        insert_params=_insert_params(
-            insert_fields, [row_adapters[f.attname] for f in insert_fields]
-        ),
+        insert_adapters=insert_adapters,
+        insert_params=_insert_params(insert_fields, insert_adapters),
         encounter_adapters={
             f.attname: value_adapter(connection, f) for f in encounter._meta.concrete_fields
         },
@@ -274,7 +272,6 @@ def _build(connection: Any) -> Statements:
         stream_row=row_builder(StreamRow, stream_converters),
         keyed_stream_row=row_builder(StreamRow, stream_converters, skip=1),
         encounter_key=column_converter(connection, model_field(transition, "encounter")),
-        count_rows_sql=f"SELECT COUNT(*) {of_encounter}",
         projections_sql=_projections_sql(connection),
     )
 
