@@ -188,8 +188,7 @@ def transition(
         # 2. Load what the decision needs: the projection row is the snapshot; only a
         #    backdated transition needs the rows.
         # The pinned version's rules as the lock read them (no model instance built for them).
-        lazy = store.locked_machine(locked)
-        rules = lazy.rules if lazy is not None else locked.machine.rules()
+        rules = locked.machine_rules()
         if not timeline.appends_at_end(effective_at):
             timeline = store.load_timeline(locked, using)
 
