@@ -132,8 +132,8 @@ docs: $(STAMP_DOCS)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 lint: $(STAMP_LINT)
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests example benchmarks
+	$(PY) -m ruff format --check src tests example benchmarks
 	$(PY) -m mypy src
 
 clean:

@@ -18,6 +18,7 @@ The script checks its own results and exits non-zero if the library behaves othe
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import tempfile
@@ -56,11 +57,10 @@ def check(condition: bool, what: str) -> None:
 
 
 def readme_example() -> None:
+    from clinic.models import Patient
     from django.contrib.auth import get_user_model
     from django.test import RequestFactory
     from django.utils import timezone
-
-    from clinic.models import Patient
 
     # The example calls these two but its import list leaves them out.
     from django_encounters import get_encounter_history, get_state_at
@@ -81,7 +81,9 @@ def readme_example() -> None:
     time.sleep(0.01)
 
     # ---- the example, as written ----------------------------------------------------------
-    from django_encounters import (
+    # (SPEC's README example verbatim, its layout and unused imports included.)
+    # fmt: off
+    from django_encounters import (  # noqa: I001, F401
         EncounterDefinition, create_encounter, transition,
         RequiredFieldsValidator, NoBackwardsTransitionValidator
     )
@@ -89,15 +91,15 @@ def readme_example() -> None:
         name='Patient Visit', code='VISIT',
         states=['scheduled', 'checked_in', 'in_progress', 'completed', 'cancelled'],
         initial_state='scheduled', final_states=['completed', 'cancelled'],
-        transitions={'scheduled': ['checked_in', 'cancelled'], 'checked_in': ['in_progress', 'cancelled'], 'in_progress': ['completed', 'cancelled']},
+        transitions={'scheduled': ['checked_in', 'cancelled'], 'checked_in': ['in_progress', 'cancelled'], 'in_progress': ['completed', 'cancelled']},  # noqa: E501
         validators=['django_encounters.validators.FinalStateValidator',
             {'path': 'django_encounters.validators.RequiredFieldsValidator',
-             'params': {'state_requirements': {'completed': ['ended_at'], 'in_progress': ['started_at']}}}])
-    encounter = create_encounter(definition=visit_def, subject=patient, created_by=request.user, scheduled_at=appointment_time)
+             'params': {'state_requirements': {'completed': ['ended_at'], 'in_progress': ['started_at']}}}])  # noqa: E501
+    encounter = create_encounter(definition=visit_def, subject=patient, created_by=request.user, scheduled_at=appointment_time)  # noqa: E501
     transition(encounter, 'checked_in', transitioned_by=receptionist)
-    encounter.started_at = timezone.now(); encounter.save()
+    encounter.started_at = timezone.now(); encounter.save()  # noqa: E702
     transition(encounter, 'in_progress', transitioned_by=doctor)
-    encounter.ended_at = timezone.now(); encounter.save()
+    encounter.ended_at = timezone.now(); encounter.save()  # noqa: E702
     transition(encounter, 'completed', transitioned_by=doctor, reason='Visit concluded')
     history = get_encounter_history(encounter)
     # (the example leaves `some_past_time` to the reader: take the moment between check-in and
@@ -108,24 +110,32 @@ def readme_example() -> None:
         in_progress_row.effective_at - checked_in_row.effective_at
     ) / 2
     past_state = get_state_at(encounter, some_past_time)
+    # fmt: on
     # ---- end of the example ---------------------------------------------------------------
 
-
-    print(f"\nEncounter {encounter.pk} of {patient} ({visit_def.code}), "
-          f"scheduled for {fmt_time(appointment_time)}")
+    print(
+        f"\nEncounter {encounter.pk} of {patient} ({visit_def.code}), "
+        f"scheduled for {fmt_time(appointment_time)}"
+    )
     print_timeline("Timeline (get_encounter_history):", history)
-    check([r.sequence for r in history] == sorted(r.sequence for r in history),
-          "history is ordered by sequence")
-    check([r.to_state for r in history][-3:] == ["checked_in", "in_progress", "completed"],
-          f"history ends checked_in, in_progress, completed: {[r.to_state for r in history]}")
+    check(
+        [r.sequence for r in history] == sorted(r.sequence for r in history),
+        "history is ordered by sequence",
+    )
+    check(
+        [r.to_state for r in history][-3:] == ["checked_in", "in_progress", "completed"],
+        f"history ends checked_in, in_progress, completed: {[r.to_state for r in history]}",
+    )
     check(history[-1].reason == "Visit concluded", "the reason is recorded")
 
     print("\nget_state_at(encounter, t):")
     moments = [("before the first transition", before_everything)]
-    for earlier, later in zip(history, history[1:]):
+    for earlier, later in itertools.pairwise(history):
         moments.append(
-            (f"between '{earlier.to_state}' and '{later.to_state}'",
-             earlier.effective_at + (later.effective_at - earlier.effective_at) / 2)
+            (
+                f"between '{earlier.to_state}' and '{later.to_state}'",
+                earlier.effective_at + (later.effective_at - earlier.effective_at) / 2,
+            )
         )
     moments.append(("now", timezone.now()))
     for label, moment in moments:
@@ -136,10 +146,10 @@ def readme_example() -> None:
 
 
 def backdating_example() -> None:
+    from clinic.models import Patient
     from django.contrib.auth import get_user_model
     from django.utils import timezone
 
-    from clinic.models import Patient
     from django_encounters import (
         EncounterDefinition,
         create_encounter,
@@ -167,30 +177,48 @@ def backdating_example() -> None:
     half_hour_ago = now - timedelta(minutes=30)
 
     # The visit happened this morning but is entered into the system only now.
-    enc2 = create_encounter(definition=visit_def, subject=patient, created_by=nurse,
-                            scheduled_at=two_hours_ago)
+    enc2 = create_encounter(
+        definition=visit_def, subject=patient, created_by=nurse, scheduled_at=two_hours_ago
+    )
     time.sleep(0.01)
     known_after_create = timezone.now()
     time.sleep(0.01)
 
-    transition(enc2, "checked_in", transitioned_by=nurse, effective_at=two_hours_ago,
-               reason="Entered late: arrival at the desk")
+    transition(
+        enc2,
+        "checked_in",
+        transitioned_by=nurse,
+        effective_at=two_hours_ago,
+        reason="Entered late: arrival at the desk",
+    )
     time.sleep(0.01)
     known_after_check_in = timezone.now()
     time.sleep(0.01)
 
     enc2.started_at = one_hour_ago
     enc2.save()
-    transition(enc2, "in_progress", transitioned_by=doctor, effective_at=one_hour_ago,
-               reason="Entered late: consultation began")
+    transition(
+        enc2,
+        "in_progress",
+        transitioned_by=doctor,
+        effective_at=one_hour_ago,
+        reason="Entered late: consultation began",
+    )
 
     print_timeline(f"Timeline of encounter {enc2.pk} ({patient}):", get_encounter_history(enc2))
 
-    print("\nA backdated 'cancelled', effective 90 minutes ago (between the check-in and the "
-          "consultation):")
+    print(
+        "\nA backdated 'cancelled', effective 90 minutes ago (between the check-in and the "
+        "consultation):"
+    )
     try:
-        transition(enc2, "cancelled", transitioned_by=nurse, effective_at=ninety_minutes_ago,
-                   reason="Patient left?")
+        transition(
+            enc2,
+            "cancelled",
+            transitioned_by=nurse,
+            effective_at=ninety_minutes_ago,
+            reason="Patient left?",
+        )
     except InvalidTransitionError as exc:
         print(f"  refused, InvalidTransitionError: {exc}")
     else:
@@ -207,10 +235,14 @@ def backdating_example() -> None:
         print(f"  {label:<42} known_at={fmt_time(known_at):<26} ->  {answer!r}")
         check(answer == expected, f"{label}: expected {expected!r}, got {answer!r}")
 
-    print("\nWhat was the state 90 minutes ago, as known now?  ->  "
-          f"{get_state_at(enc2, ninety_minutes_ago)!r}")
-    check(get_state_at(enc2, ninety_minutes_ago) == "checked_in",
-          "90 minutes ago the patient was checked in")
+    print(
+        "\nWhat was the state 90 minutes ago, as known now?  ->  "
+        f"{get_state_at(enc2, ninety_minutes_ago)!r}"
+    )
+    check(
+        get_state_at(enc2, ninety_minutes_ago) == "checked_in",
+        "90 minutes ago the patient was checked in",
+    )
 
 
 def _attacker_rewrites_history(encounter) -> None:
@@ -228,14 +260,18 @@ def _attacker_rewrites_history(encounter) -> None:
     rows[0].reason = "nothing happened here"
     previous = Encounter.objects.get(pk=encounter.pk).genesis_hash
     with connection.cursor() as cursor:
-        cursor.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s", [table])
+        cursor.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = %s",
+            [table],
+        )
         triggers = cursor.fetchall()
         for name, _ in triggers:
             cursor.execute(f"DROP TRIGGER {name}")
         for row in rows:
             row.hash = previous = row_hash(encounter.pk, row, previous)
             cursor.execute(
-                f"UPDATE {table} SET reason = %s, hash = %s WHERE encounter_id = %s AND sequence = %s",
+                f"UPDATE {table} SET reason = %s, hash = %s"
+                " WHERE encounter_id = %s AND sequence = %s",
                 [row.reason, row.hash, encounter.pk.hex, row.sequence],
             )
         cursor.execute(
@@ -283,7 +319,9 @@ def integrity_example(workdir: str) -> None:
     victim = Encounter.objects.order_by("created_at").first()
     _attacker_rewrites_history(victim)
     print(f"\nSomeone with write access rewrites row 1 of encounter {victim.pk},")
-    print("recomputes every hash after it and the projection's head hash, and restores the triggers.")
+    print(
+        "recomputes every hash after it and the projection's head hash, and restores the triggers."
+    )
     code, _ = run("audit_encounters")
     print(f"\n$ manage.py audit_encounters  -> exit {code}  (the recomputed chain is consistent)")
     check(code == 0, "a fully recomputed chain passes the plain audit")
