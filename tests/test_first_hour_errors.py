@@ -525,3 +525,61 @@ def test_the_admin_says_the_database_was_locked_not_that_the_page_was_stale(lock
     assert "locked by another writer" in message and "transaction_mode" in message
     assert "out of date" not in message
     assert _rows_in_file(db_file) == {}
+
+
+@pytest.mark.skipif(IS_POSTGRES, reason="SQLite's transaction modes")
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_says_the_database_was_locked_when_a_same_step_field_is_saved_first(
+    visit_definition_with_validators, patient, tmp_path, monkeypatch
+):
+    """The transition form that also sets a field the target state requires saves that field
+    before ``transition()`` locks the row: a locked database there is the same typed refusal
+    (not a raw ``OperationalError`` and a server error), and neither the field nor a row is
+    written."""
+    from django.contrib.auth.models import User
+    from django.test import Client
+    from django.urls import reverse
+
+    encounter = create_encounter(visit_definition_with_validators, patient)
+    transition(encounter, "checked_in")
+    user = User.objects.create_superuser("doctor", "doctor@example.com", "pw")
+    db_file = _file_copy(tmp_path)
+    monkeypatch.setitem(connection.settings_dict, "NAME", str(db_file))
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", {"timeout": 0.2})
+    started = timezone.localtime(timezone.now().replace(microsecond=0))
+
+    def login() -> Client:
+        client = Client()
+        client.force_login(user)
+        return client
+
+    def post(client: Client) -> Any:
+        return client.post(
+            reverse("admin:django_encounters_encounter_transition", args=[encounter.pk]),
+            {
+                "to_state": "in_progress",
+                "expected_version": 1,
+                "reason": "",
+                "effective_at": "",
+                "set_started_at_0": started.strftime("%Y-%m-%d"),
+                "set_started_at_1": started.strftime("%H:%M:%S"),
+            },
+            follow=True,
+        )
+
+    with override_settings(SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies"):
+        page = _while_locked(db_file, post, login)
+
+    assert page.status_code == 200
+    [message] = [str(m) for m in page.context["messages"]]
+    assert message.startswith("Refused, nothing was changed (")
+    assert "locked by another writer" in message and "transaction_mode" in message
+    assert _rows_in_file(db_file) == {encounter.pk.hex: 1}
+    reader = sqlite3.connect(db_file)
+    try:
+        [(stored,)] = reader.execute(
+            f"SELECT started_at FROM {Encounter._meta.db_table} WHERE id = ?", [encounter.pk.hex]
+        ).fetchall()
+    finally:
+        reader.close()
+    assert stored is None

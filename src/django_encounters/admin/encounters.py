@@ -41,6 +41,7 @@ from ..models import (
     EncounterTransition,
 )
 from ..services import create_encounter, get_state_at, transition
+from ..store import writer_errors
 from .common import (
     DeletedFilter,
     LabelledSplitDateTime,
@@ -620,8 +621,11 @@ class EncounterAdmin(ZoneSafeDateHierarchyMixin, SoftDeleteAdmin):
             form = TransitionForm(request.POST, **options)
             if form.is_valid():
                 data = form.cleaned_data
+                using = router.db_for_write(Encounter, instance=obj)
                 try:
-                    with db_transaction.atomic(using=router.db_for_write(Encounter, instance=obj)):
+                    # The same-step fields are saved before transition() locks the row: SQLite's
+                    # "database is locked" there is the same DatabaseLockedError as transition()'s.
+                    with writer_errors(obj.pk, using), db_transaction.atomic(using=using):
                         changed = form.changed_fields()
                         for name, value in changed.items():
                             setattr(obj, name, value)
