@@ -305,3 +305,93 @@ def test_the_streamed_log_keeps_memory_flat_from_2k_to_20k_encounters():
         # …in about the same memory: one batch of encounters and one chunk, not the whole log.
         assert large_peak < small_peak * 1.25 + 1_000_000, (fmt, small_peak, large_peak)
         assert large_peak < large_size / 2, (fmt, large_peak, large_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under ASGI: streamed by the event loop, chunk by chunk
+# ---------------------------------------------------------------------------------------------
+
+
+def _asgi_get(path: str, query: str, user: str, password: str, seen=lambda: None) -> list[dict]:
+    """What an ASGI server receives from Django's ``ASGIHandler`` for ``GET path?query`` (HTTP
+    Basic authentication): the ``http.response.*`` messages, in order, each with ``"seen"``:
+    what ``seen()`` said when it was sent."""
+    import asyncio
+    import base64
+
+    from asgiref.sync import async_to_sync
+    from django.core.handlers.asgi import ASGIHandler
+
+    credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Basic {credentials}".encode())],
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 50000),
+    }
+    incoming = [{"type": "http.request", "body": b"", "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append({**message, "seen": seen()})
+
+    async_to_sync(ASGIHandler())(scope, receive, send)
+    return sent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_under_asgi_the_log_is_sent_chunk_by_chunk_not_read_whole_first(
+    visit_definition, patient, recwarn, monkeypatch
+):
+    """Django under ASGI reads a synchronous streaming body whole before sending it (and warns
+    "StreamingHttpResponse must consume synchronous iterators"): the export is served as an
+    asynchronous iterator there, so the server gets one message per chunk, as it is produced,
+    and the bytes are the command's."""
+    from django_encounters.contrib.rest_framework import exports, views
+
+    for _ in range(30):
+        visit = create_encounter(visit_definition, patient)
+        transition(visit, "checked_in", reason="x" * 200)
+    user = User.objects.create_user(username="exporter", password="pw")
+    user.user_permissions.set(
+        Permission.objects.filter(
+            content_type__app_label="django_encounters",
+            codename__in=["view_encounter", "view_encountertransition"],
+        )
+    )
+    monkeypatch.setattr(exports, "CHUNK_SIZE", 1024)  # several chunks from a small log
+    read = [0]  # traces read from the database so far
+    every = views.iter_traces
+
+    def counted(**selection):
+        for trace in every(**selection):
+            read[0] += 1
+            yield trace
+
+    monkeypatch.setattr(views, "iter_traces", counted)
+
+    sent = _asgi_get(LOG, "format=csv&definition=VISIT", "exporter", "pw", lambda: read[0])
+
+    start, *bodies = sent
+    assert start["type"] == "http.response.start" and start["status"] == 200
+    assert all(m["type"] == "http.response.body" for m in bodies)
+    chunks = [m["body"] for m in bodies if m.get("body")]
+    assert len(chunks) > 3, len(chunks)  # one message per chunk, not one for the whole log
+    assert all(m.get("more_body") for m in bodies[:-1]) and not bodies[-1].get("more_body")
+    assert bodies[0]["seen"] < 30 == read[0]  # the first chunk left before the log was read
+    assert b"".join(chunks).decode("utf-8") == exported("csv", definition="VISIT")
+    assert not [w for w in recwarn if "synchronous iterators" in str(w.message)]

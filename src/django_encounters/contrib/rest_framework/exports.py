@@ -18,9 +18,10 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import connections
 
 from ...models import Encounter
@@ -47,12 +48,19 @@ class _Sink:
 
 
 def stream_report(
-    write: Callable[..., Any], items: Iterable[Any], *, chunk_size: int = CHUNK_SIZE, **kwargs: Any
+    write: Callable[..., Any],
+    items: Iterable[Any],
+    *,
+    chunk_size: int | None = None,
+    **kwargs: Any,
 ) -> Iterator[bytes]:
     """The UTF-8 output of ``write(items, out, **kwargs)`` as byte chunks, produced as they are
     pulled: ``items`` is read in the caller's thread, one item each time the writer asks for
     the next. An exception of the writer (or of ``items``) is raised to the caller; closing the
-    iterator early stops the writer."""
+    iterator early stops the writer. ``chunk_size``: about how many characters per chunk
+    (default :data:`CHUNK_SIZE`)."""
+    if chunk_size is None:
+        chunk_size = CHUNK_SIZE
     source = iter(items)
     requests: queue.Queue[Any] = queue.Queue(maxsize=1)
     pieces: queue.Queue[Any] = queue.Queue()
@@ -105,6 +113,26 @@ def stream_report(
             except queue.Full:  # pragma: no cover - the writer holds no request then
                 pass
         thread.join()
+
+
+async def served_asynchronously(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """``chunks`` (from :func:`stream_report`) for a server running Django under ASGI: each
+    chunk is pulled in Django's thread for synchronous code (``thread_sensitive``: the thread
+    whose database connection the view used) and sent before the next is read. Given a
+    synchronous iterator, Django under ASGI would read the whole export into memory first (and
+    warn); closing this early (the client went away) closes ``chunks``, which stops the
+    writer."""
+    pull = sync_to_async(next, thread_sensitive=True)
+    try:
+        while True:
+            chunk = await pull(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await sync_to_async(close, thread_sensitive=True)()
 
 
 def fhir_document(

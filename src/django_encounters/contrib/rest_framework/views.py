@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from django.core.handlers.asgi import ASGIRequest
 from django.http import Http404, StreamingHttpResponse
 from django.urls import NoReverseMatch
 from django.utils.http import parse_etags
@@ -48,7 +49,7 @@ from ...models import Encounter
 from ...projections.audit import encounter_timeline
 from ...projections.event_log import iter_traces, log_name
 from ...projections.output import get_format
-from .exports import fhir_document, stream_report
+from .exports import fhir_document, served_asynchronously, stream_report
 from .parsers import PARSER_CLASSES
 from .permissions import EncounterPermissions, ExportPermission
 from .problems import Problem, encounter_problem, problem_response
@@ -367,9 +368,11 @@ class EventLogView(APIView):
             selection["batch_size"] = self.batch_size
         traces = iter_traces(**selection)  # the selection is checked here, before streaming
         name = log_name(selection["definition"])
+        chunks: Any = stream_report(writer.write, traces, name=name)
+        if isinstance(request._request, ASGIRequest):  # streamed by the event loop, chunk by chunk
+            chunks = served_asynchronously(chunks)
         response = StreamingHttpResponse(
-            stream_report(writer.write, traces, name=name),
-            content_type=f"{writer.content_type}; charset=utf-8",
+            chunks, content_type=f"{writer.content_type}; charset=utf-8"
         )
         extension = writer.name.replace("/", "-")
         filename = "encounters" + (f"-{selection['definition']}" if selection["definition"] else "")
