@@ -122,10 +122,13 @@ async def served_asynchronously(chunks: Iterator[bytes]) -> AsyncIterator[bytes]
     synchronous iterator, Django under ASGI would read the whole export into memory first (and
     warn); closing this early (the client went away) closes ``chunks``, which stops the
     writer."""
-    pull = sync_to_async(next, thread_sensitive=True)
+    def pull() -> bytes | None:
+        return next(chunks, None)
+
+    pull_in_thread = sync_to_async(pull, thread_sensitive=True)
     try:
         while True:
-            chunk = await pull(chunks, None)
+            chunk = await pull_in_thread()
             if chunk is None:
                 return
             yield chunk
