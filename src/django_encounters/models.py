@@ -897,10 +897,13 @@ class Encounter(UUIDModel, BaseModel):
         """Reload the projection columns from the database."""
         self.refresh_from_db(fields=list(self.PROJECTION_FIELDS))
 
-    def set_projection(self, values: dict[str, Any], *, using: str | None = None) -> None:
+    def set_projection(
+        self, values: dict[str, Any], *, using: str | None = None, connection: Any = None
+    ) -> None:
         """Show projection values just written (by ``transition()``) on this instance. With
         ``using``, the values are held as uncommitted: should the transaction (or the savepoint)
-        they were written in roll back, the instance shows what it showed before again."""
+        they were written in roll back, the instance shows what it showed before again.
+        ``connection``: ``connections[using]``, when the caller holds it."""
         pending = self.__dict__.get(_PENDING)
         if pending is not None and pending.rolled_back():
             pending.restore(self)
@@ -913,9 +916,11 @@ class Encounter(UUIDModel, BaseModel):
         else:
             before = {name: self.__dict__.get(name, _UNLOADED) for name in values}
         self.__dict__.update(values)
-        pending = _PendingProjection(connections[using], before)
+        if connection is None:
+            connection = connections[using]
+        pending = _PendingProjection(connection, before)
         self.__dict__[_PENDING] = pending
-        transaction.on_commit(pending.confirm, using=using)
+        connection.on_commit(pending.confirm)  # transaction.on_commit(…, using=using)
 
     def __getstate__(self) -> dict[str, Any]:
         materialize_lock(self)  # a copy or a pickle holds what the lock read, built
