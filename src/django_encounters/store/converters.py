@@ -50,6 +50,8 @@ def _sqlite_utc_datetime(slow: Converter | None) -> Converter:
     # SQLite stores UTC as naive text 'YYYY-MM-DD HH:MM:SS[.ffffff]'; Django's sqlite3
     # connection already parses declared datetime columns into naive datetimes, and its
     # converter then makes them aware in UTC — which is ``replace(tzinfo=UTC)``.
+    from django.utils.dateparse import parse_datetime
+
     parse = datetime.fromisoformat
 
     def load_datetime(value: Any) -> Any:
@@ -58,13 +60,22 @@ def _sqlite_utc_datetime(slow: Converter | None) -> Converter:
         if type(value) is str:  # selected as text (``reads.iter_streams``)
             try:
                 # Parsed aware at once: ``replace(tzinfo=…)`` costs several times the parse.
-                return parse(value + "+00:00")
+                parsed = parse(value + "+00:00")
+                if parsed.tzinfo is not None:  # (a date alone reads "+00:00" as its time)
+                    return parsed
             except ValueError:
                 pass
             try:
-                return parse(value).replace(tzinfo=_UTC)
+                parsed = parse(value)
             except ValueError:
                 pass
+            else:
+                # Naive text is UTC (Django's make_aware); text with an offset keeps it, as
+                # Django's converter keeps an aware value.
+                return parsed.replace(tzinfo=_UTC) if parsed.tzinfo is None else parsed
+            # What the driver's declared-type converter (Django's ``parse_datetime``) would
+            # have made of the column: None for text that is no time, its error for a bad one.
+            value = parse_datetime(value)
         return slow(value) if slow is not None else value
 
     return load_datetime
