@@ -227,8 +227,12 @@ def prove_projection(locked: Any, head: LogHead) -> None:
     row's (with no rows: the origin, the genesis hash as head). A projection edited behind the
     library's back is never decided from, or written into the log."""
 
+    # The locked instance is the store's own, every column loaded, nothing pending on it: its
+    # __dict__ holds what its attributes return.
+    data = locked.__dict__
+
     def differs(name: str, expected: Any) -> str | None:
-        stored = getattr(locked, name)
+        stored = data[name]
         return None if stored == expected else f"{name} {stored!r}, the log says {expected!r}"
 
     if locked.version == 0:
