@@ -84,6 +84,41 @@ def test_value_adapters_send_what_get_db_prep_save_sends(model):
     assert checked > 60  # the shortcuts were exercised, not only the fallbacks
 
 
+JSON_VALUES = [
+    None,
+    {},
+    {"k": [1, "ü"], "n": None, "f": 1.5, "t": True},
+    {"nested": {"deep": [{"x": "✓"}]}},
+    {1: "int key"},
+    {"bad": object()},
+    {"nan": float("nan")},
+    [],
+    [1, 2],
+    "text",
+    7,
+]
+
+
+@pytest.mark.parametrize("model", [Encounter, EncounterTransition], ids=["encounter", "transition"])
+def test_json_adapters_send_what_get_db_prep_save_sends(model):
+    """The JSON columns (``metadata``): the same text on SQLite, the same adapted object
+    elsewhere, the same error for what JSON cannot hold."""
+    fields = [f for f in model._meta.concrete_fields if f.get_internal_type() == "JSONField"]
+    assert fields
+    for f in fields:
+        adapt = value_adapter(connection, f)
+        slow = partial(f.get_db_prep_save, connection=connection)
+        for value in JSON_VALUES:
+            expected = _prepared(slow, value)
+            got = _prepared(adapt, value)
+            assert got[1] is expected[1], (f.name, value)
+            assert type(got[0]) is type(expected[0]), (f.name, value)
+            if isinstance(expected[0], str):
+                assert got[0] == expected[0], (f.name, value)
+            elif expected[0] is not None:  # psycopg's Jsonb wrapper
+                assert repr(got[0].obj) == repr(expected[0].obj), (f.name, value)
+
+
 def test_the_store_prepares_every_written_column_through_an_adapter():
     st = statements(connections["default"])
     assert len(st.insert_adapters) == len(st.insert_fields)

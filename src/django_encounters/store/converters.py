@@ -367,6 +367,16 @@ def _shortcut(connection: Any, field: Any) -> tuple[type | None, Adapter]:  # no
         )
         return (int, _as_is) if plain else no
 
+    if kind is models.JSONField:
+        # SQLite: Django sends ``connection.ops.adapt_json_value(value, encoder)``, the base
+        # class's ``json.dumps(value, cls=encoder)``; for a dict and no encoder, that text.
+        name = "adapt_json_value"
+        plain = getattr(type(connection.ops), name, None) is getattr(
+            BaseDatabaseOperations, name, None
+        )
+        if vendor == "sqlite" and field.encoder is None and plain:
+            return dict, _json_text
+        return no
     if kind is models.UUIDField:
         return UUID, (_as_is if connection.features.has_native_uuid_field else _uuid_hex)
     # (auto_now and auto_now_add act in pre_save, which the adapter does not replace.)
@@ -376,6 +386,10 @@ def _shortcut(connection: Any, field: Any) -> tuple[type | None, Adapter]:  # no
         if connection.timezone is _UTC:  # USE_TZ, no per-database TIME_ZONE
             return datetime, _sqlite_utc_text
     return no
+
+
+def _json_text(value: dict) -> str:
+    return "{}" if not value else json.dumps(value)
 
 
 def _uuid_hex(value: UUID) -> str:

@@ -279,9 +279,11 @@ def insert_row(
     does not cover. The hash is computed again to find out only when some code outside the
     package could have changed the record: a ``pre_save`` receiver, or (``seen_by_others``,
     the caller knows) one of its own signals' receivers. A clash on ``(encounter, sequence)``
-    raises ``ConcurrentTransitionError``.
+    raises ``ConcurrentTransitionError``. ``connection``: ``connections[using]``, when the
+    caller holds it.
     """
-    connection = connections[using]
+    if connection is None:
+        connection = connections[using]
     st = statements(connection)
     model = type(record)
     signals.pre_save.send(sender=model, instance=record, raw=False, using=using, update_fields=None)
