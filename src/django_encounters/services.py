@@ -333,9 +333,7 @@ def _record(
     encounter._state.db = using
 
 
-def _lock(
-    pk: Any, using: str, expected_version: int | None, connection: Any = None
-) -> Encounter:
+def _lock(pk: Any, using: str, expected_version: int | None, connection: Any = None) -> Encounter:
     """The locked, freshly read encounter, its definition joined; refused when it does not
     exist (or is soft-deleted) or is not at ``expected_version``."""
     locked = store.lock_encounter(pk, using, connection=connection)
