@@ -84,6 +84,41 @@ def test_value_adapters_send_what_get_db_prep_save_sends(model):
     assert checked > 60  # the shortcuts were exercised, not only the fallbacks
 
 
+JSON_VALUES = [
+    None,
+    {},
+    {"k": [1, "ü"], "n": None, "f": 1.5, "t": True},
+    {"nested": {"deep": [{"x": "✓"}]}},
+    {1: "int key"},
+    {"bad": object()},
+    {"nan": float("nan")},
+    [],
+    [1, 2],
+    "text",
+    7,
+]
+
+
+@pytest.mark.parametrize("model", [Encounter, EncounterTransition], ids=["encounter", "transition"])
+def test_json_adapters_send_what_get_db_prep_save_sends(model):
+    """The JSON columns (``metadata``): the same text on SQLite, the same adapted object
+    elsewhere, the same error for what JSON cannot hold."""
+    fields = [f for f in model._meta.concrete_fields if f.get_internal_type() == "JSONField"]
+    assert fields
+    for f in fields:
+        adapt = value_adapter(connection, f)
+        slow = partial(f.get_db_prep_save, connection=connection)
+        for value in JSON_VALUES:
+            expected = _prepared(slow, value)
+            got = _prepared(adapt, value)
+            assert got[1] is expected[1], (f.name, value)
+            assert type(got[0]) is type(expected[0]), (f.name, value)
+            if isinstance(expected[0], str):
+                assert got[0] == expected[0], (f.name, value)
+            elif expected[0] is not None:  # psycopg's Jsonb wrapper
+                assert repr(got[0].obj) == repr(expected[0].obj), (f.name, value)
+
+
 def test_the_store_prepares_every_written_column_through_an_adapter():
     st = statements(connections["default"])
     assert len(st.insert_adapters) == len(st.insert_fields)
@@ -298,3 +333,82 @@ def test_the_packages_settings_are_read_again_when_django_says_they_changed(
     with override_settings(ENCOUNTERS_SEAL_KEYS={"k1": "s" * 48}):
         assert conf.sealer() is not None
     assert conf.sealer() is None
+
+
+def test_the_lock_reads_the_values_the_orm_reads(employment, user):
+    """The write path's lock (datetimes selected as text on SQLite, issue 23) loads the
+    encounter, its definition and its pinned version with the ORM's values and types."""
+    from django.db import transaction as db_transaction
+
+    from django_encounters.store import lock_encounter
+    from django_encounters.store.writes import locked_machine
+
+    whole_second = AWARE.replace(microsecond=0) - timedelta(days=3)
+    transition(employment, "working", transitioned_by=user, effective_at=whole_second)
+    transition(employment, "onleave", reason="leave")
+    Encounter.objects.filter(pk=employment.pk).update(
+        scheduled_at=AWARE, started_at=AWARE.replace(microsecond=0)
+    )
+    with db_transaction.atomic():
+        locked = lock_encounter(employment.pk, "default")
+        lazy = locked_machine(locked)
+        assert lazy is not None
+        definition, machine = locked.definition, locked.machine
+    orm = Encounter.objects.select_related("definition").get(pk=employment.pk)
+    orm_machine = EncounterDefinitionVersion.objects.get(
+        definition=orm.definition, number=orm.definition_version
+    )
+    for ours, theirs in ((locked, orm), (definition, orm.definition), (machine, orm_machine)):
+        for f in type(theirs)._meta.concrete_fields:
+            mine, expected = getattr(ours, f.attname), getattr(theirs, f.attname)
+            assert (mine, type(mine)) == (expected, type(expected)), f.name
+            if isinstance(mine, datetime):
+                assert mine.tzinfo is UTC, f.name
+    assert locked.scheduled_at == AWARE
+    assert locked.timeline_end_at == orm.timeline_end_at is not None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "2026-03-29 01:59:59.999000",
+        "2026-03-29 01:59:59",
+        "2026-03-29T01:59:59.5",
+        "2026-03-29 01:59:59+02:00",
+        "2026-03-29 01:59:59.25-05:00",
+        "2026-03-29",
+        "2026-02-30 01:59:59",
+        "not a time",
+    ],
+)
+def test_a_stored_datetime_text_converts_as_djangos_converter_does(raw):
+    """A datetime column selected as text (SQLite, UTC: the lock, the history, the streams)
+    converts to what the driver's declared-type parsing and Django's converter make of it."""
+    from django.utils.dateparse import parse_datetime
+
+    from django_encounters.store.converters import column_converter
+
+    target = connections["default"]
+    if target.vendor != "sqlite":
+        pytest.skip("SQLite's datetime text")
+    field = Encounter._meta.get_field("scheduled_at")
+    convert = column_converter(target, field)
+    expression = field.get_col(Encounter._meta.db_table)
+    steps = target.ops.get_db_converters(expression) + expression.get_db_converters(target)
+
+    def django(value):
+        value = parse_datetime(value)  # the driver's converter of a declared column
+        for step in steps:
+            value = step(value, expression, target)
+        return value
+
+    try:
+        expected = django(raw)
+    except (ValueError, TypeError, AttributeError) as exc:
+        with pytest.raises(type(exc)):
+            convert(raw)
+    else:
+        mine = convert(raw)
+        assert (mine, type(mine)) == (expected, type(expected))
+        if isinstance(mine, datetime):
+            assert mine.utcoffset() == expected.utcoffset()

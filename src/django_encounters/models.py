@@ -360,6 +360,10 @@ def subject_type_name(content_type_id: Any, using: str) -> str:
 
 
 _PENDING = "_pending_projection"
+#: The projection columns a timeline snapshot takes besides ``version``: (column, attribute).
+_SNAPSHOT_COLUMNS = tuple(
+    (column, attribute) for column, attribute in PROJECTION.items() if column != "version"
+)
 #: An encounter's definition and subject: its genesis facts an instance may change (a move).
 _FACTS = ("definition_id", "subject_content_type_id", "subject_id")
 _UNLOADED = object()
@@ -897,10 +901,13 @@ class Encounter(UUIDModel, BaseModel):
         """Reload the projection columns from the database."""
         self.refresh_from_db(fields=list(self.PROJECTION_FIELDS))
 
-    def set_projection(self, values: dict[str, Any], *, using: str | None = None) -> None:
+    def set_projection(
+        self, values: dict[str, Any], *, using: str | None = None, connection: Any = None
+    ) -> None:
         """Show projection values just written (by ``transition()``) on this instance. With
         ``using``, the values are held as uncommitted: should the transaction (or the savepoint)
-        they were written in roll back, the instance shows what it showed before again."""
+        they were written in roll back, the instance shows what it showed before again.
+        ``connection``: ``connections[using]``, when the caller holds it."""
         pending = self.__dict__.get(_PENDING)
         if pending is not None and pending.rolled_back():
             pending.restore(self)
@@ -913,9 +920,11 @@ class Encounter(UUIDModel, BaseModel):
         else:
             before = {name: self.__dict__.get(name, _UNLOADED) for name in values}
         self.__dict__.update(values)
-        pending = _PendingProjection(connections[using], before)
+        if connection is None:
+            connection = connections[using]
+        pending = _PendingProjection(connection, before)
         self.__dict__[_PENDING] = pending
-        transaction.on_commit(pending.confirm, using=using)
+        connection.on_commit(pending.confirm)  # transaction.on_commit(…, using=using)
 
     def __getstate__(self) -> dict[str, Any]:
         materialize_lock(self)  # a copy or a pickle holds what the lock read, built
@@ -927,16 +936,27 @@ class Encounter(UUIDModel, BaseModel):
     def timeline_snapshot(self) -> EncounterTimeline:
         """The timeline aggregate restored from this row's projection, which doubles as its
         snapshot (no query): enough to decide a transition at or after the timeline's end."""
+        data = self.__dict__
+        if _PENDING not in data:
+            # Nothing shown on it that a rollback could take back: what the attributes' own
+            # descriptors return is what its ``__dict__`` holds, when it holds every column
+            # (the write path's locked instance does; issue 23: no descriptor call per column).
+            try:
+                return EncounterTimeline.from_snapshot(
+                    self.pk,
+                    created_at=data["created_at"],
+                    version=data["version"],
+                    origin_state=data["origin_state"],
+                    **{attribute: data[column] for column, attribute in _SNAPSHOT_COLUMNS},
+                )
+            except KeyError:  # a deferred column: loaded by its descriptor
+                pass
         return EncounterTimeline.from_snapshot(
             self.pk,
             created_at=self.created_at,
             version=self.version,
             origin_state=self.origin_state,
-            **{
-                attribute: getattr(self, column)
-                for column, attribute in PROJECTION.items()
-                if column != "version"
-            },
+            **{attribute: getattr(self, column) for column, attribute in _SNAPSHOT_COLUMNS},
         )
 
     @property

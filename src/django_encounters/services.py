@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import router
+from django.db import connections, router
 from django.db import transaction as db_transaction
 from django.utils import timezone
 
@@ -167,10 +167,13 @@ def transition(
         to_state, transitioned_by, reason, context, effective_at, expected_version, skip_validation
     )
     using = router.db_for_write(Encounter, instance=encounter)
+    # Looked up once and handed down (each ``connections[using]`` goes through asgiref's
+    # context-local storage).
+    connection = connections[using]
     with store.writer_errors(encounter.pk, using), db_transaction.atomic(using=using):
         # 1. Lock the encounter row, its definition and pinned version joined, and prove the
         #    projection against the log.
-        locked = _lock(encounter.pk, using, expected_version)
+        locked = _lock(encounter.pk, using, expected_version, connection)
         timeline = locked.timeline_snapshot()
         # The clock is read only once the row is locked (a writer that waited for the lock
         # must not be stamped or dated before the row it waited for), and system time never
@@ -226,12 +229,11 @@ def transition(
             using,
             version_hash=rules.content_hash,
             seen_by_others=pre_transition.has_listeners(Encounter),
+            connection=connection,
         )
 
-        # 7. post_transition once committed.
-        db_transaction.on_commit(
-            lambda: _announce(encounter, record, row.from_state, to_state), using=using
-        )
+        # 7. post_transition once committed (``transaction.on_commit(…, using=using)``).
+        connection.on_commit(lambda: _announce(encounter, record, row.from_state, to_state))
     return record
 
 
@@ -293,6 +295,7 @@ def _record(
     *,
     version_hash: str,
     seen_by_others: bool = True,
+    connection: Any = None,
 ) -> None:
     """Insert the decided row (a sequence clash is a ``ConcurrentTransitionError``), update the
     projection columns that changed (and ``ended_at`` when the timeline ends in a final state
@@ -300,13 +303,17 @@ def _record(
     upgrade, which keeps the state, passes None and leaves it alone;
     ``version_hash``: the content hash of the version it was decided under),
     and show the whole new projection on the caller's instance (its copy may be older than the
-    locked row), so that a later ``save()`` is harmless."""
+    locked row), so that a later ``save()`` is harmless. ``connection``: ``connections[using]``
+    when the caller holds it."""
+    if connection is None:
+        connection = connections[using]
     store.insert_row(
         record,
         using,
         previous_hash=locked.head_hash,
         version_hash=version_hash,
         seen_by_others=seen_by_others,
+        connection=connection,
     )
     projection = store.projection_of(timeline)
     if (
@@ -317,19 +324,19 @@ def _record(
     ):
         projection["ended_at"] = record.effective_at
     projection["updated_at"] = record.transitioned_at
-    store.update_projection(locked, projection, using)
+    store.update_projection(locked, projection, using, connection=connection)
     projection.setdefault("ended_at", locked.ended_at)
     locked.set_projection(projection)
-    encounter.set_projection(projection, using=using)
+    encounter.set_projection(projection, using=using, connection=connection)
     # As Model.save(): the instance now belongs to the database written, so that reads of it
     # right after (get_state_at, history) go there, not to a lagging replica it came from.
     encounter._state.db = using
 
 
-def _lock(pk: Any, using: str, expected_version: int | None) -> Encounter:
+def _lock(pk: Any, using: str, expected_version: int | None, connection: Any = None) -> Encounter:
     """The locked, freshly read encounter, its definition joined; refused when it does not
     exist (or is soft-deleted) or is not at ``expected_version``."""
-    locked = store.lock_encounter(pk, using)
+    locked = store.lock_encounter(pk, using, connection=connection)
     if locked is None:
         raise EncounterNotFoundError(pk)
     if expected_version is not None and locked.version != expected_version:

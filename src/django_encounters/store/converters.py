@@ -50,6 +50,8 @@ def _sqlite_utc_datetime(slow: Converter | None) -> Converter:
     # SQLite stores UTC as naive text 'YYYY-MM-DD HH:MM:SS[.ffffff]'; Django's sqlite3
     # connection already parses declared datetime columns into naive datetimes, and its
     # converter then makes them aware in UTC — which is ``replace(tzinfo=UTC)``.
+    from django.utils.dateparse import parse_datetime
+
     parse = datetime.fromisoformat
 
     def load_datetime(value: Any) -> Any:
@@ -58,13 +60,22 @@ def _sqlite_utc_datetime(slow: Converter | None) -> Converter:
         if type(value) is str:  # selected as text (``reads.iter_streams``)
             try:
                 # Parsed aware at once: ``replace(tzinfo=…)`` costs several times the parse.
-                return parse(value + "+00:00")
+                parsed = parse(value + "+00:00")
+                if parsed.tzinfo is not None:  # (a date alone reads "+00:00" as its time)
+                    return parsed
             except ValueError:
                 pass
             try:
-                return parse(value).replace(tzinfo=_UTC)
+                parsed = parse(value)
             except ValueError:
                 pass
+            else:
+                # Naive text is UTC (Django's make_aware); text with an offset keeps it, as
+                # Django's converter keeps an aware value.
+                return parsed.replace(tzinfo=_UTC) if parsed.tzinfo is None else parsed
+            # What the driver's declared-type converter (Django's ``parse_datetime``) would
+            # have made of the column: None for text that is no time, its error for a bad one.
+            value = parse_datetime(value)
         return slow(value) if slow is not None else value
 
     return load_datetime
@@ -356,6 +367,16 @@ def _shortcut(connection: Any, field: Any) -> tuple[type | None, Adapter]:  # no
         )
         return (int, _as_is) if plain else no
 
+    if kind is models.JSONField:
+        # SQLite: Django sends ``connection.ops.adapt_json_value(value, encoder)``, the base
+        # class's ``json.dumps(value, cls=encoder)``; for a dict and no encoder, that text.
+        name = "adapt_json_value"
+        plain = getattr(type(connection.ops), name, None) is getattr(
+            BaseDatabaseOperations, name, None
+        )
+        if vendor == "sqlite" and field.encoder is None and plain:
+            return dict, _json_text
+        return no
     if kind is models.UUIDField:
         return UUID, (_as_is if connection.features.has_native_uuid_field else _uuid_hex)
     # (auto_now and auto_now_add act in pre_save, which the adapter does not replace.)
@@ -365,6 +386,10 @@ def _shortcut(connection: Any, field: Any) -> tuple[type | None, Adapter]:  # no
         if connection.timezone is _UTC:  # USE_TZ, no per-database TIME_ZONE
             return datetime, _sqlite_utc_text
     return no
+
+
+def _json_text(value: dict) -> str:
+    return "{}" if not value else json.dumps(value)
 
 
 def _uuid_hex(value: UUID) -> str:

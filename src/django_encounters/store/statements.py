@@ -129,7 +129,10 @@ def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
         ("v", list(version._meta.concrete_fields)),
         ("r", [model_field(transition, name) for name in LOG_HEAD[:3]]),
     ]
-    columns = [f"{qn(alias)}.{qn(f.column)}" for alias, fields in groups for f in fields]
+    # (SQLite, UTC: datetime columns as text, parsed once by their converter; see
+    # :func:`_selected_column`.)
+    selected = _selected_column(connection)
+    columns = [selected(f, alias) for alias, fields in groups for f in fields]
     fields = [f for _, fields in groups for f in fields]
     offsets = [len(groups[0][1])]
     for _, group in groups[1:]:
@@ -137,6 +140,9 @@ def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
 
     def col(alias: str, model: Any, name: str) -> str:
         return f"{qn(alias)}.{qn(model_field(model, name).column)}"
+
+    def selected_col(alias: str, model: Any, name: str) -> str:
+        return selected(model_field(model, name), alias)
 
     table = qn(transition._meta.db_table)
     last = " DESC, ".join(col("t", transition, name) for name in TIMELINE_ORDER) + " DESC"
@@ -156,11 +162,11 @@ def _lock_sql(connection: Any) -> tuple[str, list[Any], list[int]]:
             f" LEFT JOIN LATERAL (SELECT {names} {last_row} ORDER BY {last} LIMIT 1) "
             f"{qn('l')} ON TRUE"
         )
-        columns.extend(col("l", transition, name) for name in LOG_HEAD[3:])
+        columns.extend(selected_col("l", transition, name) for name in LOG_HEAD[3:])
     else:
         # SQLite has no LATERAL: a scalar subquery per column.
         columns.extend(
-            f"(SELECT {col('t', transition, name)} {last_row} ORDER BY {last} LIMIT 1)"
+            f"(SELECT {selected_col('t', transition, name)} {last_row} ORDER BY {last} LIMIT 1)"
             for name in LOG_HEAD[3:]
         )
     fields.extend(model_field(transition, name) for name in LOG_HEAD[3:])
@@ -317,19 +323,21 @@ def _position(fields: list[Any], start: int, stop: int, name: str) -> int:
 
 
 def _selected_column(connection: Any) -> Any:
-    """``field -> what a SELECT of its column says``: the quoted column, except for a
-    ``DateTimeField`` on SQLite with UTC times, which is selected as text. SQLite stores those
-    as UTC text; selected as the column, the driver parses each into a naive datetime (its
-    declared-type converter) before the ORM's converter makes it aware; an expression has no
-    declared type, and the column's converter (``converters._sqlite_utc_datetime``) parses the
-    text once, aware: the same values."""
+    """``(field, table alias or None) -> what a SELECT of its column says``: the quoted column,
+    except for a ``DateTimeField`` on SQLite with UTC times, which is selected as text. SQLite
+    stores those as UTC text; selected as the column, the driver parses each into a naive
+    datetime (its declared-type converter) before the ORM's converter makes it aware; an
+    expression has no declared type, and the column's converter
+    (``converters._sqlite_utc_datetime``) parses the text once, aware: the same values (the
+    history, the streams and, issue 23, the write path's lock: about 2 µs less per datetime)."""
     qn = connection.ops.quote_name
     as_text = connection.vendor == "sqlite" and connection.timezone is timezone.utc
 
-    def selected(f: Any) -> str:
+    def selected(f: Any, alias: str | None = None) -> str:
+        column = str(qn(f.column)) if alias is None else f"{qn(alias)}.{qn(f.column)}"
         if as_text and f.get_internal_type() == "DateTimeField":
-            return f"CAST({qn(f.column)} AS TEXT)"
-        return str(qn(f.column))
+            return f"CAST({column} AS TEXT)"
+        return column
 
     return selected
 

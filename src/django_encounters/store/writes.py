@@ -59,13 +59,21 @@ class LogHead:
 
 
 def lock_encounter(
-    pk: Any, using: str, *, include_deleted: bool = False, prove: bool = True
+    pk: Any,
+    using: str,
+    *,
+    include_deleted: bool = False,
+    prove: bool = True,
+    connection: Any = None,
 ) -> Any:
     """``SELECT … FOR UPDATE`` of a live encounter (any encounter with ``include_deleted``)
     joined with its definition and pinned definition version, in one statement; with
     ``prove``, the projection is proven against the log (:func:`prove_projection`). Returns
-    the encounter (its ``definition`` and ``machine`` cached on it), or None."""
-    connection = connections[using]
+    the encounter (its ``definition`` and ``machine`` cached on it), or None. ``connection``:
+    ``connections[using]`` when the caller holds it already (each lookup goes through asgiref's
+    context-local storage)."""
+    if connection is None:
+        connection = connections[using]
     st = statements(connection)
     sql = st.lock_any_sql if include_deleted else st.lock_sql
     params = {PK: st.encounter_adapters[Encounter._meta.pk.attname](pk)}
@@ -219,8 +227,12 @@ def prove_projection(locked: Any, head: LogHead) -> None:
     row's (with no rows: the origin, the genesis hash as head). A projection edited behind the
     library's back is never decided from, or written into the log."""
 
+    # The locked instance is the store's own, every column loaded, nothing pending on it: its
+    # __dict__ holds what its attributes return.
+    data = locked.__dict__
+
     def differs(name: str, expected: Any) -> str | None:
-        stored = getattr(locked, name)
+        stored = data[name]
         return None if stored == expected else f"{name} {stored!r}, the log says {expected!r}"
 
     if locked.version == 0:
@@ -257,6 +269,7 @@ def insert_row(
     previous_hash: str | None = None,
     version_hash: str | None = None,
     seen_by_others: bool = True,
+    connection: Any = None,
 ) -> None:
     """INSERT one new transition row; ``pre_save``/``post_save`` are sent as ``save()`` would.
 
@@ -266,9 +279,11 @@ def insert_row(
     does not cover. The hash is computed again to find out only when some code outside the
     package could have changed the record: a ``pre_save`` receiver, or (``seen_by_others``,
     the caller knows) one of its own signals' receivers. A clash on ``(encounter, sequence)``
-    raises ``ConcurrentTransitionError``.
+    raises ``ConcurrentTransitionError``. ``connection``: ``connections[using]``, when the
+    caller holds it.
     """
-    connection = connections[using]
+    if connection is None:
+        connection = connections[using]
     st = statements(connection)
     model = type(record)
     signals.pre_save.send(sender=model, instance=record, raw=False, using=using, update_fields=None)
@@ -301,7 +316,9 @@ def insert_row(
     )
 
 
-def update_projection(locked: Any, values: dict[str, Any], using: str) -> None:
+def update_projection(
+    locked: Any, values: dict[str, Any], using: str, *, connection: Any = None
+) -> None:
     """Write the columns of ``values`` that differ from the locked instance's, in one UPDATE.
 
     The statement has no guard of its own: the new row's predecessor (the row the projection
@@ -312,9 +329,11 @@ def update_projection(locked: Any, values: dict[str, Any], using: str) -> None:
     library at the new row's sequence makes the INSERT before this UPDATE fail
     (``ConcurrentTransitionError``). Issue 23 dropped the ``AND EXISTS`` on the predecessor row
     this UPDATE carried before the lock proved the log's head: it re-checked what was proven, at
-    a cost on every transition.
+    a cost on every transition. ``connection``: ``connections[using]``, when the caller holds
+    it.
     """
-    connection = connections[using]
+    if connection is None:
+        connection = connections[using]
     # The locked instance is the store's own (no pending projection on it): its __dict__ is read
     # directly, not through the projection columns' descriptors (a column it lacks counts as
     # changed).
