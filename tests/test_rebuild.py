@@ -4,6 +4,7 @@ killed with SIGKILL half-way and re-run."""
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import select
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from pathlib import Path
@@ -389,6 +391,73 @@ def test_progress_callback_sees_each_batch(visit_definition, patient):
     )
 
     assert seen == [(2, 5), (4, 5), (5, 5)]
+
+
+class _Cycle:
+    """An object in a reference cycle: only the cyclic garbage collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_garbage_collector_paused_during_a_rebuild_and_run_after_each_batch(
+    visit_definition, patient, monkeypatch
+):
+    for _ in range(5):
+        encounter = create_encounter(visit_definition, patient)
+        transition(encounter, "checked_in")
+        raw_update(Encounter, encounter.pk, state="cancelled")
+    write = store.write_projections
+    cycles: list[weakref.ref] = []
+
+    def write_leaving_a_cycle(using, fixes, now):
+        cycles.append(weakref.ref(_Cycle()))
+        write(using, fixes, now)
+
+    monkeypatch.setattr(store, "write_projections", write_leaving_a_cycle)
+    seen: list[tuple[bool, list[bool]]] = []
+    assert gc.isenabled()
+
+    result = rebuild_projections(
+        batch_size=2,
+        progress=lambda r: seen.append((gc.isenabled(), [ref() is None for ref in cycles])),
+    )
+
+    assert result.projections_fixed == 5
+    # Paused while batches run; each batch's cycle collected before the next batch.
+    assert seen == [(False, [True]), (False, [True, True]), (False, [True, True, True])]
+    assert gc.isenabled()
+
+
+def test_garbage_collector_turned_back_on_after_a_failed_rebuild(
+    visit_definition, patient, monkeypatch
+):
+    encounter = create_encounter(visit_definition, patient)
+    transition(encounter, "checked_in")
+    raw_update(Encounter, encounter.pk, state="cancelled")
+
+    def failing_write(using, fixes, now):
+        assert not gc.isenabled()
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(store, "write_projections", failing_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rebuild_projections()
+    assert gc.isenabled()
+
+
+def test_garbage_collector_left_off_when_it_was_off(visit_definition, patient, monkeypatch):
+    create_encounter(visit_definition, patient)
+    collections: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collections.append(generation))
+    gc.disable()
+    try:
+        result = rebuild_projections(batch_size=1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert result.encounters_scanned == 1
+    assert collections == []  # nothing run in its place either
 
 
 def test_progress_display_only_on_a_terminal(clinic):

@@ -6,7 +6,10 @@ SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import hmac
 import json
+import pickle
+from hashlib import sha256
 from typing import Any
 
 import pytest
@@ -15,7 +18,7 @@ from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from django_encounters.engine import definition_version_hash, row_hash
-from django_encounters.engine.seals import seal_problem
+from django_encounters.engine.seals import SEAL_TAGS, Sealer, seal_problem
 from django_encounters.exceptions import DefinitionVersionError, SealingRefusedError
 from django_encounters.models import (
     Encounter,
@@ -56,6 +59,31 @@ def anomalies(encounter: Any) -> list[tuple[int, str]]:
 
 def seal_ok(tag: str, record_hash: str, seal: str) -> bool:
     return seal_problem(SECRETS, tag, record_hash, seal) is None
+
+
+def test_a_sealer_makes_and_checks_the_documented_hmac_every_time():
+    """The sealer keys its HMAC once per key and tag and copies it per record: the seals are
+    still exactly the documented HMAC, for every key, tag and record, first time or not, and
+    after the sealer is pickled (its cache is not)."""
+    sealer = Sealer(SECRETS, "k1")
+    records = ["v3:" + "0" * 64, "v2:" + "f" * 64, "", "é|x"]
+    for _attempt in range(2):
+        for tag in SEAL_TAGS:
+            for record in records:
+                message = f"django-encounters/seal/1|{tag}|{record}".encode()
+                expected = {
+                    key_id: f"{key_id}:{hmac.new(secret, message, sha256).hexdigest()}"
+                    for key_id, secret in SECRETS.items()
+                }
+                assert sealer.seal(tag, record) == expected["k1"]
+                for seal in expected.values():
+                    assert sealer.problem(tag, record, seal) is None
+                    assert sealer.problem(tag, record + "x", seal) == seal_problem(
+                        SECRETS, tag, record + "x", seal
+                    )
+                    assert "does not match" in sealer.problem(tag, record + "x", seal)
+        sealer = pickle.loads(pickle.dumps(sealer))
+    assert sealer == Sealer(SECRETS, "k1")
 
 
 # ---------------------------------------------------------------------------------------------
