@@ -111,7 +111,8 @@ class Claims:
     1. the batch's ids: the next ``batch_size`` after the last claimed. A multi-shard
        ``ORDER BY id LIMIT n`` makes every shard send its first ``n`` ids (32 shards: 32 times
        the batch); once a batch has shown how dense the ids are, the read is also bounded
-       above by an id guessed to leave about a quarter more than a batch, so that each shard
+       above by an id guessed to leave about a tenth more than a batch (plus three standard
+       deviations of that count), so that each shard
        sends about its share. When the guess was short, the rest is read past it (a second
        query): the batch is exactly the next ``batch_size`` ids either way;
     2. the ids grouped by shard (one query on the coordinator, Citus's own hash function);
@@ -127,7 +128,7 @@ class Claims:
     """
 
     #: How much wider than the last batch's density predicts the bounded id read looks.
-    MARGIN = 1.25
+    MARGIN = 1.1
 
     def __init__(self, query: QuerySet, batch_size: int) -> None:
         self.query = query
@@ -151,7 +152,9 @@ class Claims:
         if not isinstance(after, UUID) or not self.density:
             found = list(ids[:size])
         else:
-            width = int(size / self.density * self.MARGIN) + 1
+            # The ids below the bound: about a Poisson count, so a margin of three of its
+            # standard deviations besides the quarter (small batches need it).
+            width = int((size + 3 * size**0.5 + 1) * self.MARGIN / self.density) + 1
             bound = UUID(int=min(after.int + width, _LAST_UUID))
             found = list(ids.filter(pk__lte=bound)[:size])
             if len(found) < size and bound.int < _LAST_UUID:
