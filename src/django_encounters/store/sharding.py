@@ -111,10 +111,11 @@ class Claims:
     1. the batch's ids: the next ``batch_size`` after the last claimed. A multi-shard
        ``ORDER BY id LIMIT n`` makes every shard send its first ``n`` ids (32 shards: 32 times
        the batch); once a batch has shown how dense the ids are, the read is also bounded
-       above by an id guessed to leave about a tenth more than a batch (plus three standard
-       deviations of that count), so that each shard
-       sends about its share. When the guess was short, the rest is read past it (a second
-       query): the batch is exactly the next ``batch_size`` ids either way;
+       above by an id guessed from that density to leave a little more than a batch below it
+       (a tenth more, and three standard deviations of that count), so that each shard sends
+       about its share. When the guess was short, the rest is read past it (a second query):
+       the batch is exactly the next ``batch_size`` ids either way, whatever the ids'
+       distribution (UUIDs: compared as PostgreSQL does, as 128-bit integers);
     2. the ids grouped by shard (one query on the coordinator, Citus's own hash function);
     3. one ``SELECT <columns> … WHERE id = ANY(<the shard's ids>) FOR UPDATE`` per shard, each
        routed to that shard alone (Citus refuses a lock over several shards), sent as one
@@ -135,6 +136,7 @@ class Claims:
         self.batch_size = batch_size
         self.using = query.db
         self.density: float | None = None  # encounters per unit of id (UUIDs as integers)
+        self._statement: tuple[str, Any] | None = None
 
     def claim(self, after: Any) -> list[tuple]:
         """The next batch after primary key ``after`` (None: from the first), locked; rows in
@@ -153,7 +155,7 @@ class Claims:
             found = list(ids[:size])
         else:
             # The ids below the bound: about a Poisson count, so a margin of three of its
-            # standard deviations besides the quarter (small batches need it).
+            # standard deviations besides the tenth (small batches need them).
             width = int((size + 3 * size**0.5 + 1) * self.MARGIN / self.density) + 1
             bound = UUID(int=min(after.int + width, _LAST_UUID))
             found = list(ids.filter(pk__lte=bound)[:size])
@@ -167,35 +169,46 @@ class Claims:
             self.density = (len(found) - 1) / span if span > 0 else None
         return found
 
+    def _locking(self) -> tuple[str, Any]:
+        """The statement that locks and reads one shard's encounters (its ids as the one
+        parameter) and the builder of its rows: the caller's columns, in its order (a column
+        named twice is read twice), by primary key only — the ids were read through the
+        caller's filters already, which name columns a batch does not change."""
+        if self._statement is None:
+            connection = connections[self.using]
+            model = self.query.model
+            table = model._meta.db_table
+            compiler = self.query.query.get_compiler(self.using)
+            compiler.as_sql()  # (fills compiler.select)
+            fields = [expression.target for expression, _, _ in compiler.select]
+            if any(field.model._meta.db_table != table for field in fields):
+                raise ValueError("a claim reads the encounter table's own columns only")
+            qn = connection.ops.quote_name
+            pk = model._meta.pk
+            columns = ", ".join(f"{qn(table)}.{qn(field.column)}" for field in fields)
+            sql = (
+                f"SELECT {columns} FROM {qn(table)} WHERE {qn(table)}.{qn(pk.column)} "
+                f"= ANY(%s::{pk.db_type(connection)}[]) FOR UPDATE"
+            )
+            self._statement = (sql, row_builder(_as_tuple, column_converters(connection, fields)))
+        return self._statement
+
     def _lock_and_read(self, pks: list[Any]) -> list[tuple]:
         connection = connections[self.using]
         model = self.query.model
         pk = model._meta.pk
-        qn = connection.ops.quote_name
         values = [pk.get_db_prep_value(value, connection) for value in pks]
         with connection.cursor() as cursor:
             cursor.execute(
                 f"SELECT array_agg(i.id ORDER BY i.id) FROM unnest(%s::{pk.db_type(connection)}[]) "
                 "AS i(id) GROUP BY get_shard_id_for_distribution_column(%s, i.id) ORDER BY 1",
-                [values, qn(model._meta.db_table)],
+                [values, connection.ops.quote_name(model._meta.db_table)],
             )
             groups = [row[0] for row in cursor.fetchall()]
         _GROUPS[connection.connection] = {
             value: number for number, group in enumerate(groups) for value in group
         }
-        # The columns of the caller's query, by primary key only: the ids were read through
-        # its filters already (which name columns a batch does not change).
-        columns = self.query.query.values_select
-        locking = model._base_manager.using(self.using).order_by().values_list(*columns)
-        locking = locking.filter(pk__in=[pks[0]]).select_for_update()
-        compiler = locking.query.get_compiler(self.using)
-        sql, params = compiler.as_sql()
-        fields = [expression.target for expression, _, _ in compiler.select]
-        build = row_builder(_as_tuple, column_converters(connection, fields))
-        # The one-id list as a shard's list: "IN (%s)" (the only parameter) as "= ANY(%s)".
-        routed = sql.replace(" IN (%s)", f" = ANY(%s::{pk.db_type(connection)}[])", 1)
-        if routed == sql or len(params) != 1:
-            raise AssertionError(f"unexpected locking statement: {sql}")
+        sql, build = self._locking()
         rows: list[tuple] = []
         with connection.cursor() as cursor:
             speed_up_cursor(connection, cursor)
@@ -204,7 +217,7 @@ class Claims:
             # execute_wrappers), each statement's rows kept (psycopg's returning=True).
             cursor.cursor = _Returning(driver)
             try:
-                cursor.executemany(routed, [(group,) for group in groups])
+                cursor.executemany(sql, [(group,) for group in groups])
             finally:
                 cursor.cursor = driver
             while True:
