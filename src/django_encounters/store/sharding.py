@@ -11,7 +11,6 @@ statement per shard, instead of one multi-shard ``SELECT … FOR UPDATE``.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
@@ -22,7 +21,7 @@ from ..models import Encounter
 from .converters import column_converters, row_builder, speed_up_cursor
 from .statements import forget as forget_statements
 
-__all__ = ["Claims", "distribution_of", "forget", "is_sharded", "lock_each", "shard_groups"]
+__all__ = ["Claims", "distribution_of", "forget", "is_sharded", "shard_groups"]
 
 _SHARDED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 #: Per driver connection: the shard group (a number) of each encounter its last claim locked,
@@ -50,32 +49,6 @@ def forget(connection: Any) -> None:
     if connection.connection is not None:
         _SHARDED.pop(connection.connection, None)
     forget_statements(connection)
-
-
-def lock_each(using: str, pks: Iterable[Any]) -> None:
-    """``SELECT … FOR UPDATE`` the encounters ``pks`` with one statement per shard holding some
-    of them, each routed to that shard alone (Citus refuses a lock over several shards). The
-    ids are grouped by shard first, by Citus's own hash function, on the coordinator."""
-    connection = connections[using]
-    model = Encounter
-    qn = connection.ops.quote_name
-    pk = model._meta.pk
-    table = qn(model._meta.db_table)
-    cast = pk.db_type(connection)
-    values = [pk.get_db_prep_value(value, connection) for value in pks]
-    if not values:
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT array_agg(i.id ORDER BY i.id) FROM unnest(%s::{cast}[]) AS i(id) "
-            "GROUP BY get_shard_id_for_distribution_column(%s, i.id) ORDER BY 1",
-            [values, table],
-        )
-        groups = [row[0] for row in cursor.fetchall()]
-        cursor.executemany(
-            f"SELECT 1 FROM {table} WHERE {qn(pk.column)} = ANY(%s::{cast}[]) FOR UPDATE",
-            [(group,) for group in groups],
-        )
 
 
 def shard_groups(using: str, pks: list[Any]) -> list[list[int]]:
