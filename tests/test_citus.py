@@ -445,3 +445,37 @@ def test_a_rebuild_groups_each_batch_by_shard_once(visit_definition: Any, patien
     writes = [sql for sql in sqls if sql.split(" times: ")[-1].startswith("UPDATE")]
     assert len(grouping) == len(writes) == 3  # ceil(9 / 4) batches
     assert rebuild_projections(check=True).projections_drifted == 0
+
+
+@citus_only
+@pytest.mark.django_db(transaction=True)
+def test_a_claimed_batch_is_locked_until_its_transaction_ends(
+    visit_definition: Any, patient: Any
+) -> None:
+    """The claim's per-shard reads lock the batch's rows (``FOR UPDATE``): another session's
+    lock on one of them (what ``transition()`` takes first) waits until the claim's transaction
+    ends; an encounter past the batch is free."""
+    encounters = [create_encounter(visit_definition, patient) for _ in range(6)]
+    ids = sorted(e.pk for e in encounters)
+    query = Encounter.all_objects.order_by("pk").values_list("id", "state")
+    settings = connection.settings_dict
+    with psycopg.connect(
+        host=settings["HOST"],
+        port=settings["PORT"],
+        user=settings["USER"],
+        password=settings["PASSWORD"] or None,
+        dbname=settings["NAME"],
+        autocommit=True,
+    ) as other:
+        # NOWAIT (routed to the shard with the statement): a lock_timeout would stay on the
+        # coordinator, and the worker would wait for this test's own transaction.
+        lock = f"SELECT 1 FROM {ENCOUNTERS} WHERE id = %s FOR UPDATE NOWAIT"
+        with transaction.atomic():
+            batch = sharding.Claims(query, 4).claim(None)
+            assert [row[0] for row in batch] == ids[:4]
+            for pk in ids[:4]:
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    other.execute(lock, [pk])
+            other.execute(lock, [ids[4]])  # not claimed: not locked
+        for pk in ids[:4]:  # the claim's transaction ended: free again
+            other.execute(lock, [pk])
