@@ -380,3 +380,102 @@ def test_a_rebuild_writes_each_shards_projections_with_one_routed_statement(
     assert int(times) == len(shards) > 1 and "= ANY(" in sql
     assert set(Encounter.all_objects.values_list("state", flat=True)) == {"checked_in"}
     assert rebuild_projections(check=True).projections_drifted == 0
+
+
+@citus_only
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("guess", ["learnt", "far too narrow", "far too wide"])
+def test_a_rebuild_claims_exactly_the_next_batch_whatever_its_guess_of_the_ids(
+    visit_definition: Any, patient: Any, guess: str
+) -> None:
+    """The claim bounds its read of a batch's ids above by an id guessed from how dense the
+    ids were so far. Whether the guess leaves too few ids (the rest is read past it) or far too
+    many (the limit cuts), each batch is exactly the next ``batch_size`` encounters in primary-key
+    order, their rows as the ORM reads them, and locked (one routed statement per shard)."""
+    encounters = [create_encounter(visit_definition, patient) for _ in range(23)]
+    transition(encounters[0], "checked_in")
+    columns = ("id", "state", "version", "head_hash", "created_at", "deleted_at")
+    query = Encounter.all_objects.order_by("pk").values_list(*columns)
+    expected = list(query)
+    batches: list[list[tuple]] = []
+    with transaction.atomic():
+        claims = sharding.Claims(query, 5)
+        after = None
+        while True:
+            if guess == "far too narrow" and claims.density:
+                claims.density *= 1e6  # a bound just above the last id: nearly nothing in it
+            elif guess == "far too wide" and claims.density:
+                claims.density /= 1e6  # every id below the bound: the limit cuts
+            with CaptureQueriesContext(connection) as captured:
+                batch = claims.claim(after)
+            if not batch:
+                break
+            batches.append(batch)
+            after = batch[-1][0]
+            [lock] = [q["sql"] for q in captured.captured_queries if "FOR UPDATE" in q["sql"]]
+            assert int(lock.split(" times: ", 1)[0]) == len(
+                {_shard_of(ENCOUNTERS, row[0])[0] for row in batch}
+            )
+            reads = [q["sql"] for q in captured.captured_queries if '"pk" FROM' in q["sql"]]
+            if len(batches) > 1:
+                assert "<=" in reads[0]  # bounded by the guess
+            if len(batches) > 1 and guess == "far too narrow" and len(batch) == 5:
+                assert len(reads) == 2  # the rest read past the bound
+    assert [len(batch) for batch in batches] == [5, 5, 5, 5, 3]
+    assert [row for batch in batches for row in batch] == expected
+
+
+@citus_only
+@pytest.mark.django_db(transaction=True)
+def test_a_rebuild_groups_each_batch_by_shard_once(visit_definition: Any, patient: Any) -> None:
+    """The batch's write reuses the shard groups of its claim: Citus's hash function is asked
+    once per batch, by the claim."""
+    from django_encounters.projections.rebuild import rebuild_projections
+
+    encounters = [create_encounter(visit_definition, patient) for _ in range(9)]
+    for encounter in encounters:
+        transition(encounter, "checked_in")
+    with connection.cursor() as cursor:  # every projection drifted
+        cursor.execute(f"UPDATE {ENCOUNTERS} SET state = 'cancelled'")
+    with CaptureQueriesContext(connection) as captured:
+        result = rebuild_projections(batch_size=4)
+    assert result.ok and result.projections_fixed == 9
+    sqls = [q["sql"] for q in captured.captured_queries]
+    grouping = [sql for sql in sqls if "get_shard_id_for_distribution_column" in sql]
+    writes = [sql for sql in sqls if sql.split(" times: ")[-1].startswith("UPDATE")]
+    assert len(grouping) == len(writes) == 3  # ceil(9 / 4) batches
+    assert rebuild_projections(check=True).projections_drifted == 0
+
+
+@citus_only
+@pytest.mark.django_db(transaction=True)
+def test_a_claimed_batch_is_locked_until_its_transaction_ends(
+    visit_definition: Any, patient: Any
+) -> None:
+    """The claim's per-shard reads lock the batch's rows (``FOR UPDATE``): another session's
+    lock on one of them (what ``transition()`` takes first) waits until the claim's transaction
+    ends; an encounter past the batch is free."""
+    encounters = [create_encounter(visit_definition, patient) for _ in range(6)]
+    ids = sorted(e.pk for e in encounters)
+    query = Encounter.all_objects.order_by("pk").values_list("id", "state")
+    settings = connection.settings_dict
+    with psycopg.connect(
+        host=settings["HOST"],
+        port=settings["PORT"],
+        user=settings["USER"],
+        password=settings["PASSWORD"] or None,
+        dbname=settings["NAME"],
+        autocommit=True,
+    ) as other:
+        # NOWAIT (routed to the shard with the statement): a lock_timeout would stay on the
+        # coordinator, and the worker would wait for this test's own transaction.
+        lock = f"SELECT 1 FROM {ENCOUNTERS} WHERE id = %s FOR UPDATE NOWAIT"
+        with transaction.atomic():
+            batch = sharding.Claims(query, 4).claim(None)
+            assert [row[0] for row in batch] == ids[:4]
+            for pk in ids[:4]:
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    other.execute(lock, [pk])
+            other.execute(lock, [ids[4]])  # not claimed: not locked
+        for pk in ids[:4]:  # the claim's transaction ended: free again
+            other.execute(lock, [pk])

@@ -10,9 +10,9 @@ How it runs:
 * encounters are taken in primary-key order, ``batch_size`` at a time (keyset pagination);
 * each batch is one transaction: lock the batch's encounter rows (``SELECT … FOR UPDATE``, so a
   concurrent ``transition()`` waits and the replay is consistent; on Citus one single-shard
-  lock statement per shard, see :mod:`.replay`), stream their rows ordered by
-  ``(encounter, sequence)``, fold each stream, compare with the stored projection and ``UPDATE``
-  only the encounters that differ;
+  statement per shard that locks and reads, see ``store.sharding.Claims``), stream their rows
+  ordered by ``(encounter, sequence)``, fold each stream, compare with the stored projection
+  and ``UPDATE`` only the encounters that differ;
 * on PostgreSQL, :data:`OVERLAP` batches are in flight at once, each in its own thread,
   connection and transaction (the server works on one while Python verifies another); they are
   claimed in primary-key order and written and committed in that order, so the result is the

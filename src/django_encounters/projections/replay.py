@@ -28,7 +28,7 @@ from uuid import UUID
 
 from django.contrib.auth import get_user_model
 from django.db import connections
-from django.db.models import Q, QuerySet
+from django.db.models import Q
 
 from .. import conf, store
 from ..arguments import encounter_id as as_encounter_id
@@ -225,7 +225,11 @@ class Replays:
             *ENCOUNTER_COLUMNS, *self._extra, *sealed
         )
         self._transitions = selection.transitions()
-        self._sharded = sharding.is_sharded(connections[using])
+        sharded = sharding.is_sharded(connections[using])
+        # On a sharded store (Citus) a locked batch is claimed shard by shard.
+        self._claims = (
+            sharding.Claims(self._page, selection.batch_size) if sharded and order == "pk" else None
+        )
         # In primary-key order, a batch selected by definition or ids only is (nearly) every
         # row of the transitions queryset in its id range.
         self._dense = (
@@ -292,7 +296,9 @@ class Replays:
             return store.values_rows(query[:size])
         if self.order != "pk":
             raise ValueError("a locked read is in primary-key order")
-        return _locked_batch(query, size, self.using, self._sharded)
+        if self._claims is not None:  # a sharded store (Citus): sharding.Claims
+            return self._claims.claim(self._after)
+        return store.values_rows(query.select_for_update()[:size])
 
     def _streams(self, batch: list[tuple]) -> Iterator[tuple[UUID, list[StreamRow]]]:
         if self._dense:  # the batch is every encounter in its id range: a range, cheaper to
@@ -393,24 +399,6 @@ def _subject_missing(genesis: Genesis, why: str) -> Anomaly:
         "it cannot happen again",
         reference,
     )
-
-
-def _locked_batch(query: QuerySet, batch_size: int, using: str, sharded: bool) -> list[tuple]:
-    """The next ``batch_size`` encounters of ``query``, their rows locked for the transaction.
-    One ``SELECT … FOR UPDATE`` of the batch; on a sharded store (Citus), where a lock cannot
-    span shards, the batch's ids are read, locked by one statement per shard (one pipeline),
-    and the batch is read again under the locks."""
-    if not sharded:
-        return store.values_rows(query.select_for_update()[:batch_size])
-    pks = list(query.values_list("pk", flat=True)[:batch_size])
-    if not pks:
-        return []
-    sharding.lock_each(using, pks)
-    # Read again by range (cheaper for Citus to plan than a list of ids), keeping the locked
-    # ones: an encounter created in the range since the ids were read is left out, as the
-    # one-statement lock leaves out what is created after it ran.
-    locked = set(pks)
-    return [row for row in store.values_rows(query.filter(pk__lte=pks[-1])) if row[0] in locked]
 
 
 def timeline_order(rows: Iterable[StreamRow]) -> list[StreamRow]:
