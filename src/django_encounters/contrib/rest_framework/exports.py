@@ -122,6 +122,7 @@ async def served_asynchronously(chunks: Iterator[bytes]) -> AsyncIterator[bytes]
     synchronous iterator, Django under ASGI would read the whole export into memory first (and
     warn); closing this early (the client went away) closes ``chunks``, which stops the
     writer."""
+
     def pull() -> bytes | None:
         return next(chunks, None)
 
