@@ -499,7 +499,6 @@ def test_the_rest_api_answers_a_locked_database_with_503(locked_clinic, caplog):
 @pytest.mark.skipif(IS_POSTGRES, reason="SQLite's transaction modes")
 @pytest.mark.django_db(transaction=True)
 def test_the_admin_says_the_database_was_locked_not_that_the_page_was_stale(locked_clinic):
-
     encounter, user, db_file = locked_clinic
 
     message = _admin_refusal_while_locked(
