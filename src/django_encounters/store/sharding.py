@@ -171,13 +171,7 @@ class Claims:
         model = self.query.model
         pk = model._meta.pk
         values = [pk.get_db_prep_value(value, connection) for value in pks]
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT array_agg(i.id ORDER BY i.id) FROM unnest(%s::{pk.db_type(connection)}[]) "
-                "AS i(id) GROUP BY get_shard_id_for_distribution_column(%s, i.id) ORDER BY 1",
-                [values, connection.ops.quote_name(model._meta.db_table)],
-            )
-            groups = [row[0] for row in cursor.fetchall()]
+        groups = [[values[i] for i in positions] for positions in shard_groups(self.using, pks)]
         _GROUPS[connection.connection] = {
             value: number for number, group in enumerate(groups) for value in group
         }
