@@ -65,16 +65,21 @@ def _prepared(adapt, value):
         return None, type(exc)
 
 
+def _both_ways(f, values):
+    """``(value, the adapter's (result, error), get_db_prep_save's (result, error))`` for each
+    of ``values`` through field ``f``."""
+    adapt = value_adapter(connection, f)
+    slow = partial(f.get_db_prep_save, connection=connection)
+    for value in values:
+        yield value, _prepared(adapt, value), _prepared(slow, value)
+
+
 @pytest.mark.parametrize("model", [Encounter, EncounterTransition], ids=["encounter", "transition"])
 def test_value_adapters_send_what_get_db_prep_save_sends(model):
     fields = [f for f in model._meta.concrete_fields if f.get_internal_type() != "JSONField"]
     checked = 0
     for f in fields:
-        adapt = value_adapter(connection, f)
-        slow = partial(f.get_db_prep_save, connection=connection)
-        for value in VALUES:
-            expected = _prepared(slow, value)
-            got = _prepared(adapt, value)
+        for value, got, expected in _both_ways(f, VALUES):
             if expected[1] is not None:
                 assert got[1] is expected[1], (f.name, value)
                 continue
@@ -106,11 +111,7 @@ def test_json_adapters_send_what_get_db_prep_save_sends(model):
     fields = [f for f in model._meta.concrete_fields if f.get_internal_type() == "JSONField"]
     assert fields
     for f in fields:
-        adapt = value_adapter(connection, f)
-        slow = partial(f.get_db_prep_save, connection=connection)
-        for value in JSON_VALUES:
-            expected = _prepared(slow, value)
-            got = _prepared(adapt, value)
+        for value, got, expected in _both_ways(f, JSON_VALUES):
             assert got[1] is expected[1], (f.name, value)
             assert type(got[0]) is type(expected[0]), (f.name, value)
             if isinstance(expected[0], str):
